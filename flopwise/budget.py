@@ -1,0 +1,158 @@
+"""Budgets, the meter that spends them, and the progress `p` every schedule reads.
+
+A run may be limited by wall-clock training seconds, model FLOPs, tokens and steps in
+any combination; whichever limit binds first ends the run (`p` = the largest fraction
+spent).  Human units follow what people write: ``90s``, ``3m``, ``1.5h``, ``2e15flops``,
+``5M`` (tokens), ``40steps``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+
+from flopwise.errors import FlopwiseError
+
+LIMITS = ("seconds", "flops", "tokens", "steps")
+
+_SI = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+_TIME_UNITS = {"s": 1.0, "sec": 1.0, "secs": 1.0, "seconds": 1.0, "m": 60.0, "min": 60.0,
+               "mins": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0, "hours": 3600.0,
+               "d": 86400.0, "days": 86400.0}
+_WORD_UNITS = {"flops": "flops", "flop": "flops", "steps": "steps", "step": "steps",
+               "tokens": "tokens", "token": "tokens", "tok": "tokens", "": "tokens"}
+_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_EXAMPLES = "use e.g. 90s, 3m, 1.5h, 2e15flops, 5M (tokens), 40steps"
+
+
+def parse_limit(text: str) -> tuple[str, float]:
+    """Parse one budget term such as ``3m`` or ``2e15flops`` into (limit name, amount).
+
+    Lower-case ``m`` is minutes and upper-case ``M`` is mega (tokens), as people write them.
+    """
+    match = _PATTERN.match(text)
+    if not match:
+        raise FlopwiseError(f"budget '{text}' is not a number with a unit: {_EXAMPLES}")
+    value, unit = float(match.group(1)), match.group(2)
+    if unit in _TIME_UNITS:
+        return "seconds", value * _TIME_UNITS[unit]
+    prefix, word = _split_si_prefix(unit)
+    if word is None:
+        raise FlopwiseError(f"budget '{text}' has an unknown unit '{unit}': {_EXAMPLES}")
+    return _WORD_UNITS[word], value * _SI[prefix]
+
+
+def _split_si_prefix(unit: str) -> tuple[str, str | None]:
+    """Split ``Mtok`` into ('M', 'tok'); the word part is matched case-insensitively."""
+    for prefix in ("",) + tuple(_SI):
+        if prefix and not unit.startswith(prefix):
+            continue
+        word = unit[len(prefix):].lower()
+        if word in _WORD_UNITS:
+            return prefix, word
+    return "", None
+
+
+@dataclass
+class Budget:
+    """The limits of a run; unset limits are None."""
+
+    seconds: float | None = None
+    flops: float | None = None
+    tokens: float | None = None
+    steps: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """Parse ``"3m"`` or ``"3m,5M"`` (several limits, comma- or plus-separated)."""
+        budget = cls()
+        for term in re.split(r"[,+]", text):
+            if term.strip():
+                name, amount = parse_limit(term)
+                setattr(budget, name, amount)
+        budget.validate()
+        return budget
+
+    def validate(self) -> None:
+        if not self.is_set():
+            raise FlopwiseError(f"the budget sets no limit: give --budget, {_EXAMPLES}")
+        for name in LIMITS:
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise FlopwiseError(f"budget.{name}={value} must be a positive number")
+
+    def is_set(self) -> bool:
+        return any(getattr(self, name) is not None for name in LIMITS)
+
+    def set_limits(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in LIMITS if getattr(self, name) is not None}
+
+    def to_dict(self) -> dict[str, float | None]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return ", ".join(format_amount(name, value) for name, value in self.set_limits().items())
+
+
+@dataclass
+class Meter:
+    """What a run has spent.  Seconds count training steps only, not evaluation or saving."""
+
+    seconds: float = 0.0
+    flops: float = 0.0
+    tokens: float = 0.0
+    steps: float = 0.0
+
+    def add_step(self, seconds: float, tokens: float, flops: float) -> None:
+        self.seconds += seconds
+        self.tokens += tokens
+        self.flops += flops
+        self.steps += 1
+
+    def progress(self, budget: Budget) -> float:
+        """p = the largest fraction spent over the limits that are set (1.0 ends the run)."""
+        return max(getattr(self, name) / limit for name, limit in budget.set_limits().items())
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float]) -> Meter:
+        return cls(**{f.name: float(data[f.name]) for f in fields(cls)})
+
+
+def steps_left(meter: Meter, budget: Budget, tokens_per_step: float, flops_per_step: float,
+               seconds_per_step: float | None) -> int | None:
+    """How many more steps the budget allows, counting the next one; None if unknown yet.
+
+    Token, FLOP and step limits are exact; a seconds limit uses the measured step time and is
+    rounded to the nearest step, so the run lands as close to the budget as a step allows.
+    """
+    per_step = {"steps": 1.0, "tokens": tokens_per_step, "flops": flops_per_step}
+    counts = []
+    for name, limit in budget.set_limits().items():
+        remaining = limit - getattr(meter, name)
+        if name == "seconds":
+            if seconds_per_step is None:
+                continue
+            counts.append(round(remaining / seconds_per_step))
+        else:
+            counts.append(math.ceil(remaining / per_step[name] - 1e-9))
+    return max(1, min(counts)) if counts else None
+
+
+def format_amount(name: str, value: float) -> str:
+    """Human form of one limit: ``3.0m``, ``2.0e+15 FLOPs``, ``5.00M tokens``."""
+    if name == "seconds":
+        if value >= 3600:
+            return f"{value / 3600:.2f}h"
+        return f"{value / 60:.1f}m" if value >= 120 else f"{value:.0f}s"
+    if name == "flops":
+        return f"{value:.2e} FLOPs"
+    if name == "steps":
+        return f"{value:.0f} steps"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.2f}{suffix} tokens"
+    return f"{value:.0f} tokens"

@@ -1,0 +1,10 @@
+"""The one exception type users see: a clear one-line message, exit code 2."""
+
+
+class FlopwiseError(Exception):
+    """Bad input from the user (file, field or value) with the fix in the message.
+
+    The CLI prints it as a single line and exits with status 2; nothing is written half-way.
+    """
+
+    exit_code = 2
