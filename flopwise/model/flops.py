@@ -1,0 +1,46 @@
+"""Parameter and FLOP counts from a ModelConfig's shapes alone, so budgets can be planned before building a model."""
+
+from __future__ import annotations
+
+from flopwise.model.gpt import ModelConfig
+
+
+def _layer_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of one block used in matmuls: q, k, v, o projections and the three SwiGLU matrices."""
+    d, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
+    attention = d * d + 2 * d * kv + d * d
+    mlp = 3 * d * cfg.hidden
+    return attention + mlp
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters by kind: embedding (vocab*d), non_embedding (blocks, their norms and the final norm),
+    head (0 when tied to the embedding, else vocab*d) and total (unique parameters, as GPT.num_parameters)."""
+    d = cfg.d_model
+    layer_norms = 2 * d + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    non_embedding = cfg.n_layers * (_layer_matmul_params(cfg) + layer_norms) + d
+    embedding = cfg.vocab_size * d
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    return {"embedding": embedding, "non_embedding": non_embedding, "head": head,
+            "total": embedding + non_embedding + head}
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs (forward + backward) per token at full context, PaLM/nanoGPT convention:
+
+        6 * N_matmul + 12 * n_layers * d_model * seq_len
+
+    N_matmul counts every weight used in a matmul: the blocks' q/k/v/o and SwiGLU matrices plus the vocab*d
+    output head (counted whether or not it is tied, since the head matmul runs either way). Norm gains and
+    the embedding lookup are excluded (no matmul). Each matmul weight costs 2 FLOPs per token forward and
+    4 backward, hence 6. The second term is attention's QK^T and AV products: 2 * 2 * seq_len * d_model
+    forward per layer (n_heads * head_dim = d_model), times 3 for the backward; it ignores causal masking,
+    as PaLM's MFU accounting does.
+    """
+    n_matmul = cfg.n_layers * _layer_matmul_params(cfg) + cfg.vocab_size * cfg.d_model
+    return float(6 * n_matmul + 12 * cfg.n_layers * cfg.d_model * cfg.seq_len)
+
+
+def forward_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward-only FLOPs per token (evaluation, sampling): one third of the training count."""
+    return flops_per_token(cfg) / 3

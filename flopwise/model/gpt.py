@@ -1,0 +1,273 @@
+"""LLaMA-style decoder-only transformer.
+
+Module and weight names follow Hugging Face `LlamaForCausalLM` (embed_tokens, layers.N.self_attn.q_proj,
+mlp.gate_proj, input_layernorm, norm, lm_head, ...) and RoPE uses its rotate-half layout, so an export is a
+rename (add the "model." prefix) and gives the same logits. QK-norm modules are named q_norm/k_norm as in Qwen3.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flopwise.errors import FlopwiseError
+
+NAMED_SIZES: dict[str, dict] = {
+    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 2, "seq_len": 128},
+    "small": {"d_model": 128, "n_layers": 4, "n_heads": 4, "seq_len": 256},
+    "base": {"d_model": 256, "n_layers": 6, "n_heads": 4, "seq_len": 256},
+    "medium": {"d_model": 512, "n_layers": 8, "n_heads": 8, "seq_len": 512},
+    "large": {"d_model": 768, "n_layers": 12, "n_heads": 12, "seq_len": 1024},
+}
+
+# `enable_gqa` arrived in torch 2.5; older versions get the kv heads repeated by hand.
+_SDPA_HAS_GQA = torch.__version__ >= "2.5"
+
+
+def _divisors(n: int, limit: int = 32) -> str:
+    return ", ".join(str(k) for k in range(1, min(n, limit) + 1) if n % k == 0)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder; everything the FLOP count and the module need."""
+
+    vocab_size: int
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    seq_len: int = 256
+    mlp_hidden: int | None = None
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (n_kv_heads, or n_heads when unset)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden(self) -> int:
+        """SwiGLU hidden width: mlp_hidden, or 8/3*d_model rounded up to a multiple of 32 (LLaMA's choice,
+        which keeps the MLP at about the parameter count of a 4*d_model GELU MLP)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return 32 * math.ceil(round(8 * self.d_model / 3) / 32)
+
+    def validate(self) -> None:
+        """Raise FlopwiseError with a one-line fix for the first inconsistent field."""
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "seq_len", "mlp_hidden"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise FlopwiseError(f"model.{name}={value!r} must be a positive integer")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise FlopwiseError(f"model.{name}={value!r} must be a positive number")
+        if self.d_model % self.n_heads:
+            raise FlopwiseError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}: "
+                                f"choose n_heads among {_divisors(self.d_model)}")
+        if self.head_dim % 2:
+            even = ", ".join(str(k) for k in range(1, min(self.d_model, 32) + 1)
+                             if self.d_model % k == 0 and (self.d_model // k) % 2 == 0) or "none"
+            raise FlopwiseError(f"model.d_model={self.d_model} / model.n_heads={self.n_heads} gives an odd head_dim="
+                                f"{self.head_dim}, but RoPE needs it even: choose n_heads among {even}")
+        if self.n_heads % self.kv_heads:
+            raise FlopwiseError(f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}: "
+                                f"choose n_kv_heads among {_divisors(self.n_heads)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Inverse of to_dict; unknown keys are an error so a typo in a saved file is not silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FlopwiseError(f"unknown model config key(s) {', '.join(unknown)}: "
+                                f"valid keys are {', '.join(f.name for f in fields(cls))}")
+        if "vocab_size" not in d:
+            raise FlopwiseError("model config lacks vocab_size: add it (the tokenizer's vocabulary size)")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the gain, as HF Llama does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        if hasattr(F, "rms_norm"):
+            h = F.rms_norm(h, (h.shape[-1],), eps=self.eps)
+        else:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables in HF's layout: frequencies duplicated across both halves of head_dim."""
+
+    def __init__(self, head_dim: int, seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q, k of shape [B, H, T, head_dim] by their positions 0..T-1."""
+        t = q.shape[-2]
+        cos, sin = self.cos[:t].to(q.dtype), self.sin[:t].to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention on SDPA (flash kernels on GPU), optional QK-norm before RoPE."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = rope(q, k)
+        groups = self.n_heads // self.n_kv_heads
+        if groups == 1:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif _SDPA_HAS_GQA:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    """The decoder: token embedding, n_layers blocks, final norm, (tied) output head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """N(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2*n_layers) (GPT-2) so the
+        residual stream's variance does not grow with depth. Norm gains stay at one."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_output = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else std)
+
+    def _logits(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        if t > self.config.seq_len:
+            raise ValueError(f"sequence length {t} exceeds model.seq_len={self.config.seq_len}")
+        x = self.embed_tokens(idx)
+        for layer in self.layers:
+            x = layer(x, self.rope)
+        return self.lm_head(self.norm(x))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, T, vocab] and, with targets, the mean cross-entropy (computed on fp32 logits)."""
+        logits = self._logits(idx)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+    def per_token_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each target token [B, T], for evaluation by domain and by byte."""
+        logits = self._logits(idx).float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
+                               reduction="none").view(targets.shape)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx [B, T]; no KV cache (sampling is not the hot path)."""
+        for _ in range(max_new_tokens):
+            logits = self._logits(idx[:, -self.config.seq_len:])[:, -1, :].float() / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+    def num_parameters(self) -> int:
+        """Unique parameters (a tied head is counted once)."""
+        return sum(p.numel() for p in self.parameters())
