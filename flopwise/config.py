@@ -1,0 +1,264 @@
+"""The typed run configuration: TOML/YAML files, ``--set key=value`` overrides, clear errors.
+
+Every field has a default, so ``flopwise train --budget 3m`` needs no file.  The resolved
+configuration is written to the run folder as ``config.toml`` and is all a resume needs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from flopwise.budget import LIMITS, Budget, parse_limit
+from flopwise.errors import FlopwiseError
+from flopwise.model.gpt import NAMED_SIZES, ModelConfig
+from flopwise.optim.schedules import SCHEDULES, Schedule
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    """Shape of the decoder; a named size gives defaults that explicit fields override."""
+
+    size: str = "small"
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    seq_len: int | None = None
+    mlp_hidden: int | None = None
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+
+    @field_validator("size")
+    @classmethod
+    def _known_size(cls, value: str) -> str:
+        if value not in NAMED_SIZES:
+            raise ValueError(f"unknown size '{value}': choose one of {', '.join(NAMED_SIZES)}")
+        return value
+
+    def build(self, vocab_size: int) -> ModelConfig:
+        shape = dict(NAMED_SIZES[self.size])
+        for key, value in self.model_dump(exclude={"size"}).items():
+            if value is not None:
+                shape[key] = value
+        cfg = ModelConfig(vocab_size=vocab_size, **shape)
+        cfg.validate()
+        return cfg
+
+
+class DataSection(_Section):
+    """Where the text comes from and how it becomes tokens."""
+
+    sources: list[str] = ["stdlib"]
+    include: list[str] = []
+    jsonl_field: str = "text"
+    val_sources: list[str] = []
+    val_fraction: float = 0.005
+    tokenizer: str = "bpe"
+    vocab_size: int = 4096
+    tokenizer_sample_mb: float = 4.0
+    cache_dir: str | None = None
+
+    @field_validator("sources", "include", "val_sources", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("val_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 < value < 0.5:
+            raise ValueError("must lie in (0, 0.5)")
+        return value
+
+
+class BudgetSection(_Section):
+    """Limits of the run; numbers or strings with units (``seconds = "3m"``)."""
+
+    seconds: float | None = None
+    flops: float | None = None
+    tokens: float | None = None
+    steps: float | None = None
+
+    @field_validator(*LIMITS, mode="before")
+    @classmethod
+    def _units(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, str):
+            name, amount = parse_limit(value)
+            if name != info.field_name:
+                raise ValueError(f"'{value}' is a {name} amount, not {info.field_name}")
+            return amount
+        return value
+
+    def build(self) -> Budget:
+        budget = Budget(**self.model_dump())
+        budget.validate()
+        return budget
+
+
+class OptimSection(_Section):
+    """AdamW with decoupled weight decay on matrices only."""
+
+    lr: float = 3e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    batch_size: int = 16
+    grad_accum: int = 1
+
+    @field_validator("lr", "batch_size", "grad_accum")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+
+class ScheduleSection(_Section):
+    """Learning-rate multiplier as a function of budget progress p."""
+
+    name: Literal[SCHEDULES] = "wsd"  # type: ignore[valid-type]
+    warmup: float = 0.02
+    decay: float = 0.2
+    final_lr_frac: float = 0.0
+
+    def build(self) -> Schedule:
+        return Schedule(**self.model_dump())
+
+
+class TrainSection(_Section):
+    """Loop settings.  Fractions are of the budget (p), so they scale with it."""
+
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    eval_every: float = 0.1
+    eval_tokens: int = 32768
+    log_every: int = 10
+    checkpoint_every: float = 0.1
+    keep_checkpoints: int = 2
+
+
+class RunConfig(_Section):
+    """Everything that defines a run."""
+
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    budget: BudgetSection = BudgetSection()
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    train: TrainSection = TrainSection()
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                values: dict[str, Any] | None = None) -> RunConfig:
+    """Read a TOML/YAML file (or the defaults), then apply ``values`` (dotted keys from CLI flags),
+    then ``--set key=value`` overrides, and validate the result."""
+    data: dict = read_config_file(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
+    for key, value in (values or {}).items():
+        _set_dotted(data, key, value)
+    for item in overrides:
+        _set_dotted(data, *_split_override(item))
+    if overrides:
+        source += " with --set"
+    return validate_config(data, source)
+
+
+def read_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise FlopwiseError(f"config file '{path}' does not exist: give the path of a .toml or .yaml file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            return yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        first_line = str(err).splitlines()[0]
+        raise FlopwiseError(f"config file '{path}' is not valid {path.suffix[1:].upper()}: {first_line}") from None
+    raise FlopwiseError(f"config file '{path}' must end in .toml, .yaml or .yml")
+
+
+def validate_config(data: dict, source: str) -> RunConfig:
+    """Build a RunConfig, turning pydantic's report into one line that names the key."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise FlopwiseError(_one_line(err, source)) from None
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        section = _section_model(first["loc"][:-1])
+        valid = ", ".join(section.model_fields)
+        return f"config ({source}): unknown key '{key}': valid keys here are {valid}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"config ({source}): {key}={first.get('input')!r}: {message}"
+
+
+def _section_model(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        model = model.model_fields[part].annotation  # type: ignore[assignment]
+    return model
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise FlopwiseError(f"--set '{item}' must look like section.key=value, e.g. model.d_model=256")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise FlopwiseError(f"--set {key}: '{part}' is a value, not a section")
+    node[parts[-1]] = value
+
+
+def config_to_toml(config: RunConfig) -> str:
+    """Serialize the resolved config as TOML (sections of scalars and lists; None omitted)."""
+    lines: list[str] = []
+    for section, values in config.model_dump().items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(str(value))

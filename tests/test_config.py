@@ -1,0 +1,76 @@
+import tomllib
+
+import pytest
+
+from flopwise.config import RunConfig, config_to_toml, load_config
+from flopwise.errors import FlopwiseError
+
+
+def test_defaults_need_no_file():
+    config = load_config()
+    assert config.model.size == "small"
+    assert config.data.sources == ["stdlib"]
+
+
+def test_toml_file_then_values_then_set(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\nd_model = 96\nn_heads = 3\n[budget]\nseconds = "3m"\n[optim]\nlr = 0.001\n')
+    config = load_config(path, ["model.d_model=192", "budget.tokens=5e6", "data.sources=./texts"],
+                         values={"optim.lr": 0.002})
+    assert config.model.d_model == 192 and config.model.n_heads == 3
+    assert config.budget.seconds == 180.0 and config.budget.tokens == 5e6
+    assert config.optim.lr == 0.002
+    assert config.data.sources == ["./texts"]
+
+
+def test_yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  size: tiny\nbudget:\n  steps: 40\n")
+    config = load_config(path)
+    assert config.model.size == "tiny" and config.budget.steps == 40
+
+
+def test_unknown_key_is_one_line_naming_it(tmp_path):
+    with pytest.raises(FlopwiseError) as err:
+        load_config(None, ["model.d_modle=256"])
+    message = str(err.value)
+    assert "\n" not in message
+    assert "unknown key 'model.d_modle'" in message and "d_model" in message
+    path = tmp_path / "bad.toml"
+    path.write_text("[trian]\nseed = 1\n")
+    with pytest.raises(FlopwiseError, match=r"bad.toml.*unknown key 'trian'"):
+        load_config(path)
+
+
+def test_bad_values_name_field_and_value():
+    with pytest.raises(FlopwiseError, match=r"optim.lr=.*-1.*must be positive"):
+        load_config(None, ["optim.lr=-1"])
+    with pytest.raises(FlopwiseError, match=r"model.size='huge'.*choose one of"):
+        load_config(None, ["model.size=huge"])
+    with pytest.raises(FlopwiseError, match=r"budget.seconds='5M'.*tokens amount"):
+        load_config(None, ["budget.seconds=5M"])
+    with pytest.raises(FlopwiseError, match="must look like section.key=value"):
+        load_config(None, ["model.d_model"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FlopwiseError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\n")
+    with pytest.raises(FlopwiseError, match="broken.toml' is not valid TOML"):
+        load_config(broken)
+
+
+def test_toml_round_trip():
+    config = load_config(None, ["model.d_model=192", "budget.seconds=90", "data.include=['*.md', '*.txt']",
+                                "model.qk_norm=true"])
+    text = config_to_toml(config)
+    again = RunConfig.model_validate(tomllib.loads(text))
+    assert again == config
+
+
+def test_model_shape_errors_are_clear():
+    config = load_config(None, ["model.d_model=100", "model.n_heads=3"])
+    with pytest.raises(FlopwiseError, match="n_heads=3 does not divide model.d_model=100"):
+        config.model.build(vocab_size=256)
