@@ -1,0 +1,144 @@
+"""Atomic, pickle-free checkpoints: safetensors for tensors, JSON for everything else.
+
+A checkpoint is a folder ``checkpoints/step_XXXXXXXX/`` written under a temporary name and
+renamed into place only when complete, so a crash or ``kill -9`` mid-write never leaves a
+folder that loads wrong.  Loading reads only safetensors and JSON: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from flopwise.errors import FlopwiseError
+
+STATE_FILE = "state.json"
+_PREFIX = "step_"
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+    state: dict[str, Any]
+
+    @property
+    def pinned(self) -> bool:
+        """Pinned checkpoints (the last one before the decay) survive keep-last-K pruning."""
+        return bool(self.state.get("pinned"))
+
+
+def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int) -> Path:
+    """Write model, optimizer and JSON state for ``step``; then prune to the newest ``keep``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for leftover in directory.glob(_TMP_PREFIX + "*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    final = directory / f"{_PREFIX}{step:08d}"
+    tmp = directory / f"{_TMP_PREFIX}{final.name}"
+    tmp.mkdir()
+    save_model(_unwrap(model), str(tmp / "model.safetensors"))
+    tensors, meta = _flatten_optimizer(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    full_state = dict(state, step=step, optimizer=meta, torch_rng=torch.get_rng_state().tolist())
+    _write_json(tmp / STATE_FILE, full_state)
+    for file in tmp.iterdir():
+        _fsync(file)
+    if final.exists():  # a step re-run after a crash: replace the older copy whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(directory)
+    _prune(directory, keep)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints, oldest first."""
+    found = []
+    for path in sorted(directory.glob(_PREFIX + "*")) if directory.is_dir() else []:
+        state_path = path / STATE_FILE
+        if state_path.is_file():
+            state = json.loads(state_path.read_text())
+            found.append(CheckpointInfo(path=path, step=int(state["step"]), state=state))
+    return sorted(found, key=lambda info: info.step)
+
+
+def load_checkpoint(info: CheckpointInfo, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimizer in place and return the JSON state."""
+    load_model(_unwrap(model), str(info.path / "model.safetensors"), strict=True)
+    tensors = load_file(str(info.path / "optimizer.safetensors"))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, info.state["optimizer"]))
+    torch.set_rng_state(torch.tensor(info.state["torch_rng"], dtype=torch.uint8))
+    return info.state
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into named tensors and a JSON-able remainder."""
+    state_dict = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _prune(directory: Path, keep: int) -> None:
+    checkpoints = list_checkpoints(directory)
+    pinned = [info for info in checkpoints if info.pinned]
+    protected = {info.path for info in checkpoints[-keep:]} | ({pinned[-1].path} if pinned else set())
+    for info in checkpoints:
+        if info.path not in protected:
+            shutil.rmtree(info.path, ignore_errors=True)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module behind torch.compile or DDP wrappers."""
+    return getattr(model, "_orig_mod", getattr(model, "module", model))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write a JSON file via a temporary name and rename, so readers never see half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    _write_json(tmp, data)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def require_checkpoint(run_dir: Path, checkpoints: list[CheckpointInfo]) -> CheckpointInfo:
+    if not checkpoints:
+        raise FlopwiseError(f"run folder '{run_dir}' has no complete checkpoint to resume from: start a new run")
+    return checkpoints[-1]
