@@ -1,0 +1,104 @@
+"""From the data section of a config to a tokenizer and a tokenized, cached corpus.
+
+Tokenizer and shards are cached under a hash of everything that determines them (the texts,
+their domains, the tokenizer, the split settings), so a second run re-tokenizes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flopwise.config import DataSection
+from flopwise.data.shards import TokenCorpus, build_corpus, content_key
+from flopwise.data.sources import Document, ReadStats, read_documents
+from flopwise.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
+from flopwise.errors import FlopwiseError
+
+
+@dataclass
+class PreparedData:
+    tokenizer: Tokenizer
+    corpus: TokenCorpus
+    stats: ReadStats
+
+
+def cache_root(data: DataSection) -> Path:
+    """``data.cache_dir``, else ``$FLOPWISE_CACHE``, else ``~/.cache/flopwise``."""
+    if data.cache_dir:
+        return Path(data.cache_dir).expanduser()
+    if os.environ.get("FLOPWISE_CACHE"):
+        return Path(os.environ["FLOPWISE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "flopwise"
+
+
+def read_all(specs: list[str], data: DataSection, stats: ReadStats) -> list[Document]:
+    documents: list[Document] = []
+    for spec in specs:
+        documents.extend(read_documents(spec, include=data.include or None, jsonl_field=data.jsonl_field, stats=stats))
+    return documents
+
+
+def prepare_data(data: DataSection, seed: int, tokenizer: Tokenizer | None = None) -> PreparedData:
+    """Read the sources, get a tokenizer (given, trained and cached, or bytes) and the corpus."""
+    if not data.sources:
+        raise FlopwiseError("data.sources is empty: pass --data PATH (a file or folder of text) or use 'stdlib'")
+    stats = ReadStats()
+    documents = read_all(data.sources, data, stats)
+    val_documents = read_all(data.val_sources, data, ReadStats()) if data.val_sources else None
+    root = cache_root(data)
+    if tokenizer is None:
+        tokenizer = get_tokenizer(data, documents, seed, root)
+    key = content_key(_corpus_parts(documents, val_documents, tokenizer, data, seed))
+    corpus = build_corpus(documents, tokenizer, root / "corpus", key=key, val_fraction=data.val_fraction,
+                          val_documents=val_documents, seed=seed)
+    return PreparedData(tokenizer=tokenizer, corpus=corpus, stats=stats)
+
+
+def get_tokenizer(data: DataSection, documents: list[Document], seed: int, root: Path) -> Tokenizer:
+    """'byte', 'bpe' (trained on a sample of the data, cached), or a tokenizer.json / HF folder."""
+    if data.tokenizer == "byte":
+        return byte_tokenizer()
+    if data.tokenizer != "bpe":
+        path = Path(data.tokenizer).expanduser()
+        if not path.exists():
+            raise FlopwiseError(f"data.tokenizer='{data.tokenizer}' is not 'bpe', 'byte' or an existing "
+                                "tokenizer.json / tokenizer folder")
+        return Tokenizer.load(path)
+    sample = tokenizer_sample(documents, int(data.tokenizer_sample_mb * 1e6), seed)
+    key = content_key(["bpe", str(data.vocab_size), *sample])
+    cached = root / "tokenizers" / f"{key}.json"
+    if cached.is_file():
+        return Tokenizer.load(cached)
+    tokenizer = train_bpe(sample, data.vocab_size)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    tokenizer.save(tmp)
+    os.replace(tmp, cached)
+    return tokenizer
+
+
+def tokenizer_sample(documents: list[Document], max_chars: int, seed: int) -> list[str]:
+    """A seeded random sample of whole documents up to ``max_chars`` characters."""
+    order = np.random.default_rng(seed).permutation(len(documents))
+    sample, total = [], 0
+    for index in order:
+        text = documents[index].text
+        sample.append(text[: max_chars - total])
+        total += len(sample[-1])
+        if total >= max_chars:
+            break
+    return sample
+
+
+def _corpus_parts(documents: list[Document], val_documents: list[Document] | None, tokenizer: Tokenizer,
+                  data: DataSection, seed: int) -> list[str]:
+    settings = f"val_fraction={data.val_fraction}|seed={seed}|val_sources={bool(val_documents)}"
+    parts = [settings, tokenizer.to_json()]
+    for document in documents + (val_documents or []):
+        parts.extend((document.domain, document.text))
+    return parts

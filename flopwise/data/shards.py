@@ -1,0 +1,237 @@
+"""The tokenized corpus: token memmaps, a document index and a fixed held-out split, cached.
+
+A cache entry is the folder ``cache_root/<key>`` holding ``train.bin``/``val.bin`` (raw
+uint16 or uint32 tokens), ``train_docs.npy``/``val_docs.npy`` (rows of start offset, length
+including the end-of-text token, domain id) and ``meta.json``.  It is written under a temporary
+name and renamed when complete, so an interrupted build never leaves an entry that loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from flopwise.data.sources import Document
+from flopwise.data.tokenizer import Tokenizer
+from flopwise.errors import FlopwiseError
+
+SPLITS = ("train", "val")
+FILES = ("meta.json", *(f"{split}{suffix}" for split in SPLITS for suffix in (".bin", "_docs.npy")))
+TMP_PREFIX = ".tmp-"
+STALE_TMP_SECONDS = 24 * 3600  # an older temporary folder belongs to a build that died
+BATCH_DOCS = 1000
+BATCH_CHARS = 1 << 24
+
+
+def content_key(parts: Iterable[bytes | str]) -> str:
+    """SHA-256 over the parts, each length-prefixed so that ("ab", "c") and ("a", "bc") differ."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8") if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+class TokenCorpus:
+    """A cache entry opened read-only: token memmaps plus the document index."""
+
+    def __init__(self, path: Path, cache_hit: bool) -> None:
+        self.path = path
+        self.cache_hit = cache_hit
+        self.meta: dict[str, Any] = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.domains: list[str] = list(self.meta["domains"])
+        self.train_tokens = _open_tokens(path / "train.bin", self.dtype)
+        self.val_tokens = _open_tokens(path / "val.bin", self.dtype)
+        self.train_docs: np.ndarray = np.load(path / "train_docs.npy", allow_pickle=False)
+        self.val_docs: np.ndarray = np.load(path / "val_docs.npy", allow_pickle=False)
+
+    @classmethod
+    def load(cls, path: str | Path, *, cache_hit: bool = True) -> TokenCorpus:
+        path = Path(path)
+        if not is_complete(path):
+            raise FlopwiseError(f"'{path}' is not a complete token cache: delete it and run again to rebuild")
+        return cls(path, cache_hit)
+
+    def val_tokens_by_domain(self, domain: str) -> np.ndarray:
+        """The held-out tokens of one domain, its documents concatenated in order."""
+        if domain not in self.domains:
+            raise FlopwiseError(f"domain '{domain}' is not in this corpus: use one of {', '.join(self.domains)}")
+        token_domain = np.repeat(self.val_docs[:, 2], self.val_docs[:, 1])
+        return np.asarray(self.val_tokens)[token_domain == self.domains.index(domain)]
+
+
+def is_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in FILES)
+
+
+def _open_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
+    """A read-only memmap (numpy cannot map an empty file, so an empty split is an empty array)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def build_corpus(documents: Iterable[Document], tokenizer: Tokenizer, cache_root: Path, *, key: str,
+                 val_fraction: float = 0.005, val_documents: Iterable[Document] | None = None,
+                 seed: int = 0, min_units: int = 100) -> TokenCorpus:
+    """Load ``cache_root/key`` if it exists, else split, tokenize and write it.
+
+    ``key`` must hash everything that determines the result (texts, domains, tokenizer,
+    settings); ``content_key`` computes it.  Held-out units are ``val_documents`` if given,
+    else a seeded ``val_fraction`` of the units of each domain.
+    """
+    cache_root = Path(cache_root)
+    target = cache_root / key
+    if is_complete(target):
+        return TokenCorpus.load(target)
+    if target.exists():  # not written by this module (renames are atomic): rebuild it
+        shutil.rmtree(target)
+    documents = list(documents)
+    if not any(document.text for document in documents):
+        raise FlopwiseError("the data sources hold no text to train on: pass files or folders with text in them")
+    if val_documents is None:
+        train, val = split_heldout(split_units(documents, min_units), val_fraction, seed)
+    else:
+        train, val = documents, list(val_documents)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(cache_root)
+    tmp = cache_root / f"{TMP_PREFIX}{key}-{uuid.uuid4().hex}"
+    try:
+        tmp.mkdir()
+        _write_corpus(tmp, {"train": train, "val": val}, tokenizer)
+        _publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TokenCorpus.load(target, cache_hit=False)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename into place; if another process published the same key first, keep theirs."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not is_complete(target):
+            raise
+
+
+def _remove_stale_tmp(cache_root: Path) -> None:
+    """Delete temporary folders left by builds that died long ago (recent ones may be running)."""
+    cutoff = time.time() - STALE_TMP_SECONDS
+    for path in cache_root.glob(f"{TMP_PREFIX}*"):
+        if path.is_dir() and path.stat().st_mtime < cutoff:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def split_units(documents: list[Document], min_units: int) -> list[Document]:
+    """Cut documents longer than total/min_units characters into pieces of about that size.
+
+    So a corpus of one big file still gets a held-out split of many pieces rather than
+    all or nothing.  Cuts fall after a newline when one lies in the second half of a piece.
+    """
+    chunk = max(1, math.ceil(sum(len(d.text) for d in documents) / max(1, min_units)))
+    return [piece for d in documents for piece in _pieces(d, chunk)]
+
+
+def _pieces(document: Document, chunk: int) -> Iterator[Document]:
+    text, start = document.text, 0
+    while len(text) - start > chunk:
+        newline = text.rfind("\n", start + chunk // 2, start + chunk)
+        end = newline + 1 if newline >= 0 else start + chunk
+        yield Document(text[start:end], document.domain, document.source)
+        start = end
+    yield Document(text[start:], document.domain, document.source)
+
+
+def split_heldout(units: list[Document], val_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+    """A seeded choice of round(val_fraction * n) units per domain for the held-out split.
+
+    Every domain with two or more units gives at least one and keeps at least one for training.
+    """
+    rng = np.random.default_rng(seed)
+    by_domain: dict[str, list[int]] = {}
+    for index, unit in enumerate(units):
+        by_domain.setdefault(unit.domain, []).append(index)
+    held_out: set[int] = set()
+    for domain in sorted(by_domain):
+        indices = by_domain[domain]
+        count = min(max(round(val_fraction * len(indices)), 1), len(indices) - 1)
+        held_out.update(indices[i] for i in rng.choice(len(indices), size=count, replace=False))
+    train = [unit for index, unit in enumerate(units) if index not in held_out]
+    val = [unit for index, unit in enumerate(units) if index in held_out]
+    return train, val
+
+
+@dataclass
+class _SplitWriter:
+    """Appends the tokens of one split to its .bin file and records the document index."""
+
+    path: Path
+    dtype: np.dtype
+    rows: list[tuple[int, int, int]] = field(default_factory=list)
+    tokens: int = 0
+    bytes: int = 0
+
+    def write(self, ids: list[list[int]], texts: list[str], domain_ids: list[int], eos_id: int) -> None:
+        with open(self.path, "ab") as file:
+            for document_ids, text, domain_id in zip(ids, texts, domain_ids):
+                array = np.array([*document_ids, eos_id], dtype=self.dtype)
+                array.tofile(file)
+                self.rows.append((self.tokens, len(array), domain_id))
+                self.tokens += len(array)
+                self.bytes += len(text.encode("utf-8"))
+
+    def index(self) -> np.ndarray:
+        return np.array(self.rows, dtype=np.int64).reshape(-1, 3)
+
+    def domain_tokens(self, domains: list[str]) -> dict[str, int]:
+        index = self.index()
+        counts = np.bincount(index[:, 2], weights=index[:, 1], minlength=len(domains))
+        return {domain: int(count) for domain, count in zip(domains, counts)}
+
+
+def _write_corpus(folder: Path, splits: dict[str, list[Document]], tokenizer: Tokenizer) -> None:
+    domains = sorted({d.domain for units in splits.values() for d in units})
+    domain_ids = {domain: index for index, domain in enumerate(domains)}
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+    writers = {split: _SplitWriter(folder / f"{split}.bin", dtype) for split in SPLITS}
+    for split, units in splits.items():
+        writers[split].path.touch()
+        for batch in _batches(units):
+            texts = [unit.text for unit in batch]
+            writers[split].write(tokenizer.encode_batch(texts), texts, [domain_ids[u.domain] for u in batch],
+                                 tokenizer.eos_id)
+        np.save(folder / f"{split}_docs.npy", writers[split].index(), allow_pickle=False)
+    meta = {
+        "dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "domains": domains,
+        "tokens": {split: w.tokens for split, w in writers.items()},
+        "domain_tokens": {split: w.domain_tokens(domains) for split, w in writers.items()},
+        "documents": {split: len(w.rows) for split, w in writers.items()},
+        "bytes": {split: w.bytes for split, w in writers.items()},
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def _batches(units: list[Document]) -> Iterator[list[Document]]:
+    """Groups of up to BATCH_DOCS documents and about BATCH_CHARS characters, to bound memory."""
+    batch: list[Document] = []
+    chars = 0
+    for unit in units:
+        if batch and (len(batch) >= BATCH_DOCS or chars + len(unit.text) > BATCH_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(unit)
+        chars += len(unit.text)
+    if batch:
+        yield batch

@@ -1,0 +1,32 @@
+"""Shared fixtures: a small local text corpus and an isolated cache, so tests run offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydoc_data.topics
+import pytest
+
+
+@pytest.fixture(scope="session")
+def text_folder(tmp_path_factory) -> Path:
+    """About 200 KB of English prose in 40 .txt files (Python's own help topics)."""
+    folder = tmp_path_factory.mktemp("texts")
+    topics = [pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics)]
+    for index in range(40):
+        (folder / f"doc{index:02d}.txt").write_text("\n\n".join(topics[index::40])[:5000], encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache(tmp_path_factory) -> Path:
+    """Point flopwise's cache at a temporary folder shared by all tests of one session."""
+    import os
+
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["FLOPWISE_CACHE"] = str(cache)
+    return cache
+
+
+TINY = ["--tokenizer", "byte", "--set", "model.size=tiny", "--set", "model.seq_len=64",
+        "--set", "optim.batch_size=4", "--set", "train.eval_tokens=2048", "--set", "train.log_every=1"]
