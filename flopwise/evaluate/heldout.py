@@ -1,0 +1,93 @@
+"""Held-out loss, perplexity and bits per byte, overall and per domain.
+
+Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the predicted tokens,
+so models with different tokenizers can be compared.  The unigram baseline is the
+cross-entropy of the same held-out tokens under the training set's token frequencies: a
+model that does not beat it has learned nothing beyond token counts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from flopwise.data.shards import TokenCorpus
+from flopwise.train.device import autocast
+
+LN2 = math.log(2)
+
+
+def heldout_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None) -> np.ndarray:
+    """Non-overlapping windows of seq_len + 1 tokens, so each target is predicted once.
+
+    A domain with fewer tokens than one window is evaluated as one shorter window.
+    """
+    length = min(seq_len, len(tokens) - 1)
+    if length < 1:
+        return np.zeros((0, 2), dtype=np.int64)
+    count = (len(tokens) - 1) // length
+    if max_tokens is not None:
+        count = max(1, min(count, max_tokens // length))
+    return np.stack([np.asarray(tokens[i * length: i * length + length + 1], dtype=np.int64) for i in range(count)])
+
+
+class Evaluator:
+    """Evaluates a model on the corpus's held-out split (the same windows every time)."""
+
+    def __init__(self, corpus: TokenCorpus, token_bytes: np.ndarray, seq_len: int, batch_size: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.corpus = corpus
+        self.token_bytes = token_bytes
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+        self.unigram = unigram_log_probs(corpus)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, max_tokens_per_domain: int | None = None) -> dict[str, Any]:
+        """Loss (nats/token), perplexity and bits per byte for each domain and in total."""
+        was_training = model.training
+        model.eval()
+        totals = {"nats": 0.0, "tokens": 0, "bytes": 0, "unigram_nats": 0.0}
+        domains: dict[str, dict[str, float]] = {}
+        for domain in self.corpus.domains:
+            windows = heldout_windows(self.corpus.val_tokens_by_domain(domain), self.seq_len, max_tokens_per_domain)
+            if len(windows) == 0:
+                continue
+            sums = self._domain_sums(model, windows)
+            domains[domain] = summarize(sums)
+            for key in totals:
+                totals[key] += sums[key]
+        model.train(was_training)
+        return {**summarize(totals), "domains": domains}
+
+    def _domain_sums(self, model: torch.nn.Module, windows: np.ndarray) -> dict[str, float]:
+        sums = {"nats": 0.0, "tokens": 0, "bytes": 0, "unigram_nats": 0.0}
+        for start in range(0, len(windows), self.batch_size):
+            chunk = torch.from_numpy(windows[start:start + self.batch_size])
+            x, y = chunk[:, :-1], chunk[:, 1:]
+            with autocast(self.device, self.dtype):
+                losses = model.per_token_loss(x.to(self.device), y.to(self.device))
+            targets = y.numpy()
+            sums["nats"] += losses.float().sum().item()
+            sums["tokens"] += targets.size
+            sums["bytes"] += int(self.token_bytes[targets].sum())
+            sums["unigram_nats"] -= float(self.unigram[targets].sum())
+        return sums
+
+
+def summarize(sums: dict[str, float]) -> dict[str, float]:
+    loss = sums["nats"] / sums["tokens"]
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bpb": sums["nats"] / LN2 / max(sums["bytes"], 1),
+            "tokens": sums["tokens"], "unigram_loss": sums["unigram_nats"] / sums["tokens"]}
+
+
+def unigram_log_probs(corpus: TokenCorpus) -> np.ndarray:
+    """log P(token) from training counts with add-one smoothing (so unseen tokens stay finite)."""
+    vocab = int(corpus.meta["vocab_size"])
+    counts = np.bincount(np.asarray(corpus.train_tokens), minlength=vocab).astype(np.float64) + 1.0
+    return np.log(counts / counts.sum())

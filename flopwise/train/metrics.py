@@ -1,0 +1,39 @@
+"""``metrics.jsonl``: one JSON object per log event, readable without flopwise."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends events; on resume drops the events of steps the checkpoint does not include."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, event: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only events up to ``step`` (written via a temp file and rename)."""
+        if not self.path.exists():
+            return
+        kept = [event for event in read_metrics(self.path) if event.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(event) + "\n" for event in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All complete events; a line cut short by a crash is ignored."""
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events

@@ -1,0 +1,229 @@
+"""The training loop: budgeted, resumable, and short enough to read in one sitting.
+
+Each step asks the budget how many steps are left (exact for token, FLOP and step limits;
+from the measured step time for a seconds limit) and sets the learning rate from the
+schedule at progress p = (steps done + 1) / (steps done + steps left).  The step predicted to
+be the last therefore runs at p = 1 with the schedule's final learning rate, and the run
+stops there: at its budget, fully annealed.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from flopwise.budget import Budget, Meter, steps_left
+from flopwise.data.sampler import PackedSampler
+from flopwise.optim.schedules import Schedule
+from flopwise.train.checkpoint import save_checkpoint
+from flopwise.train.device import autocast, peak_memory_bytes, synchronize
+from flopwise.train.display import ProgressDisplay
+from flopwise.train.metrics import MetricsLog
+
+
+def next_mark(p: float, every: float) -> float:
+    """The next multiple of ``every`` above ``p`` (when the next evaluation or checkpoint is due)."""
+    return (int(p / every + 1e-9) + 1) * every if every > 0 else 0.0
+
+
+def reached(p: float, mark: float) -> bool:
+    """p has reached a mark, ignoring float rounding (12/20 must reach 6 * 0.1)."""
+    return p + 1e-9 >= mark
+
+
+class StepTimer:
+    """Running estimate of seconds per step; the first step (allocation, compile) is left out."""
+
+    def __init__(self, estimate: float | None = None, smoothing: float = 0.1) -> None:
+        self.estimate = estimate
+        self.smoothing = smoothing
+        self._seen = 0
+
+    def update(self, seconds: float) -> None:
+        self._seen += 1
+        if self.estimate is None or self._seen == 2:
+            self.estimate = seconds
+        elif self._seen > 2:
+            self.estimate += self.smoothing * (seconds - self.estimate)
+
+
+@dataclass
+class LoopState:
+    """Everything besides tensors that the next step depends on; saved in each checkpoint."""
+
+    meter: Meter = field(default_factory=Meter)
+    p_lr: float = 0.0
+    next_eval: float = 0.0
+    next_checkpoint: float = 0.0
+    step_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"meter": self.meter.to_dict(), "p_lr": self.p_lr, "next_eval": self.next_eval,
+                "next_checkpoint": self.next_checkpoint, "step_seconds": self.step_seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopState:
+        return cls(meter=Meter.from_dict(data["meter"]), p_lr=data["p_lr"], next_eval=data["next_eval"],
+                   next_checkpoint=data["next_checkpoint"], step_seconds=data["step_seconds"])
+
+
+@dataclass
+class LoopSettings:
+    budget: Budget
+    schedule: Schedule
+    peak_lr: float
+    grad_accum: int
+    grad_clip: float
+    tokens_per_step: int
+    flops_per_step: float
+    peak_flops: float | None
+    eval_every: float
+    checkpoint_every: float
+    keep_checkpoints: int
+    log_every: int
+    stop_after: Budget | None = None
+
+
+@dataclass
+class Outcome:
+    state: LoopState
+    finished: bool
+    eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+    last_lr: float = 0.0
+
+
+class Trainer:
+    """Runs steps until the budget is spent, or until an interruption (checkpointed first)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: PackedSampler,
+                 settings: LoopSettings, run_dir: Path, device: torch.device, dtype: torch.dtype,
+                 evaluate: Callable[[], dict[str, Any]], display: ProgressDisplay) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.sampler = sampler
+        self.settings = settings
+        self.run_dir = run_dir
+        self.device = device
+        self.dtype = dtype
+        self.evaluate = evaluate
+        self.display = display
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self._interrupted = False
+
+    def train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.settings.grad_accum):
+            x, y = self.sampler.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast(self.device, self.dtype):
+                _, loss = self.model(x, y)
+            (loss / self.settings.grad_accum).backward()
+            total += loss.detach()
+        if self.settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total.item() / self.settings.grad_accum
+
+    def run(self, state: LoopState) -> Outcome:
+        s = self.settings
+        timer = StepTimer(state.step_seconds)
+        outcome = Outcome(state=state, finished=False)
+        wall_start, p_at_start = time.perf_counter(), state.meter.progress(s.budget)
+        previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
+        try:
+            self.model.train()
+            while True:
+                left = steps_left(state.meter, s.budget, s.tokens_per_step, s.flops_per_step, timer.estimate)
+                if left is not None:
+                    state.p_lr = max(state.p_lr, (state.meter.steps + 1) / (state.meter.steps + left))
+                lr = s.peak_lr * s.schedule(state.p_lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                start = time.perf_counter()
+                loss = self.train_step()
+                synchronize(self.device)
+                seconds = time.perf_counter() - start
+                state.meter.add_step(seconds, s.tokens_per_step, s.flops_per_step)
+                timer.update(seconds)
+                state.step_seconds = timer.estimate
+                outcome.last_lr = lr
+                p = state.meter.progress(s.budget)
+                finished = left == 1 or p >= 1.0
+                self._log_step(state, p, lr, loss, seconds, wall_start, p_at_start)
+                if finished:
+                    outcome.finished = True
+                    break
+                outcome.eval_seconds += self._maybe_evaluate(state, p)
+                stop = self._interrupted or (s.stop_after is not None and state.meter.progress(s.stop_after) >= 1.0)
+                outcome.checkpoint_seconds += self._maybe_checkpoint(state, p, timer, force=stop)
+                if stop:
+                    break
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+        return outcome
+
+    def _on_interrupt(self, signum: int, frame: object) -> None:
+        """First Ctrl-C: finish the step, checkpoint, stop.  A second one aborts at once."""
+        self._interrupted = True
+        self.display.message("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _log_step(self, state: LoopState, p: float, lr: float, loss: float, seconds: float, wall_start: float,
+                  p_at_start: float) -> None:
+        s = self.settings
+        tokens_per_s = s.tokens_per_step / seconds
+        mfu = s.flops_per_step / seconds / s.peak_flops if s.peak_flops else None
+        wall = time.perf_counter() - wall_start
+        eta = wall * (1 - p) / (p - p_at_start) if p > p_at_start else None
+        self.display.update(p, state.meter, s.budget, loss, tokens_per_s, mfu, eta)
+        step = int(state.meter.steps)
+        if step % s.log_every and step != 1 and p < 1.0 and not self._interrupted:
+            return
+        self.metrics.append({"event": "train", "step": step, "p": p, "p_lr": state.p_lr,
+                             "tokens": state.meter.tokens, "flops": state.meter.flops,
+                             "seconds": state.meter.seconds, "wall": wall, "lr": lr, "loss": loss,
+                             "throughput": tokens_per_s, "mfu": mfu, "memory": peak_memory_bytes(self.device)})
+
+    def _maybe_evaluate(self, state: LoopState, p: float) -> float:
+        if self.settings.eval_every <= 0 or not reached(p, state.next_eval):
+            return 0.0
+        start = time.perf_counter()
+        result = self.evaluate()
+        self.model.train()
+        state.next_eval = next_mark(p, self.settings.eval_every)
+        self.log_eval(state, p, result)
+        return time.perf_counter() - start
+
+    def log_eval(self, state: LoopState, p: float, result: dict[str, Any]) -> None:
+        self.metrics.append({"event": "eval", "step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens,
+                             "flops": state.meter.flops, "seconds": state.meter.seconds,
+                             "val_loss": result["loss"], "val_bpb": result["bpb"],
+                             "domains": {name: d["loss"] for name, d in result["domains"].items()}})
+        self.display.message(f"eval  step {int(state.meter.steps)}  p={p:.3f}  val_loss {result['loss']:.4f}  "
+                             f"bpb {result['bpb']:.4f}")
+
+    def _maybe_checkpoint(self, state: LoopState, p: float, timer: StepTimer, force: bool) -> float:
+        """Checkpoint every ``checkpoint_every`` of the budget, on interruption, and (pinned)
+        just before the schedule starts to decay, which is where a finished run can be extended from."""
+        s = self.settings
+        left = steps_left(state.meter, s.budget, s.tokens_per_step, s.flops_per_step, timer.estimate)
+        next_p_lr = (state.meter.steps + 1) / (state.meter.steps + left) if left else state.p_lr
+        pinned = state.p_lr <= s.schedule.decay_start < next_p_lr
+        periodic = s.checkpoint_every > 0 and reached(p, state.next_checkpoint)
+        if not (force or pinned or periodic):
+            return 0.0
+        start = time.perf_counter()
+        if periodic:
+            state.next_checkpoint = next_mark(p, s.checkpoint_every)
+        save_checkpoint(self.run_dir / "checkpoints", int(state.meter.steps), self.model, self.optimizer,
+                        {"loop": state.to_dict(), "sampler": self.sampler.state_dict(), "pinned": pinned,
+                         "budget": s.budget.to_dict()}, s.keep_checkpoints)
+        return time.perf_counter() - start

@@ -1,0 +1,143 @@
+"""Real (tiny) training runs through the CLI: budgets, schedules, resume, extension."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flopwise.cli import main
+from flopwise.optim.schedules import Schedule
+from flopwise.train.metrics import read_metrics
+from tests.conftest import TINY
+
+
+def train_events(run: Path) -> list[dict]:
+    return [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "train"]
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in train_events(run)]
+
+
+def train(*args: str) -> int:
+    return main(["train", *args])
+
+
+def test_step_budget_runs_exactly_and_ends_annealed(tmp_path, text_folder):
+    run = tmp_path / "r"
+    assert train("--data", str(text_folder), "--budget", "30steps", "--out", str(run), *TINY) == 0
+    events = train_events(run)
+    assert [e["step"] for e in events] == list(range(1, 31))
+    assert events[-1]["lr"] == 0.0 and events[-1]["p"] == 1.0
+    peak = 3e-3
+    schedule = Schedule()
+    for event in events:  # each step's LR is the schedule at p = step / 30
+        assert event["lr"] == pytest.approx(peak * schedule(event["step"] / 30))
+    assert (run / "final" / "model.safetensors").is_file()
+    evals = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"]
+    assert evals and evals[-1]["p"] == 1.0
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["tokens_per_step"] == 4 * 64
+    assert events[-1]["tokens"] == 30 * 4 * 64
+
+
+def test_token_and_flop_budgets_stop_at_the_binding_limit(tmp_path, text_folder):
+    run = tmp_path / "tok"
+    # 4 x 64 = 256 tokens per step: 2600 tokens need 11 steps (the last one may overshoot)
+    assert train("--data", str(text_folder), "--budget", "2600tokens,100steps", "--out", str(run), *TINY) == 0
+    assert len(train_events(run)) == 11
+    flops_per_step = json.loads((run / "plan.json").read_text())["flops_per_step"]
+    run2 = tmp_path / "flops"
+    assert train("--data", str(text_folder), "--budget", f"{7 * flops_per_step}flops", "--out", str(run2), *TINY) == 0
+    assert len(train_events(run2)) == 7
+
+
+def test_same_seed_same_curve_and_other_seed_differs(tmp_path, text_folder):
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert train("--data", str(text_folder), "--budget", "12steps", "--seed", seed, "--out", str(tmp_path / name),
+                     *TINY) == 0
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a") != losses(tmp_path / "c")
+
+
+def test_seconds_budget_lands_on_budget_with_final_lr(tmp_path, text_folder):
+    run = tmp_path / "sec"
+    budget = 8.0
+    assert train("--data", str(text_folder), "--budget", f"{budget}s", "--out", str(run), *TINY,
+                 "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0") == 0
+    events = train_events(run)
+    assert events[-1]["lr"] == 0.0
+    assert events[-1]["p_lr"] == 1.0
+    assert abs(events[-1]["wall"] - budget) / budget < 0.03
+    assert abs(events[-1]["seconds"] - budget) / budget < 0.03
+    assert len(events) > 50  # the step time is small against the budget
+
+
+def test_stop_after_and_resume_equal_the_uninterrupted_run(tmp_path, text_folder):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train("--data", str(text_folder), "--budget", "40steps", "--out", str(full), *TINY) == 0
+    assert train("--data", str(text_folder), "--budget", "40steps", "--stop-after", "20steps", "--out", str(part),
+                 *TINY) == 0
+    assert not (part / "final").exists()
+    assert losses(part)[-1][0] == 20
+    assert train("--resume", str(part)) == 0
+    assert losses(part) == losses(full)  # bit for bit
+    assert [e["lr"] for e in train_events(part)] == [e["lr"] for e in train_events(full)]
+
+
+def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path, text_folder):
+    args = ["--data", str(text_folder), "--budget", "60steps", *TINY, "--set", "train.checkpoint_every=0.05"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert train(*args, "--out", str(full)) == 0
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "flopwise", "train", *args, "--out", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((killed / "checkpoints").glob("step_*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(random.Random().uniform(0.0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_before = len(train_events(killed))
+    assert train("--resume", str(killed)) == 0
+    assert losses(killed) == losses(full), f"killed after {steps_before} logged steps"
+
+
+def test_extend_finished_run_restarts_from_before_the_decay(tmp_path, text_folder):
+    run = tmp_path / "ext"
+    assert train("--data", str(text_folder), "--budget", "40steps", "--out", str(run), *TINY) == 0
+    before = train_events(run)
+    assert train("--resume", str(run)) == 2  # finished: needs a larger budget
+    assert train("--resume", str(run), "--budget", "80steps") == 0
+    after = train_events(run)
+    assert [e["step"] for e in after] == list(range(1, 81))
+    # decay of the 40-step run starts after p = 0.8, i.e. step 32: steps up to there are kept as they were
+    assert after[:32] == before[:32]
+    peak = 3e-3
+    assert all(e["lr"] == peak for e in after[32:64])  # stable again until 0.8 of the new budget
+    assert after[-1]["lr"] == 0.0
+    assert (run / "final").is_dir()
+
+
+def test_eval_and_sample_commands(tmp_path, text_folder, capsys):
+    run = tmp_path / "done"
+    assert train("--data", str(text_folder), "--budget", "20steps", "--out", str(run), *TINY) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    assert "held-out evaluation" in capsys.readouterr().out
+    result = json.loads((run / "eval.json").read_text())
+    assert result["domains"]["text"]["tokens"] == result["tokens"] > 0
+    assert result["bpb"] > 0
+    assert main(["sample", str(run), "--prompt", "The ", "--max-tokens", "20", "--top-k", "1"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("The ") and len(first.encode()) > len("The ")
+    assert main(["sample", str(run), "--prompt", "The ", "--max-tokens", "20", "--top-k", "1"]) == 0
+    assert capsys.readouterr().out == first
