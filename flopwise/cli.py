@@ -1,0 +1,201 @@
+"""The ``flopwise`` command: train under a budget, evaluate, sample."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from flopwise import __version__
+from flopwise.budget import Budget
+from flopwise.config import RunConfig, load_config
+from flopwise.errors import FlopwiseError
+
+EXIT_INTERRUPTED = 130
+
+TRAIN_EPILOG = """\
+budgets (combine with commas; the first limit reached ends the run):
+  90s, 3m, 1.5h        training seconds (evaluation and checkpoint time not counted)
+  2e15flops, 3PFLOPs   model FLOPs (6N + attention per token, forward and backward)
+  5M, 200k, 5e6tokens  tokens;   40steps   optimizer steps
+
+examples:
+  flopwise train --budget 3m                        # built-in corpus (Python stdlib), small model
+  flopwise train --data ./my_texts/ --budget 2e15flops --out runs/mine
+  flopwise train --config run.toml --set model.d_model=256 --set budget.tokens=5e6
+  flopwise train --budget 40steps --stop-after 20steps --out runs/b   # stop early, as an interruption would
+  flopwise train --resume runs/b                    # continue to the original budget
+  flopwise train --resume runs/b --budget 80steps   # extend a finished run from before its decay
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flopwise", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the best language model a fixed budget allows: state the budget "
+                    "(seconds, FLOPs, tokens, steps), give it text, and the run ends exactly at the "
+                    "budget with its learning rate fully annealed.")
+    parser.add_argument("--version", action="version", version=f"flopwise {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(commands)
+    _add_eval(commands)
+    _add_sample(commands)
+    return parser
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("train", help="pretrain a model under a budget", epilog=TRAIN_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Pretrain a decoder-only LM from raw text under a budget.")
+    p.add_argument("--budget", help="the budget, e.g. 3m or 2e15flops or 5M,10m (see below)")
+    p.add_argument("--data", action="append", metavar="PATH",
+                   help="text file, folder (recursive), .jsonl, .parquet, or 'stdlib' (default); repeatable")
+    p.add_argument("--val-data", action="append", metavar="PATH",
+                   help="explicit held-out source instead of a split of --data; repeatable")
+    p.add_argument("--include", action="append", metavar="GLOB", help="only files matching, e.g. '*.md'; repeatable")
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<date-time>)")
+    p.add_argument("--config", type=Path, help="TOML or YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config key, e.g. model.d_model=256; repeatable, applied last")
+    p.add_argument("--model", metavar="SIZE", help="named size: tiny, small (default), base, medium, large")
+    p.add_argument("--tokenizer", help="'bpe' (default, trained on your data), 'byte', or a tokenizer.json path")
+    p.add_argument("--seed", type=int, help="fixes data order, initialization and everything random")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--compile", action="store_true", help="use torch.compile (pays off on GPUs; ~1.1x on CPU)")
+    p.add_argument("--resume", type=Path, metavar="RUN",
+                   help="continue an interrupted run, or extend a finished one with a larger --budget")
+    p.add_argument("--stop-after", metavar="AMOUNT",
+                   help="stop once this much is spent (e.g. 20steps), checkpointed as if interrupted")
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("eval", help="held-out loss, perplexity and bits per byte, per domain",
+                            description="Evaluate a run's final model on its held-out split.")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per domain (default: all)")
+    p.add_argument("--device", default="auto")
+
+
+def _add_sample(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("sample", help="generate text from a run's final model",
+                            description="Generate text from a run's final model.")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(soft_wrap=True)
+    try:
+        handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}[args.command]
+        return handler(args, console)
+    except FlopwiseError as err:
+        print(f"flopwise: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def _train_config(args: argparse.Namespace) -> RunConfig:
+    """Config file, then the convenience flags, then ``--set`` overrides."""
+    values: dict[str, Any] = {}
+    for key, value in (("model.size", args.model), ("data.tokenizer", args.tokenizer), ("train.seed", args.seed),
+                       ("train.device", args.device), ("data.sources", args.data),
+                       ("data.val_sources", args.val_data), ("data.include", args.include),
+                       ("train.compile", args.compile or None)):
+        if value is not None:
+            values[key] = value
+    if args.budget:
+        values.update({f"budget.{name}": amount for name, amount in Budget.parse(args.budget).to_dict().items()})
+    return load_config(args.config, args.overrides, values)
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from flopwise.train.display import ProgressDisplay
+    from flopwise.train.session import open_for_resume, start_new
+    from flopwise.train.trainer import LoopState
+
+    display = ProgressDisplay(console)
+    stop_after = Budget.parse(args.stop_after) if args.stop_after else None
+    if args.resume:
+        _reject_with_resume(args)
+        budget = Budget.parse(args.budget) if args.budget else None
+        session, state = open_for_resume(args.resume, budget, display)
+    else:
+        config = _train_config(args)
+        out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        session = start_new(config, out, display)
+        session.write_run_files()
+        state = LoopState()
+    console.print(f"model: {session.model_cfg.d_model}d x {session.model_cfg.n_layers} layers, "
+                  f"{session.model.num_parameters():,} parameters; budget {session.config.budget.build().describe()}; "
+                  f"{session.tokens_per_step:,} tokens/step; device {session.device.type} "
+                  f"({str(session.dtype).removeprefix('torch.')})", highlight=False)
+    summary = session.run(state, stop_after)
+    if not summary.finished:
+        console.print(f"stopped at step {int(summary.meter.steps)} with a checkpoint; continue with: "
+                      f"flopwise train --resume {summary.run_dir}", highlight=False)
+        return EXIT_INTERRUPTED if stop_after is None else 0
+    print_summary(console, summary)
+    return 0
+
+
+def _reject_with_resume(args: argparse.Namespace) -> None:
+    fixed = {"--data": args.data, "--val-data": args.val_data, "--include": args.include, "--config": args.config,
+             "--set": args.overrides, "--model": args.model, "--tokenizer": args.tokenizer, "--seed": args.seed,
+             "--out": args.out}
+    given = [flag for flag, value in fixed.items() if value]
+    if given:
+        raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "
+                            "(only --budget and --stop-after apply)")
+
+
+def print_summary(console: Console, summary) -> None:
+    final = summary.final_eval
+    m = summary.meter
+    console.print(f"\n[bold]done[/bold]: {summary.run_dir}  ({int(m.steps)} steps, {m.tokens / 1e6:.2f}M tokens, "
+                  f"{m.flops:.2e} FLOPs, {m.seconds:.1f}s training + {summary.eval_seconds:.1f}s eval + "
+                  f"{summary.checkpoint_seconds:.1f}s checkpoints; final lr {summary.last_lr:.2e})", highlight=False)
+    console.print(eval_table(final))
+
+
+def eval_table(result: dict) -> Table:
+    table = Table(title="held-out evaluation")
+    for column in ("domain", "loss (nats/token)", "perplexity", "bits/byte", "unigram baseline", "tokens"):
+        table.add_column(column, justify="right" if column != "domain" else "left")
+    rows = list(result["domains"].items()) + [("all", result)]
+    for name, r in rows:
+        table.add_row(name, f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bpb']:.4f}",
+                      f"{r['unigram_loss']:.4f}", f"{r['tokens']:,}")
+    return table
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from flopwise.evaluate.final import evaluate_run
+
+    result = evaluate_run(args.run, args.device, args.max_tokens)
+    console.print(eval_table(result))
+    (args.run / "eval.json").write_text(json.dumps(result, indent=1))
+    console.print(f"written: {args.run / 'eval.json'}", highlight=False)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace, console: Console) -> int:
+    from flopwise.evaluate.final import sample_run
+
+    text = sample_run(args.run, args.prompt, args.max_tokens, args.temperature, args.top_k, args.seed, args.device)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
