@@ -67,7 +67,7 @@ class DataSection(_Section):
     include: list[str] = []
     jsonl_field: str = "text"
     val_sources: list[str] = []
-    val_fraction: float = 0.005
+    val_fraction: float = 0.02
     tokenizer: str = "bpe"
     vocab_size: int = 4096
     tokenizer_sample_mb: float = 4.0
@@ -149,8 +149,8 @@ class TrainSection(_Section):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
-    eval_every: float = 0.1
-    eval_tokens: int = 32768
+    eval_every: float = 0.25
+    eval_tokens: int = 16384
     log_every: int = 10
     checkpoint_every: float = 0.1
     keep_checkpoints: int = 2
