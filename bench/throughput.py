@@ -20,13 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from flopwise.config import load_config
-from flopwise.train.device import measure_matmul_peak
+from flopwise.train.device import choose_device, choose_dtype, measure_matmul_peak
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.session import Session
 from flopwise.train.trainer import LoopSettings, Trainer
 
 
-def measure(size: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+def measure(size: str, steps: int, warmup: int, overrides: list[str], peak: float) -> dict:
     config = load_config(None, [f"model.size={size}", "budget.steps=1000000", *overrides])
     session = Session(config, Path("/nonexistent"), ProgressDisplay(live=False))
     session.prepare()
@@ -43,7 +43,6 @@ def measure(size: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     for _ in range(steps):
         trainer.train_step()
     seconds = (time.perf_counter() - start) / steps
-    peak = measure_matmul_peak(session.device, session.dtype)
     return {"size": size, "parameters": session.model.num_parameters(), "tokens_per_step": session.tokens_per_step,
             "seconds_per_step": seconds, "tokens_per_s": session.tokens_per_step / seconds,
             "model_flops_per_s": session.flops_per_step / seconds, "matmul_peak_flops": peak,
@@ -59,7 +58,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.json")
     args = parser.parse_args()
-    rows = [measure(size, args.steps, args.warmup, args.overrides) for size in args.sizes]
+    device = choose_device("auto")
+    peak = measure_matmul_peak(device, choose_dtype("auto", device))
+    rows = [measure(size, args.steps, args.warmup, args.overrides, peak) for size in args.sizes]
     table = Table(title=f"training throughput ({platform.processor() or platform.machine()}, "
                         f"{torch.get_num_threads()} threads, torch {torch.__version__})")
     for column in ("size", "params", "tokens/step", "s/step", "tokens/s", "GFLOP/s", "peak GFLOP/s", "MFU"):
@@ -68,7 +69,7 @@ def main() -> None:
         table.add_row(r["size"], f"{r['parameters']:,}", f"{r['tokens_per_step']:,}", f"{r['seconds_per_step']:.3f}",
                       f"{r['tokens_per_s']:,.0f}", f"{r['model_flops_per_s'] / 1e9:.1f}",
                       f"{r['matmul_peak_flops'] / 1e9:.1f}", f"{100 * r['mfu']:.1f}%")
-    Console().print(table)
+    Console(width=120).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows},
                                    indent=1))

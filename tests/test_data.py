@@ -199,7 +199,8 @@ def test_one_big_document_becomes_about_min_units_units(tmp_path):
                           val_fraction=0.05, min_units=100)
     units = len(corpus.train_docs) + len(corpus.val_docs)
     assert 95 <= units <= 110
-    assert len(corpus.val_docs) == 5
+    # a small corpus holds out min(100k chars, 10%) rather than 5%: about 10 of the ~100 pieces
+    assert 9 <= len(corpus.val_docs) <= 11
     assert len(corpus.train_tokens) + len(corpus.val_tokens) == len(text.encode()) + units
     pieces = [as_text(corpus.train_tokens[s:s + n - 1]) for s, n, _ in corpus.train_docs]
     assert all(piece.endswith("\n") for piece in pieces[:-1])  # cut at line ends

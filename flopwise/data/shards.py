@@ -31,6 +31,8 @@ TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 24 * 3600  # an older temporary folder belongs to a build that died
 BATCH_DOCS = 1000
 BATCH_CHARS = 1 << 24
+MIN_HELDOUT_CHARS = 100_000  # a small domain still gets this much held-out text ...
+MIN_HELDOUT_SHARE = 0.1  # ... unless that would be more than this share of it
 
 
 def content_key(parts: Iterable[bytes | str]) -> str:
@@ -155,8 +157,11 @@ def _pieces(document: Document, chunk: int) -> Iterator[Document]:
 
 
 def split_heldout(units: list[Document], val_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
-    """A seeded choice of round(val_fraction * n) units per domain for the held-out split.
+    """A seeded random choice of whole units per domain for the held-out split.
 
+    Each domain gives ``val_fraction`` of its characters, but at least the smaller of
+    MIN_HELDOUT_CHARS and MIN_HELDOUT_SHARE of them, so that a small domain (a few hundred
+    KB of prose beside 30 MB of code) is still measured on more than a handful of tokens.
     Every domain with two or more units gives at least one and keeps at least one for training.
     """
     rng = np.random.default_rng(seed)
@@ -166,8 +171,14 @@ def split_heldout(units: list[Document], val_fraction: float, seed: int) -> tupl
     held_out: set[int] = set()
     for domain in sorted(by_domain):
         indices = by_domain[domain]
-        count = min(max(round(val_fraction * len(indices)), 1), len(indices) - 1)
-        held_out.update(indices[i] for i in rng.choice(len(indices), size=count, replace=False))
+        chars = sum(len(units[i].text) for i in indices)
+        target = max(val_fraction * chars, min(MIN_HELDOUT_CHARS, MIN_HELDOUT_SHARE * chars))
+        taken = 0
+        for position in rng.permutation(len(indices))[: len(indices) - 1]:
+            if taken >= target:
+                break
+            held_out.add(indices[position])
+            taken += len(units[indices[position]].text)
     train = [unit for index, unit in enumerate(units) if index not in held_out]
     val = [unit for index, unit in enumerate(units) if index in held_out]
     return train, val

@@ -29,7 +29,8 @@ from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.gpt import GPT, ModelConfig
 from flopwise.train.checkpoint import (CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint,
                                        write_json_atomic)
-from flopwise.train.device import choose_device, choose_dtype, device_name, measure_matmul_peak
+from flopwise.train.device import (choose_device, choose_dtype, device_name, keep_freed_cpu_memory,
+                                   measure_matmul_peak)
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.metrics import MetricsLog
 from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, next_mark
@@ -81,6 +82,8 @@ class Session:
         self.display = display or ProgressDisplay()
         self.device = choose_device(config.train.device)
         self.dtype = choose_dtype(config.train.precision, self.device)
+        if self.device.type == "cpu":
+            keep_freed_cpu_memory()
 
     @classmethod
     def new(cls, config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> Session:
