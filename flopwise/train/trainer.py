@@ -140,24 +140,27 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
         try:
             self.model.train()
+            bookkeeping = 0.0  # logging time of the previous step: training time too, unlike eval
             while True:
+                start = time.perf_counter()
                 left = steps_left(state.meter, s.budget, s.tokens_per_step, s.flops_per_step, timer.estimate)
                 if left is not None:
                     state.p_lr = max(state.p_lr, (state.meter.steps + 1) / (state.meter.steps + left))
                 lr = s.peak_lr * s.schedule(state.p_lr)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                start = time.perf_counter()
+                    group["lr"] = lr
                 loss = self.train_step()
                 synchronize(self.device)
-                seconds = time.perf_counter() - start
+                seconds = time.perf_counter() - start + bookkeeping
                 state.meter.add_step(seconds, s.tokens_per_step, s.flops_per_step)
                 timer.update(seconds)
                 state.step_seconds = timer.estimate
                 outcome.last_lr = lr
                 p = state.meter.progress(s.budget)
                 finished = left == 1 or p >= 1.0
+                logging_start = time.perf_counter()
                 self._log_step(state, p, lr, loss, seconds, wall_start, p_at_start)
+                bookkeeping = time.perf_counter() - logging_start
                 if finished:
                     outcome.finished = True
                     break
