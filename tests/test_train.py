@@ -111,6 +111,45 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path, text_folder):
     assert losses(killed) == losses(full), f"killed after {steps_before} logged steps"
 
 
+def test_ctrl_c_checkpoints_then_resume_equals_uninterrupted(tmp_path, text_folder):
+    args = ["--data", str(text_folder), "--budget", "60steps", *TINY, "--set", "train.checkpoint_every=0"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert train(*args, "--out", str(full)) == 0
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "flopwise", "train", *args, "--out", str(stopped)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (stopped / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "flopwise train --resume" in output
+    assert len(list((stopped / "checkpoints").glob("step_*"))) == 1
+    assert train("--resume", str(stopped)) == 0
+    assert losses(stopped) == losses(full)
+
+
+def test_second_run_tokenizes_nothing(tmp_path, text_folder, capsys):
+    args = ["--data", str(text_folder), "--budget", "2steps", "--set", "data.vocab_size=400", *TINY[2:]]
+    assert train(*args, "--out", str(tmp_path / "one"), "--set", "data.cache_dir=" + str(tmp_path / "cache")) == 0
+    assert "(tokenized," in capsys.readouterr().out
+    assert train(*args, "--out", str(tmp_path / "two"), "--set", "data.cache_dir=" + str(tmp_path / "cache")) == 0
+    assert "(cached," in capsys.readouterr().out
+    assert (tmp_path / "one" / "tokenizer.json").read_text() == (tmp_path / "two" / "tokenizer.json").read_text()
+    assert losses(tmp_path / "one") == losses(tmp_path / "two")
+
+
+def test_compile_trains_like_eager(tmp_path, text_folder):
+    args = ["--data", str(text_folder), "--budget", "4steps", *TINY]
+    assert train(*args, "--out", str(tmp_path / "eager")) == 0
+    assert train(*args, "--compile", "--out", str(tmp_path / "compiled")) == 0
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert [step for step, _ in compiled] == [1, 2, 3, 4]
+    assert [loss for _, loss in compiled] == pytest.approx([loss for _, loss in eager], rel=1e-4)
+
+
 def test_extend_finished_run_restarts_from_before_the_decay(tmp_path, text_folder):
     run = tmp_path / "ext"
     assert train("--data", str(text_folder), "--budget", "40steps", "--out", str(run), *TINY) == 0
