@@ -154,6 +154,7 @@ class TrainSection(_Section):
     log_every: int = 10
     checkpoint_every: float = 0.1
     keep_checkpoints: int = 2
+    cpu_keep_freed_memory: bool = True
 
 
 class RunConfig(_Section):

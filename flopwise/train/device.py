@@ -61,9 +61,9 @@ def keep_freed_cpu_memory() -> bool:
     """Let glibc keep freed blocks (up to 1 GiB each) instead of returning them to the OS.
 
     A CPU training step frees and reallocates the same large activation buffers every step;
-    by default glibc unmaps each one and the next step page-faults it back in, which cost
-    about a quarter of the step time for the default model on a 2-core machine.  Returns
-    whether the setting took (False off glibc, e.g. macOS or musl).
+    by default glibc unmaps each one and the next step page-faults it back in.  Keeping them
+    made the default model's steps about 1.25x faster on a 2-core machine (bench/allocator.py).
+    Returns whether the setting took (False off glibc, e.g. macOS or musl).
     """
     name = ctypes.util.find_library("c")
     if platform.system() != "Linux" or name is None:

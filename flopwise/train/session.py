@@ -82,7 +82,7 @@ class Session:
         self.display = display or ProgressDisplay()
         self.device = choose_device(config.train.device)
         self.dtype = choose_dtype(config.train.precision, self.device)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and config.train.cpu_keep_freed_memory:
             keep_freed_cpu_memory()
 
     @classmethod
