@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from flopwise.budget import LIMITS, Budget, parse_limit
 from flopwise.errors import FlopwiseError
-from flopwise.model.gpt import NAMED_SIZES, ModelConfig
+from flopwise.model.config import NAMED_SIZES, ModelConfig
 from flopwise.optim.schedules import SCHEDULES, Schedule
 
 if sys.version_info >= (3, 11):

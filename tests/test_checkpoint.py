@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import flopwise.train.checkpoint as ckpt
-from flopwise.model.gpt import GPT, ModelConfig
+from flopwise.model.config import ModelConfig
+from flopwise.model.gpt import GPT
 
 
 def make(seed: int = 0):

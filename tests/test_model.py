@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from flopwise.errors import FlopwiseError
 from flopwise.model import gpt
 from flopwise.model.flops import count_parameters, flops_per_token, forward_flops_per_token
-from flopwise.model.gpt import GPT, NAMED_SIZES, ModelConfig, RotaryEmbedding
+from flopwise.model.config import NAMED_SIZES, ModelConfig
+from flopwise.model.gpt import GPT, RotaryEmbedding
 
 # Tied embeddings, multi-head attention, default SwiGLU width.
 TIED_MHA = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, seq_len=16)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -93,17 +94,23 @@ def test_stop_after_and_resume_equal_the_uninterrupted_run(tmp_path, text_folder
     assert [e["lr"] for e in train_events(part)] == [e["lr"] for e in train_events(full)]
 
 
+def start_training_process(args: list[str], out: Path, ready: Callable[[], bool]) -> subprocess.Popen:
+    """`python -m flopwise train` in a child process, returned once ``ready()`` holds."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "flopwise", "train", *args, "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    return proc
+
+
 def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path, text_folder):
-    args = ["--data", str(text_folder), "--budget", "60steps", *TINY, "--set", "train.checkpoint_every=0.05"]
+    args = ["--data", str(text_folder), "--budget", "100steps", *TINY, "--set", "train.checkpoint_every=0.03"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert train(*args, "--out", str(full)) == 0
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
-    proc = subprocess.Popen([sys.executable, "-m", "flopwise", "train", *args, "--out", str(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((killed / "checkpoints").glob("step_*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(random.Random().uniform(0.0, 0.5))
+    proc = start_training_process(args, killed, lambda: bool(list((killed / "checkpoints").glob("step_*"))))
+    time.sleep(random.Random().uniform(0.0, 0.3))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     steps_before = len(train_events(killed))
@@ -112,15 +119,10 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path, text_folder):
 
 
 def test_ctrl_c_checkpoints_then_resume_equals_uninterrupted(tmp_path, text_folder):
-    args = ["--data", str(text_folder), "--budget", "60steps", *TINY, "--set", "train.checkpoint_every=0"]
+    args = ["--data", str(text_folder), "--budget", "100steps", *TINY, "--set", "train.checkpoint_every=0"]
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     assert train(*args, "--out", str(full)) == 0
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
-    proc = subprocess.Popen([sys.executable, "-m", "flopwise", "train", *args, "--out", str(stopped)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (stopped / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.02)
+    proc = start_training_process(args, stopped, (stopped / "metrics.jsonl").exists)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)

@@ -13,7 +13,8 @@ from flopwise.data.pipeline import prepare_data
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
-from flopwise.model.gpt import GPT, ModelConfig
+from flopwise.model.config import ModelConfig
+from flopwise.model.gpt import GPT
 from flopwise.train.device import choose_device, choose_dtype
 from flopwise.train.session import load_run_config
 

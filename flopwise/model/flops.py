@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flopwise.model.gpt import ModelConfig
+from flopwise.model.config import ModelConfig
 
 
 def _layer_matmul_params(cfg: ModelConfig) -> int:

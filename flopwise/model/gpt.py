@@ -8,100 +8,15 @@ rename (add the "model." prefix) and gives the same logits. QK-norm modules are 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flopwise.errors import FlopwiseError
-
-NAMED_SIZES: dict[str, dict] = {
-    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 2, "seq_len": 128},
-    "small": {"d_model": 128, "n_layers": 4, "n_heads": 4, "seq_len": 256},
-    "base": {"d_model": 256, "n_layers": 6, "n_heads": 4, "seq_len": 256},
-    "medium": {"d_model": 512, "n_layers": 8, "n_heads": 8, "seq_len": 512},
-    "large": {"d_model": 768, "n_layers": 12, "n_heads": 12, "seq_len": 1024},
-}
+from flopwise.model.config import ModelConfig
 
 # `enable_gqa` arrived in torch 2.5; older versions get the kv heads repeated by hand.
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"
-
-
-def _divisors(n: int, limit: int = 32) -> str:
-    return ", ".join(str(k) for k in range(1, min(n, limit) + 1) if n % k == 0)
-
-
-@dataclass
-class ModelConfig:
-    """Shape of the decoder; everything the FLOP count and the module need."""
-
-    vocab_size: int
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    seq_len: int = 256
-    mlp_hidden: int | None = None
-    qk_norm: bool = False
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        """Number of key/value heads (n_kv_heads, or n_heads when unset)."""
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def hidden(self) -> int:
-        """SwiGLU hidden width: mlp_hidden, or 8/3*d_model rounded up to a multiple of 32 (LLaMA's choice,
-        which keeps the MLP at about the parameter count of a 4*d_model GELU MLP)."""
-        if self.mlp_hidden is not None:
-            return self.mlp_hidden
-        return 32 * math.ceil(round(8 * self.d_model / 3) / 32)
-
-    def validate(self) -> None:
-        """Raise FlopwiseError with a one-line fix for the first inconsistent field."""
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "seq_len", "mlp_hidden"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise FlopwiseError(f"model.{name}={value!r} must be a positive integer")
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise FlopwiseError(f"model.{name}={value!r} must be a positive number")
-        if self.d_model % self.n_heads:
-            raise FlopwiseError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}: "
-                                f"choose n_heads among {_divisors(self.d_model)}")
-        if self.head_dim % 2:
-            even = ", ".join(str(k) for k in range(1, min(self.d_model, 32) + 1)
-                             if self.d_model % k == 0 and (self.d_model // k) % 2 == 0) or "none"
-            raise FlopwiseError(f"model.d_model={self.d_model} / model.n_heads={self.n_heads} gives an odd head_dim="
-                                f"{self.head_dim}, but RoPE needs it even: choose n_heads among {even}")
-        if self.n_heads % self.kv_heads:
-            raise FlopwiseError(f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}: "
-                                f"choose n_kv_heads among {_divisors(self.n_heads)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        """Inverse of to_dict; unknown keys are an error so a typo in a saved file is not silently dropped."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise FlopwiseError(f"unknown model config key(s) {', '.join(unknown)}: "
-                                f"valid keys are {', '.join(f.name for f in fields(cls))}")
-        if "vocab_size" not in d:
-            raise FlopwiseError("model config lacks vocab_size: add it (the tokenizer's vocabulary size)")
-        return cls(**d)
 
 
 class RMSNorm(nn.Module):

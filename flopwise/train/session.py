@@ -26,7 +26,8 @@ from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
 from flopwise.model.flops import count_parameters, flops_per_token
-from flopwise.model.gpt import GPT, ModelConfig
+from flopwise.model.config import ModelConfig
+from flopwise.model.gpt import GPT
 from flopwise.train.checkpoint import (CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint,
                                        write_json_atomic)
 from flopwise.train.device import (choose_device, choose_dtype, device_name, keep_freed_cpu_memory,
