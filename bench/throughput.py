@@ -10,6 +10,7 @@ the built-in corpus through flopwise's own trainer step, after a few warm-up ste
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -23,7 +24,7 @@ from flopwise.config import load_config
 from flopwise.train.device import choose_device, choose_dtype, measure_matmul_peak
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.session import Session
-from flopwise.train.trainer import LoopSettings, Trainer
+from flopwise.train.trainer import Trainer
 
 
 def measure(size: str, steps: int, warmup: int, overrides: list[str], peak: float) -> dict:
@@ -31,10 +32,7 @@ def measure(size: str, steps: int, warmup: int, overrides: list[str], peak: floa
     session = Session(config, Path("/nonexistent"), ProgressDisplay(live=False))
     session.prepare()
     session.build()
-    settings = LoopSettings(budget=config.budget.build(), schedule=config.schedule.build(), peak_lr=config.optim.lr,
-                            grad_accum=config.optim.grad_accum, grad_clip=config.optim.grad_clip,
-                            tokens_per_step=session.tokens_per_step, flops_per_step=session.flops_per_step,
-                            peak_flops=None, eval_every=0, checkpoint_every=0, keep_checkpoints=1, log_every=1)
+    settings = dataclasses.replace(session.loop_settings(), eval_every=0, checkpoint_every=0)
     trainer = Trainer(session.compiled, session.optimizer, session.sampler, settings, Path("/nonexistent"),
                       session.device, session.dtype, lambda: {}, session.display)
     for _ in range(warmup):

@@ -150,13 +150,18 @@ class Session:
         self.display.message(f"resuming {self.run_dir} from step {checkpoint.step}")
         return LoopState.from_dict(state["loop"])
 
-    def run(self, state: LoopState, stop_after: Budget | None = None) -> Summary:
+    def loop_settings(self, stop_after: Budget | None = None) -> LoopSettings:
+        """What the training loop needs from the config and the measured per-step costs."""
         c = self.config
-        settings = LoopSettings(
+        return LoopSettings(
             budget=c.budget.build(), schedule=c.schedule.build(), peak_lr=c.optim.lr, grad_accum=c.optim.grad_accum,
             grad_clip=c.optim.grad_clip, tokens_per_step=self.tokens_per_step, flops_per_step=self.flops_per_step,
             peak_flops=self.peak_flops, eval_every=c.train.eval_every, checkpoint_every=c.train.checkpoint_every,
             keep_checkpoints=c.train.keep_checkpoints, log_every=c.train.log_every, stop_after=stop_after)
+
+    def run(self, state: LoopState, stop_after: Budget | None = None) -> Summary:
+        c = self.config
+        settings = self.loop_settings(stop_after)
         trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device, self.dtype,
                           lambda: self.evaluator(self.model, c.train.eval_tokens), self.display)
         with self.display:
