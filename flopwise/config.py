@@ -155,6 +155,14 @@ class TrainSection(_Section):
     checkpoint_every: float = 0.1
     keep_checkpoints: int = 2
     cpu_keep_freed_memory: bool = True
+    log: list[Literal["tensorboard", "wandb"]] = []
+    wandb_project: str = "flopwise"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+
+    @field_validator("log", mode="before")
+    @classmethod
+    def _one_or_many_backends(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class RunConfig(_Section):
