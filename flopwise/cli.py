@@ -16,6 +16,8 @@ from flopwise import __version__
 from flopwise.budget import Budget
 from flopwise.config import RunConfig, load_config
 from flopwise.errors import FlopwiseError
+from flopwise.report.command import cmd_report
+from flopwise.report.command import register as _add_report
 
 EXIT_INTERRUPTED = 130
 
@@ -32,6 +34,8 @@ examples:
   flopwise train --budget 40steps --stop-after 20steps --out runs/b   # stop early, as an interruption would
   flopwise train --resume runs/b                    # continue to the original budget
   flopwise train --resume runs/b --budget 80steps   # extend a finished run from before its decay
+  flopwise train --init-from ./llama-folder --data ./domain_texts/ --budget 10m   # continue pretraining an HF model
+  torchrun --nproc_per_node=2 -m flopwise train --budget 3m --out runs/ddp   # data parallel (--parallel fsdp)
 """
 
 
@@ -46,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_eval(commands)
     _add_sample(commands)
+    _add_export(commands)
+    _add_report(commands)
     return parser
 
 
@@ -66,6 +72,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="SIZE", help="named size: tiny, small (default), base, medium, large")
     p.add_argument("--tokenizer", help="'bpe' (default, trained on your data), 'byte', or a tokenizer.json path")
     p.add_argument("--seed", type=int, help="fixes data order, initialization and everything random")
+    p.add_argument("--init-from", metavar="HF_MODEL",
+                   help="continue pretraining a Llama-family Hugging Face model (a folder, or a hub id found in "
+                        "the local hub cache); its tokenizer is used as is")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true", help="use torch.compile (pays off on GPUs; ~1.1x on CPU)")
     p.add_argument("--resume", type=Path, metavar="RUN",
@@ -79,26 +88,54 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
                             description="Evaluate a run's final model on its held-out split.")
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per domain (default: all)")
+    _add_checkpoint_flag(p)
     p.add_argument("--device", default="auto")
+
+
+def _add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", action="store_true",
+                   help="use the run's newest checkpoint instead of its final model (an unfinished run)")
 
 
 def _add_sample(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("sample", help="generate text from a run's final model",
-                            description="Generate text from a run's final model.")
+                            description="Generate text from a run's final model, printed as it is sampled "
+                                        "(KV-cached decoding).",
+                            epilog="examples:\n  flopwise sample runs/a --prompt 'def main(' --top-p 0.9\n"
+                                   "  flopwise sample runs/a --prompt 'import os' --temperature 0   # greedy",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="run folder")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50; 0: off)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens with this much probability, e.g. 0.9")
     p.add_argument("--seed", type=int, default=0)
+    _add_checkpoint_flag(p)
     p.add_argument("--device", default="auto")
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("export", help="save a run's model as a Hugging Face transformers folder",
+                            description="Write a run's model as a folder that transformers loads with "
+                                        "AutoModelForCausalLM and AutoTokenizer: LlamaForCausalLM (or "
+                                        "Qwen3ForCausalLM with QK-norm), safetensors, tokenizer and generation "
+                                        "config. (A finished run's final/ folder already is one.)",
+                            epilog="example:\n  flopwise export runs/a --to hf/my-model\n  python -c \"from "
+                                   "transformers import AutoModelForCausalLM as M; M.from_pretrained('hf/my-model')\"",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--to", type=Path, required=True, metavar="FOLDER", help="new (or empty) folder to write")
+    _add_checkpoint_flag(p)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(soft_wrap=True)
     try:
-        handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}[args.command]
+        handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "export": cmd_export,
+                   "report": cmd_report}[args.command]
         return handler(args, console)
     except FlopwiseError as err:
         print(f"flopwise: error: {err}", file=sys.stderr)
@@ -111,7 +148,7 @@ def _train_config(args: argparse.Namespace) -> RunConfig:
     for key, value in (("model.size", args.model), ("data.tokenizer", args.tokenizer), ("train.seed", args.seed),
                        ("train.device", args.device), ("data.sources", args.data),
                        ("data.val_sources", args.val_data), ("data.include", args.include),
-                       ("train.compile", args.compile or None)):
+                       ("train.compile", args.compile or None), ("model.init_from", args.init_from)):
         if value is not None:
             values[key] = value
     if args.budget:
@@ -152,7 +189,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 def _reject_with_resume(args: argparse.Namespace) -> None:
     fixed = {"--data": args.data, "--val-data": args.val_data, "--include": args.include, "--config": args.config,
              "--set": args.overrides, "--model": args.model, "--tokenizer": args.tokenizer, "--seed": args.seed,
-             "--out": args.out}
+             "--out": args.out, "--init-from": args.init_from}
     given = [flag for flag, value in fixed.items() if value]
     if given:
         raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "
@@ -182,7 +219,7 @@ def eval_table(result: dict) -> Table:
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from flopwise.evaluate.final import evaluate_run
 
-    result = evaluate_run(args.run, args.device, args.max_tokens)
+    result = evaluate_run(args.run, args.device, args.max_tokens, args.checkpoint)
     console.print(eval_table(result))
     (args.run / "eval.json").write_text(json.dumps(result, indent=1))
     console.print(f"written: {args.run / 'eval.json'}", highlight=False)
@@ -190,10 +227,25 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_sample(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.evaluate.final import sample_run
+    from flopwise.evaluate.final import load_run_model, stream_sample
+    from flopwise.train.device import choose_device
 
-    text = sample_run(args.run, args.prompt, args.max_tokens, args.temperature, args.top_k, args.seed, args.device)
-    print(text)
+    model, tokenizer = load_run_model(args.run, choose_device(args.device), args.checkpoint)
+    sys.stdout.write(args.prompt)
+    for piece in stream_sample(model, tokenizer, args.prompt, args.max_tokens, args.temperature,
+                               args.top_k or None, args.top_p, args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from flopwise.evaluate.final import export_run
+
+    folder = export_run(args.run, args.to, args.checkpoint)
+    console.print(f"written: {folder} (load with transformers' AutoModelForCausalLM.from_pretrained and "
+                  "AutoTokenizer.from_pretrained)", highlight=False)
     return 0
 
 

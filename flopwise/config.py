@@ -30,9 +30,13 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    """Shape of the decoder; a named size gives defaults that explicit fields override."""
+    """Shape of the decoder; a named size gives defaults that explicit fields override.
+
+    ``init_from`` (a Hugging Face model folder or hub id) takes the shape and weights from that
+    model instead; only ``seq_len`` (the training context) is then chosen here."""
 
     size: str = "small"
+    init_from: str | None = None
     d_model: int | None = None
     n_layers: int | None = None
     n_heads: int | None = None
@@ -52,7 +56,7 @@ class ModelSection(_Section):
 
     def build(self, vocab_size: int) -> ModelConfig:
         shape = dict(NAMED_SIZES[self.size])
-        for key, value in self.model_dump(exclude={"size"}).items():
+        for key, value in self.model_dump(exclude={"size", "init_from"}).items():
             if value is not None:
                 shape[key] = value
         cfg = ModelConfig(vocab_size=vocab_size, **shape)

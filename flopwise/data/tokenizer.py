@@ -40,6 +40,10 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._eos_id
 
+    @property
+    def eos_token(self) -> str:
+        return self._tokenizer.id_to_token(self._eos_id)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens (the caller appends end-of-text)."""
         return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False)]

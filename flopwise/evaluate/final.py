@@ -1,10 +1,10 @@
-"""Loading a run's final model for evaluation and sampling."""
+"""A run's trained model: loading it (final or newest checkpoint), evaluating, sampling, exporting."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_model
@@ -15,43 +15,79 @@ from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
+from flopwise.model.hf import load_hf_model, save_hf_folder
+from flopwise.train.checkpoint import list_checkpoints, require_checkpoint
 from flopwise.train.device import choose_device, choose_dtype
-from flopwise.train.session import load_run_config
+from flopwise.train.session import load_run_config, planned_model_config
 
 
 def load_final_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenizer]:
-    """The model and tokenizer in ``run_dir/final`` (written when a run spends its budget)."""
+    """The model and tokenizer in ``run_dir/final`` (a Hugging Face folder written when a run
+    spends its budget), at the sequence length it was trained with."""
     final = run_dir / "final"
-    if not (final / "model.safetensors").is_file():
+    if not (final / "config.json").is_file():
         load_run_config(run_dir)  # a clear error if this is not a run at all
-        raise FlopwiseError(f"run '{run_dir}' has no final model yet: finish it with flopwise train --resume {run_dir}")
-    config = ModelConfig.from_dict(json.loads((final / "model.json").read_text()))
-    model = GPT(config)
-    load_model(model, str(final / "model.safetensors"), strict=True)
-    return model.to(device).eval(), Tokenizer.load(final / "tokenizer.json")
+        raise FlopwiseError(f"run '{run_dir}' has no final model yet: finish it with flopwise train --resume "
+                            f"{run_dir}, or use --checkpoint for its newest checkpoint")
+    model = load_hf_model(final, planned_model_config(run_dir).seq_len)
+    return model.to(device).eval(), Tokenizer.load(final)
 
 
-def evaluate_run(run_dir: Path, device_name: str, max_tokens: int | None) -> dict[str, Any]:
-    """Held-out evaluation of the final model on the run's own held-out split."""
+def load_checkpoint_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenizer]:
+    """The weights of a run's newest checkpoint (for a run that was interrupted or is still going)."""
+    load_run_config(run_dir)
+    checkpoint = require_checkpoint(run_dir, list_checkpoints(run_dir / "checkpoints"))
+    model = GPT(planned_model_config(run_dir))
+    load_model(model, str(checkpoint.path / "model.safetensors"), strict=True)
+    return model.to(device).eval(), Tokenizer.load(run_dir / "tokenizer.json")
+
+
+def load_run_model(run_dir: Path, device: torch.device, checkpoint: bool = False) -> tuple[GPT, Tokenizer]:
+    return load_checkpoint_model(run_dir, device) if checkpoint else load_final_model(run_dir, device)
+
+
+def export_run(run_dir: Path, folder: Path, checkpoint: bool = False) -> Path:
+    """Write the run's model as a ``transformers`` folder (LlamaForCausalLM, or Qwen3ForCausalLM
+    with QK-norm): safetensors, config.json, generation_config.json and tokenizer files."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FlopwiseError(f"--to '{folder}' exists and is not an empty folder: choose a new folder")
+    model, tokenizer = load_run_model(run_dir, torch.device("cpu"), checkpoint)
+    save_hf_folder(model, tokenizer, folder)
+    return folder
+
+
+def evaluate_run(run_dir: Path, device_name: str, max_tokens: int | None, checkpoint: bool = False) -> dict[str, Any]:
+    """Held-out evaluation of the run's model on the run's own held-out split."""
     run_config = load_run_config(run_dir)
     device = choose_device(device_name)
-    model, tokenizer = load_final_model(run_dir, device)
+    model, tokenizer = load_run_model(run_dir, device, checkpoint)
     corpus = prepare_data(run_config.data, run_config.train.seed, tokenizer).corpus
     evaluator = Evaluator(corpus, tokenizer.token_bytes(), model.config.seq_len, run_config.optim.batch_size,
                           device, choose_dtype(run_config.train.precision, device))
     return evaluator(model, max_tokens)
 
 
-def sample_run(run_dir: Path, prompt: str, max_tokens: int, temperature: float, top_k: int | None, seed: int,
-               device_name: str) -> str:
-    """Prompt plus a sampled continuation from the final model."""
-    if temperature <= 0:
-        raise FlopwiseError(f"--temperature {temperature} must be positive (use --top-k 1 for greedy decoding)")
-    device = choose_device(device_name)
-    model, tokenizer = load_final_model(run_dir, device)
+def stream_sample(model: GPT, tokenizer: Tokenizer, prompt: str, max_tokens: int, temperature: float,
+                  top_k: int | None, top_p: float | None, seed: int) -> Iterator[str]:
+    """Pieces of text as they are sampled (a piece is held back while it ends inside a UTF-8 character)."""
+    if temperature < 0:
+        raise FlopwiseError(f"--temperature {temperature} must be 0 (greedy) or positive")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise FlopwiseError(f"--top-p {top_p} must lie in (0, 1]")
+    if top_k is not None and top_k < 1:
+        raise FlopwiseError(f"--top-k {top_k} must be at least 1")
+    device = model.embed_tokens.weight.device
     ids = tokenizer.encode_batch([prompt])[0] if prompt else [tokenizer.eos_id]
-    torch.manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = model.generate(idx, max_tokens, temperature=temperature, top_k=top_k)
-    new_tokens = out[0, idx.shape[1]:].tolist()
-    return prompt + tokenizer.decode(new_tokens)
+    new_tokens: list[int] = []
+    shown = ""
+    for token in model.stream(idx, max_tokens, temperature, top_k, top_p, generator):
+        new_tokens.append(int(token))
+        text = tokenizer.decode(new_tokens)
+        if not text.endswith("\ufffd"):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(new_tokens)
+    if text != shown:
+        yield text[len(shown):]

@@ -28,7 +28,9 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None
+    head_size: int | None = None
     seq_len: int = 256
+    max_positions: int | None = None
     mlp_hidden: int | None = None
     qk_norm: bool = False
     tie_embeddings: bool = True
@@ -38,7 +40,18 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        """Width of one attention head: head_size, or d_model // n_heads (Qwen3 sets it apart)."""
+        return self.head_size if self.head_size is not None else self.d_model // self.n_heads
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of all query heads together (d_model unless head_size is set)."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def context(self) -> int:
+        """Longest context the model is meant for: max_positions (an imported model's), else seq_len."""
+        return max(self.seq_len, self.max_positions or 0)
 
     @property
     def kv_heads(self) -> int:
@@ -55,7 +68,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise FlopwiseError with a one-line fix for the first inconsistent field."""
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "seq_len", "mlp_hidden"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "seq_len",
+                     "max_positions", "mlp_hidden"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise FlopwiseError(f"model.{name}={value!r} must be a positive integer")
@@ -63,9 +77,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise FlopwiseError(f"model.{name}={value!r} must be a positive number")
-        if self.d_model % self.n_heads:
+        if self.head_size is None and self.d_model % self.n_heads:
             raise FlopwiseError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}: "
                                 f"choose n_heads among {_divisors(self.d_model)}")
+        if self.head_size is not None and self.head_size % 2:
+            raise FlopwiseError(f"model.head_size={self.head_size} must be even for RoPE")
         if self.head_dim % 2:
             even = ", ".join(str(k) for k in range(1, min(self.d_model, 32) + 1)
                              if self.d_model % k == 0 and (self.d_model // k) % 2 == 0) or "none"

@@ -8,7 +8,7 @@ from flopwise.model.config import ModelConfig
 def _layer_matmul_params(cfg: ModelConfig) -> int:
     """Weights of one block used in matmuls: q, k, v, o projections and the three SwiGLU matrices."""
     d, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
-    attention = d * d + 2 * d * kv + d * d
+    attention = 2 * d * cfg.attn_dim + 2 * d * kv
     mlp = 3 * d * cfg.hidden
     return attention + mlp
 
@@ -28,17 +28,17 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
 def flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs (forward + backward) per token at full context, PaLM/nanoGPT convention:
 
-        6 * N_matmul + 12 * n_layers * d_model * seq_len
+        6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len
 
     N_matmul counts every weight used in a matmul: the blocks' q/k/v/o and SwiGLU matrices plus the vocab*d
     output head (counted whether or not it is tied, since the head matmul runs either way). Norm gains and
     the embedding lookup are excluded (no matmul). Each matmul weight costs 2 FLOPs per token forward and
-    4 backward, hence 6. The second term is attention's QK^T and AV products: 2 * 2 * seq_len * d_model
-    forward per layer (n_heads * head_dim = d_model), times 3 for the backward; it ignores causal masking,
-    as PaLM's MFU accounting does.
+    4 backward, hence 6. The second term is attention's QK^T and AV products: 2 * 2 * seq_len * n_heads *
+    head_dim forward per layer (n_heads * head_dim = d_model unless head_size is set), times 3 for the
+    backward; it ignores causal masking, as PaLM's MFU accounting does.
     """
     n_matmul = cfg.n_layers * _layer_matmul_params(cfg) + cfg.vocab_size * cfg.d_model
-    return float(6 * n_matmul + 12 * cfg.n_layers * cfg.d_model * cfg.seq_len)
+    return float(6 * n_matmul + 12 * cfg.n_layers * cfg.attn_dim * cfg.seq_len)
 
 
 def forward_flops_per_token(cfg: ModelConfig) -> float:

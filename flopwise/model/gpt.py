@@ -8,6 +8,7 @@ rename (add the "model." prefix) and gives the same logits. QK-norm modules are 
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +48,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q, k of shape [B, H, T, head_dim] by their positions 0..T-1."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q, k of shape [B, H, T, head_dim] by their positions start..start+T-1."""
         t = q.shape[-2]
-        cos, sin = self.cos[:t].to(q.dtype), self.sin[:t].to(q.dtype)
+        cos, sin = self.cos[start:start + t].to(q.dtype), self.sin[start:start + t].to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -65,14 +66,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.attn_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
@@ -80,16 +81,39 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = rope(q, k)
-        groups = self.n_heads // self.n_kv_heads
-        if groups == 1:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif _SDPA_HAS_GQA:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        start = cache.length if cache is not None else 0
+        q, k = rope(q, k, start)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        # A prompt attends causally; a single new token attends to everything cached before it.
+        y = _attend(q, k, v, causal=t > 1, groups=self.n_heads // self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+class LayerCache:
+    """One layer's keys and values for incremental decoding, preallocated for ``capacity`` positions."""
+
+    def __init__(self, shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype) -> None:
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append [B, kv_heads, T, head_dim] keys/values; return all of them so far."""
+        end = self.length + k.shape[2]
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class MLP(nn.Module):
@@ -115,8 +139,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope)
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -131,7 +155,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.context, cfg.rope_theta)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._init_weights()
@@ -146,13 +170,13 @@ class GPT(nn.Module):
                 is_output = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else std)
 
-    def _logits(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        if t > self.config.seq_len:
-            raise ValueError(f"sequence length {t} exceeds model.seq_len={self.config.seq_len}")
+    def _logits(self, idx: torch.Tensor, caches: list[LayerCache] | None = None) -> torch.Tensor:
+        end = idx.shape[1] + (caches[0].length if caches else 0)
+        if end > self.config.context:
+            raise ValueError(f"sequence length {end} exceeds the model's context of {self.config.context}")
         x = self.embed_tokens(idx)
-        for layer in self.layers:
-            x = layer(x, self.rope)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rope, caches[i] if caches else None)
         return self.lm_head(self.norm(x))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
@@ -170,19 +194,64 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
                                reduction="none").view(targets.shape)
 
+    def new_cache(self, batch: int) -> list[LayerCache]:
+        """Empty key/value caches for the whole context, in the dtype and device of the weights."""
+        cfg, weight = self.config, self.embed_tokens.weight
+        shape = (batch, cfg.kv_heads, cfg.context, cfg.head_dim)
+        return [LayerCache(shape, weight.device, weight.dtype) for _ in range(cfg.n_layers)]
+
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx [B, T]; no KV cache (sampling is not the hot path)."""
-        for _ in range(max_new_tokens):
-            logits = self._logits(idx[:, -self.config.seq_len:])[:, -1, :].float() / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, next_token), dim=1)
-        return idx
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield max_new_tokens sampled tokens [B, 1] one at a time, continuing idx [B, T].
+
+        A KV cache makes each new token cost one position instead of the whole context.  When the
+        context is full, the cache is rebuilt from the last half of it (a sliding window in two halves).
+        """
+        context = self.config.context
+        caches = self.new_cache(idx.shape[0])
+        window = idx[:, -context:]
+        logits = self._logits(window, caches)[:, -1]
+        for produced in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            yield token
+            if produced + 1 == max_new_tokens:
+                return
+            window = torch.cat((window, token), dim=1)
+            if caches[0].length == context:
+                window = window[:, -(context // 2):]
+                caches = self.new_cache(idx.shape[0])
+                logits = self._logits(window, caches)[:, -1]
+            else:
+                logits = self._logits(token, caches)[:, -1]
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """idx [B, T] followed by max_new_tokens sampled tokens (temperature 0: greedy)."""
+        tokens = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator))
+        return torch.cat((idx, *tokens), dim=1)
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied head is counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits [B, vocab]: greedy at temperature 0, else sampled from the
+    temperature-scaled distribution cut to the top_k tokens and then to the smallest set whose
+    probability reaches top_p (nucleus sampling, Holtzman et al. 2020), in Hugging Face's order."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_model
 
 from flopwise.budget import Budget, Meter
 from flopwise.config import RunConfig, config_to_toml, load_config
@@ -26,8 +25,10 @@ from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
 from flopwise.model.flops import count_parameters, flops_per_token
-from flopwise.model.config import ModelConfig
+from flopwise.model.config import NAMED_SIZES, ModelConfig
 from flopwise.model.gpt import GPT
+from flopwise.model.hf import (flopwise_state_dict, load_hf_weights, model_config_from_hf, read_hf_config,
+                               resolve_hf_source, save_hf_folder)
 from flopwise.train.checkpoint import (CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint,
                                        write_json_atomic)
 from flopwise.train.device import (choose_device, choose_dtype, device_name, keep_freed_cpu_memory,
@@ -48,6 +49,19 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise FlopwiseError(f"'{run_dir}' is not a flopwise run folder (no {CONFIG_FILE}): "
                             "give the --out folder of an earlier `flopwise train`")
     return load_config(run_dir / CONFIG_FILE)
+
+
+def planned_model_config(run_dir: Path) -> ModelConfig:
+    """The model shape a run was planned with (``plan.json``), which resume and loading reuse."""
+    plan = run_dir / "plan.json"
+    if not plan.is_file():
+        raise FlopwiseError(f"run folder '{run_dir}' has no plan.json: it was never started, so start a new run")
+    return ModelConfig.from_dict(json.loads(plan.read_text(encoding="utf-8"))["model"])
+
+
+# Model fields that an --init-from model's config.json decides.
+_IMPORTED_SHAPE = {"size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "qk_norm", "tie_embeddings",
+                   "rope_theta"}
 
 
 def build_optimizer(model: GPT, config: RunConfig, device: torch.device) -> torch.optim.AdamW:
@@ -92,13 +106,32 @@ class Session:
             raise FlopwiseError(f"'{run_dir}' already holds a run: resume it with --resume {run_dir}, "
                                 "or choose another --out")
         config.budget.build()  # fail on a missing budget before reading any data
+        if config.model.init_from:
+            clash = sorted(config.model.model_fields_set & _IMPORTED_SHAPE)
+            if clash:
+                raise FlopwiseError(f"model.{clash[0]} cannot be set with --init-from: the shape comes from the "
+                                    "imported model's config.json (only model.seq_len can be chosen)")
+            if "tokenizer" in config.data.model_fields_set:
+                raise FlopwiseError("data.tokenizer cannot be set with --init-from: the imported model's own "
+                                    "tokenizer is used as is")
         return cls(config, run_dir, display)
 
-    def prepare(self, tokenizer: Tokenizer | None = None) -> None:
-        """Data, model config and the per-step costs the budget is counted in."""
+    def prepare(self, tokenizer: Tokenizer | None = None, model_cfg: ModelConfig | None = None) -> None:
+        """Data, model config and the per-step costs the budget is counted in.  A resumed run passes
+        its saved tokenizer and shape; an imported model brings its own."""
         started = time.perf_counter()
+        m = self.config.model
+        if model_cfg is None and m.init_from:
+            self.init_folder = resolve_hf_source(m.init_from)
+            tokenizer = tokenizer or Tokenizer.load(self.init_folder)
+            self.config.data.tokenizer = str(self.init_folder)  # recorded in config.toml
+            seq_len = m.seq_len or NAMED_SIZES[m.size]["seq_len"]
+            model_cfg = model_config_from_hf(read_hf_config(self.init_folder), self.init_folder, seq_len)
         self.data: PreparedData = prepare_data(self.config.data, self.config.train.seed, tokenizer)
-        self.model_cfg: ModelConfig = self.config.model.build(self.data.tokenizer.vocab_size)
+        self.model_cfg: ModelConfig = model_cfg or m.build(self.data.tokenizer.vocab_size)
+        if self.data.tokenizer.vocab_size > self.model_cfg.vocab_size:
+            raise FlopwiseError(f"the tokenizer has {self.data.tokenizer.vocab_size} tokens but the model's "
+                                f"vocab_size is {self.model_cfg.vocab_size}: use the model's own tokenizer")
         o = self.config.optim
         self.tokens_per_step = o.batch_size * o.grad_accum * self.model_cfg.seq_len
         self.flops_per_step = flops_per_token(self.model_cfg) * self.tokens_per_step
@@ -177,21 +210,22 @@ class Session:
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg))
 
     def save_final(self) -> None:
-        """``final/``: weights (safetensors), model config and tokenizer, written atomically."""
-        final, tmp = self.run_dir / "final", self.run_dir / ".final.tmp"
-        tmp.mkdir(exist_ok=True)
-        save_model(self.model, str(tmp / "model.safetensors"))
-        (tmp / "model.json").write_text(json.dumps(self.model_cfg.to_dict(), indent=1))
-        self.data.tokenizer.save(tmp / "tokenizer.json")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        """``final/``: the model as a Hugging Face folder (loads with AutoModelForCausalLM), written atomically."""
+        save_hf_folder(self.model, self.data.tokenizer, self.run_dir / "final")
+
+    def load_initial_weights(self) -> None:
+        """Start from the --init-from model's weights (a new run; a resumed one loads its checkpoint)."""
+        state = flopwise_state_dict(load_hf_weights(self.init_folder), self.model_cfg, self.init_folder)
+        self.model.load_state_dict(state, strict=True)
+        self.display.message(f"initialized from {self.init_folder}")
 
 
 def start_new(config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> Session:
     session = Session.new(config, run_dir, display)
     session.prepare()
     session.build()
+    if config.model.init_from:
+        session.load_initial_weights()
     return session
 
 
@@ -209,7 +243,7 @@ def open_for_resume(run_dir: Path, budget: Budget | None,
     if budget is not None:
         checkpoint = _extension_point(run_dir, config, checkpoints, budget)
     session = Session(config, run_dir, display)
-    session.prepare(Tokenizer.load(run_dir / "tokenizer.json"))
+    session.prepare(Tokenizer.load(run_dir / "tokenizer.json"), planned_model_config(run_dir))
     session.build()
     state = session.resume_from(checkpoint)
     if budget is not None:

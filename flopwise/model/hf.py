@@ -1,0 +1,216 @@
+"""Hugging Face format, both ways: a flopwise model as a `transformers` folder, and a Llama-family
+folder as a flopwise model.
+
+The decoder is LLaMA's (RMSNorm, RoPE in rotate-half layout, SwiGLU, GQA), so a model without
+QK-norm is exactly ``LlamaForCausalLM`` and one with QK-norm exactly ``Qwen3ForCausalLM``; the
+weights only gain a ``model.`` prefix.  Everything here reads and writes plain JSON and
+safetensors, so exporting needs no ``transformers`` install and loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from flopwise.data.tokenizer import Tokenizer
+from flopwise.errors import FlopwiseError
+from flopwise.model.config import ModelConfig
+from flopwise.model.gpt import GPT
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# model_type -> (architecture, has QK-norm).  Mistral is Llama with an optional sliding window.
+ARCHITECTURES = {"llama": ("LlamaForCausalLM", False), "mistral": ("MistralForCausalLM", False),
+                 "qwen3": ("Qwen3ForCausalLM", True)}
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.txt"]
+
+
+def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """``config.json`` for ``cfg``: Llama without QK-norm, Qwen3 with it."""
+    model_type = "qwen3" if cfg.qk_norm else "llama"
+    config: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[model_type][0]], "model_type": model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.hidden,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.context, "rms_norm_eps": cfg.norm_eps, "initializer_range": cfg.init_std,
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id, "use_cache": True,
+        "torch_dtype": "float32", "dtype": "float32",
+    }
+    if model_type == "llama":
+        config.update(mlp_bias=False, pretraining_tp=1)
+    else:
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,
+                      layer_types=["full_attention"] * cfg.n_layers)
+    return config
+
+
+def model_config_from_hf(config: dict[str, Any], source: Path, seq_len: int) -> ModelConfig:
+    """The flopwise shape of a Llama-family ``config.json``; anything flopwise cannot compute
+    exactly (biases, scaled RoPE, sliding windows, other activations) is refused by name."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise FlopwiseError(f"{source / 'config.json'}: model_type '{model_type}' is not supported: flopwise "
+                            f"imports {', '.join(ARCHITECTURES)} (Llama-family) models")
+    unsupported = {
+        "attention_bias": bool(config.get("attention_bias")), "mlp_bias": bool(config.get("mlp_bias")),
+        "hidden_act": config.get("hidden_act", "silu") != "silu",
+        "rope_scaling": _rope_type(config) != "default",
+        "sliding_window": bool(config.get("use_sliding_window", model_type == "mistral")
+                               and config.get("sliding_window")),
+    }
+    for key, bad in unsupported.items():
+        if bad:
+            raise FlopwiseError(f"{source / 'config.json'}: {key}={_config_value(config, key)!r} is not "
+                                "supported by flopwise's decoder: import a plain Llama/Qwen3-style model")
+    heads = config["num_attention_heads"]
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // heads
+    cfg = ModelConfig(
+        vocab_size=config["vocab_size"], d_model=hidden, n_layers=config["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=config.get("num_key_value_heads") or heads,
+        head_size=None if head_dim * heads == hidden else head_dim, seq_len=seq_len,
+        max_positions=config.get("max_position_embeddings"), mlp_hidden=config["intermediate_size"],
+        qk_norm=ARCHITECTURES[model_type][1], tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope_theta=float(_rope_theta(config)), norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        init_std=float(config.get("initializer_range", 0.02)))
+    cfg.validate()
+    return cfg
+
+
+def _rope_type(config: dict[str, Any]) -> str:
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    return (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+
+
+def _config_value(config: dict[str, Any], key: str) -> Any:
+    return _rope_type(config) if key == "rope_scaling" else config.get(key)
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """flopwise weights under Hugging Face names; a tied head is stored once, as the embedding."""
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            if model.config.tie_embeddings:
+                continue
+            tensors[name] = tensor
+        else:
+            tensors[f"model.{name}"] = tensor
+    return {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in tensors.items()}
+
+
+def flopwise_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: Path) -> dict[str, torch.Tensor]:
+    """Inverse of hf_state_dict; checks that every weight the model needs is there."""
+    state = {}
+    for name, tensor in tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved; recomputed here
+            continue
+        state[name.removeprefix("model.")] = tensor.float()
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state.get("embed_tokens.weight")
+    with torch.device("meta"):  # names only: no memory, no initialization
+        expected = set(GPT(cfg).state_dict())
+    present = {name for name, tensor in state.items() if tensor is not None}
+    missing, unexpected = sorted(expected - present), sorted(set(state) - expected)
+    if missing or unexpected:
+        detail = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}"
+        raise FlopwiseError(f"{source}: weights do not match config.json ({detail}): is the folder complete?")
+    return state
+
+
+def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
+    """Write a folder that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load offline.
+
+    Written under a temporary name and renamed, so an interrupted export leaves no half folder."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(hf_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    _write(tmp / "config.json", hf_config(model.config, tokenizer))
+    _write(tmp / "generation_config.json", {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
+                                            "do_sample": True, "temperature": 0.8, "top_k": 50})
+    tokenizer.save(tmp / "tokenizer.json")
+    eos = tokenizer.eos_token
+    _write(tmp / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+                                           "bos_token": eos, "unk_token": None, "add_bos_token": False,
+                                           "model_max_length": model.config.context,
+                                           "clean_up_tokenization_spaces": False})
+    _write(tmp / "special_tokens_map.json", {"eos_token": eos, "bos_token": eos})
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FlopwiseError(f"'{folder}' has no config.json: give a Hugging Face model folder "
+                            "(as saved by save_pretrained or downloaded to the hub cache)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a single or sharded safetensors checkpoint (never a pickle-based .bin)."""
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (folder / WEIGHTS).is_file():
+        files = [WEIGHTS]
+    else:
+        raise FlopwiseError(f"'{folder}' has no {WEIGHTS} (or sharded index): flopwise loads only safetensors, "
+                            "never pickled .bin files; convert with transformers' save_pretrained(safe_serialization=True)")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(folder / file), framework="pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return tensors
+
+
+def load_hf_model(folder: Path, seq_len: int | None = None) -> GPT:
+    """A flopwise GPT with the folder's weights (fp32), training context ``seq_len`` (default: the
+    folder's max_position_embeddings)."""
+    config = read_hf_config(folder)
+    cfg = model_config_from_hf(config, folder, seq_len or config.get("max_position_embeddings") or 2048)
+    model = GPT(cfg)
+    model.load_state_dict(flopwise_state_dict(load_hf_weights(folder), cfg, folder), strict=True)
+    return model
+
+
+def resolve_hf_source(spec: str) -> Path:
+    """A local model folder, or a hub id (``org/name``) looked up through ``huggingface_hub``'s
+    cache, downloading only when the hub is reachable and ``HF_HUB_OFFLINE`` is not set."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise FlopwiseError(f"--init-from '{spec}' is neither a folder nor a hub id like 'org/name'")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FlopwiseError(f"--init-from '{spec}' is a hub id, which needs the 'huggingface_hub' package: "
+                            "pip install 'flopwise[hf]'") from None
+    try:
+        return Path(snapshot_download(spec, allow_patterns=_HUB_FILES))
+    except Exception as error:  # hub errors have many types (offline, missing repo, auth)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FlopwiseError(f"--init-from '{spec}': cannot get it from the Hugging Face hub or its cache "
+                            f"({first_line}): download it first or pass a local folder") from None
