@@ -238,13 +238,18 @@ class GPT(nn.Module):
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of logits [B, vocab]: greedy at temperature 0, else sampled from the
-    temperature-scaled distribution cut to the top_k tokens and then to the smallest set whose
-    probability reaches top_p (nucleus sampling, Holtzman et al. 2020), in Hugging Face's order."""
-    logits = logits.float()
+    """One token per row of logits [B, vocab]: greedy at temperature 0, else drawn from filter_logits."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    return torch.multinomial(F.softmax(filtered, dim=-1), num_samples=1, generator=generator)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Temperature-scaled logits with -inf outside the top_k tokens and then outside the smallest set
+    whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020), in Hugging Face's order."""
+    logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -254,4 +259,4 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = No
         mass_before = probs.cumsum(dim=-1) - probs
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+    return logits
