@@ -77,6 +77,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                         "the local hub cache); its tokenizer is used as is")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true", help="use torch.compile (pays off on GPUs; ~1.1x on CPU)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"),
+                   help="under torchrun: ddp (default; replicated weights) or fsdp (FSDP2, sharded weights, "
+                        "gradients and optimizer states); optim.batch_size is the global batch")
+    p.add_argument("--log", action="append", choices=("tensorboard", "wandb"),
+                   help="also log to TensorBoard (run/tensorboard/) or Weights & Biases (honours WANDB_MODE="
+                        "offline); repeatable; metrics.jsonl is always written")
     p.add_argument("--resume", type=Path, metavar="RUN",
                    help="continue an interrupted run, or extend a finished one with a larger --budget")
     p.add_argument("--stop-after", metavar="AMOUNT",
@@ -148,7 +154,8 @@ def _train_config(args: argparse.Namespace) -> RunConfig:
     for key, value in (("model.size", args.model), ("data.tokenizer", args.tokenizer), ("train.seed", args.seed),
                        ("train.device", args.device), ("data.sources", args.data),
                        ("data.val_sources", args.val_data), ("data.include", args.include),
-                       ("train.compile", args.compile or None), ("model.init_from", args.init_from)):
+                       ("train.compile", args.compile or None), ("model.init_from", args.init_from),
+                       ("train.parallel", args.parallel), ("train.log", args.log)):
         if value is not None:
             values[key] = value
     if args.budget:
@@ -157,27 +164,37 @@ def _train_config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from flopwise.model.flops import count_parameters
     from flopwise.train.display import ProgressDisplay
+    from flopwise.train.distributed import init_ranks, shutdown
     from flopwise.train.session import open_for_resume, start_new
     from flopwise.train.trainer import LoopState
 
+    ranks = init_ranks(_device_type(args))
+    if not ranks.is_main:
+        console = Console(quiet=True)
     display = ProgressDisplay(console)
     stop_after = Budget.parse(args.stop_after) if args.stop_after else None
-    if args.resume:
-        _reject_with_resume(args)
-        budget = Budget.parse(args.budget) if args.budget else None
-        session, state = open_for_resume(args.resume, budget, display)
-    else:
-        config = _train_config(args)
-        out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        session = start_new(config, out, display)
-        session.write_run_files()
-        state = LoopState()
-    console.print(f"model: {session.model_cfg.d_model}d x {session.model_cfg.n_layers} layers, "
-                  f"{session.model.num_parameters():,} parameters; budget {session.config.budget.build().describe()}; "
-                  f"{session.tokens_per_step:,} tokens/step; device {session.device.type} "
-                  f"({str(session.dtype).removeprefix('torch.')})", highlight=False)
-    summary = session.run(state, stop_after)
+    try:
+        if args.resume:
+            _reject_with_resume(args)
+            budget = Budget.parse(args.budget) if args.budget else None
+            session, state = open_for_resume(args.resume, budget, display)
+        else:
+            config = _train_config(args)
+            out = args.out or Path(ranks.broadcast_text(str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))))
+            session = start_new(config, out, display)
+            session.write_run_files()
+            state = LoopState()
+        cfg = session.model_cfg
+        parallel = (f"; {ranks.world_size} processes ({session.config.train.parallel})" if ranks.distributed else "")
+        console.print(f"model: {cfg.d_model}d x {cfg.n_layers} layers, {count_parameters(cfg)['total']:,} "
+                      f"parameters; budget {session.config.budget.build().describe()}; {session.tokens_per_step:,} "
+                      f"tokens/step; device {session.device.type} ({str(session.dtype).removeprefix('torch.')})"
+                      f"{parallel}", highlight=False)
+        summary = session.run(state, stop_after)
+    finally:
+        shutdown(ranks)
     if not summary.finished:
         console.print(f"stopped at step {int(summary.meter.steps)} with a checkpoint; continue with: "
                       f"flopwise train --resume {summary.run_dir}", highlight=False)
@@ -186,10 +203,18 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _device_type(args: argparse.Namespace) -> str:
+    """cuda or cpu, for choosing the process group's backend before the config is read."""
+    import torch
+
+    name = args.device or "auto"
+    return "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def _reject_with_resume(args: argparse.Namespace) -> None:
     fixed = {"--data": args.data, "--val-data": args.val_data, "--include": args.include, "--config": args.config,
              "--set": args.overrides, "--model": args.model, "--tokenizer": args.tokenizer, "--seed": args.seed,
-             "--out": args.out, "--init-from": args.init_from}
+             "--out": args.out, "--init-from": args.init_from, "--parallel": args.parallel, "--log": args.log}
     given = [flag for flag, value in fixed.items() if value]
     if given:
         raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "

@@ -154,10 +154,10 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # A tied head reuses embed_tokens.weight rather than registering it twice, so every state dict
+        # (checkpoints, FSDP shards, the HF export) holds each weight exactly once.
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.context, cfg.rope_theta)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -177,22 +177,27 @@ class GPT(nn.Module):
         x = self.embed_tokens(idx)
         for i, layer in enumerate(self.layers):
             x = layer(x, self.rope, caches[i] if caches else None)
-        return self.lm_head(self.norm(x))
+        return F.linear(self.norm(x), self.head_weight)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output projection: the embedding matrix when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [B, T, vocab] and, with targets, the mean cross-entropy (computed on fp32 logits)."""
+        """Logits [B, T, vocab] and, with targets, the cross-entropy on fp32 logits: the mean, or each
+        token's [B, T] with reduction="none"."""
         logits = self._logits(idx)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-        return logits, loss
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+        return logits, loss if reduction != "none" else loss.view(targets.shape)
 
     def per_token_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of each target token [B, T], for evaluation by domain and by byte."""
-        logits = self._logits(idx).float()
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
-                               reduction="none").view(targets.shape)
+        """Cross-entropy of each target token [B, T], for evaluation by domain and by byte.  It goes
+        through __call__, so wrappers' forward hooks (FSDP's unsharding) run."""
+        return self(idx, targets, reduction="none")[1]
 
     def new_cache(self, batch: int) -> list[LayerCache]:
         """Empty key/value caches for the whole context, in the dtype and device of the weights."""

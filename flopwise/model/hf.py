@@ -102,15 +102,8 @@ def _config_value(config: dict[str, Any], key: str) -> Any:
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """flopwise weights under Hugging Face names; a tied head is stored once, as the embedding."""
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            if model.config.tie_embeddings:
-                continue
-            tensors[name] = tensor
-        else:
-            tensors[f"model.{name}"] = tensor
-    return {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in tensors.items()}
+    return {name if name.startswith("lm_head.") else f"model.{name}": tensor.detach().to("cpu", torch.float32)
+            .contiguous() for name, tensor in model.state_dict().items()}
 
 
 def flopwise_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: Path) -> dict[str, torch.Tensor]:
@@ -121,12 +114,10 @@ def flopwise_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, sour
             continue
         state[name.removeprefix("model.")] = tensor.float()
     if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-        state["lm_head.weight"] = state.get("embed_tokens.weight")
+        state.pop("lm_head.weight", None)  # some tied checkpoints store the head too
     with torch.device("meta"):  # names only: no memory, no initialization
         expected = set(GPT(cfg).state_dict())
-    present = {name for name, tensor in state.items() if tensor is not None}
-    missing, unexpected = sorted(expected - present), sorted(set(state) - expected)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         detail = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}"
         raise FlopwiseError(f"{source}: weights do not match config.json ({detail}): is the folder complete?")

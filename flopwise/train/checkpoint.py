@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from flopwise.errors import FlopwiseError
+from flopwise.train.distributed import Ranks, full_state, load_full_state
 
 STATE_FILE = "state.json"
 _PREFIX = "step_"
@@ -37,27 +38,36 @@ class CheckpointInfo:
 
 
 def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int) -> Path:
-    """Write model, optimizer and JSON state for ``step``; then prune to the newest ``keep``."""
+                    state: dict[str, Any], keep: int, ranks: Ranks = Ranks()) -> Path:
+    """Write model, optimizer and JSON state for ``step``; then prune to the newest ``keep``.
+
+    Every rank must call this (gathering FSDP shards is a collective); only rank 0 writes."""
+    model_state, optimizer_state = full_state(model, optimizer)
+    final = directory / f"{_PREFIX}{step:08d}"
+    if ranks.is_main:
+        _write_checkpoint(directory, final, model_state, optimizer_state, dict(state, step=step))
+        _prune(directory, keep)
+    ranks.barrier()
+    return final
+
+
+def _write_checkpoint(directory: Path, final: Path, model_state: dict[str, torch.Tensor],
+                      optimizer_state: dict[str, Any], state: dict[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for leftover in directory.glob(_TMP_PREFIX + "*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    final = directory / f"{_PREFIX}{step:08d}"
     tmp = directory / f"{_TMP_PREFIX}{final.name}"
     tmp.mkdir()
-    save_model(_unwrap(model), str(tmp / "model.safetensors"))
-    tensors, meta = _flatten_optimizer(optimizer)
+    save_file({name: t.contiguous() for name, t in model_state.items()}, str(tmp / "model.safetensors"))
+    tensors, meta = _flatten_optimizer(optimizer_state)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    full_state = dict(state, step=step, optimizer=meta, torch_rng=torch.get_rng_state().tolist())
-    _write_json(tmp / STATE_FILE, full_state)
+    _write_json(tmp / STATE_FILE, dict(state, optimizer=meta, torch_rng=torch.get_rng_state().tolist()))
     for file in tmp.iterdir():
         _fsync(file)
     if final.exists():  # a step re-run after a crash: replace the older copy whole
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(directory)
-    _prune(directory, keep)
-    return final
 
 
 def list_checkpoints(directory: Path) -> list[CheckpointInfo]:
@@ -72,35 +82,35 @@ def list_checkpoints(directory: Path) -> list[CheckpointInfo]:
 
 
 def load_checkpoint(info: CheckpointInfo, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model and optimizer in place and return the JSON state."""
-    load_model(_unwrap(model), str(info.path / "model.safetensors"), strict=True)
-    tensors = load_file(str(info.path / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, info.state["optimizer"]))
+    """Restore model and optimizer in place (on any number of ranks) and return the JSON state."""
+    model_state = load_file(str(info.path / "model.safetensors"))
+    optimizer_state = _unflatten_optimizer(load_file(str(info.path / "optimizer.safetensors")), info.state["optimizer"])
+    load_full_state(model, optimizer, model_state, optimizer_state)
     torch.set_rng_state(torch.tensor(info.state["torch_rng"], dtype=torch.uint8))
     return info.state
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state_dict into named tensors and a JSON-able remainder."""
-    state_dict = optimizer.state_dict()
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a name-keyed optimizer state dict into tensors named ``<param>.<key>`` (e.g.
+    ``layers.0.mlp.up_proj.weight.exp_avg``) and a JSON-able remainder."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for index, param_state in state_dict["state"].items():
+    for param, param_state in state_dict["state"].items():
         for key, value in param_state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{param}.{key}"] = value.detach().cpu().contiguous()
             else:
-                scalars.setdefault(str(index), {})[key] = value
+                scalars.setdefault(param, {})[key] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for name, tensor in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
-    for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
+        param, key = name.rsplit(".", 1)  # state keys (exp_avg, step, ...) contain no dots
+        state.setdefault(param, {})[key] = tensor
+    for param, values in meta["scalars"].items():
+        state.setdefault(param, {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -111,11 +121,6 @@ def _prune(directory: Path, keep: int) -> None:
     for info in checkpoints:
         if info.path not in protected:
             shutil.rmtree(info.path, ignore_errors=True)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module behind torch.compile or DDP wrappers."""
-    return getattr(model, "_orig_mod", getattr(model, "module", model))
 
 
 def _write_json(path: Path, data: Any) -> None:

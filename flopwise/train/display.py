@@ -38,6 +38,11 @@ class ProgressDisplay:
         self._next_line = 0.0
         self._wall_start = time.perf_counter()
 
+    @classmethod
+    def quiet(cls) -> ProgressDisplay:
+        """A display that shows nothing (the non-zero ranks of a distributed job)."""
+        return cls(Console(quiet=True), live=False)
+
     def __enter__(self) -> ProgressDisplay:
         if self.live:
             self._progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),

@@ -8,6 +8,7 @@ last one before the learning rate began to decay.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -34,6 +35,8 @@ from flopwise.train.checkpoint import (CheckpointInfo, list_checkpoints, load_ch
 from flopwise.train.device import (choose_device, choose_dtype, device_name, keep_freed_cpu_memory,
                                    measure_matmul_peak)
 from flopwise.train.display import ProgressDisplay
+from flopwise.train.distributed import full_model_state, init_ranks, per_rank_batch, wrap_for_training
+from flopwise.train.loggers import open_run_logger
 from flopwise.train.metrics import MetricsLog
 from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, next_mark
 
@@ -94,9 +97,14 @@ class Session:
     def __init__(self, config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
-        self.display = display or ProgressDisplay()
         self.device = choose_device(config.train.device)
+        self.ranks = init_ranks(self.device.type)
+        if self.device.type == "cuda" and self.ranks.distributed:
+            self.device = torch.device("cuda", self.ranks.local_rank)
+        self.display = (display or ProgressDisplay()) if self.ranks.is_main else ProgressDisplay.quiet()
         self.dtype = choose_dtype(config.train.precision, self.device)
+        self.init_folder: Path | None = None
+        self.resume_step: int | None = None
         if self.device.type == "cpu" and config.train.cpu_keep_freed_memory:
             keep_freed_cpu_memory()
 
@@ -127,13 +135,15 @@ class Session:
             self.config.data.tokenizer = str(self.init_folder)  # recorded in config.toml
             seq_len = m.seq_len or NAMED_SIZES[m.size]["seq_len"]
             model_cfg = model_config_from_hf(read_hf_config(self.init_folder), self.init_folder, seq_len)
-        self.data: PreparedData = prepare_data(self.config.data, self.config.train.seed, tokenizer)
+        with self.ranks.main_first():  # rank 0 tokenizes into the cache; the other ranks then read it
+            self.data: PreparedData = prepare_data(self.config.data, self.config.train.seed, tokenizer)
         self.model_cfg: ModelConfig = model_cfg or m.build(self.data.tokenizer.vocab_size)
         if self.data.tokenizer.vocab_size > self.model_cfg.vocab_size:
             raise FlopwiseError(f"the tokenizer has {self.data.tokenizer.vocab_size} tokens but the model's "
                                 f"vocab_size is {self.model_cfg.vocab_size}: use the model's own tokenizer")
         o = self.config.optim
-        self.tokens_per_step = o.batch_size * o.grad_accum * self.model_cfg.seq_len
+        self.rank_batch = per_rank_batch(o.batch_size, self.ranks)
+        self.tokens_per_step = o.batch_size * o.grad_accum * self.model_cfg.seq_len  # the whole job's
         self.flops_per_step = flops_per_token(self.model_cfg) * self.tokens_per_step
         self.check_budget_allows_a_step()
         cached = "cached" if self.data.corpus.cache_hit else "tokenized"
@@ -150,20 +160,31 @@ class Session:
                 raise FlopwiseError(f"budget.{name}={amount:.3g} is smaller than one step ({per_step[name]:.3g} "
                                     f"{name}): raise the budget or shrink optim.batch_size, model.seq_len or the model")
 
-    def build(self) -> None:
+    def build(self, initial_weights: bool = False) -> None:
+        """Model (from --init-from weights when asked), its data-parallel wrapper, optimizer, sampler."""
         torch.manual_seed(self.config.train.seed)
-        self.model = GPT(self.model_cfg).to(self.device)
-        self.optimizer = build_optimizer(self.model, self.config, self.device)
-        self.compiled = torch.compile(self.model) if self.config.train.compile else self.model
+        self.model = GPT(self.model_cfg)
+        if initial_weights:
+            self.load_initial_weights()
+        self.model.to(self.device)
+        train = self.config.train
+        self.wrapped = wrap_for_training(self.model, train.parallel, self.ranks, self.device)
+        self.optimizer = build_optimizer(self.model, self.config, self.device)  # after FSDP has sharded it
+        self.compiled = torch.compile(self.wrapped) if train.compile else self.wrapped
         corpus = self.data.corpus
-        o = self.config.optim
-        self.sampler = PackedSampler(corpus.train_tokens, self.model_cfg.seq_len, o.batch_size,
-                                     seed=self.config.train.seed)
+        self.sampler = PackedSampler(corpus.train_tokens, self.model_cfg.seq_len, self.rank_batch, seed=train.seed,
+                                     rank=self.ranks.rank, world_size=self.ranks.world_size)
         self.evaluator = Evaluator(corpus, self.data.tokenizer.token_bytes(), self.model_cfg.seq_len,
-                                   o.batch_size, self.device, self.dtype)
-        self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
+                                   self.config.optim.batch_size, self.device, self.dtype)
+        with self.ranks.main_first():  # measured once, cached for the other ranks
+            self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
 
     def write_run_files(self) -> None:
+        if self.ranks.is_main:
+            self._write_run_files()
+        self.ranks.barrier()
+
+    def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data.tokenizer.save(self.run_dir / "tokenizer.json")
         (self.run_dir / CONFIG_FILE).write_text(config_to_toml(self.config))
@@ -172,15 +193,20 @@ class Session:
                 "flops_per_token": flops_per_token(self.model_cfg), "tokens_per_step": self.tokens_per_step,
                 "flops_per_step": self.flops_per_step, "budget": budget.to_dict(),
                 "device": device_name(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "matmul_peak_flops": self.peak_flops, "corpus": self.data.corpus.meta,
+                "matmul_peak_flops": self.peak_flops, "world_size": self.ranks.world_size,
+                "parallel": self.config.train.parallel if self.ranks.distributed else None,
+                "corpus": self.data.corpus.meta,
                 "read": vars(self.data.stats)}
         write_json_atomic(self.run_dir / "plan.json", plan)
 
     def resume_from(self, checkpoint: CheckpointInfo) -> LoopState:
         state = load_checkpoint(checkpoint, self.model, self.optimizer)
         self.sampler.load_state_dict(state["sampler"])
-        MetricsLog(self.run_dir / "metrics.jsonl").truncate_after(checkpoint.step)
-        self.display.message(f"resuming {self.run_dir} from step {checkpoint.step}")
+        if self.ranks.is_main:
+            MetricsLog(self.run_dir / "metrics.jsonl").truncate_after(checkpoint.step)
+        self.resume_step = checkpoint.step
+        self.display.message(f"resuming {self.run_dir} from step {checkpoint.step} (saved on "
+                             f"{state.get('world_size', 1)} process(es), resumed on {self.ranks.world_size})")
         return LoopState.from_dict(state["loop"])
 
     def loop_settings(self, stop_after: Budget | None = None) -> LoopSettings:
@@ -195,23 +221,35 @@ class Session:
     def run(self, state: LoopState, stop_after: Budget | None = None) -> Summary:
         c = self.config
         settings = self.loop_settings(stop_after)
-        trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device, self.dtype,
-                          lambda: self.evaluator(self.model, c.train.eval_tokens), self.display)
-        with self.display:
-            outcome: Outcome = trainer.run(state)
-        final_eval = None
-        if outcome.finished:
-            start = time.perf_counter()
-            final_eval = self.evaluator(self.model, c.train.eval_tokens * 4)
-            outcome.eval_seconds += time.perf_counter() - start
-            trainer.log_eval(outcome.state, 1.0, final_eval)
-            self.save_final()
+        log = (open_run_logger(self.run_dir, c.train.log, c.model_dump(), self.resume_step, c.train.wandb_project)
+               if self.ranks.is_main else contextlib.nullcontext())
+        with log as event_log:
+            trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device,
+                              self.dtype, lambda: self.evaluator(self.model, c.train.eval_tokens), self.display,
+                              event_log, module=self.model, ranks=self.ranks)
+            with self.display:
+                outcome: Outcome = trainer.run(state)
+            final_eval = None
+            if outcome.finished:
+                start = time.perf_counter()
+                final_eval = self.evaluator(self.model, c.train.eval_tokens * 4)
+                outcome.eval_seconds += time.perf_counter() - start
+                trainer.log_eval(outcome.state, 1.0, final_eval)
+                self.save_final()
         return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg))
 
     def save_final(self) -> None:
-        """``final/``: the model as a Hugging Face folder (loads with AutoModelForCausalLM), written atomically."""
-        save_hf_folder(self.model, self.data.tokenizer, self.run_dir / "final")
+        """``final/``: the model as a Hugging Face folder (loads with AutoModelForCausalLM), written atomically.
+        Under torchrun the weights are gathered into a plain copy first (a collective: every rank calls this)."""
+        state = full_model_state(self.model) if self.ranks.distributed else None  # only rank 0 gets it
+        if self.ranks.is_main:
+            model = self.model
+            if state is not None:
+                model = GPT(self.model_cfg)
+                model.load_state_dict(state, strict=True)
+            save_hf_folder(model, self.data.tokenizer, self.run_dir / "final")
+        self.ranks.barrier()
 
     def load_initial_weights(self) -> None:
         """Start from the --init-from model's weights (a new run; a resumed one loads its checkpoint)."""
@@ -223,9 +261,7 @@ class Session:
 def start_new(config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> Session:
     session = Session.new(config, run_dir, display)
     session.prepare()
-    session.build()
-    if config.model.init_from:
-        session.load_initial_weights()
+    session.build(initial_weights=bool(config.model.init_from))
     return session
 
 

@@ -13,7 +13,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -23,7 +23,7 @@ from flopwise.optim.schedules import Schedule
 from flopwise.train.checkpoint import save_checkpoint
 from flopwise.train.device import autocast, peak_memory_bytes, synchronize
 from flopwise.train.display import ProgressDisplay
-from flopwise.train.metrics import MetricsLog
+from flopwise.train.distributed import Ranks, gradient_sync
 
 
 def next_mark(p: float, every: float) -> float:
@@ -98,13 +98,23 @@ class Outcome:
     last_lr: float = 0.0
 
 
+class EventLog(Protocol):
+    def append(self, event: dict[str, Any]) -> None: ...
+
+
 class Trainer:
-    """Runs steps until the budget is spent, or until an interruption (checkpointed first)."""
+    """Runs steps until the budget is spent, or until an interruption (checkpointed first).
+
+    ``model`` is what the step calls (possibly compiled or DDP-wrapped); ``module`` is the plain
+    model whose state is checkpointed.  Under torchrun every rank runs this loop; only rank 0
+    logs, and ``log`` is None on the others."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: PackedSampler,
                  settings: LoopSettings, run_dir: Path, device: torch.device, dtype: torch.dtype,
-                 evaluate: Callable[[], dict[str, Any]], display: ProgressDisplay) -> None:
+                 evaluate: Callable[[], dict[str, Any]], display: ProgressDisplay, log: EventLog | None,
+                 module: torch.nn.Module | None = None, ranks: Ranks = Ranks()) -> None:
         self.model = model
+        self.module = module if module is not None else model
         self.optimizer = optimizer
         self.sampler = sampler
         self.settings = settings
@@ -113,24 +123,28 @@ class Trainer:
         self.dtype = dtype
         self.evaluate = evaluate
         self.display = display
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.log = log
+        self.ranks = ranks
         self._interrupted = False
 
     def train_step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns the loss averaged over the
+        global batch (all ranks)."""
+        accum = self.settings.grad_accum
         total = torch.zeros((), device=self.device)
-        for _ in range(self.settings.grad_accum):
+        for micro in range(accum):
             x, y = self.sampler.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with autocast(self.device, self.dtype):
-                _, loss = self.model(x, y)
-            (loss / self.settings.grad_accum).backward()
+            with gradient_sync(self.model, enabled=micro == accum - 1):
+                with autocast(self.device, self.dtype):
+                    _, loss = self.model(x, y)
+                (loss / accum).backward()
             total += loss.detach()
         if self.settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total.item() / self.settings.grad_accum
+        return self.ranks.mean(total.item() / accum)
 
     def run(self, state: LoopState) -> Outcome:
         s = self.settings
@@ -151,7 +165,10 @@ class Trainer:
                     group["lr"] = lr
                 loss = self.train_step()
                 synchronize(self.device)
-                seconds = time.perf_counter() - start + bookkeeping
+                # all ranks take the slowest rank's time and stop together on an interrupt
+                seconds, interrupted = self.ranks.max(time.perf_counter() - start + bookkeeping,
+                                                      float(self._interrupted))
+                self._interrupted = bool(interrupted)
                 state.meter.add_step(seconds, s.tokens_per_step, s.flops_per_step)
                 timer.update(seconds)
                 state.step_seconds = timer.estimate
@@ -188,9 +205,9 @@ class Trainer:
         eta = wall * (1 - p) / (p - p_at_start) if p > p_at_start else None
         self.display.update(p, state.meter, s.budget, loss, tokens_per_s, mfu, eta)
         step = int(state.meter.steps)
-        if step % s.log_every and step != 1 and p < 1.0 and not self._interrupted:
+        if self.log is None or (step % s.log_every and step != 1 and p < 1.0 and not self._interrupted):
             return
-        self.metrics.append({"event": "train", "step": step, "p": p, "p_lr": state.p_lr,
+        self.log.append({"event": "train", "step": step, "p": p, "p_lr": state.p_lr,
                              "tokens": state.meter.tokens, "flops": state.meter.flops,
                              "seconds": state.meter.seconds, "wall": wall, "lr": lr, "loss": loss,
                              "throughput": tokens_per_s, "mfu": mfu, "memory": peak_memory_bytes(self.device)})
@@ -206,7 +223,9 @@ class Trainer:
         return time.perf_counter() - start
 
     def log_eval(self, state: LoopState, p: float, result: dict[str, Any]) -> None:
-        self.metrics.append({"event": "eval", "step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens,
+        if self.log is None:
+            return
+        self.log.append({"event": "eval", "step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens,
                              "flops": state.meter.flops, "seconds": state.meter.seconds,
                              "val_loss": result["loss"], "val_bpb": result["bpb"],
                              "domains": {name: d["loss"] for name, d in result["domains"].items()}})
@@ -226,7 +245,8 @@ class Trainer:
         start = time.perf_counter()
         if periodic:
             state.next_checkpoint = next_mark(p, s.checkpoint_every)
-        save_checkpoint(self.run_dir / "checkpoints", int(state.meter.steps), self.model, self.optimizer,
+        save_checkpoint(self.run_dir / "checkpoints", int(state.meter.steps), self.module, self.optimizer,
                         {"loop": state.to_dict(), "sampler": self.sampler.state_dict(), "pinned": pinned,
-                         "budget": s.budget.to_dict()}, s.keep_checkpoints)
+                         "budget": s.budget.to_dict(), "world_size": self.ranks.world_size},
+                        s.keep_checkpoints, self.ranks)
         return time.perf_counter() - start

@@ -1,0 +1,161 @@
+"""Running under ``torchrun``: the process group, data-parallel wrapping and the few collectives
+the loop needs.
+
+One rule keeps distributed runs simple: every rank runs the same loop on the same numbers.
+``optim.batch_size`` is the global batch, split evenly over the ranks; the loss that is logged,
+the step time that drives a seconds budget and an interruption are agreed on by all ranks each
+step, so they take the same learning rate, checkpoint at the same step and stop together.
+Checkpoints hold full (unsharded) state dicts, so a run saved on N ranks resumes on any number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+from flopwise.errors import FlopwiseError
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def mean(self, value: float) -> float:
+        """The average of ``value`` over the ranks."""
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.item() / self.world_size
+
+    def max(self, *values: float) -> tuple[float, ...]:
+        """The element-wise maximum over the ranks (one collective for several numbers)."""
+        if not self.distributed:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tuple(tensor.tolist())
+
+    def broadcast_text(self, text: str) -> str:
+        """Rank 0's ``text`` on every rank (e.g. a run folder named from rank 0's clock)."""
+        if not self.distributed:
+            return text
+        box = [text]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. tokenizing into the cache); the others then find it done."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+
+def init_ranks(device_type: str) -> Ranks:
+    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, nccl on
+    CUDA), or return a single-process Ranks when not launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Ranks()
+    ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(ranks.local_rank)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return ranks
+
+
+def per_rank_batch(batch_size: int, ranks: Ranks) -> int:
+    if batch_size % ranks.world_size:
+        raise FlopwiseError(f"optim.batch_size={batch_size} is the global batch and must split evenly over "
+                            f"{ranks.world_size} processes: use a multiple of {ranks.world_size}")
+    return batch_size // ranks.world_size
+
+
+def wrap_for_training(model: nn.Module, parallel: str, ranks: Ranks, device: torch.device) -> nn.Module:
+    """DDP (replicated weights, all-reduced gradients) or FSDP2 (``fully_shard`` per block and at the
+    root: weights, gradients and optimizer states sharded).  FSDP2 shards ``model`` in place."""
+    if not ranks.distributed:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (ranks.world_size,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on micro-batches before the last one of a step."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Unsharded model and optimizer state dicts on the CPU, keyed by parameter name (a collective
+    under FSDP: every rank must call it)."""
+    return get_state_dict(model, optimizer, options=_FULL)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded model state dict on the CPU (a collective under FSDP)."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any]) -> None:
+    """Inverse of full_state: each rank keeps its shard (FSDP) or the whole (single process, DDP)."""
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def shutdown(ranks: Ranks) -> None:
+    if ranks.distributed and dist.is_initialized():
+        dist.destroy_process_group()

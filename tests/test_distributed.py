@@ -1,0 +1,77 @@
+"""torchrun on CPU (gloo, 2 processes): DDP and FSDP2 follow the single-process loss curve at the
+same global batch, budgets count the whole job, and a checkpoint from 2 ranks resumes on 1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flopwise.cli import main
+from flopwise.errors import FlopwiseError
+from flopwise.train.distributed import Ranks, per_rank_batch
+from flopwise.train.metrics import read_metrics
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "flopwise", "train", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    return [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == kind]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, text_folder) -> Path:
+    """The single-process reference: 16 steps of a global batch of 4 sequences."""
+    run = tmp_path_factory.mktemp("single") / "run"
+    assert main(["train", "--data", str(text_folder), "--budget", "16steps", "--out", str(run), *TINY]) == 0
+    return run
+
+
+def assert_same_curve(run: Path, reference: Path) -> None:
+    ours, theirs = events(run, "train"), events(reference, "train")
+    assert [e["step"] for e in ours] == [e["step"] for e in theirs]
+    for a, b in zip(ours, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
+        assert a["lr"] == b["lr"] and a["tokens"] == b["tokens"] and a["flops"] == b["flops"]
+    for a, b in zip(events(run, "eval"), events(reference, "eval"), strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+
+
+def test_ddp_matches_single_process_and_counts_the_whole_job(tmp_path, text_folder, single):
+    run = tmp_path / "ddp"
+    done = torchrun("--data", str(text_folder), "--budget", "16steps", "--out", str(run), *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_curve(run, single)
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["world_size"] == 2 and plan["parallel"] == "ddp"
+    assert events(run, "train")[-1]["tokens"] == 16 * 4 * 64  # both ranks' tokens: the global batch
+    assert done.stdout.count("held-out evaluation") == 1  # only rank 0 prints
+    assert (run / "final" / "config.json").is_file()
+
+
+def test_fsdp_checkpoint_from_two_ranks_resumes_on_one(tmp_path, text_folder, single):
+    run = tmp_path / "fsdp"
+    done = torchrun("--data", str(text_folder), "--budget", "16steps", "--stop-after", "8steps", "--parallel",
+                    "fsdp", "--out", str(run), *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    assert json.loads((checkpoint / "state.json").read_text())["world_size"] == 2
+    assert not (run / "final").exists()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert_same_curve(run, single)
+
+
+def test_global_batch_must_split_over_ranks():
+    assert per_rank_batch(8, Ranks(0, 2)) == 4
+    with pytest.raises(FlopwiseError, match="optim.batch_size=6 is the global batch .* use a multiple of 4"):
+        per_rank_batch(6, Ranks(0, 4))
