@@ -38,7 +38,7 @@ def test_parameter_count_tied_mha_by_hand():
     expected = {"embedding": 3200, "non_embedding": 26784, "head": 0, "total": 29984}
     assert count_parameters(TIED_MHA) == expected
     model = _model(TIED_MHA)
-    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.lm_head is None and model.head_weight is model.embed_tokens.weight
     assert model.num_parameters() == embedding + non_embedding == 29984
     assert sum(p.numel() for p in model.parameters()) == 29984
 
