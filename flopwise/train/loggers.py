@@ -47,6 +47,12 @@ def _require(backend: str) -> ModuleType:
                             f"(or pip install {package})") from error
 
 
+def require_backends(backends: list[str]) -> None:
+    """Fail before a run writes anything when a backend's package is missing."""
+    for backend in dict.fromkeys(backends):
+        _require(backend)
+
+
 class Sink(Protocol):
     def log(self, event: dict[str, Any]) -> None: ...
     def close(self, exit_code: int = 0) -> None: ...

@@ -36,7 +36,7 @@ from flopwise.train.device import (choose_device, choose_dtype, device_name, kee
                                    measure_matmul_peak)
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.distributed import full_model_state, init_ranks, per_rank_batch, wrap_for_training
-from flopwise.train.loggers import open_run_logger
+from flopwise.train.loggers import open_run_logger, require_backends
 from flopwise.train.metrics import MetricsLog
 from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, next_mark
 
@@ -97,6 +97,7 @@ class Session:
     def __init__(self, config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
+        require_backends(config.train.log)
         self.device = choose_device(config.train.device)
         self.ranks = init_ranks(self.device.type)
         if self.device.type == "cuda" and self.ranks.distributed:
@@ -221,8 +222,8 @@ class Session:
     def run(self, state: LoopState, stop_after: Budget | None = None) -> Summary:
         c = self.config
         settings = self.loop_settings(stop_after)
-        log = (open_run_logger(self.run_dir, c.train.log, c.model_dump(), self.resume_step, c.train.wandb_project)
-               if self.ranks.is_main else contextlib.nullcontext())
+        log = (open_run_logger(self.run_dir, c.train.log, c.model_dump(mode="json"), self.resume_step,
+                               c.train.wandb_project) if self.ranks.is_main else contextlib.nullcontext())
         with log as event_log:
             trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device,
                               self.dtype, lambda: self.evaluator(self.model, c.train.eval_tokens), self.display,
