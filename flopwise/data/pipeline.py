@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from flopwise.config import DataSection
-from flopwise.data.shards import TokenCorpus, build_corpus, content_key
+from flopwise.data.shards import MIN_HELDOUT_CHARS, MIN_HELDOUT_SHARE, TokenCorpus, build_corpus, content_key
 from flopwise.data.sources import Document, ReadStats, read_documents
 from flopwise.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from flopwise.errors import FlopwiseError
@@ -97,7 +97,9 @@ def tokenizer_sample(documents: list[Document], max_chars: int, seed: int) -> li
 
 def _corpus_parts(documents: list[Document], val_documents: list[Document] | None, tokenizer: Tokenizer,
                   data: DataSection, seed: int) -> list[str]:
-    settings = f"val_fraction={data.val_fraction}|seed={seed}|val_sources={bool(val_documents)}"
+    # The split rule's constants are part of the key: a change to them must not reuse an old split.
+    settings = (f"val_fraction={data.val_fraction}|seed={seed}|val_sources={bool(val_documents)}|"
+                f"heldout_floor={MIN_HELDOUT_CHARS},{MIN_HELDOUT_SHARE}")
     parts = [settings, tokenizer.to_json()]
     for document in documents + (val_documents or []):
         parts.extend((document.domain, document.text))
