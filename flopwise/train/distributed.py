@@ -33,6 +33,7 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device_type: str = "cpu"  # where collective tensors live: NCCL reduces only CUDA tensors
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +47,7 @@ class Ranks:
         """The average of ``value`` over the ranks."""
         if not self.distributed:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+        tensor = torch.tensor([value], dtype=torch.float64, device=self._device)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.item() / self.world_size
 
@@ -54,9 +55,13 @@ class Ranks:
         """The element-wise maximum over the ranks (one collective for several numbers)."""
         if not self.distributed:
             return values
-        tensor = torch.tensor(values, dtype=torch.float64)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tuple(tensor.tolist())
+
+    @property
+    def _device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.device_type == "cuda" else torch.device("cpu")
 
     def broadcast_text(self, text: str) -> str:
         """Rank 0's ``text`` on every rank (e.g. a run folder named from rank 0's clock)."""
@@ -86,7 +91,7 @@ def init_ranks(device_type: str) -> Ranks:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Ranks()
-    ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")), device_type)
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(ranks.local_rank)
