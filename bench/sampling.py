@@ -72,8 +72,8 @@ def main() -> None:
     rows = []
     for name, values in seconds.items():
         median = statistics.median(values)
-        rows.append({"decoding": name, "tokens_per_s": args.tokens / median, "ms_per_token": 1000 * median / args.tokens,
-                     "speedup": baseline / median, "seconds": values})
+        rows.append({"decoding": name, "tokens_per_s": args.tokens / median,
+                     "ms_per_token": 1000 * median / args.tokens, "speedup": baseline / median, "seconds": values})
         table.add_row(name, f"{args.tokens / median:,.0f}", f"{1000 * median / args.tokens:.2f}",
                       f"{baseline / median:.2f}x")
     console = Console()

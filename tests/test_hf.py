@@ -117,7 +117,8 @@ def test_init_from_continues_pretraining_and_round_trips(tmp_path, text_folder):
     source = llama_folder(tmp_path / "llama")
     imported = load_hf_model(source, seq_len=64)
     save_hf_folder(imported, byte_tokenizer(), tmp_path / "again")
-    original, again = load_file(str(source / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    original = load_file(str(source / "model.safetensors"))
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
     assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
 
     run = tmp_path / "run"  # a near-zero learning rate: the exported weights must be the imported ones

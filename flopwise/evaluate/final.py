@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,7 +12,6 @@ from flopwise.data.pipeline import prepare_data
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
-from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_hf_model, save_hf_folder
 from flopwise.train.checkpoint import list_checkpoints, require_checkpoint

@@ -167,8 +167,8 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     elif (folder / WEIGHTS).is_file():
         files = [WEIGHTS]
     else:
-        raise FlopwiseError(f"'{folder}' has no {WEIGHTS} (or sharded index): flopwise loads only safetensors, "
-                            "never pickled .bin files; convert with transformers' save_pretrained(safe_serialization=True)")
+        raise FlopwiseError(f"'{folder}' has no {WEIGHTS} (or sharded index): flopwise loads only safetensors, never "
+                            "pickled .bin files; convert with transformers' save_pretrained(safe_serialization=True)")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(folder / file), framework="pt") as handle:
