@@ -16,6 +16,7 @@ from flopwise import __version__
 from flopwise.budget import Budget
 from flopwise.config import RunConfig, load_config
 from flopwise.errors import FlopwiseError
+from flopwise.recipes import recipe_values
 from flopwise.report.command import cmd_report
 from flopwise.report.command import register as _add_report
 
@@ -70,6 +71,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config key, e.g. model.d_model=256; repeatable, applied last")
     p.add_argument("--model", metavar="SIZE", help="named size: tiny, small (default), base, medium, large")
+    p.add_argument("--recipe", default="default", metavar="NAME",
+                   help="'default' (flopwise's recipe) or 'baseline' (nanoGPT's GPT-2 setup, for comparison); "
+                        "config file and --set apply on top")
     p.add_argument("--tokenizer", help="'bpe' (default, trained on your data), 'byte', or a tokenizer.json path")
     p.add_argument("--seed", type=int, help="fixes data order, initialization and everything random")
     p.add_argument("--init-from", metavar="HF_MODEL",
@@ -160,7 +164,7 @@ def _train_config(args: argparse.Namespace) -> RunConfig:
             values[key] = value
     if args.budget:
         values.update({f"budget.{name}": amount for name, amount in Budget.parse(args.budget).to_dict().items()})
-    return load_config(args.config, args.overrides, values)
+    return load_config(args.config, args.overrides, values, base=recipe_values(args.recipe))
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
@@ -214,7 +218,7 @@ def _device_type(args: argparse.Namespace) -> str:
 def _reject_with_resume(args: argparse.Namespace) -> None:
     fixed = {"--data": args.data, "--val-data": args.val_data, "--include": args.include, "--config": args.config,
              "--set": args.overrides, "--model": args.model, "--tokenizer": args.tokenizer, "--seed": args.seed,
-             "--out": args.out, "--init-from": args.init_from, "--parallel": args.parallel, "--log": args.log}
+             "--out": args.out, "--init-from": args.init_from, "--recipe": args.recipe != "default" or None, "--parallel": args.parallel, "--log": args.log}
     given = [flag for flag, value in fixed.items() if value]
     if given:
         raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "

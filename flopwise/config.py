@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from flopwise.budget import LIMITS, Budget, parse_limit
 from flopwise.errors import FlopwiseError
-from flopwise.model.config import NAMED_SIZES, ModelConfig
+from flopwise.model.config import MLPS, NAMED_SIZES, NORMS, POSITIONS, ModelConfig
 from flopwise.optim.schedules import SCHEDULES, Schedule
 
 if sys.version_info >= (3, 11):
@@ -43,9 +43,14 @@ class ModelSection(_Section):
     n_kv_heads: int | None = None
     seq_len: int | None = None
     mlp_hidden: int | None = None
-    qk_norm: bool = False
+    qk_norm: bool = True
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    mlp: Literal[MLPS] = "swiglu"  # type: ignore[valid-type]
+    norm: Literal[NORMS] = "rms"  # type: ignore[valid-type]
+    positions: Literal[POSITIONS] = "rope"  # type: ignore[valid-type]
+    bias: bool = False
+    zero_init_out: bool = True
 
     @field_validator("size")
     @classmethod
@@ -115,18 +120,22 @@ class BudgetSection(_Section):
 
 
 class OptimSection(_Section):
-    """AdamW with decoupled weight decay on matrices only."""
+    """AdamW with decoupled weight decay on matrices only; or Muon for the blocks' matrices and that
+    AdamW (at ``lr``) for embeddings, head, gains and biases."""
 
-    lr: float = 3e-3
+    name: Literal["adamw", "muon"] = "muon"
+    lr: float = 1e-2
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    batch_size: int = 16
+    batch_size: int = 8
     grad_accum: int = 1
+    muon_lr: float = 0.05
+    muon_momentum: float = 0.95
 
-    @field_validator("lr", "batch_size", "grad_accum")
+    @field_validator("lr", "batch_size", "grad_accum", "muon_lr")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:
@@ -181,10 +190,18 @@ class RunConfig(_Section):
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
-                values: dict[str, Any] | None = None) -> RunConfig:
-    """Read a TOML/YAML file (or the defaults), then apply ``values`` (dotted keys from CLI flags),
-    then ``--set key=value`` overrides, and validate the result."""
-    data: dict = read_config_file(Path(path)) if path is not None else {}
+                values: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+    """Start from ``base`` (a recipe's dotted keys), apply a TOML/YAML file, then ``values`` (dotted
+    keys from CLI flags), then ``--set key=value`` overrides, and validate the result."""
+    data: dict = {}
+    for key, value in (base or {}).items():
+        _set_dotted(data, key, value)
+    if path is not None:
+        for section, entries in read_config_file(Path(path)).items():
+            if isinstance(entries, dict) and isinstance(data.get(section), dict):
+                data[section].update(entries)
+            else:
+                data[section] = entries
     source = str(path) if path is not None else "defaults"
     for key, value in (values or {}).items():
         _set_dotted(data, key, value)

@@ -124,6 +124,7 @@ def test_init_from_continues_pretraining_and_round_trips(tmp_path, text_folder):
     run = tmp_path / "run"  # a near-zero learning rate: the exported weights must be the imported ones
     assert main(["train", "--init-from", str(source), "--data", str(text_folder), "--budget", "2steps", "--out",
                  str(run), "--set", "model.seq_len=64", "--set", "optim.batch_size=2", "--set", "optim.lr=1e-12",
+                 "--set", "optim.muon_lr=1e-12",
                  "--set", "train.eval_tokens=512"]) == 0
     trained = load_file(str(run / "final" / "model.safetensors"))
     assert all(torch.allclose(trained[k], original[k], atol=1e-9) for k in original)

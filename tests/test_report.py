@@ -122,7 +122,7 @@ def test_final_figures_are_the_last_evaluation_and_the_meter_totals(runs, report
         assert row[column["status"]] == "finished"
         for domain, loss in last_eval["domains"].items():
             assert row[column[f"{domain} loss"]] == f"{loss:.4f}"
-    assert [entry["final"]["peak_lr"] for entry in data["runs"]] == [3e-3, 1e-3]
+    assert [entry["final"]["peak_lr"] for entry in data["runs"]] == [1e-2, 1e-3]
 
 
 def test_command_prints_the_table_and_the_files_written(runs, tmp_path, monkeypatch):

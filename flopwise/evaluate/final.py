@@ -13,7 +13,7 @@ from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
 from flopwise.model.gpt import GPT
-from flopwise.model.hf import load_hf_model, save_hf_folder
+from flopwise.model.hf import WEIGHTS, flopwise_state_dict, load_hf_weights, require_llama_style, save_hf_folder
 from flopwise.train.checkpoint import list_checkpoints, require_checkpoint
 from flopwise.train.device import choose_device, choose_dtype
 from flopwise.train.session import load_run_config, planned_model_config
@@ -23,12 +23,14 @@ def load_final_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenize
     """The model and tokenizer in ``run_dir/final`` (a Hugging Face folder written when a run
     spends its budget), at the sequence length it was trained with."""
     final = run_dir / "final"
-    if not (final / "config.json").is_file():
+    if not (final / WEIGHTS).is_file():
         load_run_config(run_dir)  # a clear error if this is not a run at all
         raise FlopwiseError(f"run '{run_dir}' has no final model yet: finish it with flopwise train --resume "
                             f"{run_dir}, or use --checkpoint for its newest checkpoint")
-    model = load_hf_model(final, planned_model_config(run_dir).seq_len)
-    return model.to(device).eval(), Tokenizer.load(final)
+    cfg = planned_model_config(run_dir)
+    model = GPT(cfg)
+    model.load_state_dict(flopwise_state_dict(load_hf_weights(final), cfg, final), strict=True)
+    return model.to(device).eval(), Tokenizer.load(final / "tokenizer.json")
 
 
 def load_checkpoint_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenizer]:
@@ -49,6 +51,7 @@ def export_run(run_dir: Path, folder: Path, checkpoint: bool = False) -> Path:
     with QK-norm): safetensors, config.json, generation_config.json and tokenizer files."""
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise FlopwiseError(f"--to '{folder}' exists and is not an empty folder: choose a new folder")
+    require_llama_style(planned_model_config(run_dir))
     model, tokenizer = load_run_model(run_dir, torch.device("cpu"), checkpoint)
     save_hf_folder(model, tokenizer, folder)
     return folder

@@ -15,6 +15,11 @@ NAMED_SIZES: dict[str, dict] = {
     "large": {"d_model": 768, "n_layers": 12, "n_heads": 12, "seq_len": 1024},
 }
 
+MLPS = ("swiglu", "gelu", "relu2")
+NORMS = ("rms", "layer")
+POSITIONS = ("rope", "learned")
+
+
 def _divisors(n: int, limit: int = 32) -> str:
     return ", ".join(str(k) for k in range(1, min(n, limit) + 1) if n % k == 0)
 
@@ -37,6 +42,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    mlp: str = "swiglu"
+    norm: str = "rms"
+    positions: str = "rope"
+    bias: bool = False
+    zero_init_out: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -50,7 +60,10 @@ class ModelConfig:
 
     @property
     def context(self) -> int:
-        """Longest context the model is meant for: max_positions (an imported model's), else seq_len."""
+        """Longest context the model is meant for: max_positions (an imported model's), else seq_len;
+        learned positions exist only up to seq_len."""
+        if self.positions == "learned":
+            return self.seq_len
         return max(self.seq_len, self.max_positions or 0)
 
     @property
@@ -60,11 +73,19 @@ class ModelConfig:
 
     @property
     def hidden(self) -> int:
-        """SwiGLU hidden width: mlp_hidden, or 8/3*d_model rounded up to a multiple of 32 (LLaMA's choice,
-        which keeps the MLP at about the parameter count of a 4*d_model GELU MLP)."""
+        """MLP hidden width: mlp_hidden, else 4*d_model for GELU/ReLU², and for SwiGLU 8/3*d_model rounded
+        up to a multiple of 32 (LLaMA's choice, which keeps its three matrices at about the parameter
+        count of a 4*d_model two-matrix MLP)."""
         if self.mlp_hidden is not None:
             return self.mlp_hidden
+        if self.mlp != "swiglu":
+            return 4 * self.d_model
         return 32 * math.ceil(round(8 * self.d_model / 3) / 32)
+
+    @property
+    def llama_style(self) -> bool:
+        """RoPE, RMSNorm, SwiGLU and no biases: the layout Hugging Face Llama/Qwen3 compute exactly."""
+        return self.positions == "rope" and self.norm == "rms" and self.mlp == "swiglu" and not self.bias
 
     def validate(self) -> None:
         """Raise FlopwiseError with a one-line fix for the first inconsistent field."""
@@ -77,6 +98,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise FlopwiseError(f"model.{name}={value!r} must be a positive number")
+        for name, allowed in (("mlp", MLPS), ("norm", NORMS), ("positions", POSITIONS)):
+            if getattr(self, name) not in allowed:
+                raise FlopwiseError(f"model.{name}={getattr(self, name)!r} is unknown: "
+                                    f"choose one of {', '.join(allowed)}")
         if self.head_size is None and self.d_model % self.n_heads:
             raise FlopwiseError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}: "
                                 f"choose n_heads among {_divisors(self.d_model)}")

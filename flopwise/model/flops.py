@@ -6,20 +6,32 @@ from flopwise.model.config import ModelConfig
 
 
 def _layer_matmul_params(cfg: ModelConfig) -> int:
-    """Weights of one block used in matmuls: q, k, v, o projections and the three SwiGLU matrices."""
+    """Weights of one block used in matmuls: q, k, v, o projections and the MLP's two or three matrices."""
     d, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
     attention = 2 * d * cfg.attn_dim + 2 * d * kv
-    mlp = 3 * d * cfg.hidden
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.hidden
     return attention + mlp
 
 
+def _layer_other_params(cfg: ModelConfig) -> int:
+    """Norm gains (and LayerNorm biases), QK-norm gains and linear biases of one block."""
+    norm = cfg.d_model * (2 if cfg.norm == "layer" and cfg.bias else 1)
+    qk_norms = 2 * cfg.head_dim if cfg.qk_norm else 0
+    biases = 0
+    if cfg.bias:
+        biases = cfg.attn_dim + 2 * cfg.kv_heads * cfg.head_dim + cfg.d_model
+        biases += (2 if cfg.mlp == "swiglu" else 1) * cfg.hidden + cfg.d_model
+    return 2 * norm + qk_norms + biases
+
+
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters by kind: embedding (vocab*d), non_embedding (blocks, their norms and the final norm),
-    head (0 when tied to the embedding, else vocab*d) and total (unique parameters, as GPT.num_parameters)."""
+    """Parameters by kind: embedding (vocab*d, plus seq_len*d for learned positions), non_embedding
+    (blocks, their norms and biases, and the final norm), head (0 when tied to the embedding, else
+    vocab*d) and total (unique parameters, as GPT.num_parameters)."""
     d = cfg.d_model
-    layer_norms = 2 * d + (2 * cfg.head_dim if cfg.qk_norm else 0)
-    non_embedding = cfg.n_layers * (_layer_matmul_params(cfg) + layer_norms) + d
-    embedding = cfg.vocab_size * d
+    final_norm = d * (2 if cfg.norm == "layer" and cfg.bias else 1)
+    non_embedding = cfg.n_layers * (_layer_matmul_params(cfg) + _layer_other_params(cfg)) + final_norm
+    embedding = cfg.vocab_size * d + (cfg.seq_len * d if cfg.positions == "learned" else 0)
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     return {"embedding": embedding, "non_embedding": non_embedding, "head": head,
             "total": embedding + non_embedding + head}
@@ -30,7 +42,7 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
         6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len
 
-    N_matmul counts every weight used in a matmul: the blocks' q/k/v/o and SwiGLU matrices plus the vocab*d
+    N_matmul counts every weight used in a matmul: the blocks' q/k/v/o and MLP matrices plus the vocab*d
     output head (counted whether or not it is tied, since the head matmul runs either way). Norm gains and
     the embedding lookup are excluded (no matmul). Each matmul weight costs 2 FLOPs per token forward and
     4 backward, hence 6. The second term is attention's QK^T and AV products: 2 * 2 * seq_len * n_heads *

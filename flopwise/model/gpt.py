@@ -37,6 +37,13 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """RMSNorm (LLaMA), or LayerNorm (GPT-2) with a bias when the model has biases."""
+    if cfg.norm == "layer":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+    return RMSNorm(dim, cfg.norm_eps)
+
+
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables in HF's layout: frequencies duplicated across both halves of head_dim."""
 
@@ -66,14 +73,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.attn_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.attn_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=cfg.bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: LayerCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
@@ -81,8 +88,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        start = cache.length if cache is not None else 0
-        q, k = rope(q, k, start)
+        if rope is not None:
+            q, k = rope(q, k, cache.length if cache is not None else 0)
         if cache is not None:
             k, v = cache.extend(k, v)
         # A prompt attends causally; a single new token attends to everything cached before it.
@@ -117,16 +124,21 @@ class LayerCache:
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU, down(silu(gate(x)) * up(x)) (LLaMA); or down(act(up(x))) with GELU (GPT-2) or ReLU²
+    (So et al. 2021, Primer; the modded-nanoGPT speedrun's choice)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
+        self.kind = cfg.mlp
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_proj is not None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = self.up_proj(x)
+        return self.down_proj(F.gelu(h) if self.kind == "gelu" else F.relu(h).square())
 
 
 class Block(nn.Module):
@@ -134,47 +146,58 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.input_layernorm = make_norm(cfg, cfg.d_model)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: LayerCache | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class GPT(nn.Module):
-    """The decoder: token embedding, n_layers blocks, final norm, (tied) output head."""
+    """The decoder: token (and, GPT-2 style, learned position) embedding, n_layers blocks, final norm,
+    (tied) output head."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         cfg.validate()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_positions = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.positions == "learned" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.d_model)
         # A tied head reuses embed_tokens.weight rather than registering it twice, so every state dict
         # (checkpoints, FSDP shards, the HF export) holds each weight exactly once.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.context, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.context, cfg.rope_theta) if cfg.positions == "rope" else None
         self._init_weights()
 
     def _init_weights(self) -> None:
         """N(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2*n_layers) (GPT-2) so the
-        residual stream's variance does not grow with depth. Norm gains stay at one."""
-        std = self.config.init_std
-        out_std = std / math.sqrt(2 * self.config.n_layers)
+        residual stream's variance does not grow with depth, or zero with zero_init_out (each block then
+        starts as the identity, as in the modded-nanoGPT speedrun). Biases zero, norm gains one."""
+        cfg = self.config
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_output = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else std)
+                if is_output and cfg.zero_init_out:
+                    nn.init.zeros_(module.weight)
+                else:
+                    nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else cfg.init_std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def _logits(self, idx: torch.Tensor, caches: list[LayerCache] | None = None) -> torch.Tensor:
-        end = idx.shape[1] + (caches[0].length if caches else 0)
+        start = caches[0].length if caches else 0
+        end = start + idx.shape[1]
         if end > self.config.context:
             raise ValueError(f"sequence length {end} exceeds the model's context of {self.config.context}")
         x = self.embed_tokens(idx)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(torch.arange(start, end, device=idx.device))
         for i, layer in enumerate(self.layers):
             x = layer(x, self.rope, caches[i] if caches else None)
         return F.linear(self.norm(x), self.head_weight)

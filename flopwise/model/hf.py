@@ -32,8 +32,16 @@ ARCHITECTURES = {"llama": ("LlamaForCausalLM", False), "mistral": ("MistralForCa
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.txt"]
 
 
+def require_llama_style(cfg: ModelConfig) -> None:
+    if not cfg.llama_style:
+        raise FlopwiseError(f"this model (positions={cfg.positions}, norm={cfg.norm}, mlp={cfg.mlp}, bias={cfg.bias}) "
+                            "has no exact transformers architecture: flopwise exports LLaMA-style models "
+                            "(RoPE, RMSNorm, SwiGLU, no biases)")
+
+
 def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """``config.json`` for ``cfg``: Llama without QK-norm, Qwen3 with it."""
+    require_llama_style(cfg)
     model_type = "qwen3" if cfg.qk_norm else "llama"
     config: dict[str, Any] = {
         "architectures": [ARCHITECTURES[model_type][0]], "model_type": model_type,
@@ -124,27 +132,34 @@ def flopwise_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, sour
     return state
 
 
-def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
+def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, weights_only: bool = False) -> None:
     """Write a folder that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load offline.
+    ``weights_only``: just the weights (under the same names) and tokenizer, for a model that
+    transformers has no architecture for (a run's final/ folder then still holds its result).
 
     Written under a temporary name and renamed, so an interrupted export leaves no half folder."""
+    config = None if weights_only else hf_config(model.config, tokenizer)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(hf_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-    _write(tmp / "config.json", hf_config(model.config, tokenizer))
-    _write(tmp / "generation_config.json", {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
-                                            "do_sample": True, "temperature": 0.8, "top_k": 50})
     tokenizer.save(tmp / "tokenizer.json")
-    eos = tokenizer.eos_token
-    _write(tmp / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
-                                           "bos_token": eos, "unk_token": None, "add_bos_token": False,
-                                           "model_max_length": model.config.context,
-                                           "clean_up_tokenization_spaces": False})
-    _write(tmp / "special_tokens_map.json", {"eos_token": eos, "bos_token": eos})
+    if config is not None:
+        _write_transformers_files(tmp, config, model.config, tokenizer)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+
+
+def _write_transformers_files(tmp: Path, config: dict[str, Any], cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+    _write(tmp / "config.json", config)
+    _write(tmp / "generation_config.json", {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
+                                            "do_sample": True, "temperature": 0.8, "top_k": 50})
+    eos = tokenizer.eos_token
+    _write(tmp / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+                                           "bos_token": eos, "unk_token": None, "add_bos_token": False,
+                                           "model_max_length": cfg.context, "clean_up_tokenization_spaces": False})
+    _write(tmp / "special_tokens_map.json", {"eos_token": eos, "bos_token": eos})
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:

@@ -25,11 +25,12 @@ from flopwise.data.sampler import PackedSampler
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
-from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.config import NAMED_SIZES, ModelConfig
+from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import (flopwise_state_dict, load_hf_weights, model_config_from_hf, read_hf_config,
                                resolve_hf_source, save_hf_folder)
+from flopwise.optim.build import build_optimizer
 from flopwise.train.checkpoint import (CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint,
                                        write_json_atomic)
 from flopwise.train.device import (choose_device, choose_dtype, device_name, keep_freed_cpu_memory,
@@ -65,18 +66,6 @@ def planned_model_config(run_dir: Path) -> ModelConfig:
 # Model fields that an --init-from model's config.json decides.
 _IMPORTED_SHAPE = {"size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "qk_norm", "tie_embeddings",
                    "rope_theta"}
-
-
-def build_optimizer(model: GPT, config: RunConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with decoupled weight decay on the matrices of linear layers only (not on
-    embeddings or norm gains), as in GPT-2/LLaMA practice."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (decay if param.ndim >= 2 and "embed" not in name else no_decay).append(param)
-    o = config.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             fused=device.type == "cuda" or None)
 
 
 @dataclass
@@ -170,7 +159,7 @@ class Session:
         self.model.to(self.device)
         train = self.config.train
         self.wrapped = wrap_for_training(self.model, train.parallel, self.ranks, self.device)
-        self.optimizer = build_optimizer(self.model, self.config, self.device)  # after FSDP has sharded it
+        self.optimizer = build_optimizer(self.model, self.config.optim, self.device)  # after FSDP has sharded it
         self.compiled = torch.compile(self.wrapped) if train.compile else self.wrapped
         corpus = self.data.corpus
         self.sampler = PackedSampler(corpus.train_tokens, self.model_cfg.seq_len, self.rank_batch, seed=train.seed,
@@ -241,7 +230,8 @@ class Session:
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg))
 
     def save_final(self) -> None:
-        """``final/``: the model as a Hugging Face folder (loads with AutoModelForCausalLM), written atomically.
+        """``final/``: the model as a Hugging Face folder (loads with AutoModelForCausalLM; for models that
+        transformers has no architecture for, weights and tokenizer only), written atomically.
         Under torchrun the weights are gathered into a plain copy first (a collective: every rank calls this)."""
         state = full_model_state(self.model) if self.ranks.distributed else None  # only rank 0 gets it
         if self.ranks.is_main:
@@ -249,7 +239,8 @@ class Session:
             if state is not None:
                 model = GPT(self.model_cfg)
                 model.load_state_dict(state, strict=True)
-            save_hf_folder(model, self.data.tokenizer, self.run_dir / "final")
+            save_hf_folder(model, self.data.tokenizer, self.run_dir / "final",
+                           weights_only=not self.model_cfg.llama_style)
         self.ranks.barrier()
 
     def load_initial_weights(self) -> None:

@@ -160,9 +160,10 @@ class Trainer:
                 left = steps_left(state.meter, s.budget, s.tokens_per_step, s.flops_per_step, timer.estimate)
                 if left is not None:
                     state.p_lr = max(state.p_lr, (state.meter.steps + 1) / (state.meter.steps + left))
-                lr = s.peak_lr * s.schedule(state.p_lr)
+                multiplier = s.schedule(state.p_lr)
+                lr = s.peak_lr * multiplier
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = group.get("peak_lr", s.peak_lr) * multiplier
                 loss = self.train_step()
                 synchronize(self.device)
                 # all ranks take the slowest rank's time and stop together on an interrupt

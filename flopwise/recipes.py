@@ -1,0 +1,33 @@
+"""Named recipes: sets of config values applied under a config file and ``--set`` overrides.
+
+``default`` is flopwise's own recipe (the config defaults).  ``baseline`` is the classic
+GPT-2 small-run setup as nanoGPT's character-level Shakespeare config uses it, run through the
+same data, tokenizer, batch and evaluation, so ``flopwise bench`` can measure what the default
+buys against a well-known reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flopwise.errors import FlopwiseError
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "baseline": {
+        # GPT-2 architecture: learned absolute positions, LayerNorm, GELU MLP 4x, biases, tied embeddings
+        "model.positions": "learned", "model.norm": "layer", "model.mlp": "gelu", "model.bias": True,
+        "model.tie_embeddings": True, "model.qk_norm": False, "model.zero_init_out": False,
+        # nanoGPT shakespeare_char: AdamW lr 1e-3, betas (0.9, 0.99), weight decay 0.1, grad clip 1,
+        # 100 of 5000 iterations of linear warmup, then cosine to min_lr = lr / 10; no dropout
+        "optim.name": "adamw", "optim.lr": 1e-3, "optim.beta1": 0.9, "optim.beta2": 0.99,
+        "optim.weight_decay": 0.1, "optim.grad_clip": 1.0,
+        "schedule.name": "cosine", "schedule.warmup": 0.02, "schedule.final_lr_frac": 0.1,
+    },
+}
+
+
+def recipe_values(name: str) -> dict[str, Any]:
+    if name not in RECIPES:
+        raise FlopwiseError(f"--recipe '{name}' is unknown: choose one of {', '.join(RECIPES)}")
+    return dict(RECIPES[name])
