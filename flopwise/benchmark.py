@@ -11,6 +11,7 @@ its spread.  Every run goes through the same data, tokenizer, batch and evaluati
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -54,6 +55,18 @@ class SeedResult:
         reached = [round(self.baseline.seconds_budget / c.seconds_budget) for c in self.candidates
                    if c.val_loss <= self.target]
         return max(reached, default=1)
+
+    @property
+    def interpolated_speedup(self) -> float | None:
+        """T over the budget where the candidate's loss crosses the target, interpolating loss
+        linearly in log(budget) between the two tried budgets around it (None if not bracketed)."""
+        points = sorted((c.seconds_budget, c.val_loss) for c in self.candidates)
+        for (b1, l1), (b2, l2) in zip(points, points[1:]):
+            if l2 <= self.target < l1 and l1 > l2:
+                frac = (l1 - self.target) / (l1 - l2)
+                budget = math.exp(math.log(b1) + frac * (math.log(b2) - math.log(b1)))
+                return self.baseline.seconds_budget / budget
+        return None
 
 
 def train_once(recipe: str, seconds: float, seed: int, sources: list[str], overrides: list[str],
@@ -120,8 +133,38 @@ class TimeToQuality:
 
 def summarize(results: list[SeedResult]) -> dict[str, Any]:
     speedups = [float(r.best_divisor) for r in results]
+    interpolated = [r.interpolated_speedup for r in results if r.interpolated_speedup is not None]
     return {"median_speedup": statistics.median(speedups), "min_speedup": min(speedups),
             "max_speedup": max(speedups), "speedups": speedups,
+            "median_interpolated_speedup": statistics.median(interpolated) if interpolated else None,
             "seeds": [{"seed": r.seed, "target": r.target, "speedup": float(r.best_divisor),
-                       "baseline": asdict(r.baseline), "candidates": [asdict(c) for c in r.candidates]}
-                      for r in results]}
+                       "interpolated_speedup": r.interpolated_speedup, "baseline": asdict(r.baseline),
+                       "candidates": [asdict(c) for c in r.candidates]} for r in results]}
+
+
+# Each piece of the default recipe, removed (or swapped) one at a time.
+ABLATIONS: dict[str, list[str]] = {
+    "AdamW (lr 3e-3) instead of Muon": ["optim.name=adamw", "optim.lr=3e-3"],
+    "no QK-norm": ["model.qk_norm=false"],
+    "no zero-init of output projections": ["model.zero_init_out=false"],
+    "batch 16 instead of 8": ["optim.batch_size=16"],
+    "cosine to 10% instead of WSD": ["schedule.name=cosine", "schedule.final_lr_frac=0.1"],
+    "learned positions instead of RoPE": ["model.positions=learned"],
+    "GELU MLP instead of SwiGLU": ["model.mlp=gelu"],
+    "ReLU² MLP instead of SwiGLU": ["model.mlp=relu2"],
+}
+
+
+def ablate(bench: TimeToQuality, target: SeedResult, report: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The candidate search again with one piece changed, against the same seed's target."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="flopwise-ablate-") as tmp:
+        for name, overrides in ABLATIONS.items():
+            variant = SeedResult(target.seed, target.target, target.baseline)
+            changed = TimeToQuality(**{**asdict(bench), "candidate_overrides": bench.candidate_overrides + overrides})
+            report(f"ablation: {name}")
+            changed._search(variant, Path(tmp), report)
+            rows.append({"variant": name, "overrides": overrides, "speedup": float(variant.best_divisor),
+                         "interpolated_speedup": variant.interpolated_speedup,
+                         "candidates": [asdict(c) for c in variant.candidates]})
+    return rows

@@ -17,6 +17,8 @@ from flopwise.budget import Budget
 from flopwise.config import RunConfig, load_config
 from flopwise.errors import FlopwiseError
 from flopwise.recipes import recipe_values
+from flopwise.bench_command import cmd_bench
+from flopwise.bench_command import register as _add_bench
 from flopwise.report.command import cmd_report
 from flopwise.report.command import register as _add_report
 
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(commands)
     _add_export(commands)
     _add_report(commands)
+    _add_bench(commands)
     return parser
 
 
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True)
     try:
         handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "export": cmd_export,
-                   "report": cmd_report}[args.command]
+                   "report": cmd_report, "bench": cmd_bench}[args.command]
         return handler(args, console)
     except FlopwiseError as err:
         print(f"flopwise: error: {err}", file=sys.stderr)
