@@ -221,7 +221,8 @@ def _device_type(args: argparse.Namespace) -> str:
 def _reject_with_resume(args: argparse.Namespace) -> None:
     fixed = {"--data": args.data, "--val-data": args.val_data, "--include": args.include, "--config": args.config,
              "--set": args.overrides, "--model": args.model, "--tokenizer": args.tokenizer, "--seed": args.seed,
-             "--out": args.out, "--init-from": args.init_from, "--recipe": args.recipe != "default" or None, "--parallel": args.parallel, "--log": args.log}
+             "--out": args.out, "--init-from": args.init_from, "--recipe": args.recipe != "default" or None,
+             "--parallel": args.parallel, "--log": args.log}
     given = [flag for flag, value in fixed.items() if value]
     if given:
         raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "
