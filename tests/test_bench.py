@@ -1,0 +1,94 @@
+"""Recipes and the time-to-quality benchmark: the baseline recipe's architecture, the search over
+budgets and the speedup arithmetic (with a stand-in trainer), and `flopwise bench` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import flopwise.benchmark as benchmark
+from flopwise.benchmark import RunResult, SeedResult, TimeToQuality, summarize
+from flopwise.cli import main
+from flopwise.config import load_config
+from flopwise.errors import FlopwiseError
+from flopwise.model.flops import count_parameters
+from flopwise.model.gpt import GPT
+from flopwise.recipes import recipe_values
+from tests.conftest import TINY
+
+
+def test_baseline_recipe_is_nanogpt_gpt2():
+    config = load_config(None, [], base=recipe_values("baseline"))
+    cfg = config.model.build(vocab_size=100)
+    assert (cfg.positions, cfg.norm, cfg.mlp, cfg.bias, cfg.tie_embeddings) == ("learned", "layer", "gelu", True, True)
+    assert cfg.hidden == 4 * cfg.d_model
+    assert (config.optim.name, config.optim.lr, config.optim.beta2) == ("adamw", 1e-3, 0.99)
+    assert (config.schedule.name, config.schedule.final_lr_frac) == ("cosine", 0.1)
+    model = GPT(cfg)
+    assert model.embed_positions is not None and model.rope is None
+    assert count_parameters(cfg)["total"] == model.num_parameters()
+    # a config file and --set still apply on top of a recipe
+    assert load_config(None, ["optim.lr=5e-4"], base=recipe_values("baseline")).optim.lr == 5e-4
+    with pytest.raises(FlopwiseError, match="--recipe 'fast' is unknown"):
+        recipe_values("fast")
+
+
+def fake_trainer(losses: dict[float, float], calls: list[float]):
+    def train_once(recipe, seconds, seed, sources, overrides, work):
+        calls.append(seconds)
+        return RunResult(recipe, seed, seconds, losses[seconds], 0.0, 0.0, 0.0)
+    return train_once
+
+
+def test_search_goes_down_from_t_over_3_until_the_target_is_missed(monkeypatch):
+    losses = {120.0: 4.0, 40.0: 3.9, 30.0: 3.95, 24.0: 4.1}
+    calls: list[float] = []
+    monkeypatch.setattr(benchmark, "train_once", fake_trainer(losses, calls))
+    result = TimeToQuality(seconds=120, seeds=(0,)).run(report=lambda line: None)[0]
+    assert calls == [120.0, 40.0, 30.0, 24.0]  # baseline, then T/3, T/4 reached, T/5 missed
+    assert result.target == 4.0 and result.best_divisor == 4
+    # the crossing between T/5 (4.1) and T/4 (3.95), linear in log budget
+    budget = math.exp(math.log(24) + (4.1 - 4.0) / (4.1 - 3.95) * (math.log(30) - math.log(24)))
+    assert result.interpolated_speedup == pytest.approx(120 / budget)
+
+
+def test_search_goes_up_when_t_over_3_misses(monkeypatch):
+    calls: list[float] = []
+    monkeypatch.setattr(benchmark, "train_once", fake_trainer({90.0: 4.0, 30.0: 4.2, 45.0: 4.3}, calls))
+    results = TimeToQuality(seconds=90, seeds=(0, 1)).run(report=lambda line: None)
+    assert calls == [90.0, 30.0, 45.0] * 2  # T/2 misses too: no speedup
+    summary = summarize(results)
+    assert summary["median_speedup"] == 1.0 and summary["speedups"] == [1.0, 1.0]
+
+
+def test_speedup_of_seeds_is_the_median():
+    def seed(divisor_reached: int) -> SeedResult:
+        base = RunResult("baseline", 0, 60.0, 4.0, 0, 0, 0)
+        runs = [RunResult("default", 0, 60.0 / d, 3.9 if d <= divisor_reached else 4.2, 0, 0, 0) for d in (3, 4, 5)]
+        return SeedResult(0, 4.0, base, runs)
+    assert summarize([seed(3), seed(5), seed(4)])["median_speedup"] == 4.0
+
+
+def test_baseline_recipe_trains_and_refuses_hf_export(tmp_path, text_folder, capsys):
+    run = tmp_path / "gpt2"
+    assert main(["train", "--recipe", "baseline", "--data", str(text_folder), "--budget", "10steps",
+                 "--out", str(run), *TINY]) == 0
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["model"]["positions"] == "learned" and plan["model"]["mlp"] == "gelu"
+    assert main(["sample", str(run), "--max-tokens", "5"]) == 0
+    assert main(["export", str(run), "--to", str(tmp_path / "hf")]) == 2
+    assert "has no exact transformers architecture" in capsys.readouterr().err
+
+
+def test_bench_command_end_to_end(tmp_path, text_folder, capsys):
+    out = tmp_path / "speed.json"
+    assert main(["bench", "--seconds", "6", "--seeds", "0", "--corpus", str(text_folder), "--out", str(out),
+                 "--set", "model.size=tiny", "--set", "data.tokenizer=byte", "--set", "model.seq_len=64"]) == 0
+    data = json.loads(out.read_text())
+    seed = data["seeds"][0]
+    assert seed["baseline"]["seconds_budget"] == 6 and seed["target"] == seed["baseline"]["val_loss"]
+    assert seed["candidates"][0]["seconds_budget"] == 2  # the search starts at T/3
+    assert data["median_speedup"] == seed["speedup"]
+    assert "time to the baseline's held-out loss" in capsys.readouterr().out
