@@ -19,7 +19,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from flopwise.model.config import NAMED_SIZES, ModelConfig
+from flopwise.config import load_config
+from flopwise.model.config import NAMED_SIZES
 from flopwise.model.gpt import GPT, sample_next
 
 HERE = Path(__file__).parent
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "sampling.json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=args.vocab, **NAMED_SIZES[args.size])).eval()
+    model = GPT(load_config(None, [f"model.size={args.size}"]).model.build(args.vocab)).eval()  # default recipe
     prompt = torch.randint(0, args.vocab, (1, args.prompt_tokens))
     seconds: dict[str, list[float]] = {"KV cache (flopwise sample)": [], "recompute window": []}
     first_token: list[float] = []
