@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flopwise.atomic import write_atomic
 from flopwise.config import DataSection
 from flopwise.data.shards import MIN_HELDOUT_CHARS, MIN_HELDOUT_SHARE, TokenCorpus, build_corpus, content_key
 from flopwise.data.sources import Document, ReadStats, read_documents
@@ -76,9 +77,7 @@ def get_tokenizer(data: DataSection, documents: list[Document], seed: int, root:
         return Tokenizer.load(cached)
     tokenizer = train_bpe(sample, data.vocab_size)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-    tokenizer.save(tmp)
-    os.replace(tmp, cached)
+    write_atomic(cached, tokenizer.to_json())
     return tokenizer
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flopwise.report.files import write_atomic
+from flopwise.atomic import write_atomic
 from flopwise.report.runs import Run, load_runs
 
 HTML_FILE = "report.html"

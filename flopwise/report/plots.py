@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, Formatter
 
-from flopwise.report.files import write_atomic
+from flopwise.atomic import write_atomic
 from flopwise.report.runs import Run
 from flopwise.report.series import PLOTS, PlotSpec, plot_lines
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from flopwise.atomic import fsync, json_text
 from flopwise.errors import FlopwiseError
 from flopwise.train.distributed import Ranks, full_state, load_full_state
 
@@ -61,13 +62,13 @@ def _write_checkpoint(directory: Path, final: Path, model_state: dict[str, torch
     save_file({name: t.contiguous() for name, t in model_state.items()}, str(tmp / "model.safetensors"))
     tensors, meta = _flatten_optimizer(optimizer_state)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    _write_json(tmp / STATE_FILE, dict(state, optimizer=meta, torch_rng=torch.get_rng_state().tolist()))
+    (tmp / STATE_FILE).write_text(json_text( dict(state, optimizer=meta, torch_rng=torch.get_rng_state().tolist())))
     for file in tmp.iterdir():
-        _fsync(file)
+        fsync(file)
     if final.exists():  # a step re-run after a crash: replace the older copy whole
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(directory)
+    fsync(directory)
 
 
 def list_checkpoints(directory: Path) -> list[CheckpointInfo]:
@@ -121,26 +122,6 @@ def _prune(directory: Path, keep: int) -> None:
     for info in checkpoints:
         if info.path not in protected:
             shutil.rmtree(info.path, ignore_errors=True)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1, sort_keys=True))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write a JSON file via a temporary name and rename, so readers never see half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    _write_json(tmp, data)
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 def require_checkpoint(run_dir: Path, checkpoints: list[CheckpointInfo]) -> CheckpointInfo:

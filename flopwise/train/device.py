@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from flopwise.errors import FlopwiseError
-from flopwise.train.checkpoint import write_json_atomic
+from flopwise.atomic import write_json_atomic
 
 _FAST_BF16_CPU = ("AVX512_BF16", "AMX")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import secrets
 import string
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Protocol
 
+from flopwise.atomic import write_json_atomic
 from flopwise.errors import FlopwiseError
 from flopwise.train.metrics import MetricsLog
 
@@ -133,9 +133,7 @@ def wandb_run_id(run_dir: Path) -> str:
     if path.exists():
         return str(json.loads(path.read_text(encoding="utf-8"))["id"])
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    tmp = path.with_name(path.name + ".tmp")  # renamed into place: a crash never leaves half a file
-    tmp.write_text(json.dumps({"id": run_id}) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, {"id": run_id})
     return run_id
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from flopwise.atomic import write_atomic
 
 
 class MetricsLog:
@@ -19,13 +20,11 @@ class MetricsLog:
             handle.write(json.dumps(event) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """Keep only events up to ``step`` (written via a temp file and rename)."""
+        """Keep only events up to ``step`` (written whole, via a temporary file and a rename)."""
         if not self.path.exists():
             return
         kept = [event for event in read_metrics(self.path) if event.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(event) + "\n" for event in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(event) + "\n" for event in kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

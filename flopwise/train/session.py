@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from flopwise.atomic import write_json_atomic
 from flopwise.budget import Budget, Meter
 from flopwise.config import RunConfig, config_to_toml, load_config
 from flopwise.data.pipeline import PreparedData, cache_root, prepare_data
@@ -31,8 +32,7 @@ from flopwise.model.gpt import GPT
 from flopwise.model.hf import (flopwise_state_dict, load_hf_weights, model_config_from_hf, read_hf_config,
                                resolve_hf_source, save_hf_folder)
 from flopwise.optim.build import build_optimizer
-from flopwise.train.checkpoint import (CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint,
-                                       write_json_atomic)
+from flopwise.train.checkpoint import CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint
 from flopwise.train.device import (choose_device, choose_dtype, device_name, keep_freed_cpu_memory,
                                    measure_matmul_peak)
 from flopwise.train.display import ProgressDisplay
