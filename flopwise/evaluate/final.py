@@ -13,7 +13,7 @@ from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
 from flopwise.model.gpt import GPT
-from flopwise.model.hf import WEIGHTS, flopwise_state_dict, load_hf_weights, require_llama_style, save_hf_folder
+from flopwise.model.hf import WEIGHTS, load_weights_into, require_llama_style, save_hf_folder
 from flopwise.train.checkpoint import list_checkpoints, require_checkpoint
 from flopwise.train.device import choose_device, choose_dtype
 from flopwise.train.session import load_run_config, planned_model_config
@@ -27,9 +27,8 @@ def load_final_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenize
         load_run_config(run_dir)  # a clear error if this is not a run at all
         raise FlopwiseError(f"run '{run_dir}' has no final model yet: finish it with flopwise train --resume "
                             f"{run_dir}, or use --checkpoint for its newest checkpoint")
-    cfg = planned_model_config(run_dir)
-    model = GPT(cfg)
-    model.load_state_dict(flopwise_state_dict(load_hf_weights(final), cfg, final), strict=True)
+    model = GPT(planned_model_config(run_dir))
+    load_weights_into(model, final)
     return model.to(device).eval(), Tokenizer.load(final / "tokenizer.json")
 
 

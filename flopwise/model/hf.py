@@ -197,8 +197,13 @@ def load_hf_model(folder: Path, seq_len: int | None = None) -> GPT:
     config = read_hf_config(folder)
     cfg = model_config_from_hf(config, folder, seq_len or config.get("max_position_embeddings") or 2048)
     model = GPT(cfg)
-    model.load_state_dict(flopwise_state_dict(load_hf_weights(folder), cfg, folder), strict=True)
+    load_weights_into(model, folder)
     return model
+
+
+def load_weights_into(model: GPT, folder: Path) -> None:
+    """Replace ``model``'s weights with the folder's (HF names, single or sharded safetensors), strictly."""
+    model.load_state_dict(flopwise_state_dict(load_hf_weights(folder), model.config, folder), strict=True)
 
 
 def resolve_hf_source(spec: str) -> Path:

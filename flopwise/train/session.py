@@ -29,8 +29,8 @@ from flopwise.evaluate.heldout import Evaluator
 from flopwise.model.config import NAMED_SIZES, ModelConfig
 from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.gpt import GPT
-from flopwise.model.hf import (flopwise_state_dict, load_hf_weights, model_config_from_hf, read_hf_config,
-                               resolve_hf_source, save_hf_folder)
+from flopwise.model.hf import (load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source,
+                               save_hf_folder)
 from flopwise.optim.build import build_optimizer
 from flopwise.train.checkpoint import CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint
 from flopwise.train.device import (choose_device, choose_dtype, device_name, keep_freed_cpu_memory,
@@ -245,8 +245,7 @@ class Session:
 
     def load_initial_weights(self) -> None:
         """Start from the --init-from model's weights (a new run; a resumed one loads its checkpoint)."""
-        state = flopwise_state_dict(load_hf_weights(self.init_folder), self.model_cfg, self.init_folder)
-        self.model.load_state_dict(state, strict=True)
+        load_weights_into(self.model, self.init_folder)
         self.display.message(f"initialized from {self.init_folder}")
 
 
