@@ -43,6 +43,28 @@ def parse_limit(text: str) -> tuple[str, float]:
     return _WORD_UNITS[word], value * _SI[prefix]
 
 
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(text: str) -> float:
+    """A memory size: ``8GiB``, ``512MiB``, ``16GB`` or a plain number of bytes."""
+    match = _BYTES.match(text)
+    unit = match.group(2).lower() if match else ""
+    if not match or (unit and unit not in _BYTE_UNITS):
+        raise FlopwiseError(f"memory size '{text}' is not understood: use e.g. 8GiB, 512MiB or 16GB")
+    return float(match.group(1)) * _BYTE_UNITS.get(unit, 1)
+
+
+def format_bytes(amount: float) -> str:
+    """``1.50 GiB``, ``12.0 MiB``: binary units, as torch.cuda.memory_summary prints."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(amount) >= size:
+            return f"{amount / size:.2f} {unit}" if unit == "GiB" else f"{amount / size:.1f} {unit}"
+    return f"{amount:.0f} B"
+
+
 def _split_si_prefix(unit: str) -> tuple[str, str | None]:
     """Split ``Mtok`` into ('M', 'tok'); the word part is matched case-insensitively."""
     for prefix in ("",) + tuple(_SI):

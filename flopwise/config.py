@@ -14,7 +14,7 @@ from typing import Any, Iterable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from flopwise.budget import LIMITS, Budget, parse_limit
+from flopwise.budget import LIMITS, Budget, parse_bytes, parse_limit
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import MLPS, NAMED_SIZES, NORMS, POSITIONS, ModelConfig
 from flopwise.optim.schedules import SCHEDULES, Schedule
@@ -178,6 +178,63 @@ class TrainSection(_Section):
         return [value] if isinstance(value, str) else value
 
 
+MEMORY_METHODS = ("8bit", "checkpointing", "layerwise", "galore", "sltrain", "lisa", "lora")
+
+
+class MemorySection(_Section):
+    """Memory-saving methods (composable) and the cap ``--memory`` plans for.
+
+    ``methods``: 8bit (blockwise-quantized optimizer states), checkpointing (recompute each block's
+    activations in backward), layerwise (each weight updated during backward, as GaLore's per-layer
+    mode: full gradients are never all alive), galore (Zhao et al. 2024), sltrain (Han et al. 2024),
+    lisa (Pan et al. 2024), lora (Hu et al. 2021).  With ``limit`` set and no methods given,
+    the planner picks the cheapest set that fits.  Ranks left unset are d_model // 4 (the papers'
+    ratio: 512 for d_model 2048)."""
+
+    limit: float | None = None
+    methods: list[Literal[MEMORY_METHODS]] = []  # type: ignore[valid-type]
+    state_block: int = 256
+    galore_rank: int | None = None
+    galore_update_gap: int = 200
+    galore_scale: float = 0.25
+    sltrain_rank: int | None = None
+    sltrain_delta: float = 0.03
+    sltrain_refactor_every: int = 200
+    sltrain_rewarmup: int = 10
+    lisa_layers: int = 2
+    lisa_interval: int = 50
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> Any:
+        try:
+            return parse_bytes(value) if isinstance(value, str) else value
+        except FlopwiseError as err:
+            raise ValueError(str(err)) from None
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _one_or_many_methods(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("state_block", "galore_rank", "galore_update_gap", "sltrain_rank", "sltrain_refactor_every",
+                     "lisa_layers", "lisa_interval", "lora_rank")
+    @classmethod
+    def _positive_int(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    @field_validator("sltrain_delta")
+    @classmethod
+    def _density(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError("must lie in (0, 1)")
+        return value
+
+
 class RunConfig(_Section):
     """Everything that defines a run."""
 
@@ -187,6 +244,7 @@ class RunConfig(_Section):
     optim: OptimSection = OptimSection()
     schedule: ScheduleSection = ScheduleSection()
     train: TrainSection = TrainSection()
+    memory: MemorySection = MemorySection()
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),

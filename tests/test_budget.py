@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from flopwise.budget import Budget, Meter, parse_limit, steps_left
+from flopwise.budget import Budget, Meter, format_bytes, parse_bytes, parse_limit, steps_left
 from flopwise.errors import FlopwiseError
 
 
@@ -71,3 +71,22 @@ def test_steps_left_seconds_uses_step_time_and_never_below_one():
 def test_meter_round_trip():
     meter = Meter(seconds=1.25, flops=3e12, tokens=4096, steps=7)
     assert Meter.from_dict(meter.to_dict()) == meter
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("8GiB", 8 * 2**30), ("512MiB", 512 * 2**20), ("16GB", 16e9), ("1.5gib", 1.5 * 2**30), ("4096", 4096.0),
+])
+def test_parse_bytes_binary_and_decimal_units(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8GiBs", "lots", "", "4 parsecs"])
+def test_parse_bytes_rejects_with_examples(text):
+    with pytest.raises(FlopwiseError, match="8GiB"):
+        parse_bytes(text)
+
+
+def test_format_bytes_round_trips_through_parse():
+    assert format_bytes(3 * 2**30) == "3.00 GiB"
+    assert format_bytes(parse_bytes("12MiB")) == "12.0 MiB"
+    assert format_bytes(100) == "100 B"

@@ -74,3 +74,17 @@ def test_model_shape_errors_are_clear():
     config = load_config(None, ["model.d_model=100", "model.n_heads=3"])
     with pytest.raises(FlopwiseError, match="n_heads=3 does not divide model.d_model=100"):
         config.model.build(vocab_size=256)
+
+
+def test_memory_section_units_methods_and_errors():
+    config = load_config(None, ["memory.limit=4GiB", "memory.methods=galore"])
+    assert config.memory.limit == 4 * 2**30 and config.memory.methods == ["galore"]
+    assert load_config(None, [], {"memory.methods": ["8bit", "checkpointing"]}).memory.methods == ["8bit",
+                                                                                                   "checkpointing"]
+    with pytest.raises(FlopwiseError, match="memory.methods"):
+        load_config(None, ["memory.methods=[zip]"])
+    with pytest.raises(FlopwiseError, match="memory.sltrain_delta=1.5: must lie in"):
+        load_config(None, ["memory.sltrain_delta=1.5"])
+    with pytest.raises(FlopwiseError, match="memory.limit=.lots.: memory size .lots. is not understood: use e.g. 8GiB"):
+        load_config(None, ["memory.limit=lots"])
+    assert "limit = 4294967296.0" in config_to_toml(config)

@@ -9,6 +9,7 @@ stops there: at its budget, fully annealed.
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 
 from flopwise.budget import Budget, Meter, steps_left
 from flopwise.data.sampler import PackedSampler
+from flopwise.methods.base import TrainingMethod
 from flopwise.optim.schedules import Schedule
 from flopwise.train.checkpoint import save_checkpoint
 from flopwise.train.device import autocast, peak_memory_bytes, synchronize
@@ -107,12 +109,14 @@ class Trainer:
 
     ``model`` is what the step calls (possibly compiled or DDP-wrapped); ``module`` is the plain
     model whose state is checkpointed.  Under torchrun every rank runs this loop; only rank 0
-    logs, and ``log`` is None on the others."""
+    logs, and ``log`` is None on the others.  ``methods`` (LISA, SLTrain, ...) act around each
+    step through their hooks (flopwise/methods/base.py)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: PackedSampler,
                  settings: LoopSettings, run_dir: Path, device: torch.device, dtype: torch.dtype,
                  evaluate: Callable[[], dict[str, Any]], display: ProgressDisplay, log: EventLog | None,
-                 module: torch.nn.Module | None = None, ranks: Ranks = Ranks()) -> None:
+                 module: torch.nn.Module | None = None, ranks: Ranks = Ranks(),
+                 methods: tuple[TrainingMethod, ...] = ()) -> None:
         self.model = model
         self.module = module if module is not None else model
         self.optimizer = optimizer
@@ -125,6 +129,7 @@ class Trainer:
         self.display = display
         self.log = log
         self.ranks = ranks
+        self.methods = methods
         self._interrupted = False
 
     def train_step(self) -> float:
@@ -140,7 +145,8 @@ class Trainer:
                     _, loss = self.model(x, y)
                 (loss / accum).backward()
             total += loss.detach()
-        if self.settings.grad_clip > 0:
+        # an optimizer that updates each weight during backward has no full gradient left to clip
+        if self.settings.grad_clip > 0 and not getattr(self.optimizer, "steps_in_backward", False):
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -160,11 +166,16 @@ class Trainer:
                 left = steps_left(state.meter, s.budget, s.tokens_per_step, s.flops_per_step, timer.estimate)
                 if left is not None:
                     state.p_lr = max(state.p_lr, (state.meter.steps + 1) / (state.meter.steps + left))
-                multiplier = s.schedule(state.p_lr)
+                step = int(state.meter.steps)
+                for method in self.methods:
+                    method.before_step(step, self.module, self.optimizer)
+                multiplier = s.schedule(state.p_lr) * math.prod(m.lr_factor(step) for m in self.methods)
                 lr = s.peak_lr * multiplier
                 for group in self.optimizer.param_groups:
                     group["lr"] = group.get("peak_lr", s.peak_lr) * multiplier
                 loss = self.train_step()
+                for method in self.methods:
+                    method.after_step(step + 1, self.module, self.optimizer)
                 synchronize(self.device)
                 # all ranks take the slowest rank's time and stop together on an interrupt
                 seconds, interrupted = self.ranks.max(time.perf_counter() - start + bookkeeping,
