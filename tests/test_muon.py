@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from flopwise.cli import main
-from flopwise.optim.muon import Muon, newton_schulz
+from flopwise.optim.muon import newton_schulz
+from flopwise.optim.optimizer import FlopwiseOptimizer
 from tests.conftest import TINY
 
 
@@ -33,7 +34,7 @@ def test_muon_step_matches_the_rule_by_hand():
     w = torch.nn.Parameter(torch.randn(12, 4))
     start = w.detach().clone()
     grads = [torch.randn(12, 4) for _ in range(3)]
-    optimizer = Muon([{"params": [w], "use_muon": True, "lr": 0.1, "weight_decay": 0.01}], momentum=0.9)
+    optimizer = FlopwiseOptimizer([{"params": [w], "update": "muon", "lr": 0.1, "weight_decay": 0.01}], momentum=0.9)
     buffer = torch.zeros(12, 4)
     expected = start.clone()
     for g in grads:
@@ -49,7 +50,7 @@ def test_adamw_groups_match_torch_adamw():
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(5, 3))
     b = torch.nn.Parameter(a.detach().clone())
-    ours = Muon([{"params": [a], "lr": 1e-2, "weight_decay": 0.1}], betas=(0.8, 0.95), eps=1e-8)
+    ours = FlopwiseOptimizer([{"params": [a], "lr": 1e-2, "weight_decay": 0.1}], betas=(0.8, 0.95), eps=1e-8)
     reference = torch.optim.AdamW([b], lr=1e-2, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)
     for step in range(5):
         g = torch.randn(5, 3, generator=torch.Generator().manual_seed(step))
@@ -61,7 +62,7 @@ def test_adamw_groups_match_torch_adamw():
 
 def test_muon_rejects_non_matrices():
     with pytest.raises(ValueError, match="2-D weight matrices only"):
-        Muon([{"params": [torch.nn.Parameter(torch.ones(3))], "use_muon": True}])
+        FlopwiseOptimizer([{"params": [torch.nn.Parameter(torch.ones(3))], "update": "muon"}])
 
 
 def test_training_with_muon_learns_and_resumes_exactly(tmp_path, text_folder):

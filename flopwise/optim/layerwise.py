@@ -1,0 +1,58 @@
+"""Per-layer weight updates during backward (Zhao et al. 2024, "GaLore", section 4.2; LOMO, Lv et
+al. 2023): each parameter is updated the moment its gradient is complete, and its gradient freed,
+so the full set of gradients is never alive at once and gradient memory drops to about that of
+the largest layer.
+
+A post-accumulate-grad hook fires once per backward per leaf, after every use of it has added
+its part (a tied embedding/head weight included).  The price: there is no global gradient norm
+to clip by, so the training loop skips clipping (it reads ``optimizer.steps_in_backward``), as
+GaLore's per-layer mode does.  One backward per step and one process only: gradients cannot be
+accumulated over micro-batches, and under DDP they are not yet all-reduced when the hook fires.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from flopwise.optim.optimizer import FlopwiseOptimizer
+
+
+class LayerwiseUpdates:
+    """Hooks on every parameter of ``optimizer`` (frozen ones too, so a method may unfreeze them
+    later).  Each hook frees the gradient it used, so ``optimizer.step()`` finds none and does
+    nothing; PyTorch's state-dict tools can still initialize the states with a zero-gradient step."""
+
+    def __init__(self, optimizer: FlopwiseOptimizer) -> None:
+        if optimizer.layerwise is not None:
+            raise ValueError("this optimizer already updates its parameters during backward")
+        self.optimizer = optimizer
+        # the group is looked up at hook time by index: load_state_dict replaces the group dicts
+        self._group_index = {param: index for index, group in enumerate(optimizer.param_groups)
+                             for param in group["params"]}
+        self._handles = [_register(param, self._on_gradient) for param in self._group_index]
+        optimizer.layerwise = self
+
+    def _on_gradient(self, param: torch.Tensor) -> None:
+        self.optimizer.update_param(param, self.optimizer.param_groups[self._group_index[param]])
+        param.grad = None
+
+    def remove(self) -> None:
+        """Take the hooks off: ``optimizer.step()`` updates every parameter again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.optimizer.layerwise = None
+
+
+def _register(param: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """PyTorch refuses hooks on tensors that do not require grad; a frozen parameter gets its hook
+    with requires_grad briefly on, and keeps it should it be unfrozen."""
+    requires_grad = param.requires_grad
+    param.requires_grad_(True)
+    try:
+        return param.register_post_accumulate_grad_hook(hook)
+    finally:
+        param.requires_grad_(requires_grad)

@@ -1,0 +1,158 @@
+"""flopwise's optimizer: one object whose parameter groups each choose an update rule.
+
+- ``muon``: Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers") for the blocks'
+  2-D weights: momentum, then the update orthogonalized by Newton-Schulz (flopwise/optim/muon.py).
+- ``adamw``: AdamW (Loshchilov & Hutter 2019, decoupled weight decay), as torch.optim.AdamW.
+- ``galore``: Adam on the gradient projected to rank r (Zhao et al. 2024, "GaLore"; the projector
+  is flopwise/optim/galore.py), its update projected back and scaled.
+
+One object rather than several, so the LR schedule, checkpoints and PyTorch's state-dict tools
+see a single optimizer.  ``state_bits=8`` stores every moment buffer blockwise in 8 bits
+(flopwise/optim/quantize.py; Dettmers et al. 2022).  ``update_param`` updates one parameter; it
+serves ``step`` and the per-layer updates during backward (flopwise/optim/layerwise.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import torch
+
+from flopwise.optim import galore
+from flopwise.optim.muon import _orthogonalized
+from flopwise.optim.quantize import read_moment, write_moment
+
+if TYPE_CHECKING:
+    from flopwise.optim.layerwise import LayerwiseUpdates
+
+UPDATES = ("adamw", "muon", "galore")
+MATRIX_UPDATES = ("muon", "galore")
+
+
+class FlopwiseOptimizer(torch.optim.Optimizer):
+    """Groups carry ``update`` (adamw, muon or galore), ``lr``, ``weight_decay``, ``state_bits``
+    (32 or 8) and ``state_block``, plus their rule's keys: muon: momentum, nesterov, ns_steps;
+    adamw and galore: betas, eps; galore: rank, update_gap, scale.
+
+    Muon scales the orthogonalized update of a rows x cols matrix by sqrt(max(1, rows / cols)), as
+    in the speedrun, so tall matrices get updates of the same per-entry size.  Parameters without
+    a gradient (frozen ones) are skipped.
+
+    State keys per parameter (no dots, so checkpoints can name tensors ``<param>.<key>``): ``step``
+    (adamw, galore), ``exp_avg``/``exp_avg_sq`` (adamw, galore: projected shape), ``momentum_buffer``
+    (muon), ``projection`` (galore); with 8-bit states each moment ``m`` is ``m_q`` and ``m_absmax``.
+    """
+
+    def __init__(self, groups: Iterable[dict[str, Any]], momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 state_bits: int = 32, state_block: int = 256, rank: int | None = None, update_gap: int = 200,
+                 scale: float = 0.25) -> None:
+        defaults = {"lr": 0.02, "weight_decay": 0.0, "update": "adamw", "momentum": momentum, "nesterov": nesterov,
+                    "ns_steps": ns_steps, "betas": betas, "eps": eps, "state_bits": state_bits,
+                    "state_block": state_block, "rank": rank, "update_gap": update_gap, "scale": scale}
+        super().__init__(list(groups), defaults)
+        self.layerwise: LayerwiseUpdates | None = None
+        for group in self.param_groups:
+            _check_group(group)
+
+    @property
+    def steps_in_backward(self) -> bool:
+        """True while per-layer updates run during backward: ``step`` then finds no gradient left,
+        and no full set of gradients ever exists to clip."""
+        return self.layerwise is not None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:  # with per-layer updates, backward has used and freed every gradient
+            for param in group["params"]:
+                self.update_param(param, group)
+        return loss
+
+    @torch.no_grad()
+    def update_param(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        """Apply ``group``'s rule to ``param`` with its current gradient (nothing without one)."""
+        if param.grad is not None:
+            _RULES[group["update"]](param, param.grad, self.state[param], group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but every state tensor keeps the dtype it was saved with: torch casts
+        floating-point states to the parameter's dtype, which would turn 8-bit codes into floats."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            state = self.state[param]
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and state[key].dtype != value.dtype:
+                    state[key] = value.to(param.device)
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    if group["update"] not in UPDATES:
+        raise ValueError(f"update='{group['update']}' is unknown: choose one of {', '.join(UPDATES)}")
+    if group["update"] in MATRIX_UPDATES and any(p.ndim != 2 for p in group["params"]):
+        raise ValueError(f"{group['update']} groups take 2-D weight matrices only; give the others to AdamW groups")
+    if group["state_bits"] not in (8, 32):
+        raise ValueError(f"state_bits={group['state_bits']}: optimizer states are stored in 32 or 8 bits")
+    if group["update"] == "galore" and not (isinstance(group["rank"], int) and group["rank"] > 0):
+        raise ValueError("galore groups need a positive integer rank")
+
+
+def _muon(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    bits, block = group["state_bits"], group["state_block"]
+    buffer = read_moment(state, "momentum_buffer", grad, bits, block, signed=True)
+    buffer.lerp_(grad, 1 - group["momentum"])
+    write_moment(state, "momentum_buffer", buffer, bits, block, signed=True)
+    update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+    update = _orthogonalized(update, group["ns_steps"])
+    rows, cols = param.shape
+    param.mul_(1 - group["lr"] * group["weight_decay"])
+    param.add_(update, alpha=-group["lr"] * math.sqrt(max(1.0, rows / cols)))
+
+
+def _adam_moments(grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Updated first moment, bias-corrected sqrt(second moment) + eps, and the first moment's bias
+    correction; the update direction is their quotient divided by the correction."""
+    bits, block = group["state_bits"], group["state_block"]
+    if "step" not in state:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+    exp_avg = read_moment(state, "exp_avg", grad, bits, block, signed=True)
+    exp_avg_sq = read_moment(state, "exp_avg_sq", grad, bits, block, signed=False)
+    beta1, beta2 = group["betas"]
+    state["step"] += 1
+    step = state["step"].item()
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    write_moment(state, "exp_avg", exp_avg, bits, block, signed=True)
+    write_moment(state, "exp_avg_sq", exp_avg_sq, bits, block, signed=False)
+    denominator = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+    return exp_avg, denominator, 1 - beta1 ** step
+
+
+def _adamw(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    exp_avg, denominator, correction = _adam_moments(grad, state, group)
+    param.mul_(1 - group["lr"] * group["weight_decay"])
+    param.addcdiv_(exp_avg, denominator, value=-group["lr"] / correction)
+
+
+def _galore(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """Adam on the projected gradient; the moments persist across projection refreshes, as in the
+    paper's code, and the weight decay applies to the full weight."""
+    steps_taken = int(state["step"].item()) if "step" in state else 0
+    if steps_taken % group["update_gap"] == 0:
+        state["projection"] = galore.projection(grad, group["rank"])
+    basis = state["projection"]
+    exp_avg, denominator, correction = _adam_moments(galore.project(grad, basis), state, group)
+    update = galore.project_back(exp_avg / denominator, basis, param.shape)
+    param.mul_(1 - group["lr"] * group["weight_decay"])
+    param.add_(update, alpha=-group["lr"] * group["scale"] / correction)
+
+
+_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, Any]], None]] = {
+    "adamw": _adamw, "muon": _muon, "galore": _galore}
