@@ -199,10 +199,11 @@ class MemorySection(_Section):
     galore_scale: float = 0.25
     sltrain_rank: int | None = None
     sltrain_delta: float = 0.03
+    sltrain_alpha: float = 32.0
     sltrain_refactor_every: int = 200
     sltrain_rewarmup: int = 10
     lisa_layers: int = 2
-    lisa_interval: int = 50
+    lisa_interval: int = 20
     lora_rank: int = 8
     lora_alpha: float = 16.0
 

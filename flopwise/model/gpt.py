@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flopwise.model.config import ModelConfig
 
@@ -172,6 +173,9 @@ class GPT(nn.Module):
         # (checkpoints, FSDP shards, the HF export) holds each weight exactly once.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.context, cfg.rope_theta) if cfg.positions == "rope" else None
+        # Activation checkpointing (flopwise/methods/checkpointing.py): keep only each block's input for
+        # backward and recompute the rest, trading one more forward for the activations' memory.
+        self.checkpoint_blocks = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -198,8 +202,12 @@ class GPT(nn.Module):
         x = self.embed_tokens(idx)
         if self.embed_positions is not None:
             x = x + self.embed_positions(torch.arange(start, end, device=idx.device))
+        recompute = self.checkpoint_blocks and self.training and not caches and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rope, caches[i] if caches else None)
+            if recompute:
+                x = checkpoint(layer, x, self.rope, use_reentrant=False)
+            else:
+                x = layer(x, self.rope, caches[i] if caches else None)
         return F.linear(self.norm(x), self.head_weight)
 
     @property
