@@ -14,11 +14,13 @@ from rich.table import Table
 
 from flopwise import __version__
 from flopwise.budget import Budget
-from flopwise.config import RunConfig, load_config
+from flopwise.config import MEMORY_METHODS, RunConfig, load_config
 from flopwise.errors import FlopwiseError
 from flopwise.recipes import recipe_values
 from flopwise.bench_command import cmd_bench
 from flopwise.bench_command import register as _add_bench
+from flopwise.plan.memory_command import cmd_memory
+from flopwise.plan.memory_command import register as _add_memory
 from flopwise.report.command import cmd_report
 from flopwise.report.command import register as _add_report
 
@@ -39,6 +41,8 @@ examples:
   flopwise train --resume runs/b --budget 80steps   # extend a finished run from before its decay
   flopwise train --init-from ./llama-folder --data ./domain_texts/ --budget 10m   # continue pretraining an HF model
   torchrun --nproc_per_node=2 -m flopwise train --budget 3m --out runs/ddp   # data parallel (--parallel fsdp)
+  flopwise train --model large --memory 4GiB --budget 1h   # picks 8-bit states, checkpointing, GaLore... to fit
+  flopwise train --method galore --method 8bit --set optim.name=adamw --budget 10m   # choose methods yourself
 """
 
 
@@ -56,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(commands)
     _add_report(commands)
     _add_bench(commands)
+    _add_memory(commands)
     return parser
 
 
@@ -90,6 +95,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--log", action="append", choices=("tensorboard", "wandb"),
                    help="also log to TensorBoard (run/tensorboard/) or Weights & Biases (honours WANDB_MODE="
                         "offline); repeatable; metrics.jsonl is always written")
+    p.add_argument("--memory", metavar="SIZE",
+                   help="memory cap, e.g. 4GiB: flopwise estimates the peak and picks the memory-saving methods "
+                        "with the least quality cost that fit (see `flopwise memory`), or says why nothing fits")
+    p.add_argument("--method", action="append", metavar="NAME", choices=MEMORY_METHODS,
+                   help="memory-saving method, repeatable: " + ", ".join(MEMORY_METHODS)
+                        + " (overrides the choice --memory would make)")
     p.add_argument("--resume", type=Path, metavar="RUN",
                    help="continue an interrupted run, or extend a finished one with a larger --budget")
     p.add_argument("--stop-after", metavar="AMOUNT",
@@ -148,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True)
     try:
         handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "export": cmd_export,
-                   "report": cmd_report, "bench": cmd_bench}[args.command]
+                   "report": cmd_report, "bench": cmd_bench, "memory": cmd_memory}[args.command]
         return handler(args, console)
     except FlopwiseError as err:
         print(f"flopwise: error: {err}", file=sys.stderr)
@@ -162,7 +173,8 @@ def _train_config(args: argparse.Namespace) -> RunConfig:
                        ("train.device", args.device), ("data.sources", args.data),
                        ("data.val_sources", args.val_data), ("data.include", args.include),
                        ("train.compile", args.compile or None), ("model.init_from", args.init_from),
-                       ("train.parallel", args.parallel), ("train.log", args.log)):
+                       ("train.parallel", args.parallel), ("train.log", args.log),
+                       ("memory.limit", args.memory), ("memory.methods", args.method)):
         if value is not None:
             values[key] = value
     if args.budget:
@@ -222,7 +234,7 @@ def _reject_with_resume(args: argparse.Namespace) -> None:
     fixed = {"--data": args.data, "--val-data": args.val_data, "--include": args.include, "--config": args.config,
              "--set": args.overrides, "--model": args.model, "--tokenizer": args.tokenizer, "--seed": args.seed,
              "--out": args.out, "--init-from": args.init_from, "--recipe": args.recipe != "default" or None,
-             "--parallel": args.parallel, "--log": args.log}
+             "--parallel": args.parallel, "--log": args.log, "--memory": args.memory, "--method": args.method}
     given = [flag for flag, value in fixed.items() if value]
     if given:
         raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "

@@ -12,6 +12,8 @@ from flopwise.data.pipeline import prepare_data
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
+from flopwise.methods.dense import build_model, plain_model
+from flopwise.methods.registry import memory_methods
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import WEIGHTS, load_weights_into, require_llama_style, save_hf_folder
 from flopwise.train.checkpoint import list_checkpoints, require_checkpoint
@@ -34,11 +36,11 @@ def load_final_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenize
 
 def load_checkpoint_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenizer]:
     """The weights of a run's newest checkpoint (for a run that was interrupted or is still going)."""
-    load_run_config(run_dir)
+    config = load_run_config(run_dir)
     checkpoint = require_checkpoint(run_dir, list_checkpoints(run_dir / "checkpoints"))
-    model = GPT(planned_model_config(run_dir))
+    model = build_model(planned_model_config(run_dir), memory_methods(config))  # as trained: factorized, adapted
     load_model(model, str(checkpoint.path / "model.safetensors"), strict=True)
-    return model.to(device).eval(), Tokenizer.load(run_dir / "tokenizer.json")
+    return plain_model(model).to(device).eval(), Tokenizer.load(run_dir / "tokenizer.json")
 
 
 def load_run_model(run_dir: Path, device: torch.device, checkpoint: bool = False) -> tuple[GPT, Tokenizer]:

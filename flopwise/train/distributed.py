@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from flopwise.errors import FlopwiseError
 
@@ -156,9 +156,13 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any]) -> None:
-    """Inverse of full_state: each rank keeps its shard (FSDP) or the whole (single process, DDP)."""
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(full_state_dict=True))
+    """Inverse of full_state: each rank keeps its shard (FSDP) or the whole (single process, DDP).
+
+    Every weight must be in the checkpoint; optimizer state need not be, since parameters that were
+    frozen when it was saved (LISA's inactive blocks) have none and start fresh, as they would have."""
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=True))
+    set_optimizer_state_dict(model, optimizer, optimizer_state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def shutdown(ranks: Ranks) -> None:

@@ -26,18 +26,22 @@ from flopwise.data.sampler import PackedSampler
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
+from flopwise.methods.dense import build_model, plain_model
+from flopwise.methods.registry import memory_methods
 from flopwise.model.config import NAMED_SIZES, ModelConfig
 from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import (load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source,
                                save_hf_folder)
 from flopwise.optim.build import build_optimizer
+from flopwise.plan.memory import estimate_memory
 from flopwise.train.checkpoint import CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint
 from flopwise.train.device import (choose_device, choose_dtype, device_name, keep_freed_cpu_memory,
                                    measure_matmul_peak)
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.distributed import full_model_state, init_ranks, per_rank_batch, wrap_for_training
 from flopwise.train.loggers import open_run_logger, require_backends
+from flopwise.train.memory_setup import check_method_constraints, resolve_memory_methods
 from flopwise.train.metrics import MetricsLog
 from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, next_mark
 
@@ -93,6 +97,7 @@ class Session:
             self.device = torch.device("cuda", self.ranks.local_rank)
         self.display = (display or ProgressDisplay()) if self.ranks.is_main else ProgressDisplay.quiet()
         self.dtype = choose_dtype(config.train.precision, self.device)
+        self.compute_dtype = "bf16" if self.dtype == torch.bfloat16 else "fp32"  # the memory estimator's name for it
         self.init_folder: Path | None = None
         self.resume_step: int | None = None
         if self.device.type == "cpu" and config.train.cpu_keep_freed_memory:
@@ -133,6 +138,11 @@ class Session:
                                 f"vocab_size is {self.model_cfg.vocab_size}: use the model's own tokenizer")
         o = self.config.optim
         self.rank_batch = per_rank_batch(o.batch_size, self.ranks)
+        # a resumed run has its methods already: then this only checks that they fit
+        note = resolve_memory_methods(self.config, self.model_cfg, self.rank_batch, self.compute_dtype)
+        if note:
+            self.display.message(note)
+        check_method_constraints(self.config, self.ranks.world_size)
         self.tokens_per_step = o.batch_size * o.grad_accum * self.model_cfg.seq_len  # the whole job's
         self.flops_per_step = flops_per_token(self.model_cfg) * self.tokens_per_step
         self.check_budget_allows_a_step()
@@ -153,13 +163,14 @@ class Session:
     def build(self, initial_weights: bool = False) -> None:
         """Model (from --init-from weights when asked), its data-parallel wrapper, optimizer, sampler."""
         torch.manual_seed(self.config.train.seed)
-        self.model = GPT(self.model_cfg)
-        if initial_weights:
-            self.load_initial_weights()
+        self.methods = tuple(memory_methods(self.config))
+        # LoRA wraps the imported weights; SLTrain factorizes fresh ones
+        self.model = build_model(self.model_cfg, self.methods, self.load_initial_weights if initial_weights else None)
         self.model.to(self.device)
         train = self.config.train
         self.wrapped = wrap_for_training(self.model, train.parallel, self.ranks, self.device)
-        self.optimizer = build_optimizer(self.model, self.config.optim, self.device)  # after FSDP has sharded it
+        # after FSDP has sharded the model
+        self.optimizer = build_optimizer(self.model, self.config.optim, self.device, self.config.memory)
         self.compiled = torch.compile(self.wrapped) if train.compile else self.wrapped
         corpus = self.data.corpus
         self.sampler = PackedSampler(corpus.train_tokens, self.model_cfg.seq_len, self.rank_batch, seed=train.seed,
@@ -185,9 +196,16 @@ class Session:
                 "device": device_name(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "matmul_peak_flops": self.peak_flops, "world_size": self.ranks.world_size,
                 "parallel": self.config.train.parallel if self.ranks.distributed else None,
-                "corpus": self.data.corpus.meta,
+                "memory": self.memory_plan(), "corpus": self.data.corpus.meta,
                 "read": vars(self.data.stats)}
         write_json_atomic(self.run_dir / "plan.json", plan)
+
+    def memory_plan(self) -> dict[str, Any]:
+        """The memory methods and the estimated bytes of a step with them (flopwise/plan/memory.py)."""
+        memory = self.config.memory
+        estimate = estimate_memory(self.model_cfg, self.rank_batch, memory.methods, memory, self.config.optim.name,
+                                   self.compute_dtype, grad_accum=self.config.optim.grad_accum)
+        return {"methods": memory.methods, "limit": memory.limit, "estimate": estimate.to_dict()}
 
     def resume_from(self, checkpoint: CheckpointInfo) -> LoopState:
         state = load_checkpoint(checkpoint, self.model, self.optimizer)
@@ -216,7 +234,7 @@ class Session:
         with log as event_log:
             trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device,
                               self.dtype, lambda: self.evaluator(self.model, c.train.eval_tokens), self.display,
-                              event_log, module=self.model, ranks=self.ranks)
+                              event_log, module=self.model, ranks=self.ranks, methods=self.methods)
             with self.display:
                 outcome: Outcome = trainer.run(state)
             final_eval = None
@@ -237,15 +255,15 @@ class Session:
         if self.ranks.is_main:
             model = self.model
             if state is not None:
-                model = GPT(self.model_cfg)
+                model = build_model(self.model_cfg, self.methods)
                 model.load_state_dict(state, strict=True)
-            save_hf_folder(model, self.data.tokenizer, self.run_dir / "final",
+            save_hf_folder(plain_model(model), self.data.tokenizer, self.run_dir / "final",
                            weights_only=not self.model_cfg.llama_style)
         self.ranks.barrier()
 
-    def load_initial_weights(self) -> None:
+    def load_initial_weights(self, model: GPT) -> None:
         """Start from the --init-from model's weights (a new run; a resumed one loads its checkpoint)."""
-        load_weights_into(self.model, self.init_folder)
+        load_weights_into(model, self.init_folder)
         self.display.message(f"initialized from {self.init_folder}")
 
 
