@@ -1,0 +1,131 @@
+"""``flopwise memory``: the estimated memory of a run's training step under each memory-method set,
+and, with a cap, which fit and what ``flopwise train --memory`` would choose."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from flopwise.budget import format_bytes
+from flopwise.config import RunConfig, load_config
+from flopwise.errors import FlopwiseError
+from flopwise.model.config import NAMED_SIZES, ModelConfig
+from flopwise.recipes import recipe_values
+
+EPILOG = """\
+what is counted (bytes of one optimizer step; binary units):
+  weights, gradients (all; with layerwise the most alive at once), optimizer states (moments,
+  or 8-bit codes + one fp32 absmax per memory.state_block elements, and step counters; GaLore's
+  projection matrices are their own column), activations saved for backward by one micro-batch,
+  buffers (RoPE tables, SLTrain indices, the token batch), logits and cross-entropy tensors, and
+  the peak: the largest of the moments where a step crests (start of backward, inside the last or
+  first block's backward, the optimizer step). Not counted: allocator slack, kernel workspaces,
+  and PyTorch's own few hundred MiB.
+
+examples:
+  flopwise memory --config run.toml
+  flopwise memory --model large --batch 16 --memory 8GiB
+  flopwise memory --set model.d_model=1024 --set model.n_layers=16 --set memory.methods='["8bit"]'
+"""
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("memory", help="estimate a training step's peak memory, per memory-saving method set",
+                            description="Estimate the peak memory of one training step of a config under each "
+                                        "memory-saving method set the planner tries (and the configured one), "
+                                        "and which fit memory.limit.",
+                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="TOML or YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config key, e.g. model.d_model=256; repeatable, applied last")
+    p.add_argument("--model", metavar="SIZE", help="named size: tiny, small (default), base, medium, large")
+    p.add_argument("--recipe", default="default", metavar="NAME", help="'default' or 'baseline', as for train")
+    p.add_argument("--batch", type=int, metavar="N", help="micro-batch in sequences (default: optim.batch_size)")
+    p.add_argument("--memory", metavar="SIZE", help="memory cap to plan for, e.g. 8GiB (default: memory.limit)")
+
+
+def cmd_memory(args: argparse.Namespace, console: Console) -> int:
+    from flopwise.plan.memory import CANDIDATES, choose_methods, estimate_memory
+
+    values = {key: value for key, value in (("model.size", args.model), ("memory.limit", args.memory))
+              if value is not None}
+    config = load_config(args.config, args.overrides, values, base=recipe_values(args.recipe))
+    model_cfg = planned_model_config(config)
+    batch = args.batch or config.optim.batch_size
+    if batch <= 0:
+        raise FlopwiseError(f"--batch {batch} must be a positive number of sequences")
+    dtype = compute_dtype(config)
+    memory, optim = config.memory, config.optim
+    method_sets = list(dict.fromkeys([*CANDIDATES, tuple(memory.methods)]))
+    estimates = [estimate_memory(model_cfg, batch, methods, memory, optim.name, dtype, grad_accum=optim.grad_accum)
+                 for methods in method_sets]
+    console.print(_table(estimates, model_cfg, batch, dtype, memory.limit, tuple(memory.methods)))
+    if memory.limit is not None:
+        try:
+            choice = choose_methods(model_cfg, batch, memory, optim.name, memory.limit, dtype, optim.grad_accum)
+            console.print(f"planner: {choice.explanation}", highlight=False)
+        except FlopwiseError as err:
+            console.print(f"planner: {err}", highlight=False)
+    return 0
+
+
+def planned_model_config(config: RunConfig) -> ModelConfig:
+    """The shape ``flopwise train`` would build: an imported model's, or the config's with the
+    tokenizer's vocabulary (data.vocab_size for BPE, 257 for bytes, a tokenizer file's own)."""
+    from flopwise.data.tokenizer import Tokenizer
+
+    m = config.model
+    if m.init_from:
+        from flopwise.model.hf import model_config_from_hf, read_hf_config, resolve_hf_source
+
+        folder = resolve_hf_source(m.init_from)
+        return model_config_from_hf(read_hf_config(folder), folder, m.seq_len or NAMED_SIZES[m.size]["seq_len"])
+    tokenizer = config.data.tokenizer
+    if tokenizer == "bpe":
+        vocab = config.data.vocab_size
+    elif tokenizer == "byte":
+        vocab = 256 + 1  # the bytes and end-of-text
+    else:
+        vocab = Tokenizer.load(tokenizer).vocab_size
+    return m.build(vocab)
+
+
+def compute_dtype(config: RunConfig) -> str:
+    """``fp32`` or ``bf16``: what train.precision (and, for 'auto', this machine) gives."""
+    if config.train.precision != "auto":
+        return config.train.precision
+    import torch
+
+    from flopwise.train.device import choose_device, choose_dtype
+
+    dtype = choose_dtype("auto", choose_device(config.train.device))
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+def _table(estimates: list, model_cfg: ModelConfig, batch: int, dtype: str, limit: float | None,
+           configured: tuple[str, ...]) -> Table:
+    title = (f"estimated memory of one training step: {model_cfg.d_model}d x {model_cfg.n_layers} layers, vocab "
+             f"{model_cfg.vocab_size:,}, micro-batch {batch} x {model_cfg.seq_len} tokens, {dtype} compute, "
+             f"fp32 weights")
+    table = Table(title=title, caption="optimizer states exclude GaLore's projections (own column); "
+                                       "see `flopwise memory --help` for what is counted")
+    columns = ["methods", "optimizer", "weights", "gradients", "optimizer states", "GaLore projections",
+               "activations", "buffers", "logits & loss", "peak", "crest"]
+    if limit is not None:
+        columns.append(f"fits {format_bytes(limit)}")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("methods", "optimizer", "crest") else "right")
+    for e in estimates:
+        name = ", ".join(e.methods) or "none"
+        if e.methods == configured and configured:
+            name += " (configured)"
+        row = [name, e.optimizer, *(format_bytes(v) for v in (e.weights, e.gradients, e.optimizer_states,
+                                                                e.projections, e.activations, e.buffers, e.logits,
+                                                                e.peak)), e.peak_at]
+        if limit is not None:
+            row.append("yes" if e.peak <= limit else "no")
+        table.add_row(*row)
+    return table
