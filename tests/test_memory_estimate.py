@@ -162,7 +162,7 @@ def test_byte_counts_by_hand():
     block = 2 * n * (16 + 1 + 16) * 4 + 2 * n * 16 * 4 + n * (4 * (4 * 16) + 4 * 2) + n * 64 * 4 * 4
     head = n * (16 + 1 + 16) * 4 + n * 16 * 4
     assert adamw.activations == block + head == 30016
-    assert adamw.logits == n * 100 * 4 * 4  # held logits, log-softmax, and two gradients of their size
+    assert adamw.logits == n * 100 * 4 * 3  # log-softmax, and two gradients of its size (logits are freed)
     assert adamw.buffers == 2 * 8 * 8 * 4 + 2 * n * 8  # RoPE cos and sin, inputs and targets
     # checkpointing keeps one fp32 residual per block instead
     assert estimate_memory(cfg, 2, ["checkpointing"], memory, "adamw").activations == n * 16 * 4 + head

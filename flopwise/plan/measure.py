@@ -97,12 +97,12 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
                   dtype: torch.dtype = torch.float32, on_phase: Callable[[str], None] = lambda name: None) -> float:
     """One micro-batch step as Trainer.run and Trainer.train_step take it (methods' hooks around it,
     no clipping when the optimizer updates inside backward), telling ``on_phase`` where it is.
-    The logits stay bound to ``_`` until the step returns, as they do in the trainer."""
+    The logits are dropped as soon as the forward returns, as the trainer drops them."""
     for method in methods:
         method.before_step(step, model, optimizer)
     on_phase("forward")
     with autocast(x.device, dtype):
-        _, loss = model(x, y)
+        loss = model(x, y)[1]
     on_phase("backward")
     loss.backward()
     on_phase("optimizer")

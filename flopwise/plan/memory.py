@@ -446,10 +446,9 @@ class _Step:
 
     @property
     def logits(self) -> int:
-        """Logits (held by the trainer until the step ends), the log-softmax kept for backward, and
-        backward's fp32 gradients with respect to the log-softmax and to the logits."""
-        count = self.run.tokens * self.cfg.vocab_size
-        return count * self.run.c + 3 * count * FP32
+        """The log-softmax kept for backward, and backward's fp32 gradients with respect to it and to
+        the logits (the logits themselves are freed when the forward returns: nothing keeps them)."""
+        return 3 * self.run.tokens * self.cfg.vocab_size * FP32
 
     @property
     def tied_head_grad(self) -> int:
@@ -475,7 +474,6 @@ class _Step:
     def moments(self, base: int, acts: _Activations) -> dict[str, int]:
         """Live bytes where the step crests; ``base``: weights, states and buffers."""
         cfg, run = self.cfg, self.run
-        held = run.tokens * cfg.vocab_size * run.c
         stream = run.tokens * cfg.d_model * FP32  # the residual stream's gradient
         all_grads = sum(self.grads.values())
         earlier = all_grads if self.grad_accum > 1 else 0  # accumulated by earlier micro-batches
@@ -487,22 +485,22 @@ class _Step:
         block_grads = (all_grads - head_grads - late_grads) // cfg.n_layers
         mlp = self._mlp_crest()
         recompute = acts.block - stream if "checkpointing" in self.methods else 0  # its input is kept anyway
-        in_blocks = base + acts.blocks + acts.positions + held + stream
+        in_blocks = base + acts.blocks + acts.positions + stream
         if self.layerwise:  # updates inside backward: the head's first, the blocks', the embedding's last
             return {
                 "loss": base + acts.total + self.logits,
-                "head update": base + acts.total + held + stream + self._update("lm_head.weight"),
+                "head update": base + acts.total + stream + self._update("lm_head.weight"),
                 "last block": in_blocks + self.tied_head_grad + mlp + recompute,
                 "block update": in_blocks + self.tied_head_grad + recompute + self._largest_block_update(),
-                "embedding update": base + held + max(self._update("embed_tokens.weight"), 3 * self.tied_head_grad),
+                "embedding update": base + max(self._update("embed_tokens.weight"), 3 * self.tied_head_grad),
             }
         return {
             "loss": base + earlier + acts.total + self.logits,
             "last block": in_blocks + max(earlier, head_grads) + mlp + recompute,
             "first block": base + max(earlier, all_grads - late_grads - block_grads) + acts.block + acts.positions
-            + held + stream + mlp,
-            "embedding backward": base + all_grads + held + max(stream, 2 * self.tied_head_grad),
-            "optimizer": base + all_grads + held + max(self.temps.values(), default=0),
+            + stream + mlp,
+            "embedding backward": base + all_grads + max(stream, 2 * self.tied_head_grad),
+            "optimizer": base + all_grads + max(self.temps.values(), default=0),
         }
 
     def _mlp_crest(self) -> int:

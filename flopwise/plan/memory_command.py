@@ -62,6 +62,8 @@ def cmd_memory(args: argparse.Namespace, console: Console) -> int:
     method_sets = list(dict.fromkeys([*CANDIDATES, tuple(memory.methods)]))
     estimates = [estimate_memory(model_cfg, batch, methods, memory, optim.name, dtype, grad_accum=optim.grad_accum)
                  for methods in method_sets]
+    if not console.is_terminal:  # piped or captured: the table's many columns would be squeezed to 80
+        console.width = max(console.width, 170)
     console.print(_table(estimates, model_cfg, batch, dtype, memory.limit, tuple(memory.methods)))
     if memory.limit is not None:
         try:

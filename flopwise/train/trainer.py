@@ -142,7 +142,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with gradient_sync(self.model, enabled=micro == accum - 1):
                 with autocast(self.device, self.dtype):
-                    _, loss = self.model(x, y)
+                    loss = self.model(x, y)[1]  # the logits are not kept: they would stay alive through backward
                 (loss / accum).backward()
             total += loss.detach()
         # an optimizer that updates each weight during backward has no full gradient left to clip
