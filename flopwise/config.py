@@ -25,6 +25,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+def _one_or_many(cls: type, value: Any) -> Any:
+    """A list field given one string (``--set data.sources=./docs``) becomes a list of it."""
+    return [value] if isinstance(value, str) else value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -82,10 +87,7 @@ class DataSection(_Section):
     tokenizer_sample_mb: float = 4.0
     cache_dir: str | None = None
 
-    @field_validator("sources", "include", "val_sources", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+    _lists = field_validator("sources", "include", "val_sources", mode="before")(_one_or_many)
 
     @field_validator("val_fraction")
     @classmethod
@@ -172,10 +174,7 @@ class TrainSection(_Section):
     wandb_project: str = "flopwise"
     parallel: Literal["ddp", "fsdp"] = "ddp"
 
-    @field_validator("log", mode="before")
-    @classmethod
-    def _one_or_many_backends(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+    _lists = field_validator("log", mode="before")(_one_or_many)
 
 
 MEMORY_METHODS = ("8bit", "checkpointing", "layerwise", "galore", "sltrain", "lisa", "lora")
@@ -215,10 +214,7 @@ class MemorySection(_Section):
         except FlopwiseError as err:
             raise ValueError(str(err)) from None
 
-    @field_validator("methods", mode="before")
-    @classmethod
-    def _one_or_many_methods(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+    _lists = field_validator("methods", mode="before")(_one_or_many)
 
     @field_validator("state_block", "galore_rank", "galore_update_gap", "sltrain_rank", "sltrain_refactor_every",
                      "lisa_layers", "lisa_interval", "lora_rank")
