@@ -129,3 +129,22 @@ def test_galore_with_muon_is_refused(tmp_path, text_folder, capsys):
                  "--out", str(tmp_path / "g")) == 2
     assert "optim.name=adamw" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("methods, parallel, phrase", [
+    (["layerwise"], "ddp", "runs in one process only"),
+    (["lisa"], "ddp", "runs in one process only"),
+    (["galore"], "fsdp", "not supported with --parallel fsdp"),
+    (["8bit"], "fsdp", "not supported with --parallel fsdp"),
+])
+def test_methods_refused_under_torchrun_name_the_method(methods, parallel, phrase):
+    from flopwise.errors import FlopwiseError
+    from flopwise.train.memory_setup import check_method_constraints
+
+    config = load_config(None, [f"train.parallel={parallel}"], {"memory.methods": methods})
+    check_method_constraints(config, world_size=1)  # one process: fine
+    with pytest.raises(FlopwiseError, match=f"memory.methods '{methods[0]}' .*{phrase}"):
+        check_method_constraints(config, world_size=2)
+    if parallel == "fsdp":
+        config.train.parallel = "ddp"
+        check_method_constraints(config, world_size=2)  # DDP keeps whole matrices: fine
