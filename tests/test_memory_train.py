@@ -124,6 +124,13 @@ def test_layerwise_refuses_gradient_accumulation(tmp_path, text_folder, capsys):
     assert "optim.grad_accum=1" in err and not run.exists()
 
 
+def test_lora_without_a_model_to_adapt_is_refused(tmp_path, text_folder, capsys):
+    assert train(*TINY, "--data", str(text_folder), "--budget", "6steps", "--method", "lora",
+                 "--out", str(tmp_path / "l")) == 2
+    assert "--init-from" in capsys.readouterr().err
+    assert not (tmp_path / "l").exists()
+
+
 def test_galore_with_muon_is_refused(tmp_path, text_folder, capsys):
     assert train(*TINY, "--data", str(text_folder), "--budget", "6steps", "--method", "galore",
                  "--out", str(tmp_path / "g")) == 2

@@ -21,6 +21,9 @@ NOT_WITH_FSDP = ("8bit", "galore", "sltrain", "lora")
 def check_method_constraints(config: RunConfig, world_size: int) -> None:
     """One-line errors for method sets this run cannot use."""
     methods = config.memory.methods
+    if "lora" in methods and not config.model.init_from:
+        raise FlopwiseError("memory.methods 'lora' fine-tunes an imported model through adapters on frozen weights, "
+                            "and random frozen weights learn nothing: add --init-from MODEL, or drop lora")
     if "layerwise" in methods and config.optim.grad_accum > 1:
         raise FlopwiseError("memory.methods 'layerwise' updates each weight during backward, so it cannot "
                             "accumulate gradients: set optim.grad_accum=1 (raise optim.batch_size instead)")
