@@ -177,6 +177,12 @@ class TrainSection(_Section):
     _lists = field_validator("log", mode="before")(_one_or_many)
 
 
+def default_rank(rank: int | None, d_model: int) -> int:
+    """A method's rank (GaLore, SLTrain): the one set, else d_model // 4, the papers' ratio (512 for
+    d_model 2048 in both GaLore's and SLTrain's 1B runs)."""
+    return rank or d_model // 4
+
+
 MEMORY_METHODS = ("8bit", "checkpointing", "layerwise", "galore", "sltrain", "lisa", "lora")
 
 

@@ -16,7 +16,8 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.optim import galore
-from flopwise.optim.build import build_optimizer, is_hidden_matrix
+from flopwise.optim.build import build_optimizer
+from flopwise.optim.routing import is_hidden_matrix
 from flopwise.optim.optimizer import FlopwiseOptimizer
 from flopwise.optim.quantize import dequantize, quantize
 from flopwise.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -306,12 +307,12 @@ def test_build_routes_parameters_and_rejects_galore_with_muon():
     galore_group = next(g for g in optimizer.param_groups if g["update"] == "galore")
     assert galore_group["rank"] == 32 // 4 and galore_group["update_gap"] == 200 and galore_group["scale"] == 0.25
     assert all(g["state_bits"] == 8 for g in optimizer.param_groups)
-    hidden = {id(p) for n, p in model.named_parameters() if is_hidden_matrix(n, p)}
+    hidden = {id(p) for n, p in model.named_parameters() if is_hidden_matrix(n, p.ndim)}
     assert {id(p) for p in galore_group["params"]} == hidden and len(hidden) == 2 * 7
     factor = torch.zeros(4, 8)
-    assert not is_hidden_matrix("layers.0.self_attn.q_proj.B", factor)
-    assert not is_hidden_matrix("layers.0.self_attn.q_proj.lora_A", factor)
-    assert is_hidden_matrix("layers.0.self_attn.q_proj.weight", factor)
+    assert not is_hidden_matrix("layers.0.self_attn.q_proj.B", factor.ndim)
+    assert not is_hidden_matrix("layers.0.self_attn.q_proj.lora_A", factor.ndim)
+    assert is_hidden_matrix("layers.0.self_attn.q_proj.weight", factor.ndim)
 
 
 def test_galore_8bit_layerwise_training_learns():

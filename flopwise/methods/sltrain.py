@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flopwise.config import default_rank
 from flopwise.methods.base import TrainingMethod
 from flopwise.methods.dense import replace_block_linears
 
@@ -159,7 +160,7 @@ class SLTrain(TrainingMethod):
         self.refactor_every, self.rewarmup, self.seed = refactor_every, rewarmup, seed
 
     def configure(self, model: nn.Module) -> None:
-        rank = self.rank or model.config.d_model // 4
+        rank = default_rank(self.rank, model.config.d_model)
         generator = torch.Generator().manual_seed(self.seed)
         replace_block_linears(
             model, lambda linear: SparseLowRankLinear.from_linear(linear, rank, self.delta, self.alpha, generator))

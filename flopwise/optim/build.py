@@ -12,18 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flopwise.config import MemorySection, OptimSection
+from flopwise.config import MemorySection, OptimSection, default_rank
 from flopwise.errors import FlopwiseError
 from flopwise.optim.layerwise import LayerwiseUpdates
 from flopwise.optim.optimizer import FlopwiseOptimizer
-
-OPTIMIZER_METHODS = ("8bit", "galore", "layerwise")
-
-
-def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
-    """A 2-D weight of a transformer block (attention or MLP): not an embedding, head, gain or bias,
-    nor a factor of a low-rank or sparse module (``q_proj.B``, ``q_proj.lora_A``), which AdamW trains."""
-    return param.ndim == 2 and name.startswith("layers.") and name.endswith(".weight")
+from flopwise.optim.routing import OPTIMIZER_METHODS, is_hidden_matrix
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device,
@@ -41,8 +34,8 @@ def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device,
                                  eps=optim.eps, fused=device.type == "cuda" or None)
     groups = []
     if optim.name == "muon" or "galore" in methods:
-        hidden = [p for n, p in params if is_hidden_matrix(n, p)]
-        params = [(n, p) for n, p in params if not is_hidden_matrix(n, p)]
+        hidden = [p for n, p in params if is_hidden_matrix(n, p.ndim)]
+        params = [(n, p) for n, p in params if not is_hidden_matrix(n, p.ndim)]
         if optim.name == "muon":
             groups.append({"params": hidden, "update": "muon", "lr": optim.muon_lr, "peak_lr": optim.muon_lr,
                            "weight_decay": 0.0})
@@ -50,7 +43,7 @@ def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device,
             groups.append({"params": hidden, "update": "galore", "lr": optim.lr, "peak_lr": optim.lr,
                            "weight_decay": optim.weight_decay})
     groups = [group for group in groups if group["params"]] + _adamw_groups(params, optim)
-    rank = (memory.galore_rank or model.config.d_model // 4) if "galore" in methods else None
+    rank = default_rank(memory.galore_rank, model.config.d_model) if "galore" in methods else None
     optimizer = FlopwiseOptimizer(
         groups, momentum=optim.muon_momentum, betas=(optim.beta1, optim.beta2), eps=optim.eps,
         state_bits=8 if "8bit" in methods else 32, state_block=memory.state_block, rank=rank,

@@ -30,13 +30,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from flopwise.budget import format_bytes
-from flopwise.config import MemorySection
+from flopwise.config import MemorySection, default_rank
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
+from flopwise.optim.routing import OPTIMIZER_METHODS, is_hidden_matrix
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FP32, INT64, INT32 = 4, 8, 4
-OPTIMIZER_METHODS = ("8bit", "galore", "layerwise")
 
 # Working memory of one parameter's update beyond its gradient and states, in fp32 bytes per
 # element of the parameter, as StorageTracker measures the update rules of flopwise/optim.
@@ -70,8 +70,8 @@ class ParamSpec:
 
     @property
     def hidden(self) -> bool:
-        """Muon's or GaLore's: a block's dense matrix (flopwise.optim.build.is_hidden_matrix)."""
-        return len(self.shape) == 2 and self.name.startswith("layers.") and self.name.endswith(".weight")
+        """Muon's or GaLore's: a block's dense matrix."""
+        return is_hidden_matrix(self.name, len(self.shape))
 
 
 @dataclass
@@ -134,20 +134,12 @@ def _norm(cfg: ModelConfig, name: str, width: int, trainable: bool) -> list[Para
     return specs
 
 
-def sltrain_rank(cfg: ModelConfig, memory: MemorySection) -> int:
-    return memory.sltrain_rank or cfg.d_model // 4
-
-
-def galore_rank(cfg: ModelConfig, memory: MemorySection) -> int:
-    return memory.galore_rank or cfg.d_model // 4
-
-
 def _linear(cfg: ModelConfig, name: str, out: int, inp: int, methods: tuple[str, ...], memory: MemorySection,
             trainable: bool) -> tuple[list[ParamSpec], list[ParamSpec]]:
     """Parameters and buffers standing for one block Linear: dense, SLTrain's factors or LoRA's adapters."""
     params, buffers = [], []
     if "sltrain" in methods:
-        rank = min(sltrain_rank(cfg, memory), out, inp)
+        rank = min(default_rank(memory.sltrain_rank, cfg.d_model), out, inp)
         nnz = round(memory.sltrain_delta * out * inp)
         params += [ParamSpec(f"{name}.B", (out, rank), trainable), ParamSpec(f"{name}.A", (rank, inp), trainable),
                    ParamSpec(f"{name}.values", (nnz,), trainable)]
@@ -400,7 +392,7 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, methods: Sequence[
     weights = sum(p.numel for p in params) * pb
     buffers = sum(b.numel * (INT32 if b.name.endswith(".index") else FP32) for b in buffer_specs)
     buffers += 2 * run.tokens * INT64  # the token batch: inputs and targets
-    bits8, rank = "8bit" in methods, galore_rank(cfg, memory)
+    bits8, rank = "8bit" in methods, default_rank(memory.galore_rank, cfg.d_model)
     costs = {p.name: optimizer_bytes(p, update_rule(p, optimizer, methods), pb, bits8, memory.state_block, rank)
              for p in trainable}
     step = _Step(cfg, run, methods, memory, grads={p.name: p.numel * pb for p in trainable},
