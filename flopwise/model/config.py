@@ -83,6 +83,17 @@ class ModelConfig:
         return 32 * math.ceil(round(8 * self.d_model / 3) / 32)
 
     @property
+    def block_linears(self) -> list[tuple[str, int, int]]:
+        """(name inside a block, out_features, in_features) of each Linear of a block, in module order:
+        the shapes that parameter counts, FLOPs and the memory estimate are built from."""
+        kv = self.kv_heads * self.head_dim
+        linears = [("self_attn.q_proj", self.attn_dim, self.d_model), ("self_attn.k_proj", kv, self.d_model),
+                   ("self_attn.v_proj", kv, self.d_model), ("self_attn.o_proj", self.d_model, self.attn_dim)]
+        if self.mlp == "swiglu":
+            linears.append(("mlp.gate_proj", self.hidden, self.d_model))
+        return linears + [("mlp.up_proj", self.hidden, self.d_model), ("mlp.down_proj", self.d_model, self.hidden)]
+
+    @property
     def llama_style(self) -> bool:
         """RoPE, RMSNorm, SwiGLU and no biases: the layout Hugging Face Llama/Qwen3 compute exactly."""
         return self.positions == "rope" and self.norm == "rms" and self.mlp == "swiglu" and not self.bias

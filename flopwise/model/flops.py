@@ -7,20 +7,14 @@ from flopwise.model.config import ModelConfig
 
 def _layer_matmul_params(cfg: ModelConfig) -> int:
     """Weights of one block used in matmuls: q, k, v, o projections and the MLP's two or three matrices."""
-    d, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
-    attention = 2 * d * cfg.attn_dim + 2 * d * kv
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.hidden
-    return attention + mlp
+    return sum(out * inp for _, out, inp in cfg.block_linears)
 
 
 def _layer_other_params(cfg: ModelConfig) -> int:
     """Norm gains (and LayerNorm biases), QK-norm gains and linear biases of one block."""
     norm = cfg.d_model * (2 if cfg.norm == "layer" and cfg.bias else 1)
     qk_norms = 2 * cfg.head_dim if cfg.qk_norm else 0
-    biases = 0
-    if cfg.bias:
-        biases = cfg.attn_dim + 2 * cfg.kv_heads * cfg.head_dim + cfg.d_model
-        biases += (2 if cfg.mlp == "swiglu" else 1) * cfg.hidden + cfg.d_model
+    biases = sum(out for _, out, _ in cfg.block_linears) if cfg.bias else 0
     return 2 * norm + qk_norms + biases
 
 

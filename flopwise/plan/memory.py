@@ -117,16 +117,6 @@ class MethodChoice:
 # Parameters
 
 
-def _block_linears(cfg: ModelConfig) -> list[tuple[str, int, int]]:
-    """(name inside a block, out_features, in_features) of each block Linear, in module order."""
-    kv = cfg.kv_heads * cfg.head_dim
-    linears = [("self_attn.q_proj", cfg.attn_dim, cfg.d_model), ("self_attn.k_proj", kv, cfg.d_model),
-               ("self_attn.v_proj", kv, cfg.d_model), ("self_attn.o_proj", cfg.d_model, cfg.attn_dim)]
-    if cfg.mlp == "swiglu":
-        linears.append(("mlp.gate_proj", cfg.hidden, cfg.d_model))
-    return linears + [("mlp.up_proj", cfg.hidden, cfg.d_model), ("mlp.down_proj", cfg.d_model, cfg.hidden)]
-
-
 def _norm(cfg: ModelConfig, name: str, width: int, trainable: bool) -> list[ParamSpec]:
     specs = [ParamSpec(f"{name}.weight", (width,), trainable)]
     if cfg.norm == "layer" and cfg.bias:
@@ -180,7 +170,7 @@ def tensor_specs(cfg: ModelConfig, methods: tuple[str, ...], memory: MemorySecti
             params += _norm(cfg, f"{prefix}.self_attn.q_norm", cfg.head_dim, trains)
             params += _norm(cfg, f"{prefix}.self_attn.k_norm", cfg.head_dim, trains)
         params += _norm(cfg, f"{prefix}.post_attention_layernorm", cfg.d_model, trains)
-        for name, out, inp in _block_linears(cfg):
+        for name, out, inp in cfg.block_linears:
             linear_params, linear_buffers = _linear(cfg, f"{prefix}.{name}", out, inp, methods, memory, trains)
             params += linear_params
             buffers += linear_buffers
@@ -301,7 +291,7 @@ def _block_activations(cfg: ModelConfig, run: _Compute, methods: tuple[str, ...]
     mlp_kept = 3 if cfg.mlp == "swiglu" else 1  # SwiGLU: gate, silu(gate), up; GELU/ReLU²: the activation's input
     total += n * hidden * c * (mlp_kept + (1 if keeps_input else 0))  # + down_proj's input
     if lora:
-        total += n * memory.lora_rank * c * len(_block_linears(cfg))  # x A^T, kept for B's gradient
+        total += n * memory.lora_rank * c * len(cfg.block_linears)  # x A^T, kept for B's gradient
     if run.autocast and not sltrain:
         total += c * _cast_weights(cfg, memory.lora_rank if lora else 0, input_grad)
     return total
@@ -312,7 +302,7 @@ def _cast_weights(cfg: ModelConfig, lora_rank: int, qkv_input_grad: bool) -> int
     gradient) and LoRA's A (the same) and B (for A's gradient).  Where q, k and v read a tensor
     that needs no gradient, only B's cast is kept."""
     total = 0
-    for name, out, inp in _block_linears(cfg):
+    for name, out, inp in cfg.block_linears:
         needs_input_grad = qkv_input_grad or name not in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
         total += lora_rank * out + (out * inp + lora_rank * inp if needs_input_grad else 0)
     return total
