@@ -30,6 +30,13 @@ def _one_or_many(cls: type, value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _positive(cls: type, value: float | None) -> float | None:
+    """Sizes, rates and counts: unset (None, where allowed) or above zero."""
+    if value is not None and value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -137,12 +144,7 @@ class OptimSection(_Section):
     muon_lr: float = 0.05
     muon_momentum: float = 0.95
 
-    @field_validator("lr", "batch_size", "grad_accum", "muon_lr")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be positive")
-        return value
+    _positives = field_validator("lr", "batch_size", "grad_accum", "muon_lr")(_positive)
 
 
 class ScheduleSection(_Section):
@@ -222,13 +224,8 @@ class MemorySection(_Section):
 
     _lists = field_validator("methods", mode="before")(_one_or_many)
 
-    @field_validator("state_block", "galore_rank", "galore_update_gap", "sltrain_rank", "sltrain_refactor_every",
-                     "lisa_layers", "lisa_interval", "lora_rank")
-    @classmethod
-    def _positive_int(cls, value: int | None) -> int | None:
-        if value is not None and value <= 0:
-            raise ValueError("must be positive")
-        return value
+    _positives = field_validator("state_block", "galore_rank", "galore_update_gap", "sltrain_rank",
+                                 "sltrain_refactor_every", "lisa_layers", "lisa_interval", "lora_rank")(_positive)
 
     @field_validator("sltrain_delta")
     @classmethod
