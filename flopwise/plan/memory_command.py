@@ -53,7 +53,7 @@ def cmd_memory(args: argparse.Namespace, console: Console) -> int:
     values = {key: value for key, value in (("model.size", args.model), ("memory.limit", args.memory))
               if value is not None}
     config = load_config(args.config, args.overrides, values, base=recipe_values(args.recipe))
-    model_cfg = planned_model_config(config)
+    model_cfg = shape_from_config(config)
     batch = args.batch or config.optim.batch_size
     if batch <= 0:
         raise FlopwiseError(f"--batch {batch} must be a positive number of sequences")
@@ -74,7 +74,7 @@ def cmd_memory(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def planned_model_config(config: RunConfig) -> ModelConfig:
+def shape_from_config(config: RunConfig) -> ModelConfig:
     """The shape ``flopwise train`` would build: an imported model's, or the config's with the
     tokenizer's vocabulary (data.vocab_size for BPE, 257 for bytes, a tokenizer file's own)."""
     from flopwise.data.tokenizer import Tokenizer
