@@ -26,11 +26,18 @@ from flopwise.train.checkpoint import save_checkpoint
 from flopwise.train.device import autocast, peak_memory_bytes, synchronize
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.distributed import Ranks, gradient_sync
+from flopwise.train.forecast import LossForecaster
 
 
 def next_mark(p: float, every: float) -> float:
     """The next multiple of ``every`` above ``p`` (when the next evaluation or checkpoint is due)."""
     return (int(p / every + 1e-9) + 1) * every if every > 0 else 0.0
+
+
+def is_logged_step(step: int, log_every: int) -> bool:
+    """Steps logged on schedule (the first, then every ``log_every``-th); the last step and an
+    interrupted one are logged too, off schedule."""
+    return step == 1 or step % log_every == 0
 
 
 def reached(p: float, mark: float) -> bool:
@@ -98,6 +105,29 @@ class Outcome:
     eval_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
     last_lr: float = 0.0
+    stop_reason: str | None = None
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], grad_accum: int, grad_clip: float,
+               device: torch.device, dtype: torch.dtype, ranks: Ranks = Ranks()) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the loss averaged over the
+    global batch (all ranks).  The throughput probe (flopwise/plan/throughput.py) times this same code."""
+    total = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        x, y = next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with gradient_sync(model, enabled=micro == grad_accum - 1):
+            with autocast(device, dtype):
+                loss = model(x, y)[1]  # the logits are not kept: they would stay alive through backward
+            (loss / grad_accum).backward()
+        total += loss.detach()
+    # an optimizer that updates each weight during backward has no full gradient left to clip
+    if grad_clip > 0 and not getattr(optimizer, "steps_in_backward", False):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ranks.mean(total.item() / grad_accum)
 
 
 class EventLog(Protocol):
@@ -116,7 +146,7 @@ class Trainer:
                  settings: LoopSettings, run_dir: Path, device: torch.device, dtype: torch.dtype,
                  evaluate: Callable[[], dict[str, Any]], display: ProgressDisplay, log: EventLog | None,
                  module: torch.nn.Module | None = None, ranks: Ranks = Ranks(),
-                 methods: tuple[TrainingMethod, ...] = ()) -> None:
+                 methods: tuple[TrainingMethod, ...] = (), forecaster: LossForecaster | None = None) -> None:
         self.model = model
         self.module = module if module is not None else model
         self.optimizer = optimizer
@@ -130,27 +160,13 @@ class Trainer:
         self.log = log
         self.ranks = ranks
         self.methods = methods
+        self.forecaster = forecaster
         self._interrupted = False
 
     def train_step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the loss averaged over the
-        global batch (all ranks)."""
-        accum = self.settings.grad_accum
-        total = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            x, y = self.sampler.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with gradient_sync(self.model, enabled=micro == accum - 1):
-                with autocast(self.device, self.dtype):
-                    loss = self.model(x, y)[1]  # the logits are not kept: they would stay alive through backward
-                (loss / accum).backward()
-            total += loss.detach()
-        # an optimizer that updates each weight during backward has no full gradient left to clip
-        if self.settings.grad_clip > 0 and not getattr(self.optimizer, "steps_in_backward", False):
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return self.ranks.mean(total.item() / accum)
+        s = self.settings
+        return train_step(self.model, self.optimizer, self.sampler.next_batch, s.grad_accum, s.grad_clip,
+                          self.device, self.dtype, self.ranks)
 
     def run(self, state: LoopState) -> Outcome:
         s = self.settings
@@ -163,6 +179,7 @@ class Trainer:
             bookkeeping = 0.0  # logging time of the previous step: training time too, unlike eval
             while True:
                 start = time.perf_counter()
+                p_before = state.meter.progress(s.budget)
                 left = steps_left(state.meter, s.budget, s.tokens_per_step, s.flops_per_step, timer.estimate)
                 if left is not None:
                     state.p_lr = max(state.p_lr, (state.meter.steps + 1) / (state.meter.steps + left))
@@ -194,7 +211,11 @@ class Trainer:
                     outcome.finished = True
                     break
                 outcome.eval_seconds += self._maybe_evaluate(state, p)
-                stop = self._interrupted or (s.stop_after is not None and state.meter.progress(s.stop_after) >= 1.0)
+                forecast_start = time.perf_counter()
+                outcome.stop_reason = self._maybe_forecast(state, p_before, p)
+                outcome.eval_seconds += time.perf_counter() - forecast_start
+                stop = (self._interrupted or outcome.stop_reason is not None
+                        or (s.stop_after is not None and state.meter.progress(s.stop_after) >= 1.0))
                 outcome.checkpoint_seconds += self._maybe_checkpoint(state, p, timer, force=stop)
                 if stop:
                     break
@@ -217,12 +238,34 @@ class Trainer:
         eta = wall * (1 - p) / (p - p_at_start) if p > p_at_start else None
         self.display.update(p, state.meter, s.budget, loss, tokens_per_s, mfu, eta)
         step = int(state.meter.steps)
-        if self.log is None or (step % s.log_every and step != 1 and p < 1.0 and not self._interrupted):
+        regular = is_logged_step(step, s.log_every)
+        if not (regular or p >= 1.0 or self._interrupted):
             return
-        self.log.append({"event": "train", "step": step, "p": p, "p_lr": state.p_lr,
-                             "tokens": state.meter.tokens, "flops": state.meter.flops,
-                             "seconds": state.meter.seconds, "wall": wall, "lr": lr, "loss": loss,
-                             "throughput": tokens_per_s, "mfu": mfu, "memory": peak_memory_bytes(self.device)})
+        event = {"event": "train", "step": step, "p": p, "p_lr": state.p_lr, "tokens": state.meter.tokens,
+                 "flops": state.meter.flops, "seconds": state.meter.seconds, "wall": wall, "lr": lr, "loss": loss,
+                 "throughput": tokens_per_s, "mfu": mfu, "memory": peak_memory_bytes(self.device)}
+        if self.forecaster is not None and regular:  # the same points whether or not the run was interrupted
+            self.forecaster.observe(event)
+        if self.log is not None:
+            self.log.append(event)
+
+    def _maybe_forecast(self, state: LoopState, p_before: float, p: float) -> str | None:
+        """Log the forecast final loss at each ``forecast_every`` of progress; returns why to stop, if the
+        forecast says the target loss is out of reach."""
+        if self.forecaster is None or not self.forecaster.due(p_before, p):
+            return None
+        forecast = self.forecaster.forecast(state.meter.tokens, p)
+        if forecast is None:
+            return None
+        if self.log is not None:
+            self.log.append({"event": "forecast", "step": int(state.meter.steps), "p": p,
+                             "tokens": state.meter.tokens, **forecast.to_dict()})
+        self.display.message(f"forecast at p={p:.2f}: final held-out loss {forecast.loss:.4f} "
+                             f"({forecast.low:.4f}-{forecast.high:.4f})")
+        if self.forecaster.cannot_reach(forecast):
+            return (f"the forecast final loss {forecast.loss:.4f} (at best {forecast.low:.4f}) cannot reach "
+                    f"train.target_loss {self.forecaster.target:g}")
+        return None
 
     def _maybe_evaluate(self, state: LoopState, p: float) -> float:
         if self.settings.eval_every <= 0 or not reached(p, state.next_eval):
