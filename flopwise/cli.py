@@ -7,18 +7,19 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from flopwise import __version__
 from flopwise.budget import Budget
-from flopwise.config import MEMORY_METHODS, RunConfig, load_config
+from flopwise.cli_config import add_setup_flags, config_from_args
+from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
-from flopwise.recipes import recipe_values
 from flopwise.bench_command import cmd_bench
 from flopwise.bench_command import register as _add_bench
+from flopwise.plan.commands import cmd_fit, cmd_plan, cmd_scan
+from flopwise.plan.commands import register as _add_planning
 from flopwise.plan.memory_command import cmd_memory
 from flopwise.plan.memory_command import register as _add_memory
 from flopwise.report.command import cmd_report
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(commands)
     _add_bench(commands)
     _add_memory(commands)
+    _add_planning(commands)
     return parser
 
 
@@ -68,26 +70,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("train", help="pretrain a model under a budget", epilog=TRAIN_EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             description="Pretrain a decoder-only LM from raw text under a budget.")
-    p.add_argument("--budget", help="the budget, e.g. 3m or 2e15flops or 5M,10m (see below)")
-    p.add_argument("--data", action="append", metavar="PATH",
-                   help="text file, folder (recursive), .jsonl, .parquet, or 'stdlib' (default); repeatable")
-    p.add_argument("--val-data", action="append", metavar="PATH",
-                   help="explicit held-out source instead of a split of --data; repeatable")
-    p.add_argument("--include", action="append", metavar="GLOB", help="only files matching, e.g. '*.md'; repeatable")
+    add_setup_flags(p, "the budget, e.g. 3m or 2e15flops or 5M,10m (see below)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<date-time>)")
-    p.add_argument("--config", type=Path, help="TOML or YAML config file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a config key, e.g. model.d_model=256; repeatable, applied last")
     p.add_argument("--model", metavar="SIZE", help="named size: tiny, small (default), base, medium, large")
-    p.add_argument("--recipe", default="default", metavar="NAME",
-                   help="'default' (flopwise's recipe) or 'baseline' (nanoGPT's GPT-2 setup, for comparison); "
-                        "config file and --set apply on top")
-    p.add_argument("--tokenizer", help="'bpe' (default, trained on your data), 'byte', or a tokenizer.json path")
-    p.add_argument("--seed", type=int, help="fixes data order, initialization and everything random")
     p.add_argument("--init-from", metavar="HF_MODEL",
                    help="continue pretraining a Llama-family Hugging Face model (a folder, or a hub id found in "
                         "the local hub cache); its tokenizer is used as is")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true", help="use torch.compile (pays off on GPUs; ~1.1x on CPU)")
     p.add_argument("--parallel", choices=("ddp", "fsdp"),
                    help="under torchrun: ddp (default; replicated weights) or fsdp (FSDP2, sharded weights, "
@@ -95,12 +83,11 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--log", action="append", choices=("tensorboard", "wandb"),
                    help="also log to TensorBoard (run/tensorboard/) or Weights & Biases (honours WANDB_MODE="
                         "offline); repeatable; metrics.jsonl is always written")
-    p.add_argument("--memory", metavar="SIZE",
-                   help="memory cap, e.g. 4GiB: flopwise estimates the peak and picks the memory-saving methods "
-                        "with the least quality cost that fit (see `flopwise memory`), or says why nothing fits")
-    p.add_argument("--method", action="append", metavar="NAME", choices=MEMORY_METHODS,
-                   help="memory-saving method, repeatable: " + ", ".join(MEMORY_METHODS)
-                        + " (overrides the choice --memory would make)")
+    p.add_argument("--auto", action="store_true",
+                   help="choose the model size for the budget first, as `flopwise plan` does, and run that plan")
+    p.add_argument("--law", type=Path, help="law.json (or scan folder) for --auto and the loss forecast")
+    p.add_argument("--target-loss", type=float, metavar="LOSS",
+                   help="stop early once the forecast says the final held-out loss cannot get below LOSS")
     p.add_argument("--resume", type=Path, metavar="RUN",
                    help="continue an interrupted run, or extend a finished one with a larger --budget")
     p.add_argument("--stop-after", metavar="AMOUNT",
@@ -159,27 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True)
     try:
         handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "export": cmd_export,
-                   "report": cmd_report, "bench": cmd_bench, "memory": cmd_memory}[args.command]
+                   "report": cmd_report, "bench": cmd_bench, "memory": cmd_memory,
+                   "plan": cmd_plan, "fit": cmd_fit, "scan": cmd_scan}[args.command]
         return handler(args, console)
     except FlopwiseError as err:
         print(f"flopwise: error: {err}", file=sys.stderr)
         return err.exit_code
-
-
-def _train_config(args: argparse.Namespace) -> RunConfig:
-    """Config file, then the convenience flags, then ``--set`` overrides."""
-    values: dict[str, Any] = {}
-    for key, value in (("model.size", args.model), ("data.tokenizer", args.tokenizer), ("train.seed", args.seed),
-                       ("train.device", args.device), ("data.sources", args.data),
-                       ("data.val_sources", args.val_data), ("data.include", args.include),
-                       ("train.compile", args.compile or None), ("model.init_from", args.init_from),
-                       ("train.parallel", args.parallel), ("train.log", args.log),
-                       ("memory.limit", args.memory), ("memory.methods", args.method)):
-        if value is not None:
-            values[key] = value
-    if args.budget:
-        values.update({f"budget.{name}": amount for name, amount in Budget.parse(args.budget).to_dict().items()})
-    return load_config(args.config, args.overrides, values, base=recipe_values(args.recipe))
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
@@ -200,9 +172,11 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             budget = Budget.parse(args.budget) if args.budget else None
             session, state = open_for_resume(args.resume, budget, display)
         else:
-            config = _train_config(args)
+            config = config_from_args(args)
+            plan = _auto_plan(config, ranks, console) if args.auto else None
             out = args.out or Path(ranks.broadcast_text(str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))))
             session = start_new(config, out, display)
+            session.auto_plan = plan.to_dict() if plan else None
             session.write_run_files()
             state = LoopState()
         cfg = session.model_cfg
@@ -215,11 +189,33 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     finally:
         shutdown(ranks)
     if not summary.finished:
-        console.print(f"stopped at step {int(summary.meter.steps)} with a checkpoint; continue with: "
+        reason = f" because {summary.stop_reason}" if summary.stop_reason else ""
+        console.print(f"stopped at step {int(summary.meter.steps)}{reason}, with a checkpoint; continue with: "
                       f"flopwise train --resume {summary.run_dir}", highlight=False)
-        return EXIT_INTERRUPTED if stop_after is None else 0
+        return EXIT_INTERRUPTED if stop_after is None and not summary.stop_reason else 0
     print_summary(console, summary)
+    auto = json.loads((summary.run_dir / "plan.json").read_text()).get("auto_plan")
+    if auto and summary.final_eval:
+        predicted, achieved = auto["chosen"]["predicted_loss"], summary.final_eval["loss"]
+        console.print(f"planned: {predicted:.4f}; achieved: {achieved:.4f} ({(predicted - achieved) / achieved:+.2%})",
+                      highlight=False)
     return 0
+
+
+def _auto_plan(config: RunConfig, ranks, console: Console):
+    """--auto: plan the budget (as `flopwise plan` does), show the plan and set the config's shape to it."""
+    from flopwise.plan.commands import make_plan, print_plan
+
+    if ranks.distributed:
+        raise FlopwiseError("--auto plans in one process: run `flopwise plan` first, then torchrun with "
+                            "--set model.d_model=... --set model.n_layers=... --set model.n_heads=...")
+    fixed = sorted({"d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden"} & config.model.model_fields_set)
+    if fixed:
+        raise FlopwiseError(f"model.{fixed[0]} is set, but --auto chooses the shape: drop one of the two")
+    plan = make_plan(config, Path(config.train.law) if config.train.law else None)
+    print_plan(console, plan)
+    plan.apply(config)
+    return plan
 
 
 def _device_type(args: argparse.Namespace) -> str:
@@ -234,7 +230,8 @@ def _reject_with_resume(args: argparse.Namespace) -> None:
     fixed = {"--data": args.data, "--val-data": args.val_data, "--include": args.include, "--config": args.config,
              "--set": args.overrides, "--model": args.model, "--tokenizer": args.tokenizer, "--seed": args.seed,
              "--out": args.out, "--init-from": args.init_from, "--recipe": args.recipe != "default" or None,
-             "--parallel": args.parallel, "--log": args.log, "--memory": args.memory, "--method": args.method}
+             "--parallel": args.parallel, "--log": args.log, "--memory": args.memory, "--method": args.method,
+             "--auto": args.auto or None, "--law": args.law, "--target-loss": args.target_loss}
     given = [flag for flag, value in fixed.items() if value]
     if given:
         raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "

@@ -160,7 +160,11 @@ class ScheduleSection(_Section):
 
 
 class TrainSection(_Section):
-    """Loop settings.  Fractions are of the budget (p), so they scale with it."""
+    """Loop settings.  Fractions are of the budget (p), so they scale with it.  ``forecast_every``: how
+    often the final held-out loss is forecast from the curve so far (0: never); ``target_loss``: stop
+    the run once the forecast's low end lies above it; ``law``: the law.json that ``--auto`` plans with
+    and whose decay factor the forecast uses (default: the one `flopwise scan` fitted for this setup,
+    else the prior)."""
 
     seed: int = 0
     device: str = "auto"
@@ -175,8 +179,12 @@ class TrainSection(_Section):
     log: list[Literal["tensorboard", "wandb"]] = []
     wandb_project: str = "flopwise"
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    forecast_every: float = 0.1
+    target_loss: float | None = None
+    law: str | None = None
 
     _lists = field_validator("log", mode="before")(_one_or_many)
+    _positives = field_validator("target_loss")(_positive)
 
 
 def default_rank(rank: int | None, d_model: int) -> int:

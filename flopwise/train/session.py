@@ -34,6 +34,8 @@ from flopwise.model.gpt import GPT
 from flopwise.model.hf import (load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source,
                                save_hf_folder)
 from flopwise.optim.build import build_optimizer
+from flopwise.plan.early import points_from_events
+from flopwise.plan.law_file import PlanningLaw, find_law, setup_key
 from flopwise.plan.memory import estimate_memory
 from flopwise.train.checkpoint import CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint
 from flopwise.train.device import (choose_device, choose_dtype, device_name, keep_freed_cpu_memory,
@@ -42,8 +44,9 @@ from flopwise.train.display import ProgressDisplay
 from flopwise.train.distributed import full_model_state, init_ranks, per_rank_batch, wrap_for_training
 from flopwise.train.loggers import open_run_logger, require_backends
 from flopwise.train.memory_setup import check_method_constraints, resolve_memory_methods
-from flopwise.train.metrics import MetricsLog
-from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, next_mark
+from flopwise.train.forecast import LossForecaster
+from flopwise.train.metrics import MetricsLog, read_metrics
+from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, is_logged_step, next_mark
 
 CONFIG_FILE = "config.toml"
 
@@ -82,6 +85,7 @@ class Summary:
     checkpoint_seconds: float
     last_lr: float
     parameters: dict[str, int]
+    stop_reason: str | None = None
 
 
 class Session:
@@ -100,6 +104,7 @@ class Session:
         self.compute_dtype = "bf16" if self.dtype == torch.bfloat16 else "fp32"  # the memory estimator's name for it
         self.init_folder: Path | None = None
         self.resume_step: int | None = None
+        self.auto_plan: dict[str, Any] | None = None  # what `train --auto` planned, kept in plan.json
         if self.device.type == "cpu" and config.train.cpu_keep_freed_memory:
             keep_freed_cpu_memory()
 
@@ -197,7 +202,7 @@ class Session:
                 "matmul_peak_flops": self.peak_flops, "world_size": self.ranks.world_size,
                 "parallel": self.config.train.parallel if self.ranks.distributed else None,
                 "memory": self.memory_plan(), "corpus": self.data.corpus.meta,
-                "read": vars(self.data.stats)}
+                "read": vars(self.data.stats), "auto_plan": self.auto_plan}
         write_json_atomic(self.run_dir / "plan.json", plan)
 
     def memory_plan(self) -> dict[str, Any]:
@@ -234,7 +239,8 @@ class Session:
         with log as event_log:
             trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device,
                               self.dtype, lambda: self.evaluator(self.model, c.train.eval_tokens), self.display,
-                              event_log, module=self.model, ranks=self.ranks, methods=self.methods)
+                              event_log, module=self.model, ranks=self.ranks, methods=self.methods,
+                              forecaster=self.forecaster())
             with self.display:
                 outcome: Outcome = trainer.run(state)
             final_eval = None
@@ -245,7 +251,26 @@ class Session:
                 trainer.log_eval(outcome.state, 1.0, final_eval)
                 self.save_final()
         return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
-                       outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg))
+                       outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
+                       outcome.stop_reason)
+
+    def planning_law(self) -> PlanningLaw:
+        """train.law, else the law `flopwise scan` fitted for this setup, else the prior."""
+        law = self.config.train.law
+        return find_law(Path(law) if law else None, cache_root(self.config.data),
+                        setup_key(self.config, device_name(self.device)))
+
+    def forecaster(self) -> LossForecaster | None:
+        """The final-loss forecast, fed on resume with the logged steps the checkpoint includes."""
+        t = self.config.train
+        if t.forecast_every <= 0:
+            return None
+        metrics = self.run_dir / "metrics.jsonl"
+        events = read_metrics(metrics) if metrics.is_file() else []
+        points = points_from_events(e for e in events if e["event"] == "train" and is_logged_step(e["step"],
+                                                                                                  t.log_every))
+        return LossForecaster(self.config.schedule.build(), self.planning_law().kappa, t.forecast_every,
+                              t.target_loss, points)
 
     def save_final(self) -> None:
         """``final/``: the model as a Hugging Face folder (loads with AutoModelForCausalLM; for models that

@@ -1,0 +1,169 @@
+"""Planner accuracy on this machine: scan, then plan and run budgets, then compare.
+
+1. ``scan``: `flopwise scan --budget 15m` on the default corpus fits the law for this device.
+2. ``budget 5m`` (then 10m, 20m): `flopwise plan` predicts the final held-out loss of the planned
+   size; `flopwise train --auto` runs it; the family members nearest half and double its
+   non-embedding parameters run with the same budget for comparison.  Every run logs the early
+   forecast of its final loss (at p = 0.1, 0.2, ...), so the forecast from the first 30% is
+   compared with what the run reached too.
+3. ``report``: the table.
+
+Stages are separate commands so that each can be checked before the next hour is spent; all of
+them share a work folder and a flopwise cache (throughput probes and the scan's law), and add to
+bench/results/planner.json.  Runs go one at a time: they are timed, and two would share 2 cores.
+
+    python bench/planner.py scan --budget 15m
+    python bench/planner.py budget 5m && python bench/planner.py budget 10m && python bench/planner.py budget 20m
+    python bench/planner.py report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "planner.json"
+EARLY_P = 0.3
+
+
+def flopwise(*args: str, work: Path) -> None:
+    env = dict(os.environ, FLOPWISE_CACHE=str(work / "cache"))
+    subprocess.run([sys.executable, "-m", "flopwise", *args], check=True, env=env)
+
+
+def load_results() -> dict[str, Any]:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"budgets": {}}
+
+
+def save_results(results: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+
+
+def read_events(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run_outcome(run: Path) -> dict[str, Any]:
+    """Final held-out loss, tokens, shape and the forecasts a run logged."""
+    events = read_events(run)
+    final = [e for e in events if e["event"] == "eval" and e["p"] >= 1.0][-1]
+    plan = json.loads((run / "plan.json").read_text())
+    forecasts = [{"p": e["p"], "predicted_loss": e["predicted_loss"], "low": e["low"], "high": e["high"]}
+                 for e in events if e["event"] == "forecast"]
+    return {"run": str(run), "d_model": plan["model"]["d_model"], "n_layers": plan["model"]["n_layers"],
+            "non_embedding": plan["parameters"]["non_embedding"], "tokens": final["tokens"],
+            "val_loss": final["val_loss"], "forecasts": forecasts}
+
+
+def early_forecast(outcome: dict[str, Any]) -> dict[str, Any] | None:
+    """The forecast logged at p = 0.3 (the first 30% of the run)."""
+    for forecast in outcome["forecasts"]:
+        if abs(forecast["p"] - EARLY_P) < 0.05:
+            error = (forecast["predicted_loss"] - outcome["val_loss"]) / outcome["val_loss"]
+            return {**forecast, "error": error}
+    return None
+
+
+def neighbours(n: int, widths: list[tuple[int, int]]) -> tuple[int, int]:
+    """Family widths whose non-embedding parameters are nearest N/2 and 2N (in log N)."""
+    def nearest(target: float) -> int:
+        return min(widths, key=lambda w: abs(math.log(w[1] / target)))[0]
+    return nearest(n / 2), nearest(2 * n)
+
+
+def cmd_scan(args: argparse.Namespace) -> None:
+    scan = args.work / "scan"
+    flopwise("scan", "--budget", args.budget, "--out", str(scan), work=args.work)
+    results = load_results()
+    results["scan"] = {"budget": args.budget, "folder": str(scan),
+                       "law": json.loads((scan / "law.json").read_text()),
+                       "pilots": json.loads((scan / "scan.json").read_text())}
+    save_results(results)
+
+
+def cmd_budget(args: argparse.Namespace) -> None:
+    from flopwise.config import ModelSection
+    from flopwise.plan.shapes import WIDTHS, family_shape, non_embedding_parameters
+
+    plan_file = args.work / f"plan-{args.budget}.json"
+    flopwise("plan", "--budget", args.budget, "--out", str(plan_file), work=args.work)
+    plan = json.loads(plan_file.read_text())
+    chosen = plan["chosen"]
+    family = [(w, non_embedding_parameters(family_shape(ModelSection(), w, 4096))) for w in WIDTHS]
+    half, double = neighbours(chosen["non_embedding"], family)
+    runs: dict[str, dict[str, Any]] = {}
+    planned = args.work / f"{args.budget}-planned"
+    flopwise("train", "--budget", args.budget, "--auto", "--out", str(planned), work=args.work)
+    runs["planned"] = run_outcome(planned)
+    for label, width in (("half N", half), ("double N", double)):
+        shape = family_shape(ModelSection(), width, 4096)
+        out = args.work / f"{args.budget}-{label.replace(' ', '')}"
+        flopwise("train", "--budget", args.budget, "--out", str(out), "--set", f"model.d_model={shape.d_model}",
+                 "--set", f"model.n_layers={shape.n_layers}", "--set", f"model.n_heads={shape.n_heads}",
+                 work=args.work)
+        runs[label] = run_outcome(out)
+    achieved = runs["planned"]["val_loss"]
+    results = load_results()
+    results["budgets"][args.budget] = {
+        "plan": plan, "predicted_loss": chosen["predicted_loss"], "interval": plan["interval"],
+        "achieved_loss": achieved, "prediction_error": (chosen["predicted_loss"] - achieved) / achieved,
+        "planned_beats_neighbours": all(achieved <= runs[k]["val_loss"] for k in ("half N", "double N")),
+        "runs": runs, "early": {label: early_forecast(outcome) for label, outcome in runs.items()}}
+    save_results(results)
+    report(results)
+
+
+def report(results: dict[str, Any]) -> None:
+    console = Console(width=160)
+    table = Table(title="planner accuracy (default corpus; plan from the scan's law)")
+    for column in ("budget", "planned shape", "N", "predicted", "achieved", "error", "half N: loss", "double N: loss",
+                   "planned best?", f"forecast at p={EARLY_P}", "forecast error"):
+        table.add_column(column, justify="right")
+    for budget, row in results["budgets"].items():
+        runs = row["runs"]
+        planned = runs["planned"]
+        early = row["early"]["planned"]
+        shape = f"{planned['d_model']}d x {planned['n_layers']}"
+        table.add_row(budget, shape, f"{planned['non_embedding'] / 1e6:.2f}M",
+                      f"{row['predicted_loss']:.4f}", f"{row['achieved_loss']:.4f}", f"{row['prediction_error']:+.2%}",
+                      f"{runs['half N']['val_loss']:.4f} ({runs['half N']['d_model']}d)",
+                      f"{runs['double N']['val_loss']:.4f} ({runs['double N']['d_model']}d)",
+                      "yes" if row["planned_beats_neighbours"] else "no",
+                      f"{early['predicted_loss']:.4f}" if early else "-", f"{early['error']:+.2%}" if early else "-")
+    console.print(table)
+    early_rows = [(budget, label, e) for budget, row in results["budgets"].items() for label, e in row["early"].items()
+                  if e]
+    if early_rows:
+        errors = ", ".join(f"{budget} {label}: {e['error']:+.2%}" for budget, label, e in early_rows)
+        console.print(f"forecast from the first 30% against the final loss, every run: {errors}", highlight=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("scan", "budget", "report"))
+    parser.add_argument("budget", nargs="?", default="15m", help="scan budget, or the budget to plan and run")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/flopwise-planner-bench"),
+                        help="runs, scan and cache (kept between stages)")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.stage == "scan":
+        cmd_scan(args)
+    elif args.stage == "budget":
+        cmd_budget(args)
+    else:
+        report(load_results())
+
+
+if __name__ == "__main__":
+    main()

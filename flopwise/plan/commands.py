@@ -1,0 +1,216 @@
+"""`flopwise plan`, `flopwise fit` and `flopwise scan`: from a budget to a plan, with a law fitted
+on this data and device."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from flopwise.cli_config import add_setup_flags, config_from_args
+from flopwise.config import RunConfig
+from flopwise.errors import FlopwiseError
+from flopwise.plan.law_file import PlanningLaw, cached_law_path, find_law, setup_key
+from flopwise.plan.planner import Plan
+
+PLAN_EPILOG = """\
+how: every width of the shape family (depth = round(sqrt(d_model / 8))) is timed on this device
+for a few real optimizer steps (cached), so the budget becomes the tokens each size can see;
+the law L(N, D) = E + A/N^alpha + B/D^beta predicts each size's final held-out loss, and the
+lowest wins. The law is the one `flopwise scan` fitted for this data, recipe and device, else
+--law, else a published prior (Chinchilla, refit by Besiroglu et al. 2024) whose losses are not
+your data's: scan first.
+
+examples:
+  flopwise scan --budget 15m                     # pilot runs: fits the law for this data and device
+  flopwise plan --budget 20m                     # the plan, its predicted loss and its assumptions
+  flopwise plan --budget 1h --memory 16GiB --data ./texts/
+  flopwise train --budget 20m --auto             # plan, then run the plan
+  flopwise fit runs/sweep-*  --out law.json      # fit a law to finished runs of your own
+"""
+
+SCAN_EPILOG = """\
+design: three sizes of the shape family whose longest pilot sees between 0.3 and 300 tokens per
+parameter, each trained for t, then extended to 3t and 9t from its checkpoint before the
+learning-rate decay (warmup-stable-decay makes each length a fully annealed run of that budget,
+for 9.8t instead of 13t). The law is fitted to the final held-out losses (Huber loss on log L,
+as Hoffmann et al. 2022), with 200 bootstrap refits for its uncertainty, and saved for this
+setup so that `flopwise plan` and `train --auto` use it.
+
+examples:
+  flopwise scan --budget 15m --out scans/stdlib
+  flopwise scan --budget 10m --data ./texts/ --set optim.batch_size=16
+"""
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("plan", help="choose model size and tokens for a budget, and predict the loss",
+                            description="Plan a run for a budget: the model size with the lowest predicted held-out "
+                                        "loss on this device, its tokens, and the assumptions behind it.",
+                            epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_flags(p, "the budget to plan for: seconds or FLOPs, e.g. 20m, 1h or 1e17flops")
+    p.add_argument("--law", type=Path, help="law.json (or a scan folder) to plan with")
+    p.add_argument("--out", type=Path, help="also write the plan as JSON here")
+
+    p = commands.add_parser("fit", help="fit the scaling law L(N, D) to finished runs",
+                            description="Fit L(N, D) = E + A/N^alpha + B/D^beta to the final held-out losses of "
+                                        "finished runs (or a scan's pilots), with bootstrap intervals.",
+                            epilog="example:\n  flopwise fit runs/sweep-* --out law.json\n"
+                                   "  flopwise plan --budget 20m --law law.json",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", type=Path, nargs="+", help="run folders and/or scan folders")
+    p.add_argument("--out", type=Path, help="write the fitted law here (law.json) for plan --law")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals (default 200)")
+
+    p = commands.add_parser("scan", help="pilot runs that fit the scaling law for this data and device",
+                            description="Spend a small budget on pilot runs (sizes x lengths) and fit the law "
+                                        "that `flopwise plan` then uses for this data, recipe and device.",
+                            epilog=SCAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_flags(p, "wall-clock time the whole scan may take, e.g. 15m")
+    p.add_argument("--out", type=Path, help="scan folder (default: scans/<date-time>)")
+
+
+def make_plan(config: RunConfig, law_path: Path | None = None) -> Plan:
+    """Plan ``config``'s budget with the law for its setup (or ``law_path``), probing throughput."""
+    from flopwise.data.pipeline import cache_root
+    from flopwise.plan.memory_command import shape_from_config
+    from flopwise.plan.planner import plan_run
+    from flopwise.plan.throughput import ThroughputCache
+    from flopwise.train.device import choose_device, choose_dtype, device_name
+
+    if config.model.init_from:
+        raise FlopwiseError("planning chooses the model's shape, but --init-from fixes it: drop one of the two")
+    device = choose_device(config.train.device)
+    dtype = choose_dtype(config.train.precision, device)
+    cache = cache_root(config.data)
+    law = find_law(law_path, cache, setup_key(config, device_name(device)))
+    throughput = ThroughputCache(cache)
+    return plan_run(config, shape_from_config(config).vocab_size, law,
+                    lambda cfg, run_config: throughput.step_seconds(cfg, run_config, device, dtype),
+                    device_name(device))
+
+
+def print_plan(console: Console, plan: Plan) -> None:
+    if not console.is_terminal:  # piped or captured: keep the table's columns readable
+        console.width = max(console.width, 120)
+    table = Table(title="candidates (one row per width tried; N: non-embedding parameters)")
+    for column in ("d_model", "layers", "N", "tokens/s", "tokens", "tokens/N", "steps", "predicted loss"):
+        table.add_column(column, justify="right")
+    for c in plan.candidates:
+        mark = " <- plan" if c is plan.chosen or c == plan.chosen else ""
+        table.add_row(str(c.d_model), str(c.n_layers), f"{c.non_embedding / 1e6:.2f}M", f"{c.tokens_per_second:,.0f}",
+                      f"{c.tokens / 1e6:.2f}M", f"{c.tokens / c.non_embedding:.1f}", f"{c.steps:,}",
+                      f"{c.predicted_loss:.4f}{mark}")
+    console.print(table)
+    chosen = plan.chosen
+    spread = f" ({plan.interval[0]:.4f}-{plan.interval[1]:.4f}, 10-90% of bootstrap fits)" if plan.interval else ""
+    console.print(f"[bold]plan[/bold]: d_model {chosen.d_model} x {chosen.n_layers} layers, {chosen.n_heads} heads "
+                  f"({chosen.non_embedding / 1e6:.2f}M non-embedding parameters), {chosen.tokens / 1e6:.2f}M tokens in "
+                  f"{chosen.steps:,} steps; predicted final held-out loss {chosen.predicted_loss:.4f}{spread}",
+                  highlight=False)
+    if plan.law_is_prior:
+        console.print("[yellow]the law is a prior from other data: its loss is not a prediction for yours; "
+                      "`flopwise scan --budget 15m` fits one here[/yellow]")
+    console.print("assumptions:")
+    for line in plan.assumptions:
+        console.print(f"  - {line}", highlight=False)
+
+
+def cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    config = config_from_args(args)
+    plan = make_plan(config, args.law)
+    print_plan(console, plan)
+    if args.out:
+        from flopwise.atomic import write_json_atomic
+
+        write_json_atomic(args.out, plan.to_dict())
+        console.print(f"written: {args.out}", highlight=False)
+    budget = args.budget or json.dumps(config.budget.model_dump(exclude_none=True))
+    console.print(f"run it: flopwise train --budget {budget} --auto" + (f" --law {args.law}" if args.law else ""),
+                  highlight=False)
+    return 0
+
+
+def print_law(console: Console, law: PlanningLaw) -> None:
+    from flopwise.plan.scaling import parameter_intervals
+
+    console.print(f"[bold]law[/bold]: {law.law.describe()}", highlight=False)
+    if law.bootstrap:
+        table = Table(title=f"parameters: fit and 10-90% interval over {len(law.bootstrap)} bootstrap refits")
+        for column in ("parameter", "fit", "low", "high"):
+            table.add_column(column, justify="right")
+        for name, (low, high) in parameter_intervals(law.bootstrap).items():
+            table.add_row(name, f"{getattr(law.law, name):.4g}", f"{low:.4g}", f"{high:.4g}")
+        console.print(table)
+    if law.runs:
+        table = Table(title="runs: final held-out loss against the law")
+        for column in ("run", "N", "tokens", "loss", "law", "error"):
+            table.add_column(column, justify="right")
+        for run in law.runs:
+            predicted = float(law.law.loss(run["non_embedding"], run["tokens"]))
+            table.add_row(run["name"], f"{run['non_embedding'] / 1e6:.2f}M", f"{run['tokens'] / 1e6:.2f}M",
+                          f"{run['val_loss']:.4f}", f"{predicted:.4f}",
+                          f"{(predicted - run['val_loss']) / run['val_loss']:+.2%}")
+        console.print(table)
+    console.print(f"throughput: runs trained at {law.throughput_ratio:.3f}x the probe's tokens/s; early-forecast decay "
+                  f"factor kappa {law.kappa.kappa_mean:.4f} +- {law.kappa.kappa_std:.4f} ({law.kappa.n_runs} runs)",
+                  highlight=False)
+
+
+def cmd_fit(args: argparse.Namespace, console: Console) -> int:
+    from flopwise.plan.fitting import collect_records, law_from_records
+
+    law = law_from_records(collect_records(args.runs), samples=args.bootstrap)
+    print_law(console, law)
+    if args.out:
+        law.save(args.out)
+        console.print(f"written: {args.out} (use it with: flopwise plan --law {args.out})", highlight=False)
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace, console: Console) -> int:
+    from flopwise.data.pipeline import cache_root
+    from flopwise.plan.memory_command import shape_from_config
+    from flopwise.plan.scan import Scan, design_scan
+    from flopwise.plan.shapes import family_shape
+    from flopwise.plan.throughput import ThroughputCache
+    from flopwise.train.device import choose_device, choose_dtype, device_name
+
+    started = time.perf_counter()
+    config = config_from_args(args)
+    budget = config.budget.build()
+    if set(budget.set_limits()) != {"seconds"}:
+        raise FlopwiseError(f"scan --budget {budget.describe()}: give the scan's wall-clock time only, e.g. 15m")
+    if config.model.init_from:
+        raise FlopwiseError("a scan trains models of several sizes from scratch: drop --init-from")
+    out = args.out or Path("scans") / time.strftime("%Y%m%d-%H%M%S")
+    if (out / "scan.json").exists():
+        raise FlopwiseError(f"'{out}' already holds a scan: choose another --out")
+    device = choose_device(config.train.device)
+    dtype = choose_dtype(config.train.precision, device)
+    cache = cache_root(config.data)
+    vocab = shape_from_config(config).vocab_size
+    throughput = ThroughputCache(cache)
+    tokens_per_step = config.optim.batch_size * config.optim.grad_accum
+    design = design_scan(budget.seconds,
+                         lambda width: family_shape(config.model, width, vocab),
+                         lambda cfg: tokens_per_step * cfg.seq_len / throughput.step_seconds(cfg, config, device,
+                                                                                              dtype),
+                         config.schedule.build().decay_start)
+    sizes = ", ".join(f"{s.d_model} ({s.non_embedding / 1e6:.2f}M)" for s in design.sizes)
+    lengths = ", ".join(f"{t:.0f}s" for t in design.lengths())
+    console.print(f"scan: sizes d_model {sizes}; lengths {lengths} (extended from one run per size); "
+                  f"{budget.seconds - (time.perf_counter() - started):.0f}s left", highlight=False)
+    key = setup_key(config, device_name(device))
+    remaining = budget.seconds - (time.perf_counter() - started)
+    law = Scan(config, out, vocab, design, remaining, console).run(key)
+    law.save(cached_law_path(cache, key))
+    print_law(console, law)
+    console.print(f"done in {time.perf_counter() - started:.0f}s: {out / 'law.json'}; `flopwise plan` and "
+                  "`flopwise train --auto` now use this law for this data, recipe and device", highlight=False)
+    return 0

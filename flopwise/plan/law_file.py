@@ -1,0 +1,118 @@
+"""The law a plan predicts with: fitted on this data and device by `flopwise scan` or `flopwise fit`,
+or a published prior, labelled as such.
+
+A fitted law is written as ``law.json`` (the law, its bootstrap replicates, the runs it was
+fitted on, how fast those runs really trained against the throughput probe, and the decay
+factor the early forecast uses) and, by `scan`, also under the cache keyed by everything that
+would change the losses (data, tokenizer, device, recipe), so a later `plan` on the same setup
+finds it without being told.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flopwise.atomic import write_json_atomic
+from flopwise.config import RunConfig
+from flopwise.errors import FlopwiseError
+from flopwise.plan.early import Calibration
+from flopwise.plan.scaling import CHINCHILLA_REFIT, ScalingLaw
+
+LAW_FILE = "law.json"
+
+# Decay factor of the early forecast before any scan: final held-out loss over the extrapolated
+# stable-phase training loss, measured on the default corpus with the default recipe's WSD
+# schedule (bench/results/planner.json, scan pilots).
+PRIOR_KAPPA = Calibration(kappa_mean=0.95, kappa_std=0.03, n_runs=0)
+
+
+@dataclass
+class PlanningLaw:
+    """A loss law with what is known of its uncertainty, and how it was obtained."""
+
+    law: ScalingLaw
+    bootstrap: list[ScalingLaw] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    throughput_ratio: float = 1.0  # achieved tokens/s in real runs over the probe's
+    kappa: Calibration = PRIOR_KAPPA
+    key: str | None = None
+    path: Path | None = None
+
+    @property
+    def is_prior(self) -> bool:
+        return not self.runs
+
+    def describe(self) -> str:
+        if self.is_prior:
+            return (f"{self.law.describe()}; a prior from another tokenizer and corpus, so its losses are not this "
+                    "data's: run `flopwise scan` to fit the law here")
+        where = f" ({self.path})" if self.path else ""
+        return f"{self.law.describe()}; fitted on {len(self.runs)} runs{where}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"law": self.law.to_dict(), "bootstrap": [law.to_dict() for law in self.bootstrap], "runs": self.runs,
+                "throughput_ratio": self.throughput_ratio, "kappa": vars(self.kappa), "key": self.key}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> PlanningLaw:
+        try:
+            return cls(law=ScalingLaw.from_dict(data["law"]),
+                       bootstrap=[ScalingLaw.from_dict(item) for item in data.get("bootstrap", [])],
+                       runs=list(data.get("runs", [])), throughput_ratio=float(data.get("throughput_ratio", 1.0)),
+                       kappa=Calibration(**data["kappa"]) if "kappa" in data else PRIOR_KAPPA,
+                       key=data.get("key"), path=path)
+        except (KeyError, TypeError, ValueError) as err:
+            raise FlopwiseError(f"law file '{path}' is not a flopwise law ({err}): write it with `flopwise fit` "
+                                "or `flopwise scan`") from None
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, self.to_dict())
+
+
+def prior_law() -> PlanningLaw:
+    return PlanningLaw(CHINCHILLA_REFIT)
+
+
+def read_law(path: Path) -> PlanningLaw:
+    """A law.json, or a folder holding one (a scan's output folder)."""
+    file = path / LAW_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FlopwiseError(f"no law at '{path}': give a law.json or a `flopwise scan --out` folder")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise FlopwiseError(f"law file '{file}' is not valid JSON ({err.msg}, line {err.lineno})") from None
+    return PlanningLaw.from_dict(data, file)
+
+
+def setup_key(config: RunConfig, device: str) -> str:
+    """What the losses and speeds of a run depend on besides its size and length: the data, the
+    tokenizer, the recipe (everything but the shape and the budget) and the device."""
+    dump = config.model_dump(mode="json")
+    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "size"):
+        dump["model"].pop(name, None)
+    for name in ("budget",):
+        dump.pop(name)
+    for name in ("seed", "eval_every", "eval_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "log",
+                 "wandb_project", "forecast_every", "target_loss", "law"):
+        dump["train"].pop(name, None)
+    dump["memory"].pop("limit", None)
+    text = json.dumps({"config": dump, "device": device}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_law_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / "laws" / f"{key}.json"
+
+
+def find_law(explicit: Path | None, cache_dir: Path, key: str) -> PlanningLaw:
+    """``--law`` when given; else the law a scan fitted for this setup; else the prior."""
+    if explicit is not None:
+        return read_law(explicit)
+    cached = cached_law_path(cache_dir, key)
+    return read_law(cached) if cached.is_file() else prior_law()

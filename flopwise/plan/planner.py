@@ -1,0 +1,174 @@
+"""From a budget to a plan: which member of the shape family to train, on how many tokens, and the
+held-out loss it should reach.
+
+Each candidate width is probed for its real step time on this device (flopwise/plan/throughput.py),
+so a seconds budget becomes the tokens that size can actually see; a FLOP budget becomes tokens
+through the FLOPs per token of that shape (attention and the vocabulary head included).  The law
+then predicts each candidate's loss at its own (N, D), and the plan takes the lowest.  Predicted
+loss is unimodal in size (too small: capacity-bound; too large: too few tokens), so the search
+walks up the family from the smallest width and stops two widths past the best one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from flopwise.budget import Budget, format_amount, format_bytes
+from flopwise.config import RunConfig
+from flopwise.errors import FlopwiseError
+from flopwise.model.config import ModelConfig
+from flopwise.model.flops import flops_per_token
+from flopwise.plan.law_file import PlanningLaw
+from flopwise.plan.scaling import interval
+from flopwise.plan.shapes import WIDTHS, family_shape, non_embedding_parameters
+
+MIN_STEPS = 20  # fewer optimizer steps than this is not a training run worth predicting
+PAST_BEST = 2  # candidates tried beyond the best before the search stops
+
+
+@dataclass
+class Candidate:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    non_embedding: int
+    step_seconds: float
+    tokens_per_second: float
+    tokens: float
+    steps: int
+    predicted_loss: float
+    methods: list[str] = field(default_factory=list)
+    memory_peak: float | None = None
+
+
+@dataclass
+class Plan:
+    budget: dict[str, float | None]
+    chosen: Candidate
+    candidates: list[Candidate]
+    interval: tuple[float, float] | None
+    law: dict[str, Any]
+    law_description: str
+    law_is_prior: bool
+    throughput_ratio: float
+    tokens_per_step: int
+    device: str
+    assumptions: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def apply(self, config: RunConfig) -> None:
+        """Set the config's model shape (and memory methods) to the chosen candidate."""
+        chosen = self.chosen
+        config.model.d_model, config.model.n_layers, config.model.n_heads = (chosen.d_model, chosen.n_layers,
+                                                                             chosen.n_heads)
+        config.model.n_kv_heads = None
+        config.model.mlp_hidden = None
+        if config.memory.limit is not None and not config.memory.methods:
+            config.memory.methods = list(chosen.methods)
+            if "galore" in chosen.methods:
+                config.optim.name = "adamw"
+
+
+StepSeconds = Callable[[ModelConfig, RunConfig], float]
+
+
+def budget_tokens(budget: Budget, cfg: ModelConfig, tokens_per_step: int, step_seconds: float) -> float:
+    """Tokens a run of shape ``cfg`` sees before its first limit binds."""
+    per_limit = {"seconds": lambda s: s / step_seconds * tokens_per_step,
+                 "flops": lambda f: f / flops_per_token(cfg),
+                 "tokens": lambda t: t,
+                 "steps": lambda n: n * tokens_per_step}
+    return min(per_limit[name](amount) for name, amount in budget.set_limits().items())
+
+
+def plan_run(config: RunConfig, vocab_size: int, law: PlanningLaw, step_seconds: StepSeconds, device: str,
+             widths: tuple[int, ...] = WIDTHS) -> Plan:
+    """The family member with the lowest predicted loss under ``config``'s budget and memory cap."""
+    budget = config.budget.build()
+    if not {"seconds", "flops"} & set(budget.set_limits()):
+        raise FlopwiseError(f"budget {budget.describe()} does not bound the model size (more parameters cost "
+                            "nothing under a token or step limit): add seconds or FLOPs, e.g. --budget 10m")
+    if config.model.init_from:
+        raise FlopwiseError("planning chooses the model's shape, but --init-from fixes it: drop one of the two")
+    o = config.optim
+    tokens_per_step = o.batch_size * o.grad_accum * family_shape(config.model, widths[0], vocab_size).seq_len
+    candidates: list[Candidate] = []
+    best: Candidate | None = None
+    for width in widths:
+        try:
+            candidate = _candidate(config, width, vocab_size, budget, law, step_seconds, tokens_per_step)
+        except FlopwiseError:  # over the memory cap, and so is every larger width
+            if not candidates:
+                raise
+            break
+        if candidate.steps < MIN_STEPS:
+            break
+        candidates.append(candidate)
+        if best is None or candidate.predicted_loss < best.predicted_loss:
+            best = candidate
+        elif candidates.index(candidate) - candidates.index(best) >= PAST_BEST:
+            break
+    if best is None:
+        raise FlopwiseError(f"budget {budget.describe()} allows fewer than {MIN_STEPS} steps even for the smallest "
+                            f"model (d_model {widths[0]}): raise the budget, or shrink optim.batch_size")
+    spread = (interval(law.bootstrap, best.non_embedding, best.tokens) if law.bootstrap else None)
+    return Plan(budget=budget.to_dict(), chosen=best, candidates=candidates, interval=spread, law=law.law.to_dict(),
+                law_description=law.describe(), law_is_prior=law.is_prior, throughput_ratio=law.throughput_ratio,
+                tokens_per_step=tokens_per_step, device=device,
+                assumptions=_assumptions(config, law, best, budget, device))
+
+
+def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, law: PlanningLaw,
+               step_seconds: StepSeconds, tokens_per_step: int) -> Candidate:
+    """One family member's cost and predicted loss; FlopwiseError when no memory-saving methods fit the cap."""
+    cfg = family_shape(config.model, width, vocab_size)
+    run_config = config.model_copy(deep=True)
+    peak = None
+    if config.memory.limit is not None:
+        from flopwise.plan.memory import choose_methods, estimate_memory
+        from flopwise.plan.memory_command import compute_dtype
+
+        dtype, o = compute_dtype(config), config.optim
+        if config.memory.methods:
+            peak = estimate_memory(cfg, o.batch_size, config.memory.methods, config.memory, o.name, dtype,
+                                   grad_accum=o.grad_accum).peak
+            if peak > config.memory.limit:
+                raise FlopwiseError(f"memory.methods {config.memory.methods} need {format_bytes(peak)} for "
+                                    f"d_model {width}, over memory.limit {format_bytes(config.memory.limit)}: "
+                                    "leave the methods to the planner, or raise the limit")
+        else:
+            choice = choose_methods(cfg, o.batch_size, config.memory, o.name, config.memory.limit, dtype,
+                                    o.grad_accum)
+            run_config.memory.methods, peak = list(choice.methods), choice.estimate.peak
+            run_config.optim.name = choice.optimizer
+    seconds = step_seconds(cfg, run_config) / law.throughput_ratio
+    tokens = budget_tokens(budget, cfg, tokens_per_step, seconds)
+    n = non_embedding_parameters(cfg)
+    return Candidate(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, non_embedding=n,
+                     step_seconds=seconds, tokens_per_second=tokens_per_step / seconds, tokens=tokens,
+                     steps=int(tokens // tokens_per_step), predicted_loss=float(law.law.loss(n, tokens)),
+                     methods=list(run_config.memory.methods), memory_peak=peak)
+
+
+def _assumptions(config: RunConfig, law: PlanningLaw, best: Candidate, budget: Budget, device: str) -> list[str]:
+    o, s = config.optim, config.schedule
+    lines = [f"law: {law.describe()}",
+             f"throughput: measured on {device}: {best.tokens_per_second:,.0f} tokens/s for the chosen shape "
+             f"({best.step_seconds:.3f} s per step of {o.batch_size * o.grad_accum} x {config.model.seq_len or 256} "
+             "tokens" + (f", scaled by {law.throughput_ratio:.3f}, what the scan's runs achieved against the probe)"
+                         if law.throughput_ratio != 1.0 else ")"),
+             f"budget: {budget.describe()}; the first limit to bind decides the tokens",
+             f"recipe: {o.name} (lr {o.lr:g}" + (f", muon_lr {o.muon_lr:g}" if o.name == "muon" else "")
+             + f"), batch {o.batch_size} x {o.grad_accum} accumulation, {s.name} schedule (warmup {s.warmup:g}, "
+               f"decay {s.decay:g}) as configured; the law holds for this recipe"]
+    if config.memory.limit is not None:
+        lines.append(f"memory: cap {format_bytes(config.memory.limit)}; estimated peak "
+                     f"{format_bytes(best.memory_peak or 0)} with {', '.join(best.methods) or 'no methods'}")
+    else:
+        lines.append("memory: no cap given (--memory)")
+    lines.append(f"tokens: {format_amount('tokens', best.tokens)} = {best.tokens / best.non_embedding:.1f} per "
+                 "non-embedding parameter")
+    return lines

@@ -1,0 +1,187 @@
+"""`flopwise scan`: spend a small budget on pilot runs and fit the law for this data and device.
+
+Pilots are sizes x lengths.  Each size trains once for the shortest length and is then extended
+to the longer ones from its checkpoint before the learning-rate decay, as warmup-stable-decay
+allows (Hägele et al. 2024): lengths t, 3t and 9t cost 9.8t instead of 13t, and every length ends
+fully annealed, as a run of that budget would.  The 9x span in tokens per size is what pins the
+data term of the law, which a plan for a longer budget extrapolates.  Sizes are the family members whose longest pilot
+sees between MIN_RATIO and MAX_RATIO tokens per non-embedding parameter (under-trained to
+over-trained), spread evenly in log N.  Lengths run shortest first across all sizes, so a scan
+that runs late drops its longest branches, not whole sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from flopwise.atomic import write_json_atomic
+from flopwise.budget import Budget
+from flopwise.config import RunConfig
+from flopwise.errors import FlopwiseError
+from flopwise.model.config import ModelConfig
+from flopwise.plan.fitting import SCAN_FILE, law_from_records, run_record
+from flopwise.plan.law_file import LAW_FILE, PlanningLaw
+from flopwise.plan.shapes import WIDTHS, family_shape, non_embedding_parameters
+
+LENGTHS = (1, 3, 9)  # pilot lengths in units of the shortest
+SIZES = 3
+MIN_RATIO, MAX_RATIO = 0.3, 300.0
+RUN_OVERHEAD_SECONDS = 6.0  # start-up, final evaluation and saving of one pilot, besides training
+# pilots evaluate once, at the end (the fit uses final losses only); the pinned checkpoint is kept
+PILOT_SETTINGS = {"eval_every": 0.0, "checkpoint_every": 0.0, "log_every": 5}
+
+
+def extension_cost(decay_start: float) -> float:
+    """Training time of one size's pilots in units of the shortest: each extension retrains from the
+    previous length's checkpoint before its decay."""
+    return LENGTHS[0] + sum(b - decay_start * a for a, b in zip(LENGTHS, LENGTHS[1:]))
+
+
+@dataclass
+class PilotSize:
+    d_model: int
+    non_embedding: int
+    tokens_per_second: float  # the probe's
+
+
+@dataclass
+class ScanDesign:
+    sizes: list[PilotSize]
+    unit_seconds: float  # the shortest pilot's training budget
+    decay_start: float = 0.8
+
+    def lengths(self) -> list[float]:
+        return [self.unit_seconds * k for k in LENGTHS]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sizes": [vars(s) for s in self.sizes], "lengths_seconds": self.lengths()}
+
+
+def design_scan(scan_seconds: float, model_cfg_for: Callable[[int], ModelConfig],
+                tokens_per_second: Callable[[ModelConfig], float], decay_start: float = 0.8,
+                widths: tuple[int, ...] = WIDTHS) -> ScanDesign:
+    """Sizes and lengths that fill ``scan_seconds`` of wall clock, for a schedule decaying from ``decay_start``."""
+    train_seconds = scan_seconds - SIZES * len(LENGTHS) * RUN_OVERHEAD_SECONDS
+    cost = extension_cost(decay_start)
+    unit = train_seconds / (SIZES * cost)
+    if unit < 5:
+        raise FlopwiseError(f"a scan of {scan_seconds:.0f}s leaves {unit:.1f}s for its shortest pilot: give at least "
+                            f"{math.ceil(SIZES * (len(LENGTHS) * RUN_OVERHEAD_SECONDS + 5 * cost) / 60)}m")
+    longest = unit * LENGTHS[-1]
+    eligible: list[PilotSize] = []
+    for width in widths:
+        cfg = model_cfg_for(width)
+        rate, n = tokens_per_second(cfg), non_embedding_parameters(cfg)
+        ratio = rate * longest / n
+        if ratio < MIN_RATIO:
+            break
+        if ratio <= MAX_RATIO:
+            eligible.append(PilotSize(width, n, rate))
+    if len(eligible) < 2:
+        raise FlopwiseError(f"a scan of {scan_seconds:.0f}s finds fewer than two model sizes worth piloting on this "
+                            "device: give a larger scan budget")
+    return ScanDesign(_spread(eligible, SIZES), unit, decay_start)
+
+
+def _spread(sizes: list[PilotSize], count: int) -> list[PilotSize]:
+    """``count`` sizes evenly spaced in log N, the smallest and largest included."""
+    if len(sizes) <= count:
+        return sizes
+    low, high = math.log(sizes[0].non_embedding), math.log(sizes[-1].non_embedding)
+    chosen: list[PilotSize] = []
+    for k in range(count):
+        target = low + (high - low) * k / (count - 1)
+        best = min((s for s in sizes if s not in chosen), key=lambda s: abs(math.log(s.non_embedding) - target))
+        chosen.append(best)
+    return sorted(chosen, key=lambda s: s.non_embedding)
+
+
+class Scan:
+    """Runs a design's pilots into ``out``/runs, records each length's result in ``out``/scan.json,
+    and fits the law to them."""
+
+    def __init__(self, config: RunConfig, out: Path, vocab_size: int, design: ScanDesign, scan_seconds: float,
+                 console: Console) -> None:
+        self.config = config
+        self.out = out
+        self.vocab_size = vocab_size
+        self.design = design
+        self.deadline = time.perf_counter() + scan_seconds
+        self.console = console
+        self.records: list[dict[str, Any]] = []
+        self.skipped: list[str] = []
+
+    def run(self, key: str) -> PlanningLaw:
+        lengths = self.design.lengths()
+        for index, seconds in enumerate(lengths):
+            for size in self.design.sizes:
+                extend_from = lengths[index - 1] if index else None
+                self._pilot(size, seconds, extend_from)
+        self._write()
+        law = law_from_records(self.records, key)
+        law.save(self.out / LAW_FILE)
+        return law
+
+    def _pilot(self, size: PilotSize, seconds: float, extend_from: float | None) -> None:
+        run_dir = self.out / "runs" / f"d{size.d_model}"
+        name = f"d_model {size.d_model} ({size.non_embedding / 1e6:.2f}M), {seconds:.0f}s"
+        cost = seconds - (self.design.decay_start * extend_from if extend_from else 0.0) + RUN_OVERHEAD_SECONDS
+        if extend_from is not None and not (run_dir / "final").is_dir():
+            self.skipped.append(name)  # its shorter pilot was skipped
+            return
+        if time.perf_counter() + cost > self.deadline:
+            self.skipped.append(name)
+            self.console.print(f"skipped {name}: the scan budget would run out", highlight=False)
+            return
+        started = time.perf_counter()
+        if extend_from is None:
+            train_pilot(self.config, size.d_model, self.vocab_size, seconds, run_dir)
+        else:
+            extend_pilot(run_dir, seconds)
+        record = run_record(run_dir)
+        record.update(seconds_budget=seconds, probe_tokens_per_second=size.tokens_per_second,
+                      wall=time.perf_counter() - started, name=f"d{size.d_model}-{seconds:.0f}s")
+        self.records.append(record)
+        self._write()
+        self.console.print(f"pilot {len(self.records)}: {name}: held-out loss {record['val_loss']:.4f} after "
+                           f"{record['tokens'] / 1e6:.2f}M tokens ({record['tokens_per_second']:,.0f} tokens/s)",
+                           highlight=False)
+
+    def _write(self) -> None:
+        write_json_atomic(self.out / SCAN_FILE, {"design": self.design.to_dict(), "pilots": self.records,
+                                                 "skipped": self.skipped})
+
+
+def pilot_config(config: RunConfig, d_model: int, vocab_size: int, seconds: float) -> RunConfig:
+    pilot = config.model_copy(deep=True)
+    shape = family_shape(config.model, d_model, vocab_size)
+    pilot.model.d_model, pilot.model.n_layers, pilot.model.n_heads = shape.d_model, shape.n_layers, shape.n_heads
+    pilot.budget = type(config.budget)(seconds=seconds)
+    for name, value in PILOT_SETTINGS.items():
+        setattr(pilot.train, name, value)
+    return pilot
+
+
+def train_pilot(config: RunConfig, d_model: int, vocab_size: int, seconds: float, run_dir: Path) -> None:
+    from flopwise.train.display import ProgressDisplay
+    from flopwise.train.session import start_new
+    from flopwise.train.trainer import LoopState
+
+    session = start_new(pilot_config(config, d_model, vocab_size, seconds), run_dir,
+                        ProgressDisplay(Console(quiet=True)))
+    session.write_run_files()
+    session.run(LoopState())
+
+
+def extend_pilot(run_dir: Path, seconds: float) -> None:
+    from flopwise.train.display import ProgressDisplay
+    from flopwise.train.session import open_for_resume
+
+    session, state = open_for_resume(run_dir, Budget(seconds=seconds), ProgressDisplay(Console(quiet=True)))
+    session.run(state)

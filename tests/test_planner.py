@@ -1,0 +1,154 @@
+"""The planner's parts on their own: the shape family, budget-to-tokens conversion, the choice among
+candidates, the scan's design and the law file.  Throughput is faked here so that the choices can
+be computed independently; real probes and real pilots are in test_planning_runs.py."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from flopwise.config import ModelSection, RunConfig, load_config
+from flopwise.errors import FlopwiseError
+from flopwise.model.config import NAMED_SIZES
+from flopwise.model.flops import count_parameters, flops_per_token
+from flopwise.budget import Budget
+from flopwise.plan.law_file import PRIOR_KAPPA, PlanningLaw, find_law, read_law, setup_key
+from flopwise.plan.planner import budget_tokens, plan_run
+from flopwise.plan.scaling import ScalingLaw
+from flopwise.plan.scan import LENGTHS, MAX_RATIO, MIN_RATIO, RUN_OVERHEAD_SECONDS, SIZES, design_scan, extension_cost
+from flopwise.plan.shapes import WIDTHS, depth_for_width, family_shape, heads_for_width
+
+LAW = ScalingLaw(E=1.5, A=80.0, B=900.0, alpha=0.35, beta=0.35, source="test")
+
+
+def fake_seconds(cfg, run_config) -> float:
+    """Step time proportional to the step's FLOPs plus a fixed overhead, like a small device."""
+    return 0.02 + flops_per_token(cfg) * run_config.optim.batch_size * cfg.seq_len / 5e10
+
+
+def test_family_depth_rule_reproduces_the_named_sizes():
+    for name in ("small", "base", "medium"):
+        size = NAMED_SIZES[name]
+        assert depth_for_width(size["d_model"]) == size["n_layers"]
+    assert depth_for_width(2048) == 16 and depth_for_width(64) == 3
+
+
+def test_every_family_member_is_a_valid_shape_with_even_heads():
+    previous = 0
+    for width in WIDTHS:
+        cfg = family_shape(ModelSection(), width, 4096)
+        assert cfg.head_dim % 2 == 0 and cfg.d_model == width and cfg.n_heads == heads_for_width(width)
+        n = count_parameters(cfg)["non_embedding"]
+        assert 1.0 < n / max(previous, 1) and (previous == 0 or n / previous < 1.9)  # fine steps, growing
+        previous = n
+
+
+def test_budget_tokens_takes_the_first_limit_to_bind():
+    cfg = family_shape(ModelSection(), 128, 4096)
+    tokens_per_step = 8 * 256
+    assert budget_tokens(Budget(seconds=100), cfg, tokens_per_step, 0.5) == pytest.approx(200 * 2048)
+    assert budget_tokens(Budget(flops=1e13), cfg, tokens_per_step, 0.5) == pytest.approx(1e13 / flops_per_token(cfg))
+    both = Budget(seconds=100, tokens=1e5)
+    assert budget_tokens(both, cfg, tokens_per_step, 0.5) == 1e5
+    assert budget_tokens(Budget(seconds=100, steps=10), cfg, tokens_per_step, 0.5) == 10 * 2048
+
+
+def test_plan_takes_the_lowest_predicted_loss_among_all_family_members():
+    config = load_config(values={"budget.seconds": 600})
+    plan = plan_run(config, 4096, PlanningLaw(LAW), fake_seconds, "test device")
+    # independently: every family member's loss at the tokens its step time allows
+    losses = {}
+    for width in WIDTHS[:20]:
+        cfg = family_shape(config.model, width, 4096)
+        tokens = 600 / fake_seconds(cfg, config) * 2048
+        losses[width] = LAW.loss(count_parameters(cfg)["non_embedding"], tokens)
+    best = min(losses, key=losses.get)
+    assert plan.chosen.d_model == best
+    assert plan.chosen.predicted_loss == pytest.approx(losses[best])
+    assert plan.chosen.tokens == pytest.approx(600 / fake_seconds(family_shape(config.model, best, 4096), config)
+                                               * 2048)
+    assert plan.candidates[-1].d_model > best  # the search looked past the best before stopping
+    assert any("law:" in line for line in plan.assumptions) and any("throughput" in line for line in plan.assumptions)
+    config_after = config.model_copy(deep=True)
+    plan.apply(config_after)
+    assert config_after.model.build(4096).d_model == best
+
+
+def test_a_larger_budget_plans_a_larger_model():
+    small = plan_run(load_config(values={"budget.seconds": 60}), 4096, PlanningLaw(LAW), fake_seconds, "d")
+    large = plan_run(load_config(values={"budget.seconds": 6000}), 4096, PlanningLaw(LAW), fake_seconds, "d")
+    assert large.chosen.non_embedding > small.chosen.non_embedding
+    assert large.chosen.tokens > small.chosen.tokens
+
+
+def test_the_throughput_ratio_of_a_fitted_law_slows_the_plan_down():
+    config = load_config(values={"budget.seconds": 600})
+    plain = plan_run(config, 4096, PlanningLaw(LAW), fake_seconds, "d")
+    slower = plan_run(config, 4096, PlanningLaw(LAW, runs=[{}], throughput_ratio=0.5), fake_seconds, "d")
+    first = slower.candidates[0]
+    assert first.tokens == pytest.approx(plain.candidates[0].tokens / 2)
+
+
+def test_memory_cap_bounds_the_candidates(tmp_path):
+    free = plan_run(load_config(values={"budget.seconds": 1e6}), 4096, PlanningLaw(LAW), fake_seconds, "d")
+    capped = plan_run(load_config(values={"budget.seconds": 1e6, "memory.limit": "110MiB"}), 4096,
+                      PlanningLaw(LAW), fake_seconds, "d")
+    assert capped.chosen.d_model < free.chosen.d_model
+    assert capped.chosen.memory_peak <= 110 * 2**20 and capped.chosen.methods  # methods chosen to fit
+    assert any("memory: cap 110.0 MiB" in line for line in capped.assumptions)
+    with pytest.raises(FlopwiseError, match="no memory-saving methods fit memory.limit 30.0 MiB"):
+        plan_run(load_config(values={"budget.seconds": 1e6, "memory.limit": "30MiB"}), 4096, PlanningLaw(LAW),
+                 fake_seconds, "d")
+
+
+def test_plans_refuse_budgets_that_do_not_bound_size():
+    with pytest.raises(FlopwiseError, match="does not bound the model size"):
+        plan_run(load_config(values={"budget.tokens": 1e6}), 4096, PlanningLaw(LAW), fake_seconds, "d")
+    with pytest.raises(FlopwiseError, match="fewer than 20 steps"):
+        plan_run(load_config(values={"budget.seconds": 0.1}), 4096, PlanningLaw(LAW), fake_seconds, "d")
+
+
+def test_scan_design_fills_its_budget_with_sizes_in_the_ratio_range():
+    config = RunConfig()
+    rate = lambda cfg: 2048 / fake_seconds(cfg, config)  # noqa: E731
+    design = design_scan(900, lambda w: family_shape(config.model, w, 4096), rate)
+    assert extension_cost(0.8) == pytest.approx(1 + (3 - 0.8 * 1) + (9 - 0.8 * 3))  # 9.8
+    unit = (900 - SIZES * len(LENGTHS) * RUN_OVERHEAD_SECONDS) / (SIZES * 9.8)
+    assert design.unit_seconds == pytest.approx(unit)
+    assert design.lengths() == pytest.approx([unit, 3 * unit, 9 * unit])
+    assert len(design.sizes) == SIZES
+    ratios = [s.tokens_per_second * 9 * unit / s.non_embedding for s in design.sizes]
+    assert all(MIN_RATIO <= r <= MAX_RATIO for r in ratios)
+    logs = [math.log(s.non_embedding) for s in design.sizes]
+    assert logs == sorted(logs)
+    with pytest.raises(FlopwiseError, match="give at least"):
+        design_scan(60, lambda w: family_shape(config.model, w, 4096), rate)
+
+
+def test_setup_key_follows_data_recipe_and_device_but_not_budget_or_seed():
+    base = load_config(values={"budget.seconds": 60})
+    key = setup_key(base, "cpu")
+    assert setup_key(load_config(values={"budget.seconds": 600, "train.seed": 3}), "cpu") == key
+    assert setup_key(load_config(values={"budget.seconds": 60, "model.d_model": 512}), "cpu") == key
+    assert setup_key(load_config(values={"budget.seconds": 60, "data.sources": ["./x"]}), "cpu") != key
+    assert setup_key(load_config(values={"budget.seconds": 60, "optim.lr": 3e-3}), "cpu") != key
+    assert setup_key(base, "cuda") != key
+
+
+def test_law_file_round_trip_and_lookup(tmp_path):
+    law = PlanningLaw(LAW, bootstrap=[LAW, LAW], runs=[{"name": "a"}], throughput_ratio=0.9, key="k")
+    law.save(tmp_path / "law.json")
+    again = read_law(tmp_path)
+    assert again.law == LAW and again.throughput_ratio == 0.9 and again.runs == [{"name": "a"}]
+    assert again.kappa == PRIOR_KAPPA and not again.is_prior
+    assert find_law(None, tmp_path / "cache", "k").is_prior  # nothing cached: the prior
+    (tmp_path / "cache" / "laws").mkdir(parents=True)
+    (tmp_path / "cache" / "laws" / "k.json").write_text((tmp_path / "law.json").read_text())
+    assert not find_law(None, tmp_path / "cache", "k").is_prior
+    (tmp_path / "bad.json").write_text(json.dumps({"bootstrap": []}))
+    with pytest.raises(FlopwiseError, match="bad.json' is not a flopwise law"):
+        read_law(tmp_path / "bad.json")
+    with pytest.raises(FlopwiseError, match="no law at"):
+        read_law(tmp_path / "missing")

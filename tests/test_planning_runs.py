@@ -1,0 +1,116 @@
+"""The planner in real (tiny) runs: the loss forecast in the log and across a resume, stopping
+for a target, and scan -> fit -> plan -> train --auto through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flopwise.cli import main
+from flopwise.config import load_config
+from flopwise.plan.law_file import read_law
+from flopwise.plan.scan import PilotSize, Scan, ScanDesign
+from flopwise.train.metrics import read_metrics
+from tests.conftest import TINY
+from tests.test_train import train
+
+PLANNING = ["--tokenizer", "byte", "--set", "model.seq_len=64", "--set", "optim.batch_size=4",
+            "--set", "train.eval_tokens=2048"]
+
+
+def forecasts(run) -> list[dict]:
+    return [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "forecast"]
+
+
+def test_forecasts_are_logged_and_repeat_exactly_after_a_resume(tmp_path, text_folder):
+    args = [*TINY, "--data", str(text_folder), "--budget", "120steps"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train(*args, "--out", str(full)) == 0
+    logged = forecasts(full)
+    assert [round(e["p"], 2) for e in logged] == [round(0.1 * k, 2) for k in range(1, 10)]  # every 0.1 of the budget
+    for event in logged:
+        assert event["low"] <= event["predicted_loss"] <= event["high"]
+    assert train(*args, "--stop-after", "53steps", "--out", str(part)) == 0
+    assert train("--resume", str(part)) == 0
+    assert forecasts(part) == logged  # rebuilt from metrics.jsonl: the same points, the same forecasts
+
+
+def test_a_run_stops_when_the_forecast_cannot_reach_the_target(tmp_path, text_folder, capsys):
+    run = tmp_path / "hopeless"
+    assert train(*TINY, "--data", str(text_folder), "--budget", "200steps", "--target-loss", "0.05",
+                 "--out", str(run)) == 0
+    out = capsys.readouterr().out
+    assert "cannot reach train.target_loss 0.05" in out and "--resume" in out
+    steps = [e["step"] for e in read_metrics(run / "metrics.jsonl") if e["event"] == "train"]
+    assert steps[-1] < 200 and not (run / "final").exists()
+    assert list((run / "checkpoints").iterdir())  # resumable, as after an interruption
+    assert load_config(run / "config.toml").train.target_loss == 0.05
+
+
+@pytest.fixture(scope="module")
+def scan_folder(tmp_path_factory, text_folder):
+    """A real scan of two sizes x three lengths (one run per size, extended twice)."""
+    from rich.console import Console
+
+    from flopwise.cli_config import config_from_args
+    from flopwise.cli import build_parser
+
+    out = tmp_path_factory.mktemp("scan")
+    args = build_parser().parse_args(["scan", "--budget", "60s", "--data", str(text_folder), *PLANNING])
+    config = config_from_args(args)
+    design = ScanDesign([PilotSize(64, 0, 20000.0), PilotSize(96, 0, 12000.0)], unit_seconds=1.5)
+    Scan(config, out, 257, design, 600, Console(quiet=True)).run("test-key")
+    return out
+
+
+def test_scan_extends_each_size_and_records_every_length(scan_folder):
+    pilots = json.loads((scan_folder / "scan.json").read_text())["pilots"]
+    assert [(p["d_model"], p["seconds_budget"]) for p in pilots] == [(64, 1.5), (96, 1.5), (64, 4.5), (96, 4.5),
+                                                                    (64, 13.5), (96, 13.5)]
+    for d_model in (64, 96):
+        tokens = [p["tokens"] for p in pilots if p["d_model"] == d_model]
+        assert tokens == sorted(tokens) and tokens[-1] > 5 * tokens[0]  # longer budgets saw more tokens
+        losses = [p["val_loss"] for p in pilots if p["d_model"] == d_model]
+        assert losses[-1] < losses[0]
+    law = read_law(scan_folder)
+    assert len(law.runs) == 6 and len(law.bootstrap) > 100 and not law.is_prior
+    assert 0.3 < law.throughput_ratio < 1.5  # achieved tokens/s against the (given) probe rates
+
+
+def test_fit_plan_and_auto_train_use_the_scans_law(scan_folder, tmp_path, text_folder, capsys):
+    assert main(["fit", str(scan_folder), "--out", str(tmp_path / "law.json"), "--bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "fitted on 6 runs" in out and "bootstrap" in out
+    assert main(["plan", "--budget", "8s", "--law", str(tmp_path / "law.json"), "--data", str(text_folder),
+                 *PLANNING, "--out", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "predicted final held-out loss" in out and "assumptions:" in out and "throughput: measured" in out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    run = tmp_path / "auto"
+    assert train("--budget", "8s", "--auto", "--law", str(tmp_path / "law.json"), "--data", str(text_folder),
+                 *PLANNING, "--out", str(run)) == 0
+    out = capsys.readouterr().out
+    auto = json.loads((run / "plan.json").read_text())["auto_plan"]
+    assert auto["chosen"]["d_model"] == json.loads((run / "plan.json").read_text())["model"]["d_model"]
+    assert auto["chosen"]["d_model"] == plan["chosen"]["d_model"]  # the same plan: probes are cached
+    assert "planned:" in out and "achieved:" in out
+
+
+def test_plan_without_a_scan_says_its_law_is_a_prior(tmp_path, text_folder, capsys):
+    assert main(["plan", "--budget", "20s", "--data", str(text_folder), *PLANNING]) == 0
+    out = capsys.readouterr().out
+    assert "prior from other data" in out and "Besiroglu" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan", "--budget", "5M"], "does not bound the model size"),
+    (["scan", "--budget", "5M"], "give the scan's wall-clock time only"),
+    (["scan", "--budget", "30s"], "give at least"),
+    (["train", "--budget", "10s", "--auto", "--set", "model.d_model=128"], "model.d_model is set, but --auto"),
+    (["fit", "nowhere"], "neither a flopwise run folder nor a scan folder"),
+])
+def test_planning_errors_are_one_clear_line(args, message, capsys, text_folder):
+    assert main([*args, "--data", str(text_folder), *PLANNING] if args[0] != "fit" else args) != 0
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
