@@ -44,6 +44,10 @@ examples:
   torchrun --nproc_per_node=2 -m flopwise train --budget 3m --out runs/ddp   # data parallel (--parallel fsdp)
   flopwise train --model large --memory 4GiB --budget 1h   # picks 8-bit states, checkpointing, GaLore... to fit
   flopwise train --method galore --method 8bit --set optim.name=adamw --budget 10m   # choose methods yourself
+  flopwise train --budget 20m --auto                # model size from the scaling law (run `flopwise scan` first)
+  flopwise train --budget 1h --target-loss 3.9      # give up early once the forecast cannot reach 3.9
+
+every run forecasts its final held-out loss from its curve so far (logged at each 0.1 of the budget).
 """
 
 

@@ -32,7 +32,7 @@ def test_family_depth_rule_reproduces_the_named_sizes():
     for name in ("small", "base", "medium"):
         size = NAMED_SIZES[name]
         assert depth_for_width(size["d_model"]) == size["n_layers"]
-    assert depth_for_width(2048) == 16 and depth_for_width(64) == 3
+    assert depth_for_width(2048) == 16 and depth_for_width(64) == 3 and depth_for_width(32) == 2
 
 
 def test_every_family_member_is_a_valid_shape_with_even_heads():
@@ -41,7 +41,7 @@ def test_every_family_member_is_a_valid_shape_with_even_heads():
         cfg = family_shape(ModelSection(), width, 4096)
         assert cfg.head_dim % 2 == 0 and cfg.d_model == width and cfg.n_heads == heads_for_width(width)
         n = count_parameters(cfg)["non_embedding"]
-        assert 1.0 < n / max(previous, 1) and (previous == 0 or n / previous < 1.9)  # fine steps, growing
+        assert 1.0 < n / max(previous, 1) and (previous == 0 or n / previous < (1.9 if width > 64 else 2.9))
         previous = n
 
 
@@ -115,9 +115,9 @@ def test_scan_design_fills_its_budget_with_sizes_in_the_ratio_range():
     rate = lambda cfg: 2048 / fake_seconds(cfg, config)  # noqa: E731
     design = design_scan(900, lambda w: family_shape(config.model, w, 4096), rate)
     assert extension_cost(0.8) == pytest.approx(1 + (3 - 0.8 * 1) + (9 - 0.8 * 3))  # 9.8
-    unit = (900 - SIZES * len(LENGTHS) * RUN_OVERHEAD_SECONDS) / (SIZES * 9.8)
-    assert design.unit_seconds == pytest.approx(unit)
-    assert design.lengths() == pytest.approx([unit, 3 * unit, 9 * unit])
+    unit = (0.97 * 900 - SIZES * len(LENGTHS) * RUN_OVERHEAD_SECONDS) / (SIZES * 9.8)  # 3% to spare
+    assert design.unit_seconds == pytest.approx(unit, rel=1e-3)  # less the (instant) probes' time
+    assert design.lengths() == pytest.approx([unit, 3 * unit, 9 * unit], rel=1e-3)
     assert len(design.sizes) == SIZES
     ratios = [s.tokens_per_second * 9 * unit / s.non_embedding for s in design.sizes]
     assert all(MIN_RATIO <= r <= MAX_RATIO for r in ratios)

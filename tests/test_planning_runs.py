@@ -114,3 +114,16 @@ def test_planning_errors_are_one_clear_line(args, message, capsys, text_folder):
     assert main([*args, "--data", str(text_folder), *PLANNING] if args[0] != "fit" else args) != 0
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_fit_reads_run_folders_and_says_when_they_cannot_pin_a_law(scan_folder, tmp_path, capsys):
+    runs = sorted((scan_folder / "runs").iterdir())  # two sizes, each extended to its longest length
+    assert main(["fit", *map(str, runs)]) != 0
+    assert "2 runs cannot pin 5 free parameters: give at least 6 runs" in capsys.readouterr().err
+    assert main(["fit", str(runs[0])]) != 0
+    assert "span 1 model size(s) and 1 token count(s)" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.toml").write_text("")
+    assert main(["fit", str(unfinished)]) != 0
+    assert "has not finished" in capsys.readouterr().err

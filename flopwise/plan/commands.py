@@ -79,7 +79,7 @@ def make_plan(config: RunConfig, law_path: Path | None = None) -> Plan:
     from flopwise.plan.memory_command import shape_from_config
     from flopwise.plan.planner import plan_run
     from flopwise.plan.throughput import ThroughputCache
-    from flopwise.train.device import choose_device, choose_dtype, device_name
+    from flopwise.train.device import choose_device, choose_dtype, device_name, measure_matmul_peak
 
     if config.model.init_from:
         raise FlopwiseError("planning chooses the model's shape, but --init-from fixes it: drop one of the two")
@@ -90,7 +90,7 @@ def make_plan(config: RunConfig, law_path: Path | None = None) -> Plan:
     throughput = ThroughputCache(cache)
     return plan_run(config, shape_from_config(config).vocab_size, law,
                     lambda cfg, run_config: throughput.step_seconds(cfg, run_config, device, dtype),
-                    device_name(device))
+                    device_name(device), matmul_peak=measure_matmul_peak(device, dtype, cache))
 
 
 def print_plan(console: Console, plan: Plan) -> None:

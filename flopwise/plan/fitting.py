@@ -75,9 +75,29 @@ def law_from_records(records: list[dict[str, Any]], key: str | None = None, samp
                             "count(s): a law in N and D needs at least two of each")
     fit = fit_law(n, d, loss, source=f"fitted on {len(records)} runs")
     bootstrap = bootstrap_laws(n, d, loss, samples=samples, seed=seed)
+    holdout = holdout_errors(records)
     ratios = [r["tokens_per_second"] / r["probe_tokens_per_second"] for r in records
               if r.get("probe_tokens_per_second")]
     kappas = [r["kappa"] for r in records if r.get("kappa") is not None]
     return PlanningLaw(law=fit.law, bootstrap=bootstrap, runs=records,
                        throughput_ratio=statistics.median(ratios) if ratios else 1.0,
-                       kappa=summarize_kappas(kappas) if kappas else PRIOR_KAPPA, key=key)
+                       kappa=summarize_kappas(kappas) if kappas else PRIOR_KAPPA, key=key, holdout=holdout)
+
+
+def holdout_errors(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """How well the law extrapolates in D, which is what a plan for a longer budget asks of it: for each
+    size, the law fitted without that size's longest run, against that run's loss.  Empty when the runs
+    are too few to fit with one left out."""
+    errors = []
+    for size in sorted({r["non_embedding"] for r in records}):
+        longest = max((r for r in records if r["non_embedding"] == size), key=lambda r: r["tokens"])
+        rest = [r for r in records if r is not longest]
+        try:
+            law = fit_law([r["non_embedding"] for r in rest], [r["tokens"] for r in rest],
+                          [r["val_loss"] for r in rest]).law
+        except FlopwiseError:
+            return []
+        predicted = float(law.loss(longest["non_embedding"], longest["tokens"]))
+        errors.append({"run": longest.get("name"), "predicted": predicted, "loss": longest["val_loss"],
+                       "error": (predicted - longest["val_loss"]) / longest["val_loss"]})
+    return errors

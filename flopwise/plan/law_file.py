@@ -41,6 +41,7 @@ class PlanningLaw:
     kappa: Calibration = PRIOR_KAPPA
     key: str | None = None
     path: Path | None = None
+    holdout: list[dict[str, Any]] = field(default_factory=list)  # fitting.holdout_errors
 
     @property
     def is_prior(self) -> bool:
@@ -51,11 +52,17 @@ class PlanningLaw:
             return (f"{self.law.describe()}; a prior from another tokenizer and corpus, so its losses are not this "
                     "data's: run `flopwise scan` to fit the law here")
         where = f" ({self.path})" if self.path else ""
-        return f"{self.law.describe()}; fitted on {len(self.runs)} runs{where}"
+        text = f"{self.law.describe()}; fitted on {len(self.runs)} runs{where}"
+        if self.holdout:
+            worst = max(self.holdout, key=lambda h: abs(h["error"]))
+            text += (f"; fitted without it, the law predicts each size's longest run within "
+                     f"{abs(worst['error']):.1%} (worst: {worst['run']}), a guide to its error on longer budgets")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return {"law": self.law.to_dict(), "bootstrap": [law.to_dict() for law in self.bootstrap], "runs": self.runs,
-                "throughput_ratio": self.throughput_ratio, "kappa": vars(self.kappa), "key": self.key}
+                "throughput_ratio": self.throughput_ratio, "kappa": vars(self.kappa), "key": self.key,
+                "holdout": self.holdout}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> PlanningLaw:
@@ -64,7 +71,7 @@ class PlanningLaw:
                        bootstrap=[ScalingLaw.from_dict(item) for item in data.get("bootstrap", [])],
                        runs=list(data.get("runs", [])), throughput_ratio=float(data.get("throughput_ratio", 1.0)),
                        kappa=Calibration(**data["kappa"]) if "kappa" in data else PRIOR_KAPPA,
-                       key=data.get("key"), path=path)
+                       key=data.get("key"), path=path, holdout=list(data.get("holdout", [])))
         except (KeyError, TypeError, ValueError) as err:
             raise FlopwiseError(f"law file '{path}' is not a flopwise law ({err}): write it with `flopwise fit` "
                                 "or `flopwise scan`") from None

@@ -85,14 +85,13 @@ def budget_tokens(budget: Budget, cfg: ModelConfig, tokens_per_step: int, step_s
 
 
 def plan_run(config: RunConfig, vocab_size: int, law: PlanningLaw, step_seconds: StepSeconds, device: str,
-             widths: tuple[int, ...] = WIDTHS) -> Plan:
-    """The family member with the lowest predicted loss under ``config``'s budget and memory cap."""
+             widths: tuple[int, ...] = WIDTHS, matmul_peak: float | None = None) -> Plan:
+    """The family member with the lowest predicted loss under ``config``'s budget and memory cap;
+    ``matmul_peak`` (FLOP/s) only serves to report the plan's MFU."""
     budget = config.budget.build()
     if not {"seconds", "flops"} & set(budget.set_limits()):
         raise FlopwiseError(f"budget {budget.describe()} does not bound the model size (more parameters cost "
                             "nothing under a token or step limit): add seconds or FLOPs, e.g. --budget 10m")
-    if config.model.init_from:
-        raise FlopwiseError("planning chooses the model's shape, but --init-from fixes it: drop one of the two")
     o = config.optim
     tokens_per_step = o.batch_size * o.grad_accum * family_shape(config.model, widths[0], vocab_size).seq_len
     candidates: list[Candidate] = []
@@ -118,7 +117,7 @@ def plan_run(config: RunConfig, vocab_size: int, law: PlanningLaw, step_seconds:
     return Plan(budget=budget.to_dict(), chosen=best, candidates=candidates, interval=spread, law=law.law.to_dict(),
                 law_description=law.describe(), law_is_prior=law.is_prior, throughput_ratio=law.throughput_ratio,
                 tokens_per_step=tokens_per_step, device=device,
-                assumptions=_assumptions(config, law, best, budget, device))
+                assumptions=_assumptions(config, law, best, budget, device, vocab_size, matmul_peak))
 
 
 def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, law: PlanningLaw,
@@ -153,10 +152,14 @@ def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, l
                      methods=list(run_config.memory.methods), memory_peak=peak)
 
 
-def _assumptions(config: RunConfig, law: PlanningLaw, best: Candidate, budget: Budget, device: str) -> list[str]:
+def _assumptions(config: RunConfig, law: PlanningLaw, best: Candidate, budget: Budget, device: str,
+                 vocab_size: int, matmul_peak: float | None) -> list[str]:
     o, s = config.optim, config.schedule
+    flops = flops_per_token(family_shape(config.model, best.d_model, vocab_size)) * best.tokens_per_second
+    mfu = f", {flops / 1e9:.1f} GFLOP/s" + (f" = {flops / matmul_peak:.0%} of the measured matmul peak "
+                                            f"{matmul_peak / 1e9:.0f} GFLOP/s" if matmul_peak else "")
     lines = [f"law: {law.describe()}",
-             f"throughput: measured on {device}: {best.tokens_per_second:,.0f} tokens/s for the chosen shape "
+             f"throughput: measured on {device}: {best.tokens_per_second:,.0f} tokens/s{mfu} for the chosen shape "
              f"({best.step_seconds:.3f} s per step of {o.batch_size * o.grad_accum} x {config.model.seq_len or 256} "
              "tokens" + (f", scaled by {law.throughput_ratio:.3f}, what the scan's runs achieved against the probe)"
                          if law.throughput_ratio != 1.0 else ")"),

@@ -4,10 +4,13 @@ Pilots are sizes x lengths.  Each size trains once for the shortest length and i
 to the longer ones from its checkpoint before the learning-rate decay, as warmup-stable-decay
 allows (Hägele et al. 2024): lengths t, 3t and 9t cost 9.8t instead of 13t, and every length ends
 fully annealed, as a run of that budget would.  The 9x span in tokens per size is what pins the
-data term of the law, which a plan for a longer budget extrapolates.  Sizes are the family members whose longest pilot
-sees between MIN_RATIO and MAX_RATIO tokens per non-embedding parameter (under-trained to
-over-trained), spread evenly in log N.  Lengths run shortest first across all sizes, so a scan
-that runs late drops its longest branches, not whole sizes.
+data term of the law, which a plan for a longer budget extrapolates.
+
+Sizes are the family members whose longest pilot sees between MIN_RATIO and MAX_RATIO tokens per
+non-embedding parameter, spread evenly in log N.  A pilot far below MIN_RATIO is still in the
+early phase of training, where the loss falls faster and faster with log D, which no saturating
+law fits.  Lengths run shortest first across all sizes, so a scan that runs late drops its
+longest branches, not whole sizes.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from flopwise.plan.shapes import WIDTHS, family_shape, non_embedding_parameters
 
 LENGTHS = (1, 3, 9)  # pilot lengths in units of the shortest
 SIZES = 3
-MIN_RATIO, MAX_RATIO = 0.3, 300.0
-RUN_OVERHEAD_SECONDS = 6.0  # start-up, final evaluation and saving of one pilot, besides training
+MIN_RATIO, MAX_RATIO = 3.0, 300.0
+RUN_OVERHEAD_SECONDS = 8.0  # start-up, final evaluation and saving of one pilot, besides training
 # pilots evaluate once, at the end (the fit uses final losses only); the pinned checkpoint is kept
 PILOT_SETTINGS = {"eval_every": 0.0, "checkpoint_every": 0.0, "log_every": 5}
 
@@ -66,10 +69,11 @@ class ScanDesign:
 def design_scan(scan_seconds: float, model_cfg_for: Callable[[int], ModelConfig],
                 tokens_per_second: Callable[[ModelConfig], float], decay_start: float = 0.8,
                 widths: tuple[int, ...] = WIDTHS) -> ScanDesign:
-    """Sizes and lengths that fill ``scan_seconds`` of wall clock, for a schedule decaying from ``decay_start``."""
-    train_seconds = scan_seconds - SIZES * len(LENGTHS) * RUN_OVERHEAD_SECONDS
+    """Sizes and lengths that fill ``scan_seconds`` of wall clock (the probes' time included), for a
+    schedule decaying from ``decay_start``."""
+    started = time.perf_counter()
     cost = extension_cost(decay_start)
-    unit = train_seconds / (SIZES * cost)
+    unit = _unit_seconds(scan_seconds, cost)
     if unit < 5:
         raise FlopwiseError(f"a scan of {scan_seconds:.0f}s leaves {unit:.1f}s for its shortest pilot: give at least "
                             f"{math.ceil(SIZES * (len(LENGTHS) * RUN_OVERHEAD_SECONDS + 5 * cost) / 60)}m")
@@ -86,7 +90,14 @@ def design_scan(scan_seconds: float, model_cfg_for: Callable[[int], ModelConfig]
     if len(eligible) < 2:
         raise FlopwiseError(f"a scan of {scan_seconds:.0f}s finds fewer than two model sizes worth piloting on this "
                             "device: give a larger scan budget")
-    return ScanDesign(_spread(eligible, SIZES), unit, decay_start)
+    sizes = _spread(eligible, SIZES)
+    left = scan_seconds - (time.perf_counter() - started)  # what probing took is gone
+    return ScanDesign(sizes, _unit_seconds(left, cost, len(sizes)), decay_start)
+
+
+def _unit_seconds(seconds: float, cost: float, sizes: int = SIZES) -> float:
+    """The shortest pilot's length when ``sizes`` sizes share ``seconds``, with 3% to spare."""
+    return (0.97 * seconds - sizes * len(LENGTHS) * RUN_OVERHEAD_SECONDS) / (sizes * cost)
 
 
 def _spread(sizes: list[PilotSize], count: int) -> list[PilotSize]:
