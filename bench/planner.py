@@ -93,35 +93,49 @@ def cmd_scan(args: argparse.Namespace) -> None:
 
 
 def cmd_budget(args: argparse.Namespace) -> None:
+    """Plan and run one budget; runs already recorded for it (a stage cut short) are kept, not rerun."""
     from flopwise.config import ModelSection
     from flopwise.plan.shapes import WIDTHS, family_shape, non_embedding_parameters
 
-    plan_file = args.work / f"plan-{args.budget}.json"
-    flopwise("plan", "--budget", args.budget, "--out", str(plan_file), work=args.work)
-    plan = json.loads(plan_file.read_text())
-    chosen = plan["chosen"]
+    results = load_results()
+    row = results["budgets"].get(args.budget)
+    if row is None:
+        plan_file = args.work / f"plan-{args.budget}.json"
+        flopwise("plan", "--budget", args.budget, "--out", str(plan_file), work=args.work)
+        row = {"plan": json.loads(plan_file.read_text()), "runs": {}}
+    chosen = row["plan"]["chosen"]
     family = [(w, non_embedding_parameters(family_shape(ModelSection(), w, 4096))) for w in WIDTHS]
     half, double = neighbours(chosen["non_embedding"], family)
-    runs: dict[str, dict[str, Any]] = {}
-    planned = args.work / f"{args.budget}-planned"
-    flopwise("train", "--budget", args.budget, "--auto", "--out", str(planned), work=args.work)
-    runs["planned"] = run_outcome(planned)
-    for label, width in (("half N", half), ("double N", double)):
+    runs = row["runs"]
+    if "planned" not in runs:
+        planned = args.work / f"{args.budget}-planned"
+        flopwise("train", "--budget", args.budget, "--auto", "--out", str(planned), work=args.work)
+        runs["planned"] = run_outcome(planned)
+        _record(results, args.budget, row)
+    for label, width in () if args.planned_only else (("half N", half), ("double N", double)):
+        if label in runs:
+            continue
         shape = family_shape(ModelSection(), width, 4096)
         out = args.work / f"{args.budget}-{label.replace(' ', '')}"
         flopwise("train", "--budget", args.budget, "--out", str(out), "--set", f"model.d_model={shape.d_model}",
                  "--set", f"model.n_layers={shape.n_layers}", "--set", f"model.n_heads={shape.n_heads}",
                  work=args.work)
         runs[label] = run_outcome(out)
-    achieved = runs["planned"]["val_loss"]
-    results = load_results()
-    results["budgets"][args.budget] = {
-        "plan": plan, "predicted_loss": chosen["predicted_loss"], "interval": plan["interval"],
-        "achieved_loss": achieved, "prediction_error": (chosen["predicted_loss"] - achieved) / achieved,
-        "planned_beats_neighbours": all(achieved <= runs[k]["val_loss"] for k in ("half N", "double N")),
-        "runs": runs, "early": {label: early_forecast(outcome) for label, outcome in runs.items()}}
-    save_results(results)
+        _record(results, args.budget, row)
     report(results)
+
+
+def _record(results: dict[str, Any], budget: str, row: dict[str, Any]) -> None:
+    """Write one budget's row with what its runs show so far."""
+    runs, chosen = row["runs"], row["plan"]["chosen"]
+    achieved = runs["planned"]["val_loss"]
+    others = [runs[k]["val_loss"] for k in ("half N", "double N") if k in runs]
+    row.update(predicted_loss=chosen["predicted_loss"], interval=row["plan"]["interval"], achieved_loss=achieved,
+               prediction_error=(chosen["predicted_loss"] - achieved) / achieved,
+               planned_beats_neighbours=all(achieved <= loss for loss in others) if len(others) == 2 else None,
+               early={label: early_forecast(outcome) for label, outcome in runs.items()})
+    results["budgets"][budget] = row
+    save_results(results)
 
 
 def report(results: dict[str, Any]) -> None:
@@ -134,12 +148,13 @@ def report(results: dict[str, Any]) -> None:
         runs = row["runs"]
         planned = runs["planned"]
         early = row["early"]["planned"]
+        half, double = runs.get("half N"), runs.get("double N")
+        best = {True: "yes", False: "no", None: "-"}[row["planned_beats_neighbours"]]
         shape = f"{planned['d_model']}d x {planned['n_layers']}"
         table.add_row(budget, shape, f"{planned['non_embedding'] / 1e6:.2f}M",
                       f"{row['predicted_loss']:.4f}", f"{row['achieved_loss']:.4f}", f"{row['prediction_error']:+.2%}",
-                      f"{runs['half N']['val_loss']:.4f} ({runs['half N']['d_model']}d)",
-                      f"{runs['double N']['val_loss']:.4f} ({runs['double N']['d_model']}d)",
-                      "yes" if row["planned_beats_neighbours"] else "no",
+                      f"{half['val_loss']:.4f} ({half['d_model']}d)" if half else "not run",
+                      f"{double['val_loss']:.4f} ({double['d_model']}d)" if double else "not run", best,
                       f"{early['predicted_loss']:.4f}" if early else "-", f"{early['error']:+.2%}" if early else "-")
     console.print(table)
     early_rows = [(budget, label, e) for budget, row in results["budgets"].items() for label, e in row["early"].items()
@@ -153,6 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("scan", "budget", "report"))
     parser.add_argument("budget", nargs="?", default="15m", help="scan budget, or the budget to plan and run")
+    parser.add_argument("--planned-only", action="store_true", help="budget stage: skip the half and double N runs")
     parser.add_argument("--work", type=Path, default=Path("/tmp/flopwise-planner-bench"),
                         help="runs, scan and cache (kept between stages)")
     args = parser.parse_args()

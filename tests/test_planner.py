@@ -152,3 +152,16 @@ def test_law_file_round_trip_and_lookup(tmp_path):
         read_law(tmp_path / "bad.json")
     with pytest.raises(FlopwiseError, match="no law at"):
         read_law(tmp_path / "missing")
+
+
+def test_holdout_errors_measure_extrapolation_in_tokens():
+    from flopwise.plan.fitting import holdout_errors
+
+    records = [{"name": f"{n}-{d}", "non_embedding": n, "tokens": d, "val_loss": float(LAW.loss(n, d))}
+               for n in (1e5, 3e5, 1e6) for d in (1e6, 3e6, 9e6)]
+    errors = holdout_errors(records)
+    assert [e["run"] for e in errors] == ["100000.0-9000000.0", "300000.0-9000000.0", "1000000.0-9000000.0"]
+    assert all(abs(e["error"]) < 2e-3 for e in errors)  # an exact law extrapolates exactly
+    bent = [dict(r, val_loss=r["val_loss"] * (0.9 if r["tokens"] == 9e6 else 1.0)) for r in records]
+    assert max(e["error"] for e in holdout_errors(bent)) > 0.04  # longest runs 10% below the trend: caught
+    assert holdout_errors(records[:6]) == []  # too few runs to leave one out

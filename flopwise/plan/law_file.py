@@ -51,8 +51,7 @@ class PlanningLaw:
         if self.is_prior:
             return (f"{self.law.describe()}; a prior from another tokenizer and corpus, so its losses are not this "
                     "data's: run `flopwise scan` to fit the law here")
-        where = f" ({self.path})" if self.path else ""
-        text = f"{self.law.describe()}; fitted on {len(self.runs)} runs{where}"
+        text = self.law.describe() + (f", from {self.path}" if self.path else "")
         if self.holdout:
             worst = max(self.holdout, key=lambda h: abs(h["error"]))
             text += (f"; fitted without it, the law predicts each size's longest run within "
