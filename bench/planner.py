@@ -31,6 +31,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from flopwise.train.metrics import read_metrics
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "planner.json"
 EARLY_P = 0.3
@@ -50,13 +52,9 @@ def save_results(results: dict[str, Any]) -> None:
     RESULTS.write_text(json.dumps(results, indent=1))
 
 
-def read_events(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def run_outcome(run: Path) -> dict[str, Any]:
     """Final held-out loss, tokens, shape and the forecasts a run logged."""
-    events = read_events(run)
+    events = read_metrics(run / "metrics.jsonl")
     final = [e for e in events if e["event"] == "eval" and e["p"] >= 1.0][-1]
     plan = json.loads((run / "plan.json").read_text())
     forecasts = [{"p": e["p"], "predicted_loss": e["predicted_loss"], "low": e["low"], "high": e["high"]}
@@ -95,7 +93,7 @@ def cmd_scan(args: argparse.Namespace) -> None:
 def cmd_budget(args: argparse.Namespace) -> None:
     """Plan and run one budget; runs already recorded for it (a stage cut short) are kept, not rerun."""
     from flopwise.config import ModelSection
-    from flopwise.plan.shapes import WIDTHS, family_shape, non_embedding_parameters
+    from flopwise.plan.shapes import WIDTHS, family_fields, family_shape, non_embedding_parameters
 
     results = load_results()
     row = results["budgets"].get(args.budget)
@@ -115,11 +113,10 @@ def cmd_budget(args: argparse.Namespace) -> None:
     for label, width in () if args.planned_only else (("half N", half), ("double N", double)):
         if label in runs:
             continue
-        shape = family_shape(ModelSection(), width, 4096)
         out = args.work / f"{args.budget}-{label.replace(' ', '')}"
-        flopwise("train", "--budget", args.budget, "--out", str(out), "--set", f"model.d_model={shape.d_model}",
-                 "--set", f"model.n_layers={shape.n_layers}", "--set", f"model.n_heads={shape.n_heads}",
-                 work=args.work)
+        shape = [arg for name, value in family_fields(width).items() if value is not None
+                 for arg in ("--set", f"model.{name}={value}")]
+        flopwise("train", "--budget", args.budget, "--out", str(out), *shape, work=args.work)
         runs[label] = run_outcome(out)
         _record(results, args.budget, row)
     report(results)

@@ -216,7 +216,7 @@ def _auto_plan(config: RunConfig, ranks, console: Console):
     fixed = sorted({"d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden"} & config.model.model_fields_set)
     if fixed:
         raise FlopwiseError(f"model.{fixed[0]} is set, but --auto chooses the shape: drop one of the two")
-    plan = make_plan(config, Path(config.train.law) if config.train.law else None)
+    plan = make_plan(config)
     print_plan(console, plan)
     plan.apply(config)
     return plan

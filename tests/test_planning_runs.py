@@ -60,7 +60,7 @@ def scan_folder(tmp_path_factory, text_folder):
     args = build_parser().parse_args(["scan", "--budget", "60s", "--data", str(text_folder), *PLANNING])
     config = config_from_args(args)
     design = ScanDesign([PilotSize(64, 0, 20000.0), PilotSize(96, 0, 12000.0)], unit_seconds=1.5)
-    Scan(config, out, 257, design, 600, Console(quiet=True)).run("test-key")
+    Scan(config, out, design, 600, Console(quiet=True)).run("test-key")
     return out
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 from flopwise.cli_config import add_setup_flags, config_from_args
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
-from flopwise.plan.law_file import PlanningLaw, cached_law_path, find_law, setup_key
+from flopwise.plan.law_file import PlanningLaw, cached_law_path, law_for, setup_key
 from flopwise.plan.planner import Plan
 
 PLAN_EPILOG = """\
@@ -73,24 +73,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="scan folder (default: scans/<date-time>)")
 
 
-def make_plan(config: RunConfig, law_path: Path | None = None) -> Plan:
-    """Plan ``config``'s budget with the law for its setup (or ``law_path``), probing throughput."""
-    from flopwise.data.pipeline import cache_root
+def make_plan(config: RunConfig) -> Plan:
+    """Plan ``config``'s budget with its law (train.law, else the scan's for its setup, else the prior),
+    probing throughput."""
     from flopwise.plan.memory_command import shape_from_config
     from flopwise.plan.planner import plan_run
     from flopwise.plan.throughput import ThroughputCache
-    from flopwise.train.device import choose_device, choose_dtype, device_name, measure_matmul_peak
+    from flopwise.train.device import device_name, measure_matmul_peak
 
     if config.model.init_from:
         raise FlopwiseError("planning chooses the model's shape, but --init-from fixes it: drop one of the two")
-    device = choose_device(config.train.device)
-    dtype = choose_dtype(config.train.precision, device)
-    cache = cache_root(config.data)
-    law = find_law(law_path, cache, setup_key(config, device_name(device)))
-    throughput = ThroughputCache(cache)
-    return plan_run(config, shape_from_config(config).vocab_size, law,
-                    lambda cfg, run_config: throughput.step_seconds(cfg, run_config, device, dtype),
-                    device_name(device), matmul_peak=measure_matmul_peak(device, dtype, cache))
+    throughput = ThroughputCache.for_config(config)
+    device = device_name(throughput.device)
+    return plan_run(config, shape_from_config(config).vocab_size, law_for(config, device), throughput.step_seconds,
+                    device, matmul_peak=measure_matmul_peak(throughput.device, throughput.dtype, throughput.cache_dir))
 
 
 def print_plan(console: Console, plan: Plan) -> None:
@@ -100,7 +96,7 @@ def print_plan(console: Console, plan: Plan) -> None:
     for column in ("d_model", "layers", "N", "tokens/s", "tokens", "tokens/N", "steps", "predicted loss"):
         table.add_column(column, justify="right")
     for c in plan.candidates:
-        mark = " <- plan" if c is plan.chosen or c == plan.chosen else ""
+        mark = " <- plan" if c == plan.chosen else ""
         table.add_row(str(c.d_model), str(c.n_layers), f"{c.non_embedding / 1e6:.2f}M", f"{c.tokens_per_second:,.0f}",
                       f"{c.tokens / 1e6:.2f}M", f"{c.tokens / c.non_embedding:.1f}", f"{c.steps:,}",
                       f"{c.predicted_loss:.4f}{mark}")
@@ -123,7 +119,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     import json
 
     config = config_from_args(args)
-    plan = make_plan(config, args.law)
+    plan = make_plan(config)
     print_plan(console, plan)
     if args.out:
         from flopwise.atomic import write_json_atomic
@@ -174,12 +170,12 @@ def cmd_fit(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_scan(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.data.pipeline import cache_root
+    from flopwise.plan.fitting import SCAN_FILE
     from flopwise.plan.memory_command import shape_from_config
     from flopwise.plan.scan import Scan, design_scan
     from flopwise.plan.shapes import family_shape
     from flopwise.plan.throughput import ThroughputCache
-    from flopwise.train.device import choose_device, choose_dtype, device_name
+    from flopwise.train.device import device_name
 
     started = time.perf_counter()
     config = config_from_args(args)
@@ -189,27 +185,20 @@ def cmd_scan(args: argparse.Namespace, console: Console) -> int:
     if config.model.init_from:
         raise FlopwiseError("a scan trains models of several sizes from scratch: drop --init-from")
     out = args.out or Path("scans") / time.strftime("%Y%m%d-%H%M%S")
-    if (out / "scan.json").exists():
+    if (out / SCAN_FILE).exists():
         raise FlopwiseError(f"'{out}' already holds a scan: choose another --out")
-    device = choose_device(config.train.device)
-    dtype = choose_dtype(config.train.precision, device)
-    cache = cache_root(config.data)
     vocab = shape_from_config(config).vocab_size
-    throughput = ThroughputCache(cache)
-    tokens_per_step = config.optim.batch_size * config.optim.grad_accum
-    design = design_scan(budget.seconds,
-                         lambda width: family_shape(config.model, width, vocab),
-                         lambda cfg: tokens_per_step * cfg.seq_len / throughput.step_seconds(cfg, config, device,
-                                                                                              dtype),
-                         config.schedule.build().decay_start)
+    throughput = ThroughputCache.for_config(config)
+    design = design_scan(budget.seconds, lambda width: family_shape(config.model, width, vocab),
+                         lambda cfg: throughput.tokens_per_second(cfg, config), config.schedule.build().decay_start)
     sizes = ", ".join(f"{s.d_model} ({s.non_embedding / 1e6:.2f}M)" for s in design.sizes)
     lengths = ", ".join(f"{t:.0f}s" for t in design.lengths())
-    console.print(f"scan: sizes d_model {sizes}; lengths {lengths} (extended from one run per size); "
-                  f"{budget.seconds - (time.perf_counter() - started):.0f}s left", highlight=False)
-    key = setup_key(config, device_name(device))
     remaining = budget.seconds - (time.perf_counter() - started)
-    law = Scan(config, out, vocab, design, remaining, console).run(key)
-    law.save(cached_law_path(cache, key))
+    console.print(f"scan: sizes d_model {sizes}; lengths {lengths} (extended from one run per size); "
+                  f"{remaining:.0f}s left", highlight=False)
+    key = setup_key(config, device_name(throughput.device))
+    law = Scan(config, out, design, remaining, console).run(key)
+    law.save(cached_law_path(throughput.cache_dir, key))
     print_law(console, law)
     console.print(f"done in {time.perf_counter() - started:.0f}s: {out / 'law.json'}; `flopwise plan` and "
                   "`flopwise train --auto` now use this law for this data, recipe and device", highlight=False)

@@ -33,17 +33,16 @@ def run_record(run_dir: Path) -> dict[str, Any]:
     return {"name": run_dir.name, "d_model": plan["model"]["d_model"], "n_layers": plan["model"]["n_layers"],
             "non_embedding": plan["parameters"]["non_embedding"], "tokens": finals[-1]["tokens"],
             "val_loss": finals[-1]["val_loss"], "seconds": last["seconds"],
-            "tokens_per_second": last["tokens"] / last["seconds"], "kappa": run_kappa(run_dir, events)}
+            "tokens_per_second": last["tokens"] / last["seconds"],
+            "kappa": run_kappa(run_dir, events, finals[-1])}
 
 
-def run_kappa(run_dir: Path, events: list[dict[str, Any]]) -> float | None:
-    """Final held-out loss over the run's own extrapolated stable-phase training loss; None for a
-    run whose curve is too short to fit."""
-    config = load_config(run_dir / "config.toml")
-    finals = [e for e in events if e["event"] == "eval" and e["p"] >= 1.0]
+def run_kappa(run_dir: Path, events: list[dict[str, Any]], final: dict[str, Any]) -> float | None:
+    """Final held-out loss (of the ``final`` eval event) over the run's own extrapolated stable-phase
+    training loss; None for a run whose curve is too short to fit."""
+    schedule = load_config(run_dir / "config.toml").schedule.build()
     try:
-        return calibrate_kappa(points_from_events(events), finals[-1]["val_loss"], config.schedule.build(),
-                               finals[-1]["tokens"])
+        return calibrate_kappa(points_from_events(events), final["val_loss"], schedule, final["tokens"])
     except FlopwiseError:
         return None
 

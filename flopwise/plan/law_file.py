@@ -102,8 +102,7 @@ def setup_key(config: RunConfig, device: str) -> str:
     dump = config.model_dump(mode="json")
     for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "size"):
         dump["model"].pop(name, None)
-    for name in ("budget",):
-        dump.pop(name)
+    dump.pop("budget")
     for name in ("seed", "eval_every", "eval_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "log",
                  "wandb_project", "forecast_every", "target_loss", "law"):
         dump["train"].pop(name, None)
@@ -122,3 +121,11 @@ def find_law(explicit: Path | None, cache_dir: Path, key: str) -> PlanningLaw:
         return read_law(explicit)
     cached = cached_law_path(cache_dir, key)
     return read_law(cached) if cached.is_file() else prior_law()
+
+
+def law_for(config: RunConfig, device: str) -> PlanningLaw:
+    """train.law (``--law``), else the law `flopwise scan` fitted for this setup on ``device``, else the prior."""
+    from flopwise.data.pipeline import cache_root
+
+    explicit = Path(config.train.law) if config.train.law else None
+    return find_law(explicit, cache_root(config.data), setup_key(config, device))

@@ -21,7 +21,7 @@ from flopwise.model.config import ModelConfig
 from flopwise.model.flops import flops_per_token
 from flopwise.plan.law_file import PlanningLaw
 from flopwise.plan.scaling import interval
-from flopwise.plan.shapes import WIDTHS, family_shape, non_embedding_parameters
+from flopwise.plan.shapes import WIDTHS, family_fields, family_shape, non_embedding_parameters
 
 MIN_STEPS = 20  # fewer optimizer steps than this is not a training run worth predicting
 PAST_BEST = 2  # candidates tried beyond the best before the search stops
@@ -60,16 +60,10 @@ class Plan:
         return asdict(self)
 
     def apply(self, config: RunConfig) -> None:
-        """Set the config's model shape (and memory methods) to the chosen candidate."""
-        chosen = self.chosen
-        config.model.d_model, config.model.n_layers, config.model.n_heads = (chosen.d_model, chosen.n_layers,
-                                                                             chosen.n_heads)
-        config.model.n_kv_heads = None
-        config.model.mlp_hidden = None
-        if config.memory.limit is not None and not config.memory.methods:
-            config.memory.methods = list(chosen.methods)
-            if "galore" in chosen.methods:
-                config.optim.name = "adamw"
+        """Set the config's model shape to the chosen candidate; under a memory cap the run then settles
+        its methods for that shape as the candidate did (train/memory_setup.resolve_memory_methods)."""
+        for name, value in family_fields(self.chosen.d_model).items():
+            setattr(config.model, name, value)
 
 
 StepSeconds = Callable[[ModelConfig, RunConfig], float]
@@ -95,7 +89,7 @@ def plan_run(config: RunConfig, vocab_size: int, law: PlanningLaw, step_seconds:
     o = config.optim
     tokens_per_step = o.batch_size * o.grad_accum * family_shape(config.model, widths[0], vocab_size).seq_len
     candidates: list[Candidate] = []
-    best: Candidate | None = None
+    best = -1  # index of the lowest predicted loss so far
     for width in widths:
         try:
             candidate = _candidate(config, width, vocab_size, budget, law, step_seconds, tokens_per_step)
@@ -106,18 +100,19 @@ def plan_run(config: RunConfig, vocab_size: int, law: PlanningLaw, step_seconds:
         if candidate.steps < MIN_STEPS:
             break
         candidates.append(candidate)
-        if best is None or candidate.predicted_loss < best.predicted_loss:
-            best = candidate
-        elif candidates.index(candidate) - candidates.index(best) >= PAST_BEST:
+        if best < 0 or candidate.predicted_loss < candidates[best].predicted_loss:
+            best = len(candidates) - 1
+        elif len(candidates) - 1 - best >= PAST_BEST:
             break
-    if best is None:
+    if best < 0:
         raise FlopwiseError(f"budget {budget.describe()} allows fewer than {MIN_STEPS} steps even for the smallest "
                             f"model (d_model {widths[0]}): raise the budget, or shrink optim.batch_size")
-    spread = (interval(law.bootstrap, best.non_embedding, best.tokens) if law.bootstrap else None)
-    return Plan(budget=budget.to_dict(), chosen=best, candidates=candidates, interval=spread, law=law.law.to_dict(),
+    chosen = candidates[best]
+    spread = interval(law.bootstrap, chosen.non_embedding, chosen.tokens) if law.bootstrap else None
+    return Plan(budget=budget.to_dict(), chosen=chosen, candidates=candidates, interval=spread, law=law.law.to_dict(),
                 law_description=law.describe(), law_is_prior=law.is_prior, throughput_ratio=law.throughput_ratio,
                 tokens_per_step=tokens_per_step, device=device,
-                assumptions=_assumptions(config, law, best, budget, device, vocab_size, matmul_peak))
+                assumptions=_assumptions(config, law, chosen, budget, device, vocab_size, matmul_peak))
 
 
 def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, law: PlanningLaw,
@@ -126,23 +121,15 @@ def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, l
     cfg = family_shape(config.model, width, vocab_size)
     run_config = config.model_copy(deep=True)
     peak = None
-    if config.memory.limit is not None:
-        from flopwise.plan.memory import choose_methods, estimate_memory
+    if config.memory.limit is not None:  # the methods the run itself would settle on for this shape
+        from flopwise.plan.memory import estimate_memory
         from flopwise.plan.memory_command import compute_dtype
+        from flopwise.train.memory_setup import resolve_memory_methods
 
-        dtype, o = compute_dtype(config), config.optim
-        if config.memory.methods:
-            peak = estimate_memory(cfg, o.batch_size, config.memory.methods, config.memory, o.name, dtype,
-                                   grad_accum=o.grad_accum).peak
-            if peak > config.memory.limit:
-                raise FlopwiseError(f"memory.methods {config.memory.methods} need {format_bytes(peak)} for "
-                                    f"d_model {width}, over memory.limit {format_bytes(config.memory.limit)}: "
-                                    "leave the methods to the planner, or raise the limit")
-        else:
-            choice = choose_methods(cfg, o.batch_size, config.memory, o.name, config.memory.limit, dtype,
-                                    o.grad_accum)
-            run_config.memory.methods, peak = list(choice.methods), choice.estimate.peak
-            run_config.optim.name = choice.optimizer
+        dtype, o = compute_dtype(config), run_config.optim
+        resolve_memory_methods(run_config, cfg, o.batch_size, dtype)
+        peak = estimate_memory(cfg, o.batch_size, run_config.memory.methods, run_config.memory, o.name, dtype,
+                               grad_accum=o.grad_accum).peak
     seconds = step_seconds(cfg, run_config) / law.throughput_ratio
     tokens = budget_tokens(budget, cfg, tokens_per_step, seconds)
     n = non_embedding_parameters(cfg)
@@ -155,12 +142,13 @@ def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, l
 def _assumptions(config: RunConfig, law: PlanningLaw, best: Candidate, budget: Budget, device: str,
                  vocab_size: int, matmul_peak: float | None) -> list[str]:
     o, s = config.optim, config.schedule
-    flops = flops_per_token(family_shape(config.model, best.d_model, vocab_size)) * best.tokens_per_second
+    shape = family_shape(config.model, best.d_model, vocab_size)
+    flops = flops_per_token(shape) * best.tokens_per_second
     mfu = f", {flops / 1e9:.1f} GFLOP/s" + (f" = {flops / matmul_peak:.0%} of the measured matmul peak "
                                             f"{matmul_peak / 1e9:.0f} GFLOP/s" if matmul_peak else "")
     lines = [f"law: {law.describe()}",
              f"throughput: measured on {device}: {best.tokens_per_second:,.0f} tokens/s{mfu} for the chosen shape "
-             f"({best.step_seconds:.3f} s per step of {o.batch_size * o.grad_accum} x {config.model.seq_len or 256} "
+             f"({best.step_seconds:.3f} s per step of {o.batch_size * o.grad_accum} x {shape.seq_len} "
              "tokens" + (f", scaled by {law.throughput_ratio:.3f}, what the scan's runs achieved against the probe)"
                          if law.throughput_ratio != 1.0 else ")"),
              f"budget: {budget.describe()}; the first limit to bind decides the tokens",

@@ -30,7 +30,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.plan.fitting import SCAN_FILE, law_from_records, run_record
 from flopwise.plan.law_file import LAW_FILE, PlanningLaw
-from flopwise.plan.shapes import WIDTHS, family_shape, non_embedding_parameters
+from flopwise.plan.shapes import WIDTHS, family_fields, non_embedding_parameters
 
 LENGTHS = (1, 3, 9)  # pilot lengths in units of the shortest
 SIZES = 3
@@ -117,11 +117,10 @@ class Scan:
     """Runs a design's pilots into ``out``/runs, records each length's result in ``out``/scan.json,
     and fits the law to them."""
 
-    def __init__(self, config: RunConfig, out: Path, vocab_size: int, design: ScanDesign, scan_seconds: float,
+    def __init__(self, config: RunConfig, out: Path, design: ScanDesign, scan_seconds: float,
                  console: Console) -> None:
         self.config = config
         self.out = out
-        self.vocab_size = vocab_size
         self.design = design
         self.deadline = time.perf_counter() + scan_seconds
         self.console = console
@@ -131,8 +130,8 @@ class Scan:
     def run(self, key: str) -> PlanningLaw:
         lengths = self.design.lengths()
         for index, seconds in enumerate(lengths):
+            extend_from = lengths[index - 1] if index else None
             for size in self.design.sizes:
-                extend_from = lengths[index - 1] if index else None
                 self._pilot(size, seconds, extend_from)
         self._write()
         law = law_from_records(self.records, key)
@@ -152,7 +151,7 @@ class Scan:
             return
         started = time.perf_counter()
         if extend_from is None:
-            train_pilot(self.config, size.d_model, self.vocab_size, seconds, run_dir)
+            train_pilot(self.config, size.d_model, seconds, run_dir)
         else:
             extend_pilot(run_dir, seconds)
         record = run_record(run_dir)
@@ -169,22 +168,22 @@ class Scan:
                                                  "skipped": self.skipped})
 
 
-def pilot_config(config: RunConfig, d_model: int, vocab_size: int, seconds: float) -> RunConfig:
+def pilot_config(config: RunConfig, d_model: int, seconds: float) -> RunConfig:
     pilot = config.model_copy(deep=True)
-    shape = family_shape(config.model, d_model, vocab_size)
-    pilot.model.d_model, pilot.model.n_layers, pilot.model.n_heads = shape.d_model, shape.n_layers, shape.n_heads
+    for name, value in family_fields(d_model).items():
+        setattr(pilot.model, name, value)
     pilot.budget = type(config.budget)(seconds=seconds)
     for name, value in PILOT_SETTINGS.items():
         setattr(pilot.train, name, value)
     return pilot
 
 
-def train_pilot(config: RunConfig, d_model: int, vocab_size: int, seconds: float, run_dir: Path) -> None:
+def train_pilot(config: RunConfig, d_model: int, seconds: float, run_dir: Path) -> None:
     from flopwise.train.display import ProgressDisplay
     from flopwise.train.session import start_new
     from flopwise.train.trainer import LoopState
 
-    session = start_new(pilot_config(config, d_model, vocab_size, seconds), run_dir,
+    session = start_new(pilot_config(config, d_model, seconds), run_dir,
                         ProgressDisplay(Console(quiet=True)))
     session.write_run_files()
     session.run(LoopState())

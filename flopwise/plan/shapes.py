@@ -32,13 +32,17 @@ def heads_for_width(d_model: int) -> int:
     return d_model // (32 if d_model % 32 == 0 and d_model > 32 else 16)
 
 
+def family_fields(d_model: int) -> dict[str, int | None]:
+    """The model-section fields that make a config the family member of width ``d_model`` (KV heads
+    and MLP width back to their defaults)."""
+    return {"d_model": d_model, "n_layers": depth_for_width(d_model), "n_heads": heads_for_width(d_model),
+            "n_kv_heads": None, "mlp_hidden": None}
+
+
 def family_shape(model: ModelSection, d_model: int, vocab_size: int) -> ModelConfig:
     """The family member of width ``d_model``, keeping every other choice of the config's model
     section (MLP, norm, QK-norm, tying, seq_len)."""
-    section = model.model_copy(update={"d_model": d_model, "n_layers": depth_for_width(d_model),
-                                       "n_heads": heads_for_width(d_model), "n_kv_heads": None,
-                                       "mlp_hidden": None})
-    return section.build(vocab_size)
+    return model.model_copy(update=family_fields(d_model)).build(vocab_size)
 
 
 def non_embedding_parameters(cfg: ModelConfig) -> int:

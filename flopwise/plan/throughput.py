@@ -81,17 +81,33 @@ def measure_step_seconds(model_cfg: ModelConfig, config: RunConfig, device: torc
 
 
 class ThroughputCache:
-    """Seconds per step by probe key, in ``<cache>/throughput.json`` (written atomically)."""
+    """Seconds per step by probe key on one device and precision, in ``<cache>/throughput.json``
+    (written atomically)."""
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(self, cache_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
+        self.cache_dir = cache_dir
+        self.device = device
+        self.dtype = dtype
         self.path = cache_dir / CACHE_FILE
         self.entries: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    def step_seconds(self, model_cfg: ModelConfig, config: RunConfig, device: torch.device,
-                     dtype: torch.dtype) -> float:
-        key = probe_key(model_cfg, config, device, dtype)
+    @classmethod
+    def for_config(cls, config: RunConfig) -> ThroughputCache:
+        """On the device and precision a run of ``config`` would use, cached beside its data."""
+        from flopwise.data.pipeline import cache_root
+        from flopwise.train.device import choose_device, choose_dtype
+
+        device = choose_device(config.train.device)
+        return cls(cache_root(config.data), device, choose_dtype(config.train.precision, device))
+
+    def step_seconds(self, model_cfg: ModelConfig, config: RunConfig) -> float:
+        key = probe_key(model_cfg, config, self.device, self.dtype)
         if key not in self.entries:
-            self.entries[key] = measure_step_seconds(model_cfg, config, device, dtype)
+            self.entries[key] = measure_step_seconds(model_cfg, config, self.device, self.dtype)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path, self.entries)
         return self.entries[key]
+
+    def tokens_per_second(self, model_cfg: ModelConfig, config: RunConfig) -> float:
+        o = config.optim
+        return o.batch_size * o.grad_accum * model_cfg.seq_len / self.step_seconds(model_cfg, config)

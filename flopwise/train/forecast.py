@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 from flopwise.errors import FlopwiseError
 from flopwise.optim.schedules import Schedule
-from flopwise.plan.early import Calibration, CurvePoint, Forecast, forecast_final_loss
+from flopwise.plan.early import Calibration, CurvePoint, Forecast, forecast_final_loss, projected_total_tokens
 
 
 class LossForecaster:
@@ -27,15 +27,11 @@ class LossForecaster:
         """A logged train event (the same dict metrics.jsonl receives)."""
         self.points.append(CurvePoint(event["tokens"], event["loss"], event["p_lr"]))
 
-    def due(self, p_before: float, p: float) -> bool:
-        """Whether this step crossed a multiple of ``every`` (stateless, so resume needs nothing)."""
-        return self.every > 0 and int(p / self.every + 1e-9) > int(p_before / self.every + 1e-9) and p < 1.0
-
     def forecast(self, tokens: float, p: float) -> Forecast | None:
         """Final loss at the end of the budget: total tokens are tokens / p, exact for token, FLOP and step
         limits and a projection from the throughput so far for a seconds limit."""
         try:
-            return forecast_final_loss(self.points, self.schedule, tokens / p, self.calibration)
+            return forecast_final_loss(self.points, self.schedule, projected_total_tokens(tokens, p), self.calibration)
         except FlopwiseError:
             return None
 

@@ -35,7 +35,7 @@ from flopwise.model.hf import (load_weights_into, model_config_from_hf, read_hf_
                                save_hf_folder)
 from flopwise.optim.build import build_optimizer
 from flopwise.plan.early import points_from_events
-from flopwise.plan.law_file import PlanningLaw, find_law, setup_key
+from flopwise.plan.law_file import law_for
 from flopwise.plan.memory import estimate_memory
 from flopwise.train.checkpoint import CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint
 from flopwise.train.device import (choose_device, choose_dtype, device_name, keep_freed_cpu_memory,
@@ -254,12 +254,6 @@ class Session:
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
                        outcome.stop_reason)
 
-    def planning_law(self) -> PlanningLaw:
-        """train.law, else the law `flopwise scan` fitted for this setup, else the prior."""
-        law = self.config.train.law
-        return find_law(Path(law) if law else None, cache_root(self.config.data),
-                        setup_key(self.config, device_name(self.device)))
-
     def forecaster(self) -> LossForecaster | None:
         """The final-loss forecast, fed on resume with the logged steps the checkpoint includes."""
         t = self.config.train
@@ -269,7 +263,8 @@ class Session:
         events = read_metrics(metrics) if metrics.is_file() else []
         points = points_from_events(e for e in events if e["event"] == "train" and is_logged_step(e["step"],
                                                                                                   t.log_every))
-        return LossForecaster(self.config.schedule.build(), self.planning_law().kappa, t.forecast_every,
+        kappa = law_for(self.config, device_name(self.device)).kappa
+        return LossForecaster(self.config.schedule.build(), kappa, t.forecast_every,
                               t.target_loss, points)
 
     def save_final(self) -> None:

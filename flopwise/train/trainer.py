@@ -250,9 +250,11 @@ class Trainer:
             self.log.append(event)
 
     def _maybe_forecast(self, state: LoopState, p_before: float, p: float) -> str | None:
-        """Log the forecast final loss at each ``forecast_every`` of progress; returns why to stop, if the
-        forecast says the target loss is out of reach."""
-        if self.forecaster is None or not self.forecaster.due(p_before, p):
+        """Log the forecast final loss each time this step's progress crosses a multiple of ``forecast_every``
+        (read from p alone, so a resume needs no state); returns why to stop, if the forecast says the
+        target loss is out of reach."""
+        every = self.forecaster.every if self.forecaster is not None else 0.0
+        if every <= 0 or p >= 1.0 or not reached(p, next_mark(p_before, every)):
             return None
         forecast = self.forecaster.forecast(state.meter.tokens, p)
         if forecast is None:
