@@ -135,6 +135,8 @@ def test_setup_key_follows_data_recipe_and_device_but_not_budget_or_seed():
     assert setup_key(load_config(values={"budget.seconds": 60, "data.sources": ["./x"]}), "cpu") != key
     assert setup_key(load_config(values={"budget.seconds": 60, "optim.lr": 3e-3}), "cpu") != key
     assert setup_key(base, "cuda") != key
+    assert setup_key(load_config(values={"budget.seconds": 60, "model.size": "tiny"}), "cpu") != key  # seq_len 128
+    assert setup_key(load_config(values={"budget.seconds": 60, "model.size": "base"}), "cpu") == key  # seq_len 256 too
 
 
 def test_law_file_round_trip_and_lookup(tmp_path):

@@ -19,6 +19,7 @@ from typing import Any
 from flopwise.atomic import write_json_atomic
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
+from flopwise.model.config import NAMED_SIZES
 from flopwise.plan.early import Calibration
 from flopwise.plan.scaling import CHINCHILLA_REFIT, ScalingLaw
 
@@ -100,6 +101,8 @@ def setup_key(config: RunConfig, device: str) -> str:
     """What the losses and speeds of a run depend on besides its size and length: the data, the
     tokenizer, the recipe (everything but the shape and the budget) and the device."""
     dump = config.model_dump(mode="json")
+    # the named size only matters through the context length it implies when seq_len is unset
+    dump["model"]["seq_len"] = config.model.seq_len or NAMED_SIZES[config.model.size]["seq_len"]
     for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "size"):
         dump["model"].pop(name, None)
     dump.pop("budget")
