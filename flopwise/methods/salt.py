@@ -1,0 +1,249 @@
+"""SALT: a small LM helps train a larger one (Rawat et al. 2024, "A Little Help Goes a Long Way: Efficient
+LLM Training by Leveraging Small LMs", arXiv:2410.18779).
+
+Two stages.  For the first part of training the student's loss mixes next-token cross-entropy with
+token-level knowledge distillation from a frozen small model (the teacher, "SLM"):
+
+    loss = (1 - w) * CE(student, data) + w * KD(teacher || student)
+
+and afterwards it is plain next-token training.  The paper switches at a fixed step n_KD (36K of a
+~208K-step 2.8B-parameter run taught by a 1.5B model, i.e. about 17% of the steps; its ablation found
+20K-60K similar), with a step transition; linear decays of w were ablation variants, not the method.
+
+SALT_DS adds data selection for the KD stage: the teacher scores each sequence and the "challenging
+yet learnable" ones are kept.  The score (the paper's Eq. 10, as its reviewers quote it) is the
+*median* of the teacher's per-token losses over the tokens whose true next token is among the teacher's
+top-k predictions (k = 10): tokens outside the top-k count as not learnable and are ignored, and among
+the learnable ones a high median loss means challenging.  Here selection is online: draw
+``select_pool`` times the batch of candidate windows and keep the ``keep`` with the highest scores.
+
+Defaults and what they rest on (the paper's full text could not be read here; only reviews of its
+ICLR submission and secondary summaries):
+
+* kd_until = 36K / 208K steps: n_KD = 36K is quoted by a reviewer; 208K follows from "SALT surpasses
+  the baseline at 146K (~70%) steps".
+* select_top_k = 10: quoted by a reviewer, with the median and the top-k masking of Eq. 10.
+* kd_weight = 2/3: NOT confirmed from any source read here; it is the value recalled from the paper's
+  setup and should be checked against the paper.
+* temperature = 1.0: the paper's value was not found; 1 is the plain next-token distribution.
+
+The teacher is loaded read-only from safetensors (never unpickled) and must share the student's
+tokenizer exactly, since KD compares distributions over the same token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flopwise.errors import FlopwiseError
+from flopwise.model.config import ModelConfig
+from flopwise.model.flops import count_parameters, forward_flops_per_token
+from flopwise.model.gpt import GPT
+from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config
+
+FIELD = "salt.teacher"
+PAPER_KD_STEPS, PAPER_TOTAL_STEPS = 36_000, 208_000  # 2.8B student, 1.5B teacher (Rawat et al. 2024)
+
+
+@dataclass(frozen=True)
+class SaltSettings:
+    """What SALT needs from the run's configuration; see the module docstring for the defaults' sources."""
+
+    teacher: str                 # a flopwise run folder (its final/ model) or a Hugging Face model folder
+    kd_weight: float = 2 / 3     # w in (1 - w) * CE + w * KD (unconfirmed, see module docstring)
+    kd_until: float = PAPER_KD_STEPS / PAPER_TOTAL_STEPS  # the KD term is on while budget fraction p < this
+    temperature: float = 1.0     # applied to both teacher and student logits in the KD term
+    select_pool: float = 1.0     # > 1: score select_pool x batch candidate windows, keep the batch's best
+    select_top_k: int = 10       # Eq. 10: a token is "learnable" when its target is in the teacher's top-k
+
+    def __post_init__(self) -> None:
+        checks = (("kd_weight", 0 <= self.kd_weight <= 1, "a number from 0 to 1"),
+                  ("kd_until", 0 <= self.kd_until <= 1, "a budget fraction from 0 to 1"),
+                  ("temperature", self.temperature > 0 and math.isfinite(self.temperature), "a positive number"),
+                  ("select_pool", self.select_pool >= 1 and math.isfinite(self.select_pool),
+                   "at least 1 (1 = no selection)"),
+                  ("select_top_k", isinstance(self.select_top_k, int) and self.select_top_k >= 1,
+                   "a positive integer"))
+        for name, ok, what in checks:
+            if not ok:
+                raise FlopwiseError(f"salt.{name}={getattr(self, name)!r} must be {what}")
+
+    def pool_size(self, batch: int) -> int:
+        """Candidate windows to draw for a batch of ``batch`` (``batch`` itself when not selecting)."""
+        return max(batch, math.ceil(self.select_pool * batch - 1e-9))
+
+
+def kd_weight_at(p: float, settings: SaltSettings) -> float:
+    """The KD weight w at budget fraction ``p``: ``kd_weight`` while p < kd_until, then 0 (the paper's step
+    transition from distillation to plain next-token training)."""
+    return settings.kd_weight if p < settings.kd_until else 0.0
+
+
+def selecting_at(p: float, settings: SaltSettings) -> bool:
+    """Whether windows are selected at ``p``: SALT_DS selects data for the KD stage only."""
+    return settings.select_pool > 1 and p < settings.kd_until and settings.kd_weight > 0
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+                      ) -> torch.Tensor:
+    """Token-level KL(teacher || student) of the next-token distributions at ``temperature``, averaged
+    over the positions of each sequence: [B] from logits [B, T, V].
+
+    Computed in fp32; teacher logits of -inf (token ids the teacher lacks) have probability 0 and add
+    nothing.  Scaled by temperature**2 (Hinton et al. 2015) so its gradient keeps its size across
+    temperatures; at 1 it is the plain KL, which differs from the cross-entropy to the teacher's soft
+    labels only by the teacher's entropy (a constant for the student).  The teacher side is detached."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    p = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    kl = (torch.special.xlogy(p, p) - p * log_q).sum(dim=-1)
+    return kl.mean(dim=-1) * temperature ** 2
+
+
+def select_windows(scores: torch.Tensor, keep: int, settings: SaltSettings) -> torch.Tensor:
+    """Indices, ascending, of the ``keep`` candidates with the highest scores.
+
+    ``scores`` must be SALT_DS scores (``Teacher.selection_scores``): high means challenging yet
+    learnable.  NaN scores (nothing learnable) rank last; ties go to the earlier candidate."""
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be one score per candidate, got shape {tuple(scores.shape)}")
+    if not 0 < keep <= scores.numel():
+        raise ValueError(f"cannot keep {keep} of {scores.numel()} candidates")
+    ranked = torch.nan_to_num(scores.detach().float(), nan=-math.inf)
+    order = torch.sort(ranked, descending=True, stable=True).indices
+    return torch.sort(order[:keep]).values
+
+
+class Teacher:
+    """The frozen small model, loaded read-only (safetensors only; never unpickle)."""
+
+    def __init__(self, model: GPT, vocab_size: int, seq_len: int, source: Path) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.vocab_size = vocab_size  # the student's: logits are padded to it
+        self.source = source
+        self.config: ModelConfig = model.config
+        self.num_parameters = count_parameters(self.config)["total"]
+        # forward FLOPs per token at the student's window length: 2 * matmul weights (head included) plus
+        # attention's QK^T and AV products (flopwise.model.flops' convention, one third of training)
+        self.flops_per_token: float = forward_flops_per_token(replace(self.config, seq_len=seq_len))
+
+    @classmethod
+    def load(cls, source: str, vocab_size: int, device: torch.device, student_tokenizer_json: str,
+             seq_len: int | None = None) -> Teacher:
+        """The teacher from a flopwise run folder (its ``final/``) or a Hugging Face folder, for a student
+        whose model has ``vocab_size`` ids and whose tokenizer is ``student_tokenizer_json``.
+        ``seq_len``: the student's window length (default: the teacher's own context)."""
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise FlopwiseError(f"{FIELD}='{source}' is not a folder: give a flopwise run folder (with final/) "
+                                "or a Hugging Face model folder (config.json + model.safetensors)")
+        weights, cfg = _teacher_shape(folder, source, seq_len)
+        _check_tokenizer(folder, weights, source, student_tokenizer_json)
+        student_tokens = _vocab_of(student_tokenizer_json)
+        if cfg.vocab_size > vocab_size or cfg.vocab_size < student_tokens:
+            raise FlopwiseError(f"{FIELD}='{source}' has vocab_size {cfg.vocab_size} but the student's model has "
+                                f"{vocab_size} ids and its tokenizer {student_tokens} tokens: train the teacher "
+                                "with the same data.tokenizer as the student")
+        if seq_len is not None and seq_len > cfg.context:
+            raise FlopwiseError(f"{FIELD}='{source}' has a context of {cfg.context} tokens, shorter than the "
+                                f"student's seq_len {seq_len}: use a teacher trained on windows at least as long")
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model = model.to_empty(device=device)
+        if model.rope is not None:  # buffers are not in the checkpoint: rebuild them on the device
+            model.rope = type(model.rope)(cfg.head_dim, cfg.context, cfg.rope_theta).to(device)
+        try:
+            load_weights_into(model, weights)
+        except FlopwiseError as error:
+            raise FlopwiseError(f"{FIELD}='{source}': {error}") from None
+        return cls(model, vocab_size, seq_len or cfg.seq_len, folder)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, T, vocab_size] of token ids x [B, T] (no grad, eval mode); ids the
+        teacher lacks (a student vocab padded past the tokenizer) get -inf."""
+        self.model.eval()
+        out = self.model(x)[0]
+        missing = self.vocab_size - out.shape[-1]
+        return F.pad(out, (0, missing), value=-math.inf) if missing else out
+
+    @torch.no_grad()
+    def sequence_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The teacher's mean next-token cross-entropy of each sequence: [B]."""
+        return self._token_losses(self.logits(x), y).mean(dim=-1)
+
+    @torch.no_grad()
+    def selection_scores(self, x: torch.Tensor, y: torch.Tensor, top_k: int = 10) -> torch.Tensor:
+        """SALT_DS scores [B] (the paper's Eq. 10): the median per-token loss over the positions whose
+        target is among the teacher's ``top_k`` predictions; NaN where no position is (nothing learnable).
+        The median of an even count is the lower middle value (torch.nanmedian)."""
+        return self.scores_from_logits(self.logits(x), y, top_k)
+
+    @staticmethod
+    def scores_from_logits(logits: torch.Tensor, y: torch.Tensor, top_k: int) -> torch.Tensor:
+        """``selection_scores`` from teacher logits already computed (e.g. for the KD term too)."""
+        losses = Teacher._token_losses(logits, y)
+        target = logits.float().gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        rank = (logits.float() > target.unsqueeze(-1)).sum(dim=-1)  # tokens strictly more likely
+        learnable = rank < top_k
+        return torch.where(learnable, losses, torch.nan).nanmedian(dim=-1).values
+
+    @staticmethod
+    def _token_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+        return flat.view(y.shape)
+
+
+def _teacher_shape(folder: Path, source: str, seq_len: int | None) -> tuple[Path, ModelConfig]:
+    """The folder holding the weights and the model shape: a run's final/ (its config.json, or for a model
+    transformers has no architecture for, the run's plan.json), or the Hugging Face folder itself."""
+    from flopwise.train.session import is_run_dir, planned_model_config
+
+    weights = folder / "final" if is_run_dir(folder) else folder
+    if is_run_dir(folder) and not weights.is_dir():
+        raise FlopwiseError(f"{FIELD}='{source}' is a run folder without final/: finish (or resume) that run "
+                            "first, or give its model's Hugging Face folder")
+    try:
+        if (weights / "config.json").is_file() or not is_run_dir(folder):
+            config = read_hf_config(weights)
+            length = seq_len or config.get("max_position_embeddings") or 2048
+            return weights, model_config_from_hf(config, weights, length)
+        return weights, planned_model_config(folder)
+    except FlopwiseError as error:
+        raise FlopwiseError(f"{FIELD}='{source}': {error}") from None
+    except KeyError as error:
+        raise FlopwiseError(f"{FIELD}='{source}': config.json has no {error}: is it a Llama-family model "
+                            "folder?") from None
+
+
+def _check_tokenizer(folder: Path, weights: Path, source: str, student_json: str) -> None:
+    """The teacher's tokenizer.json (beside its weights, or in the run folder) must be the student's."""
+    file = next((f for f in (weights / "tokenizer.json", folder / "tokenizer.json") if f.is_file()), None)
+    if file is None:
+        raise FlopwiseError(f"{FIELD}='{source}' has no tokenizer.json, so its token ids cannot be checked "
+                            "against the student's: train the teacher with the same data.tokenizer")
+    if _canonical(file.read_text(encoding="utf-8")) != _canonical(student_json):
+        raise FlopwiseError(f"{FIELD}='{source}' uses a different tokenizer ({file}) from the student's: "
+                            "train the teacher with the same data.tokenizer")
+
+
+def _canonical(tokenizer_json: str) -> object:
+    """A tokenizer.json's content, independent of formatting and key order."""
+    try:
+        return json.loads(tokenizer_json)
+    except json.JSONDecodeError:
+        return tokenizer_json
+
+
+def _vocab_of(tokenizer_json: str) -> int:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return max(HFTokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True).values()) + 1
