@@ -13,11 +13,13 @@ from rich.table import Table
 
 from flopwise import __version__
 from flopwise.budget import Budget
-from flopwise.cli_config import add_setup_flags, config_from_args
+from flopwise.cli_config import add_data_method_flags, add_setup_flags, config_from_args
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.bench_command import cmd_bench
 from flopwise.bench_command import register as _add_bench
+from flopwise.data.summary_command import cmd_data
+from flopwise.data.summary_command import register as _add_data
 from flopwise.plan.commands import cmd_fit, cmd_plan, cmd_scan
 from flopwise.plan.commands import register as _add_planning
 from flopwise.plan.memory_command import cmd_memory
@@ -46,6 +48,9 @@ examples:
   flopwise train --method galore --method 8bit --set optim.name=adamw --budget 10m   # choose methods yourself
   flopwise train --budget 20m --auto                # model size from the scaling law (run `flopwise scan` first)
   flopwise train --budget 1h --target-loss 3.9      # give up early once the forecast cannot reach 3.9
+  flopwise train --data code=./src:0.3 --data prose=./docs:0.7 --budget 10m   # a two-domain mixture
+  flopwise train --budget 10m --online-mixture loss --reweight   # adaptive domain weights, sample reweighting
+  flopwise train --budget 10m --teacher runs/small  # SALT: distill from a small finished run early in the budget
 
 every run forecasts its final held-out loss from its curve so far (logged at each 0.1 of the budget).
 """
@@ -67,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(commands)
     _add_memory(commands)
     _add_planning(commands)
+    _add_data(commands)
     return parser
 
 
@@ -75,6 +81,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             description="Pretrain a decoder-only LM from raw text under a budget.")
     add_setup_flags(p, "the budget, e.g. 3m or 2e15flops or 5M,10m (see below)")
+    add_data_method_flags(p)
     p.add_argument("--out", type=Path, help="run folder (default: runs/<date-time>)")
     p.add_argument("--model", metavar="SIZE", help="named size: tiny, small (default), base, medium, large")
     p.add_argument("--init-from", metavar="HF_MODEL",
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "export": cmd_export,
                    "report": cmd_report, "bench": cmd_bench, "memory": cmd_memory,
-                   "plan": cmd_plan, "fit": cmd_fit, "scan": cmd_scan}[args.command]
+                   "plan": cmd_plan, "fit": cmd_fit, "scan": cmd_scan, "data": cmd_data}[args.command]
         return handler(args, console)
     except FlopwiseError as err:
         print(f"flopwise: error: {err}", file=sys.stderr)
@@ -248,6 +255,9 @@ def print_summary(console: Console, summary) -> None:
     console.print(f"\n[bold]done[/bold]: {summary.run_dir}  ({int(m.steps)} steps, {m.tokens / 1e6:.2f}M tokens, "
                   f"{m.flops:.2e} FLOPs, {m.seconds:.1f}s training + {summary.eval_seconds:.1f}s eval + "
                   f"{summary.checkpoint_seconds:.1f}s checkpoints; final lr {summary.last_lr:.2e})", highlight=False)
+    if summary.domain_epochs:
+        console.print("data seen: " + ", ".join(f"{name} {epochs:.2f} epochs" for name, epochs
+                                                in summary.domain_epochs.items()), highlight=False)
     console.print(eval_table(final))
 
 

@@ -14,8 +14,13 @@ from flopwise.recipes import recipe_values
 
 def add_setup_flags(p: argparse.ArgumentParser, budget_help: str) -> None:
     p.add_argument("--budget", help=budget_help)
-    p.add_argument("--data", action="append", metavar="PATH",
-                   help="text file, folder (recursive), .jsonl, .parquet, or 'stdlib' (default); repeatable")
+    p.add_argument("--data", action="append", metavar="[NAME=]PATH[:WEIGHT]",
+                   help="text file, folder (recursive), .jsonl, .parquet, or 'stdlib' (default); repeatable. "
+                        "NAME= makes its documents domain NAME (held-out loss is reported per domain); :WEIGHT "
+                        "gives that domain this share of the training tokens, e.g. --data code=./src:0.3 "
+                        "--data prose=./docs:0.7")
+    p.add_argument("--dedup", choices=("none", "exact", "near"),
+                   help="remove duplicate documents at ingest: exact (default) or also near-duplicates (MinHash)")
     p.add_argument("--val-data", action="append", metavar="PATH",
                    help="explicit held-out source instead of a split of --data; repeatable")
     p.add_argument("--include", action="append", metavar="GLOB", help="only files matching, e.g. '*.md'; repeatable")
@@ -36,13 +41,31 @@ def add_setup_flags(p: argparse.ArgumentParser, budget_help: str) -> None:
                         + " (overrides the choice --memory would make)")
 
 
+def add_data_method_flags(p: argparse.ArgumentParser) -> None:
+    """The data-side methods (flopwise/data/mixture.py, methods/sample_weights.py, methods/salt.py)."""
+    p.add_argument("--online-mixture", choices=("loss", "excess"),
+                   help="adapt the domain weights during the run: toward domains with higher training loss "
+                        "('loss'), or with higher loss than --reference's ('excess', DoReMi)")
+    p.add_argument("--reference", metavar="RUN", help="finished run on the same data, for --online-mixture excess")
+    p.add_argument("--reweight", nargs="?", const="linupper", choices=("linupper", "quadratic", "extremes"),
+                   help="reweight each sequence by its loss in the batch (Sow et al. 2025; default strategy "
+                        "linupper, temperature 0.4: see reweight.*)")
+    p.add_argument("--curriculum", choices=("rarity", "teacher"),
+                   help="easy-to-hard order: by token rarity, or by the loss of curriculum.scorer (see curriculum.*)")
+    p.add_argument("--teacher", metavar="RUN",
+                   help="SALT: a small finished run (same tokenizer) that distills into the first part of the "
+                        "budget (salt.kd_weight, salt.kd_until) and can pick batches (salt.select_pool)")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Recipe, then the config file, then the convenience flags, then ``--set`` overrides."""
     flags = (("model.size", "model"), ("data.tokenizer", "tokenizer"), ("train.seed", "seed"),
              ("train.device", "device"), ("data.sources", "data"), ("data.val_sources", "val_data"),
              ("data.include", "include"), ("train.compile", "compile"), ("model.init_from", "init_from"),
              ("train.parallel", "parallel"), ("train.log", "log"), ("memory.limit", "memory"),
-             ("memory.methods", "method"), ("train.law", "law"), ("train.target_loss", "target_loss"))
+             ("memory.methods", "method"), ("train.law", "law"), ("train.target_loss", "target_loss"),
+             ("data.dedup", "dedup"), ("mixture.online", "online_mixture"), ("mixture.reference", "reference"),
+             ("reweight.strategy", "reweight"), ("curriculum.order", "curriculum"), ("salt.teacher", "teacher"))
     values: dict[str, Any] = {}
     for key, name in flags:
         value = getattr(args, name, None)

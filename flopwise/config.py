@@ -30,6 +30,19 @@ def _one_or_many(cls: type, value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _unit_share(cls: type, value: float) -> float:
+    """Shares of the budget or of a mixture: in [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError("must lie in [0, 1)")
+    return value
+
+
+def _non_negative_number(cls: type, value: float) -> float:
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
 def _positive(cls: type, value: float | None) -> float | None:
     """Sizes, rates and counts: unset (None, where allowed) or above zero."""
     if value is not None and value <= 0:
@@ -93,6 +106,12 @@ class DataSection(_Section):
     vocab_size: int = 4096
     tokenizer_sample_mb: float = 4.0
     cache_dir: str | None = None
+    dedup: Literal["none", "exact", "near"] = "exact"
+    near_threshold: float = 0.8
+    min_chars: int = 0
+    max_symbol_ratio: float = 1.0
+    max_line_chars: int = 0
+    max_duplicate_line_share: float = 1.0
 
     _lists = field_validator("sources", "include", "val_sources", mode="before")(_one_or_many)
 
@@ -102,6 +121,69 @@ class DataSection(_Section):
         if not 0.0 < value < 0.5:
             raise ValueError("must lie in (0, 0.5)")
         return value
+
+
+class MixtureSection(_Section):
+    """How the domains are sampled.  ``weights``: domain -> share of training tokens (every domain
+    named; empty: each in proportion to its tokens); ``--data name=path:weight`` sets them too.
+    ``online``: adapt the weights during the run from per-domain training loss ('loss') or from the
+    excess over a ``reference`` run's held-out losses ('excess', DoReMi); ``eta`` and ``smoothing``
+    are DoReMi's step size and mix toward uniform (flopwise/data/mixture.py)."""
+
+    weights: dict[str, float] = {}
+    online: Literal["none", "loss", "excess"] = "none"
+    reference: str | None = None
+    eta: float = 1.0
+    smoothing: float = 1e-3
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(weight < 0 for weight in value.values()) or (value and sum(value.values()) <= 0):
+            raise ValueError("weights must be >= 0 with a positive sum")
+        return value
+
+    _shares = field_validator("smoothing")(_unit_share)
+    _eta = field_validator("eta")(_non_negative_number)
+
+
+class CurriculumSection(_Section):
+    """Easy-to-hard ordering: ``order`` scores each training window by 'rarity' (mean unigram
+    surprisal of its tokens, Platanios et al. 2019) or 'teacher' (the loss of the small model in
+    ``scorer``); at progress p only the easiest ``pacing`` share of windows is sampled, growing from
+    ``start`` to all of them at ``full_at`` (Wu et al. 2021)."""
+
+    order: Literal["none", "rarity", "teacher"] = "none"
+    pacing: Literal["linear", "root", "step"] = "linear"
+    start: float = 0.1
+    full_at: float = 0.5
+    scorer: str | None = None
+
+
+class ReweightSection(_Section):
+    """Per-sequence loss reweighting (Sow et al. 2025): ``strategy`` linupper (the paper's choice),
+    quadratic or extremes; softmax ``temperature`` r; losses normalized to [-delta, delta] in the
+    global batch; uniform weights while p < ``burn_in`` (the paper: its first 1000 steps)."""
+
+    strategy: Literal["none", "linupper", "quadratic", "extremes"] = "none"
+    temperature: float = 0.4
+    delta: float = 1.0
+    burn_in: float = 0.05
+
+    _positives = field_validator("temperature", "delta")(_positive)
+    _shares = field_validator("burn_in")(_unit_share)
+
+
+class SaltSection(_Section):
+    """Small-model guidance (SALT, Rawat et al. 2024): ``teacher`` (a finished flopwise run folder or a
+    Hugging Face model folder with this run's tokenizer) adds a distillation term to the loss while p <
+    ``kd_until``, and with ``select_pool`` > 1 picks each batch from that many times more candidates."""
+
+    teacher: str | None = None
+    kd_weight: float = 2 / 3  # defaults and their sources: flopwise/methods/salt.py (SaltSettings)
+    kd_until: float = 36_000 / 208_000
+    temperature: float = 1.0
+    select_pool: float = 1.0
 
 
 class BudgetSection(_Section):
@@ -253,6 +335,10 @@ class RunConfig(_Section):
     schedule: ScheduleSection = ScheduleSection()
     train: TrainSection = TrainSection()
     memory: MemorySection = MemorySection()
+    mixture: MixtureSection = MixtureSection()
+    curriculum: CurriculumSection = CurriculumSection()
+    reweight: ReweightSection = ReweightSection()
+    salt: SaltSection = SaltSection()
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
@@ -357,4 +443,6 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(key))} = {_toml_value(item)}" for key, item in value.items()) + "}"
     return json.dumps(str(value))

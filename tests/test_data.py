@@ -262,7 +262,8 @@ def batches(sampler: PackedSampler, count: int) -> list[torch.Tensor]:
 
 
 def test_sampler_batches_are_shifted_windows_and_seeded():
-    x, y = PackedSampler(TOKENS, 10, 4, seed=0).next_batch()
+    x, y, domains = PackedSampler(TOKENS, 10, 4, seed=0).next_batch()
+    assert domains.tolist() == [0, 0, 0, 0]  # one domain
     assert x.shape == y.shape == (4, 10) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1]) and torch.all(x[:, 0] % 10 == 0)
     same = batches(PackedSampler(TOKENS, 10, 4, seed=1), 5)
@@ -279,15 +280,15 @@ def test_sampler_resumes_exactly_mid_epoch():
     resumed = PackedSampler(TOKENS, 10, 3, seed=0)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(batches(resumed, 29), expected[11:]))
-    assert resumed.epochs_seen == straight.epochs_seen == 1.2
-    with pytest.raises(FlopwiseError, match="same data and model.seq_len"):
+    assert resumed.domain_epochs() == straight.domain_epochs() == {"domain0": pytest.approx(120 * 10 / 1001)}
+    with pytest.raises(FlopwiseError, match="resume with the same data, mixture and model.seq_len"):
         PackedSampler(TOKENS, 20, 3, seed=7).load_state_dict(state)
 
 
 def test_sampler_crosses_epochs_with_full_batches():
     sampler = PackedSampler(TOKENS, 10, 30, seed=0)
     starts = np.concatenate([(x[:, 0] // 10).numpy() for x in batches(sampler, 10)])  # 3 epochs
-    assert sampler.epoch == 3 and sampler.position == 0
+    assert sampler.streams[0].epoch == 3 and sampler.streams[0].position == 0
     for epoch in range(3):
         assert sorted(starts[epoch * 100:(epoch + 1) * 100]) == list(range(100))
     assert not np.array_equal(starts[:100], starts[100:200])

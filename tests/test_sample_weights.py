@@ -135,9 +135,9 @@ def test_invalid_settings(kwargs, field):
 
 
 def test_invalid_arguments_of_the_helpers():
-    with pytest.raises(FlopwiseError, match=r"^data\.reweight_strategy='mid'"):
+    with pytest.raises(FlopwiseError, match=r"^reweight\.strategy='mid'"):
         strategy_scores(torch.zeros(3), "mid", 1.0)
-    with pytest.raises(FlopwiseError, match=r"^data\.reweight_delta=0"):
+    with pytest.raises(FlopwiseError, match=r"^reweight\.delta=0"):
         normalized_losses(torch.zeros(3), 0)
     with pytest.raises(ValueError):
         sample_weights(torch.zeros(2, 3), 0, settings())

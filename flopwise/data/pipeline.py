@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from flopwise.atomic import write_atomic
 from flopwise.config import DataSection
-from flopwise.data.shards import MIN_HELDOUT_CHARS, MIN_HELDOUT_SHARE, TokenCorpus, build_corpus, content_key
-from flopwise.data.sources import Document, ReadStats, read_documents
+from flopwise.data.hygiene import HygieneReport, HygieneSettings, clean_documents
+from flopwise.data.shards import LAYOUT, MIN_HELDOUT_CHARS, MIN_HELDOUT_SHARE, TokenCorpus, build_corpus, content_key
+from flopwise.data.sources import Document, ReadStats, parse_source, read_documents
 from flopwise.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from flopwise.errors import FlopwiseError
 
@@ -25,6 +27,19 @@ class PreparedData:
     tokenizer: Tokenizer
     corpus: TokenCorpus
     stats: ReadStats
+    hygiene: HygieneReport
+
+    def summary(self) -> dict[str, Any]:
+        """What went in and what was kept: read counts, filters and duplicates, tokens per domain."""
+        meta = self.corpus.meta
+        return {"read": vars(self.stats), "hygiene": self.hygiene.to_dict(), "domains": meta["domains"],
+                "tokens": meta["tokens"], "domain_tokens": meta["domain_tokens"], "documents": meta["documents"]}
+
+
+def hygiene_settings(data: DataSection) -> HygieneSettings:
+    return HygieneSettings(dedup=data.dedup, near_threshold=data.near_threshold, min_chars=data.min_chars,
+                           max_symbol_ratio=data.max_symbol_ratio, max_line_chars=data.max_line_chars,
+                           max_duplicate_line_share=data.max_duplicate_line_share)
 
 
 def cache_root(data: DataSection) -> Path:
@@ -37,10 +52,14 @@ def cache_root(data: DataSection) -> Path:
     return Path(xdg) / "flopwise"
 
 
-def read_all(specs: list[str], data: DataSection, stats: ReadStats) -> list[Document]:
+def read_all(specs: list[str], data: DataSection, stats: ReadStats, held_out: bool = False) -> list[Document]:
     documents: list[Document] = []
-    for spec in specs:
-        documents.extend(read_documents(spec, include=data.include or None, jsonl_field=data.jsonl_field, stats=stats))
+    for spec in map(parse_source, specs):
+        if held_out and spec.weight is not None:
+            raise FlopwiseError(f"--val-data '{spec.domain}={spec.path}:{spec.weight:g}': held-out data has no mixture "
+                                "weight; drop the ':WEIGHT'")
+        documents.extend(read_documents(spec.path, include=data.include or None, jsonl_field=data.jsonl_field,
+                                        domain=spec.domain, stats=stats))
     return documents
 
 
@@ -49,15 +68,15 @@ def prepare_data(data: DataSection, seed: int, tokenizer: Tokenizer | None = Non
     if not data.sources:
         raise FlopwiseError("data.sources is empty: pass --data PATH (a file or folder of text) or use 'stdlib'")
     stats = ReadStats()
-    documents = read_all(data.sources, data, stats)
-    val_documents = read_all(data.val_sources, data, ReadStats()) if data.val_sources else None
+    documents, hygiene = clean_documents(read_all(data.sources, data, stats), hygiene_settings(data))
+    val_documents = read_all(data.val_sources, data, ReadStats(), held_out=True) if data.val_sources else None
     root = cache_root(data)
     if tokenizer is None:
         tokenizer = get_tokenizer(data, documents, seed, root)
     key = content_key(_corpus_parts(documents, val_documents, tokenizer, data, seed))
     corpus = build_corpus(documents, tokenizer, root / "corpus", key=key, val_fraction=data.val_fraction,
                           val_documents=val_documents, seed=seed)
-    return PreparedData(tokenizer=tokenizer, corpus=corpus, stats=stats)
+    return PreparedData(tokenizer=tokenizer, corpus=corpus, stats=stats, hygiene=hygiene)
 
 
 def get_tokenizer(data: DataSection, documents: list[Document], seed: int, root: Path) -> Tokenizer:
@@ -98,7 +117,7 @@ def _corpus_parts(documents: list[Document], val_documents: list[Document] | Non
                   data: DataSection, seed: int) -> list[str]:
     # The split rule's constants are part of the key: a change to them must not reuse an old split.
     settings = (f"val_fraction={data.val_fraction}|seed={seed}|val_sources={bool(val_documents)}|"
-                f"heldout_floor={MIN_HELDOUT_CHARS},{MIN_HELDOUT_SHARE}")
+                f"heldout_floor={MIN_HELDOUT_CHARS},{MIN_HELDOUT_SHARE}|layout={LAYOUT}")
     parts = [settings, tokenizer.to_json()]
     for document in documents + (val_documents or []):
         parts.extend((document.domain, document.text))

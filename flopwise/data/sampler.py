@@ -1,12 +1,26 @@
 """Training batches as packed windows of the token stream, in an exactly resumable order.
 
-The order is a pure function of (seed, epoch, position): epoch ``e`` visits the windows in
-the permutation drawn from ``default_rng([seed, e])``, and ``position`` says how far into it
-the next batch starts.  Saving those three ints is enough to resume without replaying or
-skipping a single window, on any number of ranks that share them.
+A window is seq_len + 1 consecutive tokens.  A ``WindowStream`` visits the non-overlapping windows
+of one token range in a fresh seeded permutation per epoch, so a budget shorter than an epoch sees
+a random subset without repeats and a longer one sees every window once before any repeats: RS2
+without replacement (Okanovic et al. 2023), the order a budget smaller than the data should use.
+
+Without mixture weights the sampler is one stream over the whole train split ("natural": each
+domain in proportion to its tokens).  With weights, each domain is its own stream (the shards keep
+domains contiguous) and each window slot goes to the domain owed most by the weights so far, so
+every prefix of the run matches the mixture to within one window per domain, with no randomness to
+save.  The weights may change during the run (online domain reweighting).
+
+A curriculum gives each window a difficulty; the stream then draws from the easiest fraction
+``pacing(p)`` of its windows at budget progress p (Hacohen & Weinshall 2019), seeded per draw.
+
+All state is a few ints and floats per stream, saved in each checkpoint, so resume never replays or
+skips a window, on any number of ranks that share them.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -14,43 +28,36 @@ import torch
 from flopwise.errors import FlopwiseError
 
 
-class PackedSampler:
-    """Non-overlapping windows of seq_len + 1 tokens, shuffled per epoch, split across ranks."""
+class Batch(NamedTuple):
+    inputs: torch.Tensor  # [batch, seq_len] int64
+    targets: torch.Tensor  # [batch, seq_len] int64, the inputs shifted by one
+    domains: torch.Tensor  # [batch] int64: the domain of each window's first token
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.windows = (len(tokens) - 1) // seq_len
-        if self.windows < 1:
-            raise FlopwiseError(f"the training corpus has {len(tokens)} tokens, fewer than model.seq_len + 1 = "
-                                f"{seq_len + 1}: use a smaller model.seq_len or more data")
-        self.tokens = tokens
+
+class WindowStream:
+    """The windows of tokens [start, end): shuffled per epoch, or drawn from the easiest ``pacing(p)``
+    share when ``difficulty`` (one score per window, lower is easier) is given."""
+
+    def __init__(self, start: int, end: int, seq_len: int, seed_key: tuple[int, ...],
+                 difficulty: np.ndarray | None = None) -> None:
+        self.start = start
         self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
+        self.windows = max(0, (end - start - 1) // seq_len)
+        self.seed_key = seed_key
         self.epoch = 0
         self.position = 0
+        self.draws = 0  # curriculum draws so far (each seeds its own generator)
+        self.easiest_first = None if difficulty is None else np.argsort(difficulty[:self.windows], kind="stable")
         self._permutation_epoch = -1
         self._permutation = np.empty(0, dtype=np.int64)
 
-    @property
-    def epochs_seen(self) -> float:
-        """Passes over the training windows so far, counting every rank's share."""
-        return self.epoch + self.position / self.windows
+    def offsets(self, indices: np.ndarray) -> np.ndarray:
+        return self.start + indices * self.seq_len
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets, each [batch_size, seq_len] int64."""
-        indices = self._next_indices(self.batch_size * self.world_size)
-        mine = indices[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        offsets = mine[:, None] * self.seq_len + np.arange(self.seq_len + 1)
-        windows = torch.from_numpy(np.asarray(self.tokens[offsets], dtype=np.int64))
-        return windows[:, :-1], windows[:, 1:]
-
-    def _next_indices(self, count: int) -> np.ndarray:
-        """The next ``count`` window indices of the global order, crossing epochs when needed."""
+    def take(self, count: int, available: float = 1.0) -> np.ndarray:
+        """The next ``count`` window start offsets; ``available``: the curriculum's share of windows."""
+        if self.easiest_first is not None:
+            return self.offsets(self._draw(count, available))
         parts = []
         while count > 0:
             taken = self._epoch_permutation()[self.position:self.position + count]
@@ -59,22 +66,154 @@ class PackedSampler:
             self.position += len(taken)
             if self.position == self.windows:
                 self.epoch, self.position = self.epoch + 1, 0
-        return np.concatenate(parts)
+        return self.offsets(np.concatenate(parts))
+
+    def _draw(self, count: int, available: float) -> np.ndarray:
+        pool = max(1, min(self.windows, int(np.ceil(available * self.windows))))
+        rng = np.random.default_rng([*self.seed_key, self.draws])
+        self.draws += 1
+        self.position += count  # windows consumed, for the epoch count
+        while self.position >= self.windows:
+            self.epoch, self.position = self.epoch + 1, self.position - self.windows
+        return self.easiest_first[rng.choice(pool, size=count, replace=count > pool)]
 
     def _epoch_permutation(self) -> np.ndarray:
         if self._permutation_epoch != self.epoch:
-            self._permutation = np.random.default_rng([self.seed, self.epoch]).permutation(self.windows)
+            self._permutation = np.random.default_rng([*self.seed_key, self.epoch]).permutation(self.windows)
             self._permutation_epoch = self.epoch
         return self._permutation
 
     def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "windows": self.windows}
+        return {"epoch": self.epoch, "position": self.position, "draws": self.draws, "windows": self.windows}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self.draws = int(state["epoch"]), int(state["position"]), int(state["draws"])
+        self._permutation_epoch = -1  # the seed key may have changed
+
+
+class PackedSampler:
+    """Batches of windows from one natural stream or from per-domain streams mixed to ``weights``.
+
+    ``domain_ranges``: each domain's [start, end) in ``tokens`` (contiguous, in domain-id order);
+    ``difficulty``: a function from a stream's window offsets to scores, for a curriculum;
+    ``pacing``: the share of easiest windows available at progress p (set ``progress`` each step)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, domain_ranges: Sequence[tuple[int, int]] | None = None,
+                 weights: Sequence[float] | None = None, domain_names: Sequence[str] | None = None,
+                 difficulty: Callable[[np.ndarray], np.ndarray] | None = None,
+                 pacing: Callable[[float], float] | None = None) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.ranges = list(domain_ranges) if domain_ranges else [(0, len(tokens))]
+        self.names = list(domain_names) if domain_names else [f"domain{i}" for i in range(len(self.ranges))]
+        self._range_ends = np.array([end for _, end in self.ranges], dtype=np.int64)
+        self.pacing = pacing
+        self.progress = 0.0
+        self.mixed = weights is not None
+        spans = self.ranges if self.mixed else [(0, len(tokens))]
+        self.streams = [WindowStream(start, end, seq_len, self._seed_key(index),
+                                     _scores(difficulty, start, end, seq_len))
+                        for index, (start, end) in enumerate(spans)]
+        self.windows = sum(stream.windows for stream in self.streams)
+        if self.windows < 1:
+            raise FlopwiseError(f"the training corpus has {len(tokens)} tokens, fewer than model.seq_len + 1 = "
+                                f"{seq_len + 1}: use a smaller model.seq_len or more data")
+        self.taken = [0] * len(self.ranges)  # windows trained on per domain (all ranks)
+        self.credit = [0.0] * len(self.ranges)
+        self.weights: list[float] = []
+        if weights is not None:
+            self.set_weights(weights)
+
+    def _seed_key(self, stream: int) -> tuple[int, ...]:
+        """The natural stream keeps the historical key (seed,); domain streams get (seed, 1 + domain)."""
+        return (self.seed, 1 + stream) if self.mixed else (self.seed,)
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        """The mixture from the next window on (normalized); a domain too small for one window may not
+        get weight."""
+        total = float(sum(weights))
+        if len(weights) != len(self.streams) or total <= 0 or min(weights) < 0:
+            raise FlopwiseError(f"mixture weights {list(weights)} must be {len(self.streams)} non-negative "
+                                "numbers with a positive sum, one per domain")
+        for name, weight, stream in zip(self.names, weights, self.streams):
+            if weight > 0 and stream.windows == 0:
+                raise FlopwiseError(f"domain '{name}' has fewer than model.seq_len + 1 = {self.seq_len + 1} training "
+                                    "tokens, so it cannot be sampled: give it weight 0, more text or a shorter seq_len")
+        self.weights = [float(w) / total for w in weights]
+
+    def domain_epochs(self) -> dict[str, float]:
+        """How many times each domain's training tokens have been seen, on all ranks together."""
+        return {name: taken * self.seq_len / max(1, end - start)
+                for name, taken, (start, end) in zip(self.names, self.taken, self.ranges)}
+
+    def next_batch(self, count: int | None = None) -> Batch:
+        """This rank's share of the next ``count`` (default: batch size) windows of each rank."""
+        count = count or self.batch_size
+        offsets = self._next_offsets(count * self.world_size)[self.rank * count:(self.rank + 1) * count]
+        windows = torch.from_numpy(np.asarray(self.tokens[offsets[:, None] + np.arange(self.seq_len + 1)],
+                                              dtype=np.int64))
+        domains = torch.from_numpy(self.domains_of(offsets))
+        return Batch(windows[:, :-1], windows[:, 1:], domains)
+
+    def domains_of(self, offsets: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._range_ends, offsets, side="right").astype(np.int64)
+
+    def _next_offsets(self, count: int) -> np.ndarray:
+        available = self.pacing(self.progress) if self.pacing else 1.0
+        if not self.mixed:
+            offsets = self.streams[0].take(count, available)
+        else:
+            choice = np.array([self._owed_domain() for _ in range(count)], dtype=np.int64)
+            offsets = np.empty(count, dtype=np.int64)
+            for domain, stream in enumerate(self.streams):
+                slots = np.flatnonzero(choice == domain)
+                if len(slots):
+                    offsets[slots] = stream.take(len(slots), available)
+        counts = np.bincount(self.domains_of(offsets), minlength=len(self.taken))
+        self.taken = [int(t + c) for t, c in zip(self.taken, counts)]
+        return offsets
+
+    def _owed_domain(self) -> int:
+        """Credit each domain its weight; the most owed one gets the window (ties: lowest id)."""
+        for index, weight in enumerate(self.weights):
+            self.credit[index] += weight
+        domain = int(np.argmax(self.credit))
+        self.credit[domain] -= 1.0
+        return domain
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "windows": self.windows, "streams": [s.state_dict() for s in self.streams],
+                "taken": list(self.taken), "credit": list(self.credit), "weights": list(self.weights)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` left off; refuses a state saved over a different set of windows."""
-        if int(state["windows"]) != self.windows:
-            raise FlopwiseError(f"the checkpoint's data order covers {state['windows']} windows but this corpus "
-                                f"has {self.windows}: resume with the same data and model.seq_len")
+        if "streams" not in state:
+            raise FlopwiseError("the checkpoint was saved by an older flopwise whose data order this one cannot "
+                                "continue: start a new run, or resume with that version")
+        if int(state["windows"]) != self.windows or len(state["streams"]) != len(self.streams):
+            raise FlopwiseError(f"the checkpoint's data order covers {state['windows']} windows in "
+                                f"{len(state['streams'])} stream(s) but this corpus has {self.windows} in "
+                                f"{len(self.streams)}: resume with the same data, mixture and model.seq_len")
         self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        for index, (stream, saved) in enumerate(zip(self.streams, state["streams"])):
+            stream.seed_key = self._seed_key(index)
+            stream.load_state_dict(saved)
+        self.taken = [int(t) for t in state["taken"]]
+        self.credit = [float(c) for c in state["credit"]]
+        if state["weights"]:
+            self.weights = [float(w) for w in state["weights"]]
+
+
+def _scores(difficulty: Callable[[np.ndarray], np.ndarray] | None, start: int, end: int,
+            seq_len: int) -> np.ndarray | None:
+    if difficulty is None:
+        return None
+    count = max(0, (end - start - 1) // seq_len)
+    return difficulty(start + np.arange(count, dtype=np.int64) * seq_len)

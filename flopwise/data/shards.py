@@ -33,6 +33,9 @@ BATCH_DOCS = 1000
 BATCH_CHARS = 1 << 24
 MIN_HELDOUT_CHARS = 100_000  # a small domain still gets this much held-out text ...
 MIN_HELDOUT_SHARE = 0.1  # ... unless that would be more than this share of it
+# Train documents are stored grouped by domain (stable within a domain), so each domain's tokens are one
+# contiguous range that a mixture samples from without copying; part of the cache key via LAYOUT.
+LAYOUT = "domain-grouped"
 
 
 def content_key(parts: Iterable[bytes | str]) -> str:
@@ -65,6 +68,15 @@ class TokenCorpus:
         if not is_complete(path):
             raise FlopwiseError(f"'{path}' is not a complete token cache: delete it and run again to rebuild")
         return cls(path, cache_hit)
+
+    def train_domain_ranges(self) -> list[tuple[int, int]]:
+        """[start, end) token offsets of each domain (in ``domains`` order) in the train split."""
+        ranges, end = [], 0
+        for domain_id in range(len(self.domains)):
+            rows = self.train_docs[self.train_docs[:, 2] == domain_id]
+            start, end = (int(rows[0, 0]), int(rows[-1, 0] + rows[-1, 1])) if len(rows) else (end, end)
+            ranges.append((start, end))  # a domain with no training text (held-out only) is empty where it would be
+        return ranges
 
     def val_tokens_by_domain(self, domain: str) -> np.ndarray:
         """The held-out tokens of one domain, its documents concatenated in order."""
@@ -218,6 +230,7 @@ def _write_corpus(folder: Path, splits: dict[str, list[Document]], tokenizer: To
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
     writers = {split: _SplitWriter(folder / f"{split}.bin", dtype) for split in SPLITS}
     for split, units in splits.items():
+        units = sorted(units, key=lambda unit: domain_ids[unit.domain])  # stable: see LAYOUT
         writers[split].path.touch()
         for batch in _batches(units):
             texts = [unit.text for unit in batch]

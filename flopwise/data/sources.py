@@ -13,6 +13,7 @@ import fnmatch
 import io
 import json
 import os
+import re
 import sysconfig
 import tokenize
 from dataclasses import dataclass
@@ -36,6 +37,34 @@ class Document:
     text: str
     domain: str
     source: str
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One ``--data`` entry: ``PATH``, ``NAME=PATH`` (its documents form domain NAME) or
+    ``NAME=PATH:WEIGHT`` (and that domain gets this share of the training tokens)."""
+
+    path: str
+    domain: str | None = None
+    weight: float | None = None
+
+
+_NAMED = re.compile(r"^(?P<name>[A-Za-z_][\w.-]*)=(?P<rest>.+)$")
+_WEIGHTED = re.compile(r"^(?P<path>.+):(?P<weight>\d+(?:\.\d*)?(?:[eE]-?\d+)?|\.\d+)$")
+
+
+def parse_source(spec: str) -> SourceSpec:
+    named = None if Path(spec).exists() else _NAMED.match(spec)
+    if not named:
+        if _WEIGHTED.match(spec) and not Path(spec).exists():
+            raise FlopwiseError(f"data source '{spec}' has a weight but no domain name: write NAME=PATH:WEIGHT, "
+                                "e.g. --data docs=./docs:0.7")
+        return SourceSpec(spec)
+    rest = named.group("rest")
+    weighted = _WEIGHTED.match(rest)
+    if weighted and not Path(rest).exists():
+        return SourceSpec(weighted.group("path"), named.group("name"), float(weighted.group("weight")))
+    return SourceSpec(rest, named.group("name"))
 
 
 @dataclass

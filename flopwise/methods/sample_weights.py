@@ -153,7 +153,7 @@ def sample_weights(losses: torch.Tensor, step: int, settings: ReweightSettings,
 
 def _check_fraction(value: object, field: str, meaning: str, example: str) -> None:
     if not _is_number(value) or not 0 < value <= 1:
-        raise FlopwiseError(f"data.{field}={value!r} must be in (0, 1]: {meaning}, e.g. {example}")
+        raise FlopwiseError(f"{field}={value!r} must be in (0, 1]: {meaning}, e.g. {example}")
 
 
 def pacing_fraction(p: float, pacing: str, start: float = 0.1, full_at: float = 0.5) -> float:
@@ -162,8 +162,8 @@ def pacing_fraction(p: float, pacing: str, start: float = 0.1, full_at: float = 
     to 1 at ``p = full_at`` and staying there."""
     if pacing not in PACINGS:
         raise FlopwiseError(f"curriculum.pacing={pacing!r} is not a pacing function: use one of {', '.join(PACINGS)}")
-    _check_fraction(start, "curriculum_start", "the fraction of the easiest windows sampled at the start", "0.1")
-    _check_fraction(full_at, "curriculum_full_at", "the fraction of the budget after which every window may "
+    _check_fraction(start, "curriculum.start", "the fraction of the easiest windows sampled at the start", "0.1")
+    _check_fraction(full_at, "curriculum.full_at", "the fraction of the budget after which every window may "
                     "be sampled", "0.5")
     if not (isinstance(p, (int, float)) and p >= 0):
         raise ValueError(f"budget progress must be a number >= 0, got {p!r}")

@@ -54,6 +54,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_setup_flags(p, "the budget to plan for: seconds or FLOPs, e.g. 20m, 1h or 1e17flops")
     p.add_argument("--law", type=Path, help="law.json (or a scan folder) to plan with")
     p.add_argument("--out", type=Path, help="also write the plan as JSON here")
+    p.add_argument("--replay", metavar="DOMAIN",
+                   help="continued pretraining: suggest the share of DOMAIN (the rest replays the other --data "
+                        "domains) from pilot runs, by the CMR law (Gu et al. 2024); needs --init-from and a "
+                        "token budget, e.g. --budget 20M --init-from base/ --data new=./docs --data general=stdlib")
+    p.add_argument("--init-from", metavar="HF_MODEL", help="the model that continued pretraining starts from")
+    p.add_argument("--pilot-tokens", type=float, metavar="N",
+                   help="tokens of each --replay pilot (default: a tenth of the budget's)")
+    p.add_argument("--pilots", type=Path, metavar="FOLDER", help="where --replay puts its pilot runs "
+                   "(default: replay/<date-time>)")
 
     p = commands.add_parser("fit", help="fit the scaling law L(N, D) to finished runs",
                             description="Fit L(N, D) = E + A/N^alpha + B/D^beta to the final held-out losses of "
@@ -119,6 +128,8 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     import json
 
     config = config_from_args(args)
+    if args.replay:
+        return cmd_replay(args, config, console)
     plan = make_plan(config)
     print_plan(console, plan)
     if args.out:
@@ -129,6 +140,22 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     budget = args.budget or json.dumps(config.budget.model_dump(exclude_none=True))
     console.print(f"run it: flopwise train --budget {budget} --auto" + (f" --law {args.law}" if args.law else ""),
                   highlight=False)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace, config: RunConfig, console: Console) -> int:
+    from flopwise.atomic import write_json_atomic
+    from flopwise.plan.replay_pilots import print_replay, suggest_replay
+
+    tokens = config.budget.build().tokens
+    if tokens is None:
+        raise FlopwiseError("--replay needs the continued run's budget in tokens (e.g. --budget 20M): the CMR law "
+                            "is a function of tokens")
+    pilots = args.pilots or Path("replay") / time.strftime("%Y%m%d-%H%M%S")
+    suggestion = suggest_replay(config, args.replay, tokens, args.pilot_tokens, pilots, console)
+    print_replay(console, suggestion)
+    write_json_atomic(args.out or pilots / "replay.json", suggestion)
+    console.print(f"written: {args.out or pilots / 'replay.json'}", highlight=False)
     return 0
 
 

@@ -137,7 +137,7 @@ def measure_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: to
 def measure_training_step(session: Any) -> int:
     """Peak bytes of one more training step of a built ``flopwise.train.session.Session`` (its model,
     optimizer, methods, next batch and precision), after one warm-up step."""
-    x, y = (t.to(session.device) for t in session.sampler.next_batch())
+    x, y = (t.to(session.device) for t in session.sampler.next_batch()[:2])
     return measure_step(session.model, session.optimizer, x, y, session.config.optim.grad_clip,
                         session.methods, session.dtype).peak
 

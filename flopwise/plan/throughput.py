@@ -18,6 +18,7 @@ import torch
 
 from flopwise.atomic import write_json_atomic
 from flopwise.config import RunConfig
+from flopwise.data.sampler import Batch
 from flopwise.model.config import ModelConfig
 from flopwise.train.device import device_name, keep_freed_cpu_memory, synchronize
 
@@ -41,9 +42,9 @@ class RandomBatches:
         self.shape = (batch, seq_len + 1)
         self.vocab_size = vocab_size
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> Batch:
         window = torch.randint(self.vocab_size, self.shape, generator=self.generator)
-        return window[:, :-1], window[:, 1:]
+        return Batch(window[:, :-1], window[:, 1:], torch.zeros(self.shape[0], dtype=torch.int64))
 
 
 def measure_step_seconds(model_cfg: ModelConfig, config: RunConfig, device: torch.device, dtype: torch.dtype,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,14 @@ class Ranks:
         tensor = torch.tensor([value], dtype=torch.float64, device=self._device)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.item() / self.world_size
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """The element-wise sum over the ranks (one collective for several numbers)."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self._device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
 
     def max(self, *values: float) -> tuple[float, ...]:
         """The element-wise maximum over the ranks (one collective for several numbers)."""

@@ -22,12 +22,12 @@ from flopwise.atomic import write_json_atomic
 from flopwise.budget import Budget, Meter
 from flopwise.config import RunConfig, config_to_toml, load_config
 from flopwise.data.pipeline import PreparedData, cache_root, prepare_data
-from flopwise.data.sampler import PackedSampler
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
 from flopwise.methods.dense import build_model, plain_model
 from flopwise.methods.registry import memory_methods
+from flopwise.methods.salt import Teacher
 from flopwise.model.config import NAMED_SIZES, ModelConfig
 from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.gpt import GPT
@@ -44,6 +44,7 @@ from flopwise.train.display import ProgressDisplay
 from flopwise.train.distributed import full_model_state, init_ranks, per_rank_batch, wrap_for_training
 from flopwise.train.loggers import open_run_logger, require_backends
 from flopwise.train.memory_setup import check_method_constraints, resolve_memory_methods
+from flopwise.train.data_setup import build_objective, build_sampler, load_teacher
 from flopwise.train.forecast import LossForecaster
 from flopwise.train.metrics import MetricsLog, read_metrics
 from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, is_logged_step, next_mark
@@ -86,6 +87,7 @@ class Summary:
     last_lr: float
     parameters: dict[str, int]
     stop_reason: str | None = None
+    domain_epochs: dict[str, float] | None = None  # times each domain's training tokens were seen
 
 
 class Session:
@@ -156,7 +158,7 @@ class Session:
         self.display.message(f"data: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} held-out tokens "
                              f"({cached}, {time.perf_counter() - started:.1f}s), vocab {self.data.tokenizer.vocab_size}"
                              + (f", {self.data.stats.replaced_bytes} undecodable bytes replaced"
-                                if self.data.stats.replaced_bytes else ""))
+                                if self.data.stats.replaced_bytes else "") + self.data.hygiene.describe())
 
     def check_budget_allows_a_step(self) -> None:
         per_step = {"tokens": self.tokens_per_step, "flops": self.flops_per_step, "steps": 1}
@@ -178,12 +180,22 @@ class Session:
         self.optimizer = build_optimizer(self.model, self.config.optim, self.device, self.config.memory)
         self.compiled = torch.compile(self.wrapped) if train.compile else self.wrapped
         corpus = self.data.corpus
-        self.sampler = PackedSampler(corpus.train_tokens, self.model_cfg.seq_len, self.rank_batch, seed=train.seed,
-                                     rank=self.ranks.rank, world_size=self.ranks.world_size)
+        self.teacher = self.load_teacher(self.config.salt.teacher)
+        scorer = self.teacher if self.config.curriculum.scorer == self.config.salt.teacher else \
+            self.load_teacher(self.config.curriculum.scorer)
+        self.sampler = build_sampler(self.config, corpus, self.model_cfg.seq_len, self.rank_batch, self.ranks, scorer,
+                                     self.display.message)
+        self.objective = build_objective(self.config, self.sampler, self.dtype, self.ranks, self.teacher,
+                                         corpus.domains)
         self.evaluator = Evaluator(corpus, self.data.tokenizer.token_bytes(), self.model_cfg.seq_len,
                                    self.config.optim.batch_size, self.device, self.dtype)
         with self.ranks.main_first():  # measured once, cached for the other ranks
             self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
+
+    def load_teacher(self, source: str | None) -> Teacher | None:
+        if source is None:
+            return None
+        return load_teacher(source, self.data.tokenizer, self.model_cfg.seq_len, self.device)
 
     def write_run_files(self) -> None:
         if self.ranks.is_main:
@@ -202,7 +214,7 @@ class Session:
                 "matmul_peak_flops": self.peak_flops, "world_size": self.ranks.world_size,
                 "parallel": self.config.train.parallel if self.ranks.distributed else None,
                 "memory": self.memory_plan(), "corpus": self.data.corpus.meta,
-                "read": vars(self.data.stats), "auto_plan": self.auto_plan}
+                "read": vars(self.data.stats), "data": self.data.summary(), "auto_plan": self.auto_plan}
         write_json_atomic(self.run_dir / "plan.json", plan)
 
     def memory_plan(self) -> dict[str, Any]:
@@ -215,6 +227,8 @@ class Session:
     def resume_from(self, checkpoint: CheckpointInfo) -> LoopState:
         state = load_checkpoint(checkpoint, self.model, self.optimizer)
         self.sampler.load_state_dict(state["sampler"])
+        if self.objective is not None:
+            self.objective.load_state_dict(state["objective"])
         if self.ranks.is_main:
             MetricsLog(self.run_dir / "metrics.jsonl").truncate_after(checkpoint.step)
         self.resume_step = checkpoint.step
@@ -240,7 +254,7 @@ class Session:
             trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device,
                               self.dtype, lambda: self.evaluator(self.model, c.train.eval_tokens), self.display,
                               event_log, module=self.model, ranks=self.ranks, methods=self.methods,
-                              forecaster=self.forecaster())
+                              forecaster=self.forecaster(), objective=self.objective)
             with self.display:
                 outcome: Outcome = trainer.run(state)
             final_eval = None
@@ -252,7 +266,7 @@ class Session:
                 self.save_final()
         return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
-                       outcome.stop_reason)
+                       outcome.stop_reason, self.sampler.domain_epochs())
 
     def forecaster(self) -> LossForecaster | None:
         """The final-loss forecast, fed on resume with the logged steps the checkpoint includes."""

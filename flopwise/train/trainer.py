@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from flopwise.budget import Budget, Meter, steps_left
-from flopwise.data.sampler import PackedSampler
+from flopwise.data.sampler import Batch, PackedSampler
 from flopwise.methods.base import TrainingMethod
 from flopwise.optim.schedules import Schedule
 from flopwise.train.checkpoint import save_checkpoint
@@ -27,6 +27,7 @@ from flopwise.train.device import autocast, peak_memory_bytes, synchronize
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.distributed import Ranks, gradient_sync
 from flopwise.train.forecast import LossForecaster
+from flopwise.train.objective import LossFunction, Objective, plain_loss
 
 
 def next_mark(p: float, every: float) -> float:
@@ -108,20 +109,20 @@ class Outcome:
     stop_reason: str | None = None
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], grad_accum: int, grad_clip: float,
-               device: torch.device, dtype: torch.dtype, ranks: Ranks = Ranks()) -> float:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the loss averaged over the
-    global batch (all ranks).  The throughput probe (flopwise/plan/throughput.py) times this same code."""
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch: Callable[[], Batch],
+               grad_accum: int, grad_clip: float, device: torch.device, dtype: torch.dtype, ranks: Ranks = Ranks(),
+               loss_fn: LossFunction = plain_loss) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the mean cross-entropy over the
+    global batch (all ranks).  ``loss_fn`` gives the loss to backpropagate (flopwise/train/objective.py).
+    The throughput probe (flopwise/plan/throughput.py) times this same code."""
     total = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        x, y = next_batch()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        batch = next_batch()
         with gradient_sync(model, enabled=micro == grad_accum - 1):
             with autocast(device, dtype):
-                loss = model(x, y)[1]  # the logits are not kept: they would stay alive through backward
+                loss, cross_entropy = loss_fn(model, batch, device)
             (loss / grad_accum).backward()
-        total += loss.detach()
+        total += cross_entropy
     # an optimizer that updates each weight during backward has no full gradient left to clip
     if grad_clip > 0 and not getattr(optimizer, "steps_in_backward", False):
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -146,7 +147,8 @@ class Trainer:
                  settings: LoopSettings, run_dir: Path, device: torch.device, dtype: torch.dtype,
                  evaluate: Callable[[], dict[str, Any]], display: ProgressDisplay, log: EventLog | None,
                  module: torch.nn.Module | None = None, ranks: Ranks = Ranks(),
-                 methods: tuple[TrainingMethod, ...] = (), forecaster: LossForecaster | None = None) -> None:
+                 methods: tuple[TrainingMethod, ...] = (), forecaster: LossForecaster | None = None,
+                 objective: Objective | None = None) -> None:
         self.model = model
         self.module = module if module is not None else model
         self.optimizer = optimizer
@@ -161,12 +163,21 @@ class Trainer:
         self.ranks = ranks
         self.methods = methods
         self.forecaster = forecaster
+        self.objective = objective
         self._interrupted = False
 
-    def train_step(self) -> float:
+    def train_step(self, step: int, p: float) -> float:
+        """One step at progress ``p``: the sampler's curriculum and the objective's schedules read it."""
         s = self.settings
-        return train_step(self.model, self.optimizer, self.sampler.next_batch, s.grad_accum, s.grad_clip,
-                          self.device, self.dtype, self.ranks)
+        self.sampler.progress = p
+        if self.objective is None:
+            return train_step(self.model, self.optimizer, self.sampler.next_batch, s.grad_accum, s.grad_clip,
+                              self.device, self.dtype, self.ranks)
+        self.objective.step, self.objective.p = step, p
+        loss = train_step(self.model, self.optimizer, self.objective.next_batch, s.grad_accum, s.grad_clip,
+                          self.device, self.dtype, self.ranks, self.objective.loss)
+        self.objective.end_step()
+        return loss
 
     def run(self, state: LoopState) -> Outcome:
         s = self.settings
@@ -190,7 +201,7 @@ class Trainer:
                 lr = s.peak_lr * multiplier
                 for group in self.optimizer.param_groups:
                     group["lr"] = group.get("peak_lr", s.peak_lr) * multiplier
-                loss = self.train_step()
+                loss = self.train_step(step, state.p_lr)
                 for method in self.methods:
                     method.after_step(step + 1, self.module, self.optimizer)
                 synchronize(self.device)
@@ -198,7 +209,8 @@ class Trainer:
                 seconds, interrupted = self.ranks.max(time.perf_counter() - start + bookkeeping,
                                                       float(self._interrupted))
                 self._interrupted = bool(interrupted)
-                state.meter.add_step(seconds, s.tokens_per_step, s.flops_per_step)
+                teacher_flops = self.objective.take_teacher_flops() if self.objective is not None else 0.0
+                state.meter.add_step(seconds, s.tokens_per_step, s.flops_per_step + teacher_flops)
                 timer.update(seconds)
                 state.step_seconds = timer.estimate
                 outcome.last_lr = lr
@@ -244,6 +256,8 @@ class Trainer:
         event = {"event": "train", "step": step, "p": p, "p_lr": state.p_lr, "tokens": state.meter.tokens,
                  "flops": state.meter.flops, "seconds": state.meter.seconds, "wall": wall, "lr": lr, "loss": loss,
                  "throughput": tokens_per_s, "mfu": mfu, "memory": peak_memory_bytes(self.device)}
+        if self.sampler.mixed:
+            event["mixture"] = dict(zip(self.sampler.names, self.sampler.weights))
         if self.forecaster is not None and regular:  # the same points whether or not the run was interrupted
             self.forecaster.observe(event)
         if self.log is not None:
@@ -285,7 +299,8 @@ class Trainer:
         self.log.append({"event": "eval", "step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens,
                              "flops": state.meter.flops, "seconds": state.meter.seconds,
                              "val_loss": result["loss"], "val_bpb": result["bpb"],
-                             "domains": {name: d["loss"] for name, d in result["domains"].items()}})
+                             "domains": {name: d["loss"] for name, d in result["domains"].items()},
+                             "epochs": self.sampler.domain_epochs()})
         self.display.message(f"eval  step {int(state.meter.steps)}  p={p:.3f}  val_loss {result['loss']:.4f}  "
                              f"bpb {result['bpb']:.4f}")
 
@@ -304,6 +319,7 @@ class Trainer:
             state.next_checkpoint = next_mark(p, s.checkpoint_every)
         save_checkpoint(self.run_dir / "checkpoints", int(state.meter.steps), self.module, self.optimizer,
                         {"loop": state.to_dict(), "sampler": self.sampler.state_dict(), "pinned": pinned,
+                         "objective": self.objective.state_dict() if self.objective is not None else {},
                          "budget": s.budget.to_dict(), "world_size": self.ranks.world_size},
                         s.keep_checkpoints, self.ranks)
         return time.perf_counter() - start

@@ -1,0 +1,112 @@
+"""`flopwise plan --replay DOMAIN`: how much general data to replay when continuing to pretrain a model
+on a new domain, from a few pilot runs (the CMR law of flopwise/plan/replay.py).
+
+The starting model (``--init-from``) is evaluated first: its held-out loss on the new domain and on
+the general data (every other domain, token-weighted) are the law's G0 and D0.  Each domain share of
+``pilot_design`` is then trained for a third of the pilot tokens and extended to all of them from its
+pre-decay checkpoint (WSD), so both lengths are fully annealed runs at the cost of one and a bit.  The
+law fitted to the pilots gives the critical mixture ratio for the full run's tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from flopwise.budget import Budget
+from flopwise.config import RunConfig
+from flopwise.data.mixture import resolve_weights
+from flopwise.data.sources import parse_source
+from flopwise.errors import FlopwiseError
+from flopwise.plan.replay import ReplayPoint, critical_ratio, fit_replay_law, pilot_design
+
+PILOT_SHARE = 0.1  # of the full run's tokens, across each share's pilot (default --pilot-tokens)
+LENGTHS = (1 / 3, 1.0)
+
+
+def split_losses(result: dict[str, Any], domain: str) -> tuple[float, float]:
+    """(general loss, domain loss) of an evaluation: general = the other domains, token-weighted."""
+    domains = result["domains"]
+    if domain not in domains or len(domains) < 2:
+        raise FlopwiseError(f"--replay {domain}: the data must hold domain '{domain}' and general data beside it "
+                            f"(domains: {', '.join(domains)}): pass --data {domain}=PATH --data general=PATH")
+    others = [d for name, d in domains.items() if name != domain]
+    tokens = sum(d["tokens"] for d in others)
+    return sum(d["loss"] * d["tokens"] for d in others) / tokens, domains[domain]["loss"]
+
+
+def share_weights(config: RunConfig, domain: str, ratio: float, domains: list[str]) -> dict[str, float]:
+    """The domain gets ``ratio``; the general domains share the rest in the configured or equal proportions."""
+    others = [d for d in domains if d != domain]
+    configured = resolve_weights(config.mixture.weights, config.data.sources, domains) if len(domains) > 1 else None
+    given = {d: configured[domains.index(d)] if configured else 1.0 for d in others}
+    total = sum(given.values())
+    return {domain: ratio, **{d: (1 - ratio) * w / total for d, w in given.items()}}
+
+
+def pilot(config: RunConfig, domain: str, ratio: float, tokens: float, domains: list[str]) -> RunConfig:
+    run = config.model_copy(deep=True)
+    run.mixture.weights = share_weights(config, domain, ratio, domains)
+    run.data.sources = [f"{spec.domain}={spec.path}" if spec.domain else spec.path  # weights: from the share
+                        for spec in map(parse_source, config.data.sources)]
+    run.budget = type(config.budget)(tokens=tokens)
+    run.train.forecast_every = 0.0
+    run.train.checkpoint_every = 0.0
+    return run
+
+
+def suggest_replay(config: RunConfig, domain: str, run_tokens: float, pilot_tokens: float | None, out: Path,
+                   console: Console) -> dict[str, Any]:
+    """Evaluate the start, run the pilots into ``out``, fit the law and return the suggestion."""
+    from flopwise.train.display import ProgressDisplay
+    from flopwise.train.session import open_for_resume, start_new
+    from flopwise.train.trainer import LoopState
+
+    if not config.model.init_from:
+        raise FlopwiseError("--replay plans continued pretraining: give the starting model with --init-from")
+    quiet = ProgressDisplay(Console(quiet=True))
+    pilot_tokens = pilot_tokens or PILOT_SHARE * run_tokens
+    start = start_new(config.model_copy(deep=True), out / "start", quiet)  # a session records its tokenizer
+    domains = start.data.corpus.domains
+    base_general, base_domain = split_losses(start.evaluator(start.model, config.train.eval_tokens * 4), domain)
+    del start  # its model and optimizer are not needed during the pilots
+    points: list[ReplayPoint] = []
+    design = pilot_design(pilot_tokens, lengths=LENGTHS)
+    for ratio in sorted({r for r, _ in design}):
+        short, long = sorted(t for r, t in design if r == ratio)
+        run_dir = out / f"share-{ratio:g}"
+        session = start_new(pilot(config, domain, ratio, short, domains), run_dir, quiet)
+        session.write_run_files()
+        for tokens in (short, long):
+            if tokens != short:
+                session, state = open_for_resume(run_dir, Budget(tokens=tokens), quiet)
+            else:
+                state = LoopState()
+            summary = session.run(state)
+            general, own = split_losses(summary.final_eval, domain)
+            points.append(ReplayPoint(ratio=ratio, tokens=tokens, general_loss=general, domain_loss=own))
+            console.print(f"pilot share {ratio:g}, {tokens / 1e6:.2f}M tokens: general {general:.4f} "
+                          f"(start {base_general:.4f}), {domain} {own:.4f} (start {base_domain:.4f})", highlight=False)
+    law = fit_replay_law(points, base_general, base_domain)
+    ratio = critical_ratio(law, run_tokens, base_general)
+    return {"domain": domain, "run_tokens": run_tokens, "base_general_loss": base_general,
+            "base_domain_loss": base_domain, "points": [vars(p) for p in points], "law": law.to_dict(),
+            "critical_ratio": ratio, "weights": share_weights(config, domain, ratio, domains)}
+
+
+def print_replay(console: Console, suggestion: dict[str, Any]) -> None:
+    table = Table(title="replay pilots: held-out loss after continued pretraining")
+    for column in ("domain share", "tokens", "general loss", f"{suggestion['domain']} loss"):
+        table.add_column(column, justify="right")
+    for point in suggestion["points"]:
+        table.add_row(f"{point['ratio']:g}", f"{point['tokens'] / 1e6:.2f}M", f"{point['general_loss']:.4f}",
+                      f"{point['domain_loss']:.4f}")
+    console.print(table)
+    weights = ", ".join(f"{name} {weight:.3f}" for name, weight in suggestion["weights"].items())
+    console.print(f"critical mixture ratio for {suggestion['run_tokens'] / 1e6:.2f}M tokens: "
+                  f"[bold]{suggestion['critical_ratio']:.3f}[/bold] of '{suggestion['domain']}' (Gu et al. 2024: the "
+                  f"largest share that keeps the general loss within 0.05 nats of the start's "
+                  f"{suggestion['base_general_loss']:.4f}); mixture: {weights}", highlight=False)
