@@ -35,11 +35,11 @@ def measure(size: str, steps: int, warmup: int, overrides: list[str], peak: floa
     settings = dataclasses.replace(session.loop_settings(), eval_every=0, checkpoint_every=0)
     trainer = Trainer(session.compiled, session.optimizer, session.sampler, settings, Path("/nonexistent"),
                       session.device, session.dtype, lambda: {}, session.display, log=None)
-    for _ in range(warmup):
-        trainer.train_step()
+    for step in range(warmup):
+        trainer.train_step(step, 0.5)
     start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step()
+    for step in range(warmup, warmup + steps):
+        trainer.train_step(step, 0.5)
     seconds = (time.perf_counter() - start) / steps
     return {"size": size, "parameters": session.model.num_parameters(), "tokens_per_step": session.tokens_per_step,
             "seconds_per_step": seconds, "tokens_per_s": session.tokens_per_step / seconds,
