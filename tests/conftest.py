@@ -18,6 +18,19 @@ def text_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def code_folder(tmp_path_factory) -> Path:
+    """About 150 KB of Python source: the first 5000 characters of 30 standard-library modules."""
+    import sysconfig
+
+    folder = tmp_path_factory.mktemp("code")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for module in sorted(stdlib.glob("*.py"))[:30]:
+        (folder / module.name).write_text(module.read_text(encoding="utf-8", errors="replace")[:5000],
+                                          encoding="utf-8")
+    return folder
+
+
 @pytest.fixture(autouse=True, scope="session")
 def isolated_cache(tmp_path_factory) -> Path:
     """Point flopwise's cache at a temporary folder shared by all tests of one session."""

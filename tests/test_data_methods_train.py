@@ -4,7 +4,6 @@ sample reweighting, curricula, SALT and ingest hygiene train, log what they did 
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -13,18 +12,6 @@ from flopwise.config import load_config
 from flopwise.train.metrics import read_metrics
 from tests.conftest import TINY
 from tests.test_train import losses, train, train_events
-
-
-@pytest.fixture(scope="session")
-def code_folder(tmp_path_factory) -> Path:
-    """About 150 KB of Python source: the first 5000 characters of 30 standard-library modules."""
-    folder = tmp_path_factory.mktemp("code")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    modules = sorted(stdlib.glob("*.py"))[:30]
-    for module in modules:
-        (folder / module.name).write_text(module.read_text(encoding="utf-8", errors="replace")[:5000],
-                                          encoding="utf-8")
-    return folder
 
 
 def mixed(text_folder: Path, code_folder: Path, prose: float = 0.7, code: float = 0.3) -> list[str]:

@@ -71,6 +71,20 @@ def test_fsdp_checkpoint_from_two_ranks_resumes_on_one(tmp_path, text_folder, si
     assert_same_curve(run, single)
 
 
+def test_mixed_reweighted_run_under_ddp_follows_the_single_process_run(tmp_path, text_folder, code_folder):
+    """Mixture weights, online domain reweighting and sample reweighting use the global batch: all-reduced
+    domain losses and batch-wide normalization give two ranks the single process's curve and mixture."""
+    args = ["--data", f"prose={text_folder}:0.6", "--data", f"code={code_folder}:0.4", "--online-mixture", "loss",
+            "--reweight", "--set", "reweight.burn_in=0.1", "--budget", "12steps", *TINY]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main(["train", *args, "--out", str(single)]) == 0
+    done = torchrun(*args, "--out", str(ddp))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_curve(ddp, single)
+    for a, b in zip(events(ddp, "train"), events(single, "train"), strict=True):
+        assert a["mixture"] == pytest.approx(b["mixture"], rel=1e-6)
+
+
 def test_global_batch_must_split_over_ranks():
     assert per_rank_batch(8, Ranks(0, 2)) == 4
     with pytest.raises(FlopwiseError, match="optim.batch_size=6 is the global batch .* use a multiple of 4"):
