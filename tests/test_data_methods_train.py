@@ -91,6 +91,10 @@ def test_salt_distills_selects_and_resumes_exactly(tmp_path, text_folder, code_f
     assert losses(part) == losses(full)
     assert train(*TINY, *mixed(text_folder, code_folder), "--budget", "24steps", "--out", str(plain)) == 0
     assert losses(full)[0] != losses(plain)[0]  # the teacher chose the first batch
+    # rejected candidates are read but not counted as seen: 24 steps x 4 windows of 64 tokens were trained on
+    train_tokens = json.loads((full / "plan.json").read_text())["corpus"]["domain_tokens"]["train"]
+    epochs = final_eval(full)["epochs"]
+    assert sum(epochs[d] * train_tokens[d] for d in epochs) == pytest.approx(24 * 4 * 64)
     # the teacher's forwards (over the pool of 2 x 4 windows, while p < 0.5) count against a FLOP budget
     teacher = train_events(full)[-1]["flops"] - train_events(plain)[-1]["flops"]
     per_step = json.loads((teacher_run / "plan.json").read_text())["flops_per_token"] / 3 * 8 * 64

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from flopwise.data.mixture import DomainReweighter
@@ -47,6 +48,7 @@ class Objective:
         self._teacher_logits: torch.Tensor | None = None
         self.teacher_flops = 0.0  # the teacher's forward FLOPs this step, all ranks (taken by the loop's meter)
         self._domain_sums: torch.Tensor | None = None  # [2, domains]: summed token losses, token counts
+        self._rejected: list[torch.Tensor] = []  # domains of this step's rejected SALT candidates
 
     def next_batch(self) -> Batch:
         """The sampler's next batch, or, in SALT's selection phase, the pool's best by the teacher's score
@@ -60,6 +62,9 @@ class Objective:
         chosen = select_windows(scores, self.sampler.batch_size, self.salt)
         self._teacher_logits = logits[chosen]
         chosen = chosen.cpu()
+        rejected = torch.ones(len(candidates.domains), dtype=torch.bool)
+        rejected[chosen] = False
+        self._rejected.append(candidates.domains[rejected])
         return Batch(candidates.inputs[chosen], candidates.targets[chosen], candidates.domains[chosen])
 
     def _teacher_logits_of(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -99,7 +104,13 @@ class Objective:
         self._domain_sums[1].index_add_(0, domains, torch.full_like(sequence, seq_len, dtype=torch.float64))
 
     def end_step(self) -> None:
-        """After the optimizer step: fold the step's per-domain losses (all ranks) into the mixture."""
+        """After the optimizer step: uncount SALT's rejected candidates and fold the step's per-domain
+        losses into the mixture (both over all ranks)."""
+        if self._rejected:
+            counts = torch.bincount(torch.cat(self._rejected), minlength=len(self.sampler.ranges))
+            totals = self.ranks.sum(counts.double().tolist())
+            self.sampler.untake(np.repeat(np.arange(len(totals)), np.asarray(totals, dtype=np.int64)))
+            self._rejected = []
         if self.reweighter is None or self._domain_sums is None:
             return
         count = len(self.sampler.ranges)
