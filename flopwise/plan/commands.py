@@ -30,6 +30,8 @@ examples:
   flopwise plan --budget 1h --memory 16GiB --data ./texts/
   flopwise train --budget 20m --auto             # plan, then run the plan
   flopwise fit runs/sweep-*  --out law.json      # fit a law to finished runs of your own
+  flopwise plan --budget 20M --init-from hf/base --data new=./docs --data general=stdlib --replay new
+                                                 # continued pretraining: how much general data to replay
 """
 
 SCAN_EPILOG = """\
