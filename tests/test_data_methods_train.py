@@ -154,12 +154,15 @@ def test_plan_replay_suggests_a_share_from_pilot_runs(tmp_path, text_folder, cod
     assert [(p["ratio"], p["tokens"]) for p in suggestion["points"]] == [
         (r, t) for r in (0.25, 0.5, 0.75, 1.0) for t in (2048.0, 6144.0)]
     law = ReplayLaw.from_dict(suggestion["law"])
-    ratio, base = suggestion["critical_ratio"], suggestion["base_general_loss"]
-    assert 0 < ratio <= 1
-    assert law.general_loss(ratio, 20_000) <= base + PAPER_EPSILON + 1e-9
-    if ratio < 1:
-        assert law.general_loss(min(1.0, ratio * 1.05), 20_000) > base + PAPER_EPSILON
-    assert suggestion["weights"] == pytest.approx({"new": ratio, "general": 1 - ratio})
+    base = suggestion["base_general_loss"]
+    for found in (suggestion["at_pilots"], suggestion["at_run"]):
+        ratio, tokens = found["critical_ratio"], found["tokens"]
+        assert 0 < ratio <= 1
+        assert law.general_loss(ratio, tokens) <= base + PAPER_EPSILON + 1e-9
+        if ratio < 1:
+            assert law.general_loss(min(1.0, ratio * 1.05), tokens) > base + PAPER_EPSILON
+        assert found["weights"] == pytest.approx({"new": ratio, "general": 1 - ratio})
+    assert suggestion["at_run"]["tokens"] == 20_000 and suggestion["at_pilots"]["tokens"] == 6144
     # the pilots trained on the mixture they were asked for
     share = load_config(tmp_path / "pilots" / "share-0.25" / "config.toml")
     assert share.budget.tokens == 6144  # extended from 2048 tokens

@@ -65,6 +65,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="tokens of each --replay pilot (default: a tenth of the budget's)")
     p.add_argument("--pilots", type=Path, metavar="FOLDER", help="where --replay puts its pilot runs "
                    "(default: replay/<date-time>)")
+    p.add_argument("--replay-tolerance", type=float, default=0.05, metavar="NATS",
+                   help="how far the general held-out loss may end above the start's (default 0.05, the paper's)")
 
     p = commands.add_parser("fit", help="fit the scaling law L(N, D) to finished runs",
                             description="Fit L(N, D) = E + A/N^alpha + B/D^beta to the final held-out losses of "
@@ -154,7 +156,8 @@ def cmd_replay(args: argparse.Namespace, config: RunConfig, console: Console) ->
         raise FlopwiseError("--replay needs the continued run's budget in tokens (e.g. --budget 20M): the CMR law "
                             "is a function of tokens")
     pilots = args.pilots or Path("replay") / time.strftime("%Y%m%d-%H%M%S")
-    suggestion = suggest_replay(config, args.replay, tokens, args.pilot_tokens, pilots, console)
+    suggestion = suggest_replay(config, args.replay, tokens, args.pilot_tokens, pilots, console,
+                                args.replay_tolerance)
     print_replay(console, suggestion)
     write_json_atomic(args.out or pilots / "replay.json", suggestion)
     console.print(f"written: {args.out or pilots / 'replay.json'}", highlight=False)

@@ -21,7 +21,7 @@ from flopwise.config import RunConfig
 from flopwise.data.mixture import resolve_weights
 from flopwise.data.sources import parse_source
 from flopwise.errors import FlopwiseError
-from flopwise.plan.replay import ReplayPoint, critical_ratio, fit_replay_law, pilot_design
+from flopwise.plan.replay import PAPER_EPSILON, ReplayPoint, critical_ratio, fit_replay_law, pilot_design
 
 PILOT_SHARE = 0.1  # of the full run's tokens, across each share's pilot (default --pilot-tokens)
 LENGTHS = (1 / 3, 1.0)
@@ -59,7 +59,7 @@ def pilot(config: RunConfig, domain: str, ratio: float, tokens: float, domains: 
 
 
 def suggest_replay(config: RunConfig, domain: str, run_tokens: float, pilot_tokens: float | None, out: Path,
-                   console: Console) -> dict[str, Any]:
+                   console: Console, tolerance: float = PAPER_EPSILON) -> dict[str, Any]:
     """Evaluate the start, run the pilots into ``out``, fit the law and return the suggestion."""
     from flopwise.train.display import ProgressDisplay
     from flopwise.train.session import open_for_resume, start_new
@@ -91,10 +91,18 @@ def suggest_replay(config: RunConfig, domain: str, run_tokens: float, pilot_toke
             console.print(f"pilot share {ratio:g}, {tokens / 1e6:.2f}M tokens: general {general:.4f} "
                           f"(start {base_general:.4f}), {domain} {own:.4f} (start {base_domain:.4f})", highlight=False)
     law = fit_replay_law(points, base_general, base_domain)
-    ratio = critical_ratio(law, run_tokens, base_general)
-    return {"domain": domain, "run_tokens": run_tokens, "base_general_loss": base_general,
-            "base_domain_loss": base_domain, "points": [vars(p) for p in points], "law": law.to_dict(),
-            "critical_ratio": ratio, "weights": share_weights(config, domain, ratio, domains)}
+    suggestion: dict[str, Any] = {
+        "domain": domain, "run_tokens": run_tokens, "pilot_tokens": pilot_tokens, "tolerance": tolerance,
+        "base_general_loss": base_general, "base_domain_loss": base_domain, "points": [vars(p) for p in points],
+        "law": law.to_dict()}
+    for name, tokens in (("at_pilots", pilot_tokens), ("at_run", run_tokens)):
+        try:
+            ratio = critical_ratio(law, tokens, base_general, tolerance / base_general)
+            suggestion[name] = {"tokens": tokens, "critical_ratio": ratio,
+                                "weights": share_weights(config, domain, ratio, domains)}
+        except FlopwiseError as error:  # no share qualifies: said, with the pilots kept
+            suggestion[name] = {"tokens": tokens, "critical_ratio": None, "why": str(error)}
+    return suggestion
 
 
 def print_replay(console: Console, suggestion: dict[str, Any]) -> None:
@@ -105,8 +113,17 @@ def print_replay(console: Console, suggestion: dict[str, Any]) -> None:
         table.add_row(f"{point['ratio']:g}", f"{point['tokens'] / 1e6:.2f}M", f"{point['general_loss']:.4f}",
                       f"{point['domain_loss']:.4f}")
     console.print(table)
-    weights = ", ".join(f"{name} {weight:.3f}" for name, weight in suggestion["weights"].items())
-    console.print(f"critical mixture ratio for {suggestion['run_tokens'] / 1e6:.2f}M tokens: "
-                  f"[bold]{suggestion['critical_ratio']:.3f}[/bold] of '{suggestion['domain']}' (Gu et al. 2024: the "
-                  f"largest share that keeps the general loss within 0.05 nats of the start's "
-                  f"{suggestion['base_general_loss']:.4f}); mixture: {weights}", highlight=False)
+    for name, where in (("at_pilots", "the pilots' length"), ("at_run", "the run's length")):
+        found = suggestion[name]
+        head = f"critical mixture ratio at {where} ({found['tokens'] / 1e6:.2f}M tokens): "
+        if found["critical_ratio"] is None:
+            console.print(head + "none: " + found["why"].removeprefix("critical_ratio: "), highlight=False)
+            continue
+        weights = ", ".join(f"{domain} {weight:.3f}" for domain, weight in found["weights"].items())
+        console.print(head + f"[bold]{found['critical_ratio']:.3f}[/bold] of '{suggestion['domain']}', mixture "
+                      f"{weights}", highlight=False)
+    console.print(f"(Gu et al. 2024: the largest share of new data that keeps the general loss within "
+                  f"{suggestion['tolerance']:g} nats of the start's {suggestion['base_general_loss']:.4f}; the law "
+                  "extrapolates in tokens, so trust the run's figure only a few times past the pilots, and if no "
+                  "share qualifies, lower the learning rate, allow more (--replay-tolerance) or pilot longer)",
+                  highlight=False)
