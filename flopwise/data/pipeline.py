@@ -7,7 +7,7 @@ their domains, the tokenizer, the split settings), so a second run re-tokenizes 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,9 @@ class PreparedData:
 
 
 def hygiene_settings(data: DataSection) -> HygieneSettings:
-    return HygieneSettings(dedup=data.dedup, near_threshold=data.near_threshold, min_chars=data.min_chars,
-                           max_symbol_ratio=data.max_symbol_ratio, max_line_chars=data.max_line_chars,
-                           max_duplicate_line_share=data.max_duplicate_line_share)
+    """The hygiene settings the data section sets (the rest, such as MinHash's permutations, keep theirs)."""
+    return HygieneSettings(**{f.name: getattr(data, f.name) for f in fields(HygieneSettings)
+                              if f.name in DataSection.model_fields})
 
 
 def cache_root(data: DataSection) -> Path:

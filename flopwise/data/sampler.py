@@ -162,9 +162,9 @@ class PackedSampler:
         domains = torch.from_numpy(self.domains_of(offsets))
         return Batch(windows[:, :-1], windows[:, 1:], domains)
 
-    def untake(self, domains: np.ndarray) -> None:
-        """Windows read but not trained on (SALT's rejected candidates, all ranks): not counted as seen."""
-        counts = np.bincount(domains, minlength=len(self.taken))
+    def untake(self, counts: Sequence[float]) -> None:
+        """Windows read but not trained on, per domain (SALT's rejected candidates, all ranks): not counted
+        as seen."""
         self.taken = [int(t - c) for t, c in zip(self.taken, counts)]
 
     def domains_of(self, offsets: np.ndarray) -> np.ndarray:

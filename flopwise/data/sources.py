@@ -54,9 +54,11 @@ _WEIGHTED = re.compile(r"^(?P<path>.+):(?P<weight>\d+(?:\.\d*)?(?:[eE]-?\d+)?|\.
 
 
 def parse_source(spec: str) -> SourceSpec:
-    named = None if Path(spec).exists() else _NAMED.match(spec)
+    """A path that exists is read as a path, whatever it looks like."""
+    exists = Path(spec).exists()
+    named = None if exists else _NAMED.match(spec)
     if not named:
-        if _WEIGHTED.match(spec) and not Path(spec).exists():
+        if _WEIGHTED.match(spec) and not exists:
             raise FlopwiseError(f"data source '{spec}' has a weight but no domain name: write NAME=PATH:WEIGHT, "
                                 "e.g. --data docs=./docs:0.7")
         return SourceSpec(spec)

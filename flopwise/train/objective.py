@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from flopwise.data.mixture import DomainReweighter
@@ -108,8 +107,7 @@ class Objective:
         losses into the mixture (both over all ranks)."""
         if self._rejected:
             counts = torch.bincount(torch.cat(self._rejected), minlength=len(self.sampler.ranges))
-            totals = self.ranks.sum(counts.double().tolist())
-            self.sampler.untake(np.repeat(np.arange(len(totals)), np.asarray(totals, dtype=np.int64)))
+            self.sampler.untake(self.ranks.sum(counts.double().tolist()))
             self._rejected = []
         if self.reweighter is None or self._domain_sums is None:
             return
@@ -118,7 +116,6 @@ class Objective:
         self.reweighter.observe(totals[:count], totals[count:])
         self.sampler.set_weights(self.reweighter.weights())
         self._domain_sums = None
-
 
     def state_dict(self) -> dict[str, Any]:
         return {"mixture": self.reweighter.state_dict()} if self.reweighter is not None else {}
