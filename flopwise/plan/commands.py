@@ -35,12 +35,13 @@ examples:
 """
 
 SCAN_EPILOG = """\
-design: three sizes of the shape family whose longest pilot sees between 0.3 and 300 tokens per
-parameter, each trained for t, then extended to 3t and 9t from its checkpoint before the
-learning-rate decay (warmup-stable-decay makes each length a fully annealed run of that budget,
-for 9.8t instead of 13t). The law is fitted to the final held-out losses (Huber loss on log L,
-as Hoffmann et al. 2022), with 200 bootstrap refits for its uncertainty, and saved for this
-setup so that `flopwise plan` and `train --auto` use it.
+design: three sizes of the shape family whose longest pilot sees between 1.5 and 40 tokens per
+parameter (the sizes that would be compute-optimal for budgets of 0.5x to 13x that pilot), each
+trained for t, then extended to 2t and 4t from its checkpoint before the learning-rate decay
+(warmup-stable-decay makes each length a fully annealed run of that budget, for 4.6t instead of
+7t). The law is fitted to the final held-out losses (Huber loss on log L, as Hoffmann et al.
+2022), with 200 bootstrap refits for its uncertainty, and saved for this setup so that
+`flopwise plan` and `train --auto` use it.
 
 examples:
   flopwise scan --budget 15m --out scans/stdlib

@@ -2,15 +2,19 @@
 
 Pilots are sizes x lengths.  Each size trains once for the shortest length and is then extended
 to the longer ones from its checkpoint before the learning-rate decay, as warmup-stable-decay
-allows (Hägele et al. 2024): lengths t, 3t and 9t cost 9.8t instead of 13t, and every length ends
-fully annealed, as a run of that budget would.  The 9x span in tokens per size is what pins the
-data term of the law, which a plan for a longer budget extrapolates.
+allows (Hägele et al. 2024): lengths t, 2t and 4t cost 4.6t instead of 7t, and every length ends
+fully annealed, as a run of that budget would.  The 4x span in tokens per size pins the data term
+of the law, which a plan for a longer budget extrapolates.  A wider span (t, 3t, 9t) was tried
+first: in a 15-minute scan its shortest pilots ran for under 30 s, a few hundred steps or fewer,
+where the loss still falls faster and faster with log D, and those points bent the fitted law
+towards a flat data term that was 5-9% pessimistic about 5- and 10-minute runs.
 
-Sizes are the family members whose longest pilot sees between MIN_RATIO and MAX_RATIO tokens per
-non-embedding parameter, spread evenly in log N.  A pilot far below MIN_RATIO is still in the
-early phase of training, where the loss falls faster and faster with log D, which no saturating
-law fits.  Lengths run shortest first across all sizes, so a scan that runs late drops its
-longest branches, not whole sizes.
+Sizes are the family members that would be compute-optimal (about 20 tokens per parameter, as
+Hoffmann et al. found) for budgets from half to about 13 times the longest pilot: those whose longest
+pilot sees between MIN_RATIO and MAX_RATIO tokens per non-embedding parameter, spread evenly in
+log N.  Piloting where the plans will land matters more than a wide span of sizes: a law fitted
+far from the plans' sizes extrapolates in N as well as in D.  Lengths run shortest first across
+all sizes, so a scan that runs late drops its longest branches, not whole sizes.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from flopwise.plan.fitting import SCAN_FILE, law_from_records, run_record
 from flopwise.plan.law_file import LAW_FILE, PlanningLaw
 from flopwise.plan.shapes import WIDTHS, family_fields, non_embedding_parameters
 
-LENGTHS = (1, 3, 9)  # pilot lengths in units of the shortest
+LENGTHS = (1, 2, 4)  # pilot lengths in units of the shortest
 SIZES = 3
-MIN_RATIO, MAX_RATIO = 3.0, 300.0
+MIN_RATIO, MAX_RATIO = 1.5, 40.0  # 20 tokens per parameter at ~13x and at 0.5x the longest pilot
 RUN_OVERHEAD_SECONDS = 8.0  # start-up, final evaluation and saving of one pilot, besides training
 # pilots evaluate once, at the end (the fit uses final losses only); the pinned checkpoint is kept
 PILOT_SETTINGS = {"eval_every": 0.0, "checkpoint_every": 0.0, "log_every": 5}
