@@ -29,6 +29,10 @@ LAW_FILE = "law.json"
 # stable-phase training loss.  The 15-minute scan of the default corpus with the default recipe
 # measured 1.041 +- 0.027 over 8 pilots (bench/results/planner.json); n_runs 0 marks it a prior.
 PRIOR_KAPPA = Calibration(kappa_mean=1.04, kappa_std=0.03, n_runs=0)
+# A fitted law plans sizes at most this factor outside the sizes of its runs.  Its size term is pinned
+# only where runs were made: a 15-minute scan of d_model 64, 96 and 128 fitted A/N^alpha so flat that
+# the law predicted 2.95 for a 5-minute run of d_model 32, which reaches about 4.
+SIZE_EXTRAPOLATION = 2.0
 
 
 @dataclass
@@ -47,6 +51,14 @@ class PlanningLaw:
     @property
     def is_prior(self) -> bool:
         return not self.runs
+
+    def size_range(self) -> tuple[float, float] | None:
+        """Non-embedding sizes the law may plan: within SIZE_EXTRAPOLATION of the runs it was fitted on,
+        or None (no limit) for a prior, which is an extrapolation whatever the size."""
+        sizes = [run["non_embedding"] for run in self.runs if run.get("non_embedding")]
+        if not sizes:
+            return None
+        return min(sizes) / SIZE_EXTRAPOLATION, max(sizes) * SIZE_EXTRAPOLATION
 
     def describe(self) -> str:
         if self.is_prior:

@@ -19,7 +19,7 @@ from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.model.flops import flops_per_token
-from flopwise.plan.law_file import PlanningLaw
+from flopwise.plan.law_file import SIZE_EXTRAPOLATION, PlanningLaw
 from flopwise.plan.scaling import interval
 from flopwise.plan.shapes import WIDTHS, family_fields, family_shape, non_embedding_parameters
 
@@ -90,7 +90,7 @@ def plan_run(config: RunConfig, vocab_size: int, law: PlanningLaw, step_seconds:
     tokens_per_step = o.batch_size * o.grad_accum * family_shape(config.model, widths[0], vocab_size).seq_len
     candidates: list[Candidate] = []
     best = -1  # index of the lowest predicted loss so far
-    for width in widths:
+    for width in _within_law(widths, law, config, vocab_size):
         try:
             candidate = _candidate(config, width, vocab_size, budget, law, step_seconds, tokens_per_step)
         except FlopwiseError:  # over the memory cap, and so is every larger width
@@ -113,6 +113,20 @@ def plan_run(config: RunConfig, vocab_size: int, law: PlanningLaw, step_seconds:
                 law_description=law.describe(), law_is_prior=law.is_prior, throughput_ratio=law.throughput_ratio,
                 tokens_per_step=tokens_per_step, device=device,
                 assumptions=_assumptions(config, law, chosen, budget, device, vocab_size, matmul_peak))
+
+
+def _within_law(widths: tuple[int, ...], law: PlanningLaw, config: RunConfig, vocab_size: int) -> list[int]:
+    """The widths whose size the law may plan (PlanningLaw.size_range); refuses when none is left."""
+    limits = law.size_range()
+    if limits is None:
+        return list(widths)
+    low, high = limits
+    inside = [w for w in widths if low <= non_embedding_parameters(family_shape(config.model, w, vocab_size)) <= high]
+    if not inside:
+        raise FlopwiseError(f"no family member lies within the law's size range ({format_amount('parameters', low)}"
+                            f" to {format_amount('parameters', high)} non-embedding parameters): fit the law on runs "
+                            "of this family (flopwise scan)")
+    return inside
 
 
 def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, law: PlanningLaw,
@@ -146,12 +160,15 @@ def _assumptions(config: RunConfig, law: PlanningLaw, best: Candidate, budget: B
     flops = flops_per_token(shape) * best.tokens_per_second
     mfu = f", {flops / 1e9:.1f} GFLOP/s" + (f" = {flops / matmul_peak:.0%} of the measured matmul peak "
                                             f"{matmul_peak / 1e9:.0f} GFLOP/s" if matmul_peak else "")
+    limits = law.size_range()
     lines = [f"law: {law.describe()}",
              f"throughput: measured on {device}: {best.tokens_per_second:,.0f} tokens/s{mfu} for the chosen shape "
              f"({best.step_seconds:.3f} s per step of {o.batch_size * o.grad_accum} x {shape.seq_len} "
              "tokens" + (f", scaled by {law.throughput_ratio:.3f}, what the scan's runs achieved against the probe)"
                          if law.throughput_ratio != 1.0 else ")"),
-             f"budget: {budget.describe()}; the first limit to bind decides the tokens",
+             f"budget: {budget.describe()}; the first limit to bind decides the tokens"
+             + (f"; sizes from {limits[0] / 1e6:.2f}M to {limits[1] / 1e6:.2f}M non-embedding parameters, within "
+                f"{SIZE_EXTRAPOLATION:g}x of the law's runs" if limits else ""),
              f"recipe: {o.name} (lr {o.lr:g}" + (f", muon_lr {o.muon_lr:g}" if o.name == "muon" else "")
              + f"), batch {o.batch_size} x {o.grad_accum} accumulation, {s.name} schedule (warmup {s.warmup:g}, "
                f"decay {s.decay:g}) as configured; the law holds for this recipe"]
