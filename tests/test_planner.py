@@ -176,14 +176,14 @@ def test_holdout_errors_measure_extrapolation_in_tokens():
 
 
 def test_a_fitted_law_plans_only_sizes_near_the_runs_it_was_fitted_on():
-    config = load_config(values={"budget.seconds": 1e5})  # the unlimited plan would go far past d_model 192
+    config = load_config(values={"budget.seconds": 1e5})
     size = {w: count_parameters(family_shape(config.model, w, 4096))["non_embedding"] for w in WIDTHS}
-    law = PlanningLaw(LAW, runs=[{"non_embedding": size[128]}, {"non_embedding": size[192]}])
+    law = PlanningLaw(LAW, runs=[{"non_embedding": size[32]}, {"non_embedding": size[64]}])
     plan = plan_run(config, 4096, law, fake_seconds, "d")
-    allowed = [w for w in WIDTHS if size[128] / 2 <= size[w] <= 2 * size[192]]
-    assert [c.d_model for c in plan.candidates] == allowed == [128, 160, 192, 224]
+    allowed = [w for w in WIDTHS if size[32] / 2 <= size[w] <= 2 * size[64]]
+    assert [c.d_model for c in plan.candidates] == allowed == [32, 64]
     assert plan.chosen == min(plan.candidates, key=lambda c: c.predicted_loss)
-    assert plan_run(config, 4096, PlanningLaw(LAW), fake_seconds, "d").chosen.d_model > 224  # a prior is not limited
-    assert any(f"sizes from {size[128] / 2e6:.2f}M to {2 * size[192] / 1e6:.2f}M" in line for line in plan.assumptions)
+    assert plan_run(config, 4096, PlanningLaw(LAW), fake_seconds, "d").chosen.d_model > 64  # a prior is not limited
+    assert any(f"sizes from {size[32] / 2e6:.2f}M to {2 * size[64] / 1e6:.2f}M" in line for line in plan.assumptions)
     with pytest.raises(FlopwiseError, match="no family member lies within the law's size range"):
         plan_run(config, 4096, PlanningLaw(LAW, runs=[{"non_embedding": 1e13}]), fake_seconds, "d")
