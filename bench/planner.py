@@ -74,10 +74,11 @@ def early_forecast(outcome: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def neighbours(n: int, widths: list[tuple[int, int]]) -> tuple[int, int]:
-    """Family widths whose non-embedding parameters are nearest N/2 and 2N (in log N)."""
-    def nearest(target: float) -> int:
-        return min(widths, key=lambda w: abs(math.log(w[1] / target)))[0]
-    return nearest(n / 2), nearest(2 * n)
+    """The smaller family width nearest N/2 and the larger one nearest 2N (in log N): never the planned
+    size itself, even where the family's steps are wider than 2x (d_model 32 -> 64 is 6x)."""
+    def nearest(target: float, side: list[tuple[int, int]]) -> int:
+        return min(side, key=lambda w: abs(math.log(w[1] / target)))[0]
+    return nearest(n / 2, [w for w in widths if w[1] < n]), nearest(2 * n, [w for w in widths if w[1] > n])
 
 
 def cmd_scan(args: argparse.Namespace) -> None:
