@@ -17,7 +17,8 @@ from flopwise.budget import Budget
 from flopwise.plan.law_file import PRIOR_KAPPA, PlanningLaw, find_law, read_law, setup_key
 from flopwise.plan.planner import budget_tokens, plan_run
 from flopwise.plan.scaling import ScalingLaw
-from flopwise.plan.scan import LENGTHS, MAX_RATIO, MIN_RATIO, RUN_OVERHEAD_SECONDS, SIZES, design_scan, extension_cost
+from flopwise.plan.scan import (LENGTHS, MAX_RATIO, MIN_RATIO, RUN_OVERHEAD_SECONDS, SIZES, design_scan, extension_cost,
+                                pilot_config)
 from flopwise.plan.shapes import WIDTHS, depth_for_width, family_shape, heads_for_width
 
 LAW = ScalingLaw(E=1.5, A=80.0, B=900.0, alpha=0.35, beta=0.35, source="test")
@@ -187,3 +188,13 @@ def test_a_fitted_law_plans_only_sizes_near_the_runs_it_was_fitted_on():
     assert any(f"sizes from {size[32] / 2e6:.2f}M to {2 * size[64] / 1e6:.2f}M" in line for line in plan.assumptions)
     with pytest.raises(FlopwiseError, match="no family member lies within the law's size range"):
         plan_run(config, 4096, PlanningLaw(LAW, runs=[{"non_embedding": 1e13}]), fake_seconds, "d")
+
+
+def test_a_pilot_warms_up_as_long_in_seconds_as_a_run_of_the_longest_pilot_length():
+    config = load_config(values={"budget.seconds": 60, "schedule.warmup": 0.02})
+    pilot = pilot_config(config, 96, 50.0, longest=200.0)
+    assert pilot.schedule.warmup == pytest.approx(0.08)  # 4 s of 50 s, as 2% of a 200 s run
+    assert pilot.budget.seconds == 50.0 and pilot.model.d_model == 96 and pilot.model.n_heads == 3
+    assert config.schedule.warmup == 0.02  # the user's config is untouched
+    capped = pilot_config(config, 96, 1.0, longest=1000.0).schedule.warmup
+    assert capped == pytest.approx(0.4)  # at most half of what precedes the decay

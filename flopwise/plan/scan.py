@@ -155,7 +155,7 @@ class Scan:
             return
         started = time.perf_counter()
         if extend_from is None:
-            train_pilot(self.config, size.d_model, seconds, run_dir)
+            train_pilot(self.config, size.d_model, seconds, run_dir, longest=self.design.lengths()[-1])
         else:
             extend_pilot(run_dir, seconds)
         record = run_record(run_dir)
@@ -172,22 +172,30 @@ class Scan:
                                                  "skipped": self.skipped})
 
 
-def pilot_config(config: RunConfig, d_model: int, seconds: float) -> RunConfig:
+def pilot_config(config: RunConfig, d_model: int, seconds: float, longest: float) -> RunConfig:
+    """The config of one size's first pilot, of ``seconds``, warmed up over as many seconds as a run
+    of the ``longest`` pilot's length would be.
+
+    Extensions keep the warmup's length in seconds, so without this every length of a size would
+    share the shortest pilot's warmup, a quarter of a real run's.  Measured on d_model 96 at 229 s:
+    a quarter of the warmup cost 3.6% in held-out loss (3.222 against 3.111), and the extended pilot
+    of that size fell 11% short of a run of its length, pulling the law towards smaller models."""
     pilot = config.model_copy(deep=True)
     for name, value in family_fields(d_model).items():
         setattr(pilot.model, name, value)
     pilot.budget = type(config.budget)(seconds=seconds)
+    pilot.schedule.warmup = min(config.schedule.warmup * longest / seconds, pilot.schedule.build().decay_start / 2)
     for name, value in PILOT_SETTINGS.items():
         setattr(pilot.train, name, value)
     return pilot
 
 
-def train_pilot(config: RunConfig, d_model: int, seconds: float, run_dir: Path) -> None:
+def train_pilot(config: RunConfig, d_model: int, seconds: float, run_dir: Path, longest: float) -> None:
     from flopwise.train.display import ProgressDisplay
     from flopwise.train.session import start_new
     from flopwise.train.trainer import LoopState
 
-    session = start_new(pilot_config(config, d_model, seconds), run_dir,
+    session = start_new(pilot_config(config, d_model, seconds, longest), run_dir,
                         ProgressDisplay(Console(quiet=True)))
     session.write_run_files()
     session.run(LoopState())
