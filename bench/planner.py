@@ -31,7 +31,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from flopwise.config import load_config
+from flopwise.plan.early import points_from_events
+from flopwise.plan.law_file import PlanningLaw, read_law
+from flopwise.train.forecast import LossForecaster
 from flopwise.train.metrics import read_metrics
+from flopwise.train.trainer import is_logged_step
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "planner.json"
@@ -64,13 +69,25 @@ def run_outcome(run: Path) -> dict[str, Any]:
             "val_loss": final["val_loss"], "forecasts": forecasts}
 
 
-def early_forecast(outcome: dict[str, Any]) -> dict[str, Any] | None:
-    """The forecast logged at p = 0.3 (the first 30% of the run)."""
-    for forecast in outcome["forecasts"]:
-        if abs(forecast["p"] - EARLY_P) < 0.05:
-            error = (forecast["predicted_loss"] - outcome["val_loss"]) / outcome["val_loss"]
-            return {**forecast, "error": error}
-    return None
+def early_forecast(outcome: dict[str, Any], law: PlanningLaw) -> dict[str, Any] | None:
+    """The forecast this code makes from the first 30% of a run, replayed on the steps the run had
+    logged when it logged its own p = 0.3 forecast; so a run logged by an older forecaster is judged
+    by the current one, from exactly what the run had seen."""
+    run = Path(outcome["run"])
+    events = read_metrics(run / "metrics.jsonl")
+    mark = next((e for e in events if e["event"] == "forecast" and abs(e["p"] - EARLY_P) < 0.05), None)
+    if mark is None:
+        return None
+    config = load_config(run / "config.toml")
+    points = points_from_events(e for e in events if e["event"] == "train" and e["step"] <= mark["step"]
+                                and is_logged_step(e["step"], config.train.log_every))
+    forecaster = LossForecaster(config.schedule.build(), law.kappa, points=points,
+                                prior=law.prior_for(outcome["non_embedding"]))
+    forecast = forecaster.forecast(mark["tokens"], mark["p"])
+    if forecast is None:
+        return None
+    record = {key: value for key, value in forecast.to_dict().items() if key != "fit"}
+    return {"p": mark["p"], **record, "error": (forecast.loss - outcome["val_loss"]) / outcome["val_loss"]}
 
 
 def neighbours(n: int, widths: list[tuple[int, int]]) -> tuple[int, int]:
@@ -103,6 +120,7 @@ def cmd_budget(args: argparse.Namespace) -> None:
         flopwise("plan", "--budget", args.budget, "--out", str(plan_file), work=args.work)
         row = {"plan": json.loads(plan_file.read_text()), "runs": {}}
     chosen = row["plan"]["chosen"]
+    law = read_law(args.work / "scan")
     family = [(w, non_embedding_parameters(family_shape(ModelSection(), w, 4096))) for w in WIDTHS]
     half, double = neighbours(chosen["non_embedding"], family)
     runs = row["runs"]
@@ -110,7 +128,7 @@ def cmd_budget(args: argparse.Namespace) -> None:
         planned = args.work / f"{args.budget}-planned"
         flopwise("train", "--budget", args.budget, "--auto", "--out", str(planned), work=args.work)
         runs["planned"] = run_outcome(planned)
-        _record(results, args.budget, row)
+        _record(results, args.budget, row, law)
     for label, width in () if args.planned_only else (("half N", half), ("double N", double)):
         if label in runs:
             continue
@@ -119,11 +137,11 @@ def cmd_budget(args: argparse.Namespace) -> None:
                  for arg in ("--set", f"model.{name}={value}")]
         flopwise("train", "--budget", args.budget, "--out", str(out), *shape, work=args.work)
         runs[label] = run_outcome(out)
-        _record(results, args.budget, row)
+        _record(results, args.budget, row, law)
     report(results)
 
 
-def _record(results: dict[str, Any], budget: str, row: dict[str, Any]) -> None:
+def _record(results: dict[str, Any], budget: str, row: dict[str, Any], law: PlanningLaw) -> None:
     """Write one budget's row with what its runs show so far."""
     runs, chosen = row["runs"], row["plan"]["chosen"]
     achieved = runs["planned"]["val_loss"]
@@ -131,7 +149,7 @@ def _record(results: dict[str, Any], budget: str, row: dict[str, Any]) -> None:
     row.update(predicted_loss=chosen["predicted_loss"], interval=row["plan"]["interval"], achieved_loss=achieved,
                prediction_error=(chosen["predicted_loss"] - achieved) / achieved,
                planned_beats_neighbours=all(achieved <= loss for loss in others) if len(others) == 2 else None,
-               early={label: early_forecast(outcome) for label, outcome in runs.items()})
+               early={label: early_forecast(outcome, law) for label, outcome in runs.items()})
     results["budgets"][budget] = row
     save_results(results)
 
@@ -175,8 +193,12 @@ def main() -> None:
         cmd_scan(args)
     elif args.stage == "budget":
         cmd_budget(args)
-    else:
-        report(load_results())
+    else:  # the early forecasts again, by the current forecaster
+        results = load_results()
+        law = read_law(args.work / "scan")
+        for budget, row in results["budgets"].items():
+            _record(results, budget, row, law)
+        report(results)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ import pytest
 
 from flopwise.errors import FlopwiseError
 from flopwise.optim.schedules import Schedule
-from flopwise.plan.early import (Calibration, CurvePoint, calibrate_kappa, fit_curve, forecast_final_loss,
-                                 points_from_events, projected_total_tokens, stable_points, summarize_kappas)
+from flopwise.plan.early import (BOOTSTRAP_Z, Calibration, CurvePoint, LawPrior, calibrate_kappa, fit_curve,
+                                 forecast_final_loss, points_from_events, projected_total_tokens, stable_points,
+                                 summarize_kappas)
+from flopwise.plan.law_file import PlanningLaw
+from flopwise.plan.scaling import ScalingLaw
 
 WSD = Schedule()  # warmup 0.02, stable to p = 0.8, (1 - sqrt) cooldown to 0
 E, A, GAMMA = 1.8, 400.0, 0.35  # loss 4.4 at 1.5M tokens, 2.6 at 50M: a small LM's curve
@@ -170,3 +173,44 @@ def test_bad_arguments_name_the_value():
         Calibration(0.0, 0.0, 1)
     with pytest.raises(FlopwiseError, match="final_val_loss=-1"):
         calibrate_kappa(points, -1.0, WSD, 5e7)
+
+
+def _prior(loss_at_total: float, total: float, sd: float, n: float = 1e6) -> LawPrior:
+    """A law whose loss at (n, total) is ``loss_at_total``, with no bootstrap spread and ``sd`` as its extra error."""
+    law = ScalingLaw(E=loss_at_total - 2.0, A=1.0 * n ** 0.5, B=1.0 * total ** 0.5, alpha=0.5, beta=0.5, source="t")
+    return LawPrior(law, [law, law], n, sd)
+
+
+def test_a_law_prior_is_averaged_with_the_curve_by_inverse_variance():
+    total = 5e7
+    points = simulate(total, seed=0, observed=0.3)
+    calibration = Calibration(kappa_mean=0.95, kappa_std=0.0, n_runs=1)
+    curve = forecast_final_loss(points, WSD, total, calibration)
+    curve_sd = (curve.high / curve.loss - 1.0) / 2  # the curve's half-width is two standard deviations
+    law_loss = curve.loss * 1.1
+    equal = forecast_final_loss(points, WSD, total, calibration, prior=_prior(law_loss, total, curve_sd))
+    assert equal.curve_loss == pytest.approx(curve.loss) and equal.law_loss == pytest.approx(law_loss)
+    assert equal.law_weight == pytest.approx(0.5)
+    assert equal.loss == pytest.approx((curve.loss + law_loss) / 2)
+    assert equal.high / equal.loss - 1.0 == pytest.approx(2 * curve_sd / math.sqrt(2))  # two equal errors: sqrt(2)
+    sure = forecast_final_loss(points, WSD, total, calibration, prior=_prior(law_loss, total, curve_sd / 3))
+    assert sure.law_weight == pytest.approx(0.9) and sure.loss == pytest.approx(0.1 * curve.loss + 0.9 * law_loss)
+    record = sure.to_dict()
+    assert record["curve_loss"] == pytest.approx(curve.loss) and record["law_weight"] == pytest.approx(0.9)
+    assert forecast_final_loss(simulate(total, seed=0, observed=0.02), WSD, total, calibration,
+                               prior=_prior(law_loss, total, 0.01)) is None  # no curve yet: no forecast
+
+
+def test_the_law_prior_spread_comes_from_its_bootstrap_and_holdout():
+    base = ScalingLaw(E=2.0, A=100.0, B=300.0, alpha=0.3, beta=0.3, source="t")
+    wider = [ScalingLaw(E=2.0 + k / 100, A=100.0, B=300.0, alpha=0.3, beta=0.3, source="t") for k in range(-10, 11)]
+    law = PlanningLaw(base, bootstrap=wider, runs=[{"non_embedding": 1e5}, {"non_embedding": 4e5}],
+                      holdout=[{"run": "a", "error": 0.01}, {"run": "b", "error": -0.04}])
+    prior = law.prior_for(2e5)
+    loss, sd = prior.predict(1e7)
+    assert loss == pytest.approx(base.loss(2e5, 1e7))
+    boot = (np.quantile([w.loss(2e5, 1e7) for w in wider], 0.9) - np.quantile([w.loss(2e5, 1e7) for w in wider], 0.1))
+    assert sd == pytest.approx(math.hypot(boot / (2 * BOOTSTRAP_Z * loss), 0.04))  # the worst holdout error
+    assert law.prior_for(1e6) is None  # beyond 2x the law's largest run
+    assert PlanningLaw(base).prior_for(2e5) is None  # a prior from other data is no evidence about this run
+    assert PlanningLaw(base, runs=[{"non_embedding": 2e5}]).prior_for(2e5) is None  # no bootstrap: no spread

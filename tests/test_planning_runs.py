@@ -95,6 +95,10 @@ def test_fit_plan_and_auto_train_use_the_scans_law(scan_folder, tmp_path, text_f
     assert auto["chosen"]["d_model"] == json.loads((run / "plan.json").read_text())["model"]["d_model"]
     assert auto["chosen"]["d_model"] == plan["chosen"]["d_model"]  # the same plan: probes are cached
     assert "planned:" in out and "achieved:" in out
+    logged = forecasts(run)  # the planned size is within the law's range: its forecasts lean on the law too
+    assert logged and all(0.0 < e["law_weight"] < 1.0 and e["law_loss"] > 0 for e in logged)
+    assert all(e["predicted_loss"] == pytest.approx((1 - e["law_weight"]) * e["curve_loss"]
+                                                    + e["law_weight"] * e["law_loss"]) for e in logged)
 
 
 def test_plan_without_a_scan_says_its_law_is_a_prior(tmp_path, text_folder, capsys):

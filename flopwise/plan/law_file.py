@@ -20,7 +20,7 @@ from flopwise.atomic import write_json_atomic
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import NAMED_SIZES
-from flopwise.plan.early import Calibration
+from flopwise.plan.early import Calibration, LawPrior
 from flopwise.plan.scaling import CHINCHILLA_REFIT, ScalingLaw
 
 LAW_FILE = "law.json"
@@ -59,6 +59,15 @@ class PlanningLaw:
         if not sizes:
             return None
         return min(sizes) / SIZE_EXTRAPOLATION, max(sizes) * SIZE_EXTRAPOLATION
+
+    def prior_for(self, non_embedding: float) -> LawPrior | None:
+        """This law as a prior on a run's final loss (flopwise/plan/early.py), for a fitted law with a
+        bootstrap and a size within its range; None otherwise, so that the forecast reads the curve alone."""
+        limits = self.size_range()
+        if limits is None or not self.bootstrap or not limits[0] <= non_embedding <= limits[1]:
+            return None
+        extra = max((abs(h["error"]) for h in self.holdout), default=0.0)
+        return LawPrior(self.law, self.bootstrap, non_embedding, extra)
 
     def describe(self) -> str:
         if self.is_prior:

@@ -11,13 +11,15 @@ from typing import Any, Iterable
 
 from flopwise.errors import FlopwiseError
 from flopwise.optim.schedules import Schedule
-from flopwise.plan.early import Calibration, CurvePoint, Forecast, forecast_final_loss, projected_total_tokens
+from flopwise.plan.early import (Calibration, CurvePoint, Forecast, LawPrior, forecast_final_loss,
+                                 projected_total_tokens)
 
 
 class LossForecaster:
     def __init__(self, schedule: Schedule, calibration: Calibration, every: float = 0.1,
-                 target: float | None = None, points: Iterable[CurvePoint] = ()) -> None:
+                 target: float | None = None, points: Iterable[CurvePoint] = (), prior: LawPrior | None = None) -> None:
         self.schedule = schedule
+        self.prior = prior
         self.calibration = calibration
         self.every = every
         self.target = target
@@ -31,7 +33,8 @@ class LossForecaster:
         """Final loss at the end of the budget: total tokens are tokens / p, exact for token, FLOP and step
         limits and a projection from the throughput so far for a seconds limit."""
         try:
-            return forecast_final_loss(self.points, self.schedule, projected_total_tokens(tokens, p), self.calibration)
+            return forecast_final_loss(self.points, self.schedule, projected_total_tokens(tokens, p), self.calibration,
+                                       prior=self.prior)
         except FlopwiseError:
             return None
 

@@ -277,9 +277,10 @@ class Session:
         events = read_metrics(metrics) if metrics.is_file() else []
         points = points_from_events(e for e in events if e["event"] == "train" and is_logged_step(e["step"],
                                                                                                   t.log_every))
-        kappa = law_for(self.config, device_name(self.device)).kappa
-        return LossForecaster(self.config.schedule.build(), kappa, t.forecast_every,
-                              t.target_loss, points)
+        law = law_for(self.config, device_name(self.device))
+        prior = law.prior_for(count_parameters(self.model_cfg)["non_embedding"])
+        return LossForecaster(self.config.schedule.build(), law.kappa, t.forecast_every,
+                              t.target_loss, points, prior)
 
     def save_final(self) -> None:
         """``final/``: the model as a Hugging Face folder (loads with AutoModelForCausalLM; for models that

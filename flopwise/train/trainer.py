@@ -276,8 +276,10 @@ class Trainer:
         if self.log is not None:
             self.log.append({"event": "forecast", "step": int(state.meter.steps), "p": p,
                              "tokens": state.meter.tokens, **forecast.to_dict()})
+        parts = (f"; curve {forecast.curve_loss:.4f}, law {forecast.law_loss:.4f} at weight {forecast.law_weight:.2f}"
+                 if forecast.law_loss is not None else "")
         self.display.message(f"forecast at p={p:.2f}: final held-out loss {forecast.loss:.4f} "
-                             f"({forecast.low:.4f}-{forecast.high:.4f})")
+                             f"({forecast.low:.4f}-{forecast.high:.4f}{parts})")
         if self.forecaster.cannot_reach(forecast):
             return (f"the forecast final loss {forecast.loss:.4f} (at best {forecast.low:.4f}) cannot reach "
                     f"train.target_loss {self.forecaster.target:g}")
