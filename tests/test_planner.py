@@ -186,7 +186,8 @@ def test_a_fitted_law_plans_only_sizes_near_the_runs_it_was_fitted_on():
     assert plan.chosen == min(plan.candidates, key=lambda c: c.predicted_loss)
     assert plan_run(config, 4096, PlanningLaw(LAW), fake_seconds, "d").chosen.d_model > 64  # a prior is not limited
     assert any(f"sizes from {size[32] / 2e6:.2f}M to {2 * size[64] / 1e6:.2f}M" in line for line in plan.assumptions)
-    with pytest.raises(FlopwiseError, match="no family member lies within the law's size range"):
+    with pytest.raises(FlopwiseError, match=r"no family member lies within the law's size range \(5000000\.00M to "
+                                            r"20000000\.00M non-embedding parameters\)"):
         plan_run(config, 4096, PlanningLaw(LAW, runs=[{"non_embedding": 1e13}]), fake_seconds, "d")
 
 

@@ -120,13 +120,16 @@ def _within_law(widths: tuple[int, ...], law: PlanningLaw, config: RunConfig, vo
     limits = law.size_range()
     if limits is None:
         return list(widths)
-    low, high = limits
-    inside = [w for w in widths if low <= non_embedding_parameters(family_shape(config.model, w, vocab_size)) <= high]
+    inside = [w for w in widths
+              if limits[0] <= non_embedding_parameters(family_shape(config.model, w, vocab_size)) <= limits[1]]
     if not inside:
-        raise FlopwiseError(f"no family member lies within the law's size range ({format_amount('parameters', low)}"
-                            f" to {format_amount('parameters', high)} non-embedding parameters): fit the law on runs "
-                            "of this family (flopwise scan)")
+        raise FlopwiseError(f"no family member lies within the law's size range ({_describe_range(limits)}): fit the "
+                            "law on runs of this family (flopwise scan)")
     return inside
+
+
+def _describe_range(limits: tuple[float, float]) -> str:
+    return f"{limits[0] / 1e6:.2f}M to {limits[1] / 1e6:.2f}M non-embedding parameters"
 
 
 def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, law: PlanningLaw,
@@ -167,8 +170,8 @@ def _assumptions(config: RunConfig, law: PlanningLaw, best: Candidate, budget: B
              "tokens" + (f", scaled by {law.throughput_ratio:.3f}, what the scan's runs achieved against the probe)"
                          if law.throughput_ratio != 1.0 else ")"),
              f"budget: {budget.describe()}; the first limit to bind decides the tokens"
-             + (f"; sizes from {limits[0] / 1e6:.2f}M to {limits[1] / 1e6:.2f}M non-embedding parameters, within "
-                f"{SIZE_EXTRAPOLATION:g}x of the law's runs" if limits else ""),
+             + (f"; sizes from {_describe_range(limits)}, within {SIZE_EXTRAPOLATION:g}x of the law's runs"
+                if limits else ""),
              f"recipe: {o.name} (lr {o.lr:g}" + (f", muon_lr {o.muon_lr:g}" if o.name == "muon" else "")
              + f"), batch {o.batch_size} x {o.grad_accum} accumulation, {s.name} schedule (warmup {s.warmup:g}, "
                f"decay {s.decay:g}) as configured; the law holds for this recipe"]
