@@ -18,6 +18,11 @@ from flopwise.data.shards import TokenCorpus
 from flopwise.train.device import autocast
 
 LN2 = math.log(2)
+# The end-of-run evaluation reads up to this many times train.eval_tokens per domain, for a precise final
+# number; evaluations during the run read every FINAL_EVAL_SCALE-th of the same windows.  (They used to read
+# the first eval_tokens of each domain: other files and another domain mix, 0.5 nats off the final number
+# on a finished 10-minute run.)
+FINAL_EVAL_SCALE = 4
 
 
 def heldout_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None) -> np.ndarray:
@@ -48,14 +53,18 @@ class Evaluator:
         self.unigram = unigram_log_probs(corpus)
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, max_tokens_per_domain: int | None = None) -> dict[str, Any]:
-        """Loss (nats/token), perplexity and bits per byte for each domain and in total."""
+    def __call__(self, model: torch.nn.Module, max_tokens_per_domain: int | None = None,
+                 stride: int = 1) -> dict[str, Any]:
+        """Loss (nats/token), perplexity and bits per byte for each domain and in total, on the first
+        ``max_tokens_per_domain`` held-out tokens of each domain; with ``stride`` k, on every k-th of those
+        windows, a sample that keeps each domain's share of them, so it estimates the same overall loss."""
         was_training = model.training
         model.eval()
         totals = {"nats": 0.0, "tokens": 0, "bytes": 0, "unigram_nats": 0.0}
         domains: dict[str, dict[str, float]] = {}
         for domain in self.corpus.domains:
             windows = heldout_windows(self.corpus.val_tokens_by_domain(domain), self.seq_len, max_tokens_per_domain)
+            windows = windows[::stride]
             if len(windows) == 0:
                 continue
             sums = self._domain_sums(model, windows)

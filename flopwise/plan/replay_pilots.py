@@ -21,6 +21,7 @@ from flopwise.config import RunConfig
 from flopwise.data.mixture import resolve_weights
 from flopwise.data.sources import parse_source
 from flopwise.errors import FlopwiseError
+from flopwise.evaluate.heldout import FINAL_EVAL_SCALE
 from flopwise.plan.replay import PAPER_EPSILON, ReplayPoint, critical_ratio, fit_replay_law, pilot_design
 
 PILOT_SHARE = 0.1  # of the full run's tokens, across each share's pilot (default --pilot-tokens)
@@ -71,7 +72,8 @@ def suggest_replay(config: RunConfig, domain: str, run_tokens: float, pilot_toke
     pilot_tokens = pilot_tokens or PILOT_SHARE * run_tokens
     start = start_new(config.model_copy(deep=True), out / "start", quiet)  # a session records its tokenizer
     domains = start.data.corpus.domains
-    base_general, base_domain = split_losses(start.evaluator(start.model, config.train.eval_tokens * 4), domain)
+    start_losses = start.evaluator(start.model, config.train.eval_tokens * FINAL_EVAL_SCALE)
+    base_general, base_domain = split_losses(start_losses, domain)
     del start  # its model and optimizer are not needed during the pilots
     points: list[ReplayPoint] = []
     design = pilot_design(pilot_tokens, lengths=LENGTHS)

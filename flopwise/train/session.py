@@ -24,7 +24,7 @@ from flopwise.config import RunConfig, config_to_toml, load_config
 from flopwise.data.pipeline import PreparedData, cache_root, prepare_data
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
-from flopwise.evaluate.heldout import Evaluator
+from flopwise.evaluate.heldout import FINAL_EVAL_SCALE, Evaluator
 from flopwise.methods.dense import build_model, plain_model
 from flopwise.methods.registry import memory_methods
 from flopwise.methods.salt import Teacher
@@ -252,7 +252,7 @@ class Session:
                                c.train.wandb_project) if self.ranks.is_main else contextlib.nullcontext())
         with log as event_log:
             trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device,
-                              self.dtype, lambda: self.evaluator(self.model, c.train.eval_tokens), self.display,
+                              self.dtype, self.evaluate_during_run, self.display,
                               event_log, module=self.model, ranks=self.ranks, methods=self.methods,
                               forecaster=self.forecaster(), objective=self.objective)
             with self.display:
@@ -260,13 +260,18 @@ class Session:
             final_eval = None
             if outcome.finished:
                 start = time.perf_counter()
-                final_eval = self.evaluator(self.model, c.train.eval_tokens * 4)
+                final_eval = self.evaluator(self.model, c.train.eval_tokens * FINAL_EVAL_SCALE)
                 outcome.eval_seconds += time.perf_counter() - start
                 trainer.log_eval(outcome.state, 1.0, final_eval)
                 self.save_final()
         return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
                        outcome.stop_reason, self.sampler.domain_epochs())
+
+    def evaluate_during_run(self) -> dict[str, Any]:
+        """Every FINAL_EVAL_SCALE-th window of the final evaluation's, so the logged curve estimates the
+        quantity that the final evaluation measures more precisely."""
+        return self.evaluator(self.model, self.config.train.eval_tokens * FINAL_EVAL_SCALE, stride=FINAL_EVAL_SCALE)
 
     def forecaster(self) -> LossForecaster | None:
         """The final-loss forecast, fed on resume with the logged steps the checkpoint includes."""
