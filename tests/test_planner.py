@@ -191,6 +191,19 @@ def test_a_fitted_law_plans_only_sizes_near_the_runs_it_was_fitted_on():
         plan_run(config, 4096, PlanningLaw(LAW, runs=[{"non_embedding": 1e13}]), fake_seconds, "d")
 
 
+def test_a_plan_says_how_far_it_extrapolates_the_law_in_tokens():
+    config = load_config(values={"budget.seconds": 1e5})
+    size = {w: count_parameters(family_shape(config.model, w, 4096))["non_embedding"] for w in (32, 64)}
+    runs = [{"non_embedding": size[32], "tokens": 1e6}, {"non_embedding": size[64], "tokens": 2e6}]
+    plan = plan_run(config, 4096, PlanningLaw(LAW, runs=runs), fake_seconds, "d")
+    tokens_line = next(line for line in plan.assumptions if line.startswith("tokens:"))
+    assert tokens_line.endswith(f"; {plan.chosen.tokens / 2e6:.1f}x the law's longest run (2.00M tokens), "
+                                "so its token term is extrapolated that far")
+    within = [dict(run, tokens=1e15) for run in runs]
+    plan = plan_run(config, 4096, PlanningLaw(LAW, runs=within), fake_seconds, "d")
+    assert not any("extrapolated" in line for line in plan.assumptions)
+
+
 def test_a_pilot_warms_up_as_long_in_seconds_as_a_run_of_the_longest_pilot_length():
     config = load_config(values={"budget.seconds": 60, "schedule.warmup": 0.02})
     pilot = pilot_config(config, 96, 50.0, longest=200.0)

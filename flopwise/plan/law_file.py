@@ -60,6 +60,13 @@ class PlanningLaw:
             return None
         return min(sizes) / SIZE_EXTRAPOLATION, max(sizes) * SIZE_EXTRAPOLATION
 
+    def longest_run_tokens(self) -> float | None:
+        """The most tokens any of the law's runs trained on, or None (a prior, or runs without token counts).
+
+        Plans beyond it extrapolate the token term, which a scan's short pilots can pin poorly."""
+        tokens = [run["tokens"] for run in self.runs if run.get("tokens")]
+        return max(tokens) if tokens else None
+
     def prior_for(self, non_embedding: float) -> LawPrior | None:
         """This law as a prior on a run's final loss (flopwise/plan/early.py), for a fitted law with a
         bootstrap and a size within its range; None otherwise, so that the forecast reads the curve alone."""

@@ -180,6 +180,9 @@ def _assumptions(config: RunConfig, law: PlanningLaw, best: Candidate, budget: B
                      f"{format_bytes(best.memory_peak or 0)} with {', '.join(best.methods) or 'no methods'}")
     else:
         lines.append("memory: no cap given (--memory)")
+    longest = law.longest_run_tokens()
     lines.append(f"tokens: {format_amount('tokens', best.tokens)} = {best.tokens / best.non_embedding:.1f} per "
-                 "non-embedding parameter")
+                 "non-embedding parameter"
+                 + (f"; {best.tokens / longest:.1f}x the law's longest run ({format_amount('tokens', longest)}), "
+                    "so its token term is extrapolated that far" if longest and best.tokens > longest else ""))
     return lines
