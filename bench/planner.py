@@ -180,6 +180,26 @@ def report(results: dict[str, Any]) -> None:
         console.print(f"forecast from the first 30% against the final loss, every run: {errors}", highlight=False)
 
 
+def late_fit(results: dict[str, Any]) -> dict[str, Any]:
+    """The law fitted only on runs past the early regime, the scan's pilots of the longest length and
+    every budget's runs but the longest budget's, then its error on the longest budget's runs, which it
+    never saw: whether the law's form or the scan's data limits the plan's accuracy."""
+    from flopwise.budget import parse_limit
+    from flopwise.plan.scaling import fit_law
+
+    budgets = sorted(results["budgets"], key=lambda b: parse_limit(b)[1])
+    pilots = results["scan"]["pilots"]["pilots"]
+    longest = max(p["seconds_budget"] for p in pilots)
+    fitted = [p for p in pilots if p["seconds_budget"] == longest]
+    fitted += [r for b in budgets[:-1] for r in results["budgets"][b]["runs"].values()]
+    law = fit_law([r["non_embedding"] for r in fitted], [r["tokens"] for r in fitted],
+                  [r["val_loss"] for r in fitted]).law
+    held_out = results["budgets"][budgets[-1]]["runs"]
+    errors = {label: (float(law.loss(r["non_embedding"], r["tokens"])) - r["val_loss"]) / r["val_loss"]
+              for label, r in held_out.items()}
+    return {"law": law.describe(), "fitted_on": len(fitted), "budget": budgets[-1], "errors": errors}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("scan", "budget", "report"))
@@ -199,6 +219,12 @@ def main() -> None:
         for budget, row in results["budgets"].items():
             _record(results, budget, row, law)
         report(results)
+        if len(results["budgets"]) > 1:
+            results["late_fit"] = late = late_fit(results)
+            save_results(results)
+            errors = ", ".join(f"{label} {error:+.1%}" for label, error in late["errors"].items())
+            Console().print(f"law fitted on the longest pilots and the shorter budgets' runs ({late['fitted_on']} "
+                            f"runs): {late['law']}; on the {late['budget']} runs: {errors}", highlight=False)
 
 
 if __name__ == "__main__":
