@@ -6,7 +6,8 @@
    non-embedding parameters run with the same budget for comparison.  Every run logs the early
    forecast of its final loss (at p = 0.1, 0.2, ...), so the forecast from the first 30% is
    compared with what the run reached too.
-3. ``report``: the table.
+3. ``report``: the table; then the law refitted on the scan's longest pilots and the shorter
+   budgets' runs, checked on the longest budget's runs, to tell the law's form from the scan's data.
 
 Stages are separate commands so that each can be checked before the next hour is spent; all of
 them share a work folder and a flopwise cache (throughput probes and the scan's law), and add to
