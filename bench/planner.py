@@ -32,12 +32,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from flopwise.budget import parse_limit
 from flopwise.config import load_config
-from flopwise.plan.early import points_from_events
 from flopwise.plan.law_file import PlanningLaw, read_law
+from flopwise.plan.scaling import fit_law
 from flopwise.train.forecast import LossForecaster
 from flopwise.train.metrics import read_metrics
-from flopwise.train.trainer import is_logged_step
+from flopwise.train.trainer import forecast_points
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "planner.json"
@@ -80,8 +81,7 @@ def early_forecast(outcome: dict[str, Any], law: PlanningLaw) -> dict[str, Any] 
     if mark is None:
         return None
     config = load_config(run / "config.toml")
-    points = points_from_events(e for e in events if e["event"] == "train" and e["step"] <= mark["step"]
-                                and is_logged_step(e["step"], config.train.log_every))
+    points = forecast_points(events, config.train.log_every, through_step=mark["step"])
     forecaster = LossForecaster(config.schedule.build(), law.kappa, points=points,
                                 prior=law.prior_for(outcome["non_embedding"]))
     forecast = forecaster.forecast(mark["tokens"], mark["p"])
@@ -185,9 +185,6 @@ def late_fit(results: dict[str, Any]) -> dict[str, Any]:
     """The law fitted only on runs past the early regime, the scan's pilots of the longest length and
     every budget's runs but the longest budget's, then its error on the longest budget's runs, which it
     never saw: whether the law's form or the scan's data limits the plan's accuracy."""
-    from flopwise.budget import parse_limit
-    from flopwise.plan.scaling import fit_law
-
     budgets = sorted(results["budgets"], key=lambda b: parse_limit(b)[1])
     pilots = results["scan"]["pilots"]["pilots"]
     longest = max(p["seconds_budget"] for p in pilots)

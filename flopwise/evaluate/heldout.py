@@ -19,9 +19,8 @@ from flopwise.train.device import autocast
 
 LN2 = math.log(2)
 # The end-of-run evaluation reads up to this many times train.eval_tokens per domain, for a precise final
-# number; evaluations during the run read every FINAL_EVAL_SCALE-th of the same windows.  (They used to read
-# the first eval_tokens of each domain: other files and another domain mix, 0.5 nats off the final number
-# on a finished 10-minute run.)
+# number; evaluations during the run read every FINAL_EVAL_SCALE-th of the same windows, so that the logged
+# curve estimates the same quantity (the first windows alone are other files and another domain mix).
 FINAL_EVAL_SCALE = 4
 
 

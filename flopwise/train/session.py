@@ -34,7 +34,6 @@ from flopwise.model.gpt import GPT
 from flopwise.model.hf import (load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source,
                                save_hf_folder)
 from flopwise.optim.build import build_optimizer
-from flopwise.plan.early import points_from_events
 from flopwise.plan.law_file import law_for
 from flopwise.plan.memory import estimate_memory
 from flopwise.train.checkpoint import CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint
@@ -47,7 +46,7 @@ from flopwise.train.memory_setup import check_method_constraints, resolve_memory
 from flopwise.train.data_setup import build_objective, build_sampler, load_teacher
 from flopwise.train.forecast import LossForecaster
 from flopwise.train.metrics import MetricsLog, read_metrics
-from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, is_logged_step, next_mark
+from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, forecast_points, next_mark
 
 CONFIG_FILE = "config.toml"
 
@@ -280,8 +279,7 @@ class Session:
             return None
         metrics = self.run_dir / "metrics.jsonl"
         events = read_metrics(metrics) if metrics.is_file() else []
-        points = points_from_events(e for e in events if e["event"] == "train" and is_logged_step(e["step"],
-                                                                                                  t.log_every))
+        points = forecast_points(events, t.log_every)
         law = law_for(self.config, device_name(self.device))
         prior = law.prior_for(count_parameters(self.model_cfg)["non_embedding"])
         return LossForecaster(self.config.schedule.build(), law.kappa, t.forecast_every,

@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
@@ -22,6 +22,7 @@ from flopwise.budget import Budget, Meter, steps_left
 from flopwise.data.sampler import Batch, PackedSampler
 from flopwise.methods.base import TrainingMethod
 from flopwise.optim.schedules import Schedule
+from flopwise.plan.early import CurvePoint, points_from_events
 from flopwise.train.checkpoint import save_checkpoint
 from flopwise.train.device import autocast, peak_memory_bytes, synchronize
 from flopwise.train.display import ProgressDisplay
@@ -39,6 +40,15 @@ def is_logged_step(step: int, log_every: int) -> bool:
     """Steps logged on schedule (the first, then every ``log_every``-th); the last step and an
     interrupted one are logged too, off schedule."""
     return step == 1 or step % log_every == 0
+
+
+def forecast_points(events: Iterable[dict[str, Any]], log_every: int,
+                    through_step: float = math.inf) -> list[CurvePoint]:
+    """The curve points a run's forecaster was fed, read back from its metrics.jsonl events: the train
+    events logged on schedule, up to ``through_step`` (off-schedule ones are not fed, so that an
+    interrupted and resumed run forecasts from the same points as an uninterrupted one)."""
+    return points_from_events(e for e in events if e["event"] == "train" and e["step"] <= through_step
+                              and is_logged_step(e["step"], log_every))
 
 
 def reached(p: float, mark: float) -> bool:
