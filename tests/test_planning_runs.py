@@ -131,3 +131,20 @@ def test_fit_reads_run_folders_and_says_when_they_cannot_pin_a_law(scan_folder, 
     (unfinished / "config.toml").write_text("")
     assert main(["fit", str(unfinished)]) != 0
     assert "has not finished" in capsys.readouterr().err
+
+
+def test_fit_fills_in_where_an_older_scans_curves_were_steepest(scan_folder, tmp_path):
+    """Scans written before pilots recorded it: each size's longest pilot gets its run folder's value."""
+    import shutil
+
+    from flopwise.plan.fitting import collect_records
+
+    old = tmp_path / "old-scan"
+    shutil.copytree(scan_folder, old)
+    scan = json.loads((old / "scan.json").read_text())
+    recorded = {p["name"]: p.pop("steepest_tokens") for p in scan["pilots"]}
+    (old / "scan.json").write_text(json.dumps(scan))
+    filled = {p["name"]: p["steepest_tokens"] for p in collect_records([old])}
+    for d_model in (64, 96):
+        longest = max((p for p in scan["pilots"] if p["d_model"] == d_model), key=lambda p: p["tokens"])["name"]
+        assert recorded[longest] is not None and filled[longest] == recorded[longest]

@@ -169,6 +169,8 @@ def print_law(console: Console, law: PlanningLaw) -> None:
     from flopwise.plan.scaling import parameter_intervals
 
     console.print(f"[bold]law[/bold]: {law.law.describe()}", highlight=False)
+    if law.early:
+        console.print(f"early regime: {law.early_regime_note()}", highlight=False)
     if law.bootstrap:
         table = Table(title=f"parameters: fit and 10-90% interval over {len(law.bootstrap)} bootstrap refits")
         for column in ("parameter", "fit", "low", "high"):

@@ -1,6 +1,10 @@
 """Fit the planning law to finished runs: their final held-out losses at their (N, D), how fast
 they really trained against the throughput probe, and how far their schedule's decay took them
-below the stable-phase curve (the early forecast's factor)."""
+below the stable-phase curve (the early forecast's factor).
+
+Runs that end before their size's early regime is over (flopwise/plan/regime.py) follow a steeper
+law than the runs a plan extrapolates to; they are left out of the fit when enough runs remain, and
+otherwise fitted with a warning that the law will be optimistic beyond them."""
 
 from __future__ import annotations
 
@@ -11,12 +15,15 @@ from typing import Any, Iterable
 
 from flopwise.config import load_config
 from flopwise.errors import FlopwiseError
-from flopwise.plan.early import calibrate_kappa, points_from_events, summarize_kappas
+from flopwise.optim.schedules import Schedule
+from flopwise.plan.early import CurvePoint, calibrate_kappa, points_from_events, summarize_kappas
 from flopwise.plan.law_file import PRIOR_KAPPA, PlanningLaw
+from flopwise.plan.regime import early_regime_end, steepest_tokens
 from flopwise.plan.scaling import bootstrap_laws, fit_law
 from flopwise.train.metrics import read_metrics
 
 SCAN_FILE = "scan.json"
+MIN_FITTED_RUNS = 6  # one more than the law's five parameters, as fit_law asks
 
 
 def run_record(run_dir: Path) -> dict[str, Any]:
@@ -30,19 +37,20 @@ def run_record(run_dir: Path) -> dict[str, Any]:
     if not finals or not trains:
         raise FlopwiseError(f"run '{run_dir}' has no final evaluation in metrics.jsonl: fit finished runs only")
     last = trains[-1]
+    schedule = load_config(run_dir / "config.toml").schedule.build()
+    points = points_from_events(events)
     return {"name": run_dir.name, "d_model": plan["model"]["d_model"], "n_layers": plan["model"]["n_layers"],
             "non_embedding": plan["parameters"]["non_embedding"], "tokens": finals[-1]["tokens"],
             "val_loss": finals[-1]["val_loss"], "seconds": last["seconds"],
             "tokens_per_second": last["tokens"] / last["seconds"],
-            "kappa": run_kappa(run_dir, events, finals[-1])}
+            "kappa": run_kappa(points, schedule, finals[-1]), "steepest_tokens": steepest_tokens(points, schedule)}
 
 
-def run_kappa(run_dir: Path, events: list[dict[str, Any]], final: dict[str, Any]) -> float | None:
+def run_kappa(points: list[CurvePoint], schedule: Schedule, final: dict[str, Any]) -> float | None:
     """Final held-out loss (of the ``final`` eval event) over the run's own extrapolated stable-phase
     training loss; None for a run whose curve is too short to fit."""
-    schedule = load_config(run_dir / "config.toml").schedule.build()
     try:
-        return calibrate_kappa(points_from_events(events), final["val_loss"], schedule, final["tokens"])
+        return calibrate_kappa(points, final["val_loss"], schedule, final["tokens"])
     except FlopwiseError:
         return None
 
@@ -53,7 +61,7 @@ def collect_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for path in paths:
         if (path / SCAN_FILE).is_file():
-            records.extend(json.loads((path / SCAN_FILE).read_text())["pilots"])
+            records.extend(_with_steepest(json.loads((path / SCAN_FILE).read_text())["pilots"], path / "runs"))
         elif (path / "config.toml").is_file():
             records.append(run_record(path))
         else:
@@ -62,25 +70,63 @@ def collect_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return records
 
 
+def _with_steepest(pilots: list[dict[str, Any]], runs: Path) -> list[dict[str, Any]]:
+    """A scan's pilots, with the steepest point of the curve each had seen filled in for scans written
+    before it was recorded: every pilot of a size is a prefix of that size's run folder."""
+    for pilot in pilots:
+        curve = runs / f"d{pilot['d_model']}"
+        if "steepest_tokens" not in pilot and (curve / "metrics.jsonl").is_file():
+            points = [pt for pt in points_from_events(read_metrics(curve / "metrics.jsonl"))
+                      if pt.tokens <= pilot["tokens"]]
+            pilot["steepest_tokens"] = steepest_tokens(points, load_config(curve / "config.toml").schedule.build())
+    return pilots
+
+
 def law_from_records(records: list[dict[str, Any]], key: str | None = None, samples: int = 200,
                      seed: int = 0) -> PlanningLaw:
-    """Fit L(N, D) with bootstrap replicates; the throughput ratio and decay factor from the runs
-    that measured them."""
-    n = [r["non_embedding"] for r in records]
-    d = [r["tokens"] for r in records]
-    loss = [r["val_loss"] for r in records]
+    """Fit L(N, D) with bootstrap replicates, on the runs past their size's early regime when at least
+    MIN_FITTED_RUNS of them span two sizes and two token counts, else on all; the throughput ratio
+    and decay factor from the runs that measured them."""
+    settled, early = split_early_regime(records)
+    left_out = bool(early) and _fittable(settled)
+    fitted = settled if left_out else records
+    n = [r["non_embedding"] for r in fitted]
+    d = [r["tokens"] for r in fitted]
+    loss = [r["val_loss"] for r in fitted]
     if len(set(n)) < 2 or len(set(d)) < 2:
         raise FlopwiseError(f"the {len(records)} runs given span {len(set(n))} model size(s) and {len(set(d))} token "
                             "count(s): a law in N and D needs at least two of each")
-    fit = fit_law(n, d, loss, source=f"fitted on {len(records)} runs")
+    fit = fit_law(n, d, loss, source=f"fitted on {len(fitted)} runs")
     bootstrap = bootstrap_laws(n, d, loss, samples=samples, seed=seed)
-    holdout = holdout_errors(records)
+    holdout = holdout_errors(fitted)
     ratios = [r["tokens_per_second"] / r["probe_tokens_per_second"] for r in records
               if r.get("probe_tokens_per_second")]
     kappas = [r["kappa"] for r in records if r.get("kappa") is not None]
-    return PlanningLaw(law=fit.law, bootstrap=bootstrap, runs=records,
+    return PlanningLaw(law=fit.law, bootstrap=bootstrap, runs=fitted,
                        throughput_ratio=statistics.median(ratios) if ratios else 1.0,
-                       kappa=summarize_kappas(kappas) if kappas else PRIOR_KAPPA, key=key, holdout=holdout)
+                       kappa=summarize_kappas(kappas) if kappas else PRIOR_KAPPA, key=key, holdout=holdout,
+                       early=early, early_left_out=left_out)
+
+
+def split_early_regime(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs past their size's early regime, and those before it, each with ``regime_end`` set.
+
+    A size's regime ends at the latest end any of its curves shows: a run that stopped before the
+    sudden drop has a curve that looks settled, and only a longer run of its size reveals the drop."""
+    ends: dict[int, float] = {}
+    for record in records:
+        end = early_regime_end(record.get("steepest_tokens"))
+        ends[record["non_embedding"]] = max(ends.get(record["non_embedding"], 0.0), end)
+    settled, early = [], []
+    for record in records:
+        end = ends[record["non_embedding"]]
+        (settled if record["tokens"] >= end else early).append(dict(record, regime_end=end))
+    return settled, early
+
+
+def _fittable(records: list[dict[str, Any]]) -> bool:
+    return (len(records) >= MIN_FITTED_RUNS and len({r["non_embedding"] for r in records}) >= 2
+            and len({r["tokens"] for r in records}) >= 2)
 
 
 def holdout_errors(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

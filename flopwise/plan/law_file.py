@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flopwise.atomic import write_json_atomic
+from flopwise.budget import format_amount
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import NAMED_SIZES
@@ -47,6 +48,8 @@ class PlanningLaw:
     key: str | None = None
     path: Path | None = None
     holdout: list[dict[str, Any]] = field(default_factory=list)  # fitting.holdout_errors
+    early: list[dict[str, Any]] = field(default_factory=list)  # runs before their size's early regime ended
+    early_left_out: bool = False  # whether those runs were left out of the fit (else it spans the regime)
 
     @property
     def is_prior(self) -> bool:
@@ -85,12 +88,26 @@ class PlanningLaw:
             worst = max(self.holdout, key=lambda h: abs(h["error"]))
             text += (f"; fitted without it, the law predicts each size's longest run within "
                      f"{abs(worst['error']):.1%} (worst: {worst['run']}), a guide to its error on longer budgets")
+        if self.early:
+            text += "; " + self.early_regime_note()
         return text
+
+    def early_regime_note(self) -> str:
+        """Which runs ended in their early regime, and what that did to the fit."""
+        ends = ", ".join(f"{format_amount('tokens', end)} for {size / 1e6:.2f}M" for size, end in sorted(
+            {(r["non_embedding"], r["regime_end"]) for r in self.early}))
+        if self.early_left_out:
+            return (f"{len(self.early)} run(s) left out, which ended before their size's loss settled after its "
+                    f"steepest fall (at {ends} non-embedding parameters)")
+        return (f"{len(self.early)} of its {len(self.runs)} runs ended before their size's loss settled after its "
+                f"steepest fall (at {ends} non-embedding parameters), too many to leave out: the law follows their "
+                "steeper fall and will be optimistic for runs longer than its longest; fit it on longer runs "
+                "(a longer scan, or `flopwise fit` with finished runs)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"law": self.law.to_dict(), "bootstrap": [law.to_dict() for law in self.bootstrap], "runs": self.runs,
                 "throughput_ratio": self.throughput_ratio, "kappa": vars(self.kappa), "key": self.key,
-                "holdout": self.holdout}
+                "holdout": self.holdout, "early": self.early, "early_left_out": self.early_left_out}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> PlanningLaw:
@@ -99,7 +116,8 @@ class PlanningLaw:
                        bootstrap=[ScalingLaw.from_dict(item) for item in data.get("bootstrap", [])],
                        runs=list(data.get("runs", [])), throughput_ratio=float(data.get("throughput_ratio", 1.0)),
                        kappa=Calibration(**data["kappa"]) if "kappa" in data else PRIOR_KAPPA,
-                       key=data.get("key"), path=path, holdout=list(data.get("holdout", [])))
+                       key=data.get("key"), path=path, holdout=list(data.get("holdout", [])),
+                       early=list(data.get("early", [])), early_left_out=bool(data.get("early_left_out", False)))
         except (KeyError, TypeError, ValueError) as err:
             raise FlopwiseError(f"law file '{path}' is not a flopwise law ({err}): write it with `flopwise fit` "
                                 "or `flopwise scan`") from None
