@@ -6,8 +6,9 @@
    non-embedding parameters run with the same budget for comparison.  Every run logs the early
    forecast of its final loss (at p = 0.1, 0.2, ...), so the forecast from the first 30% is
    compared with what the run reached too.
-3. ``report``: the table; then the law refitted on the scan's longest pilots and the shorter
-   budgets' runs, checked on the longest budget's runs, to tell the law's form from the scan's data.
+3. ``report``: the table; then `flopwise fit` on the scan and the shorter budgets' runs (those that
+   ended in their early regime left out), checked on the longest budget's runs, to tell the law's
+   form from the scan's data.
 
 Stages are separate commands so that each can be checked before the next hour is spent; all of
 them share a work folder and a flopwise cache (throughput probes and the scan's law), and add to
@@ -34,8 +35,8 @@ from rich.table import Table
 
 from flopwise.budget import parse_limit
 from flopwise.config import load_config
+from flopwise.plan.fitting import collect_records, law_from_records
 from flopwise.plan.law_file import PlanningLaw, read_law
-from flopwise.plan.scaling import fit_law
 from flopwise.train.forecast import LossForecaster
 from flopwise.train.metrics import read_metrics
 from flopwise.train.trainer import forecast_points
@@ -43,6 +44,7 @@ from flopwise.train.trainer import forecast_points
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "planner.json"
 EARLY_P = 0.3
+REFIT_BOOTSTRAP = 50  # the refit reports the law's point predictions; a few replicates are enough
 
 
 def flopwise(*args: str, work: Path) -> None:
@@ -181,21 +183,23 @@ def report(results: dict[str, Any]) -> None:
         console.print(f"forecast from the first 30% against the final loss, every run: {errors}", highlight=False)
 
 
-def late_fit(results: dict[str, Any]) -> dict[str, Any]:
-    """The law fitted only on runs past the early regime, the scan's pilots of the longest length and
-    every budget's runs but the longest budget's, then its error on the longest budget's runs, which it
-    never saw: whether the law's form or the scan's data limits the plan's accuracy."""
+def refit(results: dict[str, Any]) -> dict[str, Any]:
+    """`flopwise fit` on the scan's pilots and every budget's runs but the longest budget's, checked on
+    the longest budget's runs, which it never saw: whether the law's form or the scan's data limits
+    the plan's accuracy.  As in `flopwise fit`, runs that ended in their size's early regime are left out."""
     budgets = sorted(results["budgets"], key=lambda b: parse_limit(b)[1])
-    pilots = results["scan"]["pilots"]["pilots"]
-    longest = max(p["seconds_budget"] for p in pilots)
-    fitted = [p for p in pilots if p["seconds_budget"] == longest]
-    fitted += [r for b in budgets[:-1] for r in results["budgets"][b]["runs"].values()]
-    law = fit_law([r["non_embedding"] for r in fitted], [r["tokens"] for r in fitted],
-                  [r["val_loss"] for r in fitted]).law
-    held_out = results["budgets"][budgets[-1]]["runs"]
-    errors = {label: (float(law.loss(r["non_embedding"], r["tokens"])) - r["val_loss"]) / r["val_loss"]
+    folders = [Path(results["scan"]["folder"])]
+    folders += [Path(r["run"]) for b in budgets[:-1] for r in results["budgets"][b]["runs"].values()]
+    return check_refit(collect_records(folders), results["budgets"][budgets[-1]]["runs"], budgets[-1])
+
+
+def check_refit(records: list[dict[str, Any]], held_out: dict[str, dict[str, Any]], budget: str) -> dict[str, Any]:
+    law = law_from_records(records, samples=REFIT_BOOTSTRAP)
+    errors = {label: (float(law.law.loss(r["non_embedding"], r["tokens"])) - r["val_loss"]) / r["val_loss"]
               for label, r in held_out.items()}
-    return {"law": law.describe(), "fitted_on": len(fitted), "budget": budgets[-1], "errors": errors}
+    return {"law": law.law.describe(), "fitted_on": [r["name"] for r in law.runs],
+            "left_out": [r["name"] for r in law.early] if law.early_left_out else [], "budget": budget,
+            "errors": errors}
 
 
 def main() -> None:
@@ -218,11 +222,12 @@ def main() -> None:
             _record(results, budget, row, law)
         report(results)
         if len(results["budgets"]) > 1:
-            results["late_fit"] = late = late_fit(results)
+            results["refit"] = refitted = refit(results)
             save_results(results)
-            errors = ", ".join(f"{label} {error:+.1%}" for label, error in late["errors"].items())
-            Console().print(f"law fitted on the longest pilots and the shorter budgets' runs ({late['fitted_on']} "
-                            f"runs): {late['law']}; on the {late['budget']} runs: {errors}", highlight=False)
+            errors = ", ".join(f"{label} {error:+.1%}" for label, error in refitted["errors"].items())
+            Console().print(f"`flopwise fit` on the scan and the shorter budgets' runs ({len(refitted['fitted_on'])} "
+                            f"runs fitted, {len(refitted['left_out'])} left out in their early regime): "
+                            f"{refitted['law']}; on the {refitted['budget']} runs: {errors}", highlight=False)
 
 
 if __name__ == "__main__":

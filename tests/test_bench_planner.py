@@ -1,4 +1,5 @@
-"""bench/planner.py's late fit: the law from the longest pilots and the shorter budgets' runs."""
+"""bench/planner.py's refit: `flopwise fit` on the scan and the shorter budgets' runs, checked on the
+longest budget's runs."""
 
 import importlib.util
 from pathlib import Path
@@ -17,16 +18,18 @@ def load_bench():
     return module
 
 
-def run(n: float, d: float, **extra) -> dict:
-    return {"non_embedding": n, "tokens": d, "val_loss": float(LAW.loss(n, d)), **extra}
+def run(name: str, n: float, d: float, steepest: float, inflate: float = 1.0) -> dict:
+    return {"name": name, "non_embedding": n, "tokens": d, "val_loss": float(LAW.loss(n, d)) * inflate,
+            "steepest_tokens": steepest, "tokens_per_second": 1.0}
 
 
-def test_late_fit_leaves_out_short_pilots_and_the_longest_budget():
+def test_refit_leaves_out_early_pilots_and_predicts_the_longest_budget():
     sizes = (1e5, 3e5, 1e6)
-    pilots = [run(n, d * 1e6, seconds_budget=s) for n in sizes for d, s in ((1, 60.0), (3, 240.0))]
-    pilots = [dict(p, val_loss=p["val_loss"] * (1.2 if p["seconds_budget"] == 60 else 1)) for p in pilots]
-    budgets = {b: {"runs": {label: run(n, d * 1e6) for label, n in zip(("planned", "half N", "double N"), sizes)}}
-               for b, d in (("5m", 5), ("10m", 10), ("20m", 20))}
-    late = load_bench().late_fit({"scan": {"pilots": {"pilots": pilots}}, "budgets": budgets})
-    assert late["budget"] == "20m" and late["fitted_on"] == 3 + 6  # the 240 s pilots, the 5m and 10m runs
-    assert late["errors"] == pytest.approx({"planned": 0, "half N": 0, "double N": 0}, abs=5e-3)
+    # every size's curve fell fastest at 2M tokens: the 1M-token pilots (20% above the law) are early
+    records = [run(f"p{n:g}-{d}", n, d * 1e6, 2e6, 1.2 if d == 1 else 1.0) for n in sizes for d in (1, 4)]
+    records += [run(f"{b}-{n:g}", n, d * 1e6, 2e6) for n in sizes for b, d in (("5m", 5), ("10m", 10))]
+    held_out = {label: run(label, n, 20e6, 2e6) for label, n in zip(("planned", "half N", "double N"), sizes)}
+    refitted = load_bench().check_refit(records, held_out, "20m")
+    assert sorted(refitted["left_out"]) == sorted(f"p{n:g}-1" for n in sizes)
+    assert len(refitted["fitted_on"]) == 9
+    assert refitted["errors"] == pytest.approx({"planned": 0, "half N": 0, "double N": 0}, abs=5e-3)
