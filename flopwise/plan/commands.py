@@ -41,7 +41,10 @@ trained for t, then extended to 2t and 4t from its checkpoint before the learnin
 (warmup-stable-decay makes each length a fully annealed run of that budget, for 4.6t instead of
 7t). The law is fitted to the final held-out losses (Huber loss on log L, as Hoffmann et al.
 2022), with 200 bootstrap refits for its uncertainty, and saved for this setup so that
-`flopwise plan` and `train --auto` use it.
+`flopwise plan` and `train --auto` use it.  Pilots that end before their size's loss has settled
+after its steepest fall (on the default corpus: the sudden drop when a model learns to copy, at
+1-2.5M tokens) are left out when 6 others remain; otherwise the law says it will be optimistic
+beyond its pilots, and a longer scan pilots past the drop.
 
 examples:
   flopwise scan --budget 15m --out scans/stdlib
@@ -71,7 +74,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("fit", help="fit the scaling law L(N, D) to finished runs",
                             description="Fit L(N, D) = E + A/N^alpha + B/D^beta to the final held-out losses of "
-                                        "finished runs (or a scan's pilots), with bootstrap intervals.",
+                                        "finished runs (or a scan's pilots), with bootstrap intervals.  Runs that "
+                                        "end before their size's training curve has settled after its steepest "
+                                        "fall follow a steeper law: they are left out when at least 6 others "
+                                        "remain, else the output warns that the law will be optimistic.",
                             epilog="example:\n  flopwise fit runs/sweep-* --out law.json\n"
                                    "  flopwise plan --budget 20m --law law.json",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
