@@ -72,13 +72,19 @@ def collect_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 def _with_steepest(pilots: list[dict[str, Any]], runs: Path) -> list[dict[str, Any]]:
     """A scan's pilots, with the steepest point of the curve each had seen filled in for scans written
-    before it was recorded: every pilot of a size is a prefix of that size's run folder."""
+    before it was recorded: every pilot of a size is a prefix of that size's run folder, read once."""
+    curves: dict[int, tuple[list[CurvePoint], Schedule] | None] = {}
     for pilot in pilots:
-        curve = runs / f"d{pilot['d_model']}"
-        if "steepest_tokens" not in pilot and (curve / "metrics.jsonl").is_file():
-            points = [pt for pt in points_from_events(read_metrics(curve / "metrics.jsonl"))
-                      if pt.tokens <= pilot["tokens"]]
-            pilot["steepest_tokens"] = steepest_tokens(points, load_config(curve / "config.toml").schedule.build())
+        if "steepest_tokens" in pilot:
+            continue
+        if pilot["d_model"] not in curves:
+            curve = runs / f"d{pilot['d_model']}"
+            curves[pilot["d_model"]] = ((points_from_events(read_metrics(curve / "metrics.jsonl")),
+                                         load_config(curve / "config.toml").schedule.build())
+                                        if (curve / "metrics.jsonl").is_file() else None)
+        if curves[pilot["d_model"]] is not None:
+            points, schedule = curves[pilot["d_model"]]
+            pilot["steepest_tokens"] = steepest_tokens([pt for pt in points if pt.tokens <= pilot["tokens"]], schedule)
     return pilots
 
 
