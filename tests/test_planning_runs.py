@@ -148,3 +148,57 @@ def test_fit_fills_in_where_an_older_scans_curves_were_steepest(scan_folder, tmp
     for d_model in (64, 96):
         longest = max((p for p in scan["pilots"] if p["d_model"] == d_model), key=lambda p: p["tokens"])["name"]
         assert recorded[longest] is not None and filled[longest] == recorded[longest]
+
+
+def scan_args(*extra: str, text_folder) -> list[str]:
+    return ["scan", *extra, "--data", str(text_folder), *PLANNING]
+
+
+def test_extend_adds_a_doubled_length_to_a_finished_scan_and_refits(scan_folder, tmp_path, text_folder, capsys):
+    """`scan --extend` continues each size from before its longest pilot's decay to twice that length, while
+    the budget lasts, and refits on all pilots: the 2/4/8 s scan gets 16 s pilots; 32 s ones do not fit."""
+    import shutil
+
+    from flopwise.cli import build_parser
+    from flopwise.cli_config import config_from_args
+    from flopwise.plan.law_file import cached_law_path, setup_key
+    from flopwise.plan.throughput import ThroughputCache
+    from flopwise.train.device import device_name
+
+    scan = tmp_path / "scan"
+    shutil.copytree(scan_folder, scan)
+    config = config_from_args(build_parser().parse_args(scan_args("--budget", "40s", text_folder=text_folder)))
+    throughput = ThroughputCache.for_config(config)
+    key = setup_key(config, device_name(throughput.device))
+    law = json.loads((scan / "law.json").read_text())
+    (scan / "law.json").write_text(json.dumps(dict(law, key=key)))  # the fixture's scan was fitted under a test key
+    before = json.loads((scan / "scan.json").read_text())
+
+    assert main(scan_args("--extend", str(scan), "--budget", "40s", text_folder=text_folder)) == 0
+    out = capsys.readouterr().out
+    assert f"extending scan {scan}: lengths twice its longest (8s)" in out
+    after = json.loads((scan / "scan.json").read_text())
+    assert after["pilots"][:6] == before["pilots"]  # nothing rerun
+    assert [(p["d_model"], p["seconds_budget"]) for p in after["pilots"][6:]] == [(64, 16.0), (96, 16.0)]
+    assert after["design"]["lengths_seconds"] == [2.0, 4.0, 8.0, 16.0]
+    assert any("32s" in name for name in after["skipped"])  # the next doubling did not fit in 40 s
+    for d_model in (64, 96):
+        eight, sixteen = (p for p in after["pilots"] if p["d_model"] == d_model and p["seconds_budget"] >= 8)
+        assert sixteen["tokens"] > 1.5 * eight["tokens"]  # continued, not restarted: about 2x the tokens
+        assert load_config(scan / "runs" / f"d{d_model}" / "config.toml").budget.seconds == 16.0
+    refitted = read_law(scan)
+    assert {r["name"] for r in refitted.runs + refitted.early} == {p["name"] for p in after["pilots"]}
+    assert read_law(cached_law_path(throughput.cache_dir, key)).to_dict() == refitted.to_dict()
+
+
+@pytest.mark.parametrize("target, message", [
+    ("nowhere", "no finished scan there (scan.json and law.json)"),
+    ("fixture", "that scan was run with other data, recipe or device"),
+])
+def test_extend_refuses_what_is_not_a_scan_of_this_setup(scan_folder, target, message, text_folder, capsys):
+    folder = scan_folder if target == "fixture" else target  # the fixture's law carries a test key
+    before = (scan_folder / "scan.json").read_text()
+    assert main(scan_args("--extend", str(folder), "--budget", "40s", text_folder=text_folder)) != 0
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert (scan_folder / "scan.json").read_text() == before

@@ -13,6 +13,7 @@ from flopwise.plan.fitting import law_from_records, split_early_regime
 from flopwise.plan.law_file import PlanningLaw
 from flopwise.plan.regime import MARGIN, STRIDE, WINDOW, early_regime_end, steepest_tokens
 from flopwise.plan.scaling import ScalingLaw
+from flopwise.plan.scan import LENGTHS, RUN_OVERHEAD_SECONDS, extension_cost, scan_seconds_past_early_regime
 
 WSD = Schedule()  # warmup 0.02, stable to p = 0.8
 LAW = ScalingLaw(E=2.0, A=400.0, B=2e4, alpha=0.5, beta=0.7, source="test")
@@ -89,3 +90,48 @@ def test_the_law_spans_the_early_regime_with_a_warning_when_too_few_runs_remain(
     law = law_from_records(runs, samples=20)
     assert len(law.runs) == 6 and not law.early_left_out and len(law.early) == 4
     assert "4 of its 6 runs ended before" in law.describe() and "will be optimistic" in law.describe()
+
+
+def test_a_scan_in_its_early_regime_says_how_long_a_scan_would_pilot_past_it():
+    """Three sizes need their two longest lengths (2t and 4t) past the regime for six settled runs: the
+    slowest size to get there sets t, and the scan's wall clock follows from t as design_scan lays it out."""
+    speeds = {1e5: 20000.0, 3e5: 15000.0, 1e6: 9000.0}
+    steepest = {1e5: 2.6e6, 3e5: 2.4e6, 1e6: 1.1e6}
+    runs = [dict(record(f"{t}s {n:g}", n, speeds[n] * t, steepest[n]), tokens_per_second=speeds[n])
+            for n in speeds for t in (60, 120, 240)]
+    unit = max(MARGIN * steepest[n] / (2 * speeds[n]) for n in speeds)  # 3e5: 2.4e6 * 1.5 / 30000 = 120 s
+    assert unit == pytest.approx(120.0)
+    expected = 3 * (len(LENGTHS) * RUN_OVERHEAD_SECONDS + extension_cost(0.8) * unit) / 0.97
+    assert scan_seconds_past_early_regime(runs) == pytest.approx(expected)
+    two_sizes = [r for r in runs if r["non_embedding"] != 1e6]  # 4 runs at 2t and 4t are too few: t itself must pass
+    assert scan_seconds_past_early_regime(two_sizes) == pytest.approx(
+        2 * (len(LENGTHS) * RUN_OVERHEAD_SECONDS + extension_cost(0.8) * 2 * unit) / 0.97)
+    assert scan_seconds_past_early_regime([dict(r, steepest_tokens=None) for r in runs]) is None
+
+
+def test_a_scan_left_in_its_early_regime_says_what_would_pilot_past_it(tmp_path):
+    """The advice names both ways out: a fresh scan of at least the computed budget, or --extend with the
+    wall clock of one more length (2x the longest, from before its decay, for every size)."""
+    from rich.console import Console
+
+    from flopwise.plan.commands import advise_past_early_regime
+    from flopwise.plan.scan import PilotSize, Scan, ScanDesign
+
+    speeds = {1e5: 20000.0, 3e5: 15000.0, 1e6: 9000.0}
+    design = ScanDesign([PilotSize(64 * k, int(n), speeds[n]) for k, n in enumerate(speeds, 1)], unit_seconds=60.0)
+    scan = Scan(None, tmp_path / "scan", design, 0.0, Console())
+    scan.records = [dict(record(f"{t}s {n:g}", n, speeds[n] * t, 2.4e6), tokens_per_second=speeds[n])
+                    for n in speeds for t in (60, 120, 240)]
+    console = Console(record=True, width=400)
+    advise_past_early_regime(scan, console)
+    text = console.export_text()
+    needed = scan_seconds_past_early_regime(scan.records)  # 1e6 at 9000/s: 3.6M / (2 * 9000) = 200 s per unit
+    assert needed == pytest.approx(3 * (len(LENGTHS) * RUN_OVERHEAD_SECONDS + extension_cost(0.8) * 200) / 0.97)
+    assert f"--budget {math.ceil(needed / 60)}m" in text
+    extension = 3 * ((2 - 0.8) * 240 + RUN_OVERHEAD_SECONDS) / 0.97
+    assert f"flopwise scan --extend {tmp_path / 'scan'} --budget {math.ceil(extension / 60)}m" in text
+    scan.design.unit_seconds = 200.0  # a scan that was long enough, yet early (skipped pilots): only --extend
+    console = Console(record=True, width=400)
+    advise_past_early_regime(scan, console)
+    text = console.export_text()
+    assert "needs at least" not in text and "--extend" in text

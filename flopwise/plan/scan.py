@@ -15,10 +15,17 @@ pilot sees between MIN_RATIO and MAX_RATIO tokens per non-embedding parameter, s
 log N.  Piloting where the plans will land matters more than a wide span of sizes: a law fitted
 far from the plans' sizes extrapolates in N as well as in D.  Lengths run shortest first across
 all sizes, so a scan that runs late drops its longest branches, not whole sizes.
+
+Pilots that end before their size's loss has settled after its early drop (flopwise/plan/regime.py)
+follow a steeper law than the runs plans extrapolate to.  When too many do, the scan says how long a
+scan of the same sizes would have to be for enough of them to end past it, and `scan --extend` adds
+lengths 8t, 16t, ... to the finished scan from the same checkpoints, so the pilots already run are
+not run again.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -32,7 +39,7 @@ from flopwise.budget import Budget
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
-from flopwise.plan.fitting import SCAN_FILE, law_from_records, run_record
+from flopwise.plan.fitting import MIN_FITTED_RUNS, SCAN_FILE, law_from_records, run_record, split_early_regime
 from flopwise.plan.law_file import LAW_FILE, PlanningLaw
 from flopwise.plan.shapes import WIDTHS, family_fields, non_embedding_parameters
 
@@ -62,12 +69,26 @@ class ScanDesign:
     sizes: list[PilotSize]
     unit_seconds: float  # the shortest pilot's training budget
     decay_start: float = 0.8
+    extensions: int = 0  # lengths added by `scan --extend`, each twice the one before
 
     def lengths(self) -> list[float]:
-        return [self.unit_seconds * k for k in LENGTHS]
+        factors = [*LENGTHS, *(LENGTHS[-1] * 2 ** (k + 1) for k in range(self.extensions))]
+        return [self.unit_seconds * k for k in factors]
 
     def to_dict(self) -> dict[str, Any]:
         return {"sizes": [vars(s) for s in self.sizes], "lengths_seconds": self.lengths()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], decay_start: float) -> ScanDesign:
+        lengths = data["lengths_seconds"]
+        return cls([PilotSize(**size) for size in data["sizes"]], lengths[0], decay_start,
+                   len(lengths) - len(LENGTHS))
+
+    def extension_seconds(self) -> float:
+        """Wall clock that one more length (twice the longest) takes for every size, as `scan --extend`
+        spends it: each size retrains from the checkpoint before its longest pilot's decay."""
+        longest = self.lengths()[-1]
+        return len(self.sizes) * ((2 - self.decay_start) * longest + RUN_OVERHEAD_SECONDS) / 0.97
 
 
 def design_scan(scan_seconds: float, model_cfg_for: Callable[[int], ModelConfig],
@@ -104,6 +125,33 @@ def _unit_seconds(seconds: float, cost: float, sizes: int = SIZES) -> float:
     return (0.97 * seconds - sizes * len(LENGTHS) * RUN_OVERHEAD_SECONDS) / (sizes * cost)
 
 
+def scan_seconds_past_early_regime(records: list[dict[str, Any]], decay_start: float = 0.8) -> float | None:
+    """Wall clock of a scan of the same sizes whose longest lengths all end past each size's early
+    regime, enough of them for the law to leave the early runs out (MIN_FITTED_RUNS), at the tokens
+    per second the pilots reached; None when no size's regime end is known.
+
+    A longer scan may pick other sizes (they are chosen by tokens per parameter at its longest pilot),
+    so this is a floor for the sizes seen, not a promise: the scan's own fit says whether it got there."""
+    ends = {r["non_embedding"]: r["regime_end"] for r in (run for part in split_early_regime(records) for run in part)}
+    if not any(ends.values()):
+        return None
+    lengths_needed = min(len(LENGTHS), math.ceil(MIN_FITTED_RUNS / len(ends)))
+    shortest_needed = LENGTHS[-lengths_needed]
+    unit = max(end / (shortest_needed * _tokens_per_second(records, size)) for size, end in ends.items())
+    return scan_wall_seconds(unit, len(ends), decay_start)
+
+
+def scan_wall_seconds(unit_seconds: float, sizes: int, decay_start: float) -> float:
+    """The scan budget whose design gives ``sizes`` sizes a shortest pilot of ``unit_seconds`` (the
+    inverse of _unit_seconds)."""
+    return sizes * (len(LENGTHS) * RUN_OVERHEAD_SECONDS + extension_cost(decay_start) * unit_seconds) / 0.97
+
+
+def _tokens_per_second(records: list[dict[str, Any]], size: int) -> float:
+    rates = sorted(r["tokens_per_second"] for r in records if r["non_embedding"] == size)
+    return rates[len(rates) // 2]
+
+
 def _spread(sizes: list[PilotSize], count: int) -> list[PilotSize]:
     """``count`` sizes evenly spaced in log N, the smallest and largest included."""
     if len(sizes) <= count:
@@ -131,28 +179,57 @@ class Scan:
         self.records: list[dict[str, Any]] = []
         self.skipped: list[str] = []
 
+    @classmethod
+    def reopen(cls, config: RunConfig, out: Path, decay_start: float, scan_seconds: float,
+               console: Console) -> Scan:
+        """A finished scan in ``out``, with its design and pilots, to extend."""
+        recorded = json.loads((out / SCAN_FILE).read_text())
+        scan = cls(config, out, ScanDesign.from_dict(recorded["design"], decay_start), scan_seconds, console)
+        scan.records, scan.skipped = recorded["pilots"], recorded["skipped"]
+        return scan
+
     def run(self, key: str) -> PlanningLaw:
         lengths = self.design.lengths()
         for index, seconds in enumerate(lengths):
             extend_from = lengths[index - 1] if index else None
             for size in self.design.sizes:
                 self._pilot(size, seconds, extend_from)
+        return self._fit(key)
+
+    def extend(self, key: str) -> PlanningLaw:
+        """Add lengths, each twice the longest, while the budget lasts: every size whose longest pilot ran
+        continues from the checkpoint before that pilot's decay, as the scan's own lengths do.  A scan whose
+        pilots ended in their early regime gets runs past it without repeating the ones it has.
+
+        The extensions keep the warmup the scan gave its longest length, shorter than a run of their own
+        length would have: a smaller share of a longer run, which mattered in the early regime
+        (pilot_config) and matters less the further past it a pilot ends."""
+        while True:
+            previous = self.design.lengths()[-1]
+            self.design.extensions += 1
+            ran = [self._pilot(size, 2 * previous, previous) for size in self.design.sizes]
+            if not any(ran):
+                self.design.extensions -= 1
+                return self._fit(key)
+
+    def _fit(self, key: str) -> PlanningLaw:
         self._write()
         law = law_from_records(self.records, key)
         law.save(self.out / LAW_FILE)
         return law
 
-    def _pilot(self, size: PilotSize, seconds: float, extend_from: float | None) -> None:
+    def _pilot(self, size: PilotSize, seconds: float, extend_from: float | None) -> bool:
+        """Train (or extend) one size to ``seconds`` and record it; False when it was skipped."""
         run_dir = self.out / "runs" / f"d{size.d_model}"
         name = f"d_model {size.d_model} ({size.non_embedding / 1e6:.2f}M), {seconds:.0f}s"
         cost = seconds - (self.design.decay_start * extend_from if extend_from else 0.0) + RUN_OVERHEAD_SECONDS
-        if extend_from is not None and not (run_dir / "final").is_dir():
+        if extend_from is not None and not self._piloted(size, extend_from):
             self.skipped.append(name)  # its shorter pilot was skipped
-            return
+            return False
         if time.perf_counter() + cost > self.deadline:
             self.skipped.append(name)
             self.console.print(f"skipped {name}: the scan budget would run out", highlight=False)
-            return
+            return False
         started = time.perf_counter()
         if extend_from is None:
             train_pilot(self.config, size.d_model, seconds, run_dir, longest=self.design.lengths()[-1])
@@ -166,6 +243,10 @@ class Scan:
         self.console.print(f"pilot {len(self.records)}: {name}: held-out loss {record['val_loss']:.4f} after "
                            f"{record['tokens'] / 1e6:.2f}M tokens ({record['tokens_per_second']:,.0f} tokens/s)",
                            highlight=False)
+        return True
+
+    def _piloted(self, size: PilotSize, seconds: float) -> bool:
+        return any(r["d_model"] == size.d_model and math.isclose(r["seconds_budget"], seconds) for r in self.records)
 
     def _write(self) -> None:
         write_json_atomic(self.out / SCAN_FILE, {"design": self.design.to_dict(), "pilots": self.records,
