@@ -17,6 +17,10 @@ bench/results/planner.json.  Runs go one at a time: they are timed, and two woul
     python bench/planner.py scan --budget 15m
     python bench/planner.py budget 5m && python bench/planner.py budget 10m && python bench/planner.py budget 20m
     python bench/planner.py report
+
+``--results FILE`` keeps another measurement apart from bench/results/planner.json; ``--law FILE``
+plans the budgets with a law of your own (`flopwise fit` on the scan and longer runs) instead of the
+scan's; the scan stage records a scan already in the work folder instead of running one.
 """
 
 from __future__ import annotations
@@ -52,13 +56,13 @@ def flopwise(*args: str, work: Path) -> None:
     subprocess.run([sys.executable, "-m", "flopwise", *args], check=True, env=env)
 
 
-def load_results() -> dict[str, Any]:
-    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"budgets": {}}
+def load_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"budgets": {}}
 
 
-def save_results(results: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
+def save_results(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
 
 
 def run_outcome(run: Path) -> dict[str, Any]:
@@ -102,13 +106,19 @@ def neighbours(n: int, widths: list[tuple[int, int]]) -> tuple[int, int]:
 
 
 def cmd_scan(args: argparse.Namespace) -> None:
+    """Run the scan, or record one already finished in the work folder (a scan run by hand)."""
     scan = args.work / "scan"
-    flopwise("scan", "--budget", args.budget, "--out", str(scan), work=args.work)
-    results = load_results()
+    if not (scan / "law.json").is_file():
+        flopwise("scan", "--budget", args.budget, "--out", str(scan), work=args.work)
+    results = load_results(args.results)
     results["scan"] = {"budget": args.budget, "folder": str(scan),
                        "law": json.loads((scan / "law.json").read_text()),
                        "pilots": json.loads((scan / "scan.json").read_text())}
-    save_results(results)
+    save_results(results, args.results)
+
+
+def law_flag(args: argparse.Namespace) -> list[str]:
+    return ["--law", str(args.law)] if args.law else []
 
 
 def cmd_budget(args: argparse.Namespace) -> None:
@@ -116,35 +126,35 @@ def cmd_budget(args: argparse.Namespace) -> None:
     from flopwise.config import ModelSection
     from flopwise.plan.shapes import WIDTHS, family_fields, family_shape, non_embedding_parameters
 
-    results = load_results()
+    results = load_results(args.results)
     row = results["budgets"].get(args.budget)
     if row is None:
         plan_file = args.work / f"plan-{args.budget}.json"
-        flopwise("plan", "--budget", args.budget, "--out", str(plan_file), work=args.work)
+        flopwise("plan", "--budget", args.budget, "--out", str(plan_file), *law_flag(args), work=args.work)
         row = {"plan": json.loads(plan_file.read_text()), "runs": {}}
     chosen = row["plan"]["chosen"]
-    law = read_law(args.work / "scan")
+    law = read_law(args.law or args.work / "scan")
     family = [(w, non_embedding_parameters(family_shape(ModelSection(), w, 4096))) for w in WIDTHS]
     half, double = neighbours(chosen["non_embedding"], family)
     runs = row["runs"]
     if "planned" not in runs:
         planned = args.work / f"{args.budget}-planned"
-        flopwise("train", "--budget", args.budget, "--auto", "--out", str(planned), work=args.work)
+        flopwise("train", "--budget", args.budget, "--auto", "--out", str(planned), *law_flag(args), work=args.work)
         runs["planned"] = run_outcome(planned)
-        _record(results, args.budget, row, law)
+        _record(results, args.budget, row, law, args.results)
     for label, width in () if args.planned_only else (("half N", half), ("double N", double)):
         if label in runs:
             continue
         out = args.work / f"{args.budget}-{label.replace(' ', '')}"
         shape = [arg for name, value in family_fields(width).items() if value is not None
                  for arg in ("--set", f"model.{name}={value}")]
-        flopwise("train", "--budget", args.budget, "--out", str(out), *shape, work=args.work)
+        flopwise("train", "--budget", args.budget, "--out", str(out), *shape, *law_flag(args), work=args.work)
         runs[label] = run_outcome(out)
-        _record(results, args.budget, row, law)
+        _record(results, args.budget, row, law, args.results)
     report(results)
 
 
-def _record(results: dict[str, Any], budget: str, row: dict[str, Any], law: PlanningLaw) -> None:
+def _record(results: dict[str, Any], budget: str, row: dict[str, Any], law: PlanningLaw, path: Path) -> None:
     """Write one budget's row with what its runs show so far."""
     runs, chosen = row["runs"], row["plan"]["chosen"]
     achieved = runs["planned"]["val_loss"]
@@ -154,7 +164,7 @@ def _record(results: dict[str, Any], budget: str, row: dict[str, Any], law: Plan
                planned_beats_neighbours=all(achieved <= loss for loss in others) if len(others) == 2 else None,
                early={label: early_forecast(outcome, law) for label, outcome in runs.items()})
     results["budgets"][budget] = row
-    save_results(results)
+    save_results(results, path)
 
 
 def report(results: dict[str, Any]) -> None:
@@ -209,6 +219,9 @@ def main() -> None:
     parser.add_argument("--planned-only", action="store_true", help="budget stage: skip the half and double N runs")
     parser.add_argument("--work", type=Path, default=Path("/tmp/flopwise-planner-bench"),
                         help="runs, scan and cache (kept between stages)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results file the stages add to")
+    parser.add_argument("--law", type=Path, help="budget and report stages: plan with this law.json instead of "
+                        "the scan's (e.g. `flopwise fit` on the scan and longer runs)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage == "scan":
@@ -216,14 +229,14 @@ def main() -> None:
     elif args.stage == "budget":
         cmd_budget(args)
     else:  # the early forecasts again, by the current forecaster
-        results = load_results()
-        law = read_law(args.work / "scan")
+        results = load_results(args.results)
+        law = read_law(args.law or args.work / "scan")
         for budget, row in results["budgets"].items():
-            _record(results, budget, row, law)
+            _record(results, budget, row, law, args.results)
         report(results)
         if len(results["budgets"]) > 1:
             results["refit"] = refitted = refit(results)
-            save_results(results)
+            save_results(results, args.results)
             errors = ", ".join(f"{label} {error:+.1%}" for label, error in refitted["errors"].items())
             Console().print(f"`flopwise fit` on the scan and the shorter budgets' runs ({len(refitted['fitted_on'])} "
                             f"runs fitted, {len(refitted['left_out'])} left out in their early regime): "
