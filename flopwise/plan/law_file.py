@@ -102,7 +102,7 @@ class PlanningLaw:
         return (f"{len(self.early)} of its {len(self.runs)} runs ended before their size's loss settled after its "
                 f"steepest fall (at {ends} non-embedding parameters), too many to leave out: the law follows their "
                 "steeper fall and will be optimistic for runs longer than its longest; fit it on longer runs "
-                "(a longer scan, or `flopwise fit` with finished runs)")
+                "(a longer scan, `flopwise scan --extend` for a scan's law, or `flopwise fit` with finished runs)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"law": self.law.to_dict(), "bootstrap": [law.to_dict() for law in self.bootstrap], "runs": self.runs,
