@@ -16,7 +16,7 @@ from flopwise.budget import format_amount
 from flopwise.cli_config import add_setup_flags, config_from_args
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
-from flopwise.plan.law_file import PlanningLaw, cached_law_path, law_for, setup_key
+from flopwise.plan.law_file import LAW_FILE, PlanningLaw, cached_law_path, law_for, read_law, setup_key
 from flopwise.plan.planner import Plan
 
 if TYPE_CHECKING:
@@ -270,7 +270,6 @@ def reopen_scan(args: argparse.Namespace, config: RunConfig, key: str, decay_sta
                 console: Console) -> Scan:
     """The finished scan ``--extend`` names, checked to be of this setup."""
     from flopwise.plan.fitting import SCAN_FILE
-    from flopwise.plan.law_file import LAW_FILE, read_law
     from flopwise.plan.scan import Scan
 
     folder = args.extend

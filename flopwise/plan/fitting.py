@@ -119,15 +119,22 @@ def split_early_regime(records: list[dict[str, Any]]) -> tuple[list[dict[str, An
 
     A size's regime ends at the latest end any of its curves shows: a run that stopped before the
     sudden drop has a curve that looks settled, and only a longer run of its size reveals the drop."""
-    ends: dict[int, float] = {}
-    for record in records:
-        end = early_regime_end(record.get("steepest_tokens"))
-        ends[record["non_embedding"]] = max(ends.get(record["non_embedding"], 0.0), end)
+    ends = regime_ends(records)
     settled, early = [], []
     for record in records:
         end = ends[record["non_embedding"]]
         (settled if record["tokens"] >= end else early).append(dict(record, regime_end=end))
     return settled, early
+
+
+def regime_ends(records: list[dict[str, Any]]) -> dict[int, float]:
+    """Tokens where each size's early regime ends (keyed by non-embedding parameters; 0 where no curve
+    showed one): the latest end any of its runs' curves shows."""
+    ends: dict[int, float] = {}
+    for record in records:
+        end = early_regime_end(record.get("steepest_tokens"))
+        ends[record["non_embedding"]] = max(ends.get(record["non_embedding"], 0.0), end)
+    return ends
 
 
 def _fittable(records: list[dict[str, Any]]) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from flopwise.budget import Budget
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
-from flopwise.plan.fitting import MIN_FITTED_RUNS, SCAN_FILE, law_from_records, run_record, split_early_regime
+from flopwise.plan.fitting import MIN_FITTED_RUNS, SCAN_FILE, law_from_records, regime_ends, run_record
 from flopwise.plan.law_file import LAW_FILE, PlanningLaw
 from flopwise.plan.shapes import WIDTHS, family_fields, non_embedding_parameters
 
@@ -47,6 +48,7 @@ LENGTHS = (1, 2, 4)  # pilot lengths in units of the shortest
 SIZES = 3
 MIN_RATIO, MAX_RATIO = 1.5, 40.0  # 20 tokens per parameter at ~13x and at 0.5x the longest pilot
 RUN_OVERHEAD_SECONDS = 8.0  # start-up, final evaluation and saving of one pilot, besides training
+SPARE = 0.97  # share of a scan's budget its pilots are planned to fill
 # pilots evaluate once, at the end (the fit uses final losses only); the pinned checkpoint is kept
 PILOT_SETTINGS = {"eval_every": 0.0, "checkpoint_every": 0.0, "log_every": 5}
 
@@ -84,11 +86,16 @@ class ScanDesign:
         return cls([PilotSize(**size) for size in data["sizes"]], lengths[0], decay_start,
                    len(lengths) - len(LENGTHS))
 
+    def pilot_seconds(self, seconds: float, extend_from: float | None) -> float:
+        """Wall clock of one pilot of ``seconds``: from scratch, or retrained from the checkpoint before
+        the decay of the ``extend_from`` pilot."""
+        return seconds - (self.decay_start * extend_from if extend_from else 0.0) + RUN_OVERHEAD_SECONDS
+
     def extension_seconds(self) -> float:
-        """Wall clock that one more length (twice the longest) takes for every size, as `scan --extend`
-        spends it: each size retrains from the checkpoint before its longest pilot's decay."""
+        """Scan budget that one more length (twice the longest) takes for every size, as `scan --extend`
+        spends it."""
         longest = self.lengths()[-1]
-        return len(self.sizes) * ((2 - self.decay_start) * longest + RUN_OVERHEAD_SECONDS) / 0.97
+        return len(self.sizes) * self.pilot_seconds(2 * longest, longest) / SPARE
 
 
 def design_scan(scan_seconds: float, model_cfg_for: Callable[[int], ModelConfig],
@@ -121,8 +128,8 @@ def design_scan(scan_seconds: float, model_cfg_for: Callable[[int], ModelConfig]
 
 
 def _unit_seconds(seconds: float, cost: float, sizes: int = SIZES) -> float:
-    """The shortest pilot's length when ``sizes`` sizes share ``seconds``, with 3% to spare."""
-    return (0.97 * seconds - sizes * len(LENGTHS) * RUN_OVERHEAD_SECONDS) / (sizes * cost)
+    """The shortest pilot's length when ``sizes`` sizes share ``seconds``, with 1 - SPARE to spare."""
+    return (SPARE * seconds - sizes * len(LENGTHS) * RUN_OVERHEAD_SECONDS) / (sizes * cost)
 
 
 def scan_seconds_past_early_regime(records: list[dict[str, Any]], decay_start: float = 0.8) -> float | None:
@@ -132,7 +139,7 @@ def scan_seconds_past_early_regime(records: list[dict[str, Any]], decay_start: f
 
     A longer scan may pick other sizes (they are chosen by tokens per parameter at its longest pilot),
     so this is a floor for the sizes seen, not a promise: the scan's own fit says whether it got there."""
-    ends = {r["non_embedding"]: r["regime_end"] for r in (run for part in split_early_regime(records) for run in part)}
+    ends = regime_ends(records)
     if not any(ends.values()):
         return None
     lengths_needed = min(len(LENGTHS), math.ceil(MIN_FITTED_RUNS / len(ends)))
@@ -144,12 +151,11 @@ def scan_seconds_past_early_regime(records: list[dict[str, Any]], decay_start: f
 def scan_wall_seconds(unit_seconds: float, sizes: int, decay_start: float) -> float:
     """The scan budget whose design gives ``sizes`` sizes a shortest pilot of ``unit_seconds`` (the
     inverse of _unit_seconds)."""
-    return sizes * (len(LENGTHS) * RUN_OVERHEAD_SECONDS + extension_cost(decay_start) * unit_seconds) / 0.97
+    return sizes * (len(LENGTHS) * RUN_OVERHEAD_SECONDS + extension_cost(decay_start) * unit_seconds) / SPARE
 
 
 def _tokens_per_second(records: list[dict[str, Any]], size: int) -> float:
-    rates = sorted(r["tokens_per_second"] for r in records if r["non_embedding"] == size)
-    return rates[len(rates) // 2]
+    return statistics.median_high(r["tokens_per_second"] for r in records if r["non_embedding"] == size)
 
 
 def _spread(sizes: list[PilotSize], count: int) -> list[PilotSize]:
@@ -222,7 +228,7 @@ class Scan:
         """Train (or extend) one size to ``seconds`` and record it; False when it was skipped."""
         run_dir = self.out / "runs" / f"d{size.d_model}"
         name = f"d_model {size.d_model} ({size.non_embedding / 1e6:.2f}M), {seconds:.0f}s"
-        cost = seconds - (self.design.decay_start * extend_from if extend_from else 0.0) + RUN_OVERHEAD_SECONDS
+        cost = self.design.pilot_seconds(seconds, extend_from)
         if extend_from is not None and not self._piloted(size, extend_from):
             self.skipped.append(name)  # its shorter pilot was skipped
             return False
