@@ -1,0 +1,119 @@
+"""Golden loss curves: every training ``loss`` of 40-step runs, recorded by the code before the method-protocol
+refactor, must be reproduced exactly.  An intentional change regenerates them with
+``FLOPWISE_REGENERATE_GOLDEN=1 python -m pytest tests/test_golden.py`` in a commit that says why."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from flopwise.cli import main
+from flopwise.data.tokenizer import byte_tokenizer
+from flopwise.model.config import ModelConfig
+from flopwise.model.gpt import GPT
+from flopwise.model.hf import save_hf_folder
+from flopwise.train.metrics import read_metrics
+
+GOLDEN = Path(__file__).parent / "golden"
+REGENERATE = os.environ.get("FLOPWISE_REGENERATE_GOLDEN") == "1"
+LOOP = ["--budget", "40steps", "--set", "model.seq_len=32", "--set", "optim.batch_size=4",
+        "--set", "train.eval_tokens=1024", "--set", "train.log_every=1", "--set", "train.eval_every=0.5"]
+SCRATCH = ["--tokenizer", "byte", "--set", "model.size=tiny"]  # an --init-from model brings both
+
+WORDS = ("the model reads every token of a budget and learns to predict the next one while the rate decays "
+         "slowly toward zero at the end of training so that each run finishes annealed").split()
+SYMBOLS = ("def", "return", "if", "else", "for", "in", "x", "y", "value", "items", "(", ")", ":", "=", "+", "1")
+
+
+def write_corpus(folder: Path, vocabulary: tuple[str, ...], seed: int, documents: int = 24) -> Path:
+    """A fixed synthetic corpus: seeded word sequences (independent of the Python version's files)."""
+    folder.mkdir(parents=True)
+    rng = random.Random(seed)
+    for index in range(documents):
+        lines = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(6, 14))) for _ in range(30)]
+        (folder / f"doc{index:02d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("golden")
+    return {"prose": write_corpus(root / "prose", tuple(WORDS), seed=1),
+            "code": write_corpus(root / "code", SYMBOLS, seed=2),
+            "root": root}
+
+
+def tiny_hf_model(folder: Path) -> Path:
+    """A small random Llama-style model saved as a Hugging Face folder, for --init-from (LoRA)."""
+    torch.manual_seed(3)
+    model = GPT(ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, seq_len=32))
+    save_hf_folder(model, byte_tokenizer(), folder)
+    return folder
+
+
+def teacher_run(corpus: dict[str, Path]) -> Path:
+    """A small finished run on the same data, for SALT's teacher."""
+    run = corpus["root"] / "teacher"
+    if not run.is_dir():
+        assert main(["train", "--data", str(corpus["prose"]), *LOOP, *SCRATCH, "--set", "model.d_model=32",
+                     "--out", str(run)]) == 0
+    return run
+
+
+CASES: dict[str, list[str]] = {
+    "default": [],
+    "baseline": ["--recipe", "baseline"],
+    "memory-8bit": ["--method", "8bit"],
+    "memory-8bit-checkpointing": ["--method", "8bit", "--method", "checkpointing"],
+    "memory-galore-8bit-checkpointing-layerwise": ["--method", "galore", "--method", "8bit", "--method",
+                                                   "checkpointing", "--method", "layerwise", "--set",
+                                                   "optim.name=adamw", "--set", "memory.galore_update_gap=10",
+                                                   "--set", "memory.galore_rank=8"],
+    "memory-sltrain-8bit-checkpointing": ["--method", "sltrain", "--method", "8bit", "--method", "checkpointing",
+                                          "--set", "memory.sltrain_refactor_every=10",
+                                          "--set", "memory.sltrain_rewarmup=3"],
+    "lisa": ["--method", "lisa", "--set", "memory.lisa_layers=1", "--set", "memory.lisa_interval=5"],
+    "lora": ["--method", "lora", "INIT_FROM"],
+    "static-mixture": ["MIXTURE"],
+    "online-mixture-loss": ["MIXTURE_NATURAL", "--online-mixture", "loss"],
+    "reweight": ["--reweight"],
+    "curriculum-rarity": ["--curriculum", "rarity"],
+    "teacher": ["--teacher", "TEACHER", "--set", "salt.select_pool=2"],
+}
+
+
+def case_args(name: str, corpus: dict[str, Path], tmp_path: Path) -> list[str]:
+    """The CLI arguments of one case, with its placeholders made real."""
+    args: list[str] = []
+    data = ["--data", str(corpus["prose"])]
+    for arg in CASES[name]:
+        if arg == "INIT_FROM":
+            args += ["--init-from", str(tiny_hf_model(tmp_path / "hf"))]
+        elif arg == "MIXTURE":
+            data = ["--data", f"prose={corpus['prose']}:0.7", "--data", f"code={corpus['code']}:0.3"]
+        elif arg == "MIXTURE_NATURAL":
+            data = ["--data", f"prose={corpus['prose']}", "--data", f"code={corpus['code']}"]
+        elif arg == "TEACHER":
+            args.append(str(teacher_run(corpus)))
+        else:
+            args.append(arg)
+    scratch = [] if "INIT_FROM" in CASES[name] else SCRATCH
+    return [*data, *LOOP, *scratch, *args]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_loss_curve_matches_its_golden_file(name, corpus, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *case_args(name, corpus, tmp_path), "--out", str(run)]) == 0
+    curve = [event["loss"] for event in read_metrics(run / "metrics.jsonl") if event["event"] == "train"]
+    assert len(curve) == 40
+    golden = GOLDEN / f"{name}.json"
+    if REGENERATE:
+        golden.write_text(json.dumps({"args": CASES[name], "loss": curve}, indent=1) + "\n", encoding="utf-8")
+    assert json.loads(golden.read_text(encoding="utf-8"))["loss"] == curve
