@@ -7,7 +7,7 @@ peak resident memory is its own.  For each arm it reports:
 - optimizer-state bytes, measured: every tensor the optimizer holds after training (moments,
   8-bit codes and scales, GaLore projections);
 - the peak of live tensor memory during one training step, measured (flopwise.plan.measure), next
-  to flopwise's estimate for it (flopwise.plan.memory);
+  to flopwise's estimate for it (flopwise.memory.estimate);
 - the process's peak RSS (everything: Python, data, allocator slack);
 - the final held-out loss, and ratios to AdamW.
 
@@ -58,9 +58,9 @@ def run_arm(size: str, methods: list[str], lr: float, tokens: float, seed: int, 
     import torch
     from flopwise.config import load_config
     from flopwise.plan.measure import measure_training_step
-    from flopwise.plan.memory import estimate_memory
+    from flopwise.memory.estimate import estimate_memory
     from flopwise.train.display import ProgressDisplay
-    from flopwise.train.session import start_new
+    from flopwise.session import start_new
     from flopwise.train.trainer import LoopState
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

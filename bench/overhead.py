@@ -29,7 +29,7 @@ from flopwise.config import load_config
 from flopwise.model.gpt import GPT
 from flopwise.optim.build import build_optimizer
 from flopwise.train.display import ProgressDisplay
-from flopwise.train.session import start_new
+from flopwise.session import start_new
 from flopwise.train.trainer import LoopState
 
 HERE = Path(__file__).parent

@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from flopwise.config import load_config
-from flopwise.train.device import choose_device, choose_dtype, measure_matmul_peak
+from flopwise.runtime import choose_device, choose_dtype, measure_matmul_peak
 from flopwise.train.display import ProgressDisplay
-from flopwise.train.session import Session
+from flopwise.session import Session
 from flopwise.train.trainer import Trainer
 
 

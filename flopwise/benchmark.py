@@ -72,17 +72,14 @@ class SeedResult:
 def train_once(recipe: str, seconds: float, seed: int, sources: list[str], overrides: list[str],
                work: Path) -> RunResult:
     """One budgeted run in this process; returns its final held-out loss."""
+    from flopwise.api import run
     from flopwise.train.display import ProgressDisplay
-    from flopwise.train.session import start_new
-    from flopwise.train.trainer import LoopState
 
     values = dict(_RUN_SETTINGS, **{"budget.seconds": seconds, "train.seed": seed, "data.sources": sources})
     config = load_config(None, overrides, values, base=recipe_values(recipe))
     started = time.perf_counter()
     run_dir = work / f"{recipe}-{seed}-{seconds:g}s-{uuid.uuid4().hex[:8]}"
-    session = start_new(config, run_dir, ProgressDisplay(Console(quiet=True)))
-    session.write_run_files()
-    summary = session.run(LoopState())
+    summary = run(config, run_dir, display=ProgressDisplay(Console(quiet=True)))
     return RunResult(recipe, seed, seconds, summary.final_eval["loss"], summary.meter.tokens, summary.meter.flops,
                      time.perf_counter() - started)
 

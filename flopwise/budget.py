@@ -11,8 +11,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from pydantic import field_validator
 
 from flopwise.errors import FlopwiseError
+from flopwise.section import Section
 
 LIMITS = ("seconds", "flops", "tokens", "steps")
 
@@ -113,6 +117,10 @@ class Budget:
     def to_dict(self) -> dict[str, float | None]:
         return asdict(self)
 
+    def config_values(self) -> dict[str, float | None]:
+        """This budget as the dotted config keys that set it (``budget.seconds``...), unset limits as None."""
+        return {f"budget.{name}": value for name, value in self.to_dict().items()}
+
     def describe(self) -> str:
         return ", ".join(format_amount(name, value) for name, value in self.set_limits().items())
 
@@ -178,3 +186,27 @@ def format_amount(name: str, value: float) -> str:
         if value >= scale:
             return f"{value / scale:.2f}{suffix} tokens"
     return f"{value:.0f} tokens"
+
+
+class BudgetSection(Section):
+    """Limits of the run; numbers or strings with units (``seconds = "3m"``)."""
+
+    seconds: float | None = None
+    flops: float | None = None
+    tokens: float | None = None
+    steps: float | None = None
+
+    @field_validator(*LIMITS, mode="before")
+    @classmethod
+    def _units(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, str):
+            name, amount = parse_limit(value)
+            if name != info.field_name:
+                raise ValueError(f"'{value}' is a {name} amount, not {info.field_name}")
+            return amount
+        return value
+
+    def build(self) -> Budget:
+        budget = Budget(**self.model_dump())
+        budget.validate()
+        return budget

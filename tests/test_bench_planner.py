@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flopwise.plan.scaling import ScalingLaw
+from flopwise.scaling.law import ScalingLaw
 
 LAW = ScalingLaw(E=2.0, A=400.0, B=2e4, alpha=0.5, beta=0.7, source="test")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flopwise.config import load_config
-from flopwise.train.metrics import read_metrics
+from flopwise.rundir import read_metrics
 from tests.conftest import TINY
 from tests.test_train import losses, train, train_events
 
@@ -143,7 +143,7 @@ def test_ingest_removes_duplicates_and_reports_them(tmp_path, text_folder):
 
 def test_plan_replay_suggests_a_share_from_pilot_runs(tmp_path, text_folder, code_folder, teacher_run):
     from flopwise.cli import main
-    from flopwise.plan.replay import PAPER_EPSILON, ReplayLaw
+    from flopwise.replay.law import PAPER_EPSILON, ReplayLaw
 
     loop = ["--set", "model.seq_len=64", "--set", "optim.batch_size=4", "--set", "train.eval_tokens=2048"]
     out = tmp_path / "replay.json"

@@ -17,7 +17,7 @@ from flopwise.data.tokenizer import byte_tokenizer
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import save_hf_folder
-from flopwise.train.metrics import read_metrics
+from flopwise.rundir import read_metrics
 
 GOLDEN = Path(__file__).parent / "golden"
 REGENERATE = os.environ.get("FLOPWISE_REGENERATE_GOLDEN") == "1"
@@ -72,18 +72,18 @@ CASES: dict[str, list[str]] = {
     "memory-8bit-checkpointing": ["--method", "8bit", "--method", "checkpointing"],
     "memory-galore-8bit-checkpointing-layerwise": ["--method", "galore", "--method", "8bit", "--method",
                                                    "checkpointing", "--method", "layerwise", "--set",
-                                                   "optim.name=adamw", "--set", "memory.galore_update_gap=10",
-                                                   "--set", "memory.galore_rank=8"],
+                                                   "optim.name=adamw", "--set", "methods.galore.update_gap=10",
+                                                   "--set", "methods.galore.rank=8"],
     "memory-sltrain-8bit-checkpointing": ["--method", "sltrain", "--method", "8bit", "--method", "checkpointing",
-                                          "--set", "memory.sltrain_refactor_every=10",
-                                          "--set", "memory.sltrain_rewarmup=3"],
-    "lisa": ["--method", "lisa", "--set", "memory.lisa_layers=1", "--set", "memory.lisa_interval=5"],
+                                          "--set", "methods.sltrain.refactor_every=10",
+                                          "--set", "methods.sltrain.rewarmup=3"],
+    "lisa": ["--method", "lisa", "--set", "methods.lisa.layers=1", "--set", "methods.lisa.interval=5"],
     "lora": ["--method", "lora", "INIT_FROM"],
     "static-mixture": ["MIXTURE"],
     "online-mixture-loss": ["MIXTURE_NATURAL", "--online-mixture", "loss"],
     "reweight": ["--reweight"],
     "curriculum-rarity": ["--curriculum", "rarity"],
-    "teacher": ["--teacher", "TEACHER", "--set", "salt.select_pool=2"],
+    "teacher": ["--teacher", "TEACHER", "--set", "methods.salt.select_pool=2"],
 }
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from flopwise.errors import FlopwiseError
 from flopwise.train.loggers import open_run_logger, scalars
-from flopwise.train.metrics import read_metrics
+from flopwise.rundir import read_metrics
 
 TOKENS_PER_STEP = 256
 

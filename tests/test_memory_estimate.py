@@ -1,4 +1,4 @@
-"""The memory estimator (flopwise/plan/memory.py) against measurement, autograd, hand counts and the
+"""The memory estimator (flopwise/memory/estimate.py) against measurement, autograd, hand counts and the
 GaLore paper; the planner's order and refusal; the ``flopwise memory`` table."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.optim.build import build_optimizer
 from flopwise.plan.measure import measure_step, rss_step_peak
-from flopwise.plan.memory import CANDIDATES, activation_bytes, choose_methods, estimate_memory
-from flopwise.plan.memory_command import cmd_memory, register
+from flopwise.memory.estimate import CANDIDATES, activation_bytes, choose_methods, estimate_memory
+from flopwise.cli.memory import cmd_memory, register
 
 SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "seq_len": 32}
 

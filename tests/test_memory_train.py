@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from flopwise.cli import main
 from flopwise.config import load_config
-from flopwise.train.metrics import read_metrics
+from flopwise.rundir import read_metrics
 from tests.conftest import TINY
 from tests.test_train import losses, train, train_events
 
@@ -93,7 +93,7 @@ def test_lora_finetunes_an_imported_model_and_merges_on_export(tmp_path, text_fo
 
 
 def test_memory_cap_picks_methods_and_says_why(tmp_path, text_folder, capsys):
-    from flopwise.plan.memory import estimate_memory
+    from flopwise.memory.estimate import estimate_memory
 
     cfg = load_config(None, ["model.size=tiny", "model.seq_len=64", "optim.batch_size=4"])
     model_cfg = cfg.model.build(257)

@@ -14,12 +14,12 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.config import NAMED_SIZES
 from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.budget import Budget
-from flopwise.plan.law_file import PRIOR_KAPPA, PlanningLaw, find_law, read_law, setup_key
+from flopwise.scaling.law_file import PRIOR_KAPPA, PlanningLaw, find_law, read_law, setup_key
 from flopwise.plan.planner import budget_tokens, plan_run
-from flopwise.plan.scaling import ScalingLaw
+from flopwise.scaling.law import ScalingLaw
 from flopwise.plan.scan import (LENGTHS, MAX_RATIO, MIN_RATIO, RUN_OVERHEAD_SECONDS, SIZES, design_scan, extension_cost,
                                 pilot_config)
-from flopwise.plan.shapes import WIDTHS, depth_for_width, family_shape, heads_for_width
+from flopwise.scaling.shapes import WIDTHS, depth_for_width, family_shape, heads_for_width
 
 LAW = ScalingLaw(E=1.5, A=80.0, B=900.0, alpha=0.35, beta=0.35, source="test")
 
@@ -164,7 +164,7 @@ def test_law_file_round_trip_and_lookup(tmp_path):
 
 
 def test_holdout_errors_measure_extrapolation_in_tokens():
-    from flopwise.plan.fitting import holdout_errors
+    from flopwise.scaling.fitting import holdout_errors
 
     records = [{"name": f"{n}-{d}", "non_embedding": n, "tokens": d, "val_loss": float(LAW.loss(n, d))}
                for n in (1e5, 3e5, 1e6) for d in (1e6, 3e6, 9e6)]

@@ -9,9 +9,9 @@ import pytest
 
 from flopwise.cli import main
 from flopwise.config import load_config
-from flopwise.plan.law_file import read_law
+from flopwise.scaling.law_file import read_law
 from flopwise.plan.scan import PilotSize, Scan, ScanDesign
-from flopwise.train.metrics import read_metrics
+from flopwise.rundir import read_metrics
 from tests.conftest import TINY
 from tests.test_train import train
 
@@ -53,8 +53,8 @@ def scan_folder(tmp_path_factory, text_folder):
     """A real scan of two sizes x three lengths (one run per size, extended twice)."""
     from rich.console import Console
 
-    from flopwise.cli_config import config_from_args
     from flopwise.cli import build_parser
+    from flopwise.cli.flags import config_from_args
 
     out = tmp_path_factory.mktemp("scan")
     args = build_parser().parse_args(["scan", "--budget", "60s", "--data", str(text_folder), *PLANNING])
@@ -137,7 +137,7 @@ def test_fit_fills_in_where_an_older_scans_curves_were_steepest(scan_folder, tmp
     """Scans written before pilots recorded it: each size's longest pilot gets its run folder's value."""
     import shutil
 
-    from flopwise.plan.fitting import collect_records
+    from flopwise.scaling.fitting import collect_records
 
     old = tmp_path / "old-scan"
     shutil.copytree(scan_folder, old)
@@ -160,10 +160,10 @@ def test_extend_adds_a_doubled_length_to_a_finished_scan_and_refits(scan_folder,
     import shutil
 
     from flopwise.cli import build_parser
-    from flopwise.cli_config import config_from_args
-    from flopwise.plan.law_file import cached_law_path, setup_key
+    from flopwise.cli.flags import config_from_args
+    from flopwise.scaling.law_file import cached_law_path, setup_key
     from flopwise.plan.throughput import ThroughputCache
-    from flopwise.train.device import device_name
+    from flopwise.runtime import device_name
 
     scan = tmp_path / "scan"
     shutil.copytree(scan_folder, scan)

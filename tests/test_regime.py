@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from flopwise.optim.schedules import Schedule
-from flopwise.plan.early import CurvePoint
-from flopwise.plan.fitting import law_from_records, split_early_regime
-from flopwise.plan.law_file import PlanningLaw
-from flopwise.plan.regime import MARGIN, STRIDE, WINDOW, early_regime_end, steepest_tokens
-from flopwise.plan.scaling import ScalingLaw
+from flopwise.train.loss_curve import CurvePoint
+from flopwise.scaling.fitting import law_from_records, split_early_regime
+from flopwise.scaling.law_file import PlanningLaw
+from flopwise.scaling.regime import MARGIN, STRIDE, WINDOW, early_regime_end, steepest_tokens
+from flopwise.scaling.law import ScalingLaw
 from flopwise.plan.scan import LENGTHS, RUN_OVERHEAD_SECONDS, extension_cost, scan_seconds_past_early_regime
 
 WSD = Schedule()  # warmup 0.02, stable to p = 0.8
@@ -114,7 +114,7 @@ def test_a_scan_left_in_its_early_regime_says_what_would_pilot_past_it(tmp_path)
     wall clock of one more length (2x the longest, from before its decay, for every size)."""
     from rich.console import Console
 
-    from flopwise.plan.commands import advise_past_early_regime
+    from flopwise.cli.scan import advise_past_early_regime
     from flopwise.plan.scan import PilotSize, Scan, ScanDesign
 
     speeds = {1e5: 20000.0, 3e5: 15000.0, 1e6: 9000.0}

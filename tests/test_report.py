@@ -18,7 +18,7 @@ from rich.console import Console
 from flopwise.cli import main
 from flopwise.errors import FlopwiseError
 from flopwise.report import HTML_FILE, JSON_FILE, write_report
-from flopwise.report.command import cmd_report, register
+from flopwise.cli.report import cmd_report, register
 from flopwise.report.plots import build_figures
 from flopwise.report.runs import load_runs
 from flopwise.report.table import final_table
@@ -60,7 +60,7 @@ def report(runs, tmp_path_factory) -> Path:
 
 def test_report_modules_import_neither_torch_nor_matplotlib_early():
     """Reading runs needs no torch; registering the command loads no matplotlib (fast `flopwise --help`)."""
-    code = ("import sys, flopwise.report.runs, flopwise.report.command; "
+    code = ("import sys, flopwise.report.runs, flopwise.cli.report; "
             "assert 'torch' not in sys.modules, 'torch'; assert 'matplotlib' not in sys.modules, 'matplotlib'")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

@@ -12,7 +12,7 @@ import torch
 from flopwise.errors import FlopwiseError
 from flopwise.methods.sample_weights import (PACINGS, STRATEGIES, ReweightSettings, normalized_losses,
                                              pacing_fraction, sample_weights, strategy_scores)
-from flopwise.train.distributed import Ranks
+from flopwise.runtime import Ranks
 
 
 def numpy_weights(losses: np.ndarray, strategy: str, delta: float = 1.0, r: float = 0.4) -> np.ndarray:

@@ -5,7 +5,7 @@ import pytest
 from scipy.optimize import minimize_scalar
 
 from flopwise.errors import FlopwiseError
-from flopwise.plan.scaling import (CHINCHILLA, CHINCHILLA_REFIT, ScalingLaw, bootstrap_laws, fit_law, interval,
+from flopwise.scaling.law import (CHINCHILLA, CHINCHILLA_REFIT, ScalingLaw, bootstrap_laws, fit_law, interval,
                                    parameter_intervals)
 
 # Hoffmann et al. 2022, Table 3 (Approach 1's compute-optimal allocations): parameters, FLOPs, tokens.

@@ -16,7 +16,7 @@ import pytest
 
 from flopwise.cli import main
 from flopwise.optim.schedules import Schedule
-from flopwise.train.metrics import read_metrics
+from flopwise.rundir import read_metrics
 from tests.conftest import TINY
 
 

@@ -15,9 +15,11 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+from pydantic import model_validator
 
 from flopwise.data.sources import Document
 from flopwise.errors import FlopwiseError
+from flopwise.section import Section
 
 DEDUP_MODES = ("none", "exact", "near")
 PRIME = (1 << 31) - 1  # hash values live in [0, PRIME): a*h + b < 2**62, so int64 arithmetic is exact
@@ -28,9 +30,9 @@ _WORD = re.compile(r"\w+")
 _NOT_SYMBOL = re.compile(r"[^\W_]+|\s+")  # alphanumeric (\w without "_") or whitespace runs
 
 
-@dataclass(frozen=True)
-class HygieneSettings:
-    """What to filter and how to deduplicate; the defaults only remove exact duplicates.
+class HygieneSettings(Section):
+    """What to filter and how to deduplicate; the defaults only remove exact duplicates.  The data
+    section (flopwise/data/config.py) extends it, so these are ``data.`` keys.
 
     ``near_threshold`` is a Jaccard similarity of word ``shingle_words``-gram sets; every filter
     is off at its default.  Invalid values raise ``FlopwiseError`` naming the ``data.`` field.
@@ -45,7 +47,8 @@ class HygieneSettings:
     max_line_chars: int = 0
     max_duplicate_line_share: float = 1.0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _valid(self) -> HygieneSettings:
         if self.dedup not in DEDUP_MODES:
             _invalid("dedup", self.dedup, "must be 'none', 'exact' or 'near'")
         if not _is_number(self.near_threshold) or not 0 < self.near_threshold <= 1:
@@ -64,6 +67,7 @@ class HygieneSettings:
             value = getattr(self, field)
             if not _is_number(value) or not 0 <= value <= 1:
                 _invalid(field, value, "must be a share in [0, 1] (1.0 turns the filter off)")
+        return self
 
 
 @dataclass

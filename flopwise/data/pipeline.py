@@ -7,15 +7,15 @@ their domains, the tokenizer, the split settings), so a second run re-tokenizes 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from flopwise.atomic import write_atomic
-from flopwise.config import DataSection
-from flopwise.data.hygiene import HygieneReport, HygieneSettings, clean_documents
+from flopwise.data.config import DataSection
+from flopwise.data.hygiene import HygieneReport, clean_documents
 from flopwise.data.shards import LAYOUT, MIN_HELDOUT_CHARS, MIN_HELDOUT_SHARE, TokenCorpus, build_corpus, content_key
 from flopwise.data.sources import Document, ReadStats, parse_source, read_documents
 from flopwise.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
@@ -34,12 +34,6 @@ class PreparedData:
         meta = self.corpus.meta
         return {"read": vars(self.stats), "hygiene": self.hygiene.to_dict(), "domains": meta["domains"],
                 "tokens": meta["tokens"], "domain_tokens": meta["domain_tokens"], "documents": meta["documents"]}
-
-
-def hygiene_settings(data: DataSection) -> HygieneSettings:
-    """The hygiene settings the data section sets (the rest, such as MinHash's permutations, keep theirs)."""
-    return HygieneSettings(**{f.name: getattr(data, f.name) for f in fields(HygieneSettings)
-                              if f.name in DataSection.model_fields})
 
 
 def cache_root(data: DataSection) -> Path:
@@ -68,7 +62,7 @@ def prepare_data(data: DataSection, seed: int, tokenizer: Tokenizer | None = Non
     if not data.sources:
         raise FlopwiseError("data.sources is empty: pass --data PATH (a file or folder of text) or use 'stdlib'")
     stats = ReadStats()
-    documents, hygiene = clean_documents(read_all(data.sources, data, stats), hygiene_settings(data))
+    documents, hygiene = clean_documents(read_all(data.sources, data, stats), data)
     val_documents = read_all(data.val_sources, data, ReadStats(), held_out=True) if data.val_sources else None
     root = cache_root(data)
     if tokenizer is None:

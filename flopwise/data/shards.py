@@ -259,3 +259,10 @@ def _batches(units: list[Document]) -> Iterator[list[Document]]:
         chars += len(unit.text)
     if batch:
         yield batch
+
+
+def unigram_log_probs(corpus: TokenCorpus) -> np.ndarray:
+    """log P(token) from training counts with add-one smoothing (so unseen tokens stay finite)."""
+    vocab = int(corpus.meta["vocab_size"])
+    counts = np.bincount(np.asarray(corpus.train_tokens), minlength=vocab).astype(np.float64) + 1.0
+    return np.log(counts / counts.sum())

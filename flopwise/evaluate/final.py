@@ -8,17 +8,18 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_model
 
+from flopwise.config import load_run_config
 from flopwise.data.pipeline import prepare_data
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
 from flopwise.methods.dense import build_model, plain_model
-from flopwise.methods.registry import memory_methods
+from flopwise.methods.stack import MethodStack
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import WEIGHTS, load_weights_into, require_llama_style, save_hf_folder
+from flopwise.rundir import planned_model_config
+from flopwise.runtime import choose_device, choose_dtype
 from flopwise.train.checkpoint import list_checkpoints, require_checkpoint
-from flopwise.train.device import choose_device, choose_dtype
-from flopwise.train.session import load_run_config, planned_model_config
 
 
 def load_final_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenizer]:
@@ -38,7 +39,7 @@ def load_checkpoint_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tok
     """The weights of a run's newest checkpoint (for a run that was interrupted or is still going)."""
     config = load_run_config(run_dir)
     checkpoint = require_checkpoint(run_dir, list_checkpoints(run_dir / "checkpoints"))
-    model = build_model(planned_model_config(run_dir), memory_methods(config))  # as trained: factorized, adapted
+    model = build_model(planned_model_config(run_dir), MethodStack(config).configure)  # as trained: factorized, adapted
     load_model(model, str(checkpoint.path / "model.safetensors"), strict=True)
     return plain_model(model).to(device).eval(), Tokenizer.load(run_dir / "tokenizer.json")
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from flopwise.data.shards import TokenCorpus
-from flopwise.train.device import autocast
+from flopwise.data.shards import TokenCorpus, unigram_log_probs
+from flopwise.runtime import autocast
 
 LN2 = math.log(2)
 # The end-of-run evaluation reads up to this many times train.eval_tokens per domain, for a precise final
@@ -92,10 +92,3 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
     loss = sums["nats"] / sums["tokens"]
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bpb": sums["nats"] / LN2 / max(sums["bytes"], 1),
             "tokens": sums["tokens"], "unigram_loss": sums["unigram_nats"] / sums["tokens"]}
-
-
-def unigram_log_probs(corpus: TokenCorpus) -> np.ndarray:
-    """log P(token) from training counts with add-one smoothing (so unseen tokens stay finite)."""
-    vocab = int(corpus.meta["vocab_size"])
-    counts = np.bincount(np.asarray(corpus.train_tokens), minlength=vocab).astype(np.float64) + 1.0
-    return np.log(counts / counts.sum())

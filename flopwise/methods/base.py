@@ -1,23 +1,173 @@
-"""The hooks a training method may implement, so methods enter the loop without ``if`` branches in it.
+"""The one protocol through which every training method enters a run.
 
-Every hook is optional and is called with the number of optimizer steps already taken; methods
-derive everything they do from that count and the run's seed, so a resumed run repeats the
-uninterrupted one exactly without extra saved state.
+A method is a class with a ``name`` (its key in ``methods.use`` and its section ``[methods.<name>]``),
+a ``Config`` (that section's schema, validated by pydantic before anything else happens) and the hooks
+it needs; every hook does nothing by default.  The session, the optimizer builder, the memory
+estimator and the training loop call the hooks of the methods in use through ``MethodStack``
+(flopwise/methods/stack.py) and never name a method.
+
+Hooks, in the order a run meets them:
+- ``check`` (class): refuse, in one line, settings that cannot work with the rest of the run config and
+  the process world, before any data is read.  Conflicts between methods are declared in ``conflicts``.
+- ``implied`` (class): whether other config fields already ask for the method (``--data NAME=PATH:W``
+  asks for ``mixture``), so validation adds it to ``methods.use``.
+- ``memory`` (class): its part of the peak-memory estimate, as ``MemoryTraits``.
+- ``configure``: change the model before the optimizer is built (factorize, wrap, freeze).
+- ``shape_optimizer``: change the optimizer the builder makes (update rules, state precision, hooks).
+- ``setup``: load what it needs once the data is ready (a teacher, a reference run's losses).
+- ``sampler_options``: mixture weights and window difficulties for the sampler.
+- ``attach``: receive the sampler the run draws from.
+- ``next_batch``: choose a micro-batch (SALT's selection); the first method that returns one wins.
+- ``loss``: change the per-sequence loss of a micro-batch, in ``methods.use``'s registry order.
+- ``before_step`` / ``lr_factor`` / ``after_step``: act around each optimizer step.
+- ``take_extra_flops``: FLOPs spent beyond the model's own step since the last call (a teacher).
+- ``log_fields``: extra fields of each logged training event.
+- ``state_dict`` / ``load_state_dict``: what exact resume needs beyond the step count and the seed.
+
+Everything a method does is a function of the step count, budget progress p, its config and the run's
+seed, plus its saved state, so a resumed run repeats the uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import numpy as np
 import torch
 from torch import nn
 
+from flopwise.data.sampler import Batch, PackedSampler
+from flopwise.errors import FlopwiseError
+from flopwise.memory.traits import MemoryTraits
+from flopwise.model.config import ModelConfig
+from flopwise.optim.spec import OptimizerSpec
+from flopwise.section import Section
 
-class TrainingMethod:
-    """Base class: each hook does nothing."""
+if TYPE_CHECKING:  # the run config composes the methods' sections, so it is imported for hints only
+    from flopwise.config import RunConfig
+    from flopwise.data.pipeline import PreparedData
+    from flopwise.methods.salt import Teacher
+    from flopwise.runtime import Ranks
 
-    name = "method"
+
+class MethodConfig(Section):
+    """A method's config section, ``[methods.<name>]``; empty for a method without settings."""
+
+
+@dataclass(frozen=True)
+class World:
+    """The processes a run trains on: their number and how they share the model."""
+
+    size: int = 1
+    parallel: str = "ddp"
+
+
+@dataclass
+class SamplerOptions:
+    """The sampler's data order: domain ``weights`` (None: each domain in proportion to its tokens),
+    ``difficulty`` of windows by their start offsets and the ``pacing`` of the easiest share by p."""
+
+    weights: list[float] | None = None
+    difficulty: Callable[[np.ndarray], np.ndarray] | None = None
+    pacing: Callable[[float], float] | None = None
+
+
+@dataclass
+class RunResources:
+    """What a method may read of its run at ``setup``: the prepared data and the sources it came from,
+    the window length, the device, precision and processes, a way to tell the user, and a teacher
+    loader that loads each source once (SALT's teacher may also score the curriculum)."""
+
+    data: PreparedData
+    sources: list[str]
+    seq_len: int
+    device: torch.device
+    dtype: torch.dtype
+    ranks: Ranks
+    message: Callable[[str], None]
+    load_teacher: Callable[[str], Teacher]
+
+
+@dataclass
+class StepOutputs:
+    """One micro-batch's forward, for ``loss`` hooks: its batch, inputs on the device, the logits and
+    each sequence's mean cross-entropy (fp32)."""
+
+    batch: Batch
+    inputs: torch.Tensor
+    logits: torch.Tensor
+    sequence: torch.Tensor
+
+
+class Method:
+    """Base class: every hook does nothing.  Subclasses set ``name`` and, if they have settings, ``Config``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    conflicts: ClassVar[dict[str, str]] = {}  # another method's name -> why the two cannot be combined
+    saves_memory: ClassVar[bool] = False  # one of those `--memory` may choose from and `--method` takes
+    keeps_gradients: ClassVar[bool] = True  # False: gradients are used up in backward (none left to clip)
+
+    def __init__(self, config: MethodConfig, seed: int = 0) -> None:
+        self.config = config
+        self.seed = seed
+
+    # -- before anything is built ---------------------------------------------------------------
+
+    @classmethod
+    def check(cls, config: MethodConfig, run: RunConfig, world: World | None) -> None:
+        """Raise FlopwiseError if this method cannot run with ``run`` (``world``: None before it is known)."""
+
+    @classmethod
+    def implied(cls, run: RunConfig) -> bool:
+        """Whether other fields of ``run`` ask for this method."""
+        return False
+
+    @classmethod
+    def memory(cls, config: MethodConfig, traits: MemoryTraits, model: ModelConfig) -> None:
+        """Record in ``traits`` what this method changes in a training step's memory."""
+
+    @staticmethod
+    def refuse_in_parallel(name: str, world: World | None, reason: str) -> None:
+        """One-line refusal of a method that runs in one process only."""
+        if world is not None and world.size > 1:
+            raise FlopwiseError(f"methods.use '{name}' runs in one process only (it {reason}): "
+                                "run without torchrun, or drop it")
+
+    @staticmethod
+    def refuse_sharded(name: str, world: World | None) -> None:
+        """One-line refusal of a method that needs whole local tensors, under FSDP."""
+        if world is not None and world.size > 1 and world.parallel == "fsdp":
+            raise FlopwiseError(f"methods.use '{name}' is not supported with --parallel fsdp (FSDP2 shards "
+                                "already save its memory): use --parallel ddp, or drop it")
+
+    # -- building the run -----------------------------------------------------------------------
 
     def configure(self, model: nn.Module) -> None:
         """Change the model before the optimizer is built (factorize, wrap or freeze modules)."""
+
+    def shape_optimizer(self, spec: OptimizerSpec, model: nn.Module) -> None:
+        """Change what the optimizer builder makes."""
+
+    def setup(self, run: RunResources) -> None:
+        """Load what the method needs once the data is ready."""
+
+    def sampler_options(self, options: SamplerOptions) -> None:
+        """Set the sampler's weights or difficulty."""
+
+    def attach(self, sampler: PackedSampler) -> None:
+        """Receive the sampler the run draws from."""
+
+    # -- each step ------------------------------------------------------------------------------
+
+    def next_batch(self, sampler: PackedSampler, p: float) -> Batch | None:
+        """A micro-batch of the method's choosing, or None to let the sampler give the next one."""
+        return None
+
+    def loss(self, total: torch.Tensor, outputs: StepOutputs, step: int, p: float) -> torch.Tensor:
+        """The per-sequence loss ``total`` [batch] as this method changes it."""
+        return total
 
     def before_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Act before optimizer step ``step + 1`` (e.g. choose which layers train)."""
@@ -27,4 +177,25 @@ class TrainingMethod:
         return 1.0
 
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Act after ``step`` optimizer steps have been taken (e.g. refactorize, reset momenta)."""
+        """Act after ``step`` optimizer steps have been taken (e.g. refactorize, update the mixture)."""
+
+    def take_extra_flops(self) -> float:
+        """FLOPs spent beyond the model's step since the last call, all ranks together."""
+        return 0.0
+
+    def log_fields(self) -> dict[str, Any]:
+        """Fields added to each logged training event."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state an exact resume needs (most methods need none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` saved."""
+
+
+def default_rank(rank: int | None, d_model: int) -> int:
+    """A method's rank (GaLore, SLTrain): the one set, else d_model // 4, the papers' ratio (512 for
+    d_model 2048 in both GaLore's and SLTrain's 1B runs)."""
+    return rank or d_model // 4

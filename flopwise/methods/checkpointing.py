@@ -6,16 +6,25 @@ block plus one block's intermediates, for about a third more compute.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
-from flopwise.methods.base import TrainingMethod
+from flopwise.memory.traits import MemoryTraits
+from flopwise.methods.base import Method, MethodConfig
+from flopwise.model.config import ModelConfig
 
 
-class ActivationCheckpointing(TrainingMethod):
+class ActivationCheckpointing(Method):
     """Turns on ``GPT.checkpoint_blocks``: every block runs under non-reentrant
     ``torch.utils.checkpoint`` while training (never in evaluation or cached generation)."""
 
-    name = "checkpointing"
+    name: ClassVar[str] = "checkpointing"
+    saves_memory = True
+
+    @classmethod
+    def memory(cls, config: MethodConfig, traits: MemoryTraits, model: ModelConfig) -> None:
+        traits.recompute_blocks = True
 
     def configure(self, model: nn.Module) -> None:
         model.checkpoint_blocks = True

@@ -6,12 +6,11 @@ model export and evaluate as an ordinary ``GPT(model.config)``.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
 
-from flopwise.methods.base import TrainingMethod
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 
@@ -63,15 +62,16 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_model(cfg: ModelConfig, methods: Iterable[TrainingMethod],
+def build_model(cfg: ModelConfig, configure: Callable[[GPT], None] | None = None,
                 initialize: Callable[[GPT], None] | None = None) -> GPT:
-    """A ``GPT`` as a run trains it: initial weights first (``--init-from``), then each method's change
-    (LoRA adapts the loaded weights; SLTrain factorizes).  Checkpoints of the run load into it."""
+    """A ``GPT`` as a run trains it: initial weights first (``--init-from``), then the methods' changes
+    (``MethodStack.configure``: LoRA adapts the loaded weights; SLTrain factorizes).  Checkpoints of the
+    run load into it."""
     model = GPT(cfg)
     if initialize is not None:
         initialize(model)
-    for method in methods:
-        method.configure(model)
+    if configure is not None:
+        configure(model)
     return model
 
 

@@ -13,22 +13,50 @@ re-applies the same set without touching the optimizer states it loaded.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
+from pydantic import field_validator
 from torch import nn
 
-from flopwise.methods.base import TrainingMethod
+from flopwise.memory.traits import MemoryTraits
+from flopwise.methods.base import Method, MethodConfig, World
+from flopwise.model.config import ModelConfig
+from flopwise.section import positive
 
 
-class LISA(TrainingMethod):
+class LISAConfig(MethodConfig):
+    """``layers``: blocks that train at a time; ``interval``: steps between redraws (LMFlow's 2 and 20)."""
+
+    layers: int = 2
+    interval: int = 20
+
+    _positive = field_validator("layers", "interval")(positive)
+
+
+class LISA(Method):
     """Before each step, train the blocks drawn for its interval, freeze the others and drop their
     optimizer states.  The optimizer is built over all parameters (nothing is frozen before the
     first ``before_step``); an optimizer skips frozen parameters, whose gradients stay None."""
 
-    name = "lisa"
+    name: ClassVar[str] = "lisa"
+    Config = LISAConfig
+    saves_memory = True
+    conflicts = {"lora": "LoRA freezes the blocks whose weights LISA would train"}
 
-    def __init__(self, layers: int = 2, interval: int = 20, seed: int = 0) -> None:
-        self.layers, self.interval, self.seed = layers, interval, seed
+    def __init__(self, config: LISAConfig, seed: int = 0) -> None:
+        super().__init__(config, seed)
+        self.layers, self.interval = config.layers, config.interval
+
+    @classmethod
+    def check(cls, config: LISAConfig, run: object, world: World | None) -> None:
+        cls.refuse_in_parallel(cls.name, world, "changes which layers train, while DDP fixes that set when it "
+                                                "wraps the model")
+
+    @classmethod
+    def memory(cls, config: LISAConfig, traits: MemoryTraits, model: ModelConfig) -> None:
+        traits.trained_blocks = config.layers
 
     def active_blocks(self, step: int, n_blocks: int) -> frozenset[int]:
         """Indices of the blocks that train at ``step`` (steps already taken)."""

@@ -11,13 +11,22 @@ flopwise/methods/dense.py merges the adapters into plain weights (W + (alpha / r
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator
 from torch import nn
 
-from flopwise.methods.base import TrainingMethod
+from flopwise.errors import FlopwiseError
+from flopwise.memory.traits import MemoryTraits
+from flopwise.methods.base import Method, MethodConfig, World
 from flopwise.methods.dense import replace_block_linears
+from flopwise.model.config import ModelConfig
+from flopwise.section import positive
+
+if TYPE_CHECKING:
+    from flopwise.config import RunConfig
 
 
 class LoRALinear(nn.Module):
@@ -53,14 +62,39 @@ class LoRALinear(nn.Module):
                 f"scaling={self.scaling:g}")
 
 
-class LoRA(TrainingMethod):
+class LoRAConfig(MethodConfig):
+    """``rank`` r of the adapters and their ``alpha`` (scaling alpha / r): PEFT's defaults 8 and 16."""
+
+    rank: int = 8
+    alpha: float = 16.0
+
+    _positive = field_validator("rank")(positive)
+
+
+class LoRA(Method):
     """Freeze the whole model, then adapt every block Linear with a ``LoRALinear``.  ``seed`` fixes
     the A matrices' draw."""
 
-    name = "lora"
+    name: ClassVar[str] = "lora"
+    Config = LoRAConfig
+    saves_memory = True
+    conflicts = {"galore": "LoRA freezes the dense matrices whose gradients GaLore would project"}
 
-    def __init__(self, rank: int = 8, alpha: float = 16.0, seed: int = 0) -> None:
-        self.rank, self.alpha, self.seed = rank, alpha, seed
+    def __init__(self, config: LoRAConfig, seed: int = 0) -> None:
+        super().__init__(config, seed)
+        self.rank, self.alpha = config.rank, config.alpha
+
+    @classmethod
+    def check(cls, config: LoRAConfig, run: RunConfig, world: World | None) -> None:
+        if not run.model.init_from:
+            raise FlopwiseError("methods.use 'lora' fine-tunes an imported model through adapters on frozen "
+                                "weights, and random frozen weights learn nothing: add --init-from MODEL, or "
+                                "drop lora")
+        cls.refuse_sharded(cls.name, world)
+
+    @classmethod
+    def memory(cls, config: LoRAConfig, traits: MemoryTraits, model: ModelConfig) -> None:
+        traits.adapter_rank = config.rank
 
     def configure(self, model: nn.Module) -> None:
         model.requires_grad_(False)

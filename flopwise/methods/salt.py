@@ -35,57 +35,67 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
+from torch import nn
 
+from flopwise.data.sampler import Batch, PackedSampler
 from flopwise.errors import FlopwiseError
+from flopwise.methods.base import Method, MethodConfig, RunResources, StepOutputs, World
 from flopwise.model.config import ModelConfig
 from flopwise.model.flops import count_parameters, forward_flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config
+from flopwise.runtime import autocast
 
-FIELD = "salt.teacher"
+if TYPE_CHECKING:
+    from flopwise.config import RunConfig
+
+FIELD = "methods.salt.teacher"
 PAPER_KD_STEPS, PAPER_TOTAL_STEPS = 36_000, 208_000  # 2.8B student, 1.5B teacher (Rawat et al. 2024)
 
 
-@dataclass(frozen=True)
-class SaltSettings:
+class SaltConfig(MethodConfig):
     """What SALT needs from the run's configuration; see the module docstring for the defaults' sources."""
 
-    teacher: str                 # a flopwise run folder (its final/ model) or a Hugging Face model folder
+    teacher: str | None = None   # a flopwise run folder (its final/ model) or a Hugging Face model folder
     kd_weight: float = 2 / 3     # w in (1 - w) * CE + w * KD (unconfirmed, see module docstring)
     kd_until: float = PAPER_KD_STEPS / PAPER_TOTAL_STEPS  # the KD term is on while budget fraction p < this
     temperature: float = 1.0     # applied to both teacher and student logits in the KD term
     select_pool: float = 1.0     # > 1: score select_pool x batch candidate windows, keep the batch's best
     select_top_k: int = 10       # Eq. 10: a token is "learnable" when its target is in the teacher's top-k
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _ranges(self) -> SaltConfig:
         checks = (("kd_weight", 0 <= self.kd_weight <= 1, "a number from 0 to 1"),
                   ("kd_until", 0 <= self.kd_until <= 1, "a budget fraction from 0 to 1"),
                   ("temperature", self.temperature > 0 and math.isfinite(self.temperature), "a positive number"),
                   ("select_pool", self.select_pool >= 1 and math.isfinite(self.select_pool),
                    "at least 1 (1 = no selection)"),
-                  ("select_top_k", isinstance(self.select_top_k, int) and self.select_top_k >= 1,
-                   "a positive integer"))
+                  ("select_top_k", self.select_top_k >= 1, "a positive integer"))
         for name, ok, what in checks:
             if not ok:
-                raise FlopwiseError(f"salt.{name}={getattr(self, name)!r} must be {what}")
+                raise FlopwiseError(f"methods.salt.{name}={getattr(self, name)!r} must be {what}")
+        return self
 
     def pool_size(self, batch: int) -> int:
         """Candidate windows to draw for a batch of ``batch`` (``batch`` itself when not selecting)."""
         return max(batch, math.ceil(self.select_pool * batch - 1e-9))
 
 
-def kd_weight_at(p: float, settings: SaltSettings) -> float:
+def kd_weight_at(p: float, settings: SaltConfig) -> float:
     """The KD weight w at budget fraction ``p``: ``kd_weight`` while p < kd_until, then 0 (the paper's step
     transition from distillation to plain next-token training)."""
     return settings.kd_weight if p < settings.kd_until else 0.0
 
 
-def selecting_at(p: float, settings: SaltSettings) -> bool:
+def selecting_at(p: float, settings: SaltConfig) -> bool:
     """Whether windows are selected at ``p``: SALT_DS selects data for the KD stage only."""
     return settings.select_pool > 1 and p < settings.kd_until and settings.kd_weight > 0
 
@@ -108,7 +118,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return kl.mean(dim=-1) * temperature ** 2
 
 
-def select_windows(scores: torch.Tensor, keep: int, settings: SaltSettings) -> torch.Tensor:
+def select_windows(scores: torch.Tensor, keep: int, settings: SaltConfig) -> torch.Tensor:
     """Indices, ascending, of the ``keep`` candidates with the highest scores.
 
     ``scores`` must be SALT_DS scores (``Teacher.selection_scores``): high means challenging yet
@@ -205,7 +215,7 @@ class Teacher:
 def _teacher_shape(folder: Path, source: str, seq_len: int | None) -> tuple[Path, ModelConfig]:
     """The folder holding the weights and the model shape: a run's final/ (its config.json, or for a model
     transformers has no architecture for, the run's plan.json), or the Hugging Face folder itself."""
-    from flopwise.train.session import is_run_dir, planned_model_config
+    from flopwise.rundir import is_run_dir, planned_model_config
 
     weights = folder / "final" if is_run_dir(folder) else folder
     if is_run_dir(folder) and not weights.is_dir():
@@ -247,3 +257,68 @@ def _vocab_of(tokenizer_json: str) -> int:
     from tokenizers import Tokenizer as HFTokenizer
 
     return max(HFTokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True).values()) + 1
+
+
+class Salt(Method):
+    """The teacher picks each batch from a larger candidate pool while selecting (its logits kept for the
+    distillation term, so it runs once per window), and adds the distillation term while p < kd_until;
+    its forward FLOPs are metered."""
+
+    name: ClassVar[str] = "salt"
+    Config = SaltConfig
+
+    @classmethod
+    def check(cls, config: SaltConfig, run: RunConfig, world: World | None) -> None:
+        if config.teacher is None:
+            raise FlopwiseError("methods.use 'salt' needs methods.salt.teacher: a small finished run folder or a "
+                                "Hugging Face model folder with this run's tokenizer (--teacher RUN)")
+
+    def setup(self, run: RunResources) -> None:
+        self.teacher = run.load_teacher(str(self.config.teacher))
+        self.teacher_device = next(self.teacher.model.parameters()).device
+        self.dtype, self.ranks = run.dtype, run.ranks
+        self._logits: torch.Tensor | None = None  # the chosen batch's teacher logits
+        self._rejected: list[torch.Tensor] = []  # domains of this step's rejected candidates
+        self._flops = 0.0
+
+    def next_batch(self, sampler: PackedSampler, p: float) -> Batch | None:
+        self._logits = None
+        if not selecting_at(p, self.config):
+            return None
+        candidates = sampler.next_batch(self.config.pool_size(sampler.batch_size))
+        logits = self._teacher_logits(candidates.inputs)
+        scores = Teacher.scores_from_logits(logits, candidates.targets.to(self.teacher_device),
+                                            self.config.select_top_k)
+        chosen = select_windows(scores, sampler.batch_size, self.config)
+        self._logits = logits[chosen]
+        chosen = chosen.cpu()
+        rejected = torch.ones(len(candidates.domains), dtype=torch.bool)
+        rejected[chosen] = False
+        self._rejected.append(candidates.domains[rejected])
+        self.sampler = sampler
+        return Batch(candidates.inputs[chosen], candidates.targets[chosen], candidates.domains[chosen])
+
+    def _teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits, in the run's precision, with their FLOPs counted for the meter."""
+        with autocast(self.teacher_device, self.dtype):
+            logits = self.teacher.logits(inputs.to(self.teacher_device))
+        self._flops += self.teacher.flops_per_token * inputs.numel() * self.ranks.world_size
+        return logits
+
+    def loss(self, total: torch.Tensor, outputs: StepOutputs, step: int, p: float) -> torch.Tensor:
+        weight = kd_weight_at(p, self.config)
+        if weight <= 0:
+            return total
+        teacher = self._logits if self._logits is not None else self._teacher_logits(outputs.inputs)
+        return (1 - weight) * total + weight * distillation_loss(outputs.logits, teacher, self.config.temperature)
+
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Uncount the step's rejected candidates (all ranks): read, but not trained on."""
+        if self._rejected:
+            counts = torch.bincount(torch.cat(self._rejected), minlength=len(self.sampler.ranges))
+            self.sampler.untake(self.ranks.sum(counts.double().tolist()))
+            self._rejected = []
+
+    def take_extra_flops(self) -> float:
+        flops, self._flops = self._flops, 0.0
+        return flops

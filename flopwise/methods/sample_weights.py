@@ -30,8 +30,8 @@ target tokens; flopwise's training windows all have the same length, where that 
 
 Defaults are the reference code's: ``delta = 1`` (hard-coded there), ``r = 0.4`` (``kl_reg`` in its
 configs for the GPT-2 runs, e.g. ``config/methods/ours_doge_large.json``; the dataclass default
-there is 1.0) and uniform weights for the first 1000 steps (``burnout_steps``: reweighting starts
-at ``global_step >= 1000``, i.e. ``step`` here counts the optimizer steps already taken).
+there is 1.0) and uniform weights for the first 1000 steps (``burnout_steps``); flopwise's method
+(flopwise/methods/reweight.py) keeps them uniform for the first ``burn_in`` share of the budget instead.
 
 Across ranks, the min, the max, the largest score (subtracted before ``exp`` for stability), the
 sum of exponentials and the sample count are all-reduced, so each rank's weights are exactly the
@@ -50,12 +50,10 @@ full set at ``a``, whereas ``step`` here climbs in 3 equal stairs (heights ``(1 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
 from flopwise.errors import FlopwiseError
-from flopwise.train.distributed import Ranks
+from flopwise.runtime import Ranks
 
 STRATEGIES = ("uniform", "linupper", "quadratic", "extremes")
 PACINGS = ("linear", "root", "step")
@@ -78,26 +76,6 @@ def _check_delta(delta: object) -> None:
     if not _is_number(delta) or delta <= 0:
         raise FlopwiseError(f"reweight.delta={delta!r} must be a positive number (the half-width of the "
                             f"range losses are normalized to): the paper uses 1.0")
-
-
-@dataclass(frozen=True)
-class ReweightSettings:
-    """How per-sequence losses are turned into weights (see the module docstring)."""
-
-    strategy: str = "linupper"
-    temperature: float = 0.4
-    delta: float = 1.0
-    burn_in: int = 1000
-
-    def __post_init__(self) -> None:
-        _check_strategy(self.strategy)
-        if not _is_number(self.temperature) or self.temperature <= 0:
-            raise FlopwiseError(f"reweight.temperature={self.temperature!r} must be a positive number: "
-                                f"the paper uses 0.4 (larger is closer to uniform weights)")
-        _check_delta(self.delta)
-        if not isinstance(self.burn_in, int) or isinstance(self.burn_in, bool) or self.burn_in < 0:
-            raise FlopwiseError(f"reweight.burn_in={self.burn_in!r} must be a whole number of steps >= 0 "
-                                f"(uniform weights before it): the paper uses 1000")
 
 
 def _local_losses(losses: torch.Tensor) -> torch.Tensor:
@@ -133,18 +111,17 @@ def strategy_scores(normalized: torch.Tensor, strategy: str, delta: float) -> to
     return torch.zeros_like(normalized)
 
 
-def sample_weights(losses: torch.Tensor, step: int, settings: ReweightSettings,
+def sample_weights(losses: torch.Tensor, strategy: str, temperature: float, delta: float,
                    ranks: Ranks = Ranks()) -> torch.Tensor:
-    """Weights ``[B]`` for this rank's per-sequence losses at ``step`` (optimizer steps already taken):
-    detached, positive, averaging 1 over the global batch; ones for ``uniform`` and while
-    ``step < settings.burn_in``.  Every rank must call it at every step (it runs collectives)."""
+    """Weights ``[B]`` for this rank's per-sequence losses: detached, positive, averaging 1 over the global
+    batch; ones for ``uniform``.  Every rank must call it at every step (it runs collectives)."""
     local = _local_losses(losses)
-    if settings.strategy == "uniform" or step < settings.burn_in:
+    if strategy == "uniform":
         return torch.ones_like(local)
     with torch.no_grad():
-        scores = strategy_scores(normalized_losses(local, settings.delta, ranks), settings.strategy, settings.delta)
+        scores = strategy_scores(normalized_losses(local, delta, ranks), strategy, delta)
         (top,) = ranks.max(scores.max().item())
-        exps = torch.exp((scores - top) / settings.temperature)
+        exps = torch.exp((scores - top) / temperature)
         # N / sum(exp) over the global batch; ranks.mean of both is that ratio with world_size cancelled
         total = ranks.mean(exps.sum(dtype=torch.float64).item())
         count = ranks.mean(float(local.numel()))

@@ -21,14 +21,18 @@ coordinates change.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator
 from torch import nn
 
-from flopwise.config import default_rank
-from flopwise.methods.base import TrainingMethod
+from flopwise.memory.traits import Factorization, MemoryTraits
+from flopwise.methods.base import Method, MethodConfig, World, default_rank
 from flopwise.methods.dense import replace_block_linears
+from flopwise.model.config import ModelConfig
+from flopwise.section import positive
 
 ALPHA = 32.0
 REWARMUP_START = 1e-3
@@ -147,17 +151,49 @@ class SparseLowRankLinear(nn.Module):
                 f"nnz={self.values.numel()}, bias={self.bias is not None}")
 
 
-class SLTrain(TrainingMethod):
+class SLTrainConfig(MethodConfig):
+    """``rank`` (unset: d_model // 4), sparse density ``delta``, scaling ``alpha``; refactorize every
+    ``refactor_every`` steps and re-warm the LR over ``rewarmup`` steps (see the module docstring)."""
+
+    rank: int | None = None
+    delta: float = 0.03
+    alpha: float = ALPHA
+    refactor_every: int = 200
+    rewarmup: int = 10
+
+    _positive = field_validator("rank", "refactor_every")(positive)
+
+    @field_validator("delta")
+    @classmethod
+    def _density(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError("must lie in (0, 1)")
+        return value
+
+
+class SLTrain(Method):
     """Replace every block Linear by a ``SparseLowRankLinear`` (rank: ``rank`` or d_model // 4);
     refactorize, reset the factorized layers' optimizer states and re-warm the LR every
     ``refactor_every`` steps.  ``seed`` fixes the sparse supports and the initial factors."""
 
-    name = "sltrain"
+    name: ClassVar[str] = "sltrain"
+    Config = SLTrainConfig
+    saves_memory = True
+    conflicts = {"lora": "SLTrain replaces the dense weights that LoRA would adapt",
+                 "galore": "GaLore projects the gradients of dense matrices, and SLTrain leaves none"}
 
-    def __init__(self, rank: int | None = None, delta: float = 0.03, alpha: float = ALPHA,
-                 refactor_every: int = 200, rewarmup: int = 10, seed: int = 0) -> None:
-        self.rank, self.delta, self.alpha = rank, delta, alpha
-        self.refactor_every, self.rewarmup, self.seed = refactor_every, rewarmup, seed
+    def __init__(self, config: SLTrainConfig, seed: int = 0) -> None:
+        super().__init__(config, seed)
+        self.rank, self.delta, self.alpha = config.rank, config.delta, config.alpha
+        self.refactor_every, self.rewarmup = config.refactor_every, config.rewarmup
+
+    @classmethod
+    def check(cls, config: SLTrainConfig, run: object, world: World | None) -> None:
+        cls.refuse_sharded(cls.name, world)
+
+    @classmethod
+    def memory(cls, config: SLTrainConfig, traits: MemoryTraits, model: ModelConfig) -> None:
+        traits.factorized = Factorization(default_rank(config.rank, model.d_model), config.delta)
 
     def configure(self, model: nn.Module) -> None:
         rank = default_rank(self.rank, model.config.d_model)

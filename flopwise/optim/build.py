@@ -1,55 +1,50 @@
 """The optimizer a config asks for, with parameter groups that each carry their own peak LR.
 
 Every group holds ``peak_lr``; the training loop sets ``lr = peak_lr * schedule(p)`` on all of
-them, so AdamW, Muon and GaLore groups follow one schedule from different peaks.  Plain AdamW
-with 32-bit states stays torch.optim.AdamW (fused on CUDA); everything else is one
-FlopwiseOptimizer (flopwise/optim/optimizer.py), with per-layer updates during backward when
-``memory.methods`` has ``layerwise``.
+them, so AdamW, Muon and GaLore groups follow one schedule from different peaks.  Methods change
+what is built through an ``OptimizerSpec`` (flopwise/methods/base.py: state precision, the blocks'
+matrices' update rule, per-layer updates); plain AdamW that no method changes stays
+torch.optim.AdamW (fused on CUDA), everything else is one FlopwiseOptimizer (flopwise/optim/optimizer.py).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from flopwise.config import MemorySection, OptimSection, default_rank
-from flopwise.errors import FlopwiseError
-from flopwise.optim.layerwise import LayerwiseUpdates
+from flopwise.optim.config import OptimSection
 from flopwise.optim.optimizer import FlopwiseOptimizer
-from flopwise.optim.routing import OPTIMIZER_METHODS, is_hidden_matrix
+from flopwise.optim.routing import is_hidden_matrix
+from flopwise.optim.spec import OptimizerSpec
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device,
-                    memory: MemorySection | None = None) -> torch.optim.Optimizer:
+                    shape: Callable[[OptimizerSpec, nn.Module], None] | None = None) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay on matrices only, not embeddings, gains or biases, as in GPT-2/LLaMA
-    practice), or Muon or GaLore for the blocks' matrices with that AdamW for everything else."""
-    memory = memory if memory is not None else MemorySection()
-    methods = set(memory.methods) & set(OPTIMIZER_METHODS)
+    practice), or Muon (or the rule a method sets) for the blocks' matrices with that AdamW for everything
+    else.  ``shape``: the methods' ``shape_optimizer`` hook."""
+    spec = OptimizerSpec(optim)
+    if shape is not None:
+        shape(spec, model)
     params = list(model.named_parameters())
-    if "galore" in methods and optim.name != "adamw":
-        raise FlopwiseError(f"memory.methods galore runs Adam on projected gradients and cannot be combined with "
-                            f"optim.name={optim.name}: set optim.name=adamw")
-    if optim.name == "adamw" and not methods:
+    if optim.name == "adamw" and not spec.changed:
         return torch.optim.AdamW(_adamw_groups(params, optim), lr=optim.lr, betas=(optim.beta1, optim.beta2),
                                  eps=optim.eps, fused=device.type == "cuda" or None)
     groups = []
-    if optim.name == "muon" or "galore" in methods:
+    matrix_update = spec.matrix_update or ({"update": "muon", "lr": optim.muon_lr, "weight_decay": 0.0}
+                                           if optim.name == "muon" else None)
+    if matrix_update is not None:
         hidden = [p for n, p in params if is_hidden_matrix(n, p.ndim)]
         params = [(n, p) for n, p in params if not is_hidden_matrix(n, p.ndim)]
-        if optim.name == "muon":
-            groups.append({"params": hidden, "update": "muon", "lr": optim.muon_lr, "peak_lr": optim.muon_lr,
-                           "weight_decay": 0.0})
-        else:
-            groups.append({"params": hidden, "update": "galore", "lr": optim.lr, "peak_lr": optim.lr,
-                           "weight_decay": optim.weight_decay})
-    groups = [group for group in groups if group["params"]] + _adamw_groups(params, optim)
-    rank = default_rank(memory.galore_rank, model.config.d_model) if "galore" in methods else None
-    optimizer = FlopwiseOptimizer(
-        groups, momentum=optim.muon_momentum, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-        state_bits=8 if "8bit" in methods else 32, state_block=memory.state_block, rank=rank,
-        update_gap=memory.galore_update_gap, scale=memory.galore_scale)
-    if "layerwise" in methods:  # one process and no gradient accumulation: flopwise/train/memory_setup.py
-        LayerwiseUpdates(optimizer)
+        if hidden:
+            groups.append({"params": hidden, **matrix_update, "peak_lr": matrix_update["lr"]})
+    groups += _adamw_groups(params, optim)
+    optimizer = FlopwiseOptimizer(groups, momentum=optim.muon_momentum, betas=(optim.beta1, optim.beta2),
+                                  eps=optim.eps, **spec.options)
+    for wrap in spec.wrappers:
+        wrap(optimizer)
     return optimizer
 
 

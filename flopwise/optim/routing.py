@@ -3,9 +3,6 @@ import), so the optimizer builder and the memory estimator route every parameter
 
 from __future__ import annotations
 
-# memory.methods that change the optimizer rather than the model
-OPTIMIZER_METHODS = ("8bit", "galore", "layerwise")
-
 
 def is_hidden_matrix(name: str, ndim: int) -> bool:
     """A 2-D weight of a transformer block (attention or MLP), which Muon or GaLore updates: not an

@@ -1,4 +1,4 @@
-"""Measured peak memory of one training step, to check the estimator in flopwise.plan.memory against.
+"""Measured peak memory of one training step, to check the estimator in flopwise.memory.estimate against.
 
 On CPU there is no allocator to ask, so ``StorageTracker`` watches every tensor storage that
 PyTorch ops create (a dispatch mode sees each op's outputs, forward and backward), counts each
@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from flopwise.methods.base import TrainingMethod
-from flopwise.train.device import autocast
+from flopwise.runtime import autocast
 
 
 class StorageTracker(TorchDispatchMode):
@@ -135,7 +135,7 @@ def measure_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: to
 
 
 def measure_training_step(session: Any) -> int:
-    """Peak bytes of one more training step of a built ``flopwise.train.session.Session`` (its model,
+    """Peak bytes of one more training step of a built ``flopwise.session.Session`` (its model,
     optimizer, methods, next batch and precision), after one warm-up step."""
     x, y = (t.to(session.device) for t in session.sampler.next_batch()[:2])
     return measure_step(session.model, session.optimizer, x, y, session.config.optim.grad_clip,

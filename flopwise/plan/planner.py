@@ -19,9 +19,9 @@ from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.model.flops import flops_per_token
-from flopwise.plan.law_file import SIZE_EXTRAPOLATION, PlanningLaw
-from flopwise.plan.scaling import interval
-from flopwise.plan.shapes import WIDTHS, family_fields, family_shape, non_embedding_parameters
+from flopwise.scaling.law_file import SIZE_EXTRAPOLATION, PlanningLaw
+from flopwise.scaling.law import interval
+from flopwise.scaling.shapes import WIDTHS, family_fields, family_shape, non_embedding_parameters
 
 MIN_STEPS = 20  # fewer optimizer steps than this is not a training run worth predicting
 PAST_BEST = 2  # candidates tried beyond the best before the search stops
@@ -59,11 +59,10 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def apply(self, config: RunConfig) -> None:
-        """Set the config's model shape to the chosen candidate; under a memory cap the run then settles
-        its methods for that shape as the candidate did (train/memory_setup.resolve_memory_methods)."""
-        for name, value in family_fields(self.chosen.d_model).items():
-            setattr(config.model, name, value)
+    def apply(self, config: RunConfig) -> RunConfig:
+        """The config with its model shape set to the chosen candidate; under a memory cap the run then
+        settles its methods for that shape as the candidate did (methods/choose.resolve_memory_methods)."""
+        return config.replace(**{f"model.{name}": value for name, value in family_fields(self.chosen.d_model).items()})
 
 
 StepSeconds = Callable[[ModelConfig, RunConfig], float]
@@ -135,25 +134,25 @@ def _describe_range(limits: tuple[float, float]) -> str:
 def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, law: PlanningLaw,
                step_seconds: StepSeconds, tokens_per_step: int) -> Candidate:
     """One family member's cost and predicted loss; FlopwiseError when no memory-saving methods fit the cap."""
+    from flopwise.methods.choose import estimate_for, memory_methods_of, resolve_memory_methods  # imports torch
+
     cfg = family_shape(config.model, width, vocab_size)
-    run_config = config.model_copy(deep=True)
+    run_config = config
     peak = None
     if config.memory.limit is not None:  # the methods the run itself would settle on for this shape
-        from flopwise.plan.memory import estimate_memory
-        from flopwise.plan.memory_command import compute_dtype
-        from flopwise.train.memory_setup import resolve_memory_methods
+        from flopwise.plan.resolve import compute_dtype
 
-        dtype, o = compute_dtype(config), run_config.optim
-        resolve_memory_methods(run_config, cfg, o.batch_size, dtype)
-        peak = estimate_memory(cfg, o.batch_size, run_config.memory.methods, run_config.memory, o.name, dtype,
-                               grad_accum=o.grad_accum).peak
+        dtype, o = compute_dtype(config), config.optim
+        run_config, _ = resolve_memory_methods(config, cfg, o.batch_size, dtype)
+        peak = estimate_for(cfg, o.batch_size, memory_methods_of(run_config), run_config.methods,
+                            run_config.optim.name, dtype, grad_accum=o.grad_accum).peak
     seconds = step_seconds(cfg, run_config) / law.throughput_ratio
     tokens = budget_tokens(budget, cfg, tokens_per_step, seconds)
     n = non_embedding_parameters(cfg)
     return Candidate(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, non_embedding=n,
                      step_seconds=seconds, tokens_per_second=tokens_per_step / seconds, tokens=tokens,
                      steps=int(tokens // tokens_per_step), predicted_loss=float(law.law.loss(n, tokens)),
-                     methods=list(run_config.memory.methods), memory_peak=peak)
+                     methods=memory_methods_of(run_config), memory_peak=peak)
 
 
 def _assumptions(config: RunConfig, law: PlanningLaw, best: Candidate, budget: Budget, device: str,

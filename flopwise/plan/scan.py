@@ -16,7 +16,7 @@ log N.  Piloting where the plans will land matters more than a wide span of size
 far from the plans' sizes extrapolates in N as well as in D.  Lengths run shortest first across
 all sizes, so a scan that runs late drops its longest branches, not whole sizes.
 
-Pilots that end before their size's loss has settled after its early drop (flopwise/plan/regime.py)
+Pilots that end before their size's loss has settled after its early drop (flopwise/scaling/regime.py)
 follow a steeper law than the runs plans extrapolate to.  When too many do, the scan says how long a
 scan of the same sizes would have to be for enough of them to end past it, and `scan --extend` adds
 lengths 8t, 16t, ... to the finished scan from the same checkpoints, so the pilots already run are
@@ -40,9 +40,9 @@ from flopwise.budget import Budget
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
-from flopwise.plan.fitting import MIN_FITTED_RUNS, SCAN_FILE, law_from_records, regime_ends, run_record
-from flopwise.plan.law_file import LAW_FILE, PlanningLaw
-from flopwise.plan.shapes import WIDTHS, family_fields, non_embedding_parameters
+from flopwise.scaling.fitting import MIN_FITTED_RUNS, SCAN_FILE, law_from_records, regime_ends, run_record
+from flopwise.scaling.law_file import LAW_FILE, PlanningLaw
+from flopwise.scaling.shapes import WIDTHS, family_fields, non_embedding_parameters
 
 LENGTHS = (1, 2, 4)  # pilot lengths in units of the shortest
 SIZES = 3
@@ -267,30 +267,21 @@ def pilot_config(config: RunConfig, d_model: int, seconds: float, longest: float
     share the shortest pilot's warmup, a quarter of a real run's.  Measured on d_model 96 at 229 s:
     a quarter of the warmup cost 3.6% in held-out loss (3.222 against 3.111), and the extended pilot
     of that size fell 11% short of a run of its length, pulling the law towards smaller models."""
-    pilot = config.model_copy(deep=True)
-    for name, value in family_fields(d_model).items():
-        setattr(pilot.model, name, value)
-    pilot.budget = type(config.budget)(seconds=seconds)
-    pilot.schedule.warmup = min(config.schedule.warmup * longest / seconds, pilot.schedule.build().decay_start / 2)
-    for name, value in PILOT_SETTINGS.items():
-        setattr(pilot.train, name, value)
-    return pilot
+    warmup = min(config.schedule.warmup * longest / seconds, config.schedule.build().decay_start / 2)
+    return config.replace(**{f"model.{name}": value for name, value in family_fields(d_model).items()},
+                          **Budget(seconds=seconds).config_values(), **{"schedule.warmup": warmup},
+                          **{f"train.{name}": value for name, value in PILOT_SETTINGS.items()})
 
 
 def train_pilot(config: RunConfig, d_model: int, seconds: float, run_dir: Path, longest: float) -> None:
+    from flopwise.api import run
     from flopwise.train.display import ProgressDisplay
-    from flopwise.train.session import start_new
-    from flopwise.train.trainer import LoopState
 
-    session = start_new(pilot_config(config, d_model, seconds, longest), run_dir,
-                        ProgressDisplay(Console(quiet=True)))
-    session.write_run_files()
-    session.run(LoopState())
+    run(pilot_config(config, d_model, seconds, longest), run_dir, display=ProgressDisplay(Console(quiet=True)))
 
 
 def extend_pilot(run_dir: Path, seconds: float) -> None:
+    from flopwise.api import resume
     from flopwise.train.display import ProgressDisplay
-    from flopwise.train.session import open_for_resume
 
-    session, state = open_for_resume(run_dir, Budget(seconds=seconds), ProgressDisplay(Console(quiet=True)))
-    session.run(state)
+    resume(run_dir, Budget(seconds=seconds), display=ProgressDisplay(Console(quiet=True)))

@@ -20,7 +20,7 @@ from flopwise.atomic import write_json_atomic
 from flopwise.config import RunConfig
 from flopwise.data.sampler import Batch
 from flopwise.model.config import ModelConfig
-from flopwise.train.device import device_name, keep_freed_cpu_memory, synchronize
+from flopwise.runtime import device_name, keep_freed_cpu_memory, synchronize
 
 CACHE_FILE = "throughput.json"
 
@@ -96,7 +96,7 @@ class ThroughputCache:
     def for_config(cls, config: RunConfig) -> ThroughputCache:
         """On the device and precision a run of ``config`` would use, cached beside its data."""
         from flopwise.data.pipeline import cache_root
-        from flopwise.train.device import choose_device, choose_dtype
+        from flopwise.runtime import choose_device, choose_dtype
 
         device = choose_device(config.train.device)
         return cls(cache_root(config.data), device, choose_dtype(config.train.precision, device))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flopwise.errors import FlopwiseError
-from flopwise.train.metrics import read_metrics  # plain json: no torch import
+from flopwise.rundir import read_metrics  # plain json: no torch import
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from flopwise.atomic import fsync, json_text
 from flopwise.errors import FlopwiseError
-from flopwise.train.distributed import Ranks, full_state, load_full_state
+from flopwise.runtime import Ranks, full_state, load_full_state
 
 STATE_FILE = "state.json"
 _PREFIX = "step_"

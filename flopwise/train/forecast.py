@@ -1,4 +1,4 @@
-"""The run's forecast of its own final held-out loss, logged as it goes (flopwise/plan/early.py).
+"""The run's forecast of its own final held-out loss, logged as it goes (flopwise/train/loss_curve.py).
 
 It reads only the logged training steps, so a resumed run, which reloads them from metrics.jsonl,
 forecasts exactly as the uninterrupted one did.  With a target loss it also says when to give up:
@@ -11,13 +11,13 @@ from typing import Any, Iterable
 
 from flopwise.errors import FlopwiseError
 from flopwise.optim.schedules import Schedule
-from flopwise.plan.early import (Calibration, CurvePoint, Forecast, LawPrior, forecast_final_loss,
+from flopwise.train.loss_curve import (Calibration, CurvePoint, Forecast, LossPrior, forecast_final_loss,
                                  projected_total_tokens)
 
 
 class LossForecaster:
     def __init__(self, schedule: Schedule, calibration: Calibration, every: float = 0.1,
-                 target: float | None = None, points: Iterable[CurvePoint] = (), prior: LawPrior | None = None) -> None:
+                 target: float | None = None, points: Iterable[CurvePoint] = (), prior: LossPrior | None = None) -> None:
         self.schedule = schedule
         self.prior = prior
         self.calibration = calibration

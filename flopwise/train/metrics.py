@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from flopwise.atomic import write_atomic
+from flopwise.rundir import read_metrics
 
 
 class MetricsLog:
@@ -25,14 +26,3 @@ class MetricsLog:
             return
         kept = [event for event in read_metrics(self.path) if event.get("step", 0) <= step]
         write_atomic(self.path, "".join(json.dumps(event) + "\n" for event in kept))
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All complete events; a line cut short by a crash is ignored."""
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events

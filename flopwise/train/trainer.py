@@ -19,16 +19,14 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 
 from flopwise.budget import Budget, Meter, steps_left
-from flopwise.data.sampler import Batch, PackedSampler
-from flopwise.methods.base import TrainingMethod
+from flopwise.data.sampler import PackedSampler
+from flopwise.methods.stack import MethodStack
 from flopwise.optim.schedules import Schedule
-from flopwise.plan.early import CurvePoint, points_from_events
+from flopwise.train.loss_curve import CurvePoint, points_from_events
+from flopwise.runtime import Ranks, gradient_sync, peak_memory_bytes, synchronize
 from flopwise.train.checkpoint import save_checkpoint
-from flopwise.train.device import autocast, peak_memory_bytes, synchronize
 from flopwise.train.display import ProgressDisplay
-from flopwise.train.distributed import Ranks, gradient_sync
 from flopwise.train.forecast import LossForecaster
-from flopwise.train.objective import LossFunction, Objective, plain_loss
 
 
 def next_mark(p: float, every: float) -> float:
@@ -119,22 +117,20 @@ class Outcome:
     stop_reason: str | None = None
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_batch: Callable[[], Batch],
-               grad_accum: int, grad_clip: float, device: torch.device, dtype: torch.dtype, ranks: Ranks = Ranks(),
-               loss_fn: LossFunction = plain_loss) -> float:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the mean cross-entropy over the
-    global batch (all ranks).  ``loss_fn`` gives the loss to backpropagate (flopwise/train/objective.py).
-    The throughput probe (flopwise/plan/throughput.py) times this same code."""
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, methods: MethodStack,
+               grad_accum: int, grad_clip: float, device: torch.device, dtype: torch.dtype,
+               ranks: Ranks = Ranks()) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches, each chosen and scored through the methods
+    (``methods.next_batch``, ``methods.loss``); returns the mean cross-entropy over the global batch
+    (all ranks).  The throughput probe (flopwise/plan/throughput.py) times this same code."""
     total = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        batch = next_batch()
+        batch = methods.next_batch()
         with gradient_sync(model, enabled=micro == grad_accum - 1):
-            with autocast(device, dtype):
-                loss, cross_entropy = loss_fn(model, batch, device)
+            loss, cross_entropy = methods.loss(model, batch, device, dtype)
             (loss / grad_accum).backward()
         total += cross_entropy
-    # an optimizer that updates each weight during backward has no full gradient left to clip
-    if grad_clip > 0 and not getattr(optimizer, "steps_in_backward", False):
+    if grad_clip > 0 and methods.keeps_gradients:  # gradients used up in backward cannot be clipped
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -150,15 +146,14 @@ class Trainer:
 
     ``model`` is what the step calls (possibly compiled or DDP-wrapped); ``module`` is the plain
     model whose state is checkpointed.  Under torchrun every rank runs this loop; only rank 0
-    logs, and ``log`` is None on the others.  ``methods`` (LISA, SLTrain, ...) act around each
-    step through their hooks (flopwise/methods/base.py)."""
+    logs, and ``log`` is None on the others.  ``methods`` act through their hooks
+    (flopwise/methods/base.py); the loop names none of them."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: PackedSampler,
                  settings: LoopSettings, run_dir: Path, device: torch.device, dtype: torch.dtype,
                  evaluate: Callable[[], dict[str, Any]], display: ProgressDisplay, log: EventLog | None,
-                 module: torch.nn.Module | None = None, ranks: Ranks = Ranks(),
-                 methods: tuple[TrainingMethod, ...] = (), forecaster: LossForecaster | None = None,
-                 objective: Objective | None = None) -> None:
+                 methods: MethodStack, module: torch.nn.Module | None = None, ranks: Ranks = Ranks(),
+                 forecaster: LossForecaster | None = None) -> None:
         self.model = model
         self.module = module if module is not None else model
         self.optimizer = optimizer
@@ -173,21 +168,15 @@ class Trainer:
         self.ranks = ranks
         self.methods = methods
         self.forecaster = forecaster
-        self.objective = objective
         self._interrupted = False
 
     def train_step(self, step: int, p: float) -> float:
-        """One step at progress ``p``: the sampler's curriculum and the objective's schedules read it."""
+        """One step at progress ``p``, which the sampler's pacing and the methods read."""
         s = self.settings
         self.sampler.progress = p
-        if self.objective is None:
-            return train_step(self.model, self.optimizer, self.sampler.next_batch, s.grad_accum, s.grad_clip,
-                              self.device, self.dtype, self.ranks)
-        self.objective.step, self.objective.p = step, p
-        loss = train_step(self.model, self.optimizer, self.objective.next_batch, s.grad_accum, s.grad_clip,
-                          self.device, self.dtype, self.ranks, self.objective.loss)
-        self.objective.end_step()
-        return loss
+        self.methods.step, self.methods.p = step, p
+        return train_step(self.model, self.optimizer, self.methods, s.grad_accum, s.grad_clip, self.device,
+                          self.dtype, self.ranks)
 
     def run(self, state: LoopState) -> Outcome:
         s = self.settings
@@ -205,22 +194,19 @@ class Trainer:
                 if left is not None:
                     state.p_lr = max(state.p_lr, (state.meter.steps + 1) / (state.meter.steps + left))
                 step = int(state.meter.steps)
-                for method in self.methods:
-                    method.before_step(step, self.module, self.optimizer)
-                multiplier = s.schedule(state.p_lr) * math.prod(m.lr_factor(step) for m in self.methods)
+                self.methods.before_step(step, self.module, self.optimizer)
+                multiplier = s.schedule(state.p_lr) * self.methods.lr_factor(step)
                 lr = s.peak_lr * multiplier
                 for group in self.optimizer.param_groups:
                     group["lr"] = group.get("peak_lr", s.peak_lr) * multiplier
                 loss = self.train_step(step, state.p_lr)
-                for method in self.methods:
-                    method.after_step(step + 1, self.module, self.optimizer)
+                self.methods.after_step(step + 1, self.module, self.optimizer)
                 synchronize(self.device)
                 # all ranks take the slowest rank's time and stop together on an interrupt
                 seconds, interrupted = self.ranks.max(time.perf_counter() - start + bookkeeping,
                                                       float(self._interrupted))
                 self._interrupted = bool(interrupted)
-                teacher_flops = self.objective.take_teacher_flops() if self.objective is not None else 0.0
-                state.meter.add_step(seconds, s.tokens_per_step, s.flops_per_step + teacher_flops)
+                state.meter.add_step(seconds, s.tokens_per_step, s.flops_per_step + self.methods.take_extra_flops())
                 timer.update(seconds)
                 state.step_seconds = timer.estimate
                 outcome.last_lr = lr
@@ -266,8 +252,7 @@ class Trainer:
         event = {"event": "train", "step": step, "p": p, "p_lr": state.p_lr, "tokens": state.meter.tokens,
                  "flops": state.meter.flops, "seconds": state.meter.seconds, "wall": wall, "lr": lr, "loss": loss,
                  "throughput": tokens_per_s, "mfu": mfu, "memory": peak_memory_bytes(self.device)}
-        if self.sampler.mixed:
-            event["mixture"] = dict(zip(self.sampler.names, self.sampler.weights))
+        event.update(self.methods.log_fields())
         if self.forecaster is not None and regular:  # the same points whether or not the run was interrupted
             self.forecaster.observe(event)
         if self.log is not None:
@@ -331,7 +316,7 @@ class Trainer:
             state.next_checkpoint = next_mark(p, s.checkpoint_every)
         save_checkpoint(self.run_dir / "checkpoints", int(state.meter.steps), self.module, self.optimizer,
                         {"loop": state.to_dict(), "sampler": self.sampler.state_dict(), "pinned": pinned,
-                         "objective": self.objective.state_dict() if self.objective is not None else {},
+                         "methods": self.methods.state_dict(),
                          "budget": s.budget.to_dict(), "world_size": self.ranks.world_size},
                         s.keep_checkpoints, self.ranks)
         return time.perf_counter() - start

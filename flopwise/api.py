@@ -1,0 +1,44 @@
+"""The Python API for a run, which the CLI, ``flopwise bench``, ``flopwise scan`` and the replay pilots
+also use: ``run`` starts a new run in a folder, ``resume`` continues or extends one.
+
+    import flopwise
+    config = flopwise.load_config("run.toml", overrides=["model.d_model=256"])
+    summary = flopwise.run(config, "runs/mine")
+    summary = flopwise.resume("runs/mine", budget="20m")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flopwise.budget import Budget
+from flopwise.config import RunConfig, load_config
+from flopwise.session import Summary, open_for_resume, start_new
+from flopwise.train.display import ProgressDisplay
+from flopwise.train.trainer import LoopState
+
+
+def run(config: RunConfig | str | Path, out: str | Path, *, stop_after: Budget | str | None = None,
+        display: ProgressDisplay | None = None, auto_plan: dict[str, Any] | None = None) -> Summary:
+    """Train a new run of ``config`` (a RunConfig, or the path of a TOML/YAML file) into the folder ``out``
+    until its budget is spent (or ``stop_after`` is, checkpointed as if interrupted).  ``auto_plan``: the
+    plan that chose its shape, kept in plan.json."""
+    if not isinstance(config, RunConfig):
+        config = load_config(config)
+    session = start_new(config, Path(out), display)
+    session.auto_plan = auto_plan
+    session.write_run_files()
+    return session.run(LoopState(), _budget(stop_after))
+
+
+def resume(run_dir: str | Path, budget: Budget | str | None = None, *, stop_after: Budget | str | None = None,
+           display: ProgressDisplay | None = None) -> Summary:
+    """Continue an interrupted run to its budget, or extend a finished one to a larger ``budget``, exactly
+    as the uninterrupted run would have gone."""
+    session, state = open_for_resume(Path(run_dir), _budget(budget), display)
+    return session.run(state, _budget(stop_after))
+
+
+def _budget(value: Budget | str | None) -> Budget | None:
+    return Budget.parse(value) if isinstance(value, str) else value

@@ -1,0 +1,53 @@
+"""The ``flopwise`` command: train under a budget, evaluate, sample, plan, report.
+
+Each subcommand lives in its own module here (its flags in ``register``, its work in ``cmd_<name>``);
+the flags several commands share, and the one table from flag to config key, are in ``flags``.
+Nothing outside this package imports it: it is the user's entry point, not a library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from rich.console import Console
+
+from flopwise import __version__
+from flopwise.cli import bench, data, eval, export, fit, memory, plan, report, sample, scan, train
+from flopwise.errors import FlopwiseError
+
+# in the order `flopwise --help` lists them
+COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None],
+                          Callable[[argparse.Namespace, Console], int]]] = {
+    "train": (train.register, train.cmd_train), "eval": (eval.register, eval.cmd_eval),
+    "sample": (sample.register, sample.cmd_sample), "export": (export.register, export.cmd_export),
+    "report": (report.register, report.cmd_report), "bench": (bench.register, bench.cmd_bench),
+    "memory": (memory.register, memory.cmd_memory), "plan": (plan.register, plan.cmd_plan),
+    "fit": (fit.register, fit.cmd_fit), "scan": (scan.register, scan.cmd_scan),
+    "data": (data.register, data.cmd_data),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flopwise", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the best language model a fixed budget allows: state the budget "
+                    "(seconds, FLOPs, tokens, steps), give it text, and the run ends exactly at the "
+                    "budget with its learning rate fully annealed.")
+    parser.add_argument("--version", action="version", version=f"flopwise {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register, _ in COMMANDS.values():
+        register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(soft_wrap=True)
+    try:
+        _, handler = COMMANDS[args.command]
+        return handler(args, console)
+    except FlopwiseError as err:
+        print(f"flopwise: error: {err}", file=sys.stderr)
+        return err.exit_code

@@ -1,0 +1,43 @@
+"""``flopwise eval``: a run's held-out loss, perplexity and bits per byte, per domain."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from flopwise.cli.flags import add_checkpoint_flag
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("eval", help="held-out loss, perplexity and bits per byte, per domain",
+                            description="Evaluate a run's final model on its held-out split.")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per domain (default: all)")
+    add_checkpoint_flag(p)
+    p.add_argument("--device", default="auto")
+
+
+def eval_table(result: dict) -> Table:
+    """The held-out evaluation per domain and overall (also what `train` prints at the end)."""
+    table = Table(title="held-out evaluation")
+    for column in ("domain", "loss (nats/token)", "perplexity", "bits/byte", "unigram baseline", "tokens"):
+        table.add_column(column, justify="right" if column != "domain" else "left")
+    rows = list(result["domains"].items()) + [("all", result)]
+    for name, r in rows:
+        table.add_row(name, f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bpb']:.4f}",
+                      f"{r['unigram_loss']:.4f}", f"{r['tokens']:,}")
+    return table
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from flopwise.evaluate.final import evaluate_run
+
+    result = evaluate_run(args.run, args.device, args.max_tokens, args.checkpoint)
+    console.print(eval_table(result))
+    (args.run / "eval.json").write_text(json.dumps(result, indent=1))
+    console.print(f"written: {args.run / 'eval.json'}", highlight=False)
+    return 0

@@ -1,0 +1,128 @@
+"""The flags that describe a run's setup (budget, data, recipe, config file, overrides, memory),
+shared by `train`, `plan`, `scan` and `data` so that a plan and its run read the same configuration.
+
+``CONFIG_FLAGS`` is the one table from a flag to the config key it sets (``methods.use``: the flag's
+methods join the list), and ``METHOD_FLAGS`` says which method a method's own flag turns on:
+``config_from_args`` builds the config from them, and ``train --resume`` refuses every flag in them (a
+resumed run keeps its config).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flopwise.budget import Budget
+from flopwise.recipes import recipe_values
+
+if TYPE_CHECKING:  # the config imports the methods (and torch) on first use, not for --help
+    from flopwise.config import RunConfig
+
+DEFAULT_RECIPE = "default"
+
+# flag -> the config key it sets (the flag's argparse dest is its name with '_' for '-')
+CONFIG_FLAGS: dict[str, str] = {
+    "--model": "model.size", "--tokenizer": "data.tokenizer", "--seed": "train.seed", "--device": "train.device",
+    "--data": "data.sources", "--val-data": "data.val_sources", "--include": "data.include",
+    "--compile": "train.compile", "--init-from": "model.init_from", "--parallel": "train.parallel",
+    "--log": "train.log", "--memory": "memory.limit", "--method": "methods.use", "--law": "train.law",
+    "--target-loss": "train.target_loss", "--dedup": "data.dedup",
+    "--online-mixture": "methods.online_mixture.rule", "--reference": "methods.online_mixture.reference",
+    "--reweight": "methods.reweight.strategy", "--curriculum": "methods.curriculum.order",
+    "--teacher": "methods.salt.teacher",
+}
+# flag -> the method it turns on (joins methods.use)
+METHOD_FLAGS: dict[str, str] = {"--online-mixture": "online_mixture", "--reweight": "reweight",
+                                "--curriculum": "curriculum", "--teacher": "salt"}
+
+
+def add_setup_flags(p: argparse.ArgumentParser, budget_help: str) -> None:
+    p.add_argument("--budget", help=budget_help)
+    p.add_argument("--data", action="append", metavar="[NAME=]PATH[:WEIGHT]",
+                   help="text file, folder (recursive), .jsonl, .parquet, or 'stdlib' (default); repeatable. "
+                        "NAME= makes its documents domain NAME (held-out loss is reported per domain); :WEIGHT "
+                        "gives that domain this share of the training tokens, e.g. --data code=./src:0.3 "
+                        "--data prose=./docs:0.7")
+    p.add_argument("--dedup", choices=("none", "exact", "near"),
+                   help="remove duplicate documents at ingest: exact (default) or also near-duplicates (MinHash)")
+    p.add_argument("--val-data", action="append", metavar="PATH",
+                   help="explicit held-out source instead of a split of --data; repeatable")
+    p.add_argument("--include", action="append", metavar="GLOB", help="only files matching, e.g. '*.md'; repeatable")
+    p.add_argument("--config", type=Path, help="TOML or YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config key, e.g. model.d_model=256; repeatable, applied last")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, metavar="NAME",
+                   help="'default' (flopwise's recipe) or 'baseline' (nanoGPT's GPT-2 setup, for comparison); "
+                        "config file and --set apply on top")
+    p.add_argument("--tokenizer", help="'bpe' (default, trained on your data), 'byte', or a tokenizer.json path")
+    p.add_argument("--seed", type=int, help="fixes data order, initialization and everything random")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--memory", metavar="SIZE",
+                   help="memory cap, e.g. 4GiB: flopwise estimates the peak and picks the memory-saving methods "
+                        "with the least quality cost that fit (see `flopwise memory`), or says why nothing fits")
+    p.add_argument("--method", action="append", metavar="NAME",
+                   help="a training method to use (joins methods.use), repeatable, e.g. --method galore --method "
+                        "8bit; memory-saving ones override the choice --memory would make (docs/methods.md lists "
+                        "every method; an unknown name is refused with the list)")
+
+
+def add_data_method_flags(p: argparse.ArgumentParser) -> None:
+    """The data-side methods (flopwise/data/mixture.py, methods/sample_weights.py, methods/salt.py)."""
+    p.add_argument("--online-mixture", choices=("loss", "excess"),
+                   help="adapt the domain weights during the run: toward domains with higher training loss "
+                        "('loss'), or with higher loss than --reference's ('excess', DoReMi)")
+    p.add_argument("--reference", metavar="RUN", help="finished run on the same data, for --online-mixture excess")
+    p.add_argument("--reweight", nargs="?", const="linupper", choices=("linupper", "quadratic", "extremes"),
+                   help="reweight each sequence by its loss in the batch (Sow et al. 2025; default strategy "
+                        "linupper, temperature 0.4: see methods.reweight.*)")
+    p.add_argument("--curriculum", choices=("rarity", "teacher"),
+                   help="easy-to-hard order: by token rarity, or by the loss of methods.curriculum.scorer "
+                        "(see methods.curriculum.*)")
+    p.add_argument("--teacher", metavar="RUN",
+                   help="SALT: a small finished run (same tokenizer) that distills into the first part of the "
+                        "budget (methods.salt.kd_weight, kd_until) and can pick batches (methods.salt.select_pool)")
+
+
+def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
+    """--checkpoint, for the commands that read a run's model (eval, sample, export)."""
+    p.add_argument("--checkpoint", action="store_true",
+                   help="use the run's newest checkpoint instead of its final model (an unfinished run)")
+
+
+def _flag_value(args: argparse.Namespace, flag: str) -> Any:
+    """The flag's value, None when not given or when this command has no such flag."""
+    value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+    return None if value is False else value
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Recipe, then the config file, then the convenience flags, then ``--set`` overrides; the methods the
+    flags name join those of the recipe and the file."""
+    from flopwise.config import load_config
+
+    values: dict[str, Any] = {}
+    methods: list[str] = []
+    for flag, key in CONFIG_FLAGS.items():
+        value = _flag_value(args, flag)
+        if value is None:
+            continue
+        if key == "methods.use":
+            methods += value
+        else:
+            values[key] = str(value) if isinstance(value, Path) else value
+        if flag in METHOD_FLAGS:
+            methods.append(METHOD_FLAGS[flag])
+    budget = getattr(args, "budget", None)
+    if budget:
+        values.update(Budget.parse(budget).config_values())
+    return load_config(args.config, args.overrides, values, base=recipe_values(args.recipe), methods=methods)
+
+
+def config_flags_given(args: argparse.Namespace) -> list[str]:
+    """The flags in ``args`` that change the config ``config_from_args`` builds, other than --budget:
+    those of ``CONFIG_FLAGS``, then --config, --set and --recipe."""
+    layers = {"--config": args.config is not None, "--set": bool(args.overrides),
+              "--recipe": args.recipe != DEFAULT_RECIPE}
+    given = [flag for flag in CONFIG_FLAGS if _flag_value(args, flag) is not None]
+    return given + [flag for flag, on in layers.items() if on]

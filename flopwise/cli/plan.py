@@ -1,0 +1,134 @@
+"""``flopwise plan``: from a budget to a plan (model size, tokens, predicted loss), with the law fitted
+on this data and device; also what ``train --auto`` runs."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from flopwise.cli.flags import add_setup_flags, config_from_args
+from flopwise.config import RunConfig
+from flopwise.errors import FlopwiseError
+from flopwise.scaling.law_file import law_for
+from flopwise.plan.planner import Plan
+
+PLAN_EPILOG = """\
+how: every width of the shape family (depth = round(sqrt(d_model / 8))) is timed on this device
+for a few real optimizer steps (cached), so the budget becomes the tokens each size can see;
+the law L(N, D) = E + A/N^alpha + B/D^beta predicts each size's final held-out loss, and the
+lowest wins. The law is the one `flopwise scan` fitted for this data, recipe and device, else
+--law, else a published prior (Chinchilla, refit by Besiroglu et al. 2024) whose losses are not
+your data's: scan first.
+
+examples:
+  flopwise scan --budget 15m                     # pilot runs: fits the law for this data and device
+  flopwise plan --budget 20m                     # the plan, its predicted loss and its assumptions
+  flopwise plan --budget 1h --memory 16GiB --data ./texts/
+  flopwise train --budget 20m --auto             # plan, then run the plan
+  flopwise fit runs/sweep-*  --out law.json      # fit a law to finished runs of your own
+  flopwise plan --budget 20M --init-from hf/base --data new=./docs --data general=stdlib --replay new
+                                                 # continued pretraining: how much general data to replay
+"""
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("plan", help="choose model size and tokens for a budget, and predict the loss",
+                            description="Plan a run for a budget: the model size with the lowest predicted held-out "
+                                        "loss on this device, its tokens, and the assumptions behind it.",
+                            epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_flags(p, "the budget to plan for: seconds or FLOPs, e.g. 20m, 1h or 1e17flops")
+    p.add_argument("--law", type=Path, help="law.json (or a scan folder) to plan with")
+    p.add_argument("--out", type=Path, help="also write the plan as JSON here")
+    p.add_argument("--replay", metavar="DOMAIN",
+                   help="continued pretraining: suggest the share of DOMAIN (the rest replays the other --data "
+                        "domains) from pilot runs, by the CMR law (Gu et al. 2024); needs --init-from and a "
+                        "token budget, e.g. --budget 20M --init-from base/ --data new=./docs --data general=stdlib")
+    p.add_argument("--init-from", metavar="HF_MODEL", help="the model that continued pretraining starts from")
+    p.add_argument("--pilot-tokens", type=float, metavar="N",
+                   help="tokens of each --replay pilot (default: a tenth of the budget's)")
+    p.add_argument("--pilots", type=Path, metavar="FOLDER", help="where --replay puts its pilot runs "
+                   "(default: replay/<date-time>)")
+    p.add_argument("--replay-tolerance", type=float, default=0.05, metavar="NATS",
+                   help="how far the general held-out loss may end above the start's (default 0.05, the paper's)")
+
+
+def make_plan(config: RunConfig) -> Plan:
+    """Plan ``config``'s budget with its law (train.law, else the scan's for its setup, else the prior),
+    probing throughput."""
+    from flopwise.plan.planner import plan_run
+    from flopwise.plan.resolve import shape_from_config
+    from flopwise.plan.throughput import ThroughputCache
+    from flopwise.runtime import device_name, measure_matmul_peak
+
+    if config.model.init_from:
+        raise FlopwiseError("planning chooses the model's shape, but --init-from fixes it: drop one of the two")
+    throughput = ThroughputCache.for_config(config)
+    device = device_name(throughput.device)
+    return plan_run(config, shape_from_config(config).vocab_size, law_for(config, device), throughput.step_seconds,
+                    device, matmul_peak=measure_matmul_peak(throughput.device, throughput.dtype, throughput.cache_dir))
+
+
+def print_plan(console: Console, plan: Plan) -> None:
+    if not console.is_terminal:  # piped or captured: keep the table's columns readable
+        console.width = max(console.width, 120)
+    table = Table(title="candidates (one row per width tried; N: non-embedding parameters)")
+    for column in ("d_model", "layers", "N", "tokens/s", "tokens", "tokens/N", "steps", "predicted loss"):
+        table.add_column(column, justify="right")
+    for c in plan.candidates:
+        mark = " <- plan" if c == plan.chosen else ""
+        table.add_row(str(c.d_model), str(c.n_layers), f"{c.non_embedding / 1e6:.2f}M", f"{c.tokens_per_second:,.0f}",
+                      f"{c.tokens / 1e6:.2f}M", f"{c.tokens / c.non_embedding:.1f}", f"{c.steps:,}",
+                      f"{c.predicted_loss:.4f}{mark}")
+    console.print(table)
+    chosen = plan.chosen
+    spread = f" ({plan.interval[0]:.4f}-{plan.interval[1]:.4f}, 10-90% of bootstrap fits)" if plan.interval else ""
+    console.print(f"[bold]plan[/bold]: d_model {chosen.d_model} x {chosen.n_layers} layers, {chosen.n_heads} heads "
+                  f"({chosen.non_embedding / 1e6:.2f}M non-embedding parameters), {chosen.tokens / 1e6:.2f}M tokens in "
+                  f"{chosen.steps:,} steps; predicted final held-out loss {chosen.predicted_loss:.4f}{spread}",
+                  highlight=False)
+    if plan.law_is_prior:
+        console.print("[yellow]the law is a prior from other data: its loss is not a prediction for yours; "
+                      "`flopwise scan --budget 15m` fits one here[/yellow]")
+    console.print("assumptions:")
+    for line in plan.assumptions:
+        console.print(f"  - {line}", highlight=False)
+
+
+def cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    config = config_from_args(args)
+    if args.replay:
+        return cmd_replay(args, config, console)
+    plan = make_plan(config)
+    print_plan(console, plan)
+    if args.out:
+        from flopwise.atomic import write_json_atomic
+
+        write_json_atomic(args.out, plan.to_dict())
+        console.print(f"written: {args.out}", highlight=False)
+    budget = args.budget or json.dumps(config.budget.model_dump(exclude_none=True))
+    console.print(f"run it: flopwise train --budget {budget} --auto" + (f" --law {args.law}" if args.law else ""),
+                  highlight=False)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace, config: RunConfig, console: Console) -> int:
+    from flopwise.atomic import write_json_atomic
+    from flopwise.replay.pilots import print_replay, suggest_replay
+
+    tokens = config.budget.build().tokens
+    if tokens is None:
+        raise FlopwiseError("--replay needs the continued run's budget in tokens (e.g. --budget 20M): the CMR law "
+                            "is a function of tokens")
+    pilots = args.pilots or Path("replay") / time.strftime("%Y%m%d-%H%M%S")
+    suggestion = suggest_replay(config, args.replay, tokens, args.pilot_tokens, pilots, console,
+                                args.replay_tolerance)
+    print_replay(console, suggestion)
+    write_json_atomic(args.out or pilots / "replay.json", suggestion)
+    console.print(f"written: {args.out or pilots / 'replay.json'}", highlight=False)
+    return 0

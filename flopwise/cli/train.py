@@ -1,0 +1,161 @@
+"""``flopwise train``: pretrain under a budget, or resume and extend a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+
+from flopwise.budget import Budget
+from flopwise.cli.eval import eval_table
+from flopwise.cli.flags import add_data_method_flags, add_setup_flags, config_flags_given, config_from_args
+from flopwise.config import RunConfig
+from flopwise.errors import FlopwiseError
+
+if TYPE_CHECKING:
+    from flopwise.plan.planner import Plan
+    from flopwise.runtime import Ranks
+    from flopwise.session import Summary
+
+EXIT_INTERRUPTED = 130
+
+TRAIN_EPILOG = """\
+budgets (combine with commas; the first limit reached ends the run):
+  90s, 3m, 1.5h        training seconds (evaluation and checkpoint time not counted)
+  2e15flops, 3PFLOPs   model FLOPs (6N + attention per token, forward and backward)
+  5M, 200k, 5e6tokens  tokens;   40steps   optimizer steps
+
+examples:
+  flopwise train --budget 3m                        # built-in corpus (Python stdlib), small model
+  flopwise train --data ./my_texts/ --budget 2e15flops --out runs/mine
+  flopwise train --config run.toml --set model.d_model=256 --set budget.tokens=5e6
+  flopwise train --budget 40steps --stop-after 20steps --out runs/b   # stop early, as an interruption would
+  flopwise train --resume runs/b                    # continue to the original budget
+  flopwise train --resume runs/b --budget 80steps   # extend a finished run from before its decay
+  flopwise train --init-from ./llama-folder --data ./domain_texts/ --budget 10m   # continue pretraining an HF model
+  torchrun --nproc_per_node=2 -m flopwise train --budget 3m --out runs/ddp   # data parallel (--parallel fsdp)
+  flopwise train --model large --memory 4GiB --budget 1h   # picks 8-bit states, checkpointing, GaLore... to fit
+  flopwise train --method galore --method 8bit --set optim.name=adamw --budget 10m   # choose methods yourself
+  flopwise train --budget 20m --auto                # model size from the scaling law (run `flopwise scan` first)
+  flopwise train --budget 1h --target-loss 3.9      # give up early once the forecast cannot reach 3.9
+  flopwise train --data code=./src:0.3 --data prose=./docs:0.7 --budget 10m   # a two-domain mixture
+  flopwise train --budget 10m --online-mixture loss --reweight   # adaptive domain weights, sample reweighting
+  flopwise train --budget 10m --teacher runs/small  # SALT: distill from a small finished run early in the budget
+
+every run forecasts its final held-out loss from its curve so far (logged at each 0.1 of the budget).
+"""
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("train", help="pretrain a model under a budget", epilog=TRAIN_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Pretrain a decoder-only LM from raw text under a budget.")
+    add_setup_flags(p, "the budget, e.g. 3m or 2e15flops or 5M,10m (see below)")
+    add_data_method_flags(p)
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<date-time>)")
+    p.add_argument("--model", metavar="SIZE", help="named size: tiny, small (default), base, medium, large")
+    p.add_argument("--init-from", metavar="HF_MODEL",
+                   help="continue pretraining a Llama-family Hugging Face model (a folder, or a hub id found in "
+                        "the local hub cache); its tokenizer is used as is")
+    p.add_argument("--compile", action="store_true", help="use torch.compile (pays off on GPUs; ~1.1x on CPU)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"),
+                   help="under torchrun: ddp (default; replicated weights) or fsdp (FSDP2, sharded weights, "
+                        "gradients and optimizer states); optim.batch_size is the global batch")
+    p.add_argument("--log", action="append", choices=("tensorboard", "wandb"),
+                   help="also log to TensorBoard (run/tensorboard/) or Weights & Biases (honours WANDB_MODE="
+                        "offline); repeatable; metrics.jsonl is always written")
+    p.add_argument("--auto", action="store_true",
+                   help="choose the model size for the budget first, as `flopwise plan` does, and run that plan")
+    p.add_argument("--law", type=Path, help="law.json (or scan folder) for --auto and the loss forecast")
+    p.add_argument("--target-loss", type=float, metavar="LOSS",
+                   help="stop early once the forecast says the final held-out loss cannot get below LOSS")
+    p.add_argument("--resume", type=Path, metavar="RUN",
+                   help="continue an interrupted run, or extend a finished one with a larger --budget")
+    p.add_argument("--stop-after", metavar="AMOUNT",
+                   help="stop once this much is spent (e.g. 20steps), checkpointed as if interrupted")
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from flopwise.api import resume, run
+    from flopwise.runtime import init_ranks, shutdown
+    from flopwise.train.display import ProgressDisplay
+
+    ranks = init_ranks(_device_type(args))
+    if not ranks.is_main:
+        console = Console(quiet=True)
+    display = ProgressDisplay(console)
+    stop_after = Budget.parse(args.stop_after) if args.stop_after else None
+    try:
+        if args.resume:
+            _reject_with_resume(args)
+            summary = resume(args.resume, args.budget, stop_after=stop_after, display=display)
+        else:
+            config = config_from_args(args)
+            plan = None
+            if args.auto:
+                plan = _auto_plan(config, ranks, console)
+                config = plan.apply(config)
+            out = args.out or Path(ranks.broadcast_text(str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))))
+            summary = run(config, out, stop_after=stop_after, display=display,
+                          auto_plan=plan.to_dict() if plan else None)
+    finally:
+        shutdown(ranks)
+    if not summary.finished:
+        reason = f" because {summary.stop_reason}" if summary.stop_reason else ""
+        console.print(f"stopped at step {int(summary.meter.steps)}{reason}, with a checkpoint; continue with: "
+                      f"flopwise train --resume {summary.run_dir}", highlight=False)
+        return EXIT_INTERRUPTED if stop_after is None and not summary.stop_reason else 0
+    print_summary(console, summary)
+    auto = json.loads((summary.run_dir / "plan.json").read_text()).get("auto_plan")
+    if auto and summary.final_eval:
+        predicted, achieved = auto["chosen"]["predicted_loss"], summary.final_eval["loss"]
+        console.print(f"planned: {predicted:.4f}; achieved: {achieved:.4f} ({(predicted - achieved) / achieved:+.2%})",
+                      highlight=False)
+    return 0
+
+
+def _auto_plan(config: RunConfig, ranks: Ranks, console: Console) -> Plan:
+    """--auto: plan the budget (as `flopwise plan` does) and show the plan."""
+    from flopwise.cli.plan import make_plan, print_plan
+
+    if ranks.distributed:
+        raise FlopwiseError("--auto plans in one process: run `flopwise plan` first, then torchrun with "
+                            "--set model.d_model=... --set model.n_layers=... --set model.n_heads=...")
+    fixed = sorted({"d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden"} & config.model.model_fields_set)
+    if fixed:
+        raise FlopwiseError(f"model.{fixed[0]} is set, but --auto chooses the shape: drop one of the two")
+    plan = make_plan(config)
+    print_plan(console, plan)
+    return plan
+
+
+def _device_type(args: argparse.Namespace) -> str:
+    """cuda or cpu, for choosing the process group's backend before the config is read."""
+    import torch
+
+    name = args.device or "auto"
+    return "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def _reject_with_resume(args: argparse.Namespace) -> None:
+    """A resumed run keeps its config: refuse every flag that would change it, and --out and --auto."""
+    given = config_flags_given(args) + [flag for flag, value in (("--out", args.out), ("--auto", args.auto)) if value]
+    if given:
+        raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "
+                            "(only --budget and --stop-after apply)")
+
+
+def print_summary(console: Console, summary: Summary) -> None:
+    final = summary.final_eval
+    m = summary.meter
+    console.print(f"\n[bold]done[/bold]: {summary.run_dir}  ({int(m.steps)} steps, {m.tokens / 1e6:.2f}M tokens, "
+                  f"{m.flops:.2e} FLOPs, {m.seconds:.1f}s training + {summary.eval_seconds:.1f}s eval + "
+                  f"{summary.checkpoint_seconds:.1f}s checkpoints; final lr {summary.last_lr:.2e})", highlight=False)
+    if summary.domain_epochs:
+        console.print("data seen: " + ", ".join(f"{name} {epochs:.2f} epochs" for name, epochs
+                                                in summary.domain_epochs.items()), highlight=False)
+    console.print(eval_table(final))

@@ -1,0 +1,33 @@
+"""The data section of a run's config: where the text comes from, how it becomes tokens, and the
+ingest hygiene (deduplication and quality filters) applied on the way."""
+
+from __future__ import annotations
+
+from pydantic import field_validator
+
+from flopwise.data.hygiene import HygieneSettings
+from flopwise.section import one_or_many
+
+
+class DataSection(HygieneSettings):
+    """Where the text comes from and how it becomes tokens; the ingest filters and deduplication are
+    its ``HygieneSettings`` fields."""
+
+    sources: list[str] = ["stdlib"]
+    include: list[str] = []
+    jsonl_field: str = "text"
+    val_sources: list[str] = []
+    val_fraction: float = 0.02
+    tokenizer: str = "bpe"
+    vocab_size: int = 4096
+    tokenizer_sample_mb: float = 4.0
+    cache_dir: str | None = None
+
+    _lists = field_validator("sources", "include", "val_sources", mode="before")(one_or_many)
+
+    @field_validator("val_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 < value < 0.5:
+            raise ValueError("must lie in (0, 0.5)")
+        return value

@@ -1,0 +1,34 @@
+"""What the methods of a run change in the memory of a training step, in the estimator's terms.
+
+Each method records its part through its ``memory`` hook (flopwise/methods/base.py); the estimator
+(flopwise/memory/estimate.py) reads only these traits, so it knows no method by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Factorization:
+    """Block Linears stored as sparse plus low-rank factors (SLTrain): the rank and the sparse density."""
+
+    rank: int
+    density: float
+
+
+@dataclass
+class MemoryTraits:
+    """The step as the methods make it.  Defaults: dense fp32 weights, every block trains, torch's
+    AdamW or Muon with 32-bit states, gradients kept until the optimizer step, nothing recomputed."""
+
+    names: tuple[str, ...] = ()  # the methods, for the report
+    flopwise_optimizer: bool = False  # flopwise's optimizer even for plain AdamW (torch's keeps other temporaries)
+    state_bits: int = 32  # bits per optimizer-state element (8: blockwise quantized)
+    state_block: int = 256  # elements per absmax of 8-bit states
+    low_rank_gradients: int | None = None  # Adam on the blocks' matrices' gradients projected to this rank
+    updates_in_backward: bool = False  # each weight updated, its gradient freed, during backward
+    recompute_blocks: bool = False  # each block's activations recomputed in backward
+    factorized: Factorization | None = None  # block Linears as sparse plus low-rank factors
+    adapter_rank: int = 0  # low-rank adapters on frozen block Linears, everything else frozen too
+    trained_blocks: int | None = None  # how many blocks train at a time (None: all)

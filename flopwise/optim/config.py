@@ -1,0 +1,41 @@
+"""The optimizer's and the learning-rate schedule's config sections."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import field_validator
+
+from flopwise.optim.schedules import SCHEDULES, Schedule
+from flopwise.section import Section, positive
+
+
+class OptimSection(Section):
+    """AdamW with decoupled weight decay on matrices only; or Muon for the blocks' matrices and that
+    AdamW (at ``lr``) for embeddings, head, gains and biases."""
+
+    name: Literal["adamw", "muon"] = "muon"
+    lr: float = 1e-2
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    muon_lr: float = 0.05
+    muon_momentum: float = 0.95
+
+    _positives = field_validator("lr", "batch_size", "grad_accum", "muon_lr")(positive)
+
+
+class ScheduleSection(Section):
+    """Learning-rate multiplier as a function of budget progress p."""
+
+    name: Literal[SCHEDULES] = "wsd"  # type: ignore[valid-type]
+    warmup: float = 0.02
+    decay: float = 0.2
+    final_lr_frac: float = 0.0
+
+    def build(self) -> Schedule:
+        return Schedule(**self.model_dump())

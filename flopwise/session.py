@@ -1,0 +1,371 @@
+"""A run from start to finish: folder, data, model and optimizer, the loop, the final model.
+
+The run folder is the whole truth about a run: ``config.toml`` (resolved), ``plan.json``,
+``metrics.jsonl``, ``tokenizer.json``, ``checkpoints/`` and ``final/``.  Resuming reads it
+back; extending a finished run to a larger budget restarts from its pinned checkpoint, the
+last one before the learning rate began to decay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from flopwise.atomic import write_json_atomic
+from flopwise.budget import Budget, Meter
+from flopwise.config import RunConfig, config_to_toml, load_run_config
+from flopwise.data.pipeline import PreparedData, cache_root, prepare_data
+from flopwise.data.sampler import PackedSampler
+from flopwise.data.tokenizer import Tokenizer
+from flopwise.errors import FlopwiseError
+from flopwise.evaluate.heldout import FINAL_EVAL_SCALE, Evaluator
+from flopwise.memory.estimate import estimate_memory
+from flopwise.methods.base import RunResources, World
+from flopwise.methods.choose import memory_methods_of, resolve_memory_methods
+from flopwise.methods.dense import build_model, plain_model
+from flopwise.methods.salt import Teacher
+from flopwise.methods.stack import MethodStack, check_methods, memory_traits
+from flopwise.model.config import NAMED_SIZES, ModelConfig
+from flopwise.model.flops import count_parameters, flops_per_token
+from flopwise.model.gpt import GPT
+from flopwise.model.hf import (load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source,
+                               save_hf_folder)
+from flopwise.optim.build import build_optimizer
+from flopwise.scaling.law_file import law_for
+from flopwise.rundir import CONFIG_FILE, METRICS_FILE, PLAN_FILE, is_run_dir, planned_model_config, read_metrics
+from flopwise.runtime import (choose_device, choose_dtype, device_name, full_model_state, init_ranks,
+                              keep_freed_cpu_memory, measure_matmul_peak, per_rank_batch, wrap_for_training)
+from flopwise.train.checkpoint import CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint
+from flopwise.train.display import ProgressDisplay
+from flopwise.train.forecast import LossForecaster
+from flopwise.train.loggers import open_run_logger, require_backends
+from flopwise.train.metrics import MetricsLog
+from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, forecast_points, next_mark
+
+
+# Model fields that an --init-from model's config.json decides.
+_IMPORTED_SHAPE = {"size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "qk_norm", "tie_embeddings",
+                   "rope_theta"}
+
+
+@dataclass
+class Summary:
+    run_dir: Path
+    finished: bool
+    meter: Meter
+    final_eval: dict[str, Any] | None
+    eval_seconds: float
+    checkpoint_seconds: float
+    last_lr: float
+    parameters: dict[str, int]
+    stop_reason: str | None = None
+    domain_epochs: dict[str, float] | None = None  # times each domain's training tokens were seen
+
+
+class Session:
+    """Sets up a run (new, resumed or extended), runs it and writes the final model."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        require_backends(config.train.log)
+        self.device = choose_device(config.train.device)
+        self.ranks = init_ranks(self.device.type)
+        if self.device.type == "cuda" and self.ranks.distributed:
+            self.device = torch.device("cuda", self.ranks.local_rank)
+        self.display = (display or ProgressDisplay()) if self.ranks.is_main else ProgressDisplay.quiet()
+        self.dtype = choose_dtype(config.train.precision, self.device)
+        self.compute_dtype = "bf16" if self.dtype == torch.bfloat16 else "fp32"  # the memory estimator's name for it
+        self.init_folder: Path | None = None
+        self.resume_step: int | None = None
+        self.auto_plan: dict[str, Any] | None = None  # what `train --auto` planned, kept in plan.json
+        check_methods(config, World(self.ranks.world_size, config.train.parallel))  # before any data is read
+        if self.device.type == "cpu" and config.train.cpu_keep_freed_memory:
+            keep_freed_cpu_memory()
+
+    @classmethod
+    def new(cls, config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> Session:
+        if is_run_dir(run_dir):
+            raise FlopwiseError(f"'{run_dir}' already holds a run: resume it with --resume {run_dir}, "
+                                "or choose another --out")
+        config.budget.build()  # fail on a missing budget before reading any data
+        if config.model.init_from:
+            clash = sorted(config.model.model_fields_set & _IMPORTED_SHAPE)
+            if clash:
+                raise FlopwiseError(f"model.{clash[0]} cannot be set with --init-from: the shape comes from the "
+                                    "imported model's config.json (only model.seq_len can be chosen)")
+            if "tokenizer" in config.data.model_fields_set:
+                raise FlopwiseError("data.tokenizer cannot be set with --init-from: the imported model's own "
+                                    "tokenizer is used as is")
+        return cls(config, run_dir, display)
+
+    def prepare(self, tokenizer: Tokenizer | None = None, model_cfg: ModelConfig | None = None) -> None:
+        """Data, model config and the per-step costs the budget is counted in.  A resumed run passes
+        its saved tokenizer and shape; an imported model brings its own."""
+        started = time.perf_counter()
+        m = self.config.model
+        if model_cfg is None and m.init_from:
+            self.init_folder = resolve_hf_source(m.init_from)
+            tokenizer = tokenizer or Tokenizer.load(self.init_folder)
+            self.config = self.config.replace(**{"data.tokenizer": str(self.init_folder)})  # in config.toml
+            seq_len = m.seq_len or NAMED_SIZES[m.size]["seq_len"]
+            model_cfg = model_config_from_hf(read_hf_config(self.init_folder), self.init_folder, seq_len)
+        with self.ranks.main_first():  # rank 0 tokenizes into the cache; the other ranks then read it
+            self.data: PreparedData = prepare_data(self.config.data, self.config.train.seed, tokenizer)
+        self.model_cfg: ModelConfig = model_cfg or m.build(self.data.tokenizer.vocab_size)
+        if self.data.tokenizer.vocab_size > self.model_cfg.vocab_size:
+            raise FlopwiseError(f"the tokenizer has {self.data.tokenizer.vocab_size} tokens but the model's "
+                                f"vocab_size is {self.model_cfg.vocab_size}: use the model's own tokenizer")
+        o = self.config.optim
+        self.rank_batch = per_rank_batch(o.batch_size, self.ranks)
+        # a resumed run has its methods already: then this only checks that they fit
+        self.config, note = resolve_memory_methods(self.config, self.model_cfg, self.rank_batch, self.compute_dtype)
+        if note:
+            self.display.message(note)
+        check_methods(self.config, World(self.ranks.world_size, self.config.train.parallel))
+        self.tokens_per_step = o.batch_size * o.grad_accum * self.model_cfg.seq_len  # the whole job's
+        self.flops_per_step = flops_per_token(self.model_cfg) * self.tokens_per_step
+        self.check_budget_allows_a_step()
+        cached = "cached" if self.data.corpus.cache_hit else "tokenized"
+        meta = self.data.corpus.meta
+        self.display.message(f"data: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} held-out tokens "
+                             f"({cached}, {time.perf_counter() - started:.1f}s), vocab {self.data.tokenizer.vocab_size}"
+                             + (f", {self.data.stats.replaced_bytes} undecodable bytes replaced"
+                                if self.data.stats.replaced_bytes else "") + self.data.hygiene.describe())
+
+    def check_budget_allows_a_step(self) -> None:
+        per_step = {"tokens": self.tokens_per_step, "flops": self.flops_per_step, "steps": 1}
+        for name, amount in self.config.budget.build().set_limits().items():
+            if name in per_step and amount < per_step[name]:
+                raise FlopwiseError(f"budget.{name}={amount:.3g} is smaller than one step ({per_step[name]:.3g} "
+                                    f"{name}): raise the budget or shrink optim.batch_size, model.seq_len or the model")
+
+    def build(self, initial_weights: bool = False) -> None:
+        """Methods, model (from --init-from weights when asked), its data-parallel wrapper, optimizer, sampler."""
+        torch.manual_seed(self.config.train.seed)
+        self.methods = MethodStack(self.config)
+        # LoRA wraps the imported weights; SLTrain factorizes fresh ones
+        self.model = build_model(self.model_cfg, self.methods.configure,
+                                 self.load_initial_weights if initial_weights else None)
+        self.model.to(self.device)
+        train = self.config.train
+        self.wrapped = wrap_for_training(self.model, train.parallel, self.ranks, self.device)
+        # after FSDP has sharded the model
+        self.optimizer = build_optimizer(self.model, self.config.optim, self.device, self.methods.shape_optimizer)
+        self.compiled = torch.compile(self.wrapped) if train.compile else self.wrapped
+        self.methods.setup(RunResources(self.data, self.config.data.sources, self.model_cfg.seq_len, self.device,
+                                        self.dtype, self.ranks, self.display.message, self._teacher_loader()))
+        corpus, options = self.data.corpus, self.methods.sampler_options()
+        self.sampler = PackedSampler(corpus.train_tokens, self.model_cfg.seq_len, self.rank_batch,
+                                     seed=self.config.train.seed, rank=self.ranks.rank,
+                                     world_size=self.ranks.world_size, domain_ranges=corpus.train_domain_ranges(),
+                                     weights=options.weights, domain_names=corpus.domains,
+                                     difficulty=options.difficulty, pacing=options.pacing)
+        self.methods.attach(self.sampler)
+        self.evaluator = Evaluator(corpus, self.data.tokenizer.token_bytes(), self.model_cfg.seq_len,
+                                   self.config.optim.batch_size, self.device, self.dtype)
+        with self.ranks.main_first():  # measured once, cached for the other ranks
+            self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
+
+    def _teacher_loader(self) -> Callable[[str], Teacher]:
+        """Loads each teacher source once, with this run's tokenizer and window length (SALT's teacher
+        may also be the curriculum's scorer)."""
+        loaded: dict[str, Teacher] = {}
+
+        def load(source: str) -> Teacher:
+            if source not in loaded:
+                loaded[source] = Teacher.load(source, self.data.tokenizer.vocab_size, self.device,
+                                              self.data.tokenizer.to_json(), seq_len=self.model_cfg.seq_len)
+            return loaded[source]
+        return load
+
+    def write_run_files(self) -> None:
+        if self.ranks.is_main:
+            self._write_run_files()
+        self.ranks.barrier()
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data.tokenizer.save(self.run_dir / "tokenizer.json")
+        (self.run_dir / CONFIG_FILE).write_text(config_to_toml(self.config))
+        budget = self.config.budget.build()
+        plan = {"model": self.model_cfg.to_dict(), "parameters": count_parameters(self.model_cfg),
+                "flops_per_token": flops_per_token(self.model_cfg), "tokens_per_step": self.tokens_per_step,
+                "flops_per_step": self.flops_per_step, "budget": budget.to_dict(),
+                "device": device_name(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "matmul_peak_flops": self.peak_flops, "world_size": self.ranks.world_size,
+                "parallel": self.config.train.parallel if self.ranks.distributed else None,
+                "memory": self.memory_plan(), "corpus": self.data.corpus.meta,
+                "read": vars(self.data.stats), "data": self.data.summary(), "auto_plan": self.auto_plan}
+        write_json_atomic(self.run_dir / PLAN_FILE, plan)
+
+    def memory_plan(self) -> dict[str, Any]:
+        """The memory methods and the estimated bytes of a step with them (flopwise/memory/estimate.py)."""
+        c = self.config
+        methods = memory_methods_of(c)
+        estimate = estimate_memory(self.model_cfg, self.rank_batch, memory_traits(methods, c.methods, self.model_cfg),
+                                   c.optim.name, self.compute_dtype, grad_accum=c.optim.grad_accum)
+        return {"methods": methods, "limit": c.memory.limit, "estimate": estimate.to_dict()}
+
+    def resume_from(self, checkpoint: CheckpointInfo) -> LoopState:
+        state = load_checkpoint(checkpoint, self.model, self.optimizer)
+        self.sampler.load_state_dict(state["sampler"])
+        self.methods.load_state_dict(_methods_state(state))
+        if self.ranks.is_main:
+            MetricsLog(self.run_dir / METRICS_FILE).truncate_after(checkpoint.step)
+        self.resume_step = checkpoint.step
+        self.display.message(f"resuming {self.run_dir} from step {checkpoint.step} (saved on "
+                             f"{state.get('world_size', 1)} process(es), resumed on {self.ranks.world_size})")
+        return LoopState.from_dict(state["loop"])
+
+    def loop_settings(self, stop_after: Budget | None = None) -> LoopSettings:
+        """What the training loop needs from the config and the measured per-step costs."""
+        c = self.config
+        return LoopSettings(
+            budget=c.budget.build(), schedule=c.schedule.build(), peak_lr=c.optim.lr, grad_accum=c.optim.grad_accum,
+            grad_clip=c.optim.grad_clip, tokens_per_step=self.tokens_per_step, flops_per_step=self.flops_per_step,
+            peak_flops=self.peak_flops, eval_every=c.train.eval_every, checkpoint_every=c.train.checkpoint_every,
+            keep_checkpoints=c.train.keep_checkpoints, log_every=c.train.log_every, stop_after=stop_after)
+
+    def describe(self) -> str:
+        """One line on what is about to train: shape, budget, batch, device and processes."""
+        cfg, ranks = self.model_cfg, self.ranks
+        parallel = f"; {ranks.world_size} processes ({self.config.train.parallel})" if ranks.distributed else ""
+        return (f"model: {cfg.d_model}d x {cfg.n_layers} layers, {count_parameters(cfg)['total']:,} parameters; "
+                f"budget {self.config.budget.build().describe()}; {self.tokens_per_step:,} tokens/step; device "
+                f"{self.device.type} ({str(self.dtype).removeprefix('torch.')}){parallel}")
+
+    def run(self, state: LoopState, stop_after: Budget | None = None) -> Summary:
+        c = self.config
+        settings = self.loop_settings(stop_after)
+        self.display.message(self.describe())
+        log = (open_run_logger(self.run_dir, c.train.log, c.model_dump(mode="json"), self.resume_step,
+                               c.train.wandb_project) if self.ranks.is_main else contextlib.nullcontext())
+        with log as event_log:
+            trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device,
+                              self.dtype, self.evaluate_during_run, self.display,
+                              event_log, methods=self.methods, module=self.model, ranks=self.ranks,
+                              forecaster=self.forecaster())
+            with self.display:
+                outcome: Outcome = trainer.run(state)
+            final_eval = None
+            if outcome.finished:
+                start = time.perf_counter()
+                final_eval = self.evaluator(self.model, c.train.eval_tokens * FINAL_EVAL_SCALE)
+                outcome.eval_seconds += time.perf_counter() - start
+                trainer.log_eval(outcome.state, 1.0, final_eval)
+                self.save_final()
+        return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
+                       outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
+                       outcome.stop_reason, self.sampler.domain_epochs())
+
+    def evaluate_during_run(self) -> dict[str, Any]:
+        """Every FINAL_EVAL_SCALE-th window of the final evaluation's, so the logged curve estimates the
+        quantity that the final evaluation measures more precisely."""
+        return self.evaluator(self.model, self.config.train.eval_tokens * FINAL_EVAL_SCALE, stride=FINAL_EVAL_SCALE)
+
+    def forecaster(self) -> LossForecaster | None:
+        """The final-loss forecast, fed on resume with the logged steps the checkpoint includes."""
+        t = self.config.train
+        if t.forecast_every <= 0:
+            return None
+        metrics = self.run_dir / METRICS_FILE
+        events = read_metrics(metrics) if metrics.is_file() else []
+        points = forecast_points(events, t.log_every)
+        law = law_for(self.config, device_name(self.device))
+        prior = law.prior_for(count_parameters(self.model_cfg)["non_embedding"])
+        return LossForecaster(self.config.schedule.build(), law.kappa, t.forecast_every,
+                              t.target_loss, points, prior)
+
+    def save_final(self) -> None:
+        """``final/``: the model as a Hugging Face folder (loads with AutoModelForCausalLM; for models that
+        transformers has no architecture for, weights and tokenizer only), written atomically.
+        Under torchrun the weights are gathered into a plain copy first (a collective: every rank calls this)."""
+        state = full_model_state(self.model) if self.ranks.distributed else None  # only rank 0 gets it
+        if self.ranks.is_main:
+            model = self.model
+            if state is not None:
+                model = build_model(self.model_cfg, self.methods.configure)
+                model.load_state_dict(state, strict=True)
+            save_hf_folder(plain_model(model), self.data.tokenizer, self.run_dir / "final",
+                           weights_only=not self.model_cfg.llama_style)
+        self.ranks.barrier()
+
+    def load_initial_weights(self, model: GPT) -> None:
+        """Start from the --init-from model's weights (a new run; a resumed one loads its checkpoint)."""
+        load_weights_into(model, self.init_folder)
+        self.display.message(f"initialized from {self.init_folder}")
+
+
+def _methods_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The methods' part of a checkpoint; one written before the method protocol kept the online
+    mixture's state as ``objective.mixture``."""
+    if "methods" in state:
+        return state["methods"]
+    legacy = state.get("objective", {})
+    return {"online_mixture": legacy["mixture"]} if "mixture" in legacy else {}
+
+
+def start_new(config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> Session:
+    session = Session.new(config, run_dir, display)
+    session.prepare()
+    session.build(initial_weights=bool(config.model.init_from))
+    return session
+
+
+def open_for_resume(run_dir: Path, budget: Budget | None,
+                    display: ProgressDisplay | None = None) -> tuple[Session, LoopState]:
+    """Reopen a run: continue an interrupted one, or extend a finished one to a larger budget."""
+    config = load_run_config(run_dir)
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    finished = (run_dir / "final").is_dir()
+    if finished and budget is None:
+        raise FlopwiseError(f"run '{run_dir}' already spent its budget: to train longer, pass a larger "
+                            f"--budget with --resume {run_dir}")
+    checkpoint = require_checkpoint(run_dir, checkpoints)
+    old_budget = config.budget.build()
+    if budget is not None:
+        checkpoint, config = _extension_point(run_dir, config, checkpoints, budget)
+    session = Session(config, run_dir, display)
+    session.prepare(Tokenizer.load(run_dir / "tokenizer.json"), planned_model_config(run_dir))
+    session.build()
+    state = session.resume_from(checkpoint)
+    if budget is not None:
+        _rescale_progress(state, old_budget, budget, config)
+        (run_dir / CONFIG_FILE).write_text(config_to_toml(config))
+        shutil.rmtree(run_dir / "final", ignore_errors=True)
+    return session, state
+
+
+def _rescale_progress(state: LoopState, old: Budget, new: Budget, config: RunConfig) -> None:
+    """Express the loop's progress marks in the new budget's terms."""
+    p_new = state.meter.progress(new)
+    state.p_lr *= p_new / state.meter.progress(old)
+    state.next_eval = next_mark(p_new, config.train.eval_every)
+    state.next_checkpoint = next_mark(p_new, config.train.checkpoint_every)
+
+
+def _extension_point(run_dir: Path, config: RunConfig, checkpoints: list[CheckpointInfo],
+                     budget: Budget) -> tuple[CheckpointInfo, RunConfig]:
+    """The pinned checkpoint, and the config with its budget replaced and its warmup rescaled so that
+    the steps already taken keep the learning rates they had."""
+    pinned = [info for info in checkpoints if info.pinned]
+    if not pinned:
+        raise FlopwiseError(f"run '{run_dir}' has no checkpoint from before its decay phase, so it cannot be "
+                            "extended: start a new run with the larger budget")
+    checkpoint = pinned[-1]
+    meter = Meter.from_dict(checkpoint.state["loop"]["meter"])
+    old_p, new_p = meter.progress(config.budget.build()), meter.progress(budget)
+    schedule = config.schedule.build()
+    if new_p >= schedule.decay_start:
+        raise FlopwiseError(f"--budget {budget.describe()} is not larger than what run '{run_dir}' had spent "
+                            "before its decay: give a larger budget")
+    extended = config.replace(**{"schedule.warmup": schedule.warmup * new_p / old_p}, **budget.config_values())
+    return checkpoint, extended
