@@ -4,7 +4,7 @@ For each corpus and seed, every arm trains the same model for the same wall-cloc
 by its final held-out loss, overall and per domain.  Arms:
 
 - uniform: every training window equally likely (each domain in proportion to its tokens);
-- balanced: a static mixture with equal weight per domain (``--set mixture.weights.D=1``);
+- balanced: a static mixture with equal weight per domain (``--set methods.mixture.weights.D=1``);
 - online-loss / online-excess: domain weights adapted during the run (flopwise/data/mixture.py); the
   excess rule's reference is the same seed's uniform run (its cost is not counted, as DoReMi does not
   count its reference model's);
@@ -82,7 +82,7 @@ def natural_mix_loss(run: dict[str, Any]) -> float:
 def arm_flags(arm: str, corpus: str, seed: int) -> list[str]:
     teacher = WORK / corpus / f"teacher-s{seed}"  # the seed fixes the BPE sample: the same tokenizer
     if arm == "balanced":
-        return [flag for domain in DOMAINS[corpus] for flag in ("--set", f"mixture.weights.{domain}=1")]
+        return [flag for domain in DOMAINS[corpus] for flag in ("--set", f"methods.mixture.weights.{domain}=1")]
     if arm == "online-excess":
         return ARMS[arm] + ["--reference", str(WORK / corpus / f"uniform-s{seed}")]
     if arm == "salt":

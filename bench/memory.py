@@ -65,7 +65,7 @@ def run_arm(size: str, methods: list[str], lr: float, tokens: float, seed: int, 
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     overrides = [*COMMON, *SIZES[size], f"optim.lr={lr}", *extra, f"budget.tokens={tokens}", f"train.seed={seed}",
-                 f"memory.methods={json.dumps(methods)}"]
+                 f"methods.use={json.dumps(methods)}"]
     config = load_config(None, overrides)
     with tempfile.TemporaryDirectory(prefix="flopwise-memory-") as tmp:
         session = start_new(config, Path(tmp) / "run", ProgressDisplay(Console(quiet=True), live=False))

@@ -125,8 +125,9 @@ class RunConfig(Section):
 
     def replace(self, **values: Any) -> RunConfig:
         """A new config with dotted ``values`` changed (``replace(**{"optim.name": "adamw"})``), validated
-        again: how setup resolves a config without ever mutating one."""
-        data = self.model_dump()
+        again: how setup resolves a config without ever mutating one.  Keys left at their defaults stay unset,
+        so rules about what the user set (``--init-from`` fixes the shape) still read the user's choices."""
+        data = self.model_dump(exclude_unset=True)
         for key, value in values.items():
             _set_dotted(data, key, value)
         return validate_config(data, "resolved")

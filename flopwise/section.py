@@ -7,6 +7,7 @@ the run config.  Sections are frozen: the resolved config is never changed after
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -37,7 +38,7 @@ def non_negative(cls: type, value: float) -> float:
 
 
 def positive(cls: type, value: float | None) -> float | None:
-    """Sizes, rates and counts: unset (None, where allowed) or above zero."""
-    if value is not None and value <= 0:
-        raise ValueError("must be positive")
+    """Sizes, rates and counts: unset (None, where allowed) or above zero and finite."""
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ValueError("must be positive (and finite)")
     return value

@@ -40,6 +40,3 @@ def isolated_cache(tmp_path_factory) -> Path:
     os.environ["FLOPWISE_CACHE"] = str(cache)
     return cache
 
-
-TINY = ["--tokenizer", "byte", "--set", "model.size=tiny", "--set", "model.seq_len=64",
-        "--set", "optim.batch_size=4", "--set", "train.eval_tokens=2048", "--set", "train.log_every=1"]

@@ -16,7 +16,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.flops import count_parameters
 from flopwise.model.gpt import GPT
 from flopwise.recipes import recipe_values
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def test_baseline_recipe_is_nanogpt_gpt2():

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from flopwise.cli import main
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def run_error(capsys, args: list[str]) -> str:

@@ -70,21 +70,36 @@ def test_toml_round_trip():
     assert again == config
 
 
-def test_model_shape_errors_are_clear():
-    config = load_config(None, ["model.d_model=100", "model.n_heads=3"])
+def test_model_shape_errors_are_clear_and_come_at_validation():
     with pytest.raises(FlopwiseError, match="n_heads=3 does not divide model.d_model=100"):
-        config.model.build(vocab_size=256)
+        load_config(None, ["model.d_model=100", "model.n_heads=3"])
 
 
-def test_memory_section_units_methods_and_errors():
-    config = load_config(None, ["memory.limit=4GiB", "memory.methods=galore"])
-    assert config.memory.limit == 4 * 2**30 and config.memory.methods == ["galore"]
-    assert load_config(None, [], {"memory.methods": ["8bit", "checkpointing"]}).memory.methods == ["8bit",
-                                                                                                   "checkpointing"]
-    with pytest.raises(FlopwiseError, match="memory.methods"):
-        load_config(None, ["memory.methods=[zip]"])
-    with pytest.raises(FlopwiseError, match="memory.sltrain_delta=1.5: must lie in"):
-        load_config(None, ["memory.sltrain_delta=1.5"])
+def test_cross_field_errors_come_before_any_data_is_read(tmp_path, capsys):
+    """A shape error and a method's own rule are reported for a data source that does not exist: nothing
+    was read before the config was refused."""
+    missing = str(tmp_path / "no-such-corpus")
+    from flopwise.cli import main
+
+    assert main(["train", "--data", missing, "--budget", "5steps", "--out", str(tmp_path / "a"),
+                 "--set", "model.d_model=100", "--set", "model.n_heads=3"]) == 2
+    assert "n_heads=3 does not divide" in capsys.readouterr().err
+    assert main(["train", "--data", missing, "--budget", "5steps", "--out", str(tmp_path / "b"),
+                 "--method", "layerwise", "--set", "optim.grad_accum=2"]) == 2
+    assert "'layerwise'" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_memory_and_methods_sections_units_methods_and_errors():
+    config = load_config(None, ["memory.limit=4GiB", "methods.use=galore", "optim.name=adamw"])
+    assert config.memory.limit == 4 * 2**30 and config.methods.use == ["galore"]
+    assert load_config(None, [], {"methods.use": ["checkpointing", "8bit"]}).methods.use == ["8bit",
+                                                                                           "checkpointing"]
+    with pytest.raises(FlopwiseError, match="methods.use=.*unknown method 'zip': choose from 8bit, checkpointing"):
+        load_config(None, ["methods.use=[zip]"])
+    with pytest.raises(FlopwiseError, match="methods.sltrain.delta=1.5: must lie in"):
+        load_config(None, ["methods.sltrain.delta=1.5"])
+    with pytest.raises(FlopwiseError, match="'methods.galore.rank' is now 'methods.galore.rank': rename it"):
+        load_config(None, ["methods.galore.rank=8"])
     with pytest.raises(FlopwiseError, match="memory.limit=.lots.: memory size .lots. is not understood: use e.g. 8GiB"):
         load_config(None, ["memory.limit=lots"])
     assert "limit = 4294967296.0" in config_to_toml(config)

@@ -10,8 +10,8 @@ import pytest
 
 from flopwise.config import load_config
 from flopwise.rundir import read_metrics
-from tests.conftest import TINY
-from tests.test_train import losses, train, train_events
+from tests.helpers import TINY
+from tests.helpers import losses, train, train_events
 
 
 def mixed(text_folder: Path, code_folder: Path, prose: float = 0.7, code: float = 0.3) -> list[str]:
@@ -26,7 +26,7 @@ def test_reweighted_mixed_run_resumes_exactly(tmp_path, text_folder, code_folder
     """The acceptance test: mixture weights, online domain reweighting, per-sequence reweighting and a
     curriculum together, interrupted in the middle, continue exactly as the uninterrupted run."""
     args = [*TINY, *mixed(text_folder, code_folder), "--online-mixture", "loss", "--reweight",
-            "--curriculum", "rarity", "--set", "reweight.burn_in=0.1", "--budget", "30steps"]
+            "--curriculum", "rarity", "--set", "methods.reweight.burn_in=0.1", "--budget", "30steps"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert train(*args, "--out", str(full)) == 0
     assert train(*args, "--stop-after", "14steps", "--out", str(part)) == 0
@@ -70,7 +70,7 @@ def test_online_excess_without_reference_fails_in_one_line(tmp_path, text_folder
     assert train(*TINY, "--data", str(text_folder), "--budget", "4steps", "--online-mixture", "excess",
                  "--out", str(tmp_path / "x")) == 2
     err = capsys.readouterr().err.strip()
-    assert "mixture.online='excess' needs mixture.reference" in err and "\n" not in err
+    assert "methods.online_mixture.rule='excess' needs methods.online_mixture.reference" in err and "\n" not in err
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,8 @@ def teacher_run(tmp_path_factory, text_folder, code_folder) -> Path:
 
 
 def test_salt_distills_selects_and_resumes_exactly(tmp_path, text_folder, code_folder, teacher_run):
-    args = [*TINY, *mixed(text_folder, code_folder), "--teacher", str(teacher_run), "--set", "salt.kd_until=0.5",
-            "--set", "salt.select_pool=2", "--budget", "24steps"]
+    args = [*TINY, *mixed(text_folder, code_folder), "--teacher", str(teacher_run), "--set", "methods.salt.kd_until=0.5",
+            "--set", "methods.salt.select_pool=2", "--budget", "24steps"]
     full, part, plain = tmp_path / "full", tmp_path / "part", tmp_path / "plain"
     assert train(*args, "--out", str(full)) == 0
     assert train(*args, "--stop-after", "7steps", "--out", str(part)) == 0
@@ -105,13 +105,13 @@ def test_salt_teacher_with_another_tokenizer_is_refused(tmp_path, text_folder, t
     assert train("--data", str(text_folder), "--budget", "4steps", "--set", "model.size=tiny", "--teacher",
                  str(teacher_run), "--out", str(tmp_path / "x")) == 2  # BPE student, byte teacher
     err = capsys.readouterr().err.strip()
-    assert err.startswith("flopwise: error: salt.teacher=") and "tokenizer" in err and "\n" not in err
+    assert err.startswith("flopwise: error: methods.salt.teacher=") and "tokenizer" in err and "\n" not in err
 
 
 def test_teacher_curriculum_scores_once_and_reuses_the_cache(tmp_path, text_folder, code_folder, teacher_run,
                                                              isolated_cache):
     args = [*TINY, *mixed(text_folder, code_folder), "--curriculum", "teacher", "--set",
-            f"curriculum.scorer={teacher_run}", "--budget", "12steps"]
+            f"methods.curriculum.scorer={teacher_run}", "--budget", "12steps"]
     first, second = tmp_path / "first", tmp_path / "second"
     assert train(*args, "--out", str(first)) == 0
     cached = sorted(isolated_cache.rglob("difficulty-*.npy"))
@@ -166,7 +166,7 @@ def test_plan_replay_suggests_a_share_from_pilot_runs(tmp_path, text_folder, cod
     # the pilots trained on the mixture they were asked for
     share = load_config(tmp_path / "pilots" / "share-0.25" / "config.toml")
     assert share.budget.tokens == 6144  # extended from 2048 tokens
-    assert share.mixture.weights == pytest.approx({"new": 0.25, "general": 0.75})
+    assert share.methods.mixture.weights == pytest.approx({"new": 0.25, "general": 0.75})
 
 
 def test_plan_replay_needs_a_token_budget(tmp_path, text_folder, teacher_run, capsys):

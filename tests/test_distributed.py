@@ -14,7 +14,7 @@ from flopwise.cli import main
 from flopwise.errors import FlopwiseError
 from flopwise.runtime import Ranks, per_rank_batch
 from flopwise.rundir import read_metrics
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_mixed_reweighted_run_under_ddp_follows_the_single_process_run(tmp_path,
     """Mixture weights, online domain reweighting and sample reweighting use the global batch: all-reduced
     domain losses and batch-wide normalization give two ranks the single process's curve and mixture."""
     args = ["--data", f"prose={text_folder}:0.6", "--data", f"code={code_folder}:0.4", "--online-mixture", "loss",
-            "--reweight", "--set", "reweight.burn_in=0.1", "--budget", "12steps", *TINY]
+            "--reweight", "--set", "methods.reweight.burn_in=0.1", "--budget", "12steps", *TINY]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert main(["train", *args, "--out", str(single)]) == 0
     done = torchrun(*args, "--out", str(ddp))

@@ -10,10 +10,10 @@ import pytest
 
 from flopwise.errors import FlopwiseError
 from flopwise.optim.schedules import Schedule
-from flopwise.train.loss_curve import (BOOTSTRAP_Z, Calibration, CurvePoint, LawPrior, calibrate_kappa, fit_curve,
+from flopwise.train.loss_curve import (BOOTSTRAP_Z, Calibration, CurvePoint, calibrate_kappa, fit_curve,
                                  forecast_final_loss, points_from_events, projected_total_tokens, stable_points,
                                  summarize_kappas)
-from flopwise.scaling.law_file import PlanningLaw
+from flopwise.scaling.law_file import LawPrior, PlanningLaw
 from flopwise.scaling.law import ScalingLaw
 
 WSD = Schedule()  # warmup 0.02, stable to p = 0.8, (1 - sqrt) cooldown to 0

@@ -17,7 +17,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_hf_model, resolve_hf_source, save_hf_folder
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local; nothing may reach the network

@@ -313,7 +313,7 @@ def test_wandb_skips_steps_the_resumed_run_has_and_marks_failures(tmp_path: Path
 
 def test_training_with_log_tensorboard_mirrors_metrics(tmp_path: Path, text_folder: Path) -> None:
     from flopwise.cli import main
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     run = tmp_path / "run"
     assert main(["train", "--data", str(text_folder), "--budget", "8steps", "--log", "tensorboard",

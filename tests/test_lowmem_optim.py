@@ -11,7 +11,7 @@ import pydoc_data.topics
 import pytest
 import torch
 
-from flopwise.config import MemorySection, OptimSection
+from flopwise.optim.config import OptimSection
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
@@ -21,6 +21,7 @@ from flopwise.optim.routing import is_hidden_matrix
 from flopwise.optim.optimizer import FlopwiseOptimizer
 from flopwise.optim.quantize import dequantize, quantize
 from flopwise.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tests.helpers import stack_of
 
 CPU = torch.device("cpu")
 
@@ -216,10 +217,10 @@ SETUPS = {"adamw": ("adamw", []), "muon": ("muon", []), "galore": ("adamw", ["ga
 def _build(setup: str, layerwise: bool, seed: int = 0) -> tuple[GPT, torch.optim.Optimizer]:
     name, methods = SETUPS[setup]
     model = _tiny_gpt(seed)
-    memory = MemorySection(methods=methods + ["layerwise"] * layerwise, galore_update_gap=3, galore_rank=8,
-                           state_block=64)
+    stack = stack_of(methods + ["layerwise"] * layerwise, "methods.galore.update_gap=3", "methods.galore.rank=8",
+                     "methods.8bit.block=64", f"optim.name={name}")
     optim = OptimSection(name=name, lr=3e-3, muon_lr=0.02, weight_decay=0.1)
-    return model, build_optimizer(model, optim, CPU, memory)
+    return model, build_optimizer(model, optim, CPU, stack.shape_optimizer)
 
 
 def _train(model: GPT, optimizer: torch.optim.Optimizer, batches, first_step: int = 0) -> list[float]:
@@ -240,7 +241,7 @@ def test_layerwise_updates_equal_the_ordinary_step_with_fewer_gradients_alive(se
     batches = _batches(4)
     plain_model, plain = _build(setup, layerwise=False)
     model, optimizer = _build(setup, layerwise=True)
-    assert optimizer.steps_in_backward and not getattr(plain, "steps_in_backward", False)
+    assert optimizer.layerwise is not None and getattr(plain, "layerwise", None) is None
     plain_alive, plain_fired = _count_gradients(plain_model)
     alive, fired = _count_gradients(model)
     _train(plain_model, plain, batches)
@@ -272,7 +273,7 @@ def _count_gradients(model: GPT) -> tuple[list[int], dict[int, int]]:
 def test_removing_the_layerwise_hooks_restores_the_ordinary_step():
     model, optimizer = _build("adamw", layerwise=True)
     optimizer.layerwise.remove()
-    assert not optimizer.steps_in_backward
+    assert optimizer.layerwise is None
     before = [p.detach().clone() for p in model.parameters()]
     x, y = _batches(1)[0]
     model(x, y)[1].backward()
@@ -301,9 +302,10 @@ def test_checkpoint_round_trip_continues_bit_exactly(tmp_path, setup, layerwise)
 def test_build_routes_parameters_and_rejects_galore_with_muon():
     model = _tiny_gpt()
     with pytest.raises(FlopwiseError, match="set optim.name=adamw"):
-        build_optimizer(model, OptimSection(name="muon"), CPU, MemorySection(methods=["galore"]))
+        stack_of(["galore"], "optim.name=muon")
     assert isinstance(build_optimizer(model, OptimSection(name="adamw"), CPU), torch.optim.AdamW)
-    optimizer = build_optimizer(model, OptimSection(name="adamw"), CPU, MemorySection(methods=["galore", "8bit"]))
+    optimizer = build_optimizer(model, OptimSection(name="adamw"), CPU,
+                                stack_of(["galore", "8bit"], "optim.name=adamw").shape_optimizer)
     galore_group = next(g for g in optimizer.param_groups if g["update"] == "galore")
     assert galore_group["rank"] == 32 // 4 and galore_group["update_gap"] == 200 and galore_group["scale"] == 0.25
     assert all(g["state_bits"] == 8 for g in optimizer.param_groups)
@@ -320,8 +322,8 @@ def test_galore_8bit_layerwise_training_learns():
                              .encode()[:200_000]))
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, seq_len=64))
-    memory = MemorySection(methods=["galore", "8bit", "layerwise"], galore_update_gap=20)
-    optimizer = build_optimizer(model, OptimSection(name="adamw", lr=1e-2), CPU, memory)
+    stack = stack_of(["galore", "8bit", "layerwise"], "methods.galore.update_gap=20", "optim.name=adamw")
+    optimizer = build_optimizer(model, OptimSection(name="adamw", lr=1e-2), CPU, stack.shape_optimizer)
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(80):

@@ -13,15 +13,17 @@ import torch
 from rich.console import Console
 
 from flopwise.budget import format_bytes
-from flopwise.config import MemorySection, load_config
+from flopwise.cli.memory import cmd_memory, register
+from flopwise.config import load_config
 from flopwise.errors import FlopwiseError
-from flopwise.methods.registry import memory_methods
+from flopwise.memory.estimate import activation_bytes
+from flopwise.methods.choose import CANDIDATES, choose_methods, estimate_for
+from flopwise.methods.stack import MethodStack, memory_traits
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.optim.build import build_optimizer
 from flopwise.plan.measure import measure_step, rss_step_peak
-from flopwise.memory.estimate import CANDIDATES, activation_bytes, choose_methods, estimate_memory
-from flopwise.cli.memory import cmd_memory, register
+from tests.helpers import config_with
 
 SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "seq_len": 32}
 
@@ -38,16 +40,15 @@ def one_thread():
 def build(shape: dict, methods: list[str], optim: str = "adamw", vocab: int = 300, extra: tuple[str, ...] = ()):
     """A model with its methods applied and its optimizer, as flopwise train builds them."""
     overrides = [f"model.{key}={value}" for key, value in shape.items()]
-    overrides += [f"optim.name={optim}", f"memory.methods={json.dumps(methods)}", *extra]
+    overrides += [f"optim.name={optim}", f"methods.use={json.dumps(methods)}", *extra]
     config = load_config(None, overrides)
     cfg = config.model.build(vocab)
     torch.manual_seed(0)
     model = GPT(cfg)
-    methods_built = memory_methods(config)
-    for method in methods_built:
-        method.configure(model)
-    optimizer = build_optimizer(model, config.optim, torch.device("cpu"), config.memory)
-    return config, cfg, model, optimizer, methods_built
+    stack = MethodStack(config)
+    stack.configure(model)
+    optimizer = build_optimizer(model, config.optim, torch.device("cpu"), stack.shape_optimizer)
+    return config, cfg, model, optimizer, stack
 
 
 # (shape, methods, optimizer, micro-batch, vocab, compute dtype, extra config)
@@ -66,14 +67,14 @@ CASES = {
     "checkpointing": (SMALL, ["checkpointing"], "adamw", 4, 300, "fp32", ()),
     "8bit-checkpointing": (SMALL, ["8bit", "checkpointing"], "muon", 2, 300, "fp32", ()),
     # galore_update_gap=1: the measured step refreshes the projection (SVD), the costliest kind of step
-    "galore": (SMALL, ["galore"], "adamw", 2, 300, "fp32", ("memory.galore_update_gap=1",)),
+    "galore": (SMALL, ["galore"], "adamw", 2, 300, "fp32", ("methods.galore.update_gap=1",)),
     "galore-8bit-ckpt-layerwise": (SMALL, ["galore", "8bit", "checkpointing", "layerwise"], "adamw", 2, 1000,
-                                   "fp32", ("memory.galore_update_gap=1",)),
+                                   "fp32", ("methods.galore.update_gap=1",)),
     "layerwise-untied": ({**SMALL, "tie_embeddings": False}, ["layerwise"], "adamw", 2, 2000, "fp32", ()),
     "muon-8bit-layerwise": (SMALL, ["8bit", "layerwise"], "muon", 2, 2000, "fp32", ()),
     "sltrain": (SMALL, ["sltrain"], "adamw", 2, 300, "fp32", ()),
     "sltrain-8bit-ckpt": (SMALL, ["sltrain", "8bit", "checkpointing"], "adamw", 2, 300, "fp32", ()),
-    "lisa": ({**SMALL, "n_layers": 3}, ["lisa", "8bit"], "muon", 2, 300, "fp32", ("memory.lisa_layers=1",)),
+    "lisa": ({**SMALL, "n_layers": 3}, ["lisa", "8bit"], "muon", 2, 300, "fp32", ("methods.lisa.layers=1",)),
     "lora": (SMALL, ["lora"], "adamw", 2, 300, "fp32", ()),
     "bf16-autocast": (SMALL, [], "adamw", 2, 300, "bf16", ()),
     "bf16-checkpointing-lora": (SMALL, ["checkpointing", "lora"], "adamw", 2, 300, "bf16", ()),
@@ -87,7 +88,7 @@ def test_estimate_matches_measured_peak(name):
     config, cfg, model, optimizer, methods_built = build(shape, methods, optim, vocab, extra)
     x, y = (torch.randint(0, vocab, (batch, cfg.seq_len)) for _ in range(2))
     measured = measure_step(model, optimizer, x, y, config.optim.grad_clip, methods_built, DTYPES[dtype])
-    estimate = estimate_memory(cfg, batch, methods, config.memory, optim, dtype)
+    estimate = estimate_for(cfg, batch, methods, config.methods, optim, dtype)
     # what exists before the step is counted exactly: weights, states, projections, buffers, the batch
     assert measured.before == (estimate.weights + estimate.optimizer_states + estimate.projections
                                + estimate.buffers)
@@ -128,32 +129,31 @@ def saved_for_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 def test_activation_count_is_what_autograd_saves(shape, methods, autocast):
     """Op by op, deduplicated by storage, as saved_tensors_hooks sees it (only the loss's 4-byte
     scalar weight is left out)."""
-    config, cfg, model, optimizer, methods_built = build(shape, methods, extra=("memory.lisa_layers=1",))
-    for method in methods_built:
-        method.before_step(0, model, optimizer)  # LISA freezes its inactive blocks here
+    config, cfg, model, optimizer, methods_built = build(shape, methods, extra=("methods.lisa.layers=1",))
+    methods_built.before_step(0, model, optimizer)  # LISA freezes its inactive blocks here
     x, y = (torch.randint(0, cfg.vocab_size, (2, cfg.seq_len)) for _ in range(2))
-    expected = activation_bytes(cfg, 2, methods, config.memory, "bf16" if autocast else "fp32")
+    expected = activation_bytes(cfg, 2, memory_traits(methods, config.methods, cfg), "bf16" if autocast else "fp32")
     assert saved_for_backward(model, x, y, autocast) == expected + 4
 
 
 def test_byte_counts_by_hand():
     """A 1-block model small enough to count on paper (N = 2 x 8 tokens, hidden 64, vocab 100, tied)."""
     cfg = ModelConfig(vocab_size=100, d_model=16, n_layers=1, n_heads=2, seq_len=8)
-    memory = MemorySection(galore_rank=4)
+    memory = config_with([], "methods.galore.rank=4").methods
     params = 100 * 16 + 2 * 16 + 4 * 16 * 16 + 3 * 16 * 64 + 16  # embedding, norms, attention, MLP, final norm
     assert params == 5744
-    adamw = estimate_memory(cfg, 2, [], memory, "adamw")
+    adamw = estimate_for(cfg, 2, [], memory, "adamw")
     assert adamw.weights == adamw.gradients == 4 * params
     assert adamw.optimizer_states == 11 * 4 + 2 * 4 * params  # 11 tensors: a step counter each, two moments
     # 8-bit: a byte per element and an fp32 absmax per 256 elements, per moment
     blocks = {1600: 7, 16: 1, 256: 1, 1024: 4}
     counts = {1600: 1, 16: 3, 256: 4, 1024: 3}
     int8 = sum(counts[n] * (4 + 2 * (n + 4 * blocks[n])) for n in counts)
-    assert estimate_memory(cfg, 2, ["8bit"], memory, "adamw").optimizer_states == int8 == 11740
+    assert estimate_for(cfg, 2, ["8bit"], memory, "adamw").optimizer_states == int8 == 11740
     # Muon: one fp32 momentum for the 7 block matrices; AdamW for the embedding and the 3 gains
-    assert estimate_memory(cfg, 2, [], memory, "muon").optimizer_states == 4 * 4096 + 4 * 4 + 8 * 1648
+    assert estimate_for(cfg, 2, [], memory, "muon").optimizer_states == 4 * 4096 + 4 * 4 + 8 * 1648
     # GaLore rank 4: moments of 4 x the longer side, projections of the shorter side x 4
-    galore = estimate_memory(cfg, 2, ["galore"], memory, "muon")
+    galore = estimate_for(cfg, 2, ["galore"], memory, "muon")
     assert galore.optimizer == "adamw"
     assert galore.optimizer_states == 4 * (4 + 2 * 4 * 64) + 3 * (4 + 2 * 4 * 256) + 4 * 4 + 8 * 1648
     assert galore.projections == 4 * (4 * 16 * 4 + 3 * 16 * 4)
@@ -165,7 +165,7 @@ def test_byte_counts_by_hand():
     assert adamw.logits == n * 100 * 4 * 3  # log-softmax, and two gradients of its size (logits are freed)
     assert adamw.buffers == 2 * 8 * 8 * 4 + 2 * n * 8  # RoPE cos and sin, inputs and targets
     # checkpointing keeps one fp32 residual per block instead
-    assert estimate_memory(cfg, 2, ["checkpointing"], memory, "adamw").activations == n * 16 * 4 + head
+    assert estimate_for(cfg, 2, ["checkpointing"], memory, "adamw").activations == n * 16 * 4 + head
 
 
 def test_galore_paper_llama_1b_memory():
@@ -177,9 +177,9 @@ def test_galore_paper_llama_1b_memory():
     2.08G, 17% over."""
     cfg = ModelConfig(vocab_size=32000, d_model=2048, n_layers=24, n_heads=32, mlp_hidden=5461, seq_len=256,
                       tie_embeddings=False)
-    memory = MemorySection(galore_rank=512)
-    full = estimate_memory(cfg, 1, [], memory, "adamw", dtype="bf16", param_dtype="bf16")
-    galore = estimate_memory(cfg, 1, ["galore"], memory, "adamw", dtype="bf16", param_dtype="bf16")
+    memory = config_with([], "methods.galore.rank=512").methods
+    full = estimate_for(cfg, 1, [], memory, "adamw", dtype="bf16", param_dtype="bf16")
+    galore = estimate_for(cfg, 1, ["galore"], memory, "adamw", dtype="bf16", param_dtype="bf16")
     assert full.weights / 1e9 == pytest.approx(2.60, rel=0.05)
     assert full.optimizer_states / 1e9 == pytest.approx(5.20, rel=0.05)
     assert galore.weights == full.weights
@@ -194,8 +194,8 @@ def tiny_config():
 
 def test_planner_takes_the_first_candidate_that_fits():
     cfg = ModelConfig(vocab_size=4096, d_model=512, n_layers=8, n_heads=8, seq_len=256)
-    memory = MemorySection()
-    peaks = [estimate_memory(cfg, 8, candidate, memory, "muon").peak for candidate in CANDIDATES]
+    memory = config_with().methods
+    peaks = [estimate_for(cfg, 8, candidate, memory, "muon").peak for candidate in CANDIDATES]
     assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks)  # each one saves memory here
     for index, peak in enumerate(peaks):
         for cap in (peak, peak + 1):
@@ -211,9 +211,10 @@ def test_planner_takes_the_first_candidate_that_fits():
 
 def test_planner_refuses_in_one_line_when_nothing_fits():
     cfg = tiny_config()
-    smallest = min(estimate_memory(cfg, 4, c, MemorySection(), "muon").peak for c in CANDIDATES)
+    sections = config_with().methods
+    smallest = min(estimate_for(cfg, 4, c, sections, "muon").peak for c in CANDIDATES)
     with pytest.raises(FlopwiseError) as error:
-        choose_methods(cfg, 4, MemorySection(), "muon", 1024)
+        choose_methods(cfg, 4, sections, "muon", 1024)
     message = str(error.value)
     assert "\n" not in message and "memory.limit 1.0 KiB" in message
     assert format_bytes(smallest) in message and "smaller model" in message and "seq_len" in message
@@ -224,7 +225,7 @@ def test_memory_command_prints_the_table_and_the_choice():
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["memory", "--model", "tiny", "--batch", "2", "--memory", "2GiB",
                               "--set", "data.tokenizer=byte", "--set", "train.precision=fp32",
-                              "--set", 'memory.methods=["lisa"]'])
+                              "--set", 'methods.use=["lisa"]'])
     out = io.StringIO()
     assert cmd_memory(args, Console(file=out, width=300)) == 0
     text = out.getvalue()
@@ -245,6 +246,6 @@ def build_for_rss():
 
 def test_rss_of_a_step_includes_its_tensors():
     cfg = load_config(None, ["model.d_model=256", "model.n_layers=1", "model.n_heads=4", "model.seq_len=64"])
-    estimate = estimate_memory(cfg.model.build(32000), 2, [], cfg.memory, "adamw")
+    estimate = estimate_for(cfg.model.build(32000), 2, [], cfg.methods, "adamw")
     rss = rss_step_peak(build_for_rss)
     assert 0.7 * estimate.peak < rss < 3 * estimate.peak

@@ -15,7 +15,9 @@ from flopwise.methods.checkpointing import ActivationCheckpointing
 from flopwise.methods.dense import dense_state_dict
 from flopwise.methods.lisa import LISA
 from flopwise.methods.lora import LoRA, LoRALinear
-from flopwise.methods.registry import memory_methods
+from flopwise.methods.eight_bit import EightBitStates
+from flopwise.methods.layerwise import PerLayerUpdates
+from flopwise.methods.stack import MethodStack
 from flopwise.methods.sltrain import SLTrain, SparseLowRankLinear, _SparsePlusLowRankLinear
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
@@ -32,6 +34,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def sltrain(seed: int = 0, **settings) -> SLTrain:
+    return SLTrain(SLTrain.Config(**settings), seed)
+
+
+def lisa(seed: int = 0, **settings) -> LISA:
+    return LISA(LISA.Config(**settings), seed)
+
+
+def lora(seed: int = 0, **settings) -> LoRA:
+    return LoRA(LoRA.Config(**settings), seed)
+
+
+def checkpointing() -> ActivationCheckpointing:
+    return ActivationCheckpointing(ActivationCheckpointing.Config())
 
 
 def tiny_gpt(seed: int = 0) -> GPT:
@@ -109,7 +127,7 @@ def saved_bytes(model: GPT) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]
 def test_checkpointing_gives_the_same_loss_and_grads_and_saves_less():
     model = tiny_gpt()
     plain_bytes, plain_loss, plain_grads = saved_bytes(model)
-    ActivationCheckpointing().configure(model)
+    checkpointing().configure(model)
     assert model.checkpoint_blocks
     ckpt_bytes, ckpt_loss, ckpt_grads = saved_bytes(model)
     assert torch.equal(plain_loss, ckpt_loss)
@@ -128,7 +146,7 @@ def test_checkpointing_only_wraps_blocks_in_training(monkeypatch):
     calls = []
     monkeypatch.setattr(gpt, "checkpoint", lambda *args, **kw: calls.append(1) or torch.utils.checkpoint.checkpoint(
         *args, **kw))
-    model = configured(ActivationCheckpointing())
+    model = configured(checkpointing())
     x, y = batch()
     model(x, y)
     assert len(calls) == CFG.n_layers
@@ -142,7 +160,7 @@ def test_checkpointing_only_wraps_blocks_in_training(monkeypatch):
 
 
 def test_checkpointing_trains():
-    losses = train(configured(ActivationCheckpointing()), [])
+    losses = train(configured(checkpointing()), [])
     assert losses[-1] < losses[0] - 1.0
 
 
@@ -211,7 +229,7 @@ def test_sltrain_keeps_no_dense_weight_for_backward():
 
 def test_sltrain_support_and_parameter_count():
     delta = 0.03
-    model = configured(SLTrain(rank=6, delta=delta, seed=3))
+    model = configured(sltrain(rank=6, delta=delta, seed=3))
     layers = [m for m in model.modules() if isinstance(m, SparseLowRankLinear)]
     assert len(layers) == BLOCK_LINEARS
     assert not any(isinstance(m, torch.nn.Linear) for m in model.layers.modules())
@@ -245,10 +263,10 @@ def test_sltrain_init_follows_the_repo():
 
 def test_sltrain_support_is_seeded_and_saved_in_the_state_dict():
     x, _ = batch()
-    a, b = configured(SLTrain(seed=1)), configured(SLTrain(seed=2))
+    a, b = configured(sltrain(seed=1)), configured(sltrain(seed=2))
     q = "layers.0.self_attn.q_proj.index"
     assert not torch.equal(a.state_dict()[q], b.state_dict()[q])
-    assert torch.equal(configured(SLTrain(seed=1)).state_dict()[q], a.state_dict()[q])
+    assert torch.equal(configured(sltrain(seed=1)).state_dict()[q], a.state_dict()[q])
     b.load_state_dict(a.state_dict())
     torch.testing.assert_close(a(x)[0], b(x)[0], rtol=0, atol=0)
 
@@ -275,7 +293,7 @@ def test_refactorization_leaves_an_untrained_layer_alone():
 
 
 def test_momentum_reset_clears_only_the_factorized_layers_states():
-    method = SLTrain(rank=4, refactor_every=5, rewarmup=3)
+    method = sltrain(rank=4, refactor_every=5, rewarmup=3)
     model = configured(method)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = batch()
@@ -298,7 +316,7 @@ def test_momentum_reset_clears_only_the_factorized_layers_states():
 
 
 def test_lr_rewarmup_after_each_refactorization():
-    method = SLTrain(refactor_every=200, rewarmup=10)
+    method = sltrain(refactor_every=200, rewarmup=10)
     factors = [method.lr_factor(step) for step in range(0, 420)]
     assert all(f == 1.0 for f in factors[:200])
     assert factors[200] == pytest.approx(1e-3)
@@ -306,18 +324,18 @@ def test_lr_rewarmup_after_each_refactorization():
     assert factors[204] == pytest.approx(1e-3 + (1 - 1e-3) * 4 / 9)
     assert all(a < b for a, b in zip(factors[200:210], factors[201:210]))
     assert factors[400:410] == factors[200:210]
-    assert SLTrain(refactor_every=200, rewarmup=1).lr_factor(200) == 1.0
+    assert sltrain(refactor_every=200, rewarmup=1).lr_factor(200) == 1.0
 
 
 def test_sltrain_trains_through_refactorizations():
-    method = SLTrain(rank=8, refactor_every=10, rewarmup=3)
+    method = sltrain(rank=8, refactor_every=10, rewarmup=3)
     losses = train(configured(method), [method], steps=30)
     assert losses[-1] < losses[0] - 1.0
 
 
 def test_sltrain_with_checkpointing_gives_the_same_grads():
-    plain = configured(SLTrain(seed=4))
-    checkpointed = configured(SLTrain(seed=4), ActivationCheckpointing())
+    plain = configured(sltrain(seed=4))
+    checkpointed = configured(sltrain(seed=4), checkpointing())
     for model in (plain, checkpointed):
         perturb(model, ".B", 1)
     x, y = batch()
@@ -332,7 +350,7 @@ def test_sltrain_with_checkpointing_gives_the_same_grads():
 def test_lora_starts_as_the_base_model_and_trains_only_adapters():
     x, y = batch()
     base = tiny_gpt()
-    model = configured(LoRA(rank=4, alpha=8.0))
+    model = configured(lora(rank=4, alpha=8.0))
     torch.testing.assert_close(model(x)[0], base(x)[0], rtol=0, atol=0)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert len(trainable) == 2 * BLOCK_LINEARS
@@ -351,7 +369,7 @@ def test_lora_starts_as_the_base_model_and_trains_only_adapters():
 
 def test_lora_merge_matches_the_adapted_forward():
     x, _ = batch()
-    model = configured(LoRA(rank=4, alpha=16.0, seed=2))
+    model = configured(lora(rank=4, alpha=16.0, seed=2))
     perturb(model, "lora_B", 1)
     merged = GPT(CFG)
     merged.load_state_dict(dense_state_dict(model))
@@ -364,7 +382,7 @@ def test_lora_merge_matches_the_adapted_forward():
 def test_lora_fine_tunes_a_trained_model():
     model = tiny_gpt()
     train(model, [], steps=20)  # the "imported" model: a frozen random one could barely move its logits
-    LoRA(rank=8, alpha=16.0).configure(model)
+    lora(rank=8, alpha=16.0).configure(model)
     losses = train(model, [], steps=30, lr=3e-2, shift=1)
     assert losses[-1] < losses[0] - 1.0
 
@@ -376,7 +394,7 @@ def trainable_blocks(model: GPT) -> set[int]:
 
 
 def test_lisa_trains_exactly_gamma_blocks_plus_embeddings_and_head():
-    method = LISA(layers=2, interval=5, seed=7)
+    method = lisa(layers=2, interval=5, seed=7)
     model = tiny_gpt()
     optimizer = torch.optim.AdamW(model.parameters())
     for step in range(0, 40, 3):
@@ -388,17 +406,17 @@ def test_lisa_trains_exactly_gamma_blocks_plus_embeddings_and_head():
 
 
 def test_lisa_choice_is_a_function_of_seed_and_period():
-    method = LISA(layers=2, interval=10, seed=3)
+    method = lisa(layers=2, interval=10, seed=3)
     assert all(method.active_blocks(step, 8) == method.active_blocks(20, 8) for step in range(20, 30))
-    assert method.active_blocks(25, 8) == LISA(layers=2, interval=10, seed=3).active_blocks(21, 8)
+    assert method.active_blocks(25, 8) == lisa(layers=2, interval=10, seed=3).active_blocks(21, 8)
     draws = {method.active_blocks(10 * k, 8) for k in range(30)}
     assert len(draws) > 5  # redrawn across periods
-    assert len({LISA(2, 10, seed).active_blocks(0, 8) for seed in range(30)}) > 5
-    assert LISA(layers=9, interval=10).active_blocks(0, 8) == frozenset(range(8))
+    assert len({lisa(layers=2, interval=10, seed=seed).active_blocks(0, 8) for seed in range(30)}) > 5
+    assert lisa(layers=9, interval=10).active_blocks(0, 8) == frozenset(range(8))
 
 
 def test_lisa_keeps_optimizer_states_only_for_active_blocks_and_resumes_them():
-    method = LISA(layers=2, interval=4, seed=0)
+    method = lisa(layers=2, interval=4, seed=0)
     model = tiny_gpt()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x, y = batch()
@@ -416,7 +434,7 @@ def test_lisa_keeps_optimizer_states_only_for_active_blocks_and_resumes_them():
     # a resumed run (fresh method, states loaded) re-applies the same blocks and keeps every state
     resumed = torch.optim.AdamW(model.parameters(), lr=1e-2)
     resumed.load_state_dict(optimizer.state_dict())
-    LISA(layers=2, interval=4, seed=0).before_step(11, model, resumed)
+    lisa(layers=2, interval=4, seed=0).before_step(11, model, resumed)
     assert len(resumed.state) == len(optimizer.state)
     # at the next switch the states of the blocks that stop training go; the others' stay
     method.before_step(12, model, optimizer)
@@ -426,7 +444,7 @@ def test_lisa_keeps_optimizer_states_only_for_active_blocks_and_resumes_them():
 
 
 def test_lisa_trains():
-    losses = train(tiny_gpt(), [LISA(layers=2, interval=5, seed=1)], steps=30)
+    losses = train(tiny_gpt(), [lisa(layers=2, interval=5, seed=1)], steps=30)
     assert losses[-1] < losses[0] - 1.0
 
 
@@ -434,7 +452,7 @@ def test_lisa_trains():
 
 def test_dense_state_dict_of_sltrain_loads_into_a_plain_gpt():
     x, _ = batch()
-    model = configured(SLTrain(rank=4, seed=5))
+    model = configured(sltrain(rank=4, seed=5))
     perturb(model, ".B", 2)
     state = dense_state_dict(model)
     assert list(state) == list(GPT(CFG).state_dict())
@@ -443,22 +461,23 @@ def test_dense_state_dict_of_sltrain_loads_into_a_plain_gpt():
     torch.testing.assert_close(plain(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_registry_builds_the_model_side_methods_in_order():
-    config = RunConfig.model_validate({"train": {"seed": 11}, "memory": {
-        "methods": ["8bit", "sltrain", "checkpointing", "layerwise", "sltrain"], "sltrain_rank": 12,
-        "sltrain_refactor_every": 50}})
-    methods = memory_methods(config)
-    assert [type(m) for m in methods] == [SLTrain, ActivationCheckpointing]
-    assert (methods[0].rank, methods[0].seed, methods[0].refactor_every, methods[0].rewarmup) == (12, 11, 50, 10)
-    lisa, lora = memory_methods(RunConfig.model_validate({"memory": {"methods": ["lisa"]}}))[0], \
-        memory_methods(RunConfig.model_validate({"memory": {"methods": ["lora"]}}))[0]
+def test_the_stack_builds_the_methods_in_registry_order_with_their_settings():
+    config = RunConfig.model_validate({"train": {"seed": 11}, "methods": {
+        "use": ["8bit", "sltrain", "checkpointing", "layerwise", "sltrain"], "sltrain": {"rank": 12,
+                                                                                        "refactor_every": 50}}})
+    assert config.methods.use == ["8bit", "checkpointing", "layerwise", "sltrain"]  # once each, registry order
+    methods = MethodStack(config).methods
+    assert [type(m) for m in methods] == [EightBitStates, ActivationCheckpointing, PerLayerUpdates, SLTrain]
+    sltrain = methods[3]
+    assert (sltrain.rank, sltrain.seed, sltrain.refactor_every, sltrain.rewarmup) == (12, 11, 50, 10)
+    lisa = MethodStack(RunConfig.model_validate({"methods": {"use": ["lisa"]}})).methods[0]
+    lora = MethodStack(RunConfig.model_validate({"methods": {"use": ["lora"]}})).methods[0]
     assert (lisa.layers, lisa.interval, lora.rank, lora.alpha) == (2, 20, 8, 16.0)  # LMFlow's LISA defaults
 
 
 @pytest.mark.parametrize("methods", [["sltrain", "lora"], ["lora", "lisa"], ["galore", "sltrain"],
                                      ["lora", "galore"]])
-def test_registry_rejects_combinations_that_cannot_work(methods):
-    config = RunConfig.model_validate({"memory": {"methods": methods}})
-    with pytest.raises(FlopwiseError, match="memory.methods") as error:
-        memory_methods(config)
+def test_methods_refuse_combinations_that_cannot_work(methods):
+    with pytest.raises(FlopwiseError, match="methods.use cannot combine") as error:
+        RunConfig.model_validate({"optim": {"name": "adamw"}, "methods": {"use": methods}})
     assert "\n" not in str(error.value) and "keep one" in str(error.value)

@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 
 from flopwise.cli import main
 from flopwise.config import load_config
+from flopwise.methods.registry import MEMORY_METHODS
 from flopwise.rundir import read_metrics
-from tests.conftest import TINY
-from tests.test_train import losses, train, train_events
+from tests.helpers import TINY
+from tests.helpers import losses, train, train_events
 
 # TINY without the shape and tokenizer, which an --init-from model brings
 LOOP = ["--set", "model.seq_len=64", "--set", "optim.batch_size=4", "--set", "train.eval_tokens=2048",
@@ -22,9 +23,9 @@ LOOP = ["--set", "model.seq_len=64", "--set", "optim.batch_size=4", "--set", "tr
 # refactorization and re-warmup, LISA's resampling) happens before and after the interruption.
 METHOD_SETS: dict[str, tuple[list[str], list[str]]] = {  # name: (methods, further --set overrides)
     "galore-8bit-layerwise": (["galore", "8bit", "layerwise"],
-                              ["optim.name=adamw", "memory.galore_update_gap=5", "memory.galore_rank=8"]),
-    "sltrain": (["sltrain"], ["optim.name=adamw", "memory.sltrain_refactor_every=8", "memory.sltrain_rewarmup=3"]),
-    "lisa-muon-8bit": (["lisa", "8bit"], ["memory.lisa_layers=1", "memory.lisa_interval=5"]),
+                              ["optim.name=adamw", "methods.galore.update_gap=5", "methods.galore.rank=8"]),
+    "sltrain": (["sltrain"], ["optim.name=adamw", "methods.sltrain.refactor_every=8", "methods.sltrain.rewarmup=3"]),
+    "lisa-muon-8bit": (["lisa", "8bit"], ["methods.lisa.layers=1", "methods.lisa.interval=5"]),
     "checkpointing": (["checkpointing"], []),
 }
 
@@ -45,7 +46,7 @@ def test_method_trains_and_resumes_exactly(tmp_path, text_folder, name):
     assert train("--resume", str(part)) == 0
     assert losses(part) == losses(full)  # bit for bit across the interruption
     assert [e["lr"] for e in train_events(part)] == [e["lr"] for e in train_events(full)]
-    assert load_config(full / "config.toml").memory.methods == METHOD_SETS[name][0]  # recorded for the resume
+    assert load_config(full / "config.toml").methods.use == sorted(METHOD_SETS[name][0], key=MEMORY_METHODS.index)
 
 
 def test_sltrain_rewarmup_shows_in_the_logged_lr(tmp_path, text_folder):
@@ -78,7 +79,7 @@ def test_lora_finetunes_an_imported_model_and_merges_on_export(tmp_path, text_fo
     assert train(*TINY, "--data", str(text_folder), "--budget", "10steps", "--out", str(base)) == 0
     tuned = tmp_path / "tuned"
     assert train(*LOOP, "--init-from", str(base / "final"), "--method", "lora",
-                 "--set", "memory.lora_rank=2", "--set", "optim.name=adamw", "--data", str(text_folder),
+                 "--set", "methods.lora.rank=2", "--set", "optim.name=adamw", "--data", str(text_folder),
                  "--budget", "12steps", "--out", str(tuned)) == 0
     before = load_file(str(base / "final" / "model.safetensors"))
     after = load_file(str(tuned / "final" / "model.safetensors"))
@@ -93,17 +94,17 @@ def test_lora_finetunes_an_imported_model_and_merges_on_export(tmp_path, text_fo
 
 
 def test_memory_cap_picks_methods_and_says_why(tmp_path, text_folder, capsys):
-    from flopwise.memory.estimate import estimate_memory
+    from flopwise.methods.choose import estimate_for
 
     cfg = load_config(None, ["model.size=tiny", "model.seq_len=64", "optim.batch_size=4"])
     model_cfg = cfg.model.build(257)
-    full = estimate_memory(model_cfg, 4, [], cfg.memory, cfg.optim.name).peak
-    int8 = estimate_memory(model_cfg, 4, ["8bit"], cfg.memory, cfg.optim.name).peak
+    full = estimate_for(model_cfg, 4, [], cfg.methods, cfg.optim.name).peak
+    int8 = estimate_for(model_cfg, 4, ["8bit"], cfg.methods, cfg.optim.name).peak
     cap = (full + int8) / 2  # full precision does not fit, 8-bit states do
     run = tmp_path / "capped"
     assert train(*TINY, "--data", str(text_folder), "--budget", "6steps", "--memory", str(int(cap)),
                  "--out", str(run)) == 0
-    assert load_config(run / "config.toml").memory.methods == ["8bit"]
+    assert load_config(run / "config.toml").methods.use == ["8bit"]  # the resolved config records the choice
     assert "8bit" in capsys.readouterr().out
 
 
@@ -146,12 +147,12 @@ def test_galore_with_muon_is_refused(tmp_path, text_folder, capsys):
 ])
 def test_methods_refused_under_torchrun_name_the_method(methods, parallel, phrase):
     from flopwise.errors import FlopwiseError
-    from flopwise.train.memory_setup import check_method_constraints
+    from flopwise.methods.base import World
+    from flopwise.methods.stack import check_methods
 
-    config = load_config(None, [f"train.parallel={parallel}"], {"memory.methods": methods})
-    check_method_constraints(config, world_size=1)  # one process: fine
-    with pytest.raises(FlopwiseError, match=f"memory.methods '{methods[0]}' .*{phrase}"):
-        check_method_constraints(config, world_size=2)
+    config = load_config(None, [f"train.parallel={parallel}", "optim.name=adamw"], {"methods.use": methods})
+    check_methods(config, World(1, parallel))  # one process: fine
+    with pytest.raises(FlopwiseError, match=f"methods.use '{methods[0]}' .*{phrase}"):
+        check_methods(config, World(2, parallel))
     if parallel == "fsdp":
-        config.train.parallel = "ddp"
-        check_method_constraints(config, world_size=2)  # DDP keeps whole matrices: fine
+        check_methods(config, World(2, "ddp"))  # DDP keeps whole matrices: fine

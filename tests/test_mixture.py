@@ -172,7 +172,7 @@ def test_resolve_weights_from_flags_and_config():
         resolve_weights({"code": 1.0}, ["stdlib"], domains)
     with pytest.raises(FlopwiseError, match="mixture weight for 'docs', which is not a domain"):
         resolve_weights({"docs": 1.0, "code": 1, "prose": 1}, [], domains)
-    with pytest.raises(FlopwiseError, match="weight 1 in mixture.weights and 2 in --data"):
+    with pytest.raises(FlopwiseError, match="weight 1 in methods.mixture.weights and 2 in --data"):
         resolve_weights({"code": 1.0, "prose": 1.0}, ["code=./a:2"], domains)
 
 
@@ -213,5 +213,5 @@ def test_reweighter_state_round_trip_and_zero_weight_domains_stay_out():
 
 
 def test_excess_without_reference_is_refused():
-    with pytest.raises(FlopwiseError, match="mixture.online='excess' needs mixture.reference"):
+    with pytest.raises(FlopwiseError, match="mixture.online='excess' needs methods.online_mixture.reference"):
         DomainReweighter(base=[0.5, 0.5], rule="excess")

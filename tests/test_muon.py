@@ -12,7 +12,7 @@ import torch
 from flopwise.cli import main
 from flopwise.optim.muon import newton_schulz
 from flopwise.optim.optimizer import FlopwiseOptimizer
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 @pytest.mark.parametrize("shape", [(16, 16), (8, 32), (48, 12)])

@@ -73,9 +73,8 @@ def test_plan_takes_the_lowest_predicted_loss_among_all_family_members():
                                                * 2048)
     assert plan.candidates[-1].d_model > best  # the search looked past the best before stopping
     assert any("law:" in line for line in plan.assumptions) and any("throughput" in line for line in plan.assumptions)
-    config_after = config.model_copy(deep=True)
-    plan.apply(config_after)
-    assert config_after.model.build(4096).d_model == best
+    config_after = plan.apply(config)
+    assert config_after.model.build(4096).d_model == best and config.model.d_model is None  # a new config
 
 
 def test_a_larger_budget_plans_a_larger_model():

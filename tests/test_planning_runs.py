@@ -12,8 +12,8 @@ from flopwise.config import load_config
 from flopwise.scaling.law_file import read_law
 from flopwise.plan.scan import PilotSize, Scan, ScanDesign
 from flopwise.rundir import read_metrics
-from tests.conftest import TINY
-from tests.test_train import train
+from tests.helpers import TINY
+from tests.helpers import train
 
 PLANNING = ["--tokenizer", "byte", "--set", "model.seq_len=64", "--set", "optim.batch_size=4",
             "--set", "train.eval_tokens=2048"]

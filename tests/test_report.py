@@ -22,7 +22,7 @@ from flopwise.cli.report import cmd_report, register
 from flopwise.report.plots import build_figures
 from flopwise.report.runs import load_runs
 from flopwise.report.table import final_table
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 # plot name -> (events, x field, y field, x scale): written out here, not taken from flopwise.report.series
 EXPECTED_PLOTS = {

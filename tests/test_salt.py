@@ -14,7 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from flopwise.data.tokenizer import byte_tokenizer
 from flopwise.errors import FlopwiseError
-from flopwise.methods.salt import (SaltSettings, Teacher, distillation_loss, kd_weight_at, select_windows,
+from flopwise.methods.salt import (SaltConfig, Teacher, distillation_loss, kd_weight_at, select_windows,
                                    selecting_at)
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
@@ -183,17 +183,17 @@ def test_distillation_ignores_ids_the_teacher_lacks():
 
 
 def test_kd_weight_follows_a_step_schedule():
-    s = SaltSettings(teacher="t")
+    s = SaltConfig(teacher="t")
     assert s.kd_until == pytest.approx(36 / 208)
     assert kd_weight_at(0.0, s) == s.kd_weight == pytest.approx(2 / 3)
     assert kd_weight_at(s.kd_until - 1e-9, s) == s.kd_weight
     assert kd_weight_at(s.kd_until, s) == 0.0 and kd_weight_at(1.0, s) == 0.0
-    custom = SaltSettings(teacher="t", kd_weight=0.25, kd_until=0.5)
+    custom = SaltConfig(teacher="t", kd_weight=0.25, kd_until=0.5)
     assert [kd_weight_at(p, custom) for p in (0.1, 0.49, 0.5, 0.9)] == [0.25, 0.25, 0.0, 0.0]
     assert not selecting_at(0.0, s)
-    pooled = SaltSettings(teacher="t", select_pool=2.0, kd_until=0.5)
+    pooled = SaltConfig(teacher="t", select_pool=2.0, kd_until=0.5)
     assert selecting_at(0.2, pooled) and not selecting_at(0.5, pooled)
-    assert pooled.pool_size(8) == 16 and SaltSettings(teacher="t", select_pool=1.5).pool_size(3) == 5
+    assert pooled.pool_size(8) == 16 and SaltConfig(teacher="t", select_pool=1.5).pool_size(3) == 5
     assert s.pool_size(8) == 8
 
 
@@ -201,11 +201,11 @@ def test_kd_weight_follows_a_step_schedule():
                                          ("select_pool", 0.5), ("select_top_k", 0)])
 def test_settings_refuse_bad_values(field, value):
     with pytest.raises(FlopwiseError, match=f"salt.{field}="):
-        SaltSettings(teacher="t", **{field: value})
+        SaltConfig(teacher="t", **{field: value})
 
 
 def test_select_windows_keeps_the_highest_scores():
-    s = SaltSettings(teacher="t", select_pool=2.0)
+    s = SaltConfig(teacher="t", select_pool=2.0)
     scores = torch.tensor([0.5, 3.0, float("nan"), 2.0, 3.0, 0.1])
     assert select_windows(scores, 3, s).tolist() == [1, 3, 4]
     assert select_windows(scores, 1, s).tolist() == [1]  # a tie goes to the earlier candidate
@@ -232,7 +232,7 @@ def test_selection_scores_median_over_learnable_tokens():
     batch = torch.cat([easy, hard, unlearnable])
     targets = torch.tensor([[0] * 4, [1] * 4, [3] * 4])
     scores = Teacher.scores_from_logits(batch, targets, top_k=2)
-    assert select_windows(scores, 1, SaltSettings(teacher="t")).tolist() == [1]
+    assert select_windows(scores, 1, SaltConfig(teacher="t")).tolist() == [1]
 
 
 def test_teacher_selection_scores_run_on_the_model(saved):

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from flopwise.errors import FlopwiseError
-from flopwise.methods.sample_weights import (PACINGS, STRATEGIES, ReweightSettings, normalized_losses,
+from flopwise.config import load_config
+from flopwise.methods.base import StepOutputs
+from flopwise.methods.reweight import ReweightConfig, SampleReweighting
+from flopwise.methods.sample_weights import (PACINGS, STRATEGIES, normalized_losses,
                                              pacing_fraction, sample_weights, strategy_scores)
 from flopwise.runtime import Ranks
 
@@ -26,13 +29,13 @@ def numpy_weights(losses: np.ndarray, strategy: str, delta: float = 1.0, r: floa
     return len(losses) * g / g.sum()
 
 
-def settings(strategy: str = "linupper", **kw) -> ReweightSettings:
-    return ReweightSettings(strategy=strategy, burn_in=kw.pop("burn_in", 0), **kw)
+def settings(strategy: str = "linupper", **kw) -> ReweightConfig:
+    return ReweightConfig(strategy=strategy, **kw)
 
 
 def test_defaults_are_the_papers():
-    s = ReweightSettings()
-    assert (s.strategy, s.temperature, s.delta, s.burn_in) == ("linupper", 0.4, 1.0, 1000)
+    s = ReweightConfig()  # the paper's 1000 uniform steps become the first 5% of the budget
+    assert (s.strategy, s.temperature, s.delta, s.burn_in) == ("linupper", 0.4, 1.0, 0.05)
     assert STRATEGIES == ("uniform", "linupper", "quadratic", "extremes")
 
 
@@ -41,7 +44,7 @@ def test_defaults_are_the_papers():
 def test_weights_match_independent_numpy(strategy, delta, r):
     rng = np.random.default_rng([STRATEGIES.index(strategy), int(delta * 10), int(r * 100)])
     losses = rng.uniform(1.5, 6.0, size=37)
-    w = sample_weights(torch.tensor(losses, dtype=torch.float32), 5, settings(strategy, delta=delta, temperature=r))
+    w = sample_weights(torch.tensor(losses, dtype=torch.float32), settings(strategy, delta=delta, temperature=r))
     assert w.shape == (37,)
     np.testing.assert_allclose(w.numpy(), numpy_weights(losses, strategy, delta, r), rtol=1e-5, atol=1e-6)
     assert w.mean().item() == pytest.approx(1.0, abs=1e-6)
@@ -65,7 +68,7 @@ def test_scores_shapes():
 
 def test_linupper_downweights_low_losses_and_caps_high_ones():
     losses = torch.linspace(2.0, 4.0, 9)  # normalized: -1, -0.75, ..., 1
-    w = sample_weights(losses, 0, settings("linupper")).tolist()
+    w = sample_weights(losses, settings("linupper")).tolist()
     assert all(a < b for a, b in zip(w[:5], w[1:5]))  # strictly rising over the lower half
     assert w[4:] == pytest.approx([w[4]] * 5)  # flat over the upper half: high losses are not boosted further
     assert all(a <= b + 1e-7 for a, b in zip(w, w[1:]))  # never favours a smaller loss
@@ -73,38 +76,42 @@ def test_linupper_downweights_low_losses_and_caps_high_ones():
 
 def test_quadratic_favours_the_middle_and_extremes_the_ends():
     losses = torch.linspace(2.0, 4.0, 9)
-    q = sample_weights(losses, 0, settings("quadratic")).tolist()
-    e = sample_weights(losses, 0, settings("extremes")).tolist()
+    q = sample_weights(losses, settings("quadratic")).tolist()
+    e = sample_weights(losses, settings("extremes")).tolist()
     assert max(q) == q[4] and q[0] == pytest.approx(q[-1]) and q[0] < q[2] < q[4]
     assert min(e) == e[4] and e[0] == pytest.approx(e[-1]) and e[0] > e[2] > e[4]
 
 
 def test_burn_in_and_uniform_give_ones():
     losses = torch.tensor([1.0, 4.0, 2.0, 9.0])
-    for step in (0, 999):
-        assert sample_weights(losses, step, ReweightSettings()).tolist() == [1.0] * 4
-    assert sample_weights(losses, 1000, ReweightSettings()).tolist() != [1.0] * 4
-    assert sample_weights(losses, 5000, settings("uniform")).tolist() == [1.0] * 4
+    method = SampleReweighting(ReweightConfig(burn_in=0.25))
+    method.ranks = Ranks()
+    outputs = StepOutputs(batch=None, inputs=torch.zeros(4, 3), logits=torch.zeros(4, 3, 5), sequence=losses)
+    for p in (0.0, 0.2499):  # uniform weights before burn_in: the loss is left as it is
+        assert method.loss(losses, outputs, step=10, p=p) is losses
+    weighted = method.loss(losses, outputs, step=10, p=0.25)
+    assert torch.equal(weighted, losses * sample_weights(losses, method.config))
+    assert sample_weights(losses, settings("uniform")).tolist() == [1.0] * 4
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_equal_losses_give_ones(strategy):
-    w = sample_weights(torch.full((8,), 3.25), 10, settings(strategy))
+    w = sample_weights(torch.full((8,), 3.25), settings(strategy))
     assert w.tolist() == pytest.approx([1.0] * 8, abs=1e-6)
 
 
 def test_large_temperature_is_near_uniform():
     losses = torch.rand(64, generator=torch.Generator().manual_seed(0)) * 5
     for strategy in STRATEGIES:
-        w = sample_weights(losses, 0, settings(strategy, temperature=1e4))
+        w = sample_weights(losses, settings(strategy, temperature=1e4))
         assert (w - 1).abs().max().item() < 1e-3
-    sharp = sample_weights(losses, 0, settings("extremes", temperature=0.05))
+    sharp = sample_weights(losses, settings("extremes", temperature=0.05))
     assert (sharp - 1).abs().max().item() > 1
 
 
 def test_no_gradient_flows_through_weights():
     losses = (torch.rand(6, generator=torch.Generator().manual_seed(1)) * 3).requires_grad_()
-    w = sample_weights(losses, 0, settings("linupper"))
+    w = sample_weights(losses, settings("linupper"))
     assert not w.requires_grad and w.grad_fn is None
     (w * losses).mean().backward()  # the weights act as constants
     assert torch.allclose(losses.grad, w / 6)
@@ -112,35 +119,34 @@ def test_no_gradient_flows_through_weights():
 
 def test_low_precision_losses():
     losses = torch.tensor([2.0, 3.0, 2.5, 4.0], dtype=torch.bfloat16)
-    w = sample_weights(losses, 0, settings("linupper"))
+    w = sample_weights(losses, settings("linupper"))
     assert w.dtype == torch.float32
     np.testing.assert_allclose(w.numpy(), numpy_weights(losses.float().numpy().astype(np.float64), "linupper"),
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"strategy": "linear"}, "reweight.strategy"),
-    ({"temperature": 0.0}, "reweight.temperature"),
-    ({"temperature": float("inf")}, "reweight.temperature"),
-    ({"delta": -1.0}, "reweight.delta"),
-    ({"burn_in": -5}, "reweight.burn_in"),
-    ({"burn_in": 2.5}, "reweight.burn_in"),
+@pytest.mark.parametrize("setting,field", [
+    ("strategy=linear", "methods.reweight.strategy"),
+    ("temperature=0.0", "methods.reweight.temperature"),
+    ("temperature=.inf", "methods.reweight.temperature"),
+    ("delta=-1.0", "methods.reweight.delta"),
+    ("burn_in=-5", "methods.reweight.burn_in"),
+    ("burn_in=2.5", "methods.reweight.burn_in"),
 ])
-def test_invalid_settings(kwargs, field):
+def test_invalid_settings(setting, field):
     with pytest.raises(FlopwiseError) as err:
-        ReweightSettings(**kwargs)
+        load_config(None, ['methods.use=["reweight"]', f"methods.reweight.{setting}"])
     message = str(err.value)
-    assert message.startswith(field + "=") and "\n" not in message
-    assert ("use one of" in message) or ("paper uses" in message)
+    assert f"{field}=" in message and "\n" not in message
 
 
 def test_invalid_arguments_of_the_helpers():
-    with pytest.raises(FlopwiseError, match=r"^reweight\.strategy='mid'"):
+    with pytest.raises(FlopwiseError, match=r"^methods\.reweight\.strategy='mid'"):
         strategy_scores(torch.zeros(3), "mid", 1.0)
-    with pytest.raises(FlopwiseError, match=r"^reweight\.delta=0"):
+    with pytest.raises(FlopwiseError, match=r"^methods\.reweight\.delta=0"):
         normalized_losses(torch.zeros(3), 0)
     with pytest.raises(ValueError):
-        sample_weights(torch.zeros(2, 3), 0, settings())
+        sample_weights(torch.zeros(2, 3), settings())
 
 
 # --- two processes (gloo) hold halves of the batch --------------------------------------------------
@@ -163,8 +169,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         for name, (losses, split) in BATCHES.items():
             part = losses[:split] if rank == 0 else losses[split:]
             for strategy in STRATEGIES:
-                s = ReweightSettings(strategy=strategy, burn_in=0)
-                results[name, strategy] = sample_weights(torch.tensor(part, dtype=torch.float32), 3, s, ranks)
+                s = ReweightConfig(strategy=strategy)
+                results[name, strategy] = sample_weights(torch.tensor(part, dtype=torch.float32), s, ranks)
             results[name, "normalized"] = normalized_losses(torch.tensor(part, dtype=torch.float32), 1.0, ranks)
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
@@ -186,7 +192,7 @@ def test_two_ranks_match_one_process(tmp_path):
             if key == "normalized":
                 expected = normalized_losses(full, 1.0)
             else:
-                expected = sample_weights(full, 3, ReweightSettings(strategy=key, burn_in=0))
+                expected = sample_weights(full, ReweightConfig(strategy=key))
             torch.testing.assert_close(parts[0][name, key], expected[:split], rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(parts[1][name, key], expected[split:], rtol=1e-6, atol=1e-6)
         together = torch.cat([parts[0][name, "linupper"], parts[1][name, "linupper"]])
@@ -232,11 +238,11 @@ def test_pacing_monotonic_and_in_range(pacing):
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    ({"pacing": "quad"}, "curriculum.pacing"),
-    ({"start": 0.0}, "curriculum.start"),
-    ({"start": 1.5}, "curriculum.start"),
-    ({"full_at": 0.0}, "curriculum.full_at"),
-    ({"full_at": float("nan")}, "curriculum.full_at"),
+    ({"pacing": "quad"}, "methods.curriculum.pacing"),
+    ({"start": 0.0}, "methods.curriculum.start"),
+    ({"start": 1.5}, "methods.curriculum.start"),
+    ({"full_at": 0.0}, "methods.curriculum.full_at"),
+    ({"full_at": float("nan")}, "methods.curriculum.full_at"),
 ])
 def test_pacing_errors(kwargs, field):
     args = {"p": 0.3, "pacing": "linear", **kwargs}

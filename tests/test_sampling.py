@@ -11,7 +11,7 @@ import torch
 from flopwise.cli import main
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT, filter_logits, sample_next
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def reference_allowed(logits: list[float], temperature: float, top_k: int | None, top_p: float | None) -> set[int]:

@@ -17,19 +17,7 @@ import pytest
 from flopwise.cli import main
 from flopwise.optim.schedules import Schedule
 from flopwise.rundir import read_metrics
-from tests.conftest import TINY
-
-
-def train_events(run: Path) -> list[dict]:
-    return [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "train"]
-
-
-def losses(run: Path) -> list[tuple[int, float]]:
-    return [(e["step"], e["loss"]) for e in train_events(run)]
-
-
-def train(*args: str) -> int:
-    return main(["train", *args])
+from tests.helpers import TINY, losses, train, train_events
 
 
 def test_step_budget_runs_exactly_and_ends_annealed(tmp_path, text_folder):

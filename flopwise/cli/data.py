@@ -41,7 +41,7 @@ def cmd_data(args: argparse.Namespace, console: Console) -> int:
     config = config_from_args(args)
     prepared = prepare_data(config.data, config.train.seed)
     summary = prepared.summary()
-    weights = resolve_weights(config.mixture.weights, config.data.sources, summary["domains"])
+    weights = resolve_weights(config.methods.mixture.weights, config.data.sources, summary["domains"])
     hygiene = summary["hygiene"]
     table = Table(title=f"data: {hygiene['documents_in']:,} documents read, {hygiene['documents_out']:,} kept "
                         f"({hygiene['exact_duplicates']:,} exact and {hygiene['near_duplicates']:,} near duplicates, "

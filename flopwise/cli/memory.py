@@ -18,7 +18,7 @@ from flopwise.plan.resolve import compute_dtype, shape_from_config
 EPILOG = """\
 what is counted (bytes of one optimizer step; binary units):
   weights, gradients (all; with layerwise the most alive at once), optimizer states (moments,
-  or 8-bit codes + one fp32 absmax per memory.state_block elements, and step counters; GaLore's
+  or 8-bit codes + one fp32 absmax per methods.8bit.block elements, and step counters; GaLore's
   projection matrices are their own column), activations saved for backward by one micro-batch,
   buffers (RoPE tables, SLTrain indices, the token batch), logits and cross-entropy tensors, and
   the peak: the largest of the moments where a step crests (start of backward, inside the last or
@@ -28,7 +28,7 @@ what is counted (bytes of one optimizer step; binary units):
 examples:
   flopwise memory --config run.toml
   flopwise memory --model large --batch 16 --memory 8GiB
-  flopwise memory --set model.d_model=1024 --set model.n_layers=16 --set memory.methods='["8bit"]'
+  flopwise memory --set model.d_model=1024 --set model.n_layers=16 --set methods.use='["8bit"]'
 """
 
 
@@ -48,7 +48,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_memory(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.memory.estimate import CANDIDATES, choose_methods, estimate_memory
+    from flopwise.methods.choose import CANDIDATES, choose_methods, estimate_for, memory_methods_of
 
     config = config_from_args(args)  # of the table's flags, this command has --model and --memory
     model_cfg = shape_from_config(config)
@@ -56,16 +56,16 @@ def cmd_memory(args: argparse.Namespace, console: Console) -> int:
     if batch <= 0:
         raise FlopwiseError(f"--batch {batch} must be a positive number of sequences")
     dtype = compute_dtype(config)
-    memory, optim = config.memory, config.optim
-    method_sets = list(dict.fromkeys([*CANDIDATES, tuple(memory.methods)]))
-    estimates = [estimate_memory(model_cfg, batch, methods, memory, optim.name, dtype, grad_accum=optim.grad_accum)
+    limit, optim, configured = config.memory.limit, config.optim, tuple(memory_methods_of(config))
+    method_sets = list(dict.fromkeys([*CANDIDATES, configured]))
+    estimates = [estimate_for(model_cfg, batch, methods, config.methods, optim.name, dtype, grad_accum=optim.grad_accum)
                  for methods in method_sets]
     if not console.is_terminal:  # piped or captured: the table's many columns would be squeezed to 80
         console.width = max(console.width, 170)
-    console.print(_table(estimates, model_cfg, batch, dtype, memory.limit, tuple(memory.methods)))
-    if memory.limit is not None:
+    console.print(_table(estimates, model_cfg, batch, dtype, limit, configured))
+    if limit is not None:
         try:
-            choice = choose_methods(model_cfg, batch, memory, optim.name, memory.limit, dtype, optim.grad_accum)
+            choice = choose_methods(model_cfg, batch, config.methods, optim.name, limit, dtype, optim.grad_accum)
             console.print(f"planner: {choice.explanation}", highlight=False)
         except FlopwiseError as err:
             console.print(f"planner: {err}", highlight=False)

@@ -12,7 +12,7 @@ import hashlib
 import re
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from pydantic import model_validator
@@ -47,27 +47,32 @@ class HygieneSettings(Section):
     max_line_chars: int = 0
     max_duplicate_line_share: float = 1.0
 
-    @model_validator(mode="after")
-    def _valid(self) -> HygieneSettings:
-        if self.dedup not in DEDUP_MODES:
-            _invalid("dedup", self.dedup, "must be 'none', 'exact' or 'near'")
-        if not _is_number(self.near_threshold) or not 0 < self.near_threshold <= 1:
-            _invalid("near_threshold", self.near_threshold,
+    @model_validator(mode="before")
+    @classmethod
+    def _valid(cls, data: Any) -> Any:
+        """Checked as given (before pydantic would turn 64.0 into 64), naming the ``data.`` field."""
+        if not isinstance(data, dict):
+            return data
+        given = {name: data.get(name, field.default) for name, field in HygieneSettings.model_fields.items()}
+        if given["dedup"] not in DEDUP_MODES:
+            _invalid("dedup", given["dedup"], "must be 'none', 'exact' or 'near'")
+        if not _is_number(given["near_threshold"]) or not 0 < given["near_threshold"] <= 1:
+            _invalid("near_threshold", given["near_threshold"],
                      "must be a Jaccard similarity in (0, 1], e.g. 0.8")
-        if not _is_int(self.num_perm) or self.num_perm < 4 or not _bandings(self.num_perm):
-            _invalid("num_perm", self.num_perm,
+        if not _is_int(given["num_perm"]) or given["num_perm"] < 4 or not _bandings(given["num_perm"]):
+            _invalid("num_perm", given["num_perm"],
                      "must split into LSH bands of 2 or more rows: use e.g. 64, 128 or 256")
-        if not _is_int(self.shingle_words) or self.shingle_words < 1:
-            _invalid("shingle_words", self.shingle_words, "must be a whole number of words >= 1, e.g. 5")
+        if not _is_int(given["shingle_words"]) or given["shingle_words"] < 1:
+            _invalid("shingle_words", given["shingle_words"], "must be a whole number of words >= 1, e.g. 5")
         for field in ("min_chars", "max_line_chars"):
-            value = getattr(self, field)
+            value = given[field]
             if not _is_int(value) or value < 0:
                 _invalid(field, value, "must be a whole number >= 0 (0 turns the filter off)")
         for field in ("max_symbol_ratio", "max_duplicate_line_share"):
-            value = getattr(self, field)
+            value = given[field]
             if not _is_number(value) or not 0 <= value <= 1:
                 _invalid(field, value, "must be a share in [0, 1] (1.0 turns the filter off)")
-        return self
+        return data
 
 
 @dataclass

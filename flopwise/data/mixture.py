@@ -40,13 +40,13 @@ class DomainReweighter:
 
     def __post_init__(self) -> None:
         if self.rule not in ONLINE_RULES[1:]:
-            raise FlopwiseError(f"mixture.online='{self.rule}' is not one of {', '.join(ONLINE_RULES)}")
+            raise FlopwiseError(f"methods.online_mixture.rule='{self.rule}' is not one of {', '.join(ONLINE_RULES)}")
         if self.rule == "excess" and (self.reference is None or len(self.reference) != len(self.base)):
-            raise FlopwiseError("mixture.online='excess' needs mixture.reference: a finished run on the same data "
-                                "whose per-domain held-out losses serve as the reference")
+            raise FlopwiseError("methods.online_mixture.rule='excess' needs methods.online_mixture.reference: a "
+                                "finished run on the same data whose per-domain held-out losses serve as the reference")
         if not 0.0 <= self.smoothing < 1.0 or self.eta < 0:
-            raise FlopwiseError(f"mixture.eta={self.eta:g} must be >= 0 and mixture.smoothing={self.smoothing:g} "
-                                "in [0, 1)")
+            raise FlopwiseError(f"methods.online_mixture.eta={self.eta:g} must be >= 0 and "
+                                f"methods.online_mixture.smoothing={self.smoothing:g} in [0, 1)")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay={self.decay} must lie in [0, 1)")
         total = sum(self.base)
@@ -94,14 +94,14 @@ class DomainReweighter:
 
 
 def resolve_weights(configured: dict[str, float], sources: Sequence[str], domains: Sequence[str]) -> list[float] | None:
-    """The mixture, one weight per corpus domain, from ``mixture.weights`` and ``--data NAME=PATH:WEIGHT``;
+    """The mixture, one weight per corpus domain, from ``methods.mixture.weights`` and ``--data NAME=PATH:WEIGHT``;
     None when neither gives weights (each domain then in proportion to its tokens)."""
     weights = dict(configured)
     for spec in map(parse_source, sources):
         if spec.weight is None:
             continue
         if spec.domain in weights and weights[spec.domain] != spec.weight:
-            raise FlopwiseError(f"domain '{spec.domain}' has weight {weights[spec.domain]:g} in mixture.weights and "
+            raise FlopwiseError(f"domain '{spec.domain}' has weight {weights[spec.domain]:g} in methods.mixture.weights and "
                                 f"{spec.weight:g} in --data: give it one weight")
         weights[str(spec.domain)] = spec.weight
     if not weights:
@@ -113,7 +113,7 @@ def resolve_weights(configured: dict[str, float], sources: Sequence[str], domain
     missing = [domain for domain in domains if domain not in weights]
     if missing:
         raise FlopwiseError(f"domain '{missing[0]}' has no mixture weight: give every domain a weight "
-                            f"(0 leaves it out), e.g. --set mixture.weights.{missing[0]}=0.5")
+                            f"(0 leaves it out), e.g. --set methods.mixture.weights.{missing[0]}=0.5")
     if sum(weights.values()) <= 0:
         raise FlopwiseError("the mixture weights sum to 0: give at least one domain a positive weight")
     return [float(weights[domain]) for domain in domains]

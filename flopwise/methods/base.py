@@ -117,7 +117,8 @@ class Method:
 
     @classmethod
     def check(cls, config: MethodConfig, run: RunConfig, world: World | None) -> None:
-        """Raise FlopwiseError if this method cannot run with ``run`` (``world``: None before it is known)."""
+        """Raise FlopwiseError if this method cannot run with ``run``.  ``world``: None while only the config is
+        validated (``flopwise memory`` and ``plan`` may estimate any set), the processes of a run about to train."""
 
     @classmethod
     def implied(cls, run: RunConfig) -> bool:

@@ -86,7 +86,7 @@ class LoRA(Method):
 
     @classmethod
     def check(cls, config: LoRAConfig, run: RunConfig, world: World | None) -> None:
-        if not run.model.init_from:
+        if world is not None and not run.model.init_from:  # a run about to train (estimates may ask anyway)
             raise FlopwiseError("methods.use 'lora' fine-tunes an imported model through adapters on frozen "
                                 "weights, and random frozen weights learn nothing: add --init-from MODEL, or "
                                 "drop lora")

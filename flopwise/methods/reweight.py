@@ -39,4 +39,4 @@ class SampleReweighting(Method):
         c = self.config
         if p < c.burn_in:
             return total
-        return total * sample_weights(outputs.sequence.detach(), c.strategy, c.temperature, c.delta, self.ranks)
+        return total * sample_weights(outputs.sequence.detach(), c, self.ranks)

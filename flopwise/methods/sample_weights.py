@@ -52,8 +52,13 @@ from __future__ import annotations
 import math
 import torch
 
+from typing import TYPE_CHECKING
+
 from flopwise.errors import FlopwiseError
 from flopwise.runtime import Ranks
+
+if TYPE_CHECKING:
+    from flopwise.methods.reweight import ReweightConfig
 
 STRATEGIES = ("uniform", "linupper", "quadratic", "extremes")
 PACINGS = ("linear", "root", "step")
@@ -68,13 +73,13 @@ def _is_number(value: object) -> bool:
 
 def _check_strategy(strategy: object) -> None:
     if strategy not in STRATEGIES:
-        raise FlopwiseError(f"reweight.strategy={strategy!r} is not a reweighting strategy: use one of "
+        raise FlopwiseError(f"methods.reweight.strategy={strategy!r} is not a reweighting strategy: use one of "
                             f"{', '.join(STRATEGIES)}")
 
 
 def _check_delta(delta: object) -> None:
     if not _is_number(delta) or delta <= 0:
-        raise FlopwiseError(f"reweight.delta={delta!r} must be a positive number (the half-width of the "
+        raise FlopwiseError(f"methods.reweight.delta={delta!r} must be a positive number (the half-width of the "
                             f"range losses are normalized to): the paper uses 1.0")
 
 
@@ -111,17 +116,17 @@ def strategy_scores(normalized: torch.Tensor, strategy: str, delta: float) -> to
     return torch.zeros_like(normalized)
 
 
-def sample_weights(losses: torch.Tensor, strategy: str, temperature: float, delta: float,
-                   ranks: Ranks = Ranks()) -> torch.Tensor:
-    """Weights ``[B]`` for this rank's per-sequence losses: detached, positive, averaging 1 over the global
-    batch; ones for ``uniform``.  Every rank must call it at every step (it runs collectives)."""
+def sample_weights(losses: torch.Tensor, settings: ReweightConfig, ranks: Ranks = Ranks()) -> torch.Tensor:
+    """Weights ``[B]`` for this rank's per-sequence losses, by ``settings``' strategy, temperature and delta:
+    detached, positive, averaging 1 over the global batch; ones for ``uniform``.  Every rank must call it at
+    every step (it runs collectives)."""
     local = _local_losses(losses)
-    if strategy == "uniform":
+    if settings.strategy == "uniform":
         return torch.ones_like(local)
     with torch.no_grad():
-        scores = strategy_scores(normalized_losses(local, delta, ranks), strategy, delta)
+        scores = strategy_scores(normalized_losses(local, settings.delta, ranks), settings.strategy, settings.delta)
         (top,) = ranks.max(scores.max().item())
-        exps = torch.exp((scores - top) / temperature)
+        exps = torch.exp((scores - top) / settings.temperature)
         # N / sum(exp) over the global batch; ranks.mean of both is that ratio with world_size cancelled
         total = ranks.mean(exps.sum(dtype=torch.float64).item())
         count = ranks.mean(float(local.numel()))
@@ -138,9 +143,9 @@ def pacing_fraction(p: float, pacing: str, start: float = 0.1, full_at: float = 
     sampled at budget progress ``p`` (0 at the start, 1 at the end): ``start`` at ``p = 0``, rising
     to 1 at ``p = full_at`` and staying there."""
     if pacing not in PACINGS:
-        raise FlopwiseError(f"curriculum.pacing={pacing!r} is not a pacing function: use one of {', '.join(PACINGS)}")
-    _check_fraction(start, "curriculum.start", "the fraction of the easiest windows sampled at the start", "0.1")
-    _check_fraction(full_at, "curriculum.full_at", "the fraction of the budget after which every window may "
+        raise FlopwiseError(f"methods.curriculum.pacing={pacing!r} is not a pacing function: use one of {', '.join(PACINGS)}")
+    _check_fraction(start, "methods.curriculum.start", "the fraction of the easiest windows sampled at the start", "0.1")
+    _check_fraction(full_at, "methods.curriculum.full_at", "the fraction of the budget after which every window may "
                     "be sampled", "0.5")
     if not (isinstance(p, (int, float)) and p >= 0):
         raise ValueError(f"budget progress must be a number >= 0, got {p!r}")

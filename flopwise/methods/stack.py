@@ -52,9 +52,11 @@ def memory_traits(names: Sequence[str], sections: Any, model: ModelConfig) -> Me
 class MethodStack:
     """The methods of one run, built from its config; hooks are called in registry order."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, names: Sequence[str] | None = None) -> None:
+        """The methods of ``config.methods.use``, or only those of them in ``names``."""
+        use = [name for name in config.methods.use if names is None or name in names]
         self.methods: tuple[Method, ...] = tuple(BY_NAME[name](getattr(config.methods, name), config.train.seed)
-                                                 for name in in_registry_order(config.methods.use))
+                                                 for name in in_registry_order(use))
         self._losses = [m for m in self.methods if type(m).loss is not Method.loss]
         self.step, self.p = 0, 0.0
 

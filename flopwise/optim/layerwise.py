@@ -5,7 +5,7 @@ the largest layer.
 
 A post-accumulate-grad hook fires once per backward per leaf, after every use of it has added
 its part (a tied embedding/head weight included).  The price: there is no global gradient norm
-to clip by, so the training loop skips clipping (it reads ``optimizer.steps_in_backward``), as
+to clip by, so the training loop skips clipping (the method declares ``keeps_gradients = False``), as
 GaLore's per-layer mode does.  One backward per step and one process only: gradients cannot be
 accumulated over micro-batches, and under DDP they are not yet all-reduced when the hook fires.
 """

@@ -56,12 +56,6 @@ class FlopwiseOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             _check_group(group)
 
-    @property
-    def steps_in_backward(self) -> bool:
-        """True while per-layer updates run during backward: ``step`` then finds no gradient left,
-        and no full set of gradients ever exists to clip."""
-        return self.layerwise is not None
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None

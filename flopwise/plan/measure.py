@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from flopwise.methods.base import TrainingMethod
+from flopwise.methods.stack import MethodStack
 from flopwise.runtime import autocast
 
 
@@ -93,30 +93,30 @@ def model_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                  grad_clip: float = 1.0, methods: Sequence[TrainingMethod] = (), step: int = 0,
+                  grad_clip: float = 1.0, methods: MethodStack | None = None, step: int = 0,
                   dtype: torch.dtype = torch.float32, on_phase: Callable[[str], None] = lambda name: None) -> float:
-    """One micro-batch step as Trainer.run and Trainer.train_step take it (methods' hooks around it,
-    no clipping when the optimizer updates inside backward), telling ``on_phase`` where it is.
+    """One micro-batch step as Trainer.run and Trainer.train_step take it (the methods' hooks around it,
+    no clipping when they use gradients up in backward), telling ``on_phase`` where it is.
     The logits are dropped as soon as the forward returns, as the trainer drops them."""
-    for method in methods:
-        method.before_step(step, model, optimizer)
+    if methods is not None:
+        methods.before_step(step, model, optimizer)
     on_phase("forward")
     with autocast(x.device, dtype):
         loss = model(x, y)[1]
     on_phase("backward")
     loss.backward()
     on_phase("optimizer")
-    if grad_clip > 0 and not getattr(optimizer, "steps_in_backward", False):
+    if grad_clip > 0 and (methods is None or methods.keeps_gradients):
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    for method in methods:
-        method.after_step(step + 1, model, optimizer)
+    if methods is not None:
+        methods.after_step(step + 1, model, optimizer)
     return loss.item()
 
 
 def measure_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                 grad_clip: float = 1.0, methods: Sequence[TrainingMethod] = (), dtype: torch.dtype = torch.float32,
+                 grad_clip: float = 1.0, methods: MethodStack | None = None, dtype: torch.dtype = torch.float32,
                  warmup: int = 1) -> StepMemory:
     """Peak memory of one training step taken after ``warmup`` steps (which allocate the optimizer
     states).  CUDA: the allocator's peak; elsewhere: StorageTracker's."""

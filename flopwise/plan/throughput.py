@@ -19,6 +19,7 @@ import torch
 from flopwise.atomic import write_json_atomic
 from flopwise.config import RunConfig
 from flopwise.data.sampler import Batch
+from flopwise.methods.choose import memory_methods_of
 from flopwise.model.config import ModelConfig
 from flopwise.runtime import device_name, keep_freed_cpu_memory, synchronize
 
@@ -30,7 +31,7 @@ def probe_key(model_cfg: ModelConfig, config: RunConfig, device: torch.device, d
     return json.dumps({"device": device_name(device), "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "dtype": str(dtype), "shape": model_cfg.to_dict(),
                        "batch": o.batch_size, "grad_accum": o.grad_accum, "optimizer": o.name,
-                       "methods": sorted(config.memory.methods),
+                       "methods": sorted(memory_methods_of(config)),
                        "keep_freed_memory": config.train.cpu_keep_freed_memory}, sort_keys=True)
 
 
@@ -54,22 +55,23 @@ def measure_step_seconds(model_cfg: ModelConfig, config: RunConfig, device: torc
     lose besides (data, logging, a busier machine) is measured by the scan's pilots and applied as
     their throughput ratio."""
     from flopwise.methods.dense import build_model
-    from flopwise.methods.registry import memory_methods
+    from flopwise.methods.stack import MethodStack
     from flopwise.optim.build import build_optimizer
     from flopwise.train.trainer import train_step
 
     if device.type == "cpu" and config.train.cpu_keep_freed_memory:
         keep_freed_cpu_memory()  # as the run's session will: it makes small models' steps up to 1.4x faster
     torch.manual_seed(0)
-    model = build_model(model_cfg, tuple(memory_methods(config))).to(device)
-    optimizer = build_optimizer(model, config.optim, device, config.memory)
-    batches = RandomBatches(model_cfg.vocab_size, config.optim.batch_size, model_cfg.seq_len)
+    methods = MethodStack(config, names=memory_methods_of(config))  # what the data is does not change the cost
+    model = build_model(model_cfg, methods.configure).to(device)
+    optimizer = build_optimizer(model, config.optim, device, methods.shape_optimizer)
+    methods.attach(RandomBatches(model_cfg.vocab_size, config.optim.batch_size, model_cfg.seq_len))
     o = config.optim
 
     def step() -> float:
         synchronize(device)
         start = time.perf_counter()
-        train_step(model, optimizer, batches.next_batch, o.grad_accum, o.grad_clip, device, dtype)
+        train_step(model, optimizer, methods, o.grad_accum, o.grad_clip, device, dtype)
         synchronize(device)
         return time.perf_counter() - start
 
