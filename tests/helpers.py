@@ -9,6 +9,8 @@ from typing import Any
 from flopwise.cli import main
 from flopwise.config import RunConfig, load_config
 from flopwise.methods.stack import MethodStack
+from flopwise.model.gpt import GPT
+from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config
 from flopwise.rundir import read_metrics
 
 TINY = ["--tokenizer", "byte", "--set", "model.size=tiny", "--set", "model.seq_len=64",
@@ -25,6 +27,15 @@ def train_events(run: Path) -> list[dict]:
 
 def losses(run: Path) -> list[tuple[int, float]]:
     return [(e["step"], e["loss"]) for e in train_events(run)]
+
+
+def load_hf_model(folder: Path, seq_len: int | None = None) -> GPT:
+    """A flopwise GPT with a Hugging Face folder's weights, training context ``seq_len`` (default: the
+    folder's max_position_embeddings), as --init-from imports them."""
+    config = read_hf_config(folder)
+    model = GPT(model_config_from_hf(config, folder, seq_len or config.get("max_position_embeddings") or 2048))
+    load_weights_into(model, folder)
+    return model
 
 
 def config_with(methods: list[str] = (), *overrides: str, **values: Any) -> RunConfig:

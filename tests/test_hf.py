@@ -16,8 +16,8 @@ from flopwise.data.tokenizer import byte_tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
-from flopwise.model.hf import load_hf_model, resolve_hf_source, save_hf_folder
-from tests.helpers import TINY
+from flopwise.model.hf import resolve_hf_source, save_hf_folder
+from tests.helpers import TINY, load_hf_model
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local; nothing may reach the network

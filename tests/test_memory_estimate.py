@@ -16,9 +16,8 @@ from flopwise.budget import format_bytes
 from flopwise.cli.memory import cmd_memory, register
 from flopwise.config import load_config
 from flopwise.errors import FlopwiseError
-from flopwise.memory.estimate import activation_bytes
 from flopwise.methods.choose import CANDIDATES, choose_methods, estimate_for
-from flopwise.methods.stack import MethodStack, memory_traits
+from flopwise.methods.stack import MethodStack
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.optim.build import build_optimizer
@@ -132,7 +131,7 @@ def test_activation_count_is_what_autograd_saves(shape, methods, autocast):
     config, cfg, model, optimizer, methods_built = build(shape, methods, extra=("methods.lisa.layers=1",))
     methods_built.before_step(0, model, optimizer)  # LISA freezes its inactive blocks here
     x, y = (torch.randint(0, cfg.vocab_size, (2, cfg.seq_len)) for _ in range(2))
-    expected = activation_bytes(cfg, 2, memory_traits(methods, config.methods, cfg), "bf16" if autocast else "fp32")
+    expected = estimate_for(cfg, 2, methods, config.methods, "adamw", "bf16" if autocast else "fp32").activations
     assert saved_for_backward(model, x, y, autocast) == expected + 4
 
 

@@ -213,5 +213,5 @@ def test_reweighter_state_round_trip_and_zero_weight_domains_stay_out():
 
 
 def test_excess_without_reference_is_refused():
-    with pytest.raises(FlopwiseError, match="mixture.online='excess' needs methods.online_mixture.reference"):
+    with pytest.raises(FlopwiseError, match="methods.online_mixture.rule='excess' needs methods.online_mixture.reference"):
         DomainReweighter(base=[0.5, 0.5], rule="excess")

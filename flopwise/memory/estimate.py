@@ -377,13 +377,6 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, traits: MemoryTrai
                           moments=moments)
 
 
-def activation_bytes(model_cfg: ModelConfig, micro_batch: int, traits: MemoryTraits, dtype: str = "fp32") -> int:
-    """Bytes one micro-batch's forward saves for backward (the log-softmax aside), as autograd keeps
-    them: with recomputed blocks, each block's input only."""
-    run = _Compute(DTYPE_BYTES[dtype], micro_batch * model_cfg.seq_len)
-    return _activations(model_cfg, run, traits, traits.recompute_blocks).total
-
-
 @dataclass
 class _Step:
     """The order in which a training step makes and frees tensors, enough to find its crests."""

@@ -1,39 +1,39 @@
-"""Every method a run can use, in the order their hooks run.  Adding a method is one line here.
+"""Every method a run can use, in the order their hooks run.  Adding a method is one line here: its
+module (under flopwise/methods/) and class.
 
 The order matters where hooks compose: a static mixture sets the weights an online mixture starts
-from, and SALT's distillation term is mixed in before sample reweighting multiplies the result.
+from, SALT's distillation term is mixed in before sample reweighting multiplies the loss, and the
+z-loss is added last, unweighted.
 """
 
 from __future__ import annotations
 
-from flopwise.methods.base import Method
-from flopwise.methods.checkpointing import ActivationCheckpointing
-from flopwise.methods.curriculum import Curriculum
-from flopwise.methods.eight_bit import EightBitStates
-from flopwise.methods.galore import GaLore
-from flopwise.methods.layerwise import PerLayerUpdates
-from flopwise.methods.lisa import LISA
-from flopwise.methods.lora import LoRA
-from flopwise.methods.mixture import StaticMixture
-from flopwise.methods.online_mixture import OnlineMixture
-from flopwise.methods.reweight import SampleReweighting
-from flopwise.methods.salt import Salt
-from flopwise.methods.sltrain import SLTrain
+import importlib
 
-METHODS: tuple[type[Method], ...] = (
-    EightBitStates,
-    ActivationCheckpointing,
-    PerLayerUpdates,
-    GaLore,
-    SLTrain,
-    LISA,
-    LoRA,
-    StaticMixture,
-    OnlineMixture,
-    Curriculum,
-    Salt,
-    SampleReweighting,
+from flopwise.methods.base import Method
+
+REGISTERED = (
+    "eight_bit.EightBitStates",
+    "checkpointing.ActivationCheckpointing",
+    "layerwise.PerLayerUpdates",
+    "galore.GaLore",
+    "sltrain.SLTrain",
+    "lisa.LISA",
+    "lora.LoRA",
+    "mixture.StaticMixture",
+    "online_mixture.OnlineMixture",
+    "curriculum.Curriculum",
+    "salt.Salt",
+    "reweight.SampleReweighting",
+    "z_loss.ZLoss",
 )
 
+
+def _load(path: str) -> type[Method]:
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(f"flopwise.methods.{module}"), name)
+
+
+METHODS: tuple[type[Method], ...] = tuple(_load(path) for path in REGISTERED)
 BY_NAME: dict[str, type[Method]] = {method.name: method for method in METHODS}
 MEMORY_METHODS: tuple[str, ...] = tuple(method.name for method in METHODS if method.saves_memory)

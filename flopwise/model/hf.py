@@ -191,16 +191,6 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_hf_model(folder: Path, seq_len: int | None = None) -> GPT:
-    """A flopwise GPT with the folder's weights (fp32), training context ``seq_len`` (default: the
-    folder's max_position_embeddings)."""
-    config = read_hf_config(folder)
-    cfg = model_config_from_hf(config, folder, seq_len or config.get("max_position_embeddings") or 2048)
-    model = GPT(cfg)
-    load_weights_into(model, folder)
-    return model
-
-
 def load_weights_into(model: GPT, folder: Path) -> None:
     """Replace ``model``'s weights with the folder's (HF names, single or sharded safetensors), strictly."""
     model.load_state_dict(flopwise_state_dict(load_hf_weights(folder), model.config, folder), strict=True)

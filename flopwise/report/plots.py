@@ -87,7 +87,3 @@ def save_pngs(pngs: dict[str, bytes], out_dir: Path) -> dict[str, Path]:
         write_atomic(paths[name], png)
     return paths
 
-
-def save_figures(figures: dict[str, Figure], out_dir: Path) -> dict[str, Path]:
-    """Render and save every figure as ``out_dir/<name>.png``; returns the paths by figure name."""
-    return save_pngs({name: png_bytes(figure) for name, figure in figures.items()}, out_dir)

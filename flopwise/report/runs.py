@@ -17,16 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from flopwise.errors import FlopwiseError
-from flopwise.rundir import read_metrics  # plain json: no torch import
+from flopwise.rundir import CONFIG_FILE, METRICS_FILE, PLAN_FILE, read_metrics  # plain json: no torch import
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-CONFIG_FILE = "config.toml"
-PLAN_FILE = "plan.json"
-METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"  # written last by a run that spent its whole budget
 
 Event = dict[str, Any]

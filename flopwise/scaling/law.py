@@ -83,11 +83,6 @@ class ScalingLaw:
         n = g * params_times_tokens ** (self.beta / total)
         return n, params_times_tokens / n
 
-    def tokens_per_parameter(self, flops: float) -> float:
-        """D/N of the compute-optimal allocation: it drifts with the budget unless alpha == beta."""
-        n, d = self.compute_optimal(flops)
-        return d / n
-
     def to_dict(self) -> dict:
         return asdict(self)
 
