@@ -71,6 +71,7 @@ def test_speedup_of_seeds_is_the_median():
     assert summarize([seed(3), seed(5), seed(4)])["median_speedup"] == 4.0
 
 
+@pytest.mark.slow
 def test_baseline_recipe_trains_and_refuses_hf_export(tmp_path, text_folder, capsys):
     run = tmp_path / "gpt2"
     assert main(["train", "--recipe", "baseline", "--data", str(text_folder), "--budget", "10steps",
@@ -82,6 +83,7 @@ def test_baseline_recipe_trains_and_refuses_hf_export(tmp_path, text_folder, cap
     assert "has no exact transformers architecture" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_command_end_to_end(tmp_path, text_folder, capsys):
     out = tmp_path / "speed.json"
     assert main(["bench", "--seconds", "6", "--seeds", "0", "--corpus", str(text_folder), "--out", str(out),

@@ -23,6 +23,7 @@ def run(name: str, n: float, d: float, steepest: float, inflate: float = 1.0) ->
             "steepest_tokens": steepest, "tokens_per_second": 1.0}
 
 
+@pytest.mark.slow
 def test_refit_leaves_out_early_pilots_and_predicts_the_longest_budget():
     sizes = (1e5, 3e5, 1e6)
     # every size's curve fell fastest at 2M tokens: the 1M-token pilots (20% above the law) are early

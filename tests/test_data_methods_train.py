@@ -22,6 +22,7 @@ def final_eval(run: Path) -> dict:
     return [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"][-1]
 
 
+@pytest.mark.slow
 def test_reweighted_mixed_run_resumes_exactly(tmp_path, text_folder, code_folder):
     """The acceptance test: mixture weights, online domain reweighting, per-sequence reweighting and a
     curriculum together, interrupted in the middle, continue exactly as the uninterrupted run."""
@@ -39,6 +40,7 @@ def test_reweighted_mixed_run_resumes_exactly(tmp_path, text_folder, code_folder
     assert all(sum(m.values()) == pytest.approx(1.0) for m in mixtures)
 
 
+@pytest.mark.slow
 def test_static_mixture_is_sampled_to_its_weights_and_epochs_are_reported(tmp_path, text_folder, code_folder):
     run = tmp_path / "run"
     assert train(*TINY, *mixed(text_folder, code_folder, prose=0.25, code=0.75), "--budget", "40steps",
@@ -55,6 +57,7 @@ def test_static_mixture_is_sampled_to_its_weights_and_epochs_are_reported(tmp_pa
     assert plan["data"]["hygiene"]["documents_out"] == 70
 
 
+@pytest.mark.slow
 def test_online_excess_uses_the_reference_runs_domain_losses(tmp_path, text_folder, code_folder):
     reference, run = tmp_path / "reference", tmp_path / "excess"
     data = [*TINY, *mixed(text_folder, code_folder, 0.5, 0.5), "--budget", "20steps"]
@@ -81,6 +84,7 @@ def teacher_run(tmp_path_factory, text_folder, code_folder) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_salt_distills_selects_and_resumes_exactly(tmp_path, text_folder, code_folder, teacher_run):
     args = [*TINY, *mixed(text_folder, code_folder), "--teacher", str(teacher_run), "--set", "methods.salt.kd_until=0.5",
             "--set", "methods.salt.select_pool=2", "--budget", "24steps"]
@@ -108,6 +112,7 @@ def test_salt_teacher_with_another_tokenizer_is_refused(tmp_path, text_folder, t
     assert err.startswith("flopwise: error: methods.salt.teacher=") and "tokenizer" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_teacher_curriculum_scores_once_and_reuses_the_cache(tmp_path, text_folder, code_folder, teacher_run,
                                                              isolated_cache):
     args = [*TINY, *mixed(text_folder, code_folder), "--curriculum", "teacher", "--set",
@@ -141,6 +146,7 @@ def test_ingest_removes_duplicates_and_reports_them(tmp_path, text_folder):
     assert (report["exact_duplicates"], report["near_duplicates"], report["documents_out"]) == (1, 1, 40)
 
 
+@pytest.mark.slow
 def test_plan_replay_suggests_a_share_from_pilot_runs(tmp_path, text_folder, code_folder, teacher_run):
     from flopwise.cli import main
     from flopwise.replay.law import PAPER_EPSILON, ReplayLaw

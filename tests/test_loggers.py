@@ -224,6 +224,7 @@ def offline_runs(run_dir: Path, run_id: str) -> list[Path]:
     return sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_and_resume(tmp_path: Path, wandb_offline: None) -> None:
     run_dir = tmp_path / "runs" / "demo"
     run_dir.mkdir(parents=True)

@@ -317,6 +317,7 @@ def test_build_routes_parameters_and_rejects_galore_with_muon():
     assert is_hidden_matrix("layers.0.self_attn.q_proj.weight", factor.ndim)
 
 
+@pytest.mark.slow
 def test_galore_8bit_layerwise_training_learns():
     text = torch.tensor(list(" ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
                              .encode()[:200_000]))

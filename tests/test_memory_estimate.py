@@ -243,6 +243,7 @@ def build_for_rss():
     return model, optimizer, x, y
 
 
+@pytest.mark.slow
 def test_rss_of_a_step_includes_its_tensors():
     cfg = load_config(None, ["model.d_model=256", "model.n_layers=1", "model.n_heads=4", "model.seq_len=64"])
     estimate = estimate_for(cfg.model.build(32000), 2, [], cfg.methods, "adamw")

@@ -35,6 +35,7 @@ def method_args(name: str) -> list[str]:
     return [arg for m in methods for arg in ("--method", m)] + [arg for o in overrides for arg in ("--set", o)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHOD_SETS))
 def test_method_trains_and_resumes_exactly(tmp_path, text_folder, name):
     args = [*TINY, *method_args(name), "--data", str(text_folder), "--budget", "24steps"]
@@ -49,6 +50,7 @@ def test_method_trains_and_resumes_exactly(tmp_path, text_folder, name):
     assert load_config(full / "config.toml").methods.use == sorted(METHOD_SETS[name][0], key=MEMORY_METHODS.index)
 
 
+@pytest.mark.slow
 def test_sltrain_rewarmup_shows_in_the_logged_lr(tmp_path, text_folder):
     run = tmp_path / "sl"
     assert train(*TINY, *method_args("sltrain"), "--data", str(text_folder), "--budget", "24steps",
@@ -61,6 +63,7 @@ def test_sltrain_rewarmup_shows_in_the_logged_lr(tmp_path, text_folder):
         assert [lr[s] / peak for s in range(start - 1, start + 3)] == pytest.approx([1, 0.001, 0.5005, 1])
 
 
+@pytest.mark.slow
 def test_sltrain_final_model_is_dense_and_evaluates_the_same(tmp_path, text_folder, capsys):
     run = tmp_path / "sl"
     assert train(*TINY, *method_args("sltrain"), "--data", str(text_folder), "--budget", "16steps",
@@ -74,6 +77,7 @@ def test_sltrain_final_model_is_dense_and_evaluates_the_same(tmp_path, text_fold
     assert main(["eval", str(run), "--checkpoint"]) == 0  # the factorized checkpoint loads too
 
 
+@pytest.mark.slow
 def test_lora_finetunes_an_imported_model_and_merges_on_export(tmp_path, text_folder):
     base = tmp_path / "base"
     assert train(*TINY, "--data", str(text_folder), "--budget", "10steps", "--out", str(base)) == 0

@@ -65,6 +65,7 @@ def test_muon_rejects_non_matrices():
         FlopwiseOptimizer([{"params": [torch.nn.Parameter(torch.ones(3))], "update": "muon"}])
 
 
+@pytest.mark.slow
 def test_training_with_muon_learns_and_resumes_exactly(tmp_path, text_folder):
     args = ["--data", str(text_folder), *TINY, "--set", "optim.name=muon", "--set", "optim.muon_lr=0.02"]
     full, part = tmp_path / "full", tmp_path / "part"

@@ -162,6 +162,7 @@ def test_law_file_round_trip_and_lookup(tmp_path):
         read_law(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_holdout_errors_measure_extrapolation_in_tokens():
     from flopwise.scaling.fitting import holdout_errors
 

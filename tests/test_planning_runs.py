@@ -12,8 +12,10 @@ from flopwise.config import load_config
 from flopwise.scaling.law_file import read_law
 from flopwise.plan.scan import PilotSize, Scan, ScanDesign
 from flopwise.rundir import read_metrics
-from tests.helpers import TINY
-from tests.helpers import train
+from tests.helpers import TINY, train
+
+pytestmark = pytest.mark.slow  # every test here reads real scans and runs, built once per module
+
 
 PLANNING = ["--tokenizer", "byte", "--set", "model.seq_len=64", "--set", "optim.batch_size=4",
             "--set", "train.eval_tokens=2048"]

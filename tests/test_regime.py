@@ -84,6 +84,7 @@ def test_the_law_leaves_out_early_runs_when_enough_remain():
     assert again.early == law.early and again.early_left_out
 
 
+@pytest.mark.slow
 def test_the_law_spans_the_early_regime_with_a_warning_when_too_few_runs_remain():
     runs = [record(f"{d:g} {n:g}", n, d, 2e6, inflate=1.2 if d < 3e6 else 1.0)
             for n in (1e5, 3e5) for d in (5e5, 1e6, 4e6)]

@@ -67,6 +67,7 @@ def test_report_modules_import_neither_torch_nor_matplotlib_early():
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_each_plot_has_one_line_per_run_holding_its_metrics(runs):
     figures = build_figures(load_runs(runs))
     assert sorted(figures) == sorted(EXPECTED_PLOTS)

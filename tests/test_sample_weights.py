@@ -183,6 +183,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path):
     torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]

@@ -189,6 +189,7 @@ def noisy_laws():
     return bootstrap_laws(*synthetic_runs(0.003, counts=3), samples=40)
 
 
+@pytest.mark.slow
 def test_bootstrap_intervals_contain_the_truth(noisy_laws):
     # One draw of the noise.  Over seeds 0..9 these 90% percentile intervals hold the truth only 7 or 8
     # times in 10 for E, beta and the held-out loss: a bootstrap of 12 runs is somewhat optimistic.
@@ -199,6 +200,7 @@ def test_bootstrap_intervals_contain_the_truth(noisy_laws):
         assert low < getattr(TRUE, name) < high, name
 
 
+@pytest.mark.slow
 def test_bootstrap_intervals_narrow_with_less_noise_and_more_runs(noisy_laws):
     def width(laws):
         low, high = interval(laws, *HELD_OUT)
@@ -210,6 +212,7 @@ def test_bootstrap_intervals_narrow_with_less_noise_and_more_runs(noisy_laws):
     assert width(more_runs) < 0.6 * width(noisy_laws)  # 36 runs against 12: 0.31 times as wide
 
 
+@pytest.mark.slow
 def test_bootstrap_is_deterministic_per_seed_and_works_on_a_small_design():
     n, d, loss = synthetic_runs(0.003, sizes=4, counts=2)
     n, d, loss = n[:7], d[:7], loss[:7]

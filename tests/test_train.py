@@ -49,6 +49,7 @@ def test_token_and_flop_budgets_stop_at_the_binding_limit(tmp_path, text_folder)
     assert len(train_events(run2)) == 7
 
 
+@pytest.mark.slow
 def test_same_seed_same_curve_and_other_seed_differs(tmp_path, text_folder):
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         assert train("--data", str(text_folder), "--budget", "12steps", "--seed", seed, "--out", str(tmp_path / name),
@@ -57,6 +58,7 @@ def test_same_seed_same_curve_and_other_seed_differs(tmp_path, text_folder):
     assert losses(tmp_path / "a") != losses(tmp_path / "c")
 
 
+@pytest.mark.slow
 def test_seconds_budget_lands_on_budget_with_final_lr(tmp_path, text_folder):
     run = tmp_path / "sec"
     budget = 8.0
@@ -70,6 +72,7 @@ def test_seconds_budget_lands_on_budget_with_final_lr(tmp_path, text_folder):
     assert len(events) > 50  # the step time is small against the budget
 
 
+@pytest.mark.slow
 def test_stop_after_and_resume_equal_the_uninterrupted_run(tmp_path, text_folder):
     full, part = tmp_path / "full", tmp_path / "part"
     assert train("--data", str(text_folder), "--budget", "40steps", "--out", str(full), *TINY) == 0
@@ -93,6 +96,7 @@ def start_training_process(args: list[str], out: Path, ready: Callable[[], bool]
     return proc
 
 
+@pytest.mark.slow
 def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path, text_folder):
     args = ["--data", str(text_folder), "--budget", "100steps", *TINY, "--set", "train.checkpoint_every=0.03"]
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -106,6 +110,7 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path, text_folder):
     assert losses(killed) == losses(full), f"killed after {steps_before} logged steps"
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_then_resume_equals_uninterrupted(tmp_path, text_folder):
     args = ["--data", str(text_folder), "--budget", "100steps", *TINY, "--set", "train.checkpoint_every=0"]
     full, stopped = tmp_path / "full", tmp_path / "stopped"
@@ -121,6 +126,7 @@ def test_ctrl_c_checkpoints_then_resume_equals_uninterrupted(tmp_path, text_fold
     assert losses(stopped) == losses(full)
 
 
+@pytest.mark.slow
 def test_second_run_tokenizes_nothing(tmp_path, text_folder, capsys):
     args = ["--data", str(text_folder), "--budget", "2steps", "--set", "data.vocab_size=400", *TINY[2:]]
     assert train(*args, "--out", str(tmp_path / "one"), "--set", "data.cache_dir=" + str(tmp_path / "cache")) == 0
@@ -131,6 +137,7 @@ def test_second_run_tokenizes_nothing(tmp_path, text_folder, capsys):
     assert losses(tmp_path / "one") == losses(tmp_path / "two")
 
 
+@pytest.mark.slow
 def test_compile_trains_like_eager(tmp_path, text_folder):
     args = ["--data", str(text_folder), "--budget", "4steps", *TINY]
     assert train(*args, "--out", str(tmp_path / "eager")) == 0
@@ -140,6 +147,7 @@ def test_compile_trains_like_eager(tmp_path, text_folder):
     assert [loss for _, loss in compiled] == pytest.approx([loss for _, loss in eager], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_extend_finished_run_restarts_from_before_the_decay(tmp_path, text_folder):
     run = tmp_path / "ext"
     assert train("--data", str(text_folder), "--budget", "40steps", "--out", str(run), *TINY) == 0
