@@ -58,7 +58,7 @@ def run_arm(size: str, methods: list[str], lr: float, tokens: float, seed: int, 
     import torch
     from flopwise.config import load_config
     from flopwise.plan.measure import measure_training_step
-    from flopwise.memory.estimate import estimate_memory
+    from flopwise.methods.choose import estimate_for
     from flopwise.train.display import ProgressDisplay
     from flopwise.session import start_new
     from flopwise.train.trainer import LoopState
@@ -75,7 +75,7 @@ def run_arm(size: str, methods: list[str], lr: float, tokens: float, seed: int, 
                   if isinstance(t, torch.Tensor)]
         state_bytes = sum(t.numel() * t.element_size() for t in states)
         measured = measure_training_step(session)
-    estimate = estimate_memory(session.model_cfg, session.rank_batch, methods, config.memory, config.optim.name)
+    estimate = estimate_for(session.model_cfg, session.rank_batch, methods, config.methods, config.optim.name)
     return {"size": size, "methods": methods, "lr": lr,
             "parameters": sum(p.numel() for p in session.model.parameters()),
             "tokens": summary.meter.tokens, "seconds": summary.meter.seconds,

@@ -34,7 +34,7 @@ def measure(size: str, steps: int, warmup: int, overrides: list[str], peak: floa
     session.build()
     settings = dataclasses.replace(session.loop_settings(), eval_every=0, checkpoint_every=0)
     trainer = Trainer(session.compiled, session.optimizer, session.sampler, settings, Path("/nonexistent"),
-                      session.device, session.dtype, lambda: {}, session.display, log=None)
+                      session.device, session.dtype, lambda: {}, session.display, log=None, methods=session.methods)
     for step in range(warmup):
         trainer.train_step(step, 0.5)
     start = time.perf_counter()
