@@ -31,8 +31,8 @@ from rich.console import Console
 from rich.table import Table
 
 from flopwise.config import RunConfig
-from flopwise.scaling.shapes import family_fields
 from flopwise.rundir import read_metrics
+from flopwise.scaling.shapes import family_fields
 
 RESULTS = Path(__file__).parent / "results" / "lr_batch.json"
 

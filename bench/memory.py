@@ -56,11 +56,12 @@ COMMON = ["optim.name=adamw", "train.eval_every=0", "train.checkpoint_every=0", 
 def run_arm(size: str, methods: list[str], lr: float, tokens: float, seed: int, extra: list[str]) -> dict[str, Any]:
     """One training run in this process (called in a child process by main)."""
     import torch
+
     from flopwise.config import load_config
-    from flopwise.plan.measure import measure_training_step
     from flopwise.methods.choose import estimate_for
-    from flopwise.train.display import ProgressDisplay
+    from flopwise.plan.measure import measure_training_step
     from flopwise.session import start_new
+    from flopwise.train.display import ProgressDisplay
     from flopwise.train.trainer import LoopState
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

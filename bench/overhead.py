@@ -28,8 +28,8 @@ from rich.table import Table
 from flopwise.config import load_config
 from flopwise.model.gpt import GPT
 from flopwise.optim.build import build_optimizer
-from flopwise.train.display import ProgressDisplay
 from flopwise.session import start_new
+from flopwise.train.display import ProgressDisplay
 from flopwise.train.trainer import LoopState
 
 HERE = Path(__file__).parent

@@ -39,10 +39,10 @@ from rich.table import Table
 
 from flopwise.budget import parse_limit
 from flopwise.config import load_config
+from flopwise.rundir import read_metrics
 from flopwise.scaling.fitting import collect_records, law_from_records
 from flopwise.scaling.law_file import PlanningLaw, read_law
 from flopwise.train.forecast import LossForecaster
-from flopwise.rundir import read_metrics
 from flopwise.train.trainer import forecast_points
 
 HERE = Path(__file__).parent
@@ -124,7 +124,12 @@ def law_flag(args: argparse.Namespace) -> list[str]:
 def cmd_budget(args: argparse.Namespace) -> None:
     """Plan and run one budget; runs already recorded for it (a stage cut short) are kept, not rerun."""
     from flopwise.config import ModelSection
-    from flopwise.scaling.shapes import WIDTHS, family_fields, family_shape, non_embedding_parameters
+    from flopwise.scaling.shapes import (
+        WIDTHS,
+        family_fields,
+        family_shape,
+        non_embedding_parameters,
+    )
 
     results = load_results(args.results)
     row = results["budgets"].get(args.budget)

@@ -22,8 +22,8 @@ from rich.table import Table
 
 from flopwise.config import load_config
 from flopwise.runtime import choose_device, choose_dtype, measure_matmul_peak
-from flopwise.train.display import ProgressDisplay
 from flopwise.session import Session
+from flopwise.train.display import ProgressDisplay
 from flopwise.train.trainer import Trainer
 
 

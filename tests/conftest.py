@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import pydoc_data.topics
 from pathlib import Path
 
-import pydoc_data.topics
 import pytest
 
 

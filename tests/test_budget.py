@@ -2,7 +2,14 @@ import math
 
 import pytest
 
-from flopwise.budget import Budget, Meter, format_bytes, parse_bytes, parse_limit, steps_left
+from flopwise.budget import (
+    Budget,
+    Meter,
+    format_bytes,
+    parse_bytes,
+    parse_limit,
+    steps_left,
+)
 from flopwise.errors import FlopwiseError
 
 

@@ -1,6 +1,5 @@
-import tomllib
-
 import pytest
+import tomllib
 
 from flopwise.config import RunConfig, config_to_toml, load_config
 from flopwise.errors import FlopwiseError

@@ -10,8 +10,7 @@ import pytest
 
 from flopwise.config import load_config
 from flopwise.rundir import read_metrics
-from tests.helpers import TINY
-from tests.helpers import losses, train, train_events
+from tests.helpers import TINY, losses, train, train_events
 
 
 def mixed(text_folder: Path, code_folder: Path, prose: float = 0.7, code: float = 0.3) -> list[str]:

@@ -12,8 +12,8 @@ import pytest
 
 from flopwise.cli import main
 from flopwise.errors import FlopwiseError
-from flopwise.runtime import Ranks, per_rank_batch
 from flopwise.rundir import read_metrics
+from flopwise.runtime import Ranks, per_rank_batch
 from tests.helpers import TINY
 
 pytestmark = pytest.mark.slow

@@ -10,11 +10,20 @@ import pytest
 
 from flopwise.errors import FlopwiseError
 from flopwise.optim.schedules import Schedule
-from flopwise.train.loss_curve import (BOOTSTRAP_Z, Calibration, CurvePoint, calibrate_kappa, fit_curve,
-                                 forecast_final_loss, points_from_events, projected_total_tokens, stable_points,
-                                 summarize_kappas)
-from flopwise.scaling.law_file import LawPrior, PlanningLaw
 from flopwise.scaling.law import ScalingLaw
+from flopwise.scaling.law_file import LawPrior, PlanningLaw
+from flopwise.train.loss_curve import (
+    BOOTSTRAP_Z,
+    Calibration,
+    CurvePoint,
+    calibrate_kappa,
+    fit_curve,
+    forecast_final_loss,
+    points_from_events,
+    projected_total_tokens,
+    stable_points,
+    summarize_kappas,
+)
 
 WSD = Schedule()  # warmup 0.02, stable to p = 0.8, (1 - sqrt) cooldown to 0
 E, A, GAMMA = 1.8, 400.0, 0.35  # loss 4.4 at 1.5M tokens, 2.6 at 50M: a small LM's curve

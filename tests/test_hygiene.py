@@ -11,8 +11,15 @@ import sys
 import numpy as np
 import pytest
 
-from flopwise.data.hygiene import (HygieneSettings, clean_documents, duplicate_line_share, lsh_banding,
-                                   mean_line_chars, minhash_signatures, symbol_ratio)
+from flopwise.data.hygiene import (
+    HygieneSettings,
+    clean_documents,
+    duplicate_line_share,
+    lsh_banding,
+    mean_line_chars,
+    minhash_signatures,
+    symbol_ratio,
+)
 from flopwise.data.sources import Document
 from flopwise.errors import FlopwiseError
 

@@ -15,8 +15,8 @@ from typing import Any, Iterator
 import pytest
 
 from flopwise.errors import FlopwiseError
-from flopwise.train.loggers import open_run_logger, scalars
 from flopwise.rundir import read_metrics
+from flopwise.train.loggers import open_run_logger, scalars
 
 TOKENS_PER_STEP = 256
 

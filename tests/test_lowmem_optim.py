@@ -6,20 +6,20 @@ the ordinary step, exact checkpoint resume, and a small real training run."""
 from __future__ import annotations
 
 import math
-
 import pydoc_data.topics
+
 import pytest
 import torch
 
-from flopwise.optim.config import OptimSection
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.optim import galore
 from flopwise.optim.build import build_optimizer
-from flopwise.optim.routing import is_hidden_matrix
+from flopwise.optim.config import OptimSection
 from flopwise.optim.optimizer import FlopwiseOptimizer
 from flopwise.optim.quantize import dequantize, quantize
+from flopwise.optim.routing import is_hidden_matrix
 from flopwise.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tests.helpers import stack_of
 

@@ -13,12 +13,16 @@ from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.methods.checkpointing import ActivationCheckpointing
 from flopwise.methods.dense import dense_state_dict
-from flopwise.methods.lisa import LISA
-from flopwise.methods.lora import LoRA, LoRALinear
 from flopwise.methods.eight_bit import EightBitStates
 from flopwise.methods.layerwise import PerLayerUpdates
+from flopwise.methods.lisa import LISA
+from flopwise.methods.lora import LoRA, LoRALinear
+from flopwise.methods.sltrain import (
+    SLTrain,
+    SparseLowRankLinear,
+    _SparsePlusLowRankLinear,
+)
 from flopwise.methods.stack import MethodStack
-from flopwise.methods.sltrain import SLTrain, SparseLowRankLinear, _SparsePlusLowRankLinear
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 

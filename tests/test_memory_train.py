@@ -4,6 +4,7 @@ dense models, and ``--memory`` picks them or refuses clearly."""
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,8 +13,7 @@ from flopwise.cli import main
 from flopwise.config import load_config
 from flopwise.methods.registry import MEMORY_METHODS
 from flopwise.rundir import read_metrics
-from tests.helpers import TINY
-from tests.helpers import losses, train, train_events
+from tests.helpers import TINY, losses, train, train_events
 
 # TINY without the shape and tokenizer, which an --init-from model brings
 LOOP = ["--set", "model.seq_len=64", "--set", "optim.batch_size=4", "--set", "train.eval_tokens=2048",

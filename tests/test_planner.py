@@ -9,17 +9,36 @@ import math
 
 import pytest
 
+from flopwise.budget import Budget
 from flopwise.config import ModelSection, RunConfig, load_config
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import NAMED_SIZES
 from flopwise.model.flops import count_parameters, flops_per_token
-from flopwise.budget import Budget
-from flopwise.scaling.law_file import PRIOR_KAPPA, PlanningLaw, find_law, read_law, setup_key
 from flopwise.plan.planner import budget_tokens, plan_run
+from flopwise.plan.scan import (
+    LENGTHS,
+    MAX_RATIO,
+    MIN_RATIO,
+    RUN_OVERHEAD_SECONDS,
+    SIZES,
+    design_scan,
+    extension_cost,
+    pilot_config,
+)
 from flopwise.scaling.law import ScalingLaw
-from flopwise.plan.scan import (LENGTHS, MAX_RATIO, MIN_RATIO, RUN_OVERHEAD_SECONDS, SIZES, design_scan, extension_cost,
-                                pilot_config)
-from flopwise.scaling.shapes import WIDTHS, depth_for_width, family_shape, heads_for_width
+from flopwise.scaling.law_file import (
+    PRIOR_KAPPA,
+    PlanningLaw,
+    find_law,
+    read_law,
+    setup_key,
+)
+from flopwise.scaling.shapes import (
+    WIDTHS,
+    depth_for_width,
+    family_shape,
+    heads_for_width,
+)
 
 LAW = ScalingLaw(E=1.5, A=80.0, B=900.0, alpha=0.35, beta=0.35, source="test")
 

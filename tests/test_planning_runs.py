@@ -9,9 +9,9 @@ import pytest
 
 from flopwise.cli import main
 from flopwise.config import load_config
-from flopwise.scaling.law_file import read_law
 from flopwise.plan.scan import PilotSize, Scan, ScanDesign
 from flopwise.rundir import read_metrics
+from flopwise.scaling.law_file import read_law
 from tests.helpers import TINY, train
 
 pytestmark = pytest.mark.slow  # every test here reads real scans and runs, built once per module
@@ -163,9 +163,9 @@ def test_extend_adds_a_doubled_length_to_a_finished_scan_and_refits(scan_folder,
 
     from flopwise.cli import build_parser
     from flopwise.cli.flags import config_from_args
-    from flopwise.scaling.law_file import cached_law_path, setup_key
     from flopwise.plan.throughput import ThroughputCache
     from flopwise.runtime import device_name
+    from flopwise.scaling.law_file import cached_law_path, setup_key
 
     scan = tmp_path / "scan"
     shutil.copytree(scan_folder, scan)

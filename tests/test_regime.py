@@ -8,12 +8,23 @@ import numpy as np
 import pytest
 
 from flopwise.optim.schedules import Schedule
-from flopwise.train.loss_curve import CurvePoint
+from flopwise.plan.scan import (
+    LENGTHS,
+    RUN_OVERHEAD_SECONDS,
+    extension_cost,
+    scan_seconds_past_early_regime,
+)
 from flopwise.scaling.fitting import law_from_records, split_early_regime
-from flopwise.scaling.law_file import PlanningLaw
-from flopwise.scaling.regime import MARGIN, STRIDE, WINDOW, early_regime_end, steepest_tokens
 from flopwise.scaling.law import ScalingLaw
-from flopwise.plan.scan import LENGTHS, RUN_OVERHEAD_SECONDS, extension_cost, scan_seconds_past_early_regime
+from flopwise.scaling.law_file import PlanningLaw
+from flopwise.scaling.regime import (
+    MARGIN,
+    STRIDE,
+    WINDOW,
+    early_regime_end,
+    steepest_tokens,
+)
+from flopwise.train.loss_curve import CurvePoint
 
 WSD = Schedule()  # warmup 0.02, stable to p = 0.8
 LAW = ScalingLaw(E=2.0, A=400.0, B=2e4, alpha=0.5, beta=0.7, source="test")

@@ -16,9 +16,9 @@ import pytest
 from rich.console import Console
 
 from flopwise.cli import main
+from flopwise.cli.report import cmd_report, register
 from flopwise.errors import FlopwiseError
 from flopwise.report import HTML_FILE, JSON_FILE, write_report
-from flopwise.cli.report import cmd_report, register
 from flopwise.report.plots import build_figures
 from flopwise.report.runs import load_runs
 from flopwise.report.table import final_table

@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from flopwise.errors import FlopwiseError
 from flopwise.config import load_config
+from flopwise.errors import FlopwiseError
 from flopwise.methods.base import StepOutputs
 from flopwise.methods.reweight import ReweightConfig, SampleReweighting
-from flopwise.methods.sample_weights import (PACINGS, STRATEGIES, normalized_losses,
-                                             pacing_fraction, sample_weights, strategy_scores)
+from flopwise.methods.sample_weights import (
+    PACINGS,
+    STRATEGIES,
+    normalized_losses,
+    pacing_fraction,
+    sample_weights,
+    strategy_scores,
+)
 from flopwise.runtime import Ranks
 
 

@@ -5,8 +5,15 @@ import pytest
 from scipy.optimize import minimize_scalar
 
 from flopwise.errors import FlopwiseError
-from flopwise.scaling.law import (CHINCHILLA, CHINCHILLA_REFIT, ScalingLaw, bootstrap_laws, fit_law, interval,
-                                   parameter_intervals)
+from flopwise.scaling.law import (
+    CHINCHILLA,
+    CHINCHILLA_REFIT,
+    ScalingLaw,
+    bootstrap_laws,
+    fit_law,
+    interval,
+    parameter_intervals,
+)
 
 # Hoffmann et al. 2022, Table 3 (Approach 1's compute-optimal allocations): parameters, FLOPs, tokens.
 TABLE3 = [(400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1e9), (67e9, 5.76e23, 1.5e12),

@@ -13,8 +13,8 @@ from rich.table import Table
 from flopwise.cli.flags import add_setup_flags, config_from_args
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
-from flopwise.scaling.law_file import law_for
 from flopwise.plan.planner import Plan
+from flopwise.scaling.law_file import law_for
 
 PLAN_EPILOG = """\
 how: every width of the shape family (depth = round(sqrt(d_model / 8))) is timed on this device

@@ -55,12 +55,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_scan(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.scaling.fitting import SCAN_FILE
     from flopwise.plan.resolve import shape_from_config
     from flopwise.plan.scan import Scan, design_scan
-    from flopwise.scaling.shapes import family_shape
     from flopwise.plan.throughput import ThroughputCache
     from flopwise.runtime import device_name
+    from flopwise.scaling.fitting import SCAN_FILE
+    from flopwise.scaling.shapes import family_shape
 
     started = time.perf_counter()
     config = config_from_args(args)
@@ -101,8 +101,8 @@ def cmd_scan(args: argparse.Namespace, console: Console) -> int:
 def reopen_scan(args: argparse.Namespace, config: RunConfig, key: str, decay_start: float, seconds: float,
                 console: Console) -> Scan:
     """The finished scan ``--extend`` names, checked to be of this setup."""
-    from flopwise.scaling.fitting import SCAN_FILE
     from flopwise.plan.scan import Scan
+    from flopwise.scaling.fitting import SCAN_FILE
 
     folder = args.extend
     if args.out:

@@ -30,7 +30,7 @@ seed, plus its saved state, so a resumed run repeats the uninterrupted one exact
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np

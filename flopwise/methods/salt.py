@@ -37,7 +37,6 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
-
 from typing import TYPE_CHECKING, ClassVar
 
 import torch

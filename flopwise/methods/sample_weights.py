@@ -50,9 +50,9 @@ full set at ``a``, whereas ``step`` here climbs in 3 equal stairs (heights ``(1 
 from __future__ import annotations
 
 import math
-import torch
-
 from typing import TYPE_CHECKING
+
+import torch
 
 from flopwise.errors import FlopwiseError
 from flopwise.runtime import Ranks

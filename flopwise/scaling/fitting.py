@@ -16,11 +16,16 @@ from typing import Any, Iterable
 from flopwise.config import load_config
 from flopwise.errors import FlopwiseError
 from flopwise.optim.schedules import Schedule
-from flopwise.train.loss_curve import CurvePoint, calibrate_kappa, points_from_events, summarize_kappas
+from flopwise.rundir import read_metrics
+from flopwise.scaling.law import bootstrap_laws, fit_law
 from flopwise.scaling.law_file import PRIOR_KAPPA, PlanningLaw
 from flopwise.scaling.regime import early_regime_end, steepest_tokens
-from flopwise.scaling.law import bootstrap_laws, fit_law
-from flopwise.rundir import read_metrics
+from flopwise.train.loss_curve import (
+    CurvePoint,
+    calibrate_kappa,
+    points_from_events,
+    summarize_kappas,
+)
 
 SCAN_FILE = "scan.json"
 MIN_FITTED_RUNS = 6  # one more than the law's five parameters, as fit_law asks

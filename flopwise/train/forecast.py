@@ -11,8 +11,14 @@ from typing import Any, Iterable
 
 from flopwise.errors import FlopwiseError
 from flopwise.optim.schedules import Schedule
-from flopwise.train.loss_curve import (Calibration, CurvePoint, Forecast, LossPrior, forecast_final_loss,
-                                 projected_total_tokens)
+from flopwise.train.loss_curve import (
+    Calibration,
+    CurvePoint,
+    Forecast,
+    LossPrior,
+    forecast_final_loss,
+    projected_total_tokens,
+)
 
 
 class LossForecaster:

@@ -22,11 +22,11 @@ from flopwise.budget import Budget, Meter, steps_left
 from flopwise.data.sampler import PackedSampler
 from flopwise.methods.stack import MethodStack
 from flopwise.optim.schedules import Schedule
-from flopwise.train.loss_curve import CurvePoint, points_from_events
 from flopwise.runtime import Ranks, gradient_sync, peak_memory_bytes, synchronize
 from flopwise.train.checkpoint import save_checkpoint
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.forecast import LossForecaster
+from flopwise.train.loss_curve import CurvePoint, points_from_events
 
 
 def next_mark(p: float, every: float) -> float:
