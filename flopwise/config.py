@@ -222,6 +222,10 @@ def _one_line(err: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         if key in LEGACY_KEYS:
             return f"config ({source}): '{key}' is now '{LEGACY_KEYS[key]}': rename it"
+        moved = [old for old in LEGACY_KEYS if old.startswith(f"{key}.")]
+        if moved:
+            return (f"config ({source}): section '{key}' moved under [methods] (e.g. '{moved[0]}' is now "
+                    f"'{LEGACY_KEYS[moved[0]]}'): rename its keys")
         section = _section_model(first["loc"][:-1])
         valid = ", ".join(section.model_fields)
         return f"config ({source}): unknown key '{key}': valid keys here are {valid}"

@@ -99,6 +99,8 @@ def test_memory_and_methods_sections_units_methods_and_errors():
         load_config(None, ["methods.sltrain.delta=1.5"])
     with pytest.raises(FlopwiseError, match="'memory.galore_rank' is now 'methods.galore.rank': rename it"):
         load_config(None, ["memory.galore_rank=8"])
+    with pytest.raises(FlopwiseError, match="section 'reweight' moved under .methods.*'reweight.strategy' is now"):
+        load_config(None, ["reweight.strategy=quadratic"])
     with pytest.raises(FlopwiseError, match="memory.limit=.lots.: memory size .lots. is not understood: use e.g. 8GiB"):
         load_config(None, ["memory.limit=lots"])
     assert "limit = 4294967296.0" in config_to_toml(config)

@@ -67,8 +67,10 @@ def test_seconds_budget_lands_on_budget_with_final_lr(tmp_path, text_folder):
     events = train_events(run)
     assert events[-1]["lr"] == 0.0
     assert events[-1]["p_lr"] == 1.0
-    assert abs(events[-1]["wall"] - budget) / budget < 0.03
     assert abs(events[-1]["seconds"] - budget) / budget < 0.03
+    # wall clock also holds the loss forecasts (every 0.1 of the budget), which the budget does not count:
+    # measured 0.22-0.29 s of 8 s on 2 cores with the code before and after the method protocol
+    assert 0 <= events[-1]["wall"] - events[-1]["seconds"] < 0.1 * budget
     assert len(events) > 50  # the step time is small against the budget
 
 

@@ -106,7 +106,7 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     conflicts: ClassVar[dict[str, str]] = {}  # another method's name -> why the two cannot be combined
-    saves_memory: ClassVar[bool] = False  # one of those `--memory` may choose from and `--method` takes
+    saves_memory: ClassVar[bool] = False  # a memory method: checked against memory.limit, timed by the probe
     keeps_gradients: ClassVar[bool] = True  # False: gradients are used up in backward (none left to clip)
 
     def __init__(self, config: MethodConfig, seed: int = 0) -> None:
