@@ -124,12 +124,7 @@ def law_flag(args: argparse.Namespace) -> list[str]:
 def cmd_budget(args: argparse.Namespace) -> None:
     """Plan and run one budget; runs already recorded for it (a stage cut short) are kept, not rerun."""
     from flopwise.config import ModelSection
-    from flopwise.scaling.shapes import (
-        WIDTHS,
-        family_fields,
-        family_shape,
-        non_embedding_parameters,
-    )
+    from flopwise.scaling.shapes import WIDTHS, family_fields, family_shape, non_embedding_parameters
 
     results = load_results(args.results)
     row = results["budgets"].get(args.budget)

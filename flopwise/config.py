@@ -15,14 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    Field,
-    ValidationError,
-    create_model,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from flopwise.budget import BudgetSection, parse_bytes
 from flopwise.data.config import DataSection

@@ -34,22 +34,9 @@ from flopwise.methods.stack import MethodStack, check_methods, memory_traits
 from flopwise.model.config import NAMED_SIZES, ModelConfig
 from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.gpt import GPT
-from flopwise.model.hf import (
-    load_weights_into,
-    model_config_from_hf,
-    read_hf_config,
-    resolve_hf_source,
-    save_hf_folder,
-)
+from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source, save_hf_folder
 from flopwise.optim.build import build_optimizer
-from flopwise.rundir import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    PLAN_FILE,
-    is_run_dir,
-    planned_model_config,
-    read_metrics,
-)
+from flopwise.rundir import CONFIG_FILE, METRICS_FILE, PLAN_FILE, is_run_dir, planned_model_config, read_metrics
 from flopwise.runtime import (
     choose_device,
     choose_dtype,
@@ -62,24 +49,12 @@ from flopwise.runtime import (
     wrap_for_training,
 )
 from flopwise.scaling.law_file import law_for
-from flopwise.train.checkpoint import (
-    CheckpointInfo,
-    list_checkpoints,
-    load_checkpoint,
-    require_checkpoint,
-)
+from flopwise.train.checkpoint import CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.forecast import LossForecaster
 from flopwise.train.loggers import open_run_logger, require_backends
 from flopwise.train.metrics import MetricsLog
-from flopwise.train.trainer import (
-    LoopSettings,
-    LoopState,
-    Outcome,
-    Trainer,
-    forecast_points,
-    next_mark,
-)
+from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, forecast_points, next_mark
 
 # Model fields that an --init-from model's config.json decides.
 _IMPORTED_SHAPE = {"size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "qk_norm", "tie_embeddings",

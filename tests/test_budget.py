@@ -2,14 +2,7 @@ import math
 
 import pytest
 
-from flopwise.budget import (
-    Budget,
-    Meter,
-    format_bytes,
-    parse_bytes,
-    parse_limit,
-    steps_left,
-)
+from flopwise.budget import Budget, Meter, format_bytes, parse_bytes, parse_limit, steps_left
 from flopwise.errors import FlopwiseError
 
 

@@ -4,13 +4,7 @@ import pytest
 import torch
 
 from flopwise.errors import FlopwiseError
-from flopwise.runtime import (
-    choose_device,
-    choose_dtype,
-    fast_bf16,
-    keep_freed_cpu_memory,
-    measure_matmul_peak,
-)
+from flopwise.runtime import choose_device, choose_dtype, fast_bf16, keep_freed_cpu_memory, measure_matmul_peak
 
 
 def test_fp32_unless_bf16_is_fast_on_this_device():

@@ -17,11 +17,7 @@ from flopwise.methods.eight_bit import EightBitStates
 from flopwise.methods.layerwise import PerLayerUpdates
 from flopwise.methods.lisa import LISA
 from flopwise.methods.lora import LoRA, LoRALinear
-from flopwise.methods.sltrain import (
-    SLTrain,
-    SparseLowRankLinear,
-    _SparsePlusLowRankLinear,
-)
+from flopwise.methods.sltrain import SLTrain, SparseLowRankLinear, _SparsePlusLowRankLinear
 from flopwise.methods.stack import MethodStack
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT

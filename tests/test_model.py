@@ -11,11 +11,7 @@ import torch.nn.functional as F
 from flopwise.errors import FlopwiseError
 from flopwise.model import gpt
 from flopwise.model.config import NAMED_SIZES, ModelConfig
-from flopwise.model.flops import (
-    count_parameters,
-    flops_per_token,
-    forward_flops_per_token,
-)
+from flopwise.model.flops import count_parameters, flops_per_token, forward_flops_per_token
 from flopwise.model.gpt import GPT, RotaryEmbedding
 
 # Tied embeddings, multi-head attention, default SwiGLU width.

@@ -26,19 +26,8 @@ from flopwise.plan.scan import (
     pilot_config,
 )
 from flopwise.scaling.law import ScalingLaw
-from flopwise.scaling.law_file import (
-    PRIOR_KAPPA,
-    PlanningLaw,
-    find_law,
-    read_law,
-    setup_key,
-)
-from flopwise.scaling.shapes import (
-    WIDTHS,
-    depth_for_width,
-    family_shape,
-    heads_for_width,
-)
+from flopwise.scaling.law_file import PRIOR_KAPPA, PlanningLaw, find_law, read_law, setup_key
+from flopwise.scaling.shapes import WIDTHS, depth_for_width, family_shape, heads_for_width
 
 LAW = ScalingLaw(E=1.5, A=80.0, B=900.0, alpha=0.35, beta=0.35, source="test")
 

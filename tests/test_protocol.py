@@ -12,12 +12,7 @@ import pytest
 import flopwise
 from flopwise.budget import Budget
 from flopwise.cli import main
-from flopwise.config import (
-    LEGACY_KEYS,
-    config_to_toml,
-    load_run_config,
-    upgrade_legacy_keys,
-)
+from flopwise.config import LEGACY_KEYS, config_to_toml, load_run_config, upgrade_legacy_keys
 from flopwise.methods.registry import METHODS
 from flopwise.rundir import read_metrics
 from flopwise.train.display import ProgressDisplay

@@ -8,22 +8,11 @@ import numpy as np
 import pytest
 
 from flopwise.optim.schedules import Schedule
-from flopwise.plan.scan import (
-    LENGTHS,
-    RUN_OVERHEAD_SECONDS,
-    extension_cost,
-    scan_seconds_past_early_regime,
-)
+from flopwise.plan.scan import LENGTHS, RUN_OVERHEAD_SECONDS, extension_cost, scan_seconds_past_early_regime
 from flopwise.scaling.fitting import law_from_records, split_early_regime
 from flopwise.scaling.law import ScalingLaw
 from flopwise.scaling.law_file import PlanningLaw
-from flopwise.scaling.regime import (
-    MARGIN,
-    STRIDE,
-    WINDOW,
-    early_regime_end,
-    steepest_tokens,
-)
+from flopwise.scaling.regime import MARGIN, STRIDE, WINDOW, early_regime_end, steepest_tokens
 from flopwise.train.loss_curve import CurvePoint
 
 WSD = Schedule()  # warmup 0.02, stable to p = 0.8

@@ -5,14 +5,7 @@ import numpy as np
 import pytest
 
 from flopwise.errors import FlopwiseError
-from flopwise.replay.law import (
-    PAPER_EPSILON,
-    ReplayLaw,
-    ReplayPoint,
-    critical_ratio,
-    fit_replay_law,
-    pilot_design,
-)
+from flopwise.replay.law import PAPER_EPSILON, ReplayLaw, ReplayPoint, critical_ratio, fit_replay_law, pilot_design
 
 G0, D0, T_MAX = 2.8, 3.2, 1e9
 # General loss rises with the domain share and then recovers along the run; domain loss falls.

@@ -14,14 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from flopwise.data.tokenizer import byte_tokenizer
 from flopwise.errors import FlopwiseError
-from flopwise.methods.salt import (
-    SaltConfig,
-    Teacher,
-    distillation_loss,
-    kd_weight_at,
-    select_windows,
-    selecting_at,
-)
+from flopwise.methods.salt import SaltConfig, Teacher, distillation_loss, kd_weight_at, select_windows, selecting_at
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import save_hf_folder

@@ -14,19 +14,7 @@ from collections.abc import Callable
 from rich.console import Console
 
 from flopwise import __version__
-from flopwise.cli import (
-    bench,
-    data,
-    eval,
-    export,
-    fit,
-    memory,
-    plan,
-    report,
-    sample,
-    scan,
-    train,
-)
+from flopwise.cli import bench, data, eval, export, fit, memory, plan, report, sample, scan, train
 from flopwise.errors import FlopwiseError
 
 # in the order `flopwise --help` lists them

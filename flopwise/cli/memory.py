@@ -48,12 +48,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_memory(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.methods.choose import (
-        CANDIDATES,
-        choose_methods,
-        estimate_for,
-        memory_methods_of,
-    )
+    from flopwise.methods.choose import CANDIDATES, choose_methods, estimate_for, memory_methods_of
 
     config = config_from_args(args)  # of the table's flags, this command has --model and --memory
     model_cfg = shape_from_config(config)

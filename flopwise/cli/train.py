@@ -12,12 +12,7 @@ from rich.console import Console
 
 from flopwise.budget import Budget
 from flopwise.cli.eval import eval_table
-from flopwise.cli.flags import (
-    add_data_method_flags,
-    add_setup_flags,
-    config_flags_given,
-    config_from_args,
-)
+from flopwise.cli.flags import add_data_method_flags, add_setup_flags, config_flags_given, config_from_args
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 

@@ -16,14 +16,7 @@ import numpy as np
 from flopwise.atomic import write_atomic
 from flopwise.data.config import DataSection
 from flopwise.data.hygiene import HygieneReport, clean_documents
-from flopwise.data.shards import (
-    LAYOUT,
-    MIN_HELDOUT_CHARS,
-    MIN_HELDOUT_SHARE,
-    TokenCorpus,
-    build_corpus,
-    content_key,
-)
+from flopwise.data.shards import LAYOUT, MIN_HELDOUT_CHARS, MIN_HELDOUT_SHARE, TokenCorpus, build_corpus, content_key
 from flopwise.data.sources import Document, ReadStats, parse_source, read_documents
 from flopwise.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from flopwise.errors import FlopwiseError

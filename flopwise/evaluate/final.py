@@ -16,12 +16,7 @@ from flopwise.evaluate.heldout import Evaluator
 from flopwise.methods.dense import build_model, plain_model
 from flopwise.methods.stack import MethodStack
 from flopwise.model.gpt import GPT
-from flopwise.model.hf import (
-    WEIGHTS,
-    load_weights_into,
-    require_llama_style,
-    save_hf_folder,
-)
+from flopwise.model.hf import WEIGHTS, load_weights_into, require_llama_style, save_hf_folder
 from flopwise.rundir import planned_model_config
 from flopwise.runtime import choose_device, choose_dtype
 from flopwise.train.checkpoint import list_checkpoints, require_checkpoint

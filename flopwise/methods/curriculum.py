@@ -19,13 +19,7 @@ from pydantic import field_validator
 from flopwise.atomic import write_atomic
 from flopwise.data.shards import content_key, unigram_log_probs
 from flopwise.errors import FlopwiseError
-from flopwise.methods.base import (
-    Method,
-    MethodConfig,
-    RunResources,
-    SamplerOptions,
-    World,
-)
+from flopwise.methods.base import Method, MethodConfig, RunResources, SamplerOptions, World
 from flopwise.methods.sample_weights import pacing_fraction
 
 if TYPE_CHECKING:

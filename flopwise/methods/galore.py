@@ -13,13 +13,7 @@ from torch import nn
 
 from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
-from flopwise.methods.base import (
-    Method,
-    MethodConfig,
-    OptimizerSpec,
-    World,
-    default_rank,
-)
+from flopwise.methods.base import Method, MethodConfig, OptimizerSpec, World, default_rank
 from flopwise.model.config import ModelConfig
 from flopwise.section import positive
 

@@ -14,14 +14,7 @@ from torch import nn
 from flopwise.data.mixture import DomainReweighter, natural_weights
 from flopwise.data.sampler import PackedSampler
 from flopwise.errors import FlopwiseError
-from flopwise.methods.base import (
-    Method,
-    MethodConfig,
-    RunResources,
-    SamplerOptions,
-    StepOutputs,
-    World,
-)
+from flopwise.methods.base import Method, MethodConfig, RunResources, SamplerOptions, StepOutputs, World
 from flopwise.methods.mixture import mixture_field
 from flopwise.rundir import read_metrics
 from flopwise.section import non_negative, unit_share

@@ -12,14 +12,7 @@ from torch import nn
 from flopwise.data.sampler import Batch, PackedSampler
 from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
-from flopwise.methods.base import (
-    Method,
-    OptimizerSpec,
-    RunResources,
-    SamplerOptions,
-    StepOutputs,
-    World,
-)
+from flopwise.methods.base import Method, OptimizerSpec, RunResources, SamplerOptions, StepOutputs, World
 from flopwise.methods.registry import BY_NAME, METHODS
 from flopwise.model.config import ModelConfig
 from flopwise.runtime import autocast

@@ -21,12 +21,7 @@ from flopwise.model.config import ModelConfig
 from flopwise.model.flops import flops_per_token
 from flopwise.scaling.law import interval
 from flopwise.scaling.law_file import SIZE_EXTRAPOLATION, PlanningLaw
-from flopwise.scaling.shapes import (
-    WIDTHS,
-    family_fields,
-    family_shape,
-    non_embedding_parameters,
-)
+from flopwise.scaling.shapes import WIDTHS, family_fields, family_shape, non_embedding_parameters
 
 MIN_STEPS = 20  # fewer optimizer steps than this is not a training run worth predicting
 PAST_BEST = 2  # candidates tried beyond the best before the search stops
@@ -139,11 +134,7 @@ def _describe_range(limits: tuple[float, float]) -> str:
 def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, law: PlanningLaw,
                step_seconds: StepSeconds, tokens_per_step: int) -> Candidate:
     """One family member's cost and predicted loss; FlopwiseError when no memory-saving methods fit the cap."""
-    from flopwise.methods.choose import (  # imports torch
-        estimate_for,
-        memory_methods_of,
-        resolve_memory_methods,
-    )
+    from flopwise.methods.choose import estimate_for, memory_methods_of, resolve_memory_methods  # imports torch
 
     cfg = family_shape(config.model, width, vocab_size)
     run_config = config

@@ -14,11 +14,7 @@ def shape_from_config(config: RunConfig) -> ModelConfig:
 
     m = config.model
     if m.init_from:
-        from flopwise.model.hf import (
-            model_config_from_hf,
-            read_hf_config,
-            resolve_hf_source,
-        )
+        from flopwise.model.hf import model_config_from_hf, read_hf_config, resolve_hf_source
 
         folder = resolve_hf_source(m.init_from)
         return model_config_from_hf(read_hf_config(folder), folder, m.seq_len or NAMED_SIZES[m.size]["seq_len"])

@@ -40,13 +40,7 @@ from flopwise.budget import Budget
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
-from flopwise.scaling.fitting import (
-    MIN_FITTED_RUNS,
-    SCAN_FILE,
-    law_from_records,
-    regime_ends,
-    run_record,
-)
+from flopwise.scaling.fitting import MIN_FITTED_RUNS, SCAN_FILE, law_from_records, regime_ends, run_record
 from flopwise.scaling.law_file import LAW_FILE, PlanningLaw
 from flopwise.scaling.shapes import WIDTHS, family_fields, non_embedding_parameters
 

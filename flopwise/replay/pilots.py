@@ -22,13 +22,7 @@ from flopwise.data.mixture import resolve_weights
 from flopwise.data.sources import parse_source
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import FINAL_EVAL_SCALE
-from flopwise.replay.law import (
-    PAPER_EPSILON,
-    ReplayPoint,
-    critical_ratio,
-    fit_replay_law,
-    pilot_design,
-)
+from flopwise.replay.law import PAPER_EPSILON, ReplayPoint, critical_ratio, fit_replay_law, pilot_design
 
 PILOT_SHARE = 0.1  # of the full run's tokens, across each share's pilot (default --pilot-tokens)
 LENGTHS = (1 / 3, 1.0)

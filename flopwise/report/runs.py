@@ -17,12 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flopwise.errors import FlopwiseError
-from flopwise.rundir import (  # plain json: no torch import
-    CONFIG_FILE,
-    METRICS_FILE,
-    PLAN_FILE,
-    read_metrics,
-)
+from flopwise.rundir import CONFIG_FILE, METRICS_FILE, PLAN_FILE, read_metrics  # plain json: no torch import
 
 if sys.version_info >= (3, 11):
     import tomllib

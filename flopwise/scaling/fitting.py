@@ -20,12 +20,7 @@ from flopwise.rundir import read_metrics
 from flopwise.scaling.law import bootstrap_laws, fit_law
 from flopwise.scaling.law_file import PRIOR_KAPPA, PlanningLaw
 from flopwise.scaling.regime import early_regime_end, steepest_tokens
-from flopwise.train.loss_curve import (
-    CurvePoint,
-    calibrate_kappa,
-    points_from_events,
-    summarize_kappas,
-)
+from flopwise.train.loss_curve import CurvePoint, calibrate_kappa, points_from_events, summarize_kappas
 
 SCAN_FILE = "scan.json"
 MIN_FITTED_RUNS = 6  # one more than the law's five parameters, as fit_law asks
