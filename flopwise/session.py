@@ -25,12 +25,11 @@ from flopwise.data.sampler import PackedSampler
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import FINAL_EVAL_SCALE, Evaluator
-from flopwise.memory.estimate import estimate_memory
 from flopwise.methods.base import RunResources, World
-from flopwise.methods.choose import memory_methods_of, resolve_memory_methods
+from flopwise.methods.choose import estimate_for, memory_methods_of, resolve_memory_methods
 from flopwise.methods.dense import build_model, plain_model
 from flopwise.methods.salt import Teacher
-from flopwise.methods.stack import MethodStack, check_methods, memory_traits
+from flopwise.methods.stack import MethodStack, check_methods
 from flopwise.model.config import NAMED_SIZES, ModelConfig
 from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.gpt import GPT
@@ -216,8 +215,8 @@ class Session:
         """The memory methods and the estimated bytes of a step with them (flopwise/memory/estimate.py)."""
         c = self.config
         methods = memory_methods_of(c)
-        estimate = estimate_memory(self.model_cfg, self.rank_batch, memory_traits(methods, c.methods, self.model_cfg),
-                                   c.optim.name, self.compute_dtype, grad_accum=c.optim.grad_accum)
+        estimate = estimate_for(self.model_cfg, self.rank_batch, methods, c.methods, c.optim.name, self.compute_dtype,
+                                grad_accum=c.optim.grad_accum)
         return {"methods": methods, "limit": c.memory.limit, "estimate": estimate.to_dict()}
 
     def resume_from(self, checkpoint: CheckpointInfo) -> LoopState:

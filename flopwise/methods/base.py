@@ -129,18 +129,18 @@ class Method:
     def memory(cls, config: MethodConfig, traits: MemoryTraits, model: ModelConfig) -> None:
         """Record in ``traits`` what this method changes in a training step's memory."""
 
-    @staticmethod
-    def refuse_in_parallel(name: str, world: World | None, reason: str) -> None:
+    @classmethod
+    def refuse_in_parallel(cls, world: World | None, reason: str) -> None:
         """One-line refusal of a method that runs in one process only."""
         if world is not None and world.size > 1:
-            raise FlopwiseError(f"methods.use '{name}' runs in one process only (it {reason}): "
+            raise FlopwiseError(f"methods.use '{cls.name}' runs in one process only (it {reason}): "
                                 "run without torchrun, or drop it")
 
-    @staticmethod
-    def refuse_sharded(name: str, world: World | None) -> None:
+    @classmethod
+    def refuse_sharded(cls, world: World | None) -> None:
         """One-line refusal of a method that needs whole local tensors, under FSDP."""
         if world is not None and world.size > 1 and world.parallel == "fsdp":
-            raise FlopwiseError(f"methods.use '{name}' is not supported with --parallel fsdp (FSDP2 shards "
+            raise FlopwiseError(f"methods.use '{cls.name}' is not supported with --parallel fsdp (FSDP2 shards "
                                 "already save its memory): use --parallel ddp, or drop it")
 
     # -- building the run -----------------------------------------------------------------------

@@ -31,7 +31,7 @@ class EightBitStates(Method):
 
     @classmethod
     def check(cls, config: EightBitConfig, run: object, world: World | None) -> None:
-        cls.refuse_sharded(cls.name, world)
+        cls.refuse_sharded(world)
 
     @classmethod
     def memory(cls, config: EightBitConfig, traits: MemoryTraits, model: ModelConfig) -> None:

@@ -42,7 +42,7 @@ class GaLore(Method):
         if run.optim.name != "adamw":
             raise FlopwiseError(f"methods.use galore runs Adam on projected gradients and cannot be combined "
                                 f"with optim.name={run.optim.name}: set optim.name=adamw")
-        cls.refuse_sharded(cls.name, world)
+        cls.refuse_sharded(world)
 
     @classmethod
     def memory(cls, config: GaLoreConfig, traits: MemoryTraits, model: ModelConfig) -> None:

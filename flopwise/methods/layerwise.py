@@ -29,8 +29,8 @@ class PerLayerUpdates(Method):
         if run.optim.grad_accum > 1:
             raise FlopwiseError("methods.use 'layerwise' updates each weight during backward, so it cannot "
                                 "accumulate gradients: set optim.grad_accum=1 (raise optim.batch_size instead)")
-        cls.refuse_in_parallel(cls.name, world, "updates weights inside backward, before DDP has reduced "
-                                                "their gradients")
+        cls.refuse_in_parallel(world, "updates weights inside backward, before DDP has reduced "
+                                     "their gradients")
 
     @classmethod
     def memory(cls, config: MethodConfig, traits: MemoryTraits, model: ModelConfig) -> None:

@@ -51,8 +51,8 @@ class LISA(Method):
 
     @classmethod
     def check(cls, config: LISAConfig, run: object, world: World | None) -> None:
-        cls.refuse_in_parallel(cls.name, world, "changes which layers train, while DDP fixes that set when it "
-                                                "wraps the model")
+        cls.refuse_in_parallel(world, "changes which layers train, while DDP fixes that set when it "
+                                     "wraps the model")
 
     @classmethod
     def memory(cls, config: LISAConfig, traits: MemoryTraits, model: ModelConfig) -> None:

@@ -90,7 +90,7 @@ class LoRA(Method):
             raise FlopwiseError("methods.use 'lora' fine-tunes an imported model through adapters on frozen "
                                 "weights, and random frozen weights learn nothing: add --init-from MODEL, or "
                                 "drop lora")
-        cls.refuse_sharded(cls.name, world)
+        cls.refuse_sharded(world)
 
     @classmethod
     def memory(cls, config: LoRAConfig, traits: MemoryTraits, model: ModelConfig) -> None:

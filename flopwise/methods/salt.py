@@ -280,6 +280,9 @@ class Salt(Method):
         self._rejected: list[torch.Tensor] = []  # domains of this step's rejected candidates
         self._flops = 0.0
 
+    def attach(self, sampler: PackedSampler) -> None:
+        self.sampler = sampler
+
     def next_batch(self, sampler: PackedSampler, p: float) -> Batch | None:
         self._logits = None
         if not selecting_at(p, self.config):
@@ -294,7 +297,6 @@ class Salt(Method):
         rejected = torch.ones(len(candidates.domains), dtype=torch.bool)
         rejected[chosen] = False
         self._rejected.append(candidates.domains[rejected])
-        self.sampler = sampler
         return Batch(candidates.inputs[chosen], candidates.targets[chosen], candidates.domains[chosen])
 
     def _teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -189,7 +189,7 @@ class SLTrain(Method):
 
     @classmethod
     def check(cls, config: SLTrainConfig, run: object, world: World | None) -> None:
-        cls.refuse_sharded(cls.name, world)
+        cls.refuse_sharded(world)
 
     @classmethod
     def memory(cls, config: SLTrainConfig, traits: MemoryTraits, model: ModelConfig) -> None:
