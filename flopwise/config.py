@@ -312,12 +312,12 @@ def upgrade_legacy_keys(data: dict) -> dict:
     """``data`` with the keys of ``LEGACY_KEYS`` moved to their new places; an old switch that was on
     adds its method to ``methods.use``, and the settings of methods that were off are dropped."""
     data = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
-    old = {f"{section}.{key}": data[section].pop(key) for section in ("memory", "mixture", "curriculum",
-                                                                          "reweight", "salt")
-           if isinstance(data.get(section), dict) for key in list(data[section]) if f"{section}.{key}" in LEGACY_KEYS}
-    for section in ("mixture", "curriculum", "reweight", "salt"):
-        if section in data and not data[section]:
-            del data[section]
+    sections = dict.fromkeys(key.split(".")[0] for key in LEGACY_KEYS)
+    old = {f"{section}.{key}": data[section].pop(key) for section in sections if isinstance(data.get(section), dict)
+           for key in list(data[section]) if f"{section}.{key}" in LEGACY_KEYS}
+    for section in sections:
+        if section not in RunConfig.model_fields and section in data and not data[section]:
+            del data[section]  # a section that no longer exists, emptied
     if not old:
         return data
     use = list(old.pop("memory.methods", []))
@@ -325,7 +325,6 @@ def upgrade_legacy_keys(data: dict) -> dict:
     _set_dotted(data, "methods.use", use)
     for key, value in old.items():
         target = LEGACY_KEYS[key]
-        method = target.split(".")[1]
-        if method in use and (key, value) != ("mixture.online", "none"):
+        if target.split(".")[1] in use:  # settings of methods that were off are dropped
             _set_dotted(data, target, value)
     return data
