@@ -1,6 +1,12 @@
 """Golden loss curves: every training ``loss`` of 40-step runs, recorded by the code before the method-protocol
-refactor, must be reproduced exactly.  An intentional change regenerates them with
-``FLOPWISE_REGENERATE_GOLDEN=1 python -m pytest tests/test_golden.py`` in a commit that says why."""
+refactor, must be reproduced exactly.
+
+Exactly is per kind of CPU: torch and MKL pick their kernels by vector width (torch's cpu capability, AVX2 or
+AVX512), and each width sums in its own order, so a curve differs from the other width's by 1e-7 at the first
+steps and, through 8-bit rounding that flips, by up to 8% after 40.  Each file holds one curve per capability,
+each recorded by the pre-refactor code (commit cf36afe) on such a CPU.  An intentional change regenerates the
+running machine's with ``FLOPWISE_REGENERATE_GOLDEN=1 python -m pytest tests/test_golden.py`` in a commit that
+says why."""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from flopwise.rundir import read_metrics
 
 GOLDEN = Path(__file__).parent / "golden"
 REGENERATE = os.environ.get("FLOPWISE_REGENERATE_GOLDEN") == "1"
+CPU = torch.backends.cpu.get_cpu_capability()  # the kernels' vector width, which fixes their summation order
 LOOP = ["--budget", "40steps", "--set", "model.seq_len=32", "--set", "optim.batch_size=4",
         "--set", "train.eval_tokens=1024", "--set", "train.log_every=1", "--set", "train.eval_every=0.5"]
 SCRATCH = ["--tokenizer", "byte", "--set", "model.size=tiny"]  # an --init-from model brings both
@@ -114,6 +121,11 @@ def test_loss_curve_matches_its_golden_file(name, corpus, tmp_path):
     curve = [event["loss"] for event in read_metrics(run / "metrics.jsonl") if event["event"] == "train"]
     assert len(curve) == 40
     golden = GOLDEN / f"{name}.json"
+    recorded = json.loads(golden.read_text(encoding="utf-8"))
     if REGENERATE:
-        golden.write_text(json.dumps({"args": CASES[name], "loss": curve}, indent=1) + "\n", encoding="utf-8")
-    assert json.loads(golden.read_text(encoding="utf-8"))["loss"] == curve
+        recorded = {"args": CASES[name], "loss": dict(recorded["loss"], **{CPU: curve})}
+        golden.write_text(json.dumps(recorded, indent=1) + "\n", encoding="utf-8")
+    if CPU not in recorded["loss"]:
+        pytest.skip(f"no golden curve recorded on a {CPU} CPU (only {', '.join(recorded['loss'])}): record one "
+                    "with the pre-change code and FLOPWISE_REGENERATE_GOLDEN=1")
+    assert recorded["loss"][CPU] == curve
