@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import field_validator
 
 from flopwise.errors import FlopwiseError
-from flopwise.section import Section
+from flopwise.section import Section, in_range
 
 LIMITS = ("seconds", "flops", "tokens", "steps")
 
@@ -200,11 +200,16 @@ class BudgetSection(Section):
     @classmethod
     def _units(cls, value: Any, info: Any) -> Any:
         if isinstance(value, str):
-            name, amount = parse_limit(value)
+            try:
+                name, amount = parse_limit(value)
+            except FlopwiseError as err:  # as a ValueError, so the refusal names the key
+                raise ValueError(str(err)) from None
             if name != info.field_name:
                 raise ValueError(f"'{value}' is a {name} amount, not {info.field_name}")
             return amount
         return value
+
+    _limits = in_range(*LIMITS, low=0, above=True)
 
     def build(self) -> Budget:
         budget = Budget(**self.model_dump())

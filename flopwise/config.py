@@ -23,7 +23,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelSection
 from flopwise.optim.config import OptimSection, ScheduleSection
 from flopwise.rundir import CONFIG_FILE, require_run_dir
-from flopwise.section import Section, one_or_many, positive
+from flopwise.section import Section, in_range, one_or_many
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,7 +56,10 @@ class TrainSection(Section):
     law: str | None = None
 
     _lists = field_validator("log", mode="before")(one_or_many)
-    _positives = field_validator("target_loss")(positive)
+    _seed = in_range("seed", low=0, high=2**63 - 1, rule="be a whole number in [0, 2**63 - 1]")  # TOML's integers
+    _counts = in_range("eval_tokens", "log_every", "keep_checkpoints", low=1)
+    _shares = in_range("eval_every", "checkpoint_every", "forecast_every", low=0, high=1)  # 0: never
+    _loss = in_range("target_loss", low=0, above=True)
 
 
 class MemorySection(Section):
@@ -72,6 +75,8 @@ class MemorySection(Section):
             return parse_bytes(value) if isinstance(value, str) else value
         except FlopwiseError as err:
             raise ValueError(str(err)) from None
+
+    _limit = in_range("limit", low=0, above=True)
 
 
 @functools.cache
@@ -177,18 +182,22 @@ def _merge(data: dict, entries: dict) -> None:
 
 
 def read_config_file(path: Path) -> dict:
+    if path.is_dir():
+        raise FlopwiseError(f"config file '{path}' is a folder: give the path of a .toml or .yaml file")
     if not path.is_file():
         raise FlopwiseError(f"config file '{path}' does not exist: give the path of a .toml or .yaml file")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise FlopwiseError(f"config file '{path}' must end in .toml, .yaml or .yml")
     try:
-        if path.suffix == ".toml":
-            return tomllib.loads(text)
-        if path.suffix in (".yaml", ".yml"):
-            return yaml.safe_load(text) or {}
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else (yaml.safe_load(text) or {})
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
         first_line = str(err).splitlines()[0]
         raise FlopwiseError(f"config file '{path}' is not valid {path.suffix[1:].upper()}: {first_line}") from None
-    raise FlopwiseError(f"config file '{path}' must end in .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise FlopwiseError(f"config file '{path}' holds a {type(data).__name__}, not a table of sections: write "
+                            "sections such as [model] or model: with their keys")
+    return data
 
 
 def validate_config(data: dict, source: str) -> RunConfig:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import field_validator
 
 from flopwise.data.hygiene import HygieneSettings
-from flopwise.section import one_or_many
+from flopwise.section import in_range, one_or_many
 
 
 class DataSection(HygieneSettings):
@@ -24,10 +24,7 @@ class DataSection(HygieneSettings):
     cache_dir: str | None = None
 
     _lists = field_validator("sources", "include", "val_sources", mode="before")(one_or_many)
-
-    @field_validator("val_fraction")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        if not 0.0 < value < 0.5:
-            raise ValueError("must lie in (0, 0.5)")
-        return value
+    _fraction = in_range("val_fraction", low=0, high=0.5, above=True, below=True)
+    # byte-level BPE needs its 256 bytes, the end-of-text token and a merge (MIN_BPE_VOCAB in tokenizer.py)
+    _vocab = in_range("vocab_size", low=258)
+    _sample = in_range("tokenizer_sample_mb", low=0, above=True)

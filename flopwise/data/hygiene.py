@@ -61,7 +61,8 @@ class HygieneSettings(Section):
                      "must be a Jaccard similarity in (0, 1], e.g. 0.8")
         if not _is_int(given["num_perm"]) or given["num_perm"] < 4 or not _bandings(given["num_perm"]):
             _invalid("num_perm", given["num_perm"],
-                     "must split into LSH bands of 2 or more rows: use e.g. 64, 128 or 256")
+                     "must be a whole number >= 4 that splits into LSH bands of 2 or more rows: "
+                     "use e.g. 64, 128 or 256")
         if not _is_int(given["shingle_words"]) or given["shingle_words"] < 1:
             _invalid("shingle_words", given["shingle_words"], "must be a whole number of words >= 1, e.g. 5")
         for field in ("min_chars", "max_line_chars"):

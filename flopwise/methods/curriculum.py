@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import field_validator
 
 from flopwise.atomic import write_atomic
 from flopwise.data.shards import content_key, unigram_log_probs
 from flopwise.errors import FlopwiseError
 from flopwise.methods.base import Method, MethodConfig, RunResources, SamplerOptions, World
 from flopwise.methods.sample_weights import pacing_fraction
+from flopwise.section import in_range
 
 if TYPE_CHECKING:
     from flopwise.config import RunConfig
@@ -41,12 +41,7 @@ class CurriculumConfig(MethodConfig):
     full_at: float = 0.5
     scorer: str | None = None
 
-    @field_validator("start", "full_at")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        if not 0.0 < value <= 1.0:
-            raise ValueError("must be in (0, 1]")
-        return value
+    _fractions = in_range("start", "full_at", low=0, high=1, above=True)
 
 
 class Curriculum(Method):

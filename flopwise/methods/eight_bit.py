@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import field_validator
 from torch import nn
 
 from flopwise.memory.traits import MemoryTraits
 from flopwise.methods.base import Method, MethodConfig, OptimizerSpec, World
 from flopwise.model.config import ModelConfig
-from flopwise.section import positive
+from flopwise.section import in_range
 
 
 class EightBitConfig(MethodConfig):
@@ -21,7 +20,7 @@ class EightBitConfig(MethodConfig):
 
     block: int = 256
 
-    _positive = field_validator("block")(positive)
+    _block = in_range("block", low=1)
 
 
 class EightBitStates(Method):

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from pydantic import field_validator
 from torch import nn
 
 from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
 from flopwise.methods.base import Method, MethodConfig, OptimizerSpec, World, default_rank
 from flopwise.model.config import ModelConfig
-from flopwise.section import positive
+from flopwise.section import in_range
 
 if TYPE_CHECKING:
     from flopwise.config import RunConfig
@@ -29,7 +28,8 @@ class GaLoreConfig(MethodConfig):
     update_gap: int = 200
     scale: float = 0.25
 
-    _positive = field_validator("rank", "update_gap")(positive)
+    _counts = in_range("rank", "update_gap", low=1)  # rank None: d_model // 4
+    _scale = in_range("scale", low=0, above=True)
 
 
 class GaLore(Method):

@@ -17,13 +17,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from pydantic import field_validator
 from torch import nn
 
 from flopwise.memory.traits import MemoryTraits
 from flopwise.methods.base import Method, MethodConfig, World
 from flopwise.model.config import ModelConfig
-from flopwise.section import positive
+from flopwise.section import in_range
 
 
 class LISAConfig(MethodConfig):
@@ -32,7 +31,7 @@ class LISAConfig(MethodConfig):
     layers: int = 2
     interval: int = 20
 
-    _positive = field_validator("layers", "interval")(positive)
+    _counts = in_range("layers", "interval", low=1)  # more layers than the model has: all of them
 
 
 class LISA(Method):

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import field_validator
 from torch import nn
 
 from flopwise.errors import FlopwiseError
@@ -23,7 +22,7 @@ from flopwise.memory.traits import MemoryTraits
 from flopwise.methods.base import Method, MethodConfig, World
 from flopwise.methods.dense import replace_block_linears
 from flopwise.model.config import ModelConfig
-from flopwise.section import positive
+from flopwise.section import in_range
 
 if TYPE_CHECKING:
     from flopwise.config import RunConfig
@@ -68,7 +67,8 @@ class LoRAConfig(MethodConfig):
     rank: int = 8
     alpha: float = 16.0
 
-    _positive = field_validator("rank")(positive)
+    _rank = in_range("rank", low=1)
+    _alpha = in_range("alpha", low=0, above=True)
 
 
 class LoRA(Method):

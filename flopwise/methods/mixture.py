@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import field_validator
@@ -24,8 +25,8 @@ class MixtureConfig(MethodConfig):
     @field_validator("weights")
     @classmethod
     def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
-        if any(weight < 0 for weight in value.values()) or (value and sum(value.values()) <= 0):
-            raise ValueError("weights must be >= 0 with a positive sum")
+        if not all(0 <= weight < math.inf for weight in value.values()) or (value and sum(value.values()) <= 0):
+            raise ValueError("must be finite weights >= 0 with a positive sum")
         return value
 
 

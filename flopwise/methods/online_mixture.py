@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import field_validator
 from torch import nn
 
 from flopwise.data.mixture import DomainReweighter, natural_weights
@@ -17,7 +16,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.methods.base import Method, MethodConfig, RunResources, SamplerOptions, StepOutputs, World
 from flopwise.methods.mixture import mixture_field
 from flopwise.rundir import read_metrics
-from flopwise.section import non_negative, unit_share
+from flopwise.section import in_range
 
 if TYPE_CHECKING:
     from flopwise.config import RunConfig
@@ -32,8 +31,8 @@ class OnlineMixtureConfig(MethodConfig):
     eta: float = 1.0
     smoothing: float = 1e-3
 
-    _shares = field_validator("smoothing")(unit_share)
-    _eta = field_validator("eta")(non_negative)
+    _smoothing = in_range("smoothing", low=0, high=1, below=True)
+    _eta = in_range("eta", low=0)  # 0: the weights stay put
 
 
 def reference_losses(reference: str | None, domains: list[str]) -> list[float] | None:

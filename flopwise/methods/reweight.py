@@ -7,11 +7,10 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import field_validator
 
 from flopwise.methods.base import Method, MethodConfig, RunResources, StepOutputs
 from flopwise.methods.sample_weights import sample_weights
-from flopwise.section import positive, unit_share
+from flopwise.section import in_range
 
 
 class ReweightConfig(MethodConfig):
@@ -24,8 +23,8 @@ class ReweightConfig(MethodConfig):
     delta: float = 1.0
     burn_in: float = 0.05
 
-    _positives = field_validator("temperature", "delta")(positive)
-    _shares = field_validator("burn_in")(unit_share)
+    _positives = in_range("temperature", "delta", low=0, above=True)
+    _burn_in = in_range("burn_in", low=0, high=1, below=True)
 
 
 class SampleReweighting(Method):

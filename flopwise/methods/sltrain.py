@@ -25,14 +25,13 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import field_validator
 from torch import nn
 
 from flopwise.memory.traits import Factorization, MemoryTraits
 from flopwise.methods.base import Method, MethodConfig, World, default_rank
 from flopwise.methods.dense import replace_block_linears
 from flopwise.model.config import ModelConfig
-from flopwise.section import positive
+from flopwise.section import in_range
 
 ALPHA = 32.0
 REWARMUP_START = 1e-3
@@ -161,14 +160,10 @@ class SLTrainConfig(MethodConfig):
     refactor_every: int = 200
     rewarmup: int = 10
 
-    _positive = field_validator("rank", "refactor_every")(positive)
-
-    @field_validator("delta")
-    @classmethod
-    def _density(cls, value: float) -> float:
-        if not 0.0 < value < 1.0:
-            raise ValueError("must lie in (0, 1)")
-        return value
+    _counts = in_range("rank", "refactor_every", low=1)  # rank None: d_model // 4
+    _rewarmup = in_range("rewarmup", low=0)  # 0 or 1: no re-warming
+    _density = in_range("delta", low=0, high=1, above=True, below=True)
+    _alpha = in_range("alpha", low=0, above=True)
 
 
 class SLTrain(Method):

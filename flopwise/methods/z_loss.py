@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from pydantic import field_validator
 
 from flopwise.methods.base import Method, MethodConfig, StepOutputs
-from flopwise.section import positive
+from flopwise.section import in_range
 
 
 class ZLossConfig(MethodConfig):
@@ -23,7 +22,7 @@ class ZLossConfig(MethodConfig):
 
     weight: float = 1e-4
 
-    _positive = field_validator("weight")(positive)
+    _weight = in_range("weight", low=0, above=True)
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:

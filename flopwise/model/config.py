@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import field_validator
 
 from flopwise.errors import FlopwiseError
-from flopwise.section import Section
+from flopwise.section import Section, in_range
 
 NAMED_SIZES: dict[str, dict] = {
     "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 2, "seq_len": 128},
@@ -170,6 +170,9 @@ class ModelSection(Section):
     positions: Literal[POSITIONS] = "rope"  # type: ignore[valid-type]
     bias: bool = False
     zero_init_out: bool = True
+
+    _sizes = in_range("d_model", "n_layers", "n_heads", "n_kv_heads", "seq_len", "mlp_hidden", low=1)  # or None
+    _theta = in_range("rope_theta", low=0, above=True)
 
     @field_validator("size")
     @classmethod

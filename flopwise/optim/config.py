@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import model_validator
 
 from flopwise.optim.schedules import SCHEDULES, Schedule
-from flopwise.section import Section, positive
+from flopwise.section import Section, in_range
 
 
 class OptimSection(Section):
@@ -26,7 +26,11 @@ class OptimSection(Section):
     muon_lr: float = 0.05
     muon_momentum: float = 0.95
 
-    _positives = field_validator("lr", "batch_size", "grad_accum", "muon_lr")(positive)
+    _rates = in_range("lr", "muon_lr", "eps", low=0, above=True)
+    _betas = in_range("beta1", "beta2", "muon_momentum", low=0, high=1, below=True)
+    _decay = in_range("weight_decay", low=0)
+    _clip = in_range("grad_clip", low=0)  # 0: no clipping
+    _counts = in_range("batch_size", "grad_accum", low=1)
 
 
 class ScheduleSection(Section):
@@ -36,6 +40,13 @@ class ScheduleSection(Section):
     warmup: float = 0.02
     decay: float = 0.2
     final_lr_frac: float = 0.0
+
+    _fractions = in_range("warmup", "decay", "final_lr_frac", low=0, high=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> ScheduleSection:
+        self.build()  # the rules across keys (wsd's warmup + decay within the budget), at validation
+        return self
 
     def build(self) -> Schedule:
         return Schedule(**self.model_dump())
