@@ -30,7 +30,8 @@ class PreparedData:
     hygiene: HygieneReport
 
     def summary(self) -> dict[str, Any]:
-        """What went in and what was kept: read counts, filters and duplicates, tokens per domain."""
+        """What went in and what was kept: read counts (with the files that could not be read), filters
+        and duplicates, tokens per domain."""
         meta = self.corpus.meta
         return {"read": vars(self.stats), "hygiene": self.hygiene.to_dict(), "domains": meta["domains"],
                 "tokens": meta["tokens"], "domain_tokens": meta["domain_tokens"], "documents": meta["documents"]}
@@ -63,7 +64,8 @@ def prepare_data(data: DataSection, seed: int, tokenizer: Tokenizer | None = Non
         raise FlopwiseError("data.sources is empty: pass --data PATH (a file or folder of text) or use 'stdlib'")
     stats = ReadStats()
     documents, hygiene = clean_documents(read_all(data.sources, data, stats), data)
-    val_documents = read_all(data.val_sources, data, ReadStats(), held_out=True) if data.val_sources else None
+    # one ReadStats for both, so what could not be read in a held-out source is reported too
+    val_documents = read_all(data.val_sources, data, stats, held_out=True) if data.val_sources else None
     root = cache_root(data)
     if tokenizer is None:
         tokenizer = get_tokenizer(data, documents, seed, root)

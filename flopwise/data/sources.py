@@ -1,7 +1,8 @@
 """Where the text comes from: files, folders, JSONL, Parquet, or the Python standard library.
 
 Every reader yields ``Document`` objects lazily and counts what it read in a ``ReadStats``,
-so the user can see how much text was used and how many undecodable bytes were replaced.
+so the user can see how much text was used, how many undecodable bytes were replaced and which
+files could not be read (those are left out and named, never skipped silently).
 Order is deterministic (folders are walked in sorted order) so a content hash of the
 documents identifies the corpus.
 """
@@ -14,11 +15,12 @@ import io
 import json
 import os
 import re
+import stat
 import sysconfig
 import tokenize
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from flopwise.errors import FlopwiseError
 
@@ -28,6 +30,8 @@ BINARY_PROBE_BYTES = 8192
 MIN_DOCSTRING_CHARS = 200
 SKIPPED_DIRS = frozenset({"__pycache__"})
 STDLIB_SKIPPED_DIRS = SKIPPED_DIRS | {"site-packages", "dist-packages", "pydoc_data"}
+MAX_NAMED = 3  # unreadable entries named in a summary; the count covers the rest
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON escape like "\\ud800" decodes to one, unencodable
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,9 @@ class ReadStats:
     """What the readers consumed, shown to the user so a wrong source or encoding is noticed.
 
     ``bytes`` is the UTF-8 size of the documents yielded; ``replaced_bytes`` counts the invalid
-    UTF-8 sequences decoded as U+FFFD; ``skipped_binary`` the files skipped for NUL bytes.
+    UTF-8 sequences (and unpaired surrogate escapes in JSON) decoded as U+FFFD; ``skipped_binary``
+    the files skipped for NUL bytes; ``unreadable`` the files and folders the OS would not read
+    (left out), the first ``MAX_NAMED`` of them named in ``unreadable_named`` as 'path (cause)'.
     """
 
     files: int = 0
@@ -82,6 +88,27 @@ class ReadStats:
     bytes: int = 0
     replaced_bytes: int = 0
     skipped_binary: int = 0
+    unreadable: int = 0
+    unreadable_named: list[str] = field(default_factory=list)
+
+    def left_out(self, entries: list[str]) -> None:
+        """Count entries that could not be read; only the first few are named, to keep plan.json small."""
+        self.unreadable += len(entries)
+        self.unreadable_named += entries[:MAX_NAMED - len(self.unreadable_named)]
+
+    def describe(self) -> str:
+        """A clause for the run's data line, e.g. ', 1 binary file(s) skipped, 2 file(s) or folder(s)
+        could not be read and were left out: a.txt (permission denied), ...', so nothing is dropped unseen."""
+        parts = [f"{self.replaced_bytes} undecodable bytes replaced" if self.replaced_bytes else "",
+                 f"{self.skipped_binary} binary file(s) skipped" if self.skipped_binary else "",
+                 f"{self.unreadable} file(s) or folder(s) could not be read and were left out: "
+                 + _named(self.unreadable_named, self.unreadable) if self.unreadable else ""]
+        return "".join(f", {part}" for part in parts if part)
+
+
+def _named(names: list[str], count: int) -> str:
+    """'a (x), b (y), and 3 more': the entries named, then how many were not."""
+    return ", ".join(names) + (f", and {count - len(names)} more" if count > len(names) else "")
 
 
 def read_documents(spec: str, *, include: list[str] | None = None, jsonl_field: str = "text",
@@ -89,39 +116,78 @@ def read_documents(spec: str, *, include: list[str] | None = None, jsonl_field: 
     """Documents of one source: a text file, a folder, a .jsonl/.parquet file, or 'stdlib'.
 
     ``include`` filters folder entries by file name glob; ``domain`` overrides the default
-    ("text" for files, "prose"/"code" for stdlib).  Raises if the source holds no text.
+    ("text" for files, "prose"/"code" for stdlib).  Entries of a folder that cannot be read are
+    left out and counted in ``stats``; raises if the source holds no readable text.
     """
     skipped_before = stats.skipped_binary
+    unreadable: list[str] = []
     yielded = False
-    for document in _source_documents(spec, include, jsonl_field, domain, stats):
+    for document in _source_documents(spec, include, jsonl_field, domain, stats, unreadable):
         if document.text.strip():
             stats.documents += 1
             stats.bytes += len(document.text.encode("utf-8"))
             yielded = True
             yield document
-    if not yielded:
-        skipped = stats.skipped_binary - skipped_before
-        note = f" ({skipped} binary files skipped)" if skipped else ""
-        raise FlopwiseError(f"data source '{spec}' holds no non-empty text documents{note}: "
-                            "pass files with text in them, or check data.include")
+    stats.left_out(unreadable)
+    if yielded:
+        return
+    if unreadable:
+        named = _named(unreadable[:MAX_NAMED], len(unreadable))
+        raise FlopwiseError(f"data source '{spec}' could not be read: {len(unreadable)} file(s) or folder(s) "
+                            f"failed: {named}: make them readable (permissions, broken or looping symbolic links) "
+                            "or remove them")
+    skipped = stats.skipped_binary - skipped_before
+    note = f" ({skipped} binary files skipped)" if skipped else ""
+    raise FlopwiseError(f"data source '{spec}' holds no non-empty text documents{note}: "
+                        "pass files with text in them, or check data.include")
 
 
 def _source_documents(spec: str, include: list[str] | None, jsonl_field: str, domain: str | None,
-                      stats: ReadStats) -> Iterator[Document]:
+                      stats: ReadStats, unreadable: list[str]) -> Iterator[Document]:
+    """A folder's unreadable entries go to ``unreadable``; an unreadable source itself raises."""
     if spec == "stdlib":
         for document in stdlib_documents(stats):
             yield Document(document.text, domain, document.source) if domain else document
         return
     path = Path(spec).expanduser()
-    if path.is_dir():
-        for file in _walk_files(path, SKIPPED_DIRS, skip_hidden=True):
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if isinstance(error, FileNotFoundError) and not path.is_symlink():
+            raise FlopwiseError(f"data source '{spec}' does not exist: pass a text file, a folder, "
+                                "a .jsonl/.parquet file, or 'stdlib'") from None
+        raise _unreadable_source(spec, path, error) from None
+    if stat.S_ISDIR(mode):
+        for file in _walk_files(path, SKIPPED_DIRS, skip_hidden=True, unreadable=unreadable):
             if include is None or any(fnmatch.fnmatch(file.name, pattern) for pattern in include):
-                yield from _file_documents(file, jsonl_field, domain or "text", stats)
-    elif path.is_file():
-        yield from _file_documents(path, jsonl_field, domain or "text", stats)
+                try:
+                    yield from _file_documents(file, jsonl_field, domain or "text", stats)
+                except OSError as error:
+                    unreadable.append(_entry(file, error))
+    elif stat.S_ISREG(mode):
+        try:
+            yield from _file_documents(path, jsonl_field, domain or "text", stats)
+        except OSError as error:
+            raise _unreadable_source(spec, path, error) from None
     else:
-        raise FlopwiseError(f"data source '{spec}' does not exist: pass a text file, a folder, "
+        raise FlopwiseError(f"data source '{spec}' is neither a file nor a folder: pass a text file, a folder, "
                             "a .jsonl/.parquet file, or 'stdlib'")
+
+
+def _cause(path: Path, error: OSError) -> str:
+    """The OS's reason in words ('permission denied'); a dangling link also says where it points."""
+    if isinstance(error, FileNotFoundError) and path.is_symlink():
+        return f"broken symbolic link to '{os.readlink(path)}'"
+    return error.strerror.lower() if error.strerror else str(error)
+
+
+def _entry(path: Path, error: OSError) -> str:
+    return f"{path} ({_cause(path, error)})"
+
+
+def _unreadable_source(spec: str, path: Path, error: OSError) -> FlopwiseError:
+    return FlopwiseError(f"data source '{spec}' could not be read: {_cause(path, error)}: make it readable "
+                         "(permissions, symbolic links) or pass another path")
 
 
 def _file_documents(path: Path, field: str, domain: str, stats: ReadStats) -> Iterator[Document]:
@@ -132,7 +198,7 @@ def _file_documents(path: Path, field: str, domain: str, stats: ReadStats) -> It
     elif suffix == ".parquet":
         yield from _parquet_documents(path, field, domain, stats)
     else:
-        raw = path.read_bytes()
+        raw = path.read_bytes()  # an OSError here leaves the file out (in a folder) or names it (a source)
         if b"\0" in raw[:BINARY_PROBE_BYTES]:
             stats.skipped_binary += 1
             return
@@ -152,12 +218,14 @@ def decode_counting(raw: bytes, stats: ReadStats, encoding: str = "utf-8") -> st
 
 
 def _jsonl_documents(path: Path, field: str, domain: str, stats: ReadStats) -> Iterator[Document]:
-    stats.files += 1
     text = decode_counting(path.read_bytes(), stats)
+    stats.files += 1
     # split on "\n" only: JSON strings may hold raw U+2028, which str.splitlines would cut
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
-            yield Document(_jsonl_text(line, field, f"{path}:{number}"), domain, f"{path}:{number}")
+            value, replaced = _SURROGATE.subn(REPLACEMENT, _jsonl_text(line, field, f"{path}:{number}"))
+            stats.replaced_bytes += replaced
+            yield Document(value, domain, f"{path}:{number}")
 
 
 def _jsonl_text(line: str, field: str, where: str) -> str:
@@ -173,11 +241,22 @@ def _jsonl_text(line: str, field: str, where: str) -> str:
 
 
 def _parquet_documents(path: Path, field: str, domain: str, stats: ReadStats) -> Iterator[Document]:
+    """Rows of one column; a file pyarrow cannot parse is named in one line, not a pyarrow traceback."""
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
         raise FlopwiseError(f"reading '{path}' needs pyarrow: pip install pyarrow") from None
-    parquet = pq.ParquetFile(path)
+    with path.open("rb") as handle:  # opened here so an unreadable file raises OSError as for the other formats
+        try:
+            yield from _parquet_rows(pq.ParquetFile(handle), path, field, domain, stats)
+        except pyarrow.ArrowException as error:
+            reason = str(error).split(". ")[0].rstrip(".")
+            raise FlopwiseError(f"'{path}' is not a valid Parquet file ({reason}): rename it if it holds "
+                                "other text, or convert it to Parquet again") from None
+
+
+def _parquet_rows(parquet, path: Path, field: str, domain: str, stats: ReadStats) -> Iterator[Document]:
     columns = parquet.schema_arrow.names
     if field not in columns:
         raise FlopwiseError(f"{path}: no column '{field}' (columns: {', '.join(columns)}): "
@@ -185,7 +264,7 @@ def _parquet_documents(path: Path, field: str, domain: str, stats: ReadStats) ->
     stats.files += 1
     row = 0
     for batch in parquet.iter_batches(columns=[field]):
-        for value in batch.column(0).to_pylist():
+        for value in _parquet_values(batch.column(0), stats):
             row += 1
             if value is not None and not isinstance(value, str):
                 raise FlopwiseError(f"{path}: column '{field}' holds {type(value).__name__}, not text: "
@@ -194,14 +273,48 @@ def _parquet_documents(path: Path, field: str, domain: str, stats: ReadStats) ->
                 yield Document(value, domain, f"{path}:{row}")
 
 
-def _walk_files(root: Path, skipped_dirs: frozenset[str], skip_hidden: bool) -> Iterator[Path]:
-    """Files under ``root`` in sorted order (directories pruned in place, so none is entered twice)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames
-                             if d not in skipped_dirs and not (skip_hidden and d.startswith(".")))
+def _parquet_values(column, stats: ReadStats) -> list:
+    """A column's Python values; text is decoded from its bytes, so invalid UTF-8 is replaced and
+    counted as in text files instead of raising UnicodeDecodeError."""
+    import pyarrow
+
+    as_bytes = {"string": pyarrow.binary(), "large_string": pyarrow.large_binary()}.get(str(column.type))
+    if as_bytes is None:
+        return column.to_pylist()
+    return [None if raw is None else decode_counting(raw, stats) for raw in column.view(as_bytes).to_pylist()]
+
+
+def _walk_files(root: Path, skipped_dirs: frozenset[str], skip_hidden: bool,
+                unreadable: list[str]) -> Iterator[Path]:
+    """Files under ``root`` in sorted order.  Linked folders are followed (their files are data too),
+    but no folder is entered twice, so a link cycle ends; folders that cannot be listed go to
+    ``unreadable``, and ``root`` itself unreadable raises."""
+    def failed(error: OSError) -> None:
+        if error.filename == str(root):
+            raise _unreadable_source(str(root), root, error)
+        unreadable.append(_entry(Path(error.filename), error))
+
+    seen = {_identity(root)}
+    for dirpath, dirnames, filenames in os.walk(root, onerror=failed, followlinks=True):
+        kept = []
+        for name in sorted(d for d in dirnames if d not in skipped_dirs and not (skip_hidden and d.startswith("."))):
+            try:
+                identity = _identity(Path(dirpath) / name)
+            except OSError as error:
+                unreadable.append(_entry(Path(dirpath) / name, error))
+                continue
+            if identity not in seen:
+                seen.add(identity)
+                kept.append(name)
+        dirnames[:] = kept
         for name in sorted(filenames):
             if not (skip_hidden and name.startswith(".")):
                 yield Path(dirpath) / name
+
+
+def _identity(folder: Path) -> tuple[int, int]:
+    info = folder.stat()
+    return info.st_dev, info.st_ino
 
 
 def stdlib_documents(stats: ReadStats) -> Iterator[Document]:
@@ -210,7 +323,8 @@ def stdlib_documents(stats: ReadStats) -> Iterator[Document]:
     "prose": the ``pydoc_data`` help topics (English reference text), then the module
     docstrings of non-test files; "code": every ``.py`` file.  Each file is read once and
     yields its code document followed by its docstring, so the first few documents already
-    cover both domains.  Deterministic for a given Python version.
+    cover both domains.  Deterministic for a given Python version.  Unreadable files are left out
+    and counted in ``stats``.
     """
     import pydoc_data.topics
 
@@ -218,16 +332,22 @@ def stdlib_documents(stats: ReadStats) -> Iterator[Document]:
     for key in sorted(topics):
         yield Document(topics[key], "prose", f"pydoc_data.topics:{key}")
     root = Path(sysconfig.get_paths()["stdlib"])
-    for path in _walk_files(root, STDLIB_SKIPPED_DIRS, skip_hidden=False):
+    unreadable: list[str] = []
+    for path in _walk_files(root, STDLIB_SKIPPED_DIRS, skip_hidden=False, unreadable=unreadable):
         if path.suffix != ".py":
             continue
+        try:
+            raw = path.read_bytes()
+        except OSError as error:
+            unreadable.append(_entry(path, error))
+            continue
         stats.files += 1
-        raw = path.read_bytes()
         source = decode_counting(raw, stats, _declared_encoding(raw))
         yield Document(source, "code", str(path))
         docstring = None if _is_test_file(path.relative_to(root)) else _module_docstring(source)
         if docstring and len(docstring) >= MIN_DOCSTRING_CHARS:
             yield Document(docstring, "prose", f"{path}:docstring")
+    stats.left_out(unreadable)
 
 
 def _declared_encoding(raw: bytes) -> str:
