@@ -14,6 +14,7 @@ from typing import Any
 
 from flopwise.budget import Budget
 from flopwise.config import RunConfig, load_config
+from flopwise.rundir import writing
 from flopwise.session import Summary, open_for_resume, start_new
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.trainer import LoopState
@@ -26,18 +27,20 @@ def run(config: RunConfig | str | Path, out: str | Path, *, stop_after: Budget |
     plan that chose its shape, kept in plan.json."""
     if not isinstance(config, RunConfig):
         config = load_config(config)
-    session = start_new(config, Path(out), display)
-    session.auto_plan = auto_plan
-    session.write_run_files()
-    return session.run(LoopState(), _budget(stop_after))
+    with writing(Path(out), new=True):
+        session = start_new(config, Path(out), display)
+        session.auto_plan = auto_plan
+        session.write_run_files()
+        return session.run(LoopState(), _budget(stop_after))
 
 
 def resume(run_dir: str | Path, budget: Budget | str | None = None, *, stop_after: Budget | str | None = None,
            display: ProgressDisplay | None = None) -> Summary:
     """Continue an interrupted run to its budget, or extend a finished one to a larger ``budget``, exactly
     as the uninterrupted run would have gone."""
-    session, state = open_for_resume(Path(run_dir), _budget(budget), display)
-    return session.run(state, _budget(stop_after))
+    with writing(Path(run_dir), new=False):
+        session, state = open_for_resume(Path(run_dir), _budget(budget), display)
+        return session.run(state, _budget(stop_after))
 
 
 def _budget(value: Budget | str | None) -> Budget | None:

@@ -8,3 +8,6 @@ class FlopwiseError(Exception):
     """
 
     exit_code = 2
+
+
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C: the run stopped, checkpointed where it could

@@ -7,7 +7,14 @@ once finished, ``final/`` (a Hugging Face folder).  Every file is JSON, TOML or 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +24,7 @@ from flopwise.model.config import ModelConfig
 CONFIG_FILE = "config.toml"
 PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"  # held by the one process that writes the run; it names that process
 
 
 def is_run_dir(path: Path) -> bool:
@@ -46,3 +54,70 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return events
+
+
+@contextlib.contextmanager
+def writing(run_dir: Path, new: bool) -> Iterator[None]:
+    """Hold ``run_dir`` as its one writer (an exclusive lock), for a ``new`` run or a resumed one.
+
+    A second writer is refused in one line naming the holder.  Under torchrun only global rank 0 holds
+    it.  A new run's folder that ends up holding no run (a bad config, an interrupt before the run files
+    were written) is removed again if this call created it, with the parent folders it created."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    if not new:
+        require_run_dir(run_dir)
+    check_output("--out", run_dir, folder=True)
+    created = _first_missing(run_dir) if new else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with (run_dir / LOCK_FILE).open("a+", encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise FlopwiseError(f"run folder '{run_dir}' is in use by {holder}: wait for it to end, or choose "
+                                    "another --out") from None
+            handle.seek(0)
+            handle.truncate()
+            since = time.strftime("%Y-%m-%d %H:%M:%S")
+            handle.write(f"process {os.getpid()} on {socket.gethostname()} (since {since})")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.truncate(0)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        if created is not None and not is_run_dir(run_dir):
+            shutil.rmtree(created, ignore_errors=True)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what mkdir(parents=True) creates), or None."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing = folder
+    return missing
+
+
+def check_output(flag: str, path: Path | None, *, folder: bool) -> None:
+    """Refuse, before any work is done, an output path that cannot be written: a file where a folder goes,
+    a folder where a file goes, or a path under a file."""
+    if path is None:
+        return
+    if folder and path.exists() and not path.is_dir():
+        raise FlopwiseError(f"{flag} '{path}' is a file, not a folder: choose a folder path")
+    if not folder and path.is_dir():
+        raise FlopwiseError(f"{flag} '{path}' is a folder: give a file path, e.g. {path / 'out.json'}")
+    for parent in path.parents:
+        if parent.is_symlink() and not parent.exists():
+            raise FlopwiseError(f"{flag} '{path}': '{parent}' is a broken or looping symbolic link: fix the path")
+        if parent.exists():
+            if not parent.is_dir():
+                raise FlopwiseError(f"{flag} '{path}': '{parent}' is a file, not a folder: fix the path")
+            return

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from flopwise.atomic import write_json_atomic
+from flopwise.atomic import write_atomic, write_json_atomic
 from flopwise.budget import Budget, Meter
 from flopwise.config import RunConfig, config_to_toml, load_run_config
 from flopwise.data.pipeline import PreparedData, cache_root, prepare_data
@@ -48,12 +48,14 @@ from flopwise.runtime import (
     wrap_for_training,
 )
 from flopwise.scaling.law_file import law_for
-from flopwise.train.checkpoint import CheckpointInfo, list_checkpoints, load_checkpoint, require_checkpoint
+from flopwise.train.checkpoint import CheckpointInfo, list_checkpoints, load_checkpoint, newest_intact
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.forecast import LossForecaster
 from flopwise.train.loggers import open_run_logger, require_backends
 from flopwise.train.metrics import MetricsLog
 from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, forecast_points, next_mark
+
+MAX_RUN_SECONDS = 365 * 86400  # a budget that cannot be spent within a year at the device's peak is a mistake
 
 # Model fields that an --init-from model's config.json decides.
 _IMPORTED_SHAPE = {"size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "qk_norm", "tie_embeddings",
@@ -142,8 +144,7 @@ class Session:
         meta = self.data.corpus.meta
         self.display.message(f"data: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} held-out tokens "
                              f"({cached}, {time.perf_counter() - started:.1f}s), vocab {self.data.tokenizer.vocab_size}"
-                             + (f", {self.data.stats.replaced_bytes} undecodable bytes replaced"
-                                if self.data.stats.replaced_bytes else "") + self.data.hygiene.describe())
+                             + self.data.stats.describe() + self.data.hygiene.describe())
 
     def check_budget_allows_a_step(self) -> None:
         per_step = {"tokens": self.tokens_per_step, "flops": self.flops_per_step, "steps": 1}
@@ -178,6 +179,24 @@ class Session:
                                    self.config.optim.batch_size, self.device, self.dtype)
         with self.ranks.main_first():  # measured once, cached for the other ranks
             self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
+        self.check_budget_is_spendable()
+
+    def check_budget_is_spendable(self) -> None:
+        """Refuse a budget that even this device's best matmul speed could not spend within MAX_RUN_SECONDS
+        (``--budget 1e30flops`` on a small model), which would otherwise train at a vanishing learning rate
+        with an ETA of ages.  A seconds limit bounds the run by itself."""
+        budget = self.config.budget.build()
+        limits = budget.set_limits()
+        steps = [limits[name] / per_step for name, per_step in (("tokens", self.tokens_per_step),
+                 ("flops", self.flops_per_step), ("steps", 1)) if name in limits]
+        if "seconds" in limits or not steps:
+            return
+        fastest = min(steps) * self.flops_per_step / self.peak_flops
+        if fastest > MAX_RUN_SECONDS:
+            raise FlopwiseError(f"the budget {budget.describe()} would take at least {fastest / 86400 / 365:.3g} years "
+                                f"on {device_name(self.device)} ({self.peak_flops:.3g} FLOP/s at best): give a smaller "
+                                "budget, or add a time limit to it (--budget <yours>,24h ends at whichever is "
+                                "reached first)")
 
     def _teacher_loader(self) -> Callable[[str], Teacher]:
         """Loads each teacher source once, with this run's tokenizer and window length (SALT's teacher
@@ -197,9 +216,10 @@ class Session:
         self.ranks.barrier()
 
     def _write_run_files(self) -> None:
+        """tokenizer.json, plan.json, then config.toml, each whole: config.toml is what makes a folder a run, so
+        an interruption before it leaves no run, and one after it a run that resumes (from step 0)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.data.tokenizer.save(self.run_dir / "tokenizer.json")
-        (self.run_dir / CONFIG_FILE).write_text(config_to_toml(self.config))
+        write_atomic(self.run_dir / "tokenizer.json", self.data.tokenizer.to_json())
         budget = self.config.budget.build()
         plan = {"model": self.model_cfg.to_dict(), "parameters": count_parameters(self.model_cfg),
                 "flops_per_token": flops_per_token(self.model_cfg), "tokens_per_step": self.tokens_per_step,
@@ -210,6 +230,7 @@ class Session:
                 "memory": self.memory_plan(), "corpus": self.data.corpus.meta,
                 "read": vars(self.data.stats), "data": self.data.summary(), "auto_plan": self.auto_plan}
         write_json_atomic(self.run_dir / PLAN_FILE, plan)
+        write_atomic(self.run_dir / CONFIG_FILE, config_to_toml(self.config))
 
     def memory_plan(self) -> dict[str, Any]:
         """The memory methods and the estimated bytes of a step with them (flopwise/memory/estimate.py)."""
@@ -229,6 +250,18 @@ class Session:
         self.display.message(f"resuming {self.run_dir} from step {checkpoint.step} (saved on "
                              f"{state.get('world_size', 1)} process(es), resumed on {self.ranks.world_size})")
         return LoopState.from_dict(state["loop"])
+
+    def restart(self) -> LoopState:
+        """Start a run over from step 0: one interrupted after its folder was created but before its first
+        checkpoint.  The model is built as the new run built it, so the curve is the uninterrupted one."""
+        if self.config.model.init_from:
+            self.init_folder = resolve_hf_source(self.config.model.init_from)
+        self.build(initial_weights=self.init_folder is not None)
+        if self.ranks.is_main:
+            MetricsLog(self.run_dir / METRICS_FILE).truncate_after(0)
+        self.resume_step = 0
+        self.display.message(f"{self.run_dir} has no checkpoint yet: starting it again from step 0")
+        return LoopState()
 
     def loop_settings(self, stop_after: Budget | None = None) -> LoopSettings:
         """What the training loop needs from the config and the measured per-step costs."""
@@ -262,11 +295,17 @@ class Session:
                 outcome: Outcome = trainer.run(state)
             final_eval = None
             if outcome.finished:
-                start = time.perf_counter()
-                final_eval = self.evaluator(self.model, c.train.eval_tokens * FINAL_EVAL_SCALE)
-                outcome.eval_seconds += time.perf_counter() - start
-                trainer.log_eval(outcome.state, 1.0, final_eval)
-                self.save_final()
+                try:
+                    start = time.perf_counter()
+                    final_eval = self.evaluator(self.model, c.train.eval_tokens * FINAL_EVAL_SCALE)
+                    outcome.eval_seconds += time.perf_counter() - start
+                    trainer.log_eval(outcome.state, 1.0, final_eval)
+                    self.save_final()
+                except KeyboardInterrupt:  # keep the trained steps: --resume then only evaluates and saves
+                    trainer.checkpoint(outcome.state)
+                    self.display.message(f"interrupted after the last step: checkpointed; flopwise train --resume "
+                                         f"{self.run_dir} writes the final model")
+                    raise
         return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
                        outcome.stop_reason, self.sampler.domain_epochs())
@@ -327,26 +366,51 @@ def start_new(config: RunConfig, run_dir: Path, display: ProgressDisplay | None 
 
 def open_for_resume(run_dir: Path, budget: Budget | None,
                     display: ProgressDisplay | None = None) -> tuple[Session, LoopState]:
-    """Reopen a run: continue an interrupted one, or extend a finished one to a larger budget."""
+    """Reopen a run: continue an interrupted one (from its newest intact checkpoint, or from step 0 if it
+    was interrupted before its first), or extend a finished one to a larger budget."""
     config = load_run_config(run_dir)
+    planned = planned_model_config(run_dir)
+    _check_config_matches_plan(run_dir, config, planned)
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     finished = (run_dir / "final").is_dir()
     if finished and budget is None:
         raise FlopwiseError(f"run '{run_dir}' already spent its budget: to train longer, pass a larger "
                             f"--budget with --resume {run_dir}")
-    checkpoint = require_checkpoint(run_dir, checkpoints)
+    skipped: list[str] = []  # corrupt checkpoints, said once the session's display is up
     old_budget = config.budget.build()
+    checkpoint: CheckpointInfo | None = None
     if budget is not None:
-        checkpoint, config = _extension_point(run_dir, config, checkpoints, budget)
+        checkpoint, config = _extension_point(run_dir, config, checkpoints, budget, skipped.append)
+    elif checkpoints:
+        checkpoint = newest_intact(run_dir, checkpoints, skipped.append)
     session = Session(config, run_dir, display)
-    session.prepare(Tokenizer.load(run_dir / "tokenizer.json"), planned_model_config(run_dir))
+    for line in skipped:
+        session.display.message(line)
+    session.prepare(Tokenizer.load(run_dir / "tokenizer.json"), planned)
+    if checkpoint is None:
+        return session, session.restart()
     session.build()
     state = session.resume_from(checkpoint)
     if budget is not None:
         _rescale_progress(state, old_budget, budget, config)
-        (run_dir / CONFIG_FILE).write_text(config_to_toml(config))
+        write_atomic(run_dir / CONFIG_FILE, config_to_toml(config))
         shutil.rmtree(run_dir / "final", ignore_errors=True)
     return session, state
+
+
+def _check_config_matches_plan(run_dir: Path, config: RunConfig, planned: ModelConfig) -> None:
+    """Refuse a config.toml whose model section no longer describes the shape the run was planned and
+    checkpointed with (plan.json), e.g. after a hand edit; an imported model's shape is its own."""
+    if config.model.init_from:
+        return
+    try:
+        described = config.model.build(planned.vocab_size).to_dict()
+    except FlopwiseError as err:
+        raise FlopwiseError(f"'{run_dir / CONFIG_FILE}': {err}") from None
+    for key, value in planned.to_dict().items():
+        if described.get(key) != value:
+            raise FlopwiseError(f"'{run_dir / CONFIG_FILE}' gives model.{key} = {described.get(key)}, but the run was "
+                                f"planned and checkpointed with {value} ({PLAN_FILE}): set it back, or start a new run")
 
 
 def _rescale_progress(state: LoopState, old: Budget, new: Budget, config: RunConfig) -> None:
@@ -357,15 +421,15 @@ def _rescale_progress(state: LoopState, old: Budget, new: Budget, config: RunCon
     state.next_checkpoint = next_mark(p_new, config.train.checkpoint_every)
 
 
-def _extension_point(run_dir: Path, config: RunConfig, checkpoints: list[CheckpointInfo],
-                     budget: Budget) -> tuple[CheckpointInfo, RunConfig]:
-    """The pinned checkpoint, and the config with its budget replaced and its warmup rescaled so that
-    the steps already taken keep the learning rates they had."""
+def _extension_point(run_dir: Path, config: RunConfig, checkpoints: list[CheckpointInfo], budget: Budget,
+                     say: Callable[[str], None]) -> tuple[CheckpointInfo, RunConfig]:
+    """The newest intact pinned checkpoint, and the config with its budget replaced and its warmup rescaled so
+    that the steps already taken keep the learning rates they had."""
     pinned = [info for info in checkpoints if info.pinned]
     if not pinned:
         raise FlopwiseError(f"run '{run_dir}' has no checkpoint from before its decay phase, so it cannot be "
                             "extended: start a new run with the larger budget")
-    checkpoint = pinned[-1]
+    checkpoint = newest_intact(run_dir, pinned, say)
     meter = Meter.from_dict(checkpoint.state["loop"]["meter"])
     old_p, new_p = meter.progress(config.budget.build()), meter.progress(budget)
     schedule = config.schedule.build()

@@ -8,6 +8,7 @@ Nothing outside this package imports it: it is the user's entry point, not a lib
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ from rich.console import Console
 
 from flopwise import __version__
 from flopwise.cli import bench, data, eval, export, fit, memory, plan, report, sample, scan, train
-from flopwise.errors import FlopwiseError
+from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
 
 # in the order `flopwise --help` lists them
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None],
@@ -42,6 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what to do about a filesystem failure, by errno
+_OS_FIXES = {errno.ENOSPC: "free some space, or write elsewhere (--out, FLOPWISE_CACHE)",
+             errno.EDQUOT: "free some space, or write elsewhere (--out, FLOPWISE_CACHE)",
+             errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
+             errno.EROFS: "write elsewhere (--out, FLOPWISE_CACHE)",
+             errno.ELOOP: "a symbolic link on the path points back into itself: fix the link",
+             errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+             errno.EISDIR: "give a file here, not a folder", errno.ENOENT: "check the path"}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line naming the path, the cause and what to do."""
+    path = f"'{err.filename}'" + (f" -> '{err.filename2}'" if err.filename2 else "") if err.filename else "a file"
+    cause = (err.strerror or str(err)).lower()
+    fix = _OS_FIXES.get(err.errno, "check the path and the disk")
+    return f"{path}: {cause}: {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(soft_wrap=True)
@@ -51,3 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except FlopwiseError as err:
         print(f"flopwise: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a full disk, a permission, a path that is not a folder: never a traceback
+        print(f"flopwise: error: {describe_os_error(err)}", file=sys.stderr)
+        return FlopwiseError.exit_code
+    except KeyboardInterrupt:
+        print("flopwise: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from flopwise.errors import FlopwiseError
+from flopwise.rundir import check_output
 
 EPILOG = """\
 method (AlgoPerf-style time-to-result): the baseline recipe (nanoGPT's GPT-2 setup) trains for
@@ -42,6 +46,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from flopwise.benchmark import TimeToQuality, ablate, summarize
 
+    if not (math.isfinite(args.seconds) and args.seconds > 0):
+        raise FlopwiseError(f"--seconds {args.seconds:g} must be a positive number of seconds, e.g. 180")
+    check_output("--out", args.out, folder=False)  # before the first of many minutes of training
     overrides = list(args.overrides)
     if args.include:
         overrides.append(f"data.include={json.dumps(args.include)}")

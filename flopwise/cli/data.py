@@ -16,6 +16,7 @@ from rich.table import Table
 from flopwise.atomic import write_json_atomic
 from flopwise.cli.flags import add_setup_flags, config_from_args
 from flopwise.data.mixture import resolve_weights
+from flopwise.rundir import check_output
 
 EPILOG = """\
 examples:
@@ -38,6 +39,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def cmd_data(args: argparse.Namespace, console: Console) -> int:
     from flopwise.data.pipeline import prepare_data
 
+    check_output("--out", args.out, folder=False)
     config = config_from_args(args)
     prepared = prepare_data(config.data, config.train.seed)
     summary = prepared.summary()
@@ -57,6 +59,8 @@ def cmd_data(args: argparse.Namespace, console: Console) -> int:
         table.add_row(domain, f"{counts['documents_in']:,}", f"{counts['removed']:,}", f"{train_tokens[domain]:,}",
                       f"{summary['domain_tokens']['val'][domain]:,}", f"{train_tokens[domain] / total:.3f}", weight)
     console.print(table)
+    if prepared.stats.describe():
+        console.print("read: " + prepared.stats.describe().removeprefix(", "), highlight=False)
     if hygiene["filtered"]:
         console.print("filters: " + ", ".join(f"{name} removed {count}" for name, count in hygiene["filtered"].items()),
                       highlight=False)

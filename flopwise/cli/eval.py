@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flopwise.cli.flags import add_checkpoint_flag
+from flopwise.errors import FlopwiseError
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -36,6 +37,9 @@ def eval_table(result: dict) -> Table:
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from flopwise.evaluate.final import evaluate_run
 
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise FlopwiseError(f"--max-tokens {args.max_tokens} must be a positive number of tokens per domain "
+                            "(leave it out to evaluate all)")
     result = evaluate_run(args.run, args.device, args.max_tokens, args.checkpoint)
     console.print(eval_table(result))
     (args.run / "eval.json").write_text(json.dumps(result, indent=1))

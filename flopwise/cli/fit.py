@@ -9,6 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from flopwise.errors import FlopwiseError
+from flopwise.rundir import check_output
 from flopwise.scaling.law_file import PlanningLaw
 
 
@@ -58,6 +60,9 @@ def print_law(console: Console, law: PlanningLaw) -> None:
 def cmd_fit(args: argparse.Namespace, console: Console) -> int:
     from flopwise.scaling.fitting import collect_records, law_from_records
 
+    if args.bootstrap < 1:
+        raise FlopwiseError(f"--bootstrap {args.bootstrap} must be a positive number of refits, e.g. 200")
+    check_output("--out", args.out, folder=False)
     law = law_from_records(collect_records(args.runs), samples=args.bootstrap)
     print_law(console, law)
     if args.out:

@@ -52,7 +52,7 @@ def cmd_memory(args: argparse.Namespace, console: Console) -> int:
 
     config = config_from_args(args)  # of the table's flags, this command has --model and --memory
     model_cfg = shape_from_config(config)
-    batch = args.batch or config.optim.batch_size
+    batch = args.batch if args.batch is not None else config.optim.batch_size
     if batch <= 0:
         raise FlopwiseError(f"--batch {batch} must be a positive number of sequences")
     dtype = compute_dtype(config)

@@ -14,6 +14,7 @@ from flopwise.cli.flags import add_setup_flags, config_from_args
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.plan.planner import Plan
+from flopwise.rundir import check_output
 from flopwise.scaling.law_file import law_for
 
 PLAN_EPILOG = """\
@@ -101,6 +102,8 @@ def print_plan(console: Console, plan: Plan) -> None:
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     import json
 
+    check_output("--out", args.out, folder=False)
+    check_output("--pilots", args.pilots, folder=True)
     config = config_from_args(args)
     if args.replay:
         return cmd_replay(args, config, console)

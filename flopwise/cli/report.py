@@ -13,6 +13,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from flopwise.report.runs import Run
+from flopwise.rundir import check_output
 
 DEFAULT_OUT = Path("report")
 
@@ -60,6 +61,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from flopwise.report.series import PLOTS
 
     runs = load_runs(args.runs)
+    check_output("--out", args.out, folder=True)
     html_path = write_runs_report(runs, args.out)
     table = rich_table(runs)
     # never cut a number short: if even wrapped headers do not fit the terminal, print the table

@@ -16,6 +16,7 @@ from flopwise.cli.fit import print_law
 from flopwise.cli.flags import add_setup_flags, config_from_args
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
+from flopwise.rundir import check_output
 from flopwise.scaling.law_file import LAW_FILE, cached_law_path, read_law, setup_key
 
 if TYPE_CHECKING:
@@ -59,10 +60,10 @@ def cmd_scan(args: argparse.Namespace, console: Console) -> int:
     from flopwise.plan.scan import Scan, design_scan
     from flopwise.plan.throughput import ThroughputCache
     from flopwise.runtime import device_name
-    from flopwise.scaling.fitting import SCAN_FILE
     from flopwise.scaling.shapes import family_shape
 
     started = time.perf_counter()
+    out = check_scan_folder(args)  # before the throughput probe: a wrong folder is known at once
     config = config_from_args(args)
     budget = config.budget.build()
     if set(budget.set_limits()) != {"seconds"}:
@@ -76,9 +77,6 @@ def cmd_scan(args: argparse.Namespace, console: Console) -> int:
         scan = reopen_scan(args, config, key, decay_start, budget.seconds - (time.perf_counter() - started), console)
         law = scan.extend(key)
     else:
-        out = args.out or Path("scans") / time.strftime("%Y%m%d-%H%M%S")
-        if (out / SCAN_FILE).exists():
-            raise FlopwiseError(f"'{out}' already holds a scan: choose another --out, or add to it with --extend")
         vocab = shape_from_config(config).vocab_size
         design = design_scan(budget.seconds, lambda width: family_shape(config.model, width, vocab),
                              lambda cfg: throughput.tokens_per_second(cfg, config), decay_start)
@@ -98,18 +96,32 @@ def cmd_scan(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def reopen_scan(args: argparse.Namespace, config: RunConfig, key: str, decay_start: float, seconds: float,
-                console: Console) -> Scan:
-    """The finished scan ``--extend`` names, checked to be of this setup."""
-    from flopwise.plan.scan import Scan
+def check_scan_folder(args: argparse.Namespace) -> Path:
+    """The folder this scan writes (a new one) or extends (a finished scan), refused in one line if it
+    cannot be."""
     from flopwise.scaling.fitting import SCAN_FILE
 
+    if args.extend:
+        folder = args.extend
+        if args.out:
+            raise FlopwiseError(f"--extend adds to the scan in '{folder}': drop --out")
+        if not (folder / SCAN_FILE).is_file() or not (folder / LAW_FILE).is_file():
+            raise FlopwiseError(f"--extend '{folder}': no finished scan there (scan.json and law.json); give the "
+                                "--out folder of a finished `flopwise scan`")
+        return folder
+    out = args.out or Path("scans") / time.strftime("%Y%m%d-%H%M%S")
+    check_output("--out", out, folder=True)
+    if (out / SCAN_FILE).exists():
+        raise FlopwiseError(f"'{out}' already holds a scan: choose another --out, or add to it with --extend")
+    return out
+
+
+def reopen_scan(args: argparse.Namespace, config: RunConfig, key: str, decay_start: float, seconds: float,
+                console: Console) -> Scan:
+    """The finished scan ``--extend`` names (checked by ``check_scan_folder``), checked to be of this setup."""
+    from flopwise.plan.scan import Scan
+
     folder = args.extend
-    if args.out:
-        raise FlopwiseError(f"--extend adds to the scan in '{folder}': drop --out")
-    if not (folder / SCAN_FILE).is_file() or not (folder / LAW_FILE).is_file():
-        raise FlopwiseError(f"--extend '{folder}': no finished scan there (scan.json and law.json); give the --out "
-                            "folder of a finished `flopwise scan`")
     if read_law(folder).key != key:
         raise FlopwiseError(f"--extend '{folder}': that scan was run with other data, recipe or device; give the "
                             "setup flags (--data, --config, --set, ...) it was run with")

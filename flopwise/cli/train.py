@@ -14,14 +14,13 @@ from flopwise.budget import Budget
 from flopwise.cli.eval import eval_table
 from flopwise.cli.flags import add_data_method_flags, add_setup_flags, config_flags_given, config_from_args
 from flopwise.config import RunConfig
-from flopwise.errors import FlopwiseError
+from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
+from flopwise.rundir import check_output
 
 if TYPE_CHECKING:
     from flopwise.plan.planner import Plan
     from flopwise.runtime import Ranks
     from flopwise.session import Summary
-
-EXIT_INTERRUPTED = 130
 
 TRAIN_EPILOG = """\
 budgets (combine with commas; the first limit reached ends the run):
@@ -94,6 +93,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             _reject_with_resume(args)
             summary = resume(args.resume, args.budget, stop_after=stop_after, display=display)
         else:
+            check_output("--out", args.out, folder=True)
             config = config_from_args(args)
             plan = None
             if args.auto:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,9 +18,9 @@ from flopwise.methods.dense import build_model, plain_model
 from flopwise.methods.stack import MethodStack
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import WEIGHTS, load_weights_into, require_llama_style, save_hf_folder
-from flopwise.rundir import planned_model_config
+from flopwise.rundir import planned_model_config, require_run_dir
 from flopwise.runtime import choose_device, choose_dtype
-from flopwise.train.checkpoint import list_checkpoints, require_checkpoint
+from flopwise.train.checkpoint import list_checkpoints, newest_intact, reading_checkpoints
 
 
 def load_final_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenizer]:
@@ -38,10 +39,16 @@ def load_final_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenize
 def load_checkpoint_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenizer]:
     """The weights of a run's newest checkpoint (for a run that was interrupted or is still going)."""
     config = load_run_config(run_dir)
-    checkpoint = require_checkpoint(run_dir, list_checkpoints(run_dir / "checkpoints"))
     model = build_model(planned_model_config(run_dir), MethodStack(config).configure)  # as trained: factorized, adapted
-    load_model(model, str(checkpoint.path / "model.safetensors"), strict=True)
+    directory = run_dir / "checkpoints"
+    with reading_checkpoints(directory):  # a live run does not prune it away meanwhile
+        checkpoint = newest_intact(run_dir, list_checkpoints(directory), _warn)
+        load_model(model, str(checkpoint.path / "model.safetensors"), strict=True)
     return plain_model(model).to(device).eval(), Tokenizer.load(run_dir / "tokenizer.json")
+
+
+def _warn(line: str) -> None:
+    print(f"flopwise: warning: {line}", file=sys.stderr)
 
 
 def load_run_model(run_dir: Path, device: torch.device, checkpoint: bool = False) -> tuple[GPT, Tokenizer]:
@@ -51,6 +58,7 @@ def load_run_model(run_dir: Path, device: torch.device, checkpoint: bool = False
 def export_run(run_dir: Path, folder: Path, checkpoint: bool = False) -> Path:
     """Write the run's model as a ``transformers`` folder (LlamaForCausalLM, or Qwen3ForCausalLM
     with QK-norm): safetensors, config.json, generation_config.json and tokenizer files."""
+    require_run_dir(run_dir)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise FlopwiseError(f"--to '{folder}' exists and is not an empty folder: choose a new folder")
     require_llama_style(planned_model_config(run_dir))

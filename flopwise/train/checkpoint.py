@@ -1,15 +1,23 @@
-"""Atomic, pickle-free checkpoints: safetensors for tensors, JSON for everything else.
+"""Atomic, verified, pickle-free checkpoints: safetensors for tensors, JSON for everything else.
 
 A checkpoint is a folder ``checkpoints/step_XXXXXXXX/`` written under a temporary name and
 renamed into place only when complete, so a crash or ``kill -9`` mid-write never leaves a
-folder that loads wrong.  Loading reads only safetensors and JSON: nothing is unpickled.
+folder that loads wrong.  Its ``manifest.json`` holds the size and SHA-256 of every other file:
+a checkpoint whose bytes changed on disk afterwards (a flipped bit, a truncated copy) is found
+before it is loaded, and resume falls back to the newest intact one.  A new checkpoint is read
+back and verified before older ones are pruned.  Loading reads only safetensors and JSON:
+nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +30,10 @@ from flopwise.errors import FlopwiseError
 from flopwise.runtime import Ranks, full_state, load_full_state
 
 STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
 _PREFIX = "step_"
 _TMP_PREFIX = ".tmp-"
+_PRUNE_LOCK = ".prune.lock"  # readers hold it shared while loading; pruning holds it exclusively
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,7 @@ class CheckpointInfo:
     path: Path
     step: int
     state: dict[str, Any]
+    problem: str | None = None  # why the checkpoint cannot be used (unreadable state.json); None: looks complete
 
     @property
     def pinned(self) -> bool:
@@ -58,28 +69,113 @@ def _write_checkpoint(directory: Path, final: Path, model_state: dict[str, torch
     for leftover in directory.glob(_TMP_PREFIX + "*"):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = directory / f"{_TMP_PREFIX}{final.name}"
-    tmp.mkdir()
-    save_file({name: t.contiguous() for name, t in model_state.items()}, str(tmp / "model.safetensors"))
-    tensors, meta = _flatten_optimizer(optimizer_state)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / STATE_FILE).write_text(json_text( dict(state, optimizer=meta, torch_rng=torch.get_rng_state().tolist())))
-    for file in tmp.iterdir():
-        fsync(file)
-    if final.exists():  # a step re-run after a crash: replace the older copy whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync(directory)
+    try:
+        tmp.mkdir()
+        save_file({name: t.contiguous() for name, t in model_state.items()}, str(tmp / "model.safetensors"))
+        tensors, meta = _flatten_optimizer(optimizer_state)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / STATE_FILE).write_text(json_text(dict(state, optimizer=meta, torch_rng=torch.get_rng_state().tolist())))
+        (tmp / MANIFEST_FILE).write_text(json_text({"files": {file.name: _digest(file) for file in tmp.iterdir()}}))
+        for file in tmp.iterdir():
+            fsync(file)
+        with _pruning(directory):  # a reader never sees the older copy half-deleted
+            if final.exists():  # a step re-run after a crash: replace the older copy whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        fsync(directory)
+    except BaseException:  # a full disk, an interrupt: no partial temporary folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    problem = verify_checkpoint(final)
+    if problem is not None:
+        raise FlopwiseError(f"checkpoint '{final}' does not read back as written ({problem}): the disk may be "
+                            "failing; the older checkpoints are kept")
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint folder at ``path`` is not intact (a file missing, truncated or changed since it was
+    written), or None.  Checkpoints written before manifests existed are taken as they are."""
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return None if (path / STATE_FILE).is_file() else f"no {STATE_FILE}"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{MANIFEST_FILE} is unreadable"
+    for name, expected in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} is truncated ({size:,} of {expected['bytes']:,} bytes)"
+        if _digest(file)["sha256"] != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def list_checkpoints(directory: Path) -> list[CheckpointInfo]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint folders, oldest first; one whose state.json cannot be read is listed with its problem."""
     found = []
     for path in sorted(directory.glob(_PREFIX + "*")) if directory.is_dir() else []:
         state_path = path / STATE_FILE
-        if state_path.is_file():
+        if not state_path.is_file():
+            continue  # not a checkpoint (a stray folder); the temporary ones have another prefix
+        try:
             state = json.loads(state_path.read_text())
             found.append(CheckpointInfo(path=path, step=int(state["step"]), state=state))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            step = int(path.name.removeprefix(_PREFIX)) if path.name.removeprefix(_PREFIX).isdigit() else -1
+            found.append(CheckpointInfo(path=path, step=step, state={}, problem=f"{STATE_FILE} is unreadable"))
     return sorted(found, key=lambda info: info.step)
+
+
+def newest_intact(run_dir: Path, checkpoints: list[CheckpointInfo], say: Callable[[str], None]) -> CheckpointInfo:
+    """The newest checkpoint that verifies; each newer one that does not is named through ``say``, one line each."""
+    problems: list[tuple[Path, str]] = []  # newest first
+    for info in reversed(checkpoints):
+        problem = info.problem or verify_checkpoint(info.path)
+        if problem is None:
+            for path, problem in problems:
+                say(f"checkpoint '{path}' is corrupt ({problem}): skipping it")
+            return info
+        problems.append((info.path, problem))
+    if checkpoints:
+        raise FlopwiseError(f"run folder '{run_dir}' has no intact checkpoint (all {len(checkpoints)} are corrupt, "
+                            f"the newest: {problems[0][1]}): start a new run")
+    raise FlopwiseError(f"run folder '{run_dir}' has no complete checkpoint to resume from: start a new run")
+
+
+@contextlib.contextmanager
+def reading_checkpoints(directory: Path) -> Iterator[None]:
+    """Hold off pruning while a reader (eval, sample, export --checkpoint) loads a checkpoint of a live run."""
+    with _locked(directory, fcntl.LOCK_SH):
+        yield
+
+
+def _pruning(directory: Path) -> contextlib.AbstractContextManager[None]:
+    return _locked(directory, fcntl.LOCK_EX)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, mode: int) -> Iterator[None]:
+    if not directory.is_dir():
+        yield
+        return
+    with (directory / _PRUNE_LOCK).open("a") as handle:
+        fcntl.flock(handle, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_checkpoint(info: CheckpointInfo, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -116,15 +212,12 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def _prune(directory: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints and the newest pinned one (called once the newest is verified)."""
     checkpoints = list_checkpoints(directory)
-    pinned = [info for info in checkpoints if info.pinned]
-    protected = {info.path for info in checkpoints[-keep:]} | ({pinned[-1].path} if pinned else set())
-    for info in checkpoints:
-        if info.path not in protected:
-            shutil.rmtree(info.path, ignore_errors=True)
-
-
-def require_checkpoint(run_dir: Path, checkpoints: list[CheckpointInfo]) -> CheckpointInfo:
-    if not checkpoints:
-        raise FlopwiseError(f"run folder '{run_dir}' has no complete checkpoint to resume from: start a new run")
-    return checkpoints[-1]
+    readable = [info for info in checkpoints if info.problem is None]
+    pinned = [info for info in readable if info.pinned]
+    protected = {info.path for info in readable[-keep:]} | ({pinned[-1].path} if pinned else set())
+    with _pruning(directory):
+        for info in checkpoints:
+            if info.path not in protected:
+                shutil.rmtree(info.path, ignore_errors=True)

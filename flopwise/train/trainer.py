@@ -20,6 +20,7 @@ import torch
 
 from flopwise.budget import Budget, Meter, steps_left
 from flopwise.data.sampler import PackedSampler
+from flopwise.errors import FlopwiseError
 from flopwise.methods.stack import MethodStack
 from flopwise.optim.schedules import Schedule
 from flopwise.runtime import Ranks, gradient_sync, peak_memory_bytes, synchronize
@@ -183,6 +184,9 @@ class Trainer:
         timer = StepTimer(state.step_seconds)
         outcome = Outcome(state=state, finished=False)
         wall_start, p_at_start = time.perf_counter(), state.meter.progress(s.budget)
+        if state.meter.progress(s.budget) >= 1.0:  # saved after its last step, interrupted before its final save
+            outcome.finished = True
+            return outcome
         previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
         try:
             self.model.train()
@@ -200,6 +204,10 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = group.get("peak_lr", s.peak_lr) * multiplier
                 loss = self.train_step(step, state.p_lr)
+                if not math.isfinite(loss):  # the same on every rank: the loss is averaged over them
+                    raise FlopwiseError(f"the training loss became {loss} at step {step + 1}: stopped, and no "
+                                        "checkpoint holds that step; the earlier checkpoints are kept. Lower "
+                                        "optim.lr or raise schedule.warmup, or check the data")
                 self.methods.after_step(step + 1, self.module, self.optimizer)
                 synchronize(self.device)
                 # all ranks take the slowest rank's time and stop together on an interrupt
@@ -314,9 +322,13 @@ class Trainer:
         start = time.perf_counter()
         if periodic:
             state.next_checkpoint = next_mark(p, s.checkpoint_every)
+        self.checkpoint(state, pinned)
+        return time.perf_counter() - start
+
+    def checkpoint(self, state: LoopState, pinned: bool = False) -> None:
+        s = self.settings
         save_checkpoint(self.run_dir / "checkpoints", int(state.meter.steps), self.module, self.optimizer,
                         {"loop": state.to_dict(), "sampler": self.sampler.state_dict(), "pinned": pinned,
                          "methods": self.methods.state_dict(),
                          "budget": s.budget.to_dict(), "world_size": self.ranks.world_size},
                         s.keep_checkpoints, self.ranks)
-        return time.perf_counter() - start
