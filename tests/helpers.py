@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +49,60 @@ def config_with(methods: list[str] = (), *overrides: str, **values: Any) -> RunC
 def stack_of(methods: list[str] = (), *overrides: str, **values: Any) -> MethodStack:
     """The MethodStack a run with ``methods`` (and ``overrides``) builds."""
     return MethodStack(config_with(methods, *overrides, **values))
+
+
+class FakeClock:
+    """``time`` as the modules that spend seconds budgets and deadlines read it, for tests that must not
+    depend on the machine's speed: its ``perf_counter`` stands still except where the test moves it.
+
+    Each optimizer step through the trainer's ``train_step`` (which runs and the throughput probe both
+    call) moves it on by ``step_seconds(model)``, so a seconds budget is spent in the same steps on a
+    fast machine, a slow one or a busy one; ``advance`` moves it by hand.  Every other attribute
+    (``strftime``...) is the real ``time`` module's."""
+
+    MODULES = ("flopwise.train.trainer", "flopwise.plan.scan", "flopwise.plan.throughput", "flopwise.cli.scan")
+    _installed = itertools.count()
+
+    def __init__(self, step_seconds: Callable[[Any], float]) -> None:
+        self.now = 1000.0
+        self.steps = 0
+        self.step_seconds = step_seconds
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def install(self, monkeypatch: Any) -> FakeClock:
+        """Put this clock in place for the test (``monkeypatch``: pytest's fixture or a MonkeyPatch).  The
+        throughput probes it times are cached apart from real ones and other fake clocks' (each install has
+        its own cache file), so a plan reads this clock's step times, and reads them again from the cache."""
+        import importlib
+
+        from flopwise.plan import throughput
+        from flopwise.train import trainer
+
+        real_step = trainer.train_step
+
+        def timed_step(model: Any, *args: Any, **kwargs: Any) -> float:
+            loss = real_step(model, *args, **kwargs)
+            self.steps += 1
+            self.now += self.step_seconds(model)
+            return loss
+
+        monkeypatch.setattr(trainer, "train_step", timed_step)
+        for name in self.MODULES:
+            monkeypatch.setattr(importlib.import_module(name), "time", self)
+        monkeypatch.setattr(throughput, "CACHE_FILE", f"throughput-fake-clock-{next(self._installed)}.json")
+        return self
+
+
+def width_step_seconds(model: Any) -> float:
+    """A fake step time growing with the model's width like a CPU's at the tests' sizes, about twice an
+    idle 2-core machine's (d_model 64: 32 ms, 96: 48 ms, at batch 4 x 64 tokens), so that fake-clocked
+    runs take fewer real steps than their budgets would on it."""
+    return 5e-4 * model.config.d_model

@@ -28,6 +28,7 @@ from flopwise.plan.scan import (
 from flopwise.scaling.law import ScalingLaw
 from flopwise.scaling.law_file import PRIOR_KAPPA, PlanningLaw, find_law, read_law, setup_key
 from flopwise.scaling.shapes import WIDTHS, depth_for_width, family_shape, heads_for_width
+from tests.helpers import FakeClock
 
 LAW = ScalingLaw(E=1.5, A=80.0, B=900.0, alpha=0.35, beta=0.35, source="test")
 
@@ -119,19 +120,28 @@ def test_plans_refuse_budgets_that_do_not_bound_size():
         plan_run(load_config(values={"budget.seconds": 0.1}), 4096, PlanningLaw(LAW), fake_seconds, "d")
 
 
-def test_scan_design_fills_its_budget_with_sizes_in_the_ratio_range():
+def test_scan_design_fills_its_budget_with_sizes_in_the_ratio_range(monkeypatch):
     config = RunConfig()
     rate = lambda cfg: 2048 / fake_seconds(cfg, config)  # noqa: E731
-    design = design_scan(900, lambda w: family_shape(config.model, w, 4096), rate)
+    clock, probed = FakeClock(lambda model: 0.0).install(monkeypatch), []
+
+    def probe(cfg) -> float:  # 1.5 s of the scan's wall clock each, on a fake clock: the same on any machine
+        probed.append(cfg.d_model)
+        clock.advance(1.5)
+        return rate(cfg)
+
+    design = design_scan(900, lambda w: family_shape(config.model, w, 4096), probe)
     assert extension_cost(0.8) == pytest.approx(1 + (2 - 0.8 * 1) + (4 - 0.8 * 2))  # 4.6
     # the fake device's members in the ratio range, at the shortest pilot three sizes would get
     first_unit = (0.97 * 900 - SIZES * len(LENGTHS) * RUN_OVERHEAD_SECONDS) / (SIZES * 4.6)  # 3% to spare
     eligible = [w for w in WIDTHS if MIN_RATIO <= rate(family_shape(config.model, w, 4096)) * 4 * first_unit
                 / count_parameters(family_shape(config.model, w, 4096))["non_embedding"] <= MAX_RATIO]
     sizes = min(SIZES, len(eligible))
-    unit = (0.97 * 900 - sizes * len(LENGTHS) * RUN_OVERHEAD_SECONDS) / (sizes * 4.6)
-    assert design.unit_seconds == pytest.approx(unit, rel=1e-3)  # less the (instant) probes' time
-    assert design.lengths() == pytest.approx([unit, 2 * unit, 4 * unit], rel=1e-3)
+    assert probed == list(WIDTHS[:len(probed)]) and len(probed) > len(eligible)  # up to the first one past the range
+    left = 900 - 1.5 * len(probed)  # what probing took is gone
+    unit = (0.97 * left - sizes * len(LENGTHS) * RUN_OVERHEAD_SECONDS) / (sizes * 4.6)
+    assert design.unit_seconds == pytest.approx(unit)
+    assert design.lengths() == pytest.approx([unit, 2 * unit, 4 * unit])
     assert len(design.sizes) == sizes and {s.d_model for s in design.sizes} <= set(eligible)
     ratios = [s.tokens_per_second * LENGTHS[-1] * first_unit / s.non_embedding for s in design.sizes]
     assert all(MIN_RATIO <= r <= MAX_RATIO for r in ratios)

@@ -21,6 +21,10 @@ follow a steeper law than the runs plans extrapolate to.  When too many do, the 
 scan of the same sizes would have to be for enough of them to end past it, and `scan --extend` adds
 lengths 8t, 16t, ... to the finished scan from the same checkpoints, so the pilots already run are
 not run again.
+
+A pilot whose budget ran out in the middle of a step before its decay began (a step that took much
+longer than the ones before it, as on a busy machine) ends without that checkpoint: its next length is
+then trained from the start, at its full cost, and the shorter pilot's folder is kept beside it.
 """
 
 from __future__ import annotations
@@ -228,16 +232,22 @@ class Scan:
         """Train (or extend) one size to ``seconds`` and record it; False when it was skipped."""
         run_dir = self.out / "runs" / f"d{size.d_model}"
         name = f"d_model {size.d_model} ({size.non_embedding / 1e6:.2f}M), {seconds:.0f}s"
-        cost = self.design.pilot_seconds(seconds, extend_from)
         if extend_from is not None and not self._piloted(size, extend_from):
             self.skipped.append(name)  # its shorter pilot was skipped
             return False
+        restart = extend_from is not None and not has_extension_point(run_dir)
+        cost = self.design.pilot_seconds(seconds, None if restart else extend_from)
         if time.perf_counter() + cost > self.deadline:
             self.skipped.append(name)
             self.console.print(f"skipped {name}: the scan budget would run out", highlight=False)
             return False
         started = time.perf_counter()
-        if extend_from is None:
+        if restart:
+            self.console.print(f"{name}: the {extend_from:.0f}s pilot has no checkpoint from before its decay to "
+                               "extend (a step ran past its budget first): training this length from the start",
+                               highlight=False)
+            run_dir.rename(run_dir.with_name(f"{run_dir.name}-{extend_from:.0f}s"))
+        if extend_from is None or restart:
             train_pilot(self.config, size.d_model, seconds, run_dir, longest=self.design.lengths()[-1])
         else:
             extend_pilot(run_dir, seconds)
@@ -271,6 +281,15 @@ def pilot_config(config: RunConfig, d_model: int, seconds: float, longest: float
     return config.replace(**{f"model.{name}": value for name, value in family_fields(d_model).items()},
                           **Budget(seconds=seconds).config_values(), **{"schedule.warmup": warmup},
                           **{f"train.{name}": value for name, value in PILOT_SETTINGS.items()})
+
+
+def has_extension_point(run_dir: Path) -> bool:
+    """Whether a finished pilot has the pinned checkpoint, from before its decay, that a longer one
+    continues from.  A seconds budget can run out in the middle of a step before the schedule predicted
+    its decay (the trainer pins the checkpoint only then), and the run ends without one."""
+    from flopwise.train.checkpoint import list_checkpoints
+
+    return any(info.pinned for info in list_checkpoints(run_dir / "checkpoints"))
 
 
 def train_pilot(config: RunConfig, d_model: int, seconds: float, run_dir: Path, longest: float) -> None:
