@@ -299,8 +299,8 @@ class Session:
                     start = time.perf_counter()
                     final_eval = self.evaluator(self.model, c.train.eval_tokens * FINAL_EVAL_SCALE)
                     outcome.eval_seconds += time.perf_counter() - start
-                    trainer.log_eval(outcome.state, 1.0, final_eval)
                     self.save_final()
+                    trainer.log_eval(outcome.state, 1.0, final_eval)  # after the save: a resume logs it once
                 except KeyboardInterrupt:  # keep the trained steps: --resume then only evaluates and saves
                     trainer.checkpoint(outcome.state)
                     self.display.message(f"interrupted after the last step: checkpointed; flopwise train --resume "

@@ -184,6 +184,9 @@ def test_an_interrupt_in_the_final_save_keeps_the_steps_and_resume_writes_the_fi
     assert not list(run.glob(".*tmp*"))
     assert train("--resume", str(run)) == 0
     assert [step for step, _ in losses(run)] == [step for step, _ in losses(reference)]  # no step trained twice
+    finals = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if e["event"] == "eval" and e["p"] >= 1.0]
+    assert len(finals) == 1  # the final evaluation is logged once
     assert (run / "final/model.safetensors").read_bytes() == (reference / "final/model.safetensors").read_bytes()
 
 
