@@ -24,6 +24,21 @@ def train(*args: str) -> int:
     return main(["train", *args])
 
 
+def one_error_line(capsys: Any) -> str:
+    """The one line a failed command wrote to stderr (asserting it wrote exactly one)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def run_error(capsys: Any, args: list[str]) -> str:
+    """The CLI's one-line error for ``args``, asserting exit code 2 and the ``flopwise: error:`` form."""
+    assert main(args) == 2
+    err = one_error_line(capsys)
+    assert err.startswith("flopwise: error: ")
+    return err
+
+
 def train_events(run: Path) -> list[dict]:
     return [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "train"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,15 @@ BARE = ["train", "--data", "{text}", "--out", "{tmp}/run", "--tokenizer", "byte"
 
 
 # files the cases' argv refer to, created in {tmp} before the snapshot
-def _file(tmp: Path) -> None:
-    (tmp / "afile.txt").write_text("some text, not a folder\n")
+def writes(name: str, text: str) -> Callable[[Path], None]:
+    """A setup that writes one file of ``text`` into the test's folder."""
+
+    def setup(tmp: Path) -> None:
+        (tmp / name).write_text(text)
+    return setup
 
 
+_file = writes("afile.txt", "some text, not a folder\n")
 def _empty(tmp: Path) -> None:
     (tmp / "empty").mkdir()
 
@@ -52,34 +58,13 @@ def _loop_inside(tmp: Path) -> None:
     os.symlink("b", tmp / "loopy" / "a")
 
 
-def _fake_parquet(tmp: Path) -> None:
-    (tmp / "data.parquet").write_text("plain text, not a parquet file\n" * 20)
-
-
-def _bad_toml(tmp: Path) -> None:
-    (tmp / "bad.toml").write_text("[model\nd_model = 64\n")
-
-
-def _wrong_suffix(tmp: Path) -> None:
-    (tmp / "run.txt").write_text("[model]\nd_model = 64\n")
-
-
-def _unknown_section(tmp: Path) -> None:
-    (tmp / "sections.toml").write_text("[modle]\nd_model = 64\n")
-
-
-def _unknown_key_in_file(tmp: Path) -> None:
-    (tmp / "keys.toml").write_text("[optim]\nlearning_rate = 0.01\n")
-
-
-def _yaml_list(tmp: Path) -> None:
-    (tmp / "list.yaml").write_text("- model.d_model=64\n- optim.lr=0.01\n")
-
-
-def _bad_jsonl(tmp: Path) -> None:
-    (tmp / "docs.jsonl").write_text('{"text": "one document"}\n{"text": "cut short\n')
-
-
+_fake_parquet = writes("data.parquet", "plain text, not a parquet file\n" * 20)
+_bad_toml = writes("bad.toml", "[model\nd_model = 64\n")
+_wrong_suffix = writes("run.txt", "[model]\nd_model = 64\n")
+_unknown_section = writes("sections.toml", "[modle]\nd_model = 64\n")
+_unknown_key_in_file = writes("keys.toml", "[optim]\nlearning_rate = 0.01\n")
+_yaml_list = writes("list.yaml", "- model.d_model=64\n- optim.lr=0.01\n")
+_bad_jsonl = writes("docs.jsonl", '{"text": "one document"}\n{"text": "cut short\n')
 def _nonempty(tmp: Path) -> None:
     (tmp / "taken").mkdir()
     (tmp / "taken" / "keep.txt").write_text("keep me\n")
@@ -89,14 +74,8 @@ def _existing_out_dir(tmp: Path) -> None:
     (tmp / "existing").mkdir()
 
 
-def _yaml_scalar(tmp: Path) -> None:
-    (tmp / "scalar.yaml").write_text("just a string\n")
-
-
-def _fake_tokenizer(tmp: Path) -> None:
-    (tmp / "tokenizer.json").write_text("not json at all")
-
-
+_yaml_scalar = writes("scalar.yaml", "just a string\n")
+_fake_tokenizer = writes("tokenizer.json", "not json at all")
 def case(argv: list[str], fragment: str, setup=None, *, id: str, usage: bool = False):
     """argv, the fragment the one error line must contain, the files to write first, and whether it is an
     argparse usage error."""

@@ -7,15 +7,7 @@ import json
 import pytest
 
 from flopwise.cli import main
-from tests.helpers import TINY
-
-
-def run_error(capsys, args: list[str]) -> str:
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("flopwise: error: ")
-    return err
+from tests.helpers import TINY, run_error
 
 
 @pytest.mark.parametrize("extra, expected", [

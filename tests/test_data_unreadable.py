@@ -16,16 +16,10 @@ import pytest
 
 from flopwise.cli import main
 from flopwise.data.sources import ReadStats, read_documents
+from tests.helpers import run_error
 
 PROSE = ("The quick brown fox jumps over the lazy dog. " * 3 + "\n") * 40
 
-
-def run_error(capsys, args: list[str]) -> str:
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("flopwise: error: ")
-    return err
 
 
 def data_summary(capsys, folder: Path, out: Path) -> dict:

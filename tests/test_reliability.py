@@ -14,7 +14,7 @@ import pytest
 from flopwise.rundir import LOCK_FILE, writing
 from flopwise.train import checkpoint as checkpoint_module
 from flopwise.train.checkpoint import list_checkpoints, reading_checkpoints, verify_checkpoint
-from tests.helpers import TINY, losses, train
+from tests.helpers import TINY, losses, one_error_line, train
 
 pytestmark = pytest.mark.slow  # real (tiny) training runs
 
@@ -27,12 +27,6 @@ def reference(tmp_path_factory, text_folder) -> Path:
     run = tmp_path_factory.mktemp("reference") / "run"
     assert train(*RUN, "--data", str(text_folder), "--out", str(run)) == 0
     return run
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def stopped_run(tmp_path: Path, text_folder: Path, steps: int = 30) -> Path:
