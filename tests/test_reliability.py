@@ -234,3 +234,35 @@ def test_out_pointing_at_a_file_is_one_line(tmp_path, text_folder, capsys):
     assert f"--out '{file}' is a file, not a folder" in one_error_line(capsys)
     assert train(*TINY, "--data", str(text_folder), "--budget", "3steps", "--out", str(file / "run")) == 2
     assert "not a folder" in one_error_line(capsys) and file.read_text() == "x"
+
+
+@pytest.mark.parametrize("failure, code, message", [
+    (OSError(errno.ENOSPC, "No space left on device"), 2, "no space left on device: free some space"),
+    (KeyboardInterrupt(), 130, "flopwise: interrupted"),
+])
+def test_a_failure_while_tokenizing_into_the_cache_leaves_no_partial_entry_and_no_run(
+        failure, code, message, tmp_path, monkeypatch, capsys):
+    """A full disk under the data cache, or Ctrl-C while tokenizing: one line, the half-written cache entry
+    removed, no run folder; the next run builds the entry whole."""
+    from flopwise.data import shards
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("a document that this test alone tokenizes, about budgets\n" * 300)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FLOPWISE_CACHE", str(cache))
+    real_write = shards._write_corpus
+
+    def fail(folder, *args, **kwargs):
+        real_write(folder, *args, **kwargs)  # the entry's files are written, then the disk fills (or Ctrl-C)
+        if isinstance(failure, OSError):
+            failure.filename = str(folder / "train.bin")
+        raise failure
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "_write_corpus", fail)
+        assert train(*TINY, "--data", str(data), "--budget", "3steps", "--out", str(run)) == code
+    assert message in one_error_line(capsys)
+    assert not run.exists() and not list(cache.rglob(".tmp-*"))
+    assert train(*TINY, "--data", str(data), "--budget", "3steps", "--out", str(run)) == 0
