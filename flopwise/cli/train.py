@@ -46,6 +46,8 @@ examples:
   flopwise train --budget 10m --teacher runs/small  # SALT: distill from a small finished run early in the budget
 
 every run forecasts its final held-out loss from its curve so far (logged at each 0.1 of the budget).
+one process writes a run folder at a time; checkpoints are verified before they are loaded, and a corrupt
+one is skipped for the newest intact one (docs/run-folder.md says what a run folder guarantees).
 """
 
 
@@ -73,7 +75,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--target-loss", type=float, metavar="LOSS",
                    help="stop early once the forecast says the final held-out loss cannot get below LOSS")
     p.add_argument("--resume", type=Path, metavar="RUN",
-                   help="continue an interrupted run, or extend a finished one with a larger --budget")
+                   help="continue an interrupted run from its newest intact checkpoint (from step 0 if it has "
+                        "none yet), or extend a finished one with a larger --budget")
     p.add_argument("--stop-after", metavar="AMOUNT",
                    help="stop once this much is spent (e.g. 20steps), checkpointed as if interrupted")
 
