@@ -1,18 +1,20 @@
-"""What a run folder holds and how to read it, without building anything.
+"""What a run folder holds and how to read it, without building anything; who may write it.
 
 ``runs/<name>/`` holds ``config.toml`` (the resolved config), ``plan.json`` (the model shape, costs and
 data summary), ``metrics.jsonl`` (one JSON object per event), ``tokenizer.json``, ``checkpoints/`` and,
-once finished, ``final/`` (a Hugging Face folder).  Every file is JSON, TOML or safetensors.
+once finished, ``final/`` (a Hugging Face folder).  Every file is JSON, TOML or safetensors.  ``.lock``
+is held by the one process writing the run and names it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import json
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,8 +63,8 @@ def writing(run_dir: Path, new: bool) -> Iterator[None]:
     """Hold ``run_dir`` as its one writer (an exclusive lock), for a ``new`` run or a resumed one.
 
     A second writer is refused in one line naming the holder.  Under torchrun only global rank 0 holds
-    it.  A new run's folder that ends up holding no run (a bad config, an interrupt before the run files
-    were written) is removed again if this call created it, with the parent folders it created."""
+    it.  A new run that ends without its run files (a bad config, an interrupt before config.toml) removes,
+    while it still holds the lock, the folder it created and the parents it created that are left empty."""
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
@@ -71,28 +73,50 @@ def writing(run_dir: Path, new: bool) -> Iterator[None]:
     check_output("--out", run_dir, folder=True)
     created = _first_missing(run_dir) if new else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with (run_dir / LOCK_FILE).open("a+", encoding="utf-8") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise FlopwiseError(f"run folder '{run_dir}' is in use by {holder}: wait for it to end, or choose "
-                                    "another --out") from None
-            handle.seek(0)
-            handle.truncate()
-            since = time.strftime("%Y-%m-%d %H:%M:%S")
-            handle.write(f"process {os.getpid()} on {socket.gethostname()} (since {since})")
-            handle.flush()
-            try:
-                yield
-            finally:
+    with _exclusive(run_dir) as handle:
+        try:
+            yield
+        finally:
+            if created is not None and not is_run_dir(run_dir):
+                _remove_created(run_dir, created)
+            elif handle is not None:
                 handle.truncate(0)
-                fcntl.flock(handle, fcntl.LOCK_UN)
-    finally:
-        if created is not None and not is_run_dir(run_dir):
-            shutil.rmtree(created, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path) -> Iterator[Any]:
+    """The run folder's lock file, locked and naming this process; None where the platform or the filesystem
+    has no file locks (said once, on stderr: nothing then stops a second writer)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    with (run_dir / LOCK_FILE).open("a+", encoding="utf-8") as handle:
+        try:
+            if fcntl is None:
+                raise OSError(errno.ENOTSUP, "no fcntl")
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FlopwiseError(f"run folder '{run_dir}' is in use by {holder}: wait for it to end, or choose "
+                                "another --out") from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            print(f"flopwise: warning: '{run_dir}' is on a filesystem or platform without file locks: nothing stops "
+                  "a second process from writing this run", file=sys.stderr)
+            yield None
+            return
+        handle.seek(0)
+        handle.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} (since {since})")
+        handle.flush()
+        try:
+            yield handle
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _first_missing(path: Path) -> Path | None:
@@ -103,6 +127,19 @@ def _first_missing(path: Path) -> Path | None:
             break
         missing = folder
     return missing
+
+
+def _remove_created(run_dir: Path, created: Path) -> None:
+    """Remove ``run_dir`` (created by this process), then each parent up to ``created`` while it is empty: a
+    parent another run has meanwhile written into stays."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    folder = run_dir.parent
+    while folder == created or created in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def check_output(flag: str, path: Path | None, *, folder: bool) -> None:

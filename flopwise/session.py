@@ -302,9 +302,10 @@ class Session:
                     self.save_final()
                     trainer.log_eval(outcome.state, 1.0, final_eval)  # after the save: a resume logs it once
                 except KeyboardInterrupt:  # keep the trained steps: --resume then only evaluates and saves
-                    trainer.checkpoint(outcome.state)
-                    self.display.message(f"interrupted after the last step: checkpointed; flopwise train --resume "
-                                         f"{self.run_dir} writes the final model")
+                    if not self.ranks.distributed:  # ranks interrupted at different collectives cannot save together
+                        trainer.checkpoint(outcome.state)
+                        self.display.message(f"interrupted after the last step: checkpointed; flopwise train "
+                                             f"--resume {self.run_dir} writes the final model")
                     raise
         return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),

@@ -111,16 +111,17 @@ def test_readers_skip_a_corrupt_checkpoint_and_no_intact_one_is_one_line(tmp_pat
             "is unreadable): start a new run") in one_error_line(capsys)
 
 
-def test_a_new_checkpoint_that_does_not_read_back_stops_the_run_and_keeps_the_older_ones(tmp_path, text_folder,
+def test_a_new_checkpoint_not_on_disk_as_written_stops_the_run_and_keeps_the_older_ones(tmp_path, text_folder,
                                                                                         monkeypatch, capsys):
     run = stopped_run(tmp_path, text_folder, steps=12)
     before = [info.path for info in list_checkpoints(run / "checkpoints")]
     real_verify = checkpoint_module.verify_checkpoint
     monkeypatch.setattr(checkpoint_module, "verify_checkpoint",  # the new checkpoint reads back wrong
-                        lambda path: real_verify(path) if path in before else "model.safetensors is truncated")
+                        lambda path, **how: real_verify(path, **how) if path in before
+                        else "model.safetensors is truncated")
     capsys.readouterr()
     assert train("--resume", str(run)) == 2
-    assert "does not read back as written (model.safetensors is truncated)" in one_error_line(capsys)
+    assert "is not on disk as written (model.safetensors is truncated)" in one_error_line(capsys)
     assert all(path.is_dir() for path in before)  # nothing pruned before the new one verified
 
 
@@ -266,3 +267,35 @@ def test_a_failure_while_tokenizing_into_the_cache_leaves_no_partial_entry_and_n
     assert message in one_error_line(capsys)
     assert not run.exists() and not list(cache.rglob(".tmp-*"))
     assert train(*TINY, "--data", str(data), "--budget", "3steps", "--out", str(run)) == 0
+
+
+def test_a_failed_new_run_removes_only_what_it_created(tmp_path):
+    """A new run that fails before its run files removes its own folder and the parents it created while they
+    are empty, never a run another process has meanwhile started beside it."""
+    sweep = tmp_path / "sweep"
+    with pytest.raises(RuntimeError), writing(sweep / "a", new=True):
+        (sweep / "b").mkdir()  # another run, started in the parent this one created
+        (sweep / "b" / "config.toml").write_text("")
+        raise RuntimeError
+    assert sorted(p.name for p in sweep.iterdir()) == ["b"] and (sweep / "b" / "config.toml").is_file()
+    with pytest.raises(RuntimeError), writing(tmp_path / "x" / "y" / "run", new=True):
+        raise RuntimeError
+    assert not (tmp_path / "x").exists()
+
+
+def test_pruning_keeps_the_new_checkpoint_over_corrupt_later_ones(tmp_path):
+    """Resumed from step 100 past a corrupt step 200, the run writes step 150: with keep_checkpoints=1 that one
+    is kept and the corrupt step 200 removed, so the next resume has an intact checkpoint."""
+    import torch
+
+    from flopwise.train.checkpoint import save_checkpoint
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    directory = tmp_path / "checkpoints"
+    state = {"loop": {}, "pinned": False}
+    save_checkpoint(directory, 100, model, optimizer, state, keep=2)
+    corrupt = save_checkpoint(directory, 200, model, optimizer, state, keep=2)
+    (corrupt / "model.safetensors").write_bytes(b"\0" * (corrupt / "model.safetensors").stat().st_size)
+    save_checkpoint(directory, 150, model, optimizer, state, keep=1)
+    assert [info.step for info in list_checkpoints(directory)] == [150]

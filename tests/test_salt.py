@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer as HFTokenizer
 
+from flopwise.config import load_config
 from flopwise.data.tokenizer import byte_tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.methods.salt import SaltConfig, Teacher, distillation_loss, kd_weight_at, select_windows, selecting_at
@@ -199,8 +200,8 @@ def test_kd_weight_follows_a_step_schedule():
 @pytest.mark.parametrize("field,value", [("kd_weight", 1.5), ("kd_until", -0.1), ("temperature", 0.0),
                                          ("select_pool", 0.5), ("select_top_k", 0)])
 def test_settings_refuse_bad_values(field, value):
-    with pytest.raises(FlopwiseError, match=f"salt.{field}="):
-        SaltConfig(teacher="t", **{field: value})
+    with pytest.raises(FlopwiseError, match=f"salt.{field}={value}: must"):
+        load_config(None, ["methods.salt.teacher=t", f"methods.salt.{field}={value}"])
 
 
 def test_select_windows_keeps_the_highest_scores():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from collections.abc import Callable
 
@@ -54,8 +55,11 @@ _OS_FIXES = {errno.ENOSPC: "free some space, or write elsewhere (--out, FLOPWISE
 
 
 def describe_os_error(err: OSError) -> str:
-    """One line naming the path, the cause and what to do."""
-    path = f"'{err.filename}'" + (f" -> '{err.filename2}'" if err.filename2 else "") if err.filename else "a file"
+    """One line naming the path, the cause and what to do (a failure without a path, e.g. of the network, as
+    it is)."""
+    if not err.filename:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    path = f"'{err.filename}'" + (f" -> '{err.filename2}'" if err.filename2 else "")
     cause = (err.strerror or str(err)).lower()
     fix = _OS_FIXES.get(err.errno, "check the path and the disk")
     return f"{path}: {cause}: {fix}"
@@ -70,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except FlopwiseError as err:
         print(f"flopwise: error: {err}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:  # the reader went away (`flopwise sample ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush into the pipe
+        return 0
     except OSError as err:  # a full disk, a permission, a path that is not a folder: never a traceback
         print(f"flopwise: error: {describe_os_error(err)}", file=sys.stderr)
         return FlopwiseError.exit_code

@@ -126,4 +126,3 @@ def config_flags_given(args: argparse.Namespace) -> list[str]:
               "--recipe": args.recipe != DEFAULT_RECIPE}
     given = [flag for flag in CONFIG_FLAGS if _flag_value(args, flag) is not None]
     return given + [flag for flag, on in layers.items() if on]
-

@@ -22,6 +22,13 @@ class MixtureConfig(MethodConfig):
 
     weights: dict[str, float] = {}
 
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _numbers(cls, value: Any) -> Any:
+        if isinstance(value, dict) and any(isinstance(weight, bool) for weight in value.values()):
+            raise ValueError("must be finite weights >= 0 with a positive sum, not true/false")
+        return value
+
     @field_validator("weights")
     @classmethod
     def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
 from torch import nn
 
 from flopwise.data.sampler import Batch, PackedSampler
@@ -52,6 +51,7 @@ from flopwise.model.flops import count_parameters, forward_flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config
 from flopwise.runtime import autocast
+from flopwise.section import in_range
 
 if TYPE_CHECKING:
     from flopwise.config import RunConfig
@@ -70,18 +70,10 @@ class SaltConfig(MethodConfig):
     select_pool: float = 1.0     # > 1: score select_pool x batch candidate windows, keep the batch's best
     select_top_k: int = 10       # Eq. 10: a token is "learnable" when its target is in the teacher's top-k
 
-    @model_validator(mode="after")
-    def _ranges(self) -> SaltConfig:
-        checks = (("kd_weight", 0 <= self.kd_weight <= 1, "a number from 0 to 1"),
-                  ("kd_until", 0 <= self.kd_until <= 1, "a budget fraction from 0 to 1"),
-                  ("temperature", self.temperature > 0 and math.isfinite(self.temperature), "a positive number"),
-                  ("select_pool", self.select_pool >= 1 and math.isfinite(self.select_pool),
-                   "at least 1 (1 = no selection)"),
-                  ("select_top_k", self.select_top_k >= 1, "a positive integer"))
-        for name, ok, what in checks:
-            if not ok:
-                raise FlopwiseError(f"methods.salt.{name}={getattr(self, name)!r} must be {what}")
-        return self
+    _shares = in_range("kd_weight", "kd_until", low=0, high=1)
+    _temperature = in_range("temperature", low=0, above=True)
+    _pool = in_range("select_pool", low=1, rule="be at least 1 (1 = no selection)")
+    _top_k = in_range("select_top_k", low=1)
 
     def pool_size(self, batch: int) -> int:
         """Candidate windows to draw for a batch of ``batch`` (``batch`` itself when not selecting)."""

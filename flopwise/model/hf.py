@@ -141,14 +141,18 @@ def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, weights_only:
     config = None if weights_only else hf_config(model.config, tokenizer)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(hf_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-    tokenizer.save(tmp / "tokenizer.json")
-    if config is not None:
-        _write_transformers_files(tmp, config, model.config, tokenizer)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(hf_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        tokenizer.save(tmp / "tokenizer.json")
+        if config is not None:
+            _write_transformers_files(tmp, config, model.config, tokenizer)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:  # a full disk, an interrupt: no half folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _write_transformers_files(tmp: Path, config: dict[str, Any], cfg: ModelConfig, tokenizer: Tokenizer) -> None:

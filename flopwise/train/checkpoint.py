@@ -12,7 +12,7 @@ nothing is unpickled.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import hashlib
 import json
 import os
@@ -58,7 +58,7 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
     final = directory / f"{_PREFIX}{step:08d}"
     if ranks.is_main:
         _write_checkpoint(directory, final, model_state, optimizer_state, dict(state, step=step))
-        _prune(directory, keep)
+        _prune(directory, keep, step)
     ranks.barrier()
     return final
 
@@ -78,7 +78,7 @@ def _write_checkpoint(directory: Path, final: Path, model_state: dict[str, torch
         (tmp / MANIFEST_FILE).write_text(json_text({"files": {file.name: _digest(file) for file in tmp.iterdir()}}))
         for file in tmp.iterdir():
             fsync(file)
-        with _pruning(directory):  # a reader never sees the older copy half-deleted
+        with _locked(directory, exclusive=True):  # a reader never sees the older copy half-deleted
             if final.exists():  # a step re-run after a crash: replace the older copy whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -86,9 +86,9 @@ def _write_checkpoint(directory: Path, final: Path, model_state: dict[str, torch
     except BaseException:  # a full disk, an interrupt: no partial temporary folder is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    problem = verify_checkpoint(final)
+    problem = verify_checkpoint(final, checksums=False)  # the manifest's hashes were just read back from it
     if problem is not None:
-        raise FlopwiseError(f"checkpoint '{final}' does not read back as written ({problem}): the disk may be "
+        raise FlopwiseError(f"checkpoint '{final}' is not on disk as written ({problem}): the disk may be "
                             "failing; the older checkpoints are kept")
 
 
@@ -100,24 +100,25 @@ def _digest(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """Why the checkpoint folder at ``path`` is not intact (a file missing, truncated or changed since it was
-    written), or None.  Checkpoints written before manifests existed are taken as they are."""
+def verify_checkpoint(path: Path, checksums: bool = True) -> str | None:
+    """Why the checkpoint folder at ``path`` is not intact (a file missing, truncated or, with ``checksums``,
+    changed since it was written), or None.  Checkpoints written before manifests existed are taken as they are."""
     manifest = path / MANIFEST_FILE
     if not manifest.is_file():
         return None if (path / STATE_FILE).is_file() else f"no {STATE_FILE}"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        files = {name: (int(entry["bytes"]), str(entry["sha256"]))
+                 for name, entry in json.loads(manifest.read_text())["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         return f"{MANIFEST_FILE} is unreadable"
-    for name, expected in sorted(files.items()):
+    for name, (size, sha256) in sorted(files.items()):
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            return f"{name} is truncated ({size:,} of {expected['bytes']:,} bytes)"
-        if _digest(file)["sha256"] != expected["sha256"]:
+        found = file.stat().st_size
+        if found != size:
+            return f"{name} is truncated ({found:,} of {size:,} bytes)"
+        if checksums and _digest(file)["sha256"] != sha256:
             return f"{name} does not match its checksum"
     return None
 
@@ -157,25 +158,32 @@ def newest_intact(run_dir: Path, checkpoints: list[CheckpointInfo], say: Callabl
 @contextlib.contextmanager
 def reading_checkpoints(directory: Path) -> Iterator[None]:
     """Hold off pruning while a reader (eval, sample, export --checkpoint) loads a checkpoint of a live run."""
-    with _locked(directory, fcntl.LOCK_SH):
+    with _locked(directory, exclusive=False):
         yield
-
-
-def _pruning(directory: Path) -> contextlib.AbstractContextManager[None]:
-    return _locked(directory, fcntl.LOCK_EX)
 
 
 @contextlib.contextmanager
-def _locked(directory: Path, mode: int) -> Iterator[None]:
-    if not directory.is_dir():
+def _locked(directory: Path, exclusive: bool) -> Iterator[None]:
+    """``checkpoints/.prune.lock``, shared (readers) or exclusive (pruning, replacing).  A reader that cannot
+    create or open it (a read-only copy of a run) and platforms without fcntl go without: no writer is there."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
         yield
         return
-    with (directory / _PRUNE_LOCK).open("a") as handle:
-        fcntl.flock(handle, mode)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    path = directory / _PRUNE_LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_CREAT if os.access(directory, os.W_OK) else 0), 0o644)
+    except OSError as err:
+        if exclusive or err.errno not in (errno.ENOENT, errno.EACCES, errno.EROFS):
+            raise
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def load_checkpoint(info: CheckpointInfo, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -211,13 +219,15 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _prune(directory: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints and the newest pinned one (called once the newest is verified)."""
+def _prune(directory: Path, keep: int, newest: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to step ``newest`` (just written and verified) and the newest
+    pinned one; remove the rest, and any of a later step: corrupt ones a resume skipped, which this run is
+    now re-writing."""
     checkpoints = list_checkpoints(directory)
-    readable = [info for info in checkpoints if info.problem is None]
-    pinned = [info for info in readable if info.pinned]
-    protected = {info.path for info in readable[-keep:]} | ({pinned[-1].path} if pinned else set())
-    with _pruning(directory):
+    kept = [info for info in checkpoints if info.problem is None and info.step <= newest]
+    pinned = [info for info in kept if info.pinned]
+    protected = {info.path for info in kept[-keep:]} | ({pinned[-1].path} if pinned else set())
+    with _locked(directory, exclusive=True):
         for info in checkpoints:
             if info.path not in protected:
                 shutil.rmtree(info.path, ignore_errors=True)

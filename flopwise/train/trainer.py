@@ -80,15 +80,18 @@ class LoopState:
     next_eval: float = 0.0
     next_checkpoint: float = 0.0
     step_seconds: float | None = None
+    finished: bool = False  # the last step is done: a resume only evaluates and saves the final model
 
     def to_dict(self) -> dict[str, Any]:
         return {"meter": self.meter.to_dict(), "p_lr": self.p_lr, "next_eval": self.next_eval,
-                "next_checkpoint": self.next_checkpoint, "step_seconds": self.step_seconds}
+                "next_checkpoint": self.next_checkpoint, "step_seconds": self.step_seconds,
+                "finished": self.finished}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopState:
         return cls(meter=Meter.from_dict(data["meter"]), p_lr=data["p_lr"], next_eval=data["next_eval"],
-                   next_checkpoint=data["next_checkpoint"], step_seconds=data["step_seconds"])
+                   next_checkpoint=data["next_checkpoint"], step_seconds=data["step_seconds"],
+                   finished=data.get("finished", False))
 
 
 @dataclass
@@ -184,8 +187,8 @@ class Trainer:
         timer = StepTimer(state.step_seconds)
         outcome = Outcome(state=state, finished=False)
         wall_start, p_at_start = time.perf_counter(), state.meter.progress(s.budget)
-        if state.meter.progress(s.budget) >= 1.0:  # saved after its last step, interrupted before its final save
-            outcome.finished = True
+        if state.finished:  # checkpointed after its last step, interrupted before its final save
+            outcome.finished, outcome.last_lr = True, s.peak_lr * s.schedule(state.p_lr)
             return outcome
         previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
         try:
@@ -224,7 +227,7 @@ class Trainer:
                 self._log_step(state, p, lr, loss, seconds, wall_start, p_at_start)
                 bookkeeping = time.perf_counter() - logging_start
                 if finished:
-                    outcome.finished = True
+                    outcome.finished = state.finished = True
                     break
                 outcome.eval_seconds += self._maybe_evaluate(state, p)
                 forecast_start = time.perf_counter()
