@@ -146,8 +146,12 @@ class Session:
                              f"({cached}, {time.perf_counter() - started:.1f}s), vocab {self.data.tokenizer.vocab_size}"
                              + self.data.stats.describe() + self.data.hygiene.describe())
 
+    def per_step(self) -> dict[str, float]:
+        """What one optimizer step spends of each budget limit counted in steps' units."""
+        return {"tokens": self.tokens_per_step, "flops": self.flops_per_step, "steps": 1}
+
     def check_budget_allows_a_step(self) -> None:
-        per_step = {"tokens": self.tokens_per_step, "flops": self.flops_per_step, "steps": 1}
+        per_step = self.per_step()
         for name, amount in self.config.budget.build().set_limits().items():
             if name in per_step and amount < per_step[name]:
                 raise FlopwiseError(f"budget.{name}={amount:.3g} is smaller than one step ({per_step[name]:.3g} "
@@ -187,8 +191,7 @@ class Session:
         with an ETA of ages.  A seconds limit bounds the run by itself."""
         budget = self.config.budget.build()
         limits = budget.set_limits()
-        steps = [limits[name] / per_step for name, per_step in (("tokens", self.tokens_per_step),
-                 ("flops", self.flops_per_step), ("steps", 1)) if name in limits]
+        steps = [limits[name] / amount for name, amount in self.per_step().items() if name in limits]
         if "seconds" in limits or not steps:
             return
         fastest = min(steps) * self.flops_per_step / self.peak_flops

@@ -8,7 +8,6 @@ from pathlib import Path
 from rich.console import Console
 
 from flopwise.cli.flags import add_checkpoint_flag
-from flopwise.rundir import check_output
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -27,10 +26,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from flopwise.evaluate.final import export_run
-    from flopwise.rundir import require_run_dir
 
-    require_run_dir(args.run)  # before the model's shape is read: a folder that is no run is named as such
-    check_output("--to", args.to, folder=True)
     folder = export_run(args.run, args.to, args.checkpoint)
     console.print(f"written: {folder} (load with transformers' AutoModelForCausalLM.from_pretrained and "
                   "AutoTokenizer.from_pretrained)", highlight=False)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
 from flopwise.cli.flags import add_checkpoint_flag
-from flopwise.errors import FlopwiseError
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -32,27 +30,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
 
 
-def check_sampling_flags(args: argparse.Namespace) -> None:
-    """The sampling flags, refused before the model is loaded and before anything is printed."""
-    if args.max_tokens < 1:
-        raise FlopwiseError(f"--max-tokens {args.max_tokens} must be a positive number of tokens to generate")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise FlopwiseError(f"--temperature {args.temperature} must be 0 (greedy) or a positive number, e.g. 0.8")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise FlopwiseError(f"--top-p {args.top_p} must lie in (0, 1], e.g. 0.9")
-    if args.top_k < 0:
-        raise FlopwiseError(f"--top-k {args.top_k} must be 0 (off) or a positive number of tokens, e.g. 50")
-
-
 def cmd_sample(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.evaluate.final import load_run_model, stream_sample
+    from flopwise.evaluate.final import check_sampling, load_run_model, stream_sample
     from flopwise.runtime import choose_device
 
-    check_sampling_flags(args)
+    top_k = None if args.top_k == 0 else args.top_k  # 0: off
+    check_sampling(args.max_tokens, args.temperature, top_k, args.top_p)  # before the model is loaded
     model, tokenizer = load_run_model(args.run, choose_device(args.device), args.checkpoint)
     sys.stdout.write(args.prompt)
     for piece in stream_sample(model, tokenizer, args.prompt, args.max_tokens, args.temperature,
-                               args.top_k or None, args.top_p, args.seed):
+                               top_k, args.top_p, args.seed):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,7 +19,7 @@ from flopwise.methods.dense import build_model, plain_model
 from flopwise.methods.stack import MethodStack
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import WEIGHTS, load_weights_into, require_llama_style, save_hf_folder
-from flopwise.rundir import planned_model_config, require_run_dir
+from flopwise.rundir import check_output, planned_model_config, require_run_dir
 from flopwise.runtime import choose_device, choose_dtype
 from flopwise.train.checkpoint import list_checkpoints, newest_intact, reading_checkpoints
 
@@ -58,7 +59,8 @@ def load_run_model(run_dir: Path, device: torch.device, checkpoint: bool = False
 def export_run(run_dir: Path, folder: Path, checkpoint: bool = False) -> Path:
     """Write the run's model as a ``transformers`` folder (LlamaForCausalLM, or Qwen3ForCausalLM
     with QK-norm): safetensors, config.json, generation_config.json and tokenizer files."""
-    require_run_dir(run_dir)
+    require_run_dir(run_dir)  # before the model's shape is read: a folder that is no run is named as such
+    check_output("--to", folder, folder=True)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise FlopwiseError(f"--to '{folder}' exists and is not an empty folder: choose a new folder")
     require_llama_style(planned_model_config(run_dir))
@@ -78,15 +80,22 @@ def evaluate_run(run_dir: Path, device_name: str, max_tokens: int | None, checkp
     return evaluator(model, max_tokens)
 
 
+def check_sampling(max_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """The sampling settings, refused in one line (``flopwise sample`` checks them before loading a model)."""
+    if max_tokens < 1:
+        raise FlopwiseError(f"--max-tokens {max_tokens} must be a positive number of tokens to generate")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise FlopwiseError(f"--temperature {temperature} must be 0 (greedy) or a positive number, e.g. 0.8")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise FlopwiseError(f"--top-p {top_p} must lie in (0, 1], e.g. 0.9")
+    if top_k is not None and top_k < 1:
+        raise FlopwiseError(f"--top-k {top_k} must be 0 (off) or a positive number of tokens, e.g. 50")
+
+
 def stream_sample(model: GPT, tokenizer: Tokenizer, prompt: str, max_tokens: int, temperature: float,
                   top_k: int | None, top_p: float | None, seed: int) -> Iterator[str]:
     """Pieces of text as they are sampled (a piece is held back while it ends inside a UTF-8 character)."""
-    if temperature < 0:
-        raise FlopwiseError(f"--temperature {temperature} must be 0 (greedy) or positive")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise FlopwiseError(f"--top-p {top_p} must lie in (0, 1]")
-    if top_k is not None and top_k < 1:
-        raise FlopwiseError(f"--top-k {top_k} must be at least 1")
+    check_sampling(max_tokens, temperature, top_k, top_p)
     device = model.embed_tokens.weight.device
     ids = tokenizer.encode_batch([prompt])[0] if prompt else [tokenizer.eos_id]
     generator = torch.Generator(device=device).manual_seed(seed)

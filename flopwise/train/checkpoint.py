@@ -4,9 +4,9 @@ A checkpoint is a folder ``checkpoints/step_XXXXXXXX/`` written under a temporar
 renamed into place only when complete, so a crash or ``kill -9`` mid-write never leaves a
 folder that loads wrong.  Its ``manifest.json`` holds the size and SHA-256 of every other file:
 a checkpoint whose bytes changed on disk afterwards (a flipped bit, a truncated copy) is found
-before it is loaded, and resume falls back to the newest intact one.  A new checkpoint is read
-back and verified before older ones are pruned.  Loading reads only safetensors and JSON:
-nothing is unpickled.
+before it is loaded, and resume falls back to the newest intact one.  A new checkpoint's files
+are hashed as written and checked on disk against the manifest's sizes after the rename, before
+older ones are pruned.  Loading reads only safetensors and JSON: nothing is unpickled.
 """
 
 from __future__ import annotations
