@@ -17,6 +17,7 @@ Hooks, in the order a run meets them:
 - ``setup``: load what it needs once the data is ready (a teacher, a reference run's losses).
 - ``sampler_options``: mixture weights and window difficulties for the sampler.
 - ``attach``: receive the sampler the run draws from.
+- ``on_progress``: act at budget progress p before each step's forward (start fake quantization).
 - ``next_batch``: choose a micro-batch (SALT's selection); the first method that returns one wins.
 - ``loss``: change the per-sequence loss of a micro-batch, in ``methods.use``'s registry order.
 - ``before_step`` / ``lr_factor`` / ``after_step``: act around each optimizer step.
@@ -57,10 +58,12 @@ class MethodConfig(Section):
 
 @dataclass(frozen=True)
 class World:
-    """The processes a run trains on: their number and how they share the model."""
+    """The processes a run trains on: their number, how they share the model, and the device each
+    computes on (None where only the config is checked)."""
 
     size: int = 1
     parallel: str = "ddp"
+    device: torch.device | None = None
 
 
 @dataclass
@@ -161,6 +164,9 @@ class Method:
         """Receive the sampler the run draws from."""
 
     # -- each step ------------------------------------------------------------------------------
+
+    def on_progress(self, step: int, p: float) -> None:
+        """Act before step ``step + 1``'s forward, at budget progress ``p`` (the schedule's)."""
 
     def next_batch(self, sampler: PackedSampler, p: float) -> Batch | None:
         """A micro-batch of the method's choosing, or None to let the sampler give the next one."""

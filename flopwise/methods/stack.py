@@ -88,6 +88,12 @@ class MethodStack:
         for method in self.methods:
             method.attach(sampler)
 
+    def on_progress(self, step: int, p: float) -> None:
+        """Enter step ``step + 1`` at progress ``p``: the batch and loss hooks read both."""
+        self.step, self.p = step, p
+        for method in self.methods:
+            method.on_progress(step, p)
+
     def next_batch(self) -> Batch:
         """The first batch a method chooses, else the sampler's next."""
         for method in self.methods:

@@ -38,6 +38,22 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that computes in its input's dtype: outside autocast a weight stored in another dtype
+    (bf16 weights, methods.use bf16_weights) is cast per call, so bf16-stored weights can compute in
+    fp32 on CPUs without fast bf16.  Under autocast, autocast casts both, as for any nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, cast_for(self.weight, x), cast_for(self.bias, x) if self.bias is not None else None)
+
+
+def cast_for(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight`` in ``x``'s dtype, unless autocast is on (it casts matmul operands itself)."""
+    if weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+        return weight
+    return weight.to(x.dtype)
+
+
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     """RMSNorm (LLaMA), or LayerNorm (GPT-2) with a bias when the model has biases."""
     if cfg.norm == "layer":
@@ -74,10 +90,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.attn_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=cfg.bias)
+        self.q_proj = Linear(cfg.d_model, cfg.attn_dim, bias=cfg.bias)
+        self.k_proj = Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = Linear(cfg.attn_dim, cfg.d_model, bias=cfg.bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
@@ -110,13 +126,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, gro
 class LayerCache:
     """One layer's keys and values for incremental decoding, preallocated for ``capacity`` positions."""
 
-    def __init__(self, shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype) -> None:
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+    def __init__(self, shape: tuple[int, int, int, int], device: torch.device) -> None:
+        self.shape, self.device = shape, device
         self.length = 0
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append [B, kv_heads, T, head_dim] keys/values; return all of them so far."""
+        """Append [B, kv_heads, T, head_dim] keys/values; return all of them so far.  The cache takes
+        the dtype of the first keys: the compute dtype, which may differ from the weights'."""
+        if self.length == 0:
+            self.keys = torch.empty(self.shape, device=self.device, dtype=k.dtype)
+            self.values = torch.empty(self.shape, device=self.device, dtype=v.dtype)
         end = self.length + k.shape[2]
         self.keys[:, :, self.length:end] = k
         self.values[:, :, self.length:end] = v
@@ -131,9 +150,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = cfg.mlp
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
-        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
+        self.gate_proj = Linear(cfg.d_model, cfg.hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.up_proj = Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
+        self.down_proj = Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is not None:
@@ -171,7 +190,7 @@ class GPT(nn.Module):
         self.norm = make_norm(cfg, cfg.d_model)
         # A tied head reuses embed_tokens.weight rather than registering it twice, so every state dict
         # (checkpoints, FSDP shards, the HF export) holds each weight exactly once.
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.context, cfg.rope_theta) if cfg.positions == "rope" else None
         # Activation checkpointing (flopwise/methods/checkpointing.py): keep only each block's input for
         # backward and recompute the rest, trading one more forward for the activations' memory.
@@ -199,7 +218,7 @@ class GPT(nn.Module):
         end = start + idx.shape[1]
         if end > self.config.context:
             raise ValueError(f"sequence length {end} exceeds the model's context of {self.config.context}")
-        x = self.embed_tokens(idx)
+        x = self.embed_tokens(idx).float()  # the residual stream is fp32, whatever the weights' dtype
         if self.embed_positions is not None:
             x = x + self.embed_positions(torch.arange(start, end, device=idx.device))
         recompute = self.checkpoint_blocks and self.training and not caches and torch.is_grad_enabled()
@@ -208,7 +227,8 @@ class GPT(nn.Module):
                 x = checkpoint(layer, x, self.rope, use_reentrant=False)
             else:
                 x = layer(x, self.rope, caches[i] if caches else None)
-        return F.linear(self.norm(x), self.head_weight)
+        h = self.norm(x)
+        return F.linear(h, cast_for(self.head_weight, h))
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -231,10 +251,10 @@ class GPT(nn.Module):
         return self(idx, targets, reduction="none")[1]
 
     def new_cache(self, batch: int) -> list[LayerCache]:
-        """Empty key/value caches for the whole context, in the dtype and device of the weights."""
-        cfg, weight = self.config, self.embed_tokens.weight
+        """Empty key/value caches for the whole context, on the device of the weights."""
+        cfg = self.config
         shape = (batch, cfg.kv_heads, cfg.context, cfg.head_dim)
-        return [LayerCache(shape, weight.device, weight.dtype) for _ in range(cfg.n_layers)]
+        return [LayerCache(shape, self.embed_tokens.weight.device) for _ in range(cfg.n_layers)]
 
     @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -178,7 +178,7 @@ class Trainer:
         """One step at progress ``p``, which the sampler's pacing and the methods read."""
         s = self.settings
         self.sampler.progress = p
-        self.methods.step, self.methods.p = step, p
+        self.methods.on_progress(step, p)
         return train_step(self.model, self.optimizer, self.methods, s.grad_accum, s.grad_clip, self.device,
                           self.dtype, self.ranks)
 
