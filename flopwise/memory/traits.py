@@ -20,7 +20,8 @@ class Factorization:
 @dataclass
 class MemoryTraits:
     """The step as the methods make it.  Defaults: dense fp32 weights, every block trains, torch's
-    AdamW or Muon with 32-bit states, gradients kept until the optimizer step, nothing recomputed."""
+    AdamW or Muon with 32-bit states, gradients kept until the optimizer step, nothing recomputed,
+    matmuls in the compute dtype on the weights as stored."""
 
     names: tuple[str, ...] = ()  # the methods, for the report
     flopwise_optimizer: bool = False  # flopwise's optimizer even for plain AdamW (torch's keeps other temporaries)
@@ -32,3 +33,7 @@ class MemoryTraits:
     factorized: Factorization | None = None  # block Linears as sparse plus low-rank factors
     adapter_rank: int = 0  # low-rank adapters on frozen block Linears, everything else frozen too
     trained_blocks: int | None = None  # how many blocks train at a time (None: all)
+    matrix_bytes: int = 4  # bytes per element of the stored matrices (embeddings, head, blocks): 2 for bf16
+    compensation_bytes: int = 0  # bytes per element of each trained matrix's rounding compensation (Kahan)
+    fp8_block_matmuls: bool = False  # block Linears save fp8 casts of their input and weight for backward
+    fake_quantized_blocks: bool = False  # block Linears keep a fake-quantized copy of their weight for backward
