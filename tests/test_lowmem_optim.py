@@ -337,3 +337,26 @@ def test_galore_8bit_layerwise_training_learns():
         losses.append(loss.item())
     assert losses[0] > math.log(256) - 0.5
     assert sum(losses[-10:]) / 10 < losses[0] - 2.0
+
+
+def test_quantization_in_chunks_gives_the_codes_of_one_pass(monkeypatch):
+    """Large states are encoded and decoded a chunk of whole blocks at a time: the same codes, scales and
+    values as in one pass (a chunk boundary inside the last, partial block too)."""
+    from flopwise.optim import quantize as q
+
+    x = torch.randn(10_007, generator=torch.Generator().manual_seed(0))
+    for signed, tensor in ((True, x), (False, x.square())):
+        whole = q.quantize(tensor, 64, signed)
+        monkeypatch.setattr(q, "CHUNK", 1000)  # 15 blocks of 64 per chunk
+        chunked = q.quantize(tensor, 64, signed)
+        assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+        decoded = q.dequantize(*chunked, 64, signed)
+        monkeypatch.undo()
+        assert torch.equal(decoded, q.dequantize(*whole, 64, signed))
+
+
+def test_the_estimator_chunks_quantization_as_the_optimizer_does():
+    from flopwise.memory.estimate import QUANTIZE_CHUNK
+    from flopwise.optim.quantize import CHUNK
+
+    assert QUANTIZE_CHUNK == CHUNK

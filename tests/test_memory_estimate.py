@@ -77,6 +77,14 @@ CASES = {
     "lora": (SMALL, ["lora"], "adamw", 2, 300, "fp32", ()),
     "bf16-autocast": (SMALL, [], "adamw", 2, 300, "bf16", ()),
     "bf16-checkpointing-lora": (SMALL, ["checkpointing", "lora"], "adamw", 2, 300, "bf16", ()),
+    # bf16 weights: computing in bf16, or upcast per Linear in fp32; Kahan's buffers, 8-bit states, GaLore
+    "bf16-weights": (SMALL, ["bf16_weights"], "adamw", 2, 300, "bf16", ()),
+    "bf16-weights-fp32-compute-muon": (SMALL, ["bf16_weights"], "muon", 2, 300, "fp32", ()),
+    "bf16-weights-kahan-8bit": (SMALL, ["bf16_weights", "8bit"], "adamw", 2, 300, "bf16",
+                                ("methods.bf16_weights.rounding=kahan",)),
+    "bf16-weights-galore-8bit-ckpt-layerwise": (SMALL, ["bf16_weights", "galore", "8bit", "checkpointing",
+                                                        "layerwise"], "adamw", 2, 1000, "bf16",
+                                                ("methods.galore.update_gap=1",)),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -124,6 +132,8 @@ def saved_for_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     ({**SMALL, "n_layers": 3}, ["sltrain"], True),
     ({**SMALL, "n_layers": 3}, ["lora"], True),
     ({**SMALL, "n_layers": 3}, ["lisa"], False),
+    (SMALL, ["bf16_weights"], True),
+    ({**SMALL, "tie_embeddings": False}, ["bf16_weights"], False),
 ])
 def test_activation_count_is_what_autograd_saves(shape, methods, autocast):
     """Op by op, deduplicated by storage, as saved_tensors_hooks sees it (only the loss's 4-byte

@@ -76,7 +76,7 @@ def _table(estimates: list, model_cfg: ModelConfig, batch: int, dtype: str, limi
            configured: tuple[str, ...]) -> Table:
     title = (f"estimated memory of one training step: {model_cfg.d_model}d x {model_cfg.n_layers} layers, vocab "
              f"{model_cfg.vocab_size:,}, micro-batch {batch} x {model_cfg.seq_len} tokens, {dtype} compute, "
-             f"fp32 weights")
+             "fp32 weights (bf16 matrices with bf16_weights)")
     table = Table(title=title, caption="optimizer states exclude GaLore's projections (own column); "
                                        "see `flopwise memory --help` for what is counted")
     columns = ["methods", "optimizer", "weights", "gradients", "optimizer states", "GaLore projections",

@@ -40,8 +40,15 @@ FP32, INT64, INT32 = 4, 8, 4
 # Working memory of one parameter's update beyond its gradient and states, in fp32 bytes per
 # element of the parameter, as StorageTracker measures the update rules of flopwise/optim.
 # torch.optim.AdamW (single-tensor, CPU): sqrt(v) and its quotient; flopwise's AdamW: the
-# denominator; 8-bit: both moments decoded plus quantize()'s intermediates (~22 bytes/element).
+# denominator; 8-bit: both moments decoded plus quantize()'s intermediates (~22 bytes/element of
+# the chunk it encodes at once, flopwise/optim/quantize.py's CHUNK).
 TORCH_ADAMW_TEMP, ADAMW_TEMP, QUANTIZE_WORK = 8, 4, 22
+QUANTIZE_CHUNK = 1 << 20  # as flopwise/optim/quantize.py (not imported: this module imports no torch)
+
+
+def _quantize_work(numel: int) -> int:
+    """Bytes of quantize()'s intermediates for a tensor of ``numel`` elements, encoded chunk by chunk."""
+    return QUANTIZE_WORK * min(numel, QUANTIZE_CHUNK)
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -198,15 +205,15 @@ def optimizer_bytes(spec: ParamSpec, rule: str, param_bytes: int, bits8: bool, b
         shorter = min(spec.shape)
         temp = 20 * n + 4 * shorter**2  # Newton-Schulz: update, iterate, three products; the Gram matrix
         if bits8:
-            temp = max(26 * n, temp + 4 * n)  # the decoded momentum, or quantizing it back
+            temp = max(4 * n + _quantize_work(n), temp + 4 * n)  # the decoded momentum, or quantizing it back
         return _moment_bytes(n, param_bytes, bits8, block), 0, temp
     if rule == "galore":
         low, projection = _galore_shapes(spec, rank)
         temp = 4 * n + 8 * low  # the update mapped back to full size, the low-rank step's quotients
         if bits8:
-            temp = max(4 * n + 16 * low, (8 + QUANTIZE_WORK + 4) * low)
+            temp = max(4 * n + 16 * low, 12 * low + _quantize_work(low))
         return FP32 + 2 * _moment_bytes(low, param_bytes, bits8, block), FP32 * projection, temp
-    temp = (8 + QUANTIZE_WORK) * n if bits8 else ADAMW_TEMP * n
+    temp = 8 * n + _quantize_work(n) if bits8 else ADAMW_TEMP * n
     return FP32 + 2 * _moment_bytes(n, param_bytes, bits8, block), 0, temp
 
 
@@ -216,20 +223,41 @@ def optimizer_bytes(spec: ParamSpec, rule: str, param_bytes: int, bits8: bool, b
 
 @dataclass(frozen=True)
 class _Compute:
-    """Byte sizes of one forward: ``c`` for matmul outputs (the autocast dtype), fp32 elsewhere."""
+    """Byte sizes of one forward: ``c`` for matmul outputs (the autocast dtype), fp32 elsewhere;
+    ``matrix`` those of the stored matrices; ``fp8``: the block Linears compute in fp8 (torchao's
+    Float8Linear); ``fake_quant``: they read fake-quantized weights."""
 
     c: int
     tokens: int
+    matrix: int = FP32
+    fp8: bool = False
+    fake_quant: bool = False
 
     @property
     def autocast(self) -> bool:
         return self.c != FP32
 
-    def saved_input(self, width: int, savers: int) -> int:
+    @property
+    def head_weight_copy(self) -> int:
+        """Bytes per element of the head weight's copy kept for backward: its cast to the compute
+        dtype (autocast's, or fp32 compute's upcast of a bf16 weight), or none."""
+        return self.c if self.c != self.matrix else 0
+
+    @property
+    def block_weight_copy(self) -> int:
+        """The same for a block Linear's weight: an fp8 cast, a dtype cast, or else the fake-quantized
+        weight itself (QAT's matmul reads a new tensor, which it keeps)."""
+        if self.fp8:
+            return 1
+        return self.head_weight_copy or (self.matrix if self.fake_quant else 0)
+
+    def saved_input(self, width: int, savers: int, block: bool = True) -> int:
         """Bytes of a tensor [tokens, width] saved by ``savers`` Linears: one shared fp32 tensor, or
-        under autocast a separate low-precision cast per Linear (autocast casts at each call)."""
+        under autocast (or fp8, in the blocks) a separate cast per Linear (each casts at its call)."""
         if savers == 0:
             return 0
+        if self.fp8 and block:
+            return self.tokens * width * savers
         return self.tokens * width * (self.c * savers if self.autocast else FP32)
 
 
@@ -267,11 +295,12 @@ def _block_activations(cfg: ModelConfig, run: _Compute, traits: MemoryTraits, tr
     total += _norm_saved(cfg, run, d, 1, trains, FP32)
     total += n * d * FP32 if sltrain else run.saved_input(d, (2 if cfg.mlp == "swiglu" else 1) if keeps_input else 0)
     mlp_kept = 3 if cfg.mlp == "swiglu" else 1  # SwiGLU: gate, silu(gate), up; GELU/ReLU²: the activation's input
-    total += n * hidden * c * (mlp_kept + (1 if keeps_input else 0))  # + down_proj's input
+    down_input = (1 if run.fp8 else c) if keeps_input else 0  # down_proj's input (its fp8 cast under fp8)
+    total += n * hidden * (c * mlp_kept + down_input)
     if lora:
         total += n * traits.adapter_rank * c * len(cfg.block_linears)  # x A^T, kept for B's gradient
-    if run.autocast and not sltrain:
-        total += c * _cast_weights(cfg, traits.adapter_rank, input_grad)
+    if not sltrain:
+        total += run.block_weight_copy * _cast_weights(cfg, traits.adapter_rank, input_grad)
     return total
 
 
@@ -291,9 +320,8 @@ def _outer_activations(cfg: ModelConfig, run: _Compute, traits: MemoryTraits) ->
     blocks, kept to the end: learned positions' index)."""
     d = cfg.d_model
     outer = not traits.adapter_rank
-    head = _norm_saved(cfg, run, d, 1, outer, FP32) + run.saved_input(d, 1 if outer else 0)
-    if run.autocast:  # the head weight's cast
-        head += run.c * cfg.vocab_size * d
+    head = _norm_saved(cfg, run, d, 1, outer, FP32) + run.saved_input(d, 1 if outer else 0, block=False)
+    head += run.head_weight_copy * cfg.vocab_size * d
     return head, cfg.seq_len * INT64 if cfg.positions == "learned" else 0
 
 
@@ -331,8 +359,9 @@ def _mlp_backward_extra(cfg: ModelConfig, run: _Compute, traits: MemoryTraits, t
     keeps_input = trains or traits.adapter_rank > 0 or sltrain
     made = {"swiglu": 3, "gelu": 2, "relu2": 3}[cfg.mlp]
     extra = run.tokens * cfg.hidden * run.c * (made - (1 if keeps_input else 0))
-    if run.autocast and not sltrain:
-        extra -= run.c * (cfg.hidden * cfg.d_model + traits.adapter_rank * (cfg.hidden + cfg.d_model))
+    if not sltrain:
+        extra -= run.block_weight_copy * cfg.hidden * cfg.d_model
+        extra -= run.c * traits.adapter_rank * (cfg.hidden + cfg.d_model) if run.autocast else 0
     return extra
 
 
@@ -351,19 +380,24 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, traits: MemoryTrai
     cfg = model_cfg
     optimizer = "adamw" if traits.low_rank_gradients else optim_name
     pb = DTYPE_BYTES[param_dtype]
-    run = _Compute(DTYPE_BYTES[dtype], micro_batch * cfg.seq_len)
+    matrix = min(pb, traits.matrix_bytes)
+    run = _Compute(DTYPE_BYTES[dtype], micro_batch * cfg.seq_len, matrix, traits.fp8_block_matmuls,
+                   traits.fake_quantized_blocks)
     params, buffer_specs = tensor_specs(cfg, traits)
     trainable = [p for p in params if p.trainable]
+    stored = {p.name: matrix if len(p.shape) >= 2 else pb for p in params}  # bytes per element, grads alike
 
-    weights = sum(p.numel for p in params) * pb
+    weights = sum(p.numel * stored[p.name] for p in params)
     buffers = sum(b.numel * (INT32 if b.name.endswith(".index") else FP32) for b in buffer_specs)
     buffers += 2 * run.tokens * INT64  # the token batch: inputs and targets
     bits8, rank = traits.state_bits == 8, traits.low_rank_gradients or 0
     costs = {p.name: optimizer_bytes(p, update_rule(p, optimizer, traits), pb, bits8, traits.state_block, rank)
              for p in trainable}
-    step = _Step(cfg, run, traits, grads={p.name: p.numel * pb for p in trainable},
-                 temps={name: temp * pb // FP32 for name, (_, _, temp) in costs.items()}, grad_accum=grad_accum)
+    step = _Step(cfg, run, traits, grads={p.name: p.numel * stored[p.name] for p in trainable},
+                 temps={p.name: costs[p.name][2] * pb // FP32 + _rounding_work(p, stored[p.name], pb)
+                        for p in trainable}, grad_accum=grad_accum)
     states = sum(s for s, _, _ in costs.values())
+    states += sum(_rounding_state(p, traits.rounding) for p in trainable if stored[p.name] < pb)
     projections = sum(p for _, p, _ in costs.values())
     full = _activations(cfg, run, traits, checkpointed=False)
     checkpointed = _activations(cfg, run, traits, checkpointed=True)
@@ -375,6 +409,17 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, traits: MemoryTrai
                           activations_full=full.total, activations_checkpointed=checkpointed.total,
                           buffers=buffers, logits=step.logits, peak=moments[peak_at], peak_at=peak_at,
                           moments=moments)
+
+
+def _rounding_state(spec: ParamSpec, rounding: str) -> int:
+    """Bytes a low-precision parameter's rounding keeps: Kahan's bf16 compensation, stochastic rounding's counter."""
+    return {"kahan": 2 * spec.numel, "stochastic": INT64}.get(rounding, 0)
+
+
+def _rounding_work(spec: ParamSpec, stored: int, state_bytes: int) -> int:
+    """A low-precision parameter's update runs on copies in the states' precision (flopwise/optim/rounding.py):
+    the weight's and its gradient's."""
+    return 2 * spec.numel * state_bytes if stored < state_bytes else 0
 
 
 @dataclass

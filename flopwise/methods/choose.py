@@ -21,13 +21,15 @@ if TYPE_CHECKING:
     from flopwise.config import RunConfig
 
 # Method sets the planner tries, cheapest in quality first: 8-bit states cost almost nothing,
-# recomputation costs time only, GaLore's projected gradients and SLTrain's factorized weights
-# change what is learned.
+# recomputation costs time only, bf16 weights with stochastic rounding cost little (bench/low_precision.py),
+# GaLore's projected gradients and SLTrain's factorized weights change what is learned.
 CANDIDATES: tuple[tuple[str, ...], ...] = (
     (),
     ("8bit",),
     ("8bit", "checkpointing"),
+    ("bf16_weights", "8bit", "checkpointing"),
     ("galore", "8bit", "checkpointing", "layerwise"),
+    ("bf16_weights", "galore", "8bit", "checkpointing", "layerwise"),
     ("sltrain", "8bit", "checkpointing"),
 )
 
@@ -72,6 +74,9 @@ def _explain(tried: list[tuple[MemoryEstimate, str]], limit: float, optim_name: 
     text += (f"{label} needs {format_bytes(chosen.peak)} at peak (its crest: {chosen.peak_at}; "
              f"activations {format_bytes(chosen.activations)}, optimizer states "
              f"{format_bytes(chosen.optimizer_states + chosen.projections)}), so it is chosen")
+    if "bf16_weights" in chosen.methods:
+        text += ("; bf16_weights stores the matrices in bf16 and rounds each update into them "
+                 "(methods.bf16_weights.rounding)")
     if chosen.optimizer != optim_name:
         text += f"; GaLore runs Adam on projected gradients, so the optimizer switches from {optim_name} to adamw"
     return text + "."

@@ -14,6 +14,7 @@ from flopwise.methods.base import Method
 
 REGISTERED = (
     "eight_bit.EightBitStates",
+    "bf16_weights.BF16Weights",
     "checkpointing.ActivationCheckpointing",
     "layerwise.PerLayerUpdates",
     "galore.GaLore",

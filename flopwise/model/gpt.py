@@ -287,6 +287,13 @@ class GPT(nn.Module):
         tokens = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator))
         return torch.cat((idx, *tokens), dim=1)
 
+    def store_matrices_in(self, dtype: torch.dtype) -> None:
+        """Keep every matrix (embeddings, head, the blocks' Linears) in ``dtype``; norm gains and biases
+        stay as they are (bf16 weights, flopwise/methods/bf16_weights.py)."""
+        for param in self.parameters():
+            if param.ndim >= 2:
+                param.data = param.data.to(dtype)
+
     def num_parameters(self) -> int:
         """Unique parameters (a tied head is counted once)."""
         return sum(p.numel() for p in self.parameters())

@@ -39,8 +39,9 @@ def require_llama_style(cfg: ModelConfig) -> None:
                             "(RoPE, RMSNorm, SwiGLU, no biases)")
 
 
-def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """``config.json`` for ``cfg``: Llama without QK-norm, Qwen3 with it."""
+def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str = "float32") -> dict[str, Any]:
+    """``config.json`` for ``cfg``: Llama without QK-norm, Qwen3 with it; ``dtype``: its weights'
+    (``bfloat16`` for a run with bf16 weights), which transformers loads them in by default."""
     require_llama_style(cfg)
     model_type = "qwen3" if cfg.qk_norm else "llama"
     config: dict[str, Any] = {
@@ -52,7 +53,7 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
         "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id, "use_cache": True,
-        "torch_dtype": "float32", "dtype": "float32",
+        "torch_dtype": dtype, "dtype": dtype,
     }
     if model_type == "llama":
         config.update(mlp_bias=False, pretraining_tp=1)
@@ -109,9 +110,21 @@ def _config_value(config: dict[str, Any], key: str) -> Any:
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """flopwise weights under Hugging Face names; a tied head is stored once, as the embedding."""
-    return {name if name.startswith("lm_head.") else f"model.{name}": tensor.detach().to("cpu", torch.float32)
-            .contiguous() for name, tensor in model.state_dict().items()}
+    """flopwise weights under Hugging Face names; a tied head is stored once, as the embedding.  Each
+    keeps the dtype it trained in: fp32, or bf16 for the matrices of a run with bf16 weights (whose
+    fp32 norm gains stay fp32, so the file holds exactly the model that was evaluated)."""
+    return {name if name.startswith("lm_head.") else f"model.{name}": _stored(tensor)
+            for name, tensor in model.state_dict().items()}
+
+
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
+    dtype = torch.bfloat16 if tensor.dtype == torch.bfloat16 else torch.float32
+    return tensor.detach().to("cpu", dtype).contiguous()
+
+
+def weights_dtype(model: GPT) -> str:
+    """The transformers dtype name of ``model``'s matrices: ``bfloat16`` when stored in bf16, else ``float32``."""
+    return "bfloat16" if model.embed_tokens.weight.dtype == torch.bfloat16 else "float32"
 
 
 def flopwise_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: Path) -> dict[str, torch.Tensor]:
@@ -138,7 +151,7 @@ def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, weights_only:
     transformers has no architecture for (a run's final/ folder then still holds its result).
 
     Written under a temporary name and renamed, so an interrupted export leaves no half folder."""
-    config = None if weights_only else hf_config(model.config, tokenizer)
+    config = None if weights_only else hf_config(model.config, tokenizer, weights_dtype(model))
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

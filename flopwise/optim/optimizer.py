@@ -8,8 +8,9 @@
 
 One object rather than several, so the LR schedule, checkpoints and PyTorch's state-dict tools
 see a single optimizer.  ``state_bits=8`` stores every moment buffer blockwise in 8 bits
-(flopwise/optim/quantize.py; Dettmers et al. 2022).  ``update_param`` updates one parameter; it
-serves ``step`` and the per-layer updates during backward (flopwise/optim/layerwise.py).
+(flopwise/optim/quantize.py; Dettmers et al. 2022).  Parameters stored in bf16 are updated through an
+fp32 copy and rounded back as ``rounding`` says (flopwise/optim/rounding.py).  ``update_param`` updates
+one parameter; it serves ``step`` and the per-layer updates during backward (flopwise/optim/layerwise.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from flopwise.optim import galore
 from flopwise.optim.muon import _orthogonalized
 from flopwise.optim.quantize import read_moment, write_moment
+from flopwise.optim.rounding import ROUNDINGS, update_rounded
 
 if TYPE_CHECKING:
     from flopwise.optim.layerwise import LayerwiseUpdates
@@ -32,7 +34,7 @@ MATRIX_UPDATES = ("muon", "galore")
 
 class FlopwiseOptimizer(torch.optim.Optimizer):
     """Groups carry ``update`` (adamw, muon or galore), ``lr``, ``weight_decay``, ``state_bits``
-    (32 or 8) and ``state_block``, plus their rule's keys: muon: momentum, nesterov, ns_steps;
+    (32 or 8), ``state_block`` and ``rounding`` (of bf16-stored parameters), plus their rule's keys: muon: momentum, nesterov, ns_steps;
     adamw and galore: betas, eps; galore: rank, update_gap, scale.
 
     Muon scales the orthogonalized update of a rows x cols matrix by sqrt(max(1, rows / cols)), as
@@ -41,18 +43,23 @@ class FlopwiseOptimizer(torch.optim.Optimizer):
 
     State keys per parameter (no dots, so checkpoints can name tensors ``<param>.<key>``): ``step``
     (adamw, galore), ``exp_avg``/``exp_avg_sq`` (adamw, galore: projected shape), ``momentum_buffer``
-    (muon), ``projection`` (galore); with 8-bit states each moment ``m`` is ``m_q`` and ``m_absmax``.
+    (muon), ``projection`` (galore); with 8-bit states each moment ``m`` is ``m_q`` and ``m_absmax``;
+    bf16 parameters add ``compensation`` (kahan) or ``rounding_updates`` (stochastic).  ``seed`` seeds
+    stochastic rounding.
     """
 
     def __init__(self, groups: Iterable[dict[str, Any]], momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  state_bits: int = 32, state_block: int = 256, rank: int | None = None, update_gap: int = 200,
-                 scale: float = 0.25) -> None:
+                 scale: float = 0.25, rounding: str = "nearest", seed: int = 0) -> None:
         defaults = {"lr": 0.02, "weight_decay": 0.0, "update": "adamw", "momentum": momentum, "nesterov": nesterov,
                     "ns_steps": ns_steps, "betas": betas, "eps": eps, "state_bits": state_bits,
-                    "state_block": state_block, "rank": rank, "update_gap": update_gap, "scale": scale}
+                    "state_block": state_block, "rank": rank, "update_gap": update_gap, "scale": scale,
+                    "rounding": rounding}
         super().__init__(list(groups), defaults)
         self.layerwise: LayerwiseUpdates | None = None
+        self._seeds = {param: hash((seed, index)) for index, param in
+                       enumerate(p for group in self.param_groups for p in group["params"])}
         for group in self.param_groups:
             _check_group(group)
 
@@ -70,8 +77,13 @@ class FlopwiseOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def update_param(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         """Apply ``group``'s rule to ``param`` with its current gradient (nothing without one)."""
-        if param.grad is not None:
-            _RULES[group["update"]](param, param.grad, self.state[param], group)
+        if param.grad is None:
+            return
+        rule = _RULES[group["update"]]
+        if param.dtype == torch.bfloat16:
+            update_rounded(param, param.grad, self.state[param], group, rule, self._seeds[param])
+        else:
+            rule(param, param.grad, self.state[param], group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but every state tensor keeps the dtype it was saved with: torch casts
@@ -91,6 +103,8 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"update='{group['update']}' is unknown: choose one of {', '.join(UPDATES)}")
     if group["update"] in MATRIX_UPDATES and any(p.ndim != 2 for p in group["params"]):
         raise ValueError(f"{group['update']} groups take 2-D weight matrices only; give the others to AdamW groups")
+    if group["rounding"] not in ROUNDINGS:
+        raise ValueError(f"rounding='{group['rounding']}' is unknown: choose one of {', '.join(ROUNDINGS)}")
     if group["state_bits"] not in (8, 32):
         raise ValueError(f"state_bits={group['state_bits']}: optimizer states are stored in 32 or 8 bits")
     if group["update"] == "galore" and not (isinstance(group["rank"], int) and group["rank"] > 0):

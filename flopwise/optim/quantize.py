@@ -20,6 +20,10 @@ rounding up only shrinks that element's step.  The block's largest element decod
 The range is a trade against precision: on a tiny GPT, 8-bit AdamW ended closest to 32-bit with
 12 octaves (tried 8 to 24).
 
+Large tensors are encoded and decoded a chunk of blocks at a time (``CHUNK`` elements), so the
+working memory of the conversion stays a few dozen MB however large the tensor (an embedding
+matrix of a 7B model has 131M elements); chunks hold whole blocks, so the codes are the same.
+
 Rounding is deterministic (to the nearest rung), as in Dettmers et al.; since every code is
 relative to its block's absmax, which is exact, a block whose elements all decay together (an
 EMA with no new gradient) decays with its absmax rather than sticking at a rung.
@@ -28,7 +32,7 @@ EMA with no new gradient) decays with its absmax rather than sticking at a rung.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 SIGNED_RUNGS, SIGNED_OCTAVES = 127, 12.0
 UNSIGNED_RUNGS, UNSIGNED_OCTAVES = 255, 24.0
 CODE_DTYPES = {True: torch.int8, False: torch.uint8}
+CHUNK = 1 << 20  # elements encoded or decoded at once
 
 
 def _ladder(signed: bool) -> tuple[int, float]:
@@ -58,10 +63,27 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(flat, (0, (-flat.numel()) % block)).view(-1, block)
 
 
+def _chunks(numel: int, block: int) -> Iterator[slice]:
+    """Chunks of whole blocks, about ``CHUNK`` elements each, as slices of the flat tensor."""
+    size = max(1, CHUNK // block) * block
+    return (slice(start, start + size) for start in range(0, numel, size))
+
+
 def quantize(x: torch.Tensor, block: int = 256, signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes shaped like ``x`` (int8 when signed, uint8 otherwise) and one fp32 absmax per block
     (ceil(numel / block) of them)."""
-    blocks = _blocks(x.detach().float(), block)
+    flat = x.detach().reshape(-1)
+    codes = torch.empty(flat.numel(), dtype=CODE_DTYPES[signed], device=x.device)
+    absmax = torch.empty(-(-flat.numel() // block), dtype=torch.float32, device=x.device)
+    for part in _chunks(flat.numel(), block):
+        part_codes, part_absmax = _quantize_part(flat[part], block, signed)
+        codes[part] = part_codes
+        absmax[part.start // block:part.start // block + part_absmax.numel()] = part_absmax
+    return codes.view(x.shape), absmax
+
+
+def _quantize_part(x: torch.Tensor, block: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = _blocks(x.float(), block)
     absmax = blocks.abs().amax(dim=1)
     ratio = blocks.abs() / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
     rungs, octaves = _ladder(signed)
@@ -70,15 +92,19 @@ def quantize(x: torch.Tensor, block: int = 256, signed: bool = True) -> tuple[to
     floor = ratio >= lowest / 2 if signed else ratio > 0  # second moments > 0 never round to 0
     rung = torch.where(rung >= 1, rung, floor.float())
     codes = rung * blocks.sign() if signed else rung
-    codes = codes.view(-1)[: x.numel()].to(CODE_DTYPES[signed])
-    return codes.view(x.shape), absmax
+    return codes.view(-1)[: x.numel()].to(CODE_DTYPES[signed]), absmax
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, block: int = 256, signed: bool = True) -> torch.Tensor:
     """The fp32 tensor (shaped like ``codes``) that ``quantize`` encoded."""
-    index = codes.reshape(-1).long() + (128 if signed else 0)
-    values = _blocks(code_table(signed, codes.device)[index], block) * absmax.float().unsqueeze(1)
-    return values.view(-1)[: codes.numel()].view(codes.shape)
+    flat, table = codes.reshape(-1), code_table(signed, codes.device)
+    out = torch.empty(flat.numel(), dtype=torch.float32, device=codes.device)
+    for part in _chunks(flat.numel(), block):
+        part_codes = flat[part]
+        scales = absmax[part.start // block:part.start // block + -(-part_codes.numel() // block)]
+        values = _blocks(table[part_codes.long() + (128 if signed else 0)], block) * scales.float().unsqueeze(1)
+        out[part] = values.view(-1)[: part_codes.numel()]
+    return out.view(codes.shape)
 
 
 def read_moment(state: dict[str, Any], key: str, like: torch.Tensor, bits: int, block: int,
