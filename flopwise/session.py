@@ -93,7 +93,8 @@ class Session:
         self.init_folder: Path | None = None
         self.resume_step: int | None = None
         self.auto_plan: dict[str, Any] | None = None  # what `train --auto` planned, kept in plan.json
-        check_methods(config, World(self.ranks.world_size, config.train.parallel, self.device))  # before any data is read
+        # before any data is read
+        check_methods(config, World(self.ranks.world_size, config.train.parallel, self.device))
         if self.device.type == "cpu" and config.train.cpu_keep_freed_memory:
             keep_freed_cpu_memory()
 

@@ -34,8 +34,8 @@ MATRIX_UPDATES = ("muon", "galore")
 
 class FlopwiseOptimizer(torch.optim.Optimizer):
     """Groups carry ``update`` (adamw, muon or galore), ``lr``, ``weight_decay``, ``state_bits``
-    (32 or 8), ``state_block`` and ``rounding`` (of bf16-stored parameters), plus their rule's keys: muon: momentum, nesterov, ns_steps;
-    adamw and galore: betas, eps; galore: rank, update_gap, scale.
+    (32 or 8), ``state_block`` and ``rounding`` (of bf16-stored parameters), plus their rule's keys:
+    muon: momentum, nesterov, ns_steps; adamw and galore: betas, eps; galore: rank, update_gap, scale.
 
     Muon scales the orthogonalized update of a rows x cols matrix by sqrt(max(1, rows / cols)), as
     in the speedrun, so tall matrices get updates of the same per-entry size.  Parameters without
