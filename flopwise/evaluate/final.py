@@ -10,15 +10,17 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_model
 
-from flopwise.config import load_run_config
+from flopwise.config import RunConfig, load_run_config
 from flopwise.data.pipeline import prepare_data
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
-from flopwise.methods.dense import build_model, plain_model
+from flopwise.methods.dense import block_linears, build_model, plain_model
+from flopwise.methods.qat import QATConfig, check_group
 from flopwise.methods.stack import MethodStack
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import WEIGHTS, load_weights_into, require_llama_style, save_hf_folder
+from flopwise.model.int4 import fake_quantize
 from flopwise.rundir import check_output, planned_model_config, require_run_dir
 from flopwise.runtime import choose_device, choose_dtype
 from flopwise.train.checkpoint import list_checkpoints, newest_intact, reading_checkpoints
@@ -71,15 +73,48 @@ def export_run(run_dir: Path, folder: Path, checkpoint: bool = False) -> Path:
     return folder
 
 
-def evaluate_run(run_dir: Path, device_name: str, max_tokens: int | None, checkpoint: bool = False) -> dict[str, Any]:
-    """Held-out evaluation of the run's model on the run's own held-out split."""
+def evaluate_run(run_dir: Path, device_name: str, max_tokens: int | None, checkpoint: bool = False,
+                 quantize: str | None = None, group: int | None = None) -> dict[str, Any]:
+    """Held-out evaluation of the run's model on the run's own held-out split.  ``quantize="int4"``: of that
+    model with every block Linear's weight rounded to int4 (flopwise/model/int4.py) in groups of ``group``
+    input columns, by default those the run trained for (``methods.qat.group`` when it used qat, else 32);
+    the result then records both."""
     run_config = load_run_config(run_dir)
+    if quantize is not None:
+        group = group if group is not None else int4_group(run_config)
+        check_int4(run_dir, quantize, group)
     device = choose_device(device_name)
     model, tokenizer = load_run_model(run_dir, device, checkpoint)
+    if quantize is not None:
+        round_to_int4(model, group)
     corpus = prepare_data(run_config.data, run_config.train.seed, tokenizer).corpus
     evaluator = Evaluator(corpus, tokenizer.token_bytes(), model.config.seq_len, run_config.optim.batch_size,
                           device, choose_dtype(run_config.train.precision, device))
-    return evaluator(model, max_tokens)
+    result = evaluator(model, max_tokens)
+    return result if quantize is None else {**result, "quantize": quantize, "group": group}
+
+
+def int4_group(run_config: RunConfig) -> int:
+    """The int4 group a run's model is meant for: its qat group, else the default one."""
+    return run_config.methods.qat.group if "qat" in run_config.methods.use else QATConfig().group
+
+
+def check_int4(run_dir: Path, quantize: str, group: int) -> None:
+    """Refuse, in one line, a quantization other than int4, or a group that does not fit the run's model
+    (before any model or data is loaded)."""
+    if quantize != "int4":
+        raise FlopwiseError(f"--quantize {quantize} is unknown: int4 is the one quantization there is")
+    if group < 1:
+        raise FlopwiseError(f"--group {group} must be a positive number of input columns per int4 scale, e.g. 32")
+    check_group(planned_model_config(run_dir), group, f"--group {group}")
+
+
+@torch.no_grad()
+def round_to_int4(model: GPT, group: int) -> None:
+    """Round every block Linear's weight to int4 in place (round-to-nearest, one scale per ``group``
+    input columns), as a 4-bit export would; embeddings, head and norms stay as they are."""
+    for _, _, _, linear in block_linears(model):
+        linear.weight.copy_(fake_quantize(linear.weight, group))
 
 
 def check_sampling(max_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -27,6 +27,8 @@ REGISTERED = (
     "salt.Salt",
     "reweight.SampleReweighting",
     "z_loss.ZLoss",
+    "fp8.Float8Matmuls",
+    "qat.QuantizationAwareTraining",
 )
 
 

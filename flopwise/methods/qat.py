@@ -1,0 +1,117 @@
+"""Quantization-aware training for a 4-bit export (fake quantization, Jacob et al. 2018; the straight-through
+estimator, Bengio et al. 2013).  Only int4 for now: symmetric, group-wise, round-to-nearest, as
+flopwise/model/int4.py defines it and ``flopwise eval --quantize int4`` applies it to the trained model.
+
+From budget progress p = ``start`` on, every block Linear computes its training forward with its weight
+rounded to int4 and read back, and its gradient updates the full-precision weight as if the rounding were
+the identity, so the last part of the run learns weights whose rounding costs little.  The weights stay full
+precision: the state dict, checkpoints, ``final/`` and its export are those of a plain run, and the run's
+evaluations (in eval mode) measure the full-precision model, as ``flopwise eval`` does.  Whether the layers
+quantize is a function of p alone, so a resumed run needs no saved state to repeat the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flopwise.errors import FlopwiseError
+from flopwise.memory.traits import MemoryTraits
+from flopwise.methods.base import Method, MethodConfig, World
+from flopwise.methods.dense import replace_block_linears
+from flopwise.model.config import ModelConfig
+from flopwise.model.gpt import Linear, cast_for
+from flopwise.model.int4 import straight_through
+from flopwise.section import in_range
+
+if TYPE_CHECKING:
+    from flopwise.config import RunConfig
+
+
+class FakeQuantLinear(Linear):
+    """A block Linear that, while ``active`` and training, computes with its weight fake-quantized to int4
+    (straight-through).  It holds the replaced Linear's own ``weight`` and ``bias`` Parameters under the
+    same names, so the state dict, the optimizer's view of the model and every saved file are unchanged."""
+
+    def __init__(self, linear: nn.Linear, group: int) -> None:
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate and initialize a new weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self.group = group
+        self.active = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = straight_through(self.weight, self.group) if self.active and self.training else self.weight
+        return F.linear(x, cast_for(weight, x), cast_for(self.bias, x) if self.bias is not None else None)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group={self.group}, active={self.active}"
+
+
+def check_group(model: ModelConfig, group: int, setting: str) -> None:
+    """Refuse, in one line naming ``setting``, a group that does not divide every block Linear's input width."""
+    widths = {"d_model": model.d_model, "MLP hidden": model.hidden, "attention": model.attn_dim}
+    if all(width % group == 0 for width in widths.values()):
+        return
+    common = math.gcd(*widths.values())
+    fits = max(k for k in range(1, min(group, common) + 1) if common % k == 0)
+    shown = ", ".join(f"{name} {width}" for name, width in widths.items())
+    raise FlopwiseError(f"{setting} does not divide the block Linears' input widths ({shown}): choose a group "
+                        f"that divides {common}, e.g. {fits}")
+
+
+class QATConfig(MethodConfig):
+    """``start``: budget progress p from which the block weights are fake-quantized (0.8 is provisional,
+    to be measured); ``group``: input columns per int4 scale (32, as llama.cpp's Q4_0)."""
+
+    start: float = 0.8
+    group: int = 32
+
+    _start = in_range("start", low=0, high=1, below=True)
+    _group = in_range("group", low=1)
+
+
+class QuantizationAwareTraining(Method):
+    name: ClassVar[str] = "qat"
+    Config = QATConfig
+    conflicts = {"lora": "LoRA replaces the block Linears that QAT fake-quantizes with adapted ones",
+                 "sltrain": "SLTrain replaces the block Linears' dense weights, which QAT fake-quantizes",
+                 "fp8": "fp8 converts the block Linears to torchao's Float8Linear, and QAT replaces them too"}
+
+    def __init__(self, config: QATConfig, seed: int = 0) -> None:
+        super().__init__(config, seed)
+        self.layers: list[FakeQuantLinear] = []
+        self.active = False
+
+    @classmethod
+    def check(cls, config: QATConfig, run: RunConfig, world: World | None) -> None:
+        if not run.model.init_from:  # an imported shape is known once its config is read: configure checks it
+            check_group(run.model.build(vocab_size=1), config.group, f"methods.qat.group={config.group}")
+
+    @classmethod
+    def memory(cls, config: QATConfig, traits: MemoryTraits, model: ModelConfig) -> None:
+        traits.fake_quantized_blocks = True
+
+    def configure(self, model: nn.Module) -> None:
+        group = self.config.group
+        check_group(model.config, group, f"methods.qat.group={group}")
+
+        def swap(linear: nn.Linear) -> FakeQuantLinear:
+            layer = FakeQuantLinear(linear, group)
+            self.layers.append(layer)
+            return layer
+
+        replace_block_linears(model, swap)
+
+    def on_progress(self, step: int, p: float) -> None:
+        self.active = p >= self.config.start
+        for layer in self.layers:
+            layer.active = self.active
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"qat": 1} if self.active else {}
