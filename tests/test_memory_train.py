@@ -27,6 +27,9 @@ METHOD_SETS: dict[str, tuple[list[str], list[str]]] = {  # name: (methods, furth
     "sltrain": (["sltrain"], ["optim.name=adamw", "methods.sltrain.refactor_every=8", "methods.sltrain.rewarmup=3"]),
     "lisa-muon-8bit": (["lisa", "8bit"], ["methods.lisa.layers=1", "methods.lisa.interval=5"]),
     "checkpointing": (["checkpointing"], []),
+    # bf16 weights: stochastic rounding's draws and Kahan's compensation buffers carry across the interruption
+    "bf16-stochastic-muon": (["bf16_weights"], []),
+    "bf16-kahan-8bit-adamw": (["bf16_weights", "8bit"], ["optim.name=adamw", "methods.bf16_weights.rounding=kahan"]),
 }
 
 

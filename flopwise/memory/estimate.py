@@ -224,8 +224,9 @@ def optimizer_bytes(spec: ParamSpec, rule: str, param_bytes: int, bits8: bool, b
 @dataclass(frozen=True)
 class _Compute:
     """Byte sizes of one forward: ``c`` for matmul outputs (the autocast dtype), fp32 elsewhere;
-    ``matrix`` those of the stored matrices; ``fp8``: the block Linears compute in fp8 (torchao's
-    Float8Linear); ``fake_quant``: they read fake-quantized weights."""
+    ``matrix`` those of the stored matrices; ``fp8``: the block Linears are torchao's Float8Linear, which
+    saves its input in the autocast dtype (a cast per Linear, as autocast's) and the weight itself,
+    casting both to fp8 again in backward; ``fake_quant``: they read fake-quantized weights."""
 
     c: int
     tokens: int
@@ -245,19 +246,17 @@ class _Compute:
 
     @property
     def block_weight_copy(self) -> int:
-        """The same for a block Linear's weight: an fp8 cast, a dtype cast, or else the fake-quantized
+        """The same for a block Linear's weight: none under fp8, a dtype cast, or else the fake-quantized
         weight itself (QAT's matmul reads a new tensor, which it keeps)."""
         if self.fp8:
-            return 1
+            return 0
         return self.head_weight_copy or (self.matrix if self.fake_quant else 0)
 
-    def saved_input(self, width: int, savers: int, block: bool = True) -> int:
+    def saved_input(self, width: int, savers: int) -> int:
         """Bytes of a tensor [tokens, width] saved by ``savers`` Linears: one shared fp32 tensor, or
-        under autocast (or fp8, in the blocks) a separate cast per Linear (each casts at its call)."""
+        under autocast a separate low-precision cast per Linear (autocast casts at each call)."""
         if savers == 0:
             return 0
-        if self.fp8 and block:
-            return self.tokens * width * savers
         return self.tokens * width * (self.c * savers if self.autocast else FP32)
 
 
@@ -295,8 +294,7 @@ def _block_activations(cfg: ModelConfig, run: _Compute, traits: MemoryTraits, tr
     total += _norm_saved(cfg, run, d, 1, trains, FP32)
     total += n * d * FP32 if sltrain else run.saved_input(d, (2 if cfg.mlp == "swiglu" else 1) if keeps_input else 0)
     mlp_kept = 3 if cfg.mlp == "swiglu" else 1  # SwiGLU: gate, silu(gate), up; GELU/ReLU²: the activation's input
-    down_input = (1 if run.fp8 else c) if keeps_input else 0  # down_proj's input (its fp8 cast under fp8)
-    total += n * hidden * (c * mlp_kept + down_input)
+    total += n * hidden * c * (mlp_kept + (1 if keeps_input else 0))  # + down_proj's input
     if lora:
         total += n * traits.adapter_rank * c * len(cfg.block_linears)  # x A^T, kept for B's gradient
     if not sltrain:
@@ -320,7 +318,7 @@ def _outer_activations(cfg: ModelConfig, run: _Compute, traits: MemoryTraits) ->
     blocks, kept to the end: learned positions' index)."""
     d = cfg.d_model
     outer = not traits.adapter_rank
-    head = _norm_saved(cfg, run, d, 1, outer, FP32) + run.saved_input(d, 1 if outer else 0, block=False)
+    head = _norm_saved(cfg, run, d, 1, outer, FP32) + run.saved_input(d, 1 if outer else 0)
     head += run.head_weight_copy * cfg.vocab_size * d
     return head, cfg.seq_len * INT64 if cfg.positions == "learned" else 0
 

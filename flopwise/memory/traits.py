@@ -36,5 +36,5 @@ class MemoryTraits:
     matrix_bytes: int = 4  # bytes per element of the stored matrices (embeddings, head, blocks): 2 for bf16
     rounding: str = "nearest"  # of updates into low-precision matrices: kahan keeps a bf16 buffer per element,
     # stochastic an int64 update counter per matrix (flopwise/optim/rounding.py)
-    fp8_block_matmuls: bool = False  # block Linears save fp8 casts of their input and weight for backward
+    fp8_block_matmuls: bool = False  # block Linears are torchao's Float8Linear: no weight cast kept for backward
     fake_quantized_blocks: bool = False  # block Linears keep a fake-quantized copy of their weight for backward
