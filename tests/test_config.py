@@ -93,7 +93,7 @@ def test_memory_and_methods_sections_units_methods_and_errors():
     assert config.memory.limit == 4 * 2**30 and config.methods.use == ["galore"]
     assert load_config(None, [], {"methods.use": ["checkpointing", "8bit"]}).methods.use == ["8bit",
                                                                                            "checkpointing"]
-    with pytest.raises(FlopwiseError, match="methods.use=.*unknown method 'zip': choose from 8bit, checkpointing"):
+    with pytest.raises(FlopwiseError, match="methods.use=.*unknown method 'zip': choose from 8bit, bf16_weights, checkpointing"):
         load_config(None, ["methods.use=[zip]"])
     with pytest.raises(FlopwiseError, match="methods.sltrain.delta=1.5: must lie in"):
         load_config(None, ["methods.sltrain.delta=1.5"])

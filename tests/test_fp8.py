@@ -159,3 +159,10 @@ def test_the_gpu_check_refuses_a_machine_without_fp8_and_its_dry_run_is_over_100
     assert [line.split(":")[0] for line in lines] == ["bf16", "fp8 tensorwise", "fp8 rowwise"]
     assert all(float(re.search(r"([\d.]+)M parameters", line).group(1)) >= 100 for line in lines)
     assert "7 of 7 Linears per block in FP8" in lines[1]
+
+
+def test_an_unknown_recipe_is_refused_with_the_choices():
+    with pytest.raises(FlopwiseError, match="methods.fp8.recipe='blockwise': Input should be 'tensorwise' or "
+                                            "'rowwise'") as error:
+        config_with(["fp8"], "methods.fp8.recipe=blockwise")
+    assert "\n" not in str(error.value)

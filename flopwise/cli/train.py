@@ -39,6 +39,7 @@ examples:
   torchrun --nproc_per_node=2 -m flopwise train --budget 3m --out runs/ddp   # data parallel (--parallel fsdp)
   flopwise train --model large --memory 4GiB --budget 1h   # picks 8-bit states, checkpointing, GaLore... to fit
   flopwise train --method galore --method 8bit --set optim.name=adamw --budget 10m   # choose methods yourself
+  flopwise train --method bf16_weights --method qat --budget 10m   # bf16 weights, int4-aware at the end
   flopwise train --budget 20m --auto                # model size from the scaling law (run `flopwise scan` first)
   flopwise train --budget 1h --target-loss 3.9      # give up early once the forecast cannot reach 3.9
   flopwise train --data code=./src:0.3 --data prose=./docs:0.7 --budget 10m   # a two-domain mixture
