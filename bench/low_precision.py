@@ -10,7 +10,8 @@ Parts (each run is recorded when it finishes, so a rerun skips what is done):
   upcasts its bf16 weight per call) and bf16 compute (train.precision=bf16), the arms alternated over
   ``--repeats`` rounds of short runs on one machine; reported as medians and ratios to fp32 weights.
 - ``memory``: the measured peak of one training step (CPU tensor bytes, flopwise/plan/measure.py's
-  StorageTracker) of the same model with fp32 and bf16 weights, beside the estimator's figure.
+  StorageTracker) with fp32 and bf16 weights, under fp32 and bf16 compute, for the default model and a
+  wider one whose weights weigh more, beside the estimator's figure.
 - ``qat``: per seed, the fp32 run's held-out loss in full precision and rounded to int4 (``flopwise eval
   --quantize int4``), against a run with QAT from p = ``--qat-start`` rounded the same way; with
   ``--qat-starts`` a sweep of the start on the first seed, to choose the default.
@@ -116,8 +117,20 @@ def speed_part(repeats: int, steps: int, console: Console) -> dict[str, Any]:
                   "ratio": statistics.median(values) / base} for arm, values in times.items()}
 
 
+MEMORY_SHAPES: dict[str, tuple[list[str], int]] = {  # name: (model overrides, micro-batch)
+    "default model (batch 8)": ([], 8),
+    "512 wide, 8 layers (batch 1)": (["model.d_model=512", "model.n_layers=8", "model.n_heads=8"], 1),
+}
+MEMORY_ARMS: dict[str, list[str]] = {
+    "fp32 weights": [],
+    "bf16 weights, stochastic": ["methods.use=[\"bf16_weights\"]"],
+    "bf16 weights, kahan": ["methods.use=[\"bf16_weights\"]", "methods.bf16_weights.rounding=kahan"],
+}
+
+
 def memory_part(console: Console) -> dict[str, Any]:
-    """One step of the default model (batch 8 x 256 tokens, fp32 compute) with each weight storage, measured."""
+    """One training step of each shape, weight storage and compute dtype (fp32, or bf16 under autocast),
+    measured as live CPU tensor bytes, beside the estimator's figure."""
     from flopwise.config import load_config
     from flopwise.methods.choose import estimate_for
     from flopwise.methods.stack import MethodStack
@@ -125,28 +138,31 @@ def memory_part(console: Console) -> dict[str, Any]:
     from flopwise.optim.build import build_optimizer
     from flopwise.plan.measure import measure_step
 
-    arms = {"fp32 weights": [], **{f"bf16 weights, {r}": ["bf16_weights"] for r in ("stochastic", "kahan")}}
-    table = Table(title="peak memory of one training step, default model, batch 8 x 256, fp32 compute (CPU)")
-    for column in ("weights", "measured peak", "estimated peak", "of which weights + states"):
-        table.add_column(column, justify="left" if column == "weights" else "right")
+    table = Table(title="peak memory of one training step (CPU tensor bytes, StorageTracker)")
+    for column in ("shape", "compute", "weights", "measured peak", "estimated peak", "weights + states",
+                   "peak vs fp32 weights"):
+        table.add_column(column, justify="left" if column in ("shape", "compute", "weights") else "right")
     results: dict[str, Any] = {}
-    for label, methods in arms.items():
-        rounding = label.rpartition(" ")[2]
-        config = load_config(None, [f"methods.use={json.dumps(methods)}",
-                                    *([f"methods.bf16_weights.rounding={rounding}"] if methods else [])])
-        cfg = config.model.build(4096)
-        torch.manual_seed(0)
-        model, stack = GPT(cfg), MethodStack(config)
-        stack.configure(model)
-        optimizer = build_optimizer(model, config.optim, torch.device("cpu"), stack.shape_optimizer)
-        batch = config.optim.batch_size
-        x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len)) for _ in range(2))
-        measured = measure_step(model, optimizer, x, y, config.optim.grad_clip, stack)
-        estimate = estimate_for(cfg, batch, methods, config.methods, config.optim.name)
-        results[label] = {"measured_peak": measured.peak, "estimated_peak": estimate.peak,
-                          "before_step": measured.before}
-        table.add_row(label, f"{measured.peak / 2**20:.1f} MiB", f"{estimate.peak / 2**20:.1f} MiB",
-                      f"{measured.before / 2**20:.1f} MiB")
+    for shape, (overrides, batch) in MEMORY_SHAPES.items():
+        for compute in ("fp32", "bf16"):
+            base = None
+            for label, arm in MEMORY_ARMS.items():
+                config = load_config(None, [*overrides, *arm])
+                cfg = config.model.build(4096)
+                torch.manual_seed(0)
+                model, stack = GPT(cfg), MethodStack(config)
+                stack.configure(model)
+                optimizer = build_optimizer(model, config.optim, torch.device("cpu"), stack.shape_optimizer)
+                x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len)) for _ in range(2))
+                dtype = torch.bfloat16 if compute == "bf16" else torch.float32
+                measured = measure_step(model, optimizer, x, y, config.optim.grad_clip, stack, dtype)
+                estimate = estimate_for(cfg, batch, config.methods.use, config.methods, config.optim.name, compute)
+                base = base or measured.peak
+                results[f"{shape} | {compute} compute | {label}"] = {
+                    "measured_peak": measured.peak, "estimated_peak": estimate.peak, "before_step": measured.before}
+                table.add_row(shape, compute, label, f"{measured.peak / 2**20:.1f} MiB",
+                              f"{estimate.peak / 2**20:.1f} MiB", f"{measured.before / 2**20:.1f} MiB",
+                              f"{measured.peak / base:.3f}")
     console.print(table)
     return results
 

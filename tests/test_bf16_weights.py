@@ -16,7 +16,7 @@ from flopwise.methods.base import World
 from flopwise.methods.choose import estimate_for
 from flopwise.methods.stack import check_methods
 from flopwise.model.config import ModelConfig
-from flopwise.model.gpt import GPT
+from flopwise.model.gpt import GPT, linear
 from flopwise.optim.optimizer import FlopwiseOptimizer
 from flopwise.optim.rounding import stochastic_round_bf16
 from tests.helpers import TINY, config_with, load_hf_model, train
@@ -82,6 +82,21 @@ def test_a_model_on_bf16_matrices_computes_as_fp32_on_their_values():
     assert torch.equal(model(x)[0], reference(x)[0])
     tokens = model.generate(x[:, :4], 6, temperature=0)  # the KV cache takes the compute dtype
     assert torch.equal(tokens, reference.generate(x[:, :4], 6, temperature=0))
+    model(x, x)[1].backward()  # gradients: the fp32 model's, in each weight's own dtype
+    reference(x, x)[1].backward()
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+        assert param.grad.dtype == param.dtype, name
+        torch.testing.assert_close(param.grad.float(), ref.grad.to(param.dtype).float(), rtol=1e-2, atol=1e-7)
+
+
+def test_backward_keeps_the_stored_bf16_weight_not_an_upcast_copy():
+    """Under fp32 compute a bf16 Linear saves its input and its own weight for backward, and upcasts again
+    there: no fp32 copy of the weight lives through the step."""
+    layer = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        linear(torch.randn(3, 8, requires_grad=True), layer.weight, layer.bias).sum().backward()
+    assert [t.dtype for t in saved] == [torch.float32, torch.bfloat16] and saved[1] is layer.weight
 
 
 @pytest.mark.slow

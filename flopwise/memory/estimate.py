@@ -240,9 +240,10 @@ class _Compute:
 
     @property
     def head_weight_copy(self) -> int:
-        """Bytes per element of the head weight's copy kept for backward: its cast to the compute
-        dtype (autocast's, or fp32 compute's upcast of a bf16 weight), or none."""
-        return self.c if self.c != self.matrix else 0
+        """Bytes per element of the head weight's copy kept for backward: autocast's cast of a weight
+        stored in another dtype, or none (fp32 compute upcasts a bf16 weight again in backward instead,
+        flopwise/model/gpt.py ``linear``)."""
+        return self.c if self.autocast and self.c != self.matrix else 0
 
     @property
     def block_weight_copy(self) -> int:

@@ -16,7 +16,6 @@ import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flopwise.errors import FlopwiseError
@@ -24,7 +23,7 @@ from flopwise.memory.traits import MemoryTraits
 from flopwise.methods.base import Method, MethodConfig, World
 from flopwise.methods.dense import replace_block_linears
 from flopwise.model.config import ModelConfig
-from flopwise.model.gpt import Linear, cast_for
+from flopwise.model.gpt import Linear, linear
 from flopwise.model.int4 import straight_through
 from flopwise.section import in_range
 
@@ -47,7 +46,7 @@ class FakeQuantLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = straight_through(self.weight, self.group) if self.active and self.training else self.weight
-        return F.linear(x, cast_for(weight, x), cast_for(self.bias, x) if self.bias is not None else None)
+        return linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group={self.group}, active={self.active}"
@@ -66,8 +65,9 @@ def check_group(model: ModelConfig, group: int, setting: str) -> None:
 
 
 class QATConfig(MethodConfig):
-    """``start``: budget progress p from which the block weights are fake-quantized (0.8 is provisional,
-    to be measured); ``group``: input columns per int4 scale (32, as llama.cpp's Q4_0)."""
+    """``start``: budget progress p from which the block weights are fake-quantized (0.8, measured by
+    bench/low_precision.py: earlier starts cost full-precision loss, 0.8 and 0.9 tie); ``group``: input
+    columns per int4 scale (32, as llama.cpp's Q4_0)."""
 
     start: float = 0.8
     group: int = 32

@@ -8,7 +8,7 @@ rename (add the "model." prefix) and gives the same logits. QK-norm modules are 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,18 +40,39 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Linear):
     """nn.Linear that computes in its input's dtype: outside autocast a weight stored in another dtype
-    (bf16 weights, methods.use bf16_weights) is cast per call, so bf16-stored weights can compute in
-    fp32 on CPUs without fast bf16.  Under autocast, autocast casts both, as for any nn.Linear."""
+    (bf16 weights, methods.use bf16_weights) is upcast per call (``linear``), so bf16-stored weights can
+    compute in fp32 on CPUs without fast bf16.  Under autocast, autocast casts both, as for any nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, cast_for(self.weight, x), cast_for(self.bias, x) if self.bias is not None else None)
+        return linear(x, self.weight, self.bias)
 
 
-def cast_for(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``weight`` in ``x``'s dtype, unless autocast is on (it casts matmul operands itself)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` in ``x``'s dtype.  A weight (and bias) stored in a lower precision is upcast for the
+    matmul, and upcast again in backward rather than kept: backward keeps the stored weight itself, so
+    bf16 weights save their memory under fp32 compute too.  Under autocast, F.linear as it is."""
     if weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
-        return weight
-    return weight.to(x.dtype)
+        return F.linear(x, weight, bias)
+    return _UpcastLinear.apply(x, weight, bias)
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """y = x W^T + b with W (and b) upcast to x's dtype; gradients returned in W's and b's own dtypes."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_weight = (rows.T @ x.reshape(-1, x.shape[-1])).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = rows.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -228,7 +249,7 @@ class GPT(nn.Module):
             else:
                 x = layer(x, self.rope, caches[i] if caches else None)
         h = self.norm(x)
-        return F.linear(h, cast_for(self.head_weight, h))
+        return linear(h, self.head_weight)
 
     @property
     def head_weight(self) -> torch.Tensor:
