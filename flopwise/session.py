@@ -93,8 +93,7 @@ class Session:
         self.init_folder: Path | None = None
         self.resume_step: int | None = None
         self.auto_plan: dict[str, Any] | None = None  # what `train --auto` planned, kept in plan.json
-        # before any data is read
-        check_methods(config, World(self.ranks.world_size, config.train.parallel, self.device))
+        check_methods(config, self.world)  # before any data is read
         if self.device.type == "cpu" and config.train.cpu_keep_freed_memory:
             keep_freed_cpu_memory()
 
@@ -137,7 +136,7 @@ class Session:
         self.config, note = resolve_memory_methods(self.config, self.model_cfg, self.rank_batch, self.compute_dtype)
         if note:
             self.display.message(note)
-        check_methods(self.config, World(self.ranks.world_size, self.config.train.parallel, self.device))
+        check_methods(self.config, self.world)
         self.tokens_per_step = o.batch_size * o.grad_accum * self.model_cfg.seq_len  # the whole job's
         self.flops_per_step = flops_per_token(self.model_cfg) * self.tokens_per_step
         self.check_budget_allows_a_step()
@@ -146,6 +145,11 @@ class Session:
         self.display.message(f"data: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} held-out tokens "
                              f"({cached}, {time.perf_counter() - started:.1f}s), vocab {self.data.tokenizer.vocab_size}"
                              + self.data.stats.describe() + self.data.hygiene.describe())
+
+    @property
+    def world(self) -> World:
+        """The processes this run trains on, for the methods' checks."""
+        return World(self.ranks.world_size, self.config.train.parallel, self.device)
 
     def per_step(self) -> dict[str, float]:
         """What one optimizer step spends of each budget limit counted in steps' units."""

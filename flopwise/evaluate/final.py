@@ -35,9 +35,7 @@ def load_final_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenize
         raise FlopwiseError(f"run '{run_dir}' has no final model yet: finish it with flopwise train --resume "
                             f"{run_dir}, or use --checkpoint for its newest checkpoint")
     model = GPT(planned_model_config(run_dir))
-    if "bf16_weights" in load_run_config(run_dir).methods.use:  # evaluated and exported as it trained
-        model.store_matrices_in(torch.bfloat16)
-    load_weights_into(model, final)
+    load_weights_into(model, final, as_stored=True)  # evaluated and exported as it trained
     return model.to(device).eval(), Tokenizer.load(final / "tokenizer.json")
 
 

@@ -411,8 +411,9 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, traits: MemoryTrai
 
 
 def _rounding_state(spec: ParamSpec, rounding: str) -> int:
-    """Bytes a low-precision parameter's rounding keeps: Kahan's bf16 compensation, stochastic rounding's counter."""
-    return {"kahan": 2 * spec.numel, "stochastic": INT64}.get(rounding, 0)
+    """Bytes a low-precision parameter's rounding keeps: Kahan's bf16 compensation (stochastic rounding
+    keeps only a Python int)."""
+    return 2 * spec.numel if rounding == "kahan" else 0
 
 
 def _rounding_work(spec: ParamSpec, stored: int, state_bytes: int) -> int:

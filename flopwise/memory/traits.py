@@ -34,7 +34,7 @@ class MemoryTraits:
     adapter_rank: int = 0  # low-rank adapters on frozen block Linears, everything else frozen too
     trained_blocks: int | None = None  # how many blocks train at a time (None: all)
     matrix_bytes: int = 4  # bytes per element of the stored matrices (embeddings, head, blocks): 2 for bf16
-    rounding: str = "nearest"  # of updates into low-precision matrices: kahan keeps a bf16 buffer per element,
-    # stochastic an int64 update counter per matrix (flopwise/optim/rounding.py)
+    rounding: str = "nearest"  # of updates into low-precision matrices: kahan keeps a bf16 buffer per element
+    # (flopwise/optim/rounding.py)
     fp8_block_matmuls: bool = False  # block Linears are torchao's Float8Linear: no weight cast kept for backward
     fake_quantized_blocks: bool = False  # block Linears keep a fake-quantized copy of their weight for backward

@@ -7,8 +7,8 @@ a time and is rounded back stochastically or with a Kahan compensation buffer
 
 Norm gains and biases stay fp32: they are a few thousand numbers and the most sensitive ones.  The
 residual stream and the loss stay fp32.  Under bf16 compute (train.precision=bf16) the matmuls read
-the bf16 weights directly; under fp32 compute each Linear upcasts its weight per call
-(flopwise/model/gpt.py ``Linear``), and that fp32 copy is kept for backward.
+the bf16 weights directly; under fp32 compute each Linear upcasts its weight for the matmul and again
+in backward, keeping only the bf16 weight in between (flopwise/model/gpt.py ``linear``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from flopwise.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from flopwise.config import RunConfig
+
 
 class BF16WeightsConfig(MethodConfig):
     """``rounding`` of each update into the bf16 weights: ``stochastic`` (no extra memory), ``kahan`` (a

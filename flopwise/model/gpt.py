@@ -248,8 +248,7 @@ class GPT(nn.Module):
                 x = checkpoint(layer, x, self.rope, use_reentrant=False)
             else:
                 x = layer(x, self.rope, caches[i] if caches else None)
-        h = self.norm(x)
-        return linear(h, self.head_weight)
+        return linear(self.norm(x), self.head_weight)
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -208,9 +208,15 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_weights_into(model: GPT, folder: Path) -> None:
-    """Replace ``model``'s weights with the folder's (HF names, single or sharded safetensors), strictly."""
-    model.load_state_dict(flopwise_state_dict(load_hf_weights(folder), model.config, folder), strict=True)
+def load_weights_into(model: GPT, folder: Path, as_stored: bool = False) -> None:
+    """Replace ``model``'s weights with the folder's (HF names, single or sharded safetensors), strictly.
+    ``as_stored``: the matrices keep the folder's bf16 where it stores them so (a run trained with bf16
+    weights is evaluated as it trained); otherwise the model's own dtype, fp32 (an --init-from import)."""
+    tensors = load_hf_weights(folder)
+    embedding = tensors.get("model.embed_tokens.weight")
+    if as_stored and embedding is not None and embedding.dtype == torch.bfloat16:
+        model.store_matrices_in(torch.bfloat16)
+    model.load_state_dict(flopwise_state_dict(tensors, model.config, folder), strict=True)
 
 
 def resolve_hf_source(spec: str) -> Path:

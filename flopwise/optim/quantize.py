@@ -63,10 +63,11 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(flat, (0, (-flat.numel()) % block)).view(-1, block)
 
 
-def _chunks(numel: int, block: int) -> Iterator[slice]:
-    """Chunks of whole blocks, about ``CHUNK`` elements each, as slices of the flat tensor."""
-    size = max(1, CHUNK // block) * block
-    return (slice(start, start + size) for start in range(0, numel, size))
+def _chunks(numel: int, block: int) -> Iterator[tuple[slice, slice]]:
+    """Chunks of whole blocks, about ``CHUNK`` elements each: (slice of the flat tensor, slice of its absmax)."""
+    blocks = max(1, CHUNK // block)
+    for first in range(0, -(-numel // block), blocks):
+        yield slice(first * block, (first + blocks) * block), slice(first, first + blocks)
 
 
 def quantize(x: torch.Tensor, block: int = 256, signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,10 +76,8 @@ def quantize(x: torch.Tensor, block: int = 256, signed: bool = True) -> tuple[to
     flat = x.detach().reshape(-1)
     codes = torch.empty(flat.numel(), dtype=CODE_DTYPES[signed], device=x.device)
     absmax = torch.empty(-(-flat.numel() // block), dtype=torch.float32, device=x.device)
-    for part in _chunks(flat.numel(), block):
-        part_codes, part_absmax = _quantize_part(flat[part], block, signed)
-        codes[part] = part_codes
-        absmax[part.start // block:part.start // block + part_absmax.numel()] = part_absmax
+    for elements, blocks in _chunks(flat.numel(), block):
+        codes[elements], absmax[blocks] = _quantize_part(flat[elements], block, signed)
     return codes.view(x.shape), absmax
 
 
@@ -99,11 +98,10 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, block: int = 256, sign
     """The fp32 tensor (shaped like ``codes``) that ``quantize`` encoded."""
     flat, table = codes.reshape(-1), code_table(signed, codes.device)
     out = torch.empty(flat.numel(), dtype=torch.float32, device=codes.device)
-    for part in _chunks(flat.numel(), block):
-        part_codes = flat[part]
-        scales = absmax[part.start // block:part.start // block + -(-part_codes.numel() // block)]
-        values = _blocks(table[part_codes.long() + (128 if signed else 0)], block) * scales.float().unsqueeze(1)
-        out[part] = values.view(-1)[: part_codes.numel()]
+    for elements, blocks in _chunks(flat.numel(), block):
+        part = flat[elements]
+        values = _blocks(table[part.long() + (128 if signed else 0)], block) * absmax[blocks].float().unsqueeze(1)
+        out[elements] = values.view(-1)[: part.numel()]
     return out.view(codes.shape)
 
 

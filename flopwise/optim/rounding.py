@@ -50,10 +50,10 @@ def update_rounded(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any
         work += state["compensation"]
     rule(work, grad.float(), state, group)
     if rounding == "stochastic":
-        updates = state.setdefault("rounding_updates", torch.zeros((), dtype=torch.int64))
-        draw = hash((seed, int(updates.item()))) & (2**63 - 1)  # ints hash the same in every process
+        updates = state.get("rounding_updates", 0)  # a plain int: no device sync to read it
+        draw = hash((seed, updates)) & (2**63 - 1)  # ints hash the same in every process
         generator = torch.Generator(device=param.device).manual_seed(draw)
-        updates += 1
+        state["rounding_updates"] = updates + 1
         param.copy_(stochastic_round_bf16(work, generator))
         return
     param.copy_(work)
