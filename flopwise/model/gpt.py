@@ -126,22 +126,31 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        start = cache.length if cache is not None else 0
         if rope is not None:
-            q, k = rope(q, k, cache.length if cache is not None else 0)
+            q, k = rope(q, k, start)
         if cache is not None:
             k, v = cache.extend(k, v)
-        # A prompt attends causally; a single new token attends to everything cached before it.
-        y = _attend(q, k, v, causal=t > 1, groups=self.n_heads // self.n_kv_heads)
+        # A prompt attends causally; a single new token attends to everything cached before it; several
+        # new tokens after a cache (a continuation scored after its shared context) attend to the cache
+        # and causally among themselves.
+        y = _attend(q, k, v, causal=t > 1, groups=self.n_heads // self.n_kv_heads, offset=start)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    if _SDPA_HAS_GQA:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, groups: int,
+            offset: int = 0) -> torch.Tensor:
+    """SDPA; with ``offset`` cached positions before the queries, causal is aligned to the bottom right (query
+    i sees keys up to offset + i), which SDPA's own is_causal (aligned top left) does not do."""
+    mask = None
+    if causal and offset:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=offset)
+        causal = False
+    if groups > 1 and not _SDPA_HAS_GQA:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        groups = 1
+    extra = {"enable_gqa": True} if groups > 1 else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **extra)
 
 
 class LayerCache:
@@ -162,6 +171,14 @@ class LayerCache:
         self.values[:, :, self.length:end] = v
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def repeat(self, batch: int) -> LayerCache:
+        """A cache of ``batch`` rows, each a copy of this one's first row: one context continued several ways."""
+        copy = LayerCache((batch, *self.shape[1:]), self.device)
+        copy.keys = self.keys[:1].repeat(batch, 1, 1, 1)
+        copy.values = self.values[:1].repeat(batch, 1, 1, 1)
+        copy.length = self.length
+        return copy
 
 
 class MLP(nn.Module):
@@ -234,7 +251,8 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def _logits(self, idx: torch.Tensor, caches: list[LayerCache] | None = None) -> torch.Tensor:
+    def logits(self, idx: torch.Tensor, caches: list[LayerCache] | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] of idx [B, T]; with ``caches``, after the positions they hold (and extending them)."""
         start = caches[0].length if caches else 0
         end = start + idx.shape[1]
         if end > self.config.context:
@@ -259,7 +277,7 @@ class GPT(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, T, vocab] and, with targets, the cross-entropy on fp32 logits: the mean, or each
         token's [B, T] with reduction="none"."""
-        logits = self._logits(idx)
+        logits = self.logits(idx)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
@@ -287,7 +305,7 @@ class GPT(nn.Module):
         context = self.config.context
         caches = self.new_cache(idx.shape[0])
         window = idx[:, -context:]
-        logits = self._logits(window, caches)[:, -1]
+        logits = self.logits(window, caches)[:, -1]
         for produced in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
             yield token
@@ -297,9 +315,9 @@ class GPT(nn.Module):
             if caches[0].length == context:
                 window = window[:, -(context // 2):]
                 caches = self.new_cache(idx.shape[0])
-                logits = self._logits(window, caches)[:, -1]
+                logits = self.logits(window, caches)[:, -1]
             else:
-                logits = self._logits(token, caches)[:, -1]
+                logits = self.logits(token, caches)[:, -1]
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
