@@ -80,8 +80,8 @@ def test_kv_cache_logits_equal_full_forward():
     caches = model.new_cache(2)
     with torch.no_grad():
         full = model(idx)[0]
-        prefix = model._logits(idx[:, :5], caches)
-        steps = [model._logits(idx[:, i:i + 1], caches) for i in range(5, 12)]
+        prefix = model.logits(idx[:, :5], caches)
+        steps = [model.logits(idx[:, i:i + 1], caches) for i in range(5, 12)]
     cached = torch.cat([prefix, *steps], dim=1)
     assert (cached - full).abs().max().item() < 1e-5
 
