@@ -32,6 +32,8 @@ EXPECTED_PLOTS = {
     "lr_vs_progress": ("train", "p", "lr", "linear"),
     "throughput_vs_progress": ("train", "p", "throughput", "linear"),
 }
+SMOOTHED_PLOTS = ("loss_vs_flops", "loss_vs_seconds", "loss_vs_tokens")  # + the training loss, smoothed
+SMOOTHED_LABEL = "training loss (smoothed)"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
@@ -40,6 +42,15 @@ def events(run: Path, kind: str) -> list[dict]:
     """metrics.jsonl read here with plain json, independently of flopwise."""
     lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def smoothed_loss(run: Path) -> list[float]:
+    """The run's training loss, smoothed as the report says: a bias-corrected EMA of span 5% of the points
+    (at least 1), here in closed form: sum_i (1 - b) b^(t - i) x_i / (1 - b^(t + 1)), b = 1 - 2 / (span + 1)."""
+    losses = [e["loss"] for e in events(run, "train")]
+    b = 1 - 2 / (max(1.0, 0.05 * len(losses)) + 1)
+    return [sum((1 - b) * b ** (t - i) * losses[i] for i in range(t + 1)) / (1 - b ** (t + 1))
+            for t in range(len(losses))]
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +85,18 @@ def test_each_plot_has_one_line_per_run_holding_its_metrics(runs):
     for name, (kind, x, y, scale) in EXPECTED_PLOTS.items():
         ax = figures[name].axes[0]
         lines = ax.get_lines()
-        assert [line.get_label() for line in lines] == ["a", "b"], name
-        for line, run in zip(lines, runs):
+        smoothed = [f"a: {SMOOTHED_LABEL}", f"b: {SMOOTHED_LABEL}"] if name in SMOOTHED_PLOTS else []
+        assert [line.get_label() for line in lines] == [*smoothed, "a", "b"], name
+        for line, run in zip(lines[len(smoothed):], runs):
             assert list(map(float, line.get_xdata())) == [e[x] for e in events(run, kind)], (name, run.name)
             assert list(map(float, line.get_ydata())) == [e[y] for e in events(run, kind)], (name, run.name)
+        for line, held_out, run in zip(lines[:len(smoothed)], lines[len(smoothed):], runs):
+            assert list(map(float, line.get_xdata())) == [e[x] for e in events(run, "train")], (name, run.name)
+            assert list(map(float, line.get_ydata())) == pytest.approx(smoothed_loss(run)), (name, run.name)
+            assert line.get_color() == held_out.get_color() and line.get_linewidth() < held_out.get_linewidth()
         assert ax.get_xscale() == scale
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+        legend = ["a", "b", SMOOTHED_LABEL] if smoothed else ["a", "b"]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == legend
         assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
 
 
@@ -98,6 +115,11 @@ def test_report_json_holds_the_metrics_behind_every_plot(runs, report):
         for line, run in zip(plot["lines"], runs):
             assert line["x"] == [e[x] for e in events(run, kind)]
             assert line["y"] == [e[y] for e in events(run, kind)]
+        assert ("smoothed" in plot) == (name in SMOOTHED_PLOTS)
+        for line, run in zip(plot.get("smoothed", {}).get("lines", []), runs):
+            assert line["run"] == run.name and line["x"] == [e[x] for e in events(run, "train")]
+            assert line["y"] == pytest.approx(smoothed_loss(run))
+    assert data["tasks"] is None  # no run scored tasks during training
 
 
 def test_final_figures_are_the_last_evaluation_and_the_meter_totals(runs, report):

@@ -19,12 +19,16 @@ __all__ = ["HTML_FILE", "JSON_FILE", "load_runs", "report_data", "write_report",
 
 
 def report_data(runs: list[Run]) -> dict:
-    """report.json: each run's final figures and the series behind every plot, for other tools."""
+    """report.json: each run's final figures and the series behind every plot, for other tools.
+
+    ``tasks``: the task panels' series and the signal-quality table, or null when no run scored a task.
+    """
     from flopwise.report.series import plots_json
+    from flopwise.report.tasks import tasks_json
 
     return {"runs": [{"name": run.name, "path": str(run.path), "finished": run.finished,
                       "final": run.final.to_dict()} for run in runs],
-            "plots": plots_json(runs)}
+            "plots": plots_json(runs), "tasks": tasks_json(runs)}
 
 
 def write_report(run_dirs: list[Path], out_dir: Path) -> Path:

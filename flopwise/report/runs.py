@@ -55,13 +55,18 @@ class Final:
 
 @dataclass(frozen=True)
 class Run:
-    """One run folder as the report sees it; ``evals``/``trains`` are the metrics events, in file order."""
+    """One run folder as the report sees it; ``evals``/``trains``/``tasks`` are the metrics events, in file order.
+
+    ``tasks`` holds the in-run task scores, one event per evaluation mark; empty for a run without
+    ``train.eval_tasks``.
+    """
 
     name: str
     path: Path
     finished: bool
     evals: list[Event]
     trains: list[Event]
+    tasks: list[Event]
     plan: dict[str, Any] = field(repr=False)
     config: dict[str, Any] = field(repr=False)
 
@@ -154,8 +159,9 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
     if not trains:
         raise FlopwiseError(f"'{run_dir}' has no training metrics yet ({METRICS_FILE} missing or without a "
                             "step): let it train at least one step, or leave it out of the report")
+    tasks = [event for event in events if event.get("event") == "tasks" and isinstance(event.get("tasks"), dict)]
     return Run(name=name or run_dir.resolve().name, path=run_dir, finished=(run_dir / FINAL_DIR).is_dir(),
-               evals=[event for event in events if event.get("event") == "eval"], trains=trains,
+               evals=[event for event in events if event.get("event") == "eval"], trains=trains, tasks=tasks,
                plan=_read_json(run_dir / PLAN_FILE, run_dir), config=_read_toml(run_dir / CONFIG_FILE, run_dir))
 
 
