@@ -36,7 +36,8 @@ class TrainSection(Section):
     often the final held-out loss is forecast from the curve so far (0: never); ``target_loss``: stop
     the run once the forecast's low end lies above it; ``law``: the law.json that ``--auto`` plans with
     and whose decay factor the forecast uses (default: the one `flopwise scan` fitted for this setup,
-    else the prior)."""
+    else the prior); ``eval_tasks``: tasks scored at each evaluation mark (as ``flopwise eval --tasks`` names
+    them), on their first ``task_examples`` examples each."""
 
     seed: int = 0
     device: str = "auto"
@@ -54,10 +55,12 @@ class TrainSection(Section):
     forecast_every: float = 0.1
     target_loss: float | None = None
     law: str | None = None
+    eval_tasks: list[str] = []
+    task_examples: int = 200
 
-    _lists = field_validator("log", mode="before")(one_or_many)
+    _lists = field_validator("log", "eval_tasks", mode="before")(one_or_many)
     _seed = in_range("seed", low=0, high=2**63 - 1, rule="be a whole number in [0, 2**63 - 1]")  # TOML's integers
-    _counts = in_range("eval_tokens", "log_every", "keep_checkpoints", low=1)
+    _counts = in_range("eval_tokens", "log_every", "keep_checkpoints", "task_examples", low=1)
     _shares = in_range("eval_every", "checkpoint_every", "forecast_every", low=0, high=1)  # 0: never
     _loss = in_range("target_loss", low=0, above=True)
 

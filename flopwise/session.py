@@ -22,9 +22,14 @@ from flopwise.budget import Budget, Meter
 from flopwise.config import RunConfig, config_to_toml, load_run_config
 from flopwise.data.pipeline import PreparedData, cache_root, prepare_data
 from flopwise.data.sampler import PackedSampler
+from flopwise.data.sources import uses_builtin_corpus
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import FINAL_EVAL_SCALE, Evaluator
+from flopwise.evaluate.tasks.builtin import HeldoutText
+from flopwise.evaluate.tasks.engine import evaluate_tasks
+from flopwise.evaluate.tasks.resolve import check_run_tasks, resolve_tasks
+from flopwise.evaluate.tasks.scoring import TaskModel
 from flopwise.methods.base import RunResources, World
 from flopwise.methods.choose import estimate_for, memory_methods_of, resolve_memory_methods
 from flopwise.methods.dense import build_model, plain_model
@@ -94,6 +99,7 @@ class Session:
         self.resume_step: int | None = None
         self.auto_plan: dict[str, Any] | None = None  # what `train --auto` planned, kept in plan.json
         check_methods(config, self.world)  # before any data is read
+        check_run_tasks(config, self.ranks.distributed)
         if self.device.type == "cpu" and config.train.cpu_keep_freed_memory:
             keep_freed_cpu_memory()
 
@@ -137,6 +143,8 @@ class Session:
         if note:
             self.display.message(note)
         check_methods(self.config, self.world)
+        t = self.config.train
+        self.tasks = resolve_tasks(t.eval_tasks, self.heldout_text, t.seed, t.task_examples, "train.eval_tasks")
         self.tokens_per_step = o.batch_size * o.grad_accum * self.model_cfg.seq_len  # the whole job's
         self.flops_per_step = flops_per_token(self.model_cfg) * self.tokens_per_step
         self.check_budget_allows_a_step()
@@ -145,6 +153,11 @@ class Session:
         self.display.message(f"data: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} held-out tokens "
                              f"({cached}, {time.perf_counter() - started:.1f}s), vocab {self.data.tokenizer.vocab_size}"
                              + self.data.stats.describe() + self.data.hygiene.describe())
+
+    def heldout_text(self) -> HeldoutText:
+        """The held-out documents as text, for the built-in tasks."""
+        return HeldoutText.from_corpus(self.data.corpus, self.data.tokenizer,
+                                       uses_builtin_corpus(self.config.data.sources))
 
     @property
     def world(self) -> World:
@@ -186,6 +199,8 @@ class Session:
         self.methods.attach(self.sampler)
         self.evaluator = Evaluator(corpus, self.data.tokenizer.token_bytes(), self.model_cfg.seq_len,
                                    self.config.optim.batch_size, self.device, self.dtype)
+        self.task_model = TaskModel(self.model, self.data.tokenizer, self.device, self.dtype,
+                                    self.config.optim.batch_size)
         with self.ranks.main_first():  # measured once, cached for the other ranks
             self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
         self.check_budget_is_spendable()
@@ -298,7 +313,7 @@ class Session:
             trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device,
                               self.dtype, self.evaluate_during_run, self.display,
                               event_log, methods=self.methods, module=self.model, ranks=self.ranks,
-                              forecaster=self.forecaster())
+                              forecaster=self.forecaster(), evaluate_tasks=self.evaluate_tasks())
             with self.display:
                 outcome: Outcome = trainer.run(state)
             final_eval = None
@@ -309,6 +324,7 @@ class Session:
                     outcome.eval_seconds += time.perf_counter() - start
                     self.save_final()
                     trainer.log_eval(outcome.state, 1.0, final_eval)  # after the save: a resume logs it once
+                    outcome.eval_seconds += trainer.log_tasks(outcome.state, 1.0)
                 except KeyboardInterrupt:  # keep the trained steps: --resume then only evaluates and saves
                     if not self.ranks.distributed:  # ranks interrupted at different collectives cannot save together
                         trainer.checkpoint(outcome.state)
@@ -323,6 +339,14 @@ class Session:
         """Every FINAL_EVAL_SCALE-th window of the final evaluation's, so the logged curve estimates the
         quantity that the final evaluation measures more precisely."""
         return self.evaluator(self.model, self.config.train.eval_tokens * FINAL_EVAL_SCALE, stride=FINAL_EVAL_SCALE)
+
+    def evaluate_tasks(self) -> Callable[[], dict[str, Any]] | None:
+        """The run's tasks scored on the model being trained (train.eval_tasks), by the main process only: the
+        others go on to their next step and wait for it there."""
+        if not self.tasks or not self.ranks.is_main:
+            return None
+        seed = self.config.train.seed
+        return lambda: evaluate_tasks(self.tasks, self.task_model, seed)
 
     def forecaster(self) -> LossForecaster | None:
         """The final-loss forecast, fed on resume with the logged steps the checkpoint includes."""

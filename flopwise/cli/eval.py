@@ -1,4 +1,5 @@
-"""``flopwise eval``: a run's held-out loss, perplexity and bits per byte, per domain."""
+"""``flopwise eval``: a run's held-out loss, perplexity and bits per byte, per domain; or, with ``--tasks``,
+its accuracy on downstream tasks."""
 
 from __future__ import annotations
 
@@ -10,14 +11,34 @@ from rich.console import Console
 from rich.table import Table
 
 from flopwise.cli.flags import add_checkpoint_flag
+from flopwise.atomic import write_json_atomic
 from flopwise.errors import FlopwiseError
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("eval", help="held-out loss, perplexity and bits per byte, per domain",
-                            description="Evaluate a run's final model on its held-out split; with --quantize int4, "
-                                        "the model its 4-bit export would be (writes eval-int4.json).")
+    p = commands.add_parser("eval", help="held-out loss per domain, or accuracy on tasks (--tasks)",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Evaluate a run's final model on its held-out split (writes eval.json); "
+                                        "with --quantize int4, the model its 4-bit export would be (eval-int4.json); "
+                                        "with --tasks, on downstream tasks scored by log-likelihood or exact match "
+                                        "(tasks.json).",
+                            epilog="examples:\n"
+                                   "  flopwise eval runs/mine\n"
+                                   "  flopwise eval runs/mine --tasks builtin          # tasks made from its held-out "
+                                   "text\n"
+                                   "  flopwise eval runs/mine --tasks next_line my_tasks/qa.jsonl --limit 200\n"
+                                   "  flopwise eval runs/mine --tasks my_tasks/         # lm-eval task YAMLs "
+                                   "(dataset_path: json)\n"
+                                   "task format and built-in tasks: docs/tasks.md")
     p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--tasks", nargs="+", metavar="NAME|FILE", default=None,
+                   help="evaluate on tasks instead of held-out loss: a built-in task (next_line, rare_word, "
+                        "doc_to_name, code_to_doc), 'builtin' for all that apply to the run's data, a JSONL task "
+                        "file, an lm-eval task YAML, or a folder of them")
+    p.add_argument("--limit", type=int, default=None,
+                   help="examples per task (default: all of a file's; 500 of each built-in task)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the built-in tasks' examples and of the bootstrap (default: the run's)")
     p.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per domain (default: all)")
     p.add_argument("--quantize", choices=("int4",), default=None,
                    help="round every block Linear's weight to int4 first (symmetric, round-to-nearest, one scale "
@@ -41,6 +62,21 @@ def eval_table(result: dict, title: str = "held-out evaluation") -> Table:
     return table
 
 
+def tasks_table(results: dict[str, dict], title: str = "tasks") -> Table:
+    """Each task's accuracies, chance, and centered accuracy with its 95% bootstrap interval."""
+    table = Table(title=title)
+    for column in ("task", "examples", "acc", "acc_norm", "acc_bytes / exact", "random", "centered",
+                   "95% interval", "examples/s"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for name, r in results.items():
+        accuracy = r.get("acc_bytes", r.get("exact_match"))
+        cells = [f"{r[key]:.3f}" if key in r else "-" for key in ("acc", "acc_norm")]
+        speed = f"{r['examples_per_s']:.1f}" if r.get("examples_per_s") else "-"
+        table.add_row(name, f"{r['n']:,}", *cells, f"{accuracy:.3f}", f"{r['random']:.3f}", f"{r['centered']:+.3f}",
+                      f"[{r['low']:+.3f}, {r['high']:+.3f}]", speed)
+    return table
+
+
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from flopwise.evaluate.final import evaluate_run
 
@@ -50,6 +86,11 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     if args.group is not None and args.quantize is None:
         raise FlopwiseError(f"--group {args.group} sets the groups of --quantize int4: add --quantize int4, "
                             "or drop --group")
+    if args.tasks is not None:
+        return _eval_tasks(args, console)
+    for flag, value in (("--limit", args.limit), ("--seed", args.seed)):
+        if value is not None:
+            raise FlopwiseError(f"{flag} {value} applies to --tasks: add --tasks, or drop {flag}")
     result = evaluate_run(args.run, args.device, args.max_tokens, args.checkpoint, args.quantize, args.group)
     if args.quantize is None:
         title, path = "held-out evaluation", args.run / "eval.json"
@@ -58,5 +99,24 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
         path = args.run / f"eval-{args.quantize}.json"
     console.print(eval_table(result, title))
     path.write_text(json.dumps(result, indent=1))
+    console.print(f"written: {path}", highlight=False)
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace, console: Console) -> int:
+    from flopwise.evaluate.final import evaluate_run_tasks
+
+    if args.max_tokens is not None:
+        raise FlopwiseError(f"--max-tokens {args.max_tokens} caps the held-out loss, not tasks: use --limit for "
+                            "examples per task")
+    if args.limit is not None and args.limit < 1:
+        raise FlopwiseError(f"--limit {args.limit} must be a positive number of examples per task")
+    result = evaluate_run_tasks(args.run, args.device, args.tasks, args.limit, args.seed, args.checkpoint,
+                                args.quantize, args.group)
+    suffix = f"-{args.quantize}" if args.quantize else ""
+    path = args.run / f"tasks{suffix}.json"
+    title = "tasks" if not args.quantize else f"tasks on the {args.quantize} model (groups of {result['group']})"
+    console.print(tasks_table(result["tasks"], title))
+    write_json_atomic(path, result)
     console.print(f"written: {path}", highlight=False)
     return 0

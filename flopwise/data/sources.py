@@ -73,6 +73,12 @@ def parse_source(spec: str) -> SourceSpec:
     return SourceSpec(rest, named.group("name"))
 
 
+def uses_builtin_corpus(specs: list[str]) -> bool:
+    """Whether some ``--data`` entry is the built-in standard-library corpus (whose code the built-in
+    docstring tasks are made from)."""
+    return any(parse_source(spec).path == "stdlib" for spec in specs)
+
+
 @dataclass
 class ReadStats:
     """What the readers consumed, shown to the user so a wrong source or encoding is noticed.

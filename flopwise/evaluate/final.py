@@ -12,9 +12,14 @@ from safetensors.torch import load_model
 
 from flopwise.config import RunConfig, load_run_config
 from flopwise.data.pipeline import prepare_data
+from flopwise.data.sources import uses_builtin_corpus
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import Evaluator
+from flopwise.evaluate.tasks.builtin import HeldoutText
+from flopwise.evaluate.tasks.engine import evaluate_tasks
+from flopwise.evaluate.tasks.resolve import check_task_names, resolve_tasks
+from flopwise.evaluate.tasks.scoring import TaskModel
 from flopwise.methods.dense import block_linears, build_model, plain_model
 from flopwise.methods.qat import QATConfig, check_group
 from flopwise.methods.stack import MethodStack
@@ -90,6 +95,36 @@ def evaluate_run(run_dir: Path, device_name: str, max_tokens: int | None, checkp
                           device, choose_dtype(run_config.train.precision, device))
     result = evaluator(model, max_tokens)
     return result if quantize is None else {**result, "quantize": quantize, "group": group}
+
+
+def evaluate_run_tasks(run_dir: Path, device_name: str, specs: list[str], limit: int | None, seed: int | None,
+                       checkpoint: bool = False, quantize: str | None = None, group: int | None = None
+                       ) -> dict[str, Any]:
+    """Downstream tasks (flopwise/evaluate/tasks) on the run's model: built-in ones made from the run's own
+    held-out text, task files, lm-eval task YAMLs.  ``seed`` (default: the run's) draws the built-in tasks'
+    examples and the bootstrap; ``quantize``/``group`` as in evaluate_run."""
+    run_config = load_run_config(run_dir)
+    check_task_names(specs, "--tasks")  # before any model or data is loaded
+    seed = run_config.train.seed if seed is None else seed
+    if quantize is not None:
+        group = group if group is not None else int4_group(run_config)
+        check_int4(run_dir, quantize, group)
+    device = choose_device(device_name)
+    model, tokenizer = load_run_model(run_dir, device, checkpoint)
+    if quantize is not None:
+        round_to_int4(model, group)
+    tasks = resolve_tasks(specs, lambda: run_heldout_text(run_config, tokenizer), seed, limit)
+    task_model = TaskModel(model, tokenizer, device, choose_dtype(run_config.train.precision, device),
+                           run_config.optim.batch_size)
+    results = evaluate_tasks(tasks, task_model, seed)
+    extra = {} if quantize is None else {"quantize": quantize, "group": group}
+    return {"tasks": results, "seed": seed, "limit": limit, "checkpoint": checkpoint, **extra}
+
+
+def run_heldout_text(run_config: RunConfig, tokenizer: Tokenizer) -> HeldoutText:
+    """The held-out documents of the data a run trained on, as text (for the built-in tasks)."""
+    corpus = prepare_data(run_config.data, run_config.train.seed, tokenizer).corpus
+    return HeldoutText.from_corpus(corpus, tokenizer, uses_builtin_corpus(run_config.data.sources))
 
 
 def int4_group(run_config: RunConfig) -> int:

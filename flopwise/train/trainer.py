@@ -157,7 +157,8 @@ class Trainer:
                  settings: LoopSettings, run_dir: Path, device: torch.device, dtype: torch.dtype,
                  evaluate: Callable[[], dict[str, Any]], display: ProgressDisplay, log: EventLog | None,
                  methods: MethodStack, module: torch.nn.Module | None = None, ranks: Ranks = Ranks(),
-                 forecaster: LossForecaster | None = None) -> None:
+                 forecaster: LossForecaster | None = None,
+                 evaluate_tasks: Callable[[], dict[str, Any]] | None = None) -> None:
         self.model = model
         self.module = module if module is not None else model
         self.optimizer = optimizer
@@ -172,6 +173,7 @@ class Trainer:
         self.ranks = ranks
         self.methods = methods
         self.forecaster = forecaster
+        self.evaluate_tasks = evaluate_tasks
         self._interrupted = False
 
     def train_step(self, step: int, p: float) -> float:
@@ -299,7 +301,23 @@ class Trainer:
         self.model.train()
         state.next_eval = next_mark(p, self.settings.eval_every)
         self.log_eval(state, p, result)
-        return time.perf_counter() - start
+        return time.perf_counter() - start + self.log_tasks(state, p)
+
+    def log_tasks(self, state: LoopState, p: float) -> float:
+        """Score the run's tasks (train.eval_tasks) and log them beside the held-out loss; returns the seconds
+        it took, which are evaluation time, not training time."""
+        if self.evaluate_tasks is None:
+            return 0.0
+        start = time.perf_counter()
+        results = self.evaluate_tasks()
+        seconds = time.perf_counter() - start
+        if self.log is not None:
+            self.log.append({"event": "tasks", "step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens,
+                             "flops": state.meter.flops, "seconds": state.meter.seconds, "eval_seconds": seconds,
+                             "tasks": results})
+        scores = "  ".join(f"{name} {r['centered']:+.3f}" for name, r in results.items())
+        self.display.message(f"tasks step {int(state.meter.steps)}  p={p:.3f}  centered: {scores}  ({seconds:.1f}s)")
+        return seconds
 
     def log_eval(self, state: LoopState, p: float, result: dict[str, Any]) -> None:
         if self.log is None:

@@ -59,27 +59,26 @@ class TaskModel:
 
     @torch.no_grad()
     def loglikelihood_tokens(self, pairs: Sequence[TokenPair]) -> list[tuple[float, bool]]:
-        """The same for pairs of ids; pairs whose (window-truncated) contexts are equal share one context pass."""
+        """The same for pairs of ids.  A pair that does not fit the window is scored in windows (see
+        ``windows``); windows whose contexts are equal share one context pass."""
+        pieces = []  # (pair index, context, continuation)
+        for index, (context, continuation) in enumerate(pairs):
+            if not continuation:
+                raise ValueError("a continuation must have at least one token")
+            pieces += [(index, c, x) for c, x in windows(context + continuation, len(context), self.max_length)]
         groups: dict[tuple[int, ...], list[int]] = {}
-        truncated = [self._fit(context, continuation) for context, continuation in pairs]
-        for index, (context, _) in enumerate(truncated):
-            groups.setdefault(tuple(context), []).append(index)
-        results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+        for number, (_, context, _) in enumerate(pieces):
+            groups.setdefault(tuple(context), []).append(number)
+        results = [(0.0, True)] * len(pairs)
         with self._evaluating():
             for context, members in groups.items():
                 for start in range(0, len(members), self.batch_size):
                     chunk = members[start:start + self.batch_size]
-                    scores = self._score_group(list(context), [truncated[i][1] for i in chunk])
-                    for index, score in zip(chunk, scores):
-                        results[index] = score
+                    scores = self._score_group(list(context), [pieces[n][2] for n in chunk])
+                    for number, (score, greedy) in zip(chunk, scores):
+                        total, all_greedy = results[pieces[number][0]]
+                        results[pieces[number][0]] = (total + score, all_greedy and greedy)
         return results
-
-    def _fit(self, context: list[int], continuation: list[int]) -> TokenPair:
-        """Drop tokens from the left so the input (all but the last token) fits the window, as lm-eval does."""
-        if not continuation:
-            raise ValueError("a continuation must have at least one token")
-        whole = (context + continuation)[-(self.max_length + 1):]
-        return whole[:len(whole) - len(continuation)], continuation
 
     def _score_group(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
         model = self.model
@@ -107,14 +106,10 @@ class TaskModel:
         return scores
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
-        """log P(text) of each whole text, the first token after end-of-text, in disjoint windows of the
-        model's length (each window conditioned on the tokens before it, up to a full window)."""
-        results = []
-        for text in texts:
-            ids = self.encode(text)
-            pairs = rolling_windows([self.tokenizer.eos_id, *ids], self.max_length)
-            results.append(sum(score for score, _ in self.loglikelihood_tokens(pairs)))
-        return results
+        """log P(text) of each whole text, its first token after end-of-text (lm-eval's rolling log-likelihood,
+        in the same windows)."""
+        pairs = [([self.tokenizer.eos_id], self.encode(text)) for text in texts]
+        return [score for score, _ in self.loglikelihood_tokens(pairs)]
 
     @torch.no_grad()
     def generate(self, context: str, until: Sequence[str], max_new_tokens: int) -> str:
@@ -137,15 +132,16 @@ class TaskModel:
         return _EvalMode(self.model)
 
 
-def rolling_windows(ids: list[int], length: int) -> list[TokenPair]:
-    """``ids`` (the first one a prefix that is not scored) as (context, continuation) pairs: each continuation a
-    run of up to ``length`` tokens that together predict every token once, each context what precedes it
-    within one window."""
+def windows(ids: list[int], first: int, length: int) -> list[TokenPair]:
+    """The tokens of ``ids`` from index ``first`` on, as (context, continuation) pairs that a model of window
+    ``length`` can score: continuations of up to ``length`` tokens that predict each of those tokens once,
+    each after as many of the tokens before it as fit one window (all but the last token are input).  A pair
+    that fits is one window whose context loses tokens on the left, as lm-eval truncates; a longer
+    continuation is scored in disjoint windows, as lm-eval's rolling log-likelihood is."""
     pairs = []
-    for start in range(1, len(ids), length):
+    for start in range(first, len(ids), length):
         end = min(start + length, len(ids))
-        context_start = max(0, end - 1 - length)
-        pairs.append((ids[context_start:start], ids[start:end]))
+        pairs.append((ids[max(0, end - 1 - length):start], ids[start:end]))
     return pairs
 
 
