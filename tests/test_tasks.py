@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.helpers import TINY, run_error, train
 
 from flopwise.cli import main
 from flopwise.data.tokenizer import byte_tokenizer
@@ -20,7 +21,6 @@ from flopwise.evaluate.tasks.spec import Example, Task, read_task_file
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.rundir import read_metrics
-from helpers import TINY, run_error, train
 
 CPU = torch.device("cpu")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from flopwise.cli.flags import add_checkpoint_flag
 from flopwise.atomic import write_json_atomic
+from flopwise.cli.flags import add_checkpoint_flag
 from flopwise.errors import FlopwiseError
 
 

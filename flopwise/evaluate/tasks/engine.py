@@ -12,7 +12,7 @@ from flopwise.evaluate.tasks.spec import Task
 
 def choice_loglikelihoods(task: Task, model: TaskModel) -> list[list[float]]:
     """log P(choice | context) of every choice of every example, in order."""
-    pairs = [(e.context, choice) for e in task.examples for choice in e.choices]
+    pairs = [(e.context, e.delimiter + choice) for e in task.examples for choice in e.choices]
     flat = [score for score, _ in model.loglikelihood(pairs)]
     result, start = [], 0
     for example in task.examples:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.tasks.builtin import BUILTIN_TASKS, HeldoutText, build_builtin, builtin_names
+from flopwise.evaluate.tasks.lm_eval_yaml import read_lm_eval_folder, read_lm_eval_task
 from flopwise.evaluate.tasks.spec import Task, read_task_file
 
 if TYPE_CHECKING:
@@ -68,16 +69,16 @@ def resolve_tasks(specs: Sequence[str], heldout: Callable[[], HeldoutText], seed
 
 
 def _read(path: Path) -> list[Task]:
-    """One task file, or every task in a folder (sorted, so the order does not depend on the disk): its lm-eval
-    YAMLs when it has any (the JSONL beside them is their data), else its JSONL task files."""
+    """One task file, or every task in a folder: its lm-eval task YAMLs when it has any, searched as lm-eval's
+    ``--include_path`` searches (the JSONL beside them is their data), else its JSONL task files (sorted, so
+    the order does not depend on the disk)."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in TASK_FILE_SUFFIXES[1:])
-        files = files or sorted(p for p in path.iterdir() if p.suffix == ".jsonl")
+        if any(p.is_file() for p in path.rglob("*.yaml")):
+            return read_lm_eval_folder(path)
+        files = sorted(p for p in path.iterdir() if p.suffix == ".jsonl")
         if not files:
             raise FlopwiseError(f"task folder '{path}' holds no .jsonl or .yaml task: add one, or name a file")
-        return [task for file in files for task in _read(file)]
+        return [read_task_file(file) for file in files]
     if path.suffix == ".jsonl":
         return [read_task_file(path)]
-    from flopwise.evaluate.tasks.lm_eval_yaml import read_lm_eval_task
-
     return [read_lm_eval_task(path)]

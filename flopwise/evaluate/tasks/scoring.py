@@ -14,6 +14,7 @@ for all its continuations at once (a multiple-choice example's choices cost one 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -108,8 +109,9 @@ class TaskModel:
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         """log P(text) of each whole text, its first token after end-of-text (lm-eval's rolling log-likelihood,
         in the same windows)."""
-        pairs = [([self.tokenizer.eos_id], self.encode(text)) for text in texts]
-        return [score for score, _ in self.loglikelihood_tokens(pairs)]
+        encoded = [self.encode(text) for text in texts]
+        scored = iter(self.loglikelihood_tokens([([self.tokenizer.eos_id], ids) for ids in encoded if ids]))
+        return [next(scored)[0] if ids else 0.0 for ids in encoded]  # an empty text: log 1, as lm-eval's hf
 
     @torch.no_grad()
     def generate(self, context: str, until: Sequence[str], max_new_tokens: int) -> str:

@@ -30,13 +30,16 @@ DEFAULT_MAX_NEW_TOKENS = 32  # a generation task's answer is short; its until st
 
 @dataclass(frozen=True)
 class Example:
-    """One item: a context and either the choices with the right one's index, or the target text to generate."""
+    """One item: a context and either the choices with the right one's index, or the target text to generate.
+    ``delimiter`` goes between the context and each choice, scored with it but not counted in the choice's
+    length (lm-eval's ``target_delimiter``; a JSONL task writes it into its choices instead)."""
 
     context: str
     choices: tuple[str, ...] = ()
     answer: int = 0
     target: str = ""
     until: tuple[str, ...] = DEFAULT_UNTIL
+    delimiter: str = ""
 
 
 @dataclass(frozen=True)
