@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers import TINY, run_error, train
 
 from flopwise.cli import main
 from flopwise.data.tokenizer import byte_tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.tasks.engine import choice_loglikelihoods, evaluate_task
 from flopwise.evaluate.tasks.metrics import bootstrap_interval, center, choice_correct
+from flopwise.evaluate.tasks.resolve import check_run_tasks
 from flopwise.evaluate.tasks.scoring import TaskModel, windows
 from flopwise.evaluate.tasks.spec import Example, Task, read_task_file
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.rundir import read_metrics
+from tests.helpers import TINY, config_with, run_error, train
 
 CPU = torch.device("cpu")
 
@@ -242,3 +243,12 @@ def test_unknown_eval_tasks_are_refused_before_any_data_is_read(tmp_path, capsys
                              str(tmp_path / "r"), *TINY, "--set", 'train.eval_tasks=["nope"]'])
     assert "train.eval_tasks: unknown task 'nope'" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_tasks_during_an_fsdp_run_are_refused_in_one_line():
+    config = config_with([], 'train.eval_tasks=["next_line"]', "train.parallel=fsdp")
+    with pytest.raises(FlopwiseError, match="cannot be scored during an FSDP run") as error:
+        check_run_tasks(config, distributed=True)
+    assert "\n" not in str(error.value)
+    check_run_tasks(config, distributed=False)  # one process holds the whole model
+    check_run_tasks(config_with([], "train.parallel=fsdp"), distributed=True)  # no tasks, nothing to refuse

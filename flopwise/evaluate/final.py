@@ -76,13 +76,11 @@ def export_run(run_dir: Path, folder: Path, checkpoint: bool = False) -> Path:
     return folder
 
 
-def evaluate_run(run_dir: Path, device_name: str, max_tokens: int | None, checkpoint: bool = False,
-                 quantize: str | None = None, group: int | None = None) -> dict[str, Any]:
-    """Held-out evaluation of the run's model on the run's own held-out split.  ``quantize="int4"``: of that
-    model with every block Linear's weight rounded to int4 (flopwise/model/int4.py) in groups of ``group``
-    input columns, by default those the run trained for (``methods.qat.group`` when it used qat, else 32);
-    the result then records both."""
-    run_config = load_run_config(run_dir)
+def load_evaluated_model(run_dir: Path, run_config: RunConfig, device_name: str, checkpoint: bool,
+                         quantize: str | None, group: int | None
+                         ) -> tuple[GPT, Tokenizer, torch.device, int | None]:
+    """The run's model as ``eval`` scores it: final or newest checkpoint, rounded to int4 when asked (the
+    int4 group checked first, before anything is loaded); with the device and the group used."""
     if quantize is not None:
         group = group if group is not None else int4_group(run_config)
         check_int4(run_dir, quantize, group)
@@ -90,6 +88,18 @@ def evaluate_run(run_dir: Path, device_name: str, max_tokens: int | None, checkp
     model, tokenizer = load_run_model(run_dir, device, checkpoint)
     if quantize is not None:
         round_to_int4(model, group)
+    return model, tokenizer, device, group
+
+
+def evaluate_run(run_dir: Path, device_name: str, max_tokens: int | None, checkpoint: bool = False,
+                 quantize: str | None = None, group: int | None = None) -> dict[str, Any]:
+    """Held-out evaluation of the run's model on the run's own held-out split.  ``quantize="int4"``: of that
+    model with every block Linear's weight rounded to int4 (flopwise/model/int4.py) in groups of ``group``
+    input columns, by default those the run trained for (``methods.qat.group`` when it used qat, else 32);
+    the result then records both."""
+    run_config = load_run_config(run_dir)
+    model, tokenizer, device, group = load_evaluated_model(run_dir, run_config, device_name, checkpoint, quantize,
+                                                           group)
     corpus = prepare_data(run_config.data, run_config.train.seed, tokenizer).corpus
     evaluator = Evaluator(corpus, tokenizer.token_bytes(), model.config.seq_len, run_config.optim.batch_size,
                           device, choose_dtype(run_config.train.precision, device))
@@ -106,13 +116,8 @@ def evaluate_run_tasks(run_dir: Path, device_name: str, specs: list[str], limit:
     run_config = load_run_config(run_dir)
     check_task_names(specs, "--tasks")  # before any model or data is loaded
     seed = run_config.train.seed if seed is None else seed
-    if quantize is not None:
-        group = group if group is not None else int4_group(run_config)
-        check_int4(run_dir, quantize, group)
-    device = choose_device(device_name)
-    model, tokenizer = load_run_model(run_dir, device, checkpoint)
-    if quantize is not None:
-        round_to_int4(model, group)
+    model, tokenizer, device, group = load_evaluated_model(run_dir, run_config, device_name, checkpoint, quantize,
+                                                           group)
     tasks = resolve_tasks(specs, lambda: run_heldout_text(run_config, tokenizer), seed, limit)
     task_model = TaskModel(model, tokenizer, device, choose_dtype(run_config.train.precision, device),
                            run_config.optim.batch_size)
