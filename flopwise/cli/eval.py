@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -63,17 +64,18 @@ def eval_table(result: dict, title: str = "held-out evaluation") -> Table:
 
 
 def tasks_table(results: dict[str, dict], title: str = "tasks") -> Table:
-    """Each task's accuracies, chance, and centered accuracy with its 95% bootstrap interval."""
-    table = Table(title=title)
-    for column in ("task", "examples", "acc", "acc_norm", "acc_bytes / exact", "random", "centered",
-                   "95% interval", "examples/s"):
-        table.add_column(column, justify="left" if column == "task" else "right")
+    """Each task's accuracies, chance, and centered accuracy with its 95% bootstrap interval (narrow enough
+    for an 80-column terminal; tasks.json has every figure)."""
+    table = Table(title=title, caption="acc: highest log-likelihood; /char, /byte: per character, per byte "
+                                       "(or exact match); centered: (score - chance) / (1 - chance) on /byte",
+                  box=box.SIMPLE_HEAD)
+    for column in ("task", "n", "acc", "/char", "/byte", "chance", "centered", "95% interval"):
+        table.add_column(column, justify="left" if column == "task" else "right", no_wrap=True)
     for name, r in results.items():
         accuracy = r.get("acc_bytes", r.get("exact_match"))
         cells = [f"{r[key]:.3f}" if key in r else "-" for key in ("acc", "acc_norm")]
-        speed = f"{r['examples_per_s']:.1f}" if r.get("examples_per_s") else "-"
         table.add_row(name, f"{r['n']:,}", *cells, f"{accuracy:.3f}", f"{r['random']:.3f}", f"{r['centered']:+.3f}",
-                      f"[{r['low']:+.3f}, {r['high']:+.3f}]", speed)
+                      f"{r['low']:+.2f}..{r['high']:+.2f}")
     return table
 
 
@@ -117,6 +119,8 @@ def _eval_tasks(args: argparse.Namespace, console: Console) -> int:
     path = args.run / f"tasks{suffix}.json"
     title = "tasks" if not args.quantize else f"tasks on the {args.quantize} model (groups of {result['group']})"
     console.print(tasks_table(result["tasks"], title))
+    examples, seconds = (sum(r[key] for r in result["tasks"].values()) for key in ("n", "seconds"))
+    console.print(f"{examples:,} examples in {seconds:.1f}s ({examples / seconds:.0f} examples/s)", highlight=False)
     write_json_atomic(path, result)
     console.print(f"written: {path}", highlight=False)
     return 0
