@@ -24,6 +24,15 @@ def train(*args: str) -> int:
     return main(["train", *args])
 
 
+def train_bpe_run(run: Path, text_folder: Path, *overrides: str) -> Path:
+    """A tiny real 12-step run with a 400-token BPE tokenizer trained on ``text_folder`` (so text splits inside
+    words), with ``--set`` ``overrides``."""
+    args = [a for a in TINY if a not in ("--tokenizer", "byte")]
+    sets = [flag for value in ("data.vocab_size=400", *overrides) for flag in ("--set", value)]
+    assert main(["train", "--data", str(text_folder), "--budget", "12steps", "--out", str(run), *args, *sets]) == 0
+    return run
+
+
 def one_error_line(capsys: Any) -> str:
     """The one line a failed command wrote to stderr (asserting it wrote exactly one)."""
     err = capsys.readouterr().err.strip().splitlines()

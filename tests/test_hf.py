@@ -17,7 +17,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import resolve_hf_source, save_hf_folder
-from tests.helpers import TINY, load_hf_model
+from tests.helpers import load_hf_model, train_bpe_run
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local; nothing may reach the network
@@ -67,11 +67,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, shape, archite
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, text_folder) -> Path:
     """A real run with a BPE tokenizer trained on the test texts."""
-    run = tmp_path_factory.mktemp("hf") / "run"
-    args = [a for a in TINY if a not in ("--tokenizer", "byte")]
-    assert main(["train", "--data", str(text_folder), "--budget", "12steps", "--out", str(run), *args,
-                 "--set", "data.vocab_size=400", "--set", "model.qk_norm=true"]) == 0
-    return run
+    return train_bpe_run(tmp_path_factory.mktemp("hf") / "run", text_folder, "model.qk_norm=true")
 
 
 def test_exported_run_matches_in_transformers_with_its_tokenizer(trained_run, tmp_path):

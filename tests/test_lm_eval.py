@@ -28,7 +28,7 @@ from flopwise.evaluate.lm_eval_model import FlopwiseLM
 from flopwise.evaluate.tasks.engine import choice_loglikelihoods, evaluate_task
 from flopwise.evaluate.tasks.lm_eval_yaml import read_lm_eval_folder, read_lm_eval_task
 from flopwise.evaluate.tasks.scoring import TaskModel
-from tests.helpers import TINY
+from tests.helpers import train_bpe_run
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # everything here is local
 os.environ.update(OFFLINE)
@@ -109,11 +109,7 @@ def datasets_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, text_folder) -> Path:
     """A tiny real run with a BPE tokenizer (context and continuation then split inside words), in fp32."""
-    run = tmp_path_factory.mktemp("lm_eval_run") / "run"
-    args = [a for a in TINY if a not in ("--tokenizer", "byte")]
-    assert main(["train", "--data", str(text_folder), "--budget", "12steps", "--out", str(run), *args,
-                 "--set", "data.vocab_size=400", "--set", "train.precision=fp32"]) == 0
-    return run
+    return train_bpe_run(tmp_path_factory.mktemp("lm_eval_run") / "run", text_folder, "train.precision=fp32")
 
 
 @pytest.fixture(scope="module")
