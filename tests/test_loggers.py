@@ -52,6 +52,16 @@ def expected(fed: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
     return table
 
 
+def test_task_scores_are_logged_per_task() -> None:
+    event = {"event": "tasks", "step": 5, "p": 0.5, "tokens": 100.0, "flops": 1.0, "seconds": 2.0, "eval_seconds": 0.3,
+             "tasks": {"next_line": {"centered": 0.2, "acc": 0.4, "acc_norm": 0.45, "acc_bytes": 0.4, "n": 20,
+                                     "random": 0.25, "low": 0.1, "high": 0.3},
+                       "qa": {"centered": 0.5, "exact_match": 0.5, "n": 4, "random": 0.0, "low": 0.0, "high": 1.0}}}
+    assert scalars(event) == pytest.approx({"tasks/next_line/centered": 0.2, "tasks/next_line/acc": 0.4,
+                                            "tasks/next_line/acc_norm": 0.45, "tasks/next_line/acc_bytes": 0.4,
+                                            "tasks/qa/centered": 0.5, "tasks/qa/exact_match": 0.5})
+
+
 def test_scalars_keys() -> None:
     assert scalars(train_event(3)) == pytest.approx({"train/loss": 4.7, "train/lr": 3e-3, "train/throughput": 2563.0,
                                                      "train/mfu": 0.03})  # memory None: left out

@@ -32,6 +32,9 @@ def scalars(event: dict[str, Any]) -> dict[str, float]:
     elif event.get("event") == "eval":
         values = {"eval/loss": event["val_loss"], "eval/bpb": event["val_bpb"]}
         values.update({f"eval/loss/{name}": loss for name, loss in event.get("domains", {}).items()})
+    elif event.get("event") == "tasks":
+        values = {f"tasks/{name}/{key}": result[key] for name, result in event["tasks"].items()
+                  for key in ("centered", "acc", "acc_norm", "acc_bytes", "exact_match") if key in result}
     else:
         return {}
     return {key: float(value) for key, value in values.items() if value is not None}
