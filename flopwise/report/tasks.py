@@ -169,7 +169,7 @@ def task_signals(runs: list[Run]) -> list[TaskSignal]:
     signals = []
     for task in task_names(runs):
         for members in groups:
-            per_run = [run_signal(run, task) for run in members if _scored(run, task)]
+            per_run = [signal for run in members if (signal := run_signal(run, task)).evaluations]
             if not per_run:
                 continue
             finals = [signal.final.centered for signal in per_run if signal.final is not None]
