@@ -156,6 +156,14 @@ def test_task_files_of_both_kinds_are_read(tmp_path):
     assert task.kind == "generate" and task.examples[0].until == (";",) and task.random_baseline == 0.0
 
 
+def test_a_raw_line_separator_inside_a_json_string_does_not_split_the_record(tmp_path):
+    path = tmp_path / "sep.jsonl"
+    record = {"context": "first\u2028second", "choices": [" a", " b"], "answer": 0}
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    assert read_task_file(path).examples[0].context == "first\u2028second"
+
+
 @pytest.mark.parametrize("records, message", [
     ([], "has no examples"),
     ([{"choices": [" a", " b"], "answer": 0}], "line 1 has no field 'context'"),

@@ -223,15 +223,21 @@ def decode_counting(raw: bytes, stats: ReadStats, encoding: str = "utf-8") -> st
     return text
 
 
+def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a JSON Lines text with their 1-based numbers.  Split on "\n" only: JSON strings
+    may hold a raw U+2028 (json.dumps with ensure_ascii=False writes it so), which str.splitlines would cut."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            yield number, line
+
+
 def _jsonl_documents(path: Path, field: str, domain: str, stats: ReadStats) -> Iterator[Document]:
     text = decode_counting(path.read_bytes(), stats)
     stats.files += 1
-    # split on "\n" only: JSON strings may hold raw U+2028, which str.splitlines would cut
-    for number, line in enumerate(text.split("\n"), start=1):
-        if line.strip():
-            value, replaced = _SURROGATE.subn(REPLACEMENT, _jsonl_text(line, field, f"{path}:{number}"))
-            stats.replaced_bytes += replaced
-            yield Document(value, domain, f"{path}:{number}")
+    for number, line in jsonl_lines(text):
+        value, replaced = _SURROGATE.subn(REPLACEMENT, _jsonl_text(line, field, f"{path}:{number}"))
+        stats.replaced_bytes += replaced
+        yield Document(value, domain, f"{path}:{number}")
 
 
 def _jsonl_text(line: str, field: str, where: str) -> str:

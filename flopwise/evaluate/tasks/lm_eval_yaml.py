@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from flopwise.data.sources import jsonl_lines
 from flopwise.errors import FlopwiseError
 from flopwise.evaluate.tasks.spec import Example, Task, check_examples
 
@@ -234,9 +235,7 @@ class _Reader:
             found = [("line 1", whole)]
         else:
             found = []
-            for number, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
+            for number, line in jsonl_lines(text):
                 try:
                     found.append((f"line {number}", json.loads(line)))
                 except json.JSONDecodeError as err:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from flopwise.data.sources import jsonl_lines
 from flopwise.errors import FlopwiseError
 
 Kind = Literal["choice", "generate"]
@@ -76,14 +77,12 @@ def check_examples(task: Task) -> Task:
 def read_task_file(path: Path) -> Task:
     """A JSONL task file (format above), each record checked; the first bad one is named by line and field."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise FlopwiseError(f"task file '{path}' cannot be read ({err}): give a UTF-8 JSONL file") from None
     kind: Kind | None = None
     examples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, line in jsonl_lines(text):
         where = f"task file '{path}' line {number}"
         record = _record(line, where)
         this_kind: Kind = "generate" if "target" in record and "choices" not in record else "choice"
