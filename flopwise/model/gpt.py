@@ -8,6 +8,7 @@ rename (add the "model." prefix) and gives the same logits. QK-norm modules are 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -93,10 +94,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q, k of shape [B, H, T, head_dim] by their positions start..start+T-1."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q, k of shape [B, H, T, head_dim] by their positions start..start+T-1, or by ``positions``
+        [B, T] (packed sequences, each counted from 0)."""
         t = q.shape[-2]
-        cos, sin = self.cos[start:start + t].to(q.dtype), self.sin[start:start + t].to(q.dtype)
+        if positions is None:
+            cos, sin = self.cos[start:start + t], self.sin[start:start + t]
+        else:
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -118,7 +125,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: LayerCache | None = None,
+                packing: Packing | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
@@ -128,22 +136,25 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         start = cache.length if cache is not None else 0
         if rope is not None:
-            q, k = rope(q, k, start)
+            q, k = rope(q, k, start, packing.positions if packing is not None else None)
         if cache is not None:
             k, v = cache.extend(k, v)
         # A prompt attends causally; a single new token attends to everything cached before it; several
         # new tokens after a cache (a continuation scored after its shared context) attend to the cache
         # and causally among themselves.
-        y = _attend(q, k, v, causal=t > 1, groups=self.n_heads // self.n_kv_heads, offset=start)
+        y = _attend(q, k, v, causal=t > 1, groups=self.n_heads // self.n_kv_heads, offset=start,
+                    mask=packing.mask if packing is not None else None)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, groups: int,
-            offset: int = 0) -> torch.Tensor:
+            offset: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA; with ``offset`` cached positions before the queries, causal is aligned to the bottom right (query
-    i sees keys up to offset + i), which SDPA's own is_causal (aligned top left) does not do."""
-    mask = None
-    if causal and offset:
+    i sees keys up to offset + i), which SDPA's own is_causal (aligned top left) does not do.  A ``mask``
+    (packed sequences: causal within each, nothing across) replaces the causal rule."""
+    if mask is not None:
+        causal = False
+    elif causal and offset:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=offset)
         causal = False
     if groups > 1 and not _SDPA_HAS_GQA:
@@ -151,6 +162,27 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, gro
         groups = 1
     extra = {"enable_gqa": True} if groups > 1 else {}
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **extra)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Several sequences packed in each row of a window: each token's position within its own sequence, and
+    the attention mask [B, 1, T, T] that lets a token see only the earlier tokens of its sequence."""
+
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, segments: torch.Tensor) -> Packing:
+        """From sequence ids [B, T] (each sequence's tokens contiguous)."""
+        t = segments.shape[1]
+        index = torch.arange(t, device=segments.device).expand_as(segments)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+        same = segments[:, :, None] == segments[:, None, :]
+        causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+        return cls(positions=index - first, mask=(same & causal).unsqueeze(1))
 
 
 class LayerCache:
@@ -209,8 +241,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: LayerCache | None = None,
+                packing: Packing | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, packing)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -251,21 +284,26 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def logits(self, idx: torch.Tensor, caches: list[LayerCache] | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] of idx [B, T]; with ``caches``, after the positions they hold (and extending them)."""
+    def logits(self, idx: torch.Tensor, caches: list[LayerCache] | None = None,
+               segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] of idx [B, T]; with ``caches``, after the positions they hold (and extending them);
+        with ``segments`` [B, T] (a packed window's sequence ids, each sequence contiguous), each sequence as if
+        alone: attending only within itself, its positions counted from 0."""
         start = caches[0].length if caches else 0
         end = start + idx.shape[1]
         if end > self.config.context:
             raise ValueError(f"sequence length {end} exceeds the model's context of {self.config.context}")
+        packing = Packing.of(segments) if segments is not None else None
         x = self.embed_tokens(idx).float()  # the residual stream is fp32, whatever the weights' dtype
         if self.embed_positions is not None:
-            x = x + self.embed_positions(torch.arange(start, end, device=idx.device))
+            positions = packing.positions if packing is not None else torch.arange(start, end, device=idx.device)
+            x = x + self.embed_positions(positions)
         recompute = self.checkpoint_blocks and self.training and not caches and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if recompute:
-                x = checkpoint(layer, x, self.rope, use_reentrant=False)
+                x = checkpoint(layer, x, self.rope, None, packing, use_reentrant=False)
             else:
-                x = layer(x, self.rope, caches[i] if caches else None)
+                x = layer(x, self.rope, caches[i] if caches else None, packing)
         return linear(self.norm(x), self.head_weight)
 
     @property
@@ -273,11 +311,11 @@ class GPT(nn.Module):
         """The output projection: the embedding matrix when tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, T, vocab] and, with targets, the cross-entropy on fp32 logits: the mean, or each
-        token's [B, T] with reduction="none"."""
-        logits = self.logits(idx)
+        token's [B, T] with reduction="none"; ``segments`` as in ``logits``."""
+        logits = self.logits(idx, segments=segments)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
