@@ -145,10 +145,13 @@ def flopwise_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, sour
     return state
 
 
-def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, weights_only: bool = False) -> None:
+def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, weights_only: bool = False,
+                   chat_template: str | None = None) -> None:
     """Write a folder that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load offline.
     ``weights_only``: just the weights (under the same names) and tokenizer, for a model that
     transformers has no architecture for (a run's final/ folder then still holds its result).
+    ``chat_template``: a Jinja template stored in ``tokenizer_config.json``, where ``apply_chat_template``
+    (and llama.cpp's converter) read it.
 
     Written under a temporary name and renamed, so an interrupted export leaves no half folder."""
     config = None if weights_only else hf_config(model.config, tokenizer, weights_dtype(model))
@@ -159,7 +162,7 @@ def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, weights_only:
         save_file(hf_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         tokenizer.save(tmp / "tokenizer.json")
         if config is not None:
-            _write_transformers_files(tmp, config, model.config, tokenizer)
+            _write_transformers_files(tmp, config, model.config, tokenizer, chat_template)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -168,14 +171,18 @@ def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, weights_only:
         raise
 
 
-def _write_transformers_files(tmp: Path, config: dict[str, Any], cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+def _write_transformers_files(tmp: Path, config: dict[str, Any], cfg: ModelConfig, tokenizer: Tokenizer,
+                              chat_template: str | None) -> None:
     _write(tmp / "config.json", config)
     _write(tmp / "generation_config.json", {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
                                             "do_sample": True, "temperature": 0.8, "top_k": 50})
     eos = tokenizer.eos_token
-    _write(tmp / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
-                                           "bos_token": eos, "unk_token": None, "add_bos_token": False,
-                                           "model_max_length": cfg.context, "clean_up_tokenization_spaces": False})
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
+                        "unk_token": None, "add_bos_token": False, "model_max_length": cfg.context,
+                        "clean_up_tokenization_spaces": False}
+    if chat_template is not None:
+        tokenizer_config["chat_template"] = chat_template
+    _write(tmp / "tokenizer_config.json", tokenizer_config)
     _write(tmp / "special_tokens_map.json", {"eos_token": eos, "bos_token": eos})
 
 
