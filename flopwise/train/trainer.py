@@ -121,17 +121,28 @@ class Outcome:
     stop_reason: str | None = None
 
 
+class Objective(Protocol):
+    """What a step trains on and for: pretraining's is the MethodStack (the methods choose and score packed
+    windows of the corpus); post-training brings its own (flopwise/posttrain/objective.py)."""
+
+    def next_batch(self) -> Any: ...
+
+    def loss(self, model: torch.nn.Module, batch: Any, device: torch.device, dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, methods: MethodStack,
                grad_accum: int, grad_clip: float, device: torch.device, dtype: torch.dtype,
-               ranks: Ranks = Ranks()) -> float:
-    """One optimizer step over ``grad_accum`` micro-batches, each chosen and scored through the methods
-    (``methods.next_batch``, ``methods.loss``); returns the mean cross-entropy over the global batch
-    (all ranks).  The throughput probe (flopwise/plan/throughput.py) times this same code."""
+               ranks: Ranks = Ranks(), objective: Objective | None = None) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches, each chosen and scored by the objective (by
+    default the methods: ``methods.next_batch``, ``methods.loss``); returns the mean cross-entropy over the
+    global batch (all ranks).  The throughput probe (flopwise/plan/throughput.py) times this same code."""
+    objective = objective if objective is not None else methods
     total = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        batch = methods.next_batch()
+        batch = objective.next_batch()
         with gradient_sync(model, enabled=micro == grad_accum - 1):
-            loss, cross_entropy = methods.loss(model, batch, device, dtype)
+            loss, cross_entropy = objective.loss(model, batch, device, dtype)
             (loss / grad_accum).backward()
         total += cross_entropy
     if grad_clip > 0 and methods.keeps_gradients:  # gradients used up in backward cannot be clipped
@@ -158,7 +169,8 @@ class Trainer:
                  evaluate: Callable[[], dict[str, Any]], display: ProgressDisplay, log: EventLog | None,
                  methods: MethodStack, module: torch.nn.Module | None = None, ranks: Ranks = Ranks(),
                  forecaster: LossForecaster | None = None,
-                 evaluate_tasks: Callable[[], dict[str, Any]] | None = None) -> None:
+                 evaluate_tasks: Callable[[], dict[str, Any]] | None = None,
+                 objective: Objective | None = None) -> None:
         self.model = model
         self.module = module if module is not None else model
         self.optimizer = optimizer
@@ -174,6 +186,7 @@ class Trainer:
         self.methods = methods
         self.forecaster = forecaster
         self.evaluate_tasks = evaluate_tasks
+        self.objective = objective
         self._interrupted = False
 
     def train_step(self, step: int, p: float) -> float:
@@ -182,7 +195,7 @@ class Trainer:
         self.sampler.progress = p
         self.methods.on_progress(step, p)
         return train_step(self.model, self.optimizer, self.methods, s.grad_accum, s.grad_clip, self.device,
-                          self.dtype, self.ranks)
+                          self.dtype, self.ranks, self.objective)
 
     def run(self, state: LoopState) -> Outcome:
         s = self.settings
