@@ -16,14 +16,15 @@ from collections.abc import Callable
 from rich.console import Console
 
 from flopwise import __version__
-from flopwise.cli import bench, data, eval, export, fit, memory, plan, report, sample, scan, train
+from flopwise.cli import bench, chat, data, eval, export, fit, memory, plan, report, sample, scan, train
 from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
 
 # in the order `flopwise --help` lists them
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None],
                           Callable[[argparse.Namespace, Console], int]]] = {
     "train": (train.register, train.cmd_train), "eval": (eval.register, eval.cmd_eval),
-    "sample": (sample.register, sample.cmd_sample), "export": (export.register, export.cmd_export),
+    "sample": (sample.register, sample.cmd_sample), "chat": (chat.register, chat.cmd_chat),
+    "export": (export.register, export.cmd_export),
     "report": (report.register, report.cmd_report), "bench": (bench.register, bench.cmd_bench),
     "memory": (memory.register, memory.cmd_memory), "plan": (plan.register, plan.cmd_plan),
     "fit": (fit.register, fit.cmd_fit), "scan": (scan.register, scan.cmd_scan),
