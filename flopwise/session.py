@@ -40,6 +40,7 @@ from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source, save_hf_folder
 from flopwise.optim.build import build_optimizer
+from flopwise.posttrain.template import chat_files
 from flopwise.rundir import CONFIG_FILE, METRICS_FILE, PLAN_FILE, is_run_dir, planned_model_config, read_metrics
 from flopwise.runtime import (
     choose_device,
@@ -58,7 +59,16 @@ from flopwise.train.display import ProgressDisplay
 from flopwise.train.forecast import LossForecaster
 from flopwise.train.loggers import open_run_logger, require_backends
 from flopwise.train.metrics import MetricsLog
-from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, forecast_points, next_mark
+from flopwise.train.trainer import (
+    LoopSettings,
+    LoopState,
+    Objective,
+    Outcome,
+    Trainer,
+    forecast_points,
+    heldout_fields,
+    next_mark,
+)
 
 MAX_RUN_SECONDS = 365 * 86400  # a budget that cannot be spent within a year at the device's peak is a mistake
 
@@ -82,7 +92,11 @@ class Summary:
 
 
 class Session:
-    """Sets up a run (new, resumed or extended), runs it and writes the final model."""
+    """Sets up a run (new, resumed or extended), runs it and writes the final model.  Post-training
+    (flopwise/posttrain/session.py) overrides the data, the objective and the evaluation."""
+
+    objective: Objective | None = None  # the loop's default: the methods on the sampler's windows
+    eval_fields = staticmethod(heldout_fields)
 
     def __init__(self, config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> None:
         self.config = config
@@ -105,6 +119,7 @@ class Session:
 
     @classmethod
     def new(cls, config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> Session:
+        """A session for a new run in ``run_dir`` (refused where a run already is)."""
         if is_run_dir(run_dir):
             raise FlopwiseError(f"'{run_dir}' already holds a run: resume it with --resume {run_dir}, "
                                 "or choose another --out")
@@ -132,6 +147,7 @@ class Session:
             model_cfg = model_config_from_hf(read_hf_config(self.init_folder), self.init_folder, seq_len)
         with self.ranks.main_first():  # rank 0 tokenizes into the cache; the other ranks then read it
             self.data: PreparedData = prepare_data(self.config.data, self.config.train.seed, tokenizer)
+        self.tokenizer = self.data.tokenizer
         self.model_cfg: ModelConfig = model_cfg or m.build(self.data.tokenizer.vocab_size)
         if self.data.tokenizer.vocab_size > self.model_cfg.vocab_size:
             raise FlopwiseError(f"the tokenizer has {self.data.tokenizer.vocab_size} tokens but the model's "
@@ -176,7 +192,7 @@ class Session:
                                     f"{name}): raise the budget or shrink optim.batch_size, model.seq_len or the model")
 
     def build(self, initial_weights: bool = False) -> None:
-        """Methods, model (from --init-from weights when asked), its data-parallel wrapper, optimizer, sampler."""
+        """Methods, model (from --init-from weights when asked), its data-parallel wrapper, optimizer, data."""
         torch.manual_seed(self.config.train.seed)
         self.methods = MethodStack(self.config)
         # LoRA wraps the imported weights; SLTrain factorizes fresh ones
@@ -188,6 +204,13 @@ class Session:
         # after FSDP has sharded the model
         self.optimizer = build_optimizer(self.model, self.config.optim, self.device, self.methods.shape_optimizer)
         self.compiled = torch.compile(self.wrapped) if train.compile else self.wrapped
+        self.build_data()
+        with self.ranks.main_first():  # measured once, cached for the other ranks
+            self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
+        self.check_budget_is_spendable()
+
+    def build_data(self) -> None:
+        """The methods' setup, the sampler they shape, the held-out evaluator and the task scorer."""
         self.methods.setup(RunResources(self.data, self.config.data.sources, self.model_cfg.seq_len, self.device,
                                         self.dtype, self.ranks, self.display.message, self._teacher_loader()))
         corpus, options = self.data.corpus, self.methods.sampler_options()
@@ -201,9 +224,6 @@ class Session:
                                    self.config.optim.batch_size, self.device, self.dtype)
         self.task_model = TaskModel(self.model, self.data.tokenizer, self.device, self.dtype,
                                     self.config.optim.batch_size)
-        with self.ranks.main_first():  # measured once, cached for the other ranks
-            self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
-        self.check_budget_is_spendable()
 
     def check_budget_is_spendable(self) -> None:
         """Refuse a budget that even this device's best matmul speed could not spend within MAX_RUN_SECONDS
@@ -242,7 +262,7 @@ class Session:
         """tokenizer.json, plan.json, then config.toml, each whole: config.toml is what makes a folder a run, so
         an interruption before it leaves no run, and one after it a run that resumes (from step 0)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.run_dir / "tokenizer.json", self.data.tokenizer.to_json())
+        write_atomic(self.run_dir / "tokenizer.json", self.tokenizer.to_json())
         budget = self.config.budget.build()
         plan = {"model": self.model_cfg.to_dict(), "parameters": count_parameters(self.model_cfg),
                 "flops_per_token": flops_per_token(self.model_cfg), "tokens_per_step": self.tokens_per_step,
@@ -250,10 +270,13 @@ class Session:
                 "device": device_name(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "matmul_peak_flops": self.peak_flops, "world_size": self.ranks.world_size,
                 "parallel": self.config.train.parallel if self.ranks.distributed else None,
-                "memory": self.memory_plan(), "corpus": self.data.corpus.meta,
-                "read": vars(self.data.stats), "data": self.data.summary(), "auto_plan": self.auto_plan}
+                "memory": self.memory_plan(), **self.data_record(), "auto_plan": self.auto_plan}
         write_json_atomic(self.run_dir / PLAN_FILE, plan)
         write_atomic(self.run_dir / CONFIG_FILE, config_to_toml(self.config))
+
+    def data_record(self) -> dict[str, Any]:
+        """What plan.json keeps of the data: the corpus, what reading it found, the mixture."""
+        return {"corpus": self.data.corpus.meta, "read": vars(self.data.stats), "data": self.data.summary()}
 
     def memory_plan(self) -> dict[str, Any]:
         """The memory methods and the estimated bytes of a step with them (flopwise/memory/estimate.py)."""
@@ -313,14 +336,16 @@ class Session:
             trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device,
                               self.dtype, self.evaluate_during_run, self.display,
                               event_log, methods=self.methods, module=self.model, ranks=self.ranks,
-                              forecaster=self.forecaster(), evaluate_tasks=self.evaluate_tasks())
+                              forecaster=self.forecaster(), evaluate_tasks=self.evaluate_tasks(),
+                              objective=self.objective, eval_fields=self.eval_fields)
+            self.before_training(trainer, state)
             with self.display:
                 outcome: Outcome = trainer.run(state)
             final_eval = None
             if outcome.finished:
                 try:
                     start = time.perf_counter()
-                    final_eval = self.evaluator(self.model, c.train.eval_tokens * FINAL_EVAL_SCALE)
+                    final_eval = self.final_evaluation()
                     outcome.eval_seconds += time.perf_counter() - start
                     self.save_final()
                     trainer.log_eval(outcome.state, 1.0, final_eval)  # after the save: a resume logs it once
@@ -334,6 +359,13 @@ class Session:
         return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
                        outcome.stop_reason, self.sampler.domain_epochs())
+
+    def before_training(self, trainer: Trainer, state: LoopState) -> None:
+        """What happens once the loop is set up, before its first step (nothing, for pretraining)."""
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """The held-out loss on FINAL_EVAL_SCALE times the tokens each evaluation during the run reads."""
+        return self.evaluator(self.model, self.config.train.eval_tokens * FINAL_EVAL_SCALE)
 
     def evaluate_during_run(self) -> dict[str, Any]:
         """Every FINAL_EVAL_SCALE-th window of the final evaluation's, so the logged curve estimates the
@@ -371,8 +403,9 @@ class Session:
             if state is not None:
                 model = build_model(self.model_cfg, self.methods.configure)
                 model.load_state_dict(state, strict=True)
-            save_hf_folder(plain_model(model), self.data.tokenizer, self.run_dir / "final",
-                           weights_only=not self.model_cfg.llama_style)
+            save_hf_folder(plain_model(model), self.tokenizer, self.run_dir / "final",
+                           weights_only=not self.model_cfg.llama_style,
+                           **chat_files(self.config.posttrain.stage))
         self.ranks.barrier()
 
     def load_initial_weights(self, model: GPT) -> None:
@@ -390,15 +423,16 @@ def _methods_state(state: dict[str, Any]) -> dict[str, Any]:
     return {"online_mixture": legacy["mixture"]} if "mixture" in legacy else {}
 
 
-def start_new(config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> Session:
-    session = Session.new(config, run_dir, display)
+def start_new(config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None,
+              session_class: type[Session] = Session) -> Session:
+    session = session_class.new(config, run_dir, display)
     session.prepare()
     session.build(initial_weights=bool(config.model.init_from))
     return session
 
 
-def open_for_resume(run_dir: Path, budget: Budget | None,
-                    display: ProgressDisplay | None = None) -> tuple[Session, LoopState]:
+def open_for_resume(run_dir: Path, budget: Budget | None, display: ProgressDisplay | None = None,
+                    session_class: type[Session] = Session) -> tuple[Session, LoopState]:
     """Reopen a run: continue an interrupted one (from its newest intact checkpoint, or from step 0 if it
     was interrupted before its first), or extend a finished one to a larger budget."""
     config = load_run_config(run_dir)
@@ -416,7 +450,7 @@ def open_for_resume(run_dir: Path, budget: Budget | None,
         checkpoint, config = _extension_point(run_dir, config, checkpoints, budget, skipped.append)
     elif checkpoints:
         checkpoint = newest_intact(run_dir, checkpoints, skipped.append)
-    session = Session(config, run_dir, display)
+    session = session_class(config, run_dir, display)
     for line in skipped:
         session.display.message(line)
     session.prepare(Tokenizer.load(run_dir / "tokenizer.json"), planned)

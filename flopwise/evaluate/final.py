@@ -26,6 +26,7 @@ from flopwise.methods.stack import MethodStack
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import WEIGHTS, load_weights_into, require_llama_style, save_hf_folder
 from flopwise.model.int4 import fake_quantize
+from flopwise.posttrain.template import chat_files
 from flopwise.rundir import check_output, planned_model_config, require_run_dir
 from flopwise.runtime import choose_device, choose_dtype
 from flopwise.train.checkpoint import list_checkpoints, newest_intact, reading_checkpoints
@@ -72,7 +73,7 @@ def export_run(run_dir: Path, folder: Path, checkpoint: bool = False) -> Path:
         raise FlopwiseError(f"--to '{folder}' exists and is not an empty folder: choose a new folder")
     require_llama_style(planned_model_config(run_dir))
     model, tokenizer = load_run_model(run_dir, torch.device("cpu"), checkpoint)
-    save_hf_folder(model, tokenizer, folder)
+    save_hf_folder(model, tokenizer, folder, **chat_files(load_run_config(run_dir).posttrain.stage))
     return folder
 
 

@@ -146,12 +146,13 @@ def flopwise_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, sour
 
 
 def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, weights_only: bool = False,
-                   chat_template: str | None = None) -> None:
+                   chat_template: str | None = None, end_of_turn: str | None = None) -> None:
     """Write a folder that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load offline.
     ``weights_only``: just the weights (under the same names) and tokenizer, for a model that
     transformers has no architecture for (a run's final/ folder then still holds its result).
     ``chat_template``: a Jinja template stored in ``tokenizer_config.json``, where ``apply_chat_template``
-    (and llama.cpp's converter) read it.
+    (and llama.cpp's converter) read it; ``end_of_turn``: the token a chat reply ends with, listed among
+    the end tokens of ``generation_config.json`` so that ``generate`` stops there.
 
     Written under a temporary name and renamed, so an interrupted export leaves no half folder."""
     config = None if weights_only else hf_config(model.config, tokenizer, weights_dtype(model))
@@ -162,7 +163,7 @@ def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, weights_only:
         save_file(hf_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         tokenizer.save(tmp / "tokenizer.json")
         if config is not None:
-            _write_transformers_files(tmp, config, model.config, tokenizer, chat_template)
+            _write_transformers_files(tmp, config, model.config, tokenizer, chat_template, end_of_turn)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -172,9 +173,11 @@ def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, weights_only:
 
 
 def _write_transformers_files(tmp: Path, config: dict[str, Any], cfg: ModelConfig, tokenizer: Tokenizer,
-                              chat_template: str | None) -> None:
+                              chat_template: str | None, end_of_turn: str | None) -> None:
     _write(tmp / "config.json", config)
-    _write(tmp / "generation_config.json", {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
+    ends = [tokenizer.eos_id] + ([tokenizer.encode_batch([end_of_turn])[0][0]] if end_of_turn else [])
+    _write(tmp / "generation_config.json", {"bos_token_id": tokenizer.eos_id,
+                                            "eos_token_id": ends if len(ends) > 1 else ends[0],
                                             "do_sample": True, "temperature": 0.8, "top_k": 50})
     eos = tokenizer.eos_token
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,

@@ -36,6 +36,12 @@ CHAT_TEMPLATE = (
 )
 
 
+def chat_files(stage: str) -> dict[str, str]:
+    """What a run's exported folder adds for chat: the template and the end-of-turn token, for a post-trained
+    run (``posttrain.stage`` sft or dpo); nothing for a pretrained one, which never saw the template."""
+    return {} if stage == "pretrain" else {"chat_template": CHAT_TEMPLATE, "end_of_turn": IM_END}
+
+
 class MessageLike(Protocol):
     """One turn: ``role`` is "system", "user" or "assistant" (read-only, so frozen dataclasses fit)."""
 

@@ -21,6 +21,8 @@ from flopwise.train.metrics import MetricsLog
 
 WANDB_ID_FILE = "wandb.json"
 # backend -> (module imported for it, package to pip install)
+# what a post-training evaluation adds (flopwise/posttrain/evaluation.py)
+EVAL_EXTRAS = ("reward_accuracy", "reward_margin", "preference_accuracy")
 _PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 
 
@@ -30,8 +32,9 @@ def scalars(event: dict[str, Any]) -> dict[str, float]:
         values = {"train/loss": event["loss"], "train/lr": event["lr"], "train/throughput": event["throughput"],
                   "train/mfu": event.get("mfu"), "train/memory": event.get("memory")}
     elif event.get("event") == "eval":
-        values = {"eval/loss": event["val_loss"], "eval/bpb": event["val_bpb"]}
+        values = {"eval/loss": event["val_loss"], "eval/bpb": event.get("val_bpb")}
         values.update({f"eval/loss/{name}": loss for name, loss in event.get("domains", {}).items()})
+        values.update({f"eval/{key}": event[key] for key in EVAL_EXTRAS if key in event})
     elif event.get("event") == "tasks":
         values = {f"tasks/{name}/{key}": result[key] for name, result in event["tasks"].items()
                   for key in ("centered", "acc", "acc_norm", "acc_bytes", "exact_match") if key in result}

@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 
 from flopwise.budget import Budget, Meter, steps_left
-from flopwise.data.sampler import PackedSampler
 from flopwise.errors import FlopwiseError
 from flopwise.methods.stack import MethodStack
 from flopwise.optim.schedules import Schedule
@@ -152,6 +151,24 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, methods
     return ranks.mean(total.item() / grad_accum)
 
 
+def heldout_fields(result: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The eval event's fields and display line for the held-out loss (flopwise/evaluate/heldout.py); every
+    evaluation's fields hold ``val_loss``, the number the curve, the report and the forecast read."""
+    fields = {"val_loss": result["loss"], "val_bpb": result["bpb"],
+              "domains": {name: d["loss"] for name, d in result["domains"].items()}}
+    return fields, f"val_loss {result['loss']:.4f}  bpb {result['bpb']:.4f}"
+
+
+class Sampler(Protocol):
+    """What the loop asks of the data order: the progress it paces by, epochs per domain, resumable state."""
+
+    progress: float
+
+    def domain_epochs(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
 class EventLog(Protocol):
     def append(self, event: dict[str, Any]) -> None: ...
 
@@ -164,13 +181,14 @@ class Trainer:
     logs, and ``log`` is None on the others.  ``methods`` act through their hooks
     (flopwise/methods/base.py); the loop names none of them."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: PackedSampler,
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler,
                  settings: LoopSettings, run_dir: Path, device: torch.device, dtype: torch.dtype,
                  evaluate: Callable[[], dict[str, Any]], display: ProgressDisplay, log: EventLog | None,
                  methods: MethodStack, module: torch.nn.Module | None = None, ranks: Ranks = Ranks(),
                  forecaster: LossForecaster | None = None,
                  evaluate_tasks: Callable[[], dict[str, Any]] | None = None,
-                 objective: Objective | None = None) -> None:
+                 objective: Objective | None = None,
+                 eval_fields: Callable[[dict[str, Any]], tuple[dict[str, Any], str]] = heldout_fields) -> None:
         self.model = model
         self.module = module if module is not None else model
         self.optimizer = optimizer
@@ -187,6 +205,7 @@ class Trainer:
         self.forecaster = forecaster
         self.evaluate_tasks = evaluate_tasks
         self.objective = objective
+        self.eval_fields = eval_fields
         self._interrupted = False
 
     def train_step(self, step: int, p: float) -> float:
@@ -333,15 +352,13 @@ class Trainer:
         return seconds
 
     def log_eval(self, state: LoopState, p: float, result: dict[str, Any]) -> None:
+        fields, line = self.eval_fields(result)
+        self.display.message(f"eval  step {int(state.meter.steps)}  p={p:.3f}  {line}")
         if self.log is None:
             return
         self.log.append({"event": "eval", "step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens,
-                             "flops": state.meter.flops, "seconds": state.meter.seconds,
-                             "val_loss": result["loss"], "val_bpb": result["bpb"],
-                             "domains": {name: d["loss"] for name, d in result["domains"].items()},
-                             "epochs": self.sampler.domain_epochs()})
-        self.display.message(f"eval  step {int(state.meter.steps)}  p={p:.3f}  val_loss {result['loss']:.4f}  "
-                             f"bpb {result['bpb']:.4f}")
+                         "flops": state.meter.flops, "seconds": state.meter.seconds, **fields,
+                         "epochs": self.sampler.domain_epochs()})
 
     def _maybe_checkpoint(self, state: LoopState, p: float, timer: StepTimer, force: bool) -> float:
         """Checkpoint every ``checkpoint_every`` of the budget, on interruption, and (pinned)
