@@ -22,6 +22,7 @@ from flopwise.posttrain.preference import (
     PairSampler,
     PreferenceEvaluator,
     RenderedPair,
+    dpo_flops_per_step,
     prepare_pairs,
     render_pair,
 )
@@ -144,8 +145,7 @@ def test_ranks_take_contiguous_shares_of_the_global_batch():
 
 def test_loss_is_log_two_while_the_policy_is_the_reference():
     policy = model()
-    objective = DPOObjective(PairSampler(pairs(), SEQ_LEN, 4, 0, 0), copy.deepcopy(policy), beta=0.1,
-                             reference_flops_per_token=1.0)
+    objective = DPOObjective(PairSampler(pairs(), SEQ_LEN, 4, 0, 0), copy.deepcopy(policy), beta=0.1)
     loss, detached = objective.loss(policy, objective.next_batch(), CPU, torch.float32)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert loss.requires_grad and not detached.requires_grad
@@ -158,7 +158,7 @@ def test_training_raises_preference_accuracy_and_margin_and_leaves_the_reference
     reference = copy.deepcopy(policy)
     before = {name: tensor.clone() for name, tensor in reference.state_dict().items()}
     data = pairs(8)
-    objective = DPOObjective(PairSampler(data, SEQ_LEN, 4, 0, 0), reference, beta=0.5, reference_flops_per_token=1.0)
+    objective = DPOObjective(PairSampler(data, SEQ_LEN, 4, 0, 0), reference, beta=0.5)
     evaluator = PreferenceEvaluator(data, reference, beta=0.5, batch_size=4, device=CPU, dtype=torch.float32,
                                     pad_id=0)
     start = evaluator(policy)
@@ -166,21 +166,16 @@ def test_training_raises_preference_accuracy_and_margin_and_leaves_the_reference
     for _ in range(12):
         train_step(policy, optimizer, stack_of(), 1, 1.0, CPU, torch.float32, Ranks(), objective)
     end = evaluator(policy)
-    assert start["accuracy"] == 0.0 and start["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert end["accuracy"] == 1.0 and end["margin"] > 1.0 and end["loss"] < start["loss"] / 2
+    assert start["reward_accuracy"] == 0.0 and start["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert end["reward_accuracy"] == 1.0 and end["reward_margin"] > 1.0 and end["loss"] < start["loss"] / 2
+    assert end["preference_accuracy"] >= start["preference_accuracy"]
     assert not reference.training and not any(p.requires_grad for p in reference.parameters())
     assert all(torch.equal(before[name], tensor) for name, tensor in reference.state_dict().items())
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_extra_flops_are_the_reference_forwards_of_all_ranks(world_size):
-    sampler = PairSampler(pairs(), SEQ_LEN, batch_size=4, seed=0, pad_id=0, world_size=world_size)
-    forward = flops_per_token(CONFIG) / 3  # forward alone: 2 of the 6 FLOPs per weight
-    objective = DPOObjective(sampler, model(1), beta=0.1, reference_flops_per_token=forward)
-    for _ in range(3):
-        objective.loss(model(), objective.next_batch(), CPU, torch.float32)
-    assert objective.take_extra_flops() == pytest.approx(3 * (2 * 4) * SEQ_LEN * forward)  # 8 rows a step
-    assert objective.take_extra_flops() == 0.0
+def test_a_step_counts_the_policy_on_both_rows_and_the_reference_forward():
+    per_token = flops_per_token(CONFIG)  # forward and backward: 6 FLOPs per weight, of which forward is 2
+    assert dpo_flops_per_step(CONFIG, 4, SEQ_LEN) == pytest.approx((2 * 4 * SEQ_LEN) * per_token * (1 + 1 / 3))
 
 
 def test_evaluator_equals_dpo_computed_by_hand_on_each_pair_alone():
@@ -193,6 +188,8 @@ def test_evaluator_equals_dpo_computed_by_hand_on_each_pair_alone():
     margins = chosen - rejected
     assert result["pairs"] == 7
     assert result["loss"] == pytest.approx(float(np.mean(np.log1p(np.exp(-margins)))), rel=1e-5)
-    assert result["accuracy"] == pytest.approx(float(np.mean(margins > 0)))
-    assert result["margin"] == pytest.approx(float(np.mean(margins)), rel=1e-4, abs=1e-6)
+    assert result["reward_accuracy"] == pytest.approx(float(np.mean(margins > 0)))
+    assert result["reward_margin"] == pytest.approx(float(np.mean(margins)), rel=1e-4, abs=1e-6)
+    likelier = [log_prob(policy, p.chosen) > log_prob(policy, p.rejected) for p in data]
+    assert result["preference_accuracy"] == pytest.approx(float(np.mean(likelier)))
     assert policy.training  # put back as it was

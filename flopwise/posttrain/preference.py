@@ -9,8 +9,9 @@ of pairs, so one forward scores both sides and the halves line up.
 The order of pairs follows ``ConversationSampler``'s: a seeded permutation per epoch, a state of two ints for
 an exact resume, and each rank taking its contiguous share of the global batch.
 
-The reference is the starting model, frozen (eval mode, no gradients); its forwards are compute the budget
-must count, so the objective meters them (``take_extra_flops``) as SALT meters its teacher.
+The reference is the starting model, frozen (eval mode, no gradients).  Its forwards are compute the budget
+must count: the same every step, so ``dpo_flops_per_step`` counts them in each step's FLOPs, and a FLOP budget
+ends at its last step as exactly as pretraining's does.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
+from flopwise.model.config import ModelConfig
+from flopwise.model.flops import flops_per_token, forward_flops_per_token
 from flopwise.posttrain.conversations import Message, PreferencePair
 from flopwise.posttrain.losses import PreferenceOutcome, dpo_loss, reply_log_probs
 from flopwise.posttrain.sampler import PrepareStats, Rendered, prepare
@@ -166,18 +169,21 @@ def freeze(reference: torch.nn.Module) -> torch.nn.Module:
     return reference.eval().requires_grad_(False)
 
 
-class DPOObjective:
-    """Pairs from the sampler scored by DPO against the frozen ``reference``.  ``reference_flops_per_token``:
-    the reference's forward FLOPs per token fed (``forward_flops_per_token`` of its config)."""
+def dpo_flops_per_step(cfg: ModelConfig, pairs_per_step: int, seq_len: int) -> float:
+    """FLOPs of one DPO step: the policy trains on both rows of each pair (forward and backward) and the frozen
+    reference runs forward on the same rows."""
+    rows = 2 * pairs_per_step * seq_len
+    return (flops_per_token(cfg) + forward_flops_per_token(cfg)) * rows
 
-    def __init__(self, sampler: PairSampler, reference: torch.nn.Module, beta: float,
-                 reference_flops_per_token: float) -> None:
+
+class DPOObjective:
+    """Pairs from the sampler scored by DPO against the frozen ``reference``."""
+
+    def __init__(self, sampler: PairSampler, reference: torch.nn.Module, beta: float) -> None:
         self.sampler = sampler
         self.reference = freeze(reference)
         self.beta = beta
-        self.reference_flops_per_token = reference_flops_per_token
         self.last_outcome: PreferenceOutcome | None = None
-        self._flops = 0.0
 
     def next_batch(self) -> PairBatch:
         return self.sampler.next_batch()
@@ -188,16 +194,9 @@ class DPOObjective:
         policy_chosen, policy_rejected = side_log_probs(model, batch, device, dtype)
         with torch.no_grad():
             reference_chosen, reference_rejected = side_log_probs(self.reference, batch, device, dtype)
-        # every rank runs the same share, and the meter counts the global step (as SALT's teacher)
-        self._flops += self.reference_flops_per_token * batch.inputs.numel() * self.sampler.world_size
         self.last_outcome = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                                      self.beta)
         return self.last_outcome.loss, self.last_outcome.loss.detach()
-
-    def take_extra_flops(self) -> float:
-        """The reference's forward FLOPs (all ranks) since the last call, for the budget meter."""
-        flops, self._flops = self._flops, 0.0
-        return flops
 
 
 class PreferenceEvaluator:
@@ -221,11 +220,15 @@ class PreferenceEvaluator:
         return torch.cat([c for c, _ in sides]), torch.cat([r for _, r in sides])
 
     def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
-        """DPO loss, accuracy (share of pairs whose chosen reply has the higher reward), mean margin (in
-        reward units, beta times nats) and the pair count; the model's mode is put back."""
+        """DPO loss; reward accuracy (share of pairs whose chosen reply has the higher implicit reward) and mean
+        reward margin (beta times nats), both measured from the reference; preference accuracy (share of pairs
+        whose chosen reply the model itself finds likelier, so models compare without a reference); and the
+        pair count.  The model's mode is put back."""
         was_training = model.training
         model.eval()
-        outcome = dpo_loss(*self._scores(model), *self.reference_scores, self.beta)
+        chosen, rejected = self._scores(model)
+        outcome = dpo_loss(chosen, rejected, *self.reference_scores, self.beta)
         model.train(was_training)
-        return {"loss": float(outcome.loss), "accuracy": float(outcome.accuracy),
-                "margin": float(outcome.margin.mean()), "pairs": self.pairs}
+        return {"loss": float(outcome.loss), "reward_accuracy": float(outcome.accuracy),
+                "reward_margin": float(outcome.margin.mean()),
+                "preference_accuracy": float((chosen > rejected).float().mean()), "pairs": self.pairs}

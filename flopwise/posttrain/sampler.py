@@ -105,6 +105,7 @@ class ConversationSampler:
         self.rank = rank
         self.world_size = world_size
         self.tokens = sum(len(c.ids) for c in conversations)
+        self.progress = 0.0  # set by the Trainer each step; the order does not pace by it
         self.epoch = 0
         self.position = 0
         self._permutation_epoch = -1
@@ -114,6 +115,10 @@ class ConversationSampler:
     def epochs(self) -> float:
         """Conversations consumed (all ranks) over the number of conversations."""
         return self.epoch + self.position / len(self.conversations)
+
+    def domain_epochs(self) -> dict[str, float]:
+        """Epochs under the one name the Trainer logs per domain."""
+        return {"conversations": self.epochs}
 
     def next_batch(self) -> SFTBatch:
         """This rank's rows of the next global batch."""
