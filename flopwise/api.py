@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from flopwise.budget import Budget
-from flopwise.config import RunConfig, load_config
+from flopwise.config import RunConfig, load_config, load_run_config
+from flopwise.posttrain.session import PostTrainSession
 from flopwise.rundir import writing
-from flopwise.session import Summary, open_for_resume, start_new
+from flopwise.session import Session, Summary, open_for_resume, start_new
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.trainer import LoopState
 
@@ -23,12 +24,13 @@ from flopwise.train.trainer import LoopState
 def run(config: RunConfig | str | Path, out: str | Path, *, stop_after: Budget | str | None = None,
         display: ProgressDisplay | None = None, auto_plan: dict[str, Any] | None = None) -> Summary:
     """Train a new run of ``config`` (a RunConfig, or the path of a TOML/YAML file) into the folder ``out``
-    until its budget is spent (or ``stop_after`` is, checkpointed as if interrupted).  ``auto_plan``: the
+    until its budget is spent (pretraining, or SFT or DPO from ``model.init_from`` when ``posttrain.stage``
+    says so) (or ``stop_after`` is, checkpointed as if interrupted).  ``auto_plan``: the
     plan that chose its shape, kept in plan.json."""
     if not isinstance(config, RunConfig):
         config = load_config(config)
     with writing(Path(out), new=True):
-        session = start_new(config, Path(out), display)
+        session = start_new(config, Path(out), display, session_class(config))
         session.auto_plan = auto_plan
         session.write_run_files()
         return session.run(LoopState(), _budget(stop_after))
@@ -39,8 +41,14 @@ def resume(run_dir: str | Path, budget: Budget | str | None = None, *, stop_afte
     """Continue an interrupted run to its budget, or extend a finished one to a larger ``budget``, exactly
     as the uninterrupted run would have gone."""
     with writing(Path(run_dir), new=False):
-        session, state = open_for_resume(Path(run_dir), _budget(budget), display)
+        config = load_run_config(Path(run_dir))
+        session, state = open_for_resume(Path(run_dir), _budget(budget), display, session_class(config))
         return session.run(state, _budget(stop_after))
+
+
+def session_class(config: RunConfig) -> type[Session]:
+    """Pretraining's session, or post-training's for an sft or dpo run (``posttrain.stage``)."""
+    return Session if config.posttrain.stage == "pretrain" else PostTrainSession
 
 
 def _budget(value: Budget | str | None) -> Budget | None:

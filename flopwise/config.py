@@ -22,6 +22,7 @@ from flopwise.data.config import DataSection
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelSection
 from flopwise.optim.config import OptimSection, ScheduleSection
+from flopwise.posttrain.config import PostTrainSection
 from flopwise.rundir import CONFIG_FILE, require_run_dir
 from flopwise.section import Section, in_range, one_or_many
 
@@ -114,6 +115,7 @@ class RunConfig(Section):
     schedule: ScheduleSection = ScheduleSection()
     train: TrainSection = TrainSection()
     memory: MemorySection = MemorySection()
+    posttrain: PostTrainSection = PostTrainSection()
     methods: Any = Field(default_factory=lambda: methods_section()())  # a methods_section() instance
 
     @field_validator("methods", mode="before")

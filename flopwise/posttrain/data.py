@@ -1,0 +1,133 @@
+"""Post-training data as a run trains on it: read (files or built-in), split into training and held-out
+records, rendered with the chat template and cut to the window, with counts for the run summary.
+
+A file's held-out records are a seeded share of it (``posttrain.heldout``), so each source is scored; the
+built-in data is held out by package and help topic instead (flopwise/posttrain/builtin_data.py).  At most
+``posttrain.heldout_max`` held-out records are kept, a seeded sample in their original order, so evaluation
+stays a small part of a short budget.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from flopwise.data.tokenizer import Tokenizer
+from flopwise.errors import FlopwiseError
+from flopwise.posttrain.builtin_data import builtin_instructions, builtin_preferences
+from flopwise.posttrain.config import PostTrainSection
+from flopwise.posttrain.conversations import Conversation, PreferencePair, read_conversations, read_preferences
+from flopwise.posttrain.preference import RenderedPair, prepare_pairs, render_pair
+from flopwise.posttrain.sampler import PrepareStats, Rendered, prepare
+from flopwise.posttrain.template import render
+
+Record = TypeVar("Record", Conversation, PreferencePair)
+BUILTIN_TOPICS = "built-in:pydoc_data.topics"  # the prefix of the help topics' sources
+
+
+@dataclass
+class Split:
+    """Rendered training and held-out records (conversations, or pairs), the names of their sources (a record's
+    ``source`` indexes them) and what cutting to the window did to each side."""
+
+    train: list[Any]
+    heldout: list[Any]
+    sources: list[str]
+    train_stats: PrepareStats
+    heldout_stats: PrepareStats
+
+    def describe(self, kind: str, seq_len: int) -> str:
+        """One line for the run's start: counts, sources and what the window cut."""
+        cut = self.train_stats.truncated + self.heldout_stats.truncated
+        dropped = self.train_stats.dropped + self.heldout_stats.dropped
+        return (f"data: {len(self.train):,} training and {len(self.heldout):,} held-out {kind} from "
+                f"{len(self.sources)} source(s); {cut} truncated to the {seq_len}-token window, {dropped} dropped "
+                "(no reply within it)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": len(self.train), "heldout": len(self.heldout), "sources": self.sources,
+                "train_truncated": self.train_stats.truncated, "train_dropped": self.train_stats.dropped,
+                "heldout_truncated": self.heldout_stats.truncated, "heldout_dropped": self.heldout_stats.dropped}
+
+
+def source_name(source: str) -> str:
+    """The name a record's source is reported under: its file, or the built-in data's two kinds (one name per
+    standard-library module would be hundreds of tiny sources)."""
+    if source.startswith(BUILTIN_TOPICS):
+        return "built-in:help-topics"
+    return "built-in:docstrings" if source.startswith("built-in:") else source
+
+
+def sft_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, seed: int) -> Split:
+    """The conversations of ``section.data`` (or the built-in instructions), rendered and cut to ``seq_len``."""
+    train, heldout = _records(section, seed, read_conversations, builtin_instructions)
+    sources = _sources(train + heldout)
+
+    def rendered(conversations: list[Conversation]) -> tuple[list[Rendered], PrepareStats]:
+        return prepare([Rendered.of(*render(tokenizer, c.messages), sources.index(source_name(c.source)))
+                        for c in conversations], seq_len)
+
+    (train_rows, train_stats), (heldout_rows, heldout_stats) = rendered(train), rendered(heldout)
+    return Split(train_rows, heldout_rows, sources, train_stats, heldout_stats)
+
+
+def dpo_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, seed: int) -> Split:
+    """The preference pairs of ``section.data`` (or the built-in ones), rendered and cut to ``seq_len``."""
+    train, heldout = _records(section, seed, read_preferences, builtin_preferences)
+    sources = _sources(train + heldout)
+
+    def rendered(pairs: list[PreferencePair]) -> tuple[list[RenderedPair], PrepareStats]:
+        return prepare_pairs([render_pair(tokenizer, pair, sources.index(source_name(pair.source)))
+                              for pair in pairs], seq_len)
+
+    (train_pairs, train_stats), (heldout_pairs, heldout_stats) = rendered(train), rendered(heldout)
+    return Split(train_pairs, heldout_pairs, sources, train_stats, heldout_stats)
+
+
+def _sources(records: Sequence[Conversation | PreferencePair]) -> list[str]:
+    return list(dict.fromkeys(source_name(record.source) for record in records))
+
+
+def _records(section: PostTrainSection, seed: int, read: Callable[[Path], list[Record]],
+             builtin: Callable[[int], tuple[list[Record], list[Record]]]) -> tuple[list[Record], list[Record]]:
+    """(training, held-out) records of the files, each split by its own seeded share, or the built-in split."""
+    if not section.data:
+        train, heldout = builtin(seed)
+    else:
+        train, heldout = [], []
+        for index, name in enumerate(section.data):
+            records = read(_data_file(name))
+            held = _held_out_indices(len(records), section.heldout, random.Random(f"{seed}:{index}"))
+            train += [record for i, record in enumerate(records) if i not in held]
+            heldout += [record for i, record in enumerate(records) if i in held]
+    if not train:
+        raise FlopwiseError(f"posttrain.heldout={section.heldout:g} leaves nothing to train on: lower it, or give "
+                            "more records")
+    if not heldout:
+        raise FlopwiseError(f"posttrain.heldout={section.heldout:g} holds out no record, so nothing would measure the "
+                            "run: give files of at least 2 records, or raise it")
+    if len(heldout) > section.heldout_max:
+        keep = set(random.Random(f"{seed}:heldout").sample(range(len(heldout)), section.heldout_max))
+        heldout = [record for i, record in enumerate(heldout) if i in keep]
+    return train, heldout
+
+
+def _held_out_indices(count: int, share: float, rng: random.Random) -> set[int]:
+    """A seeded ``share`` of ``count`` records, at least one when the share is positive and another record is
+    left to train on."""
+    wanted = round(share * count)
+    if share > 0 and count > 1:
+        wanted = max(1, wanted)
+    return set(rng.sample(range(count), min(wanted, count - 1)))
+
+
+def _data_file(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise FlopwiseError(f"posttrain.data '{name}' is a folder: give JSONL files (--data a.jsonl --data b.jsonl)")
+    if not path.is_file():
+        raise FlopwiseError(f"posttrain.data '{name}' does not exist: give the path of a JSONL file")
+    return path
