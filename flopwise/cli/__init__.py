@@ -16,13 +16,15 @@ from collections.abc import Callable
 from rich.console import Console
 
 from flopwise import __version__
-from flopwise.cli import bench, chat, data, eval, export, fit, memory, plan, report, sample, scan, train
+from flopwise.cli import bench, chat, data, eval, export, fit, memory, plan, posttrain, report, sample, scan, train
 from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
 
 # in the order `flopwise --help` lists them
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None],
                           Callable[[argparse.Namespace, Console], int]]] = {
-    "train": (train.register, train.cmd_train), "eval": (eval.register, eval.cmd_eval),
+    "train": (train.register, train.cmd_train),
+    "sft": (posttrain.register_sft, posttrain.cmd_sft), "dpo": (posttrain.register_dpo, posttrain.cmd_dpo),
+    "eval": (eval.register, eval.cmd_eval),
     "sample": (sample.register, sample.cmd_sample), "chat": (chat.register, chat.cmd_chat),
     "export": (export.register, export.cmd_export),
     "report": (report.register, report.cmd_report), "bench": (bench.register, bench.cmd_bench),

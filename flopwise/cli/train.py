@@ -153,7 +153,8 @@ def _reject_with_resume(args: argparse.Namespace) -> None:
                             "(only --budget and --stop-after apply)")
 
 
-def print_summary(console: Console, summary: Summary) -> None:
+def print_summary(console: Console, summary: Summary, table: bool = True) -> None:
+    """What the run spent and saw; ``table``: the final held-out evaluation as well."""
     final = summary.final_eval
     m = summary.meter
     console.print(f"\n[bold]done[/bold]: {summary.run_dir}  ({int(m.steps)} steps, {m.tokens / 1e6:.2f}M tokens, "
@@ -162,4 +163,5 @@ def print_summary(console: Console, summary: Summary) -> None:
     if summary.domain_epochs:
         console.print("data seen: " + ", ".join(f"{name} {epochs:.2f} epochs" for name, epochs
                                                 in summary.domain_epochs.items()), highlight=False)
-    console.print(eval_table(final))
+    if table:
+        console.print(eval_table(final))

@@ -1,0 +1,165 @@
+"""``flopwise sft`` and ``flopwise dpo``: post-train a finished run or a Hugging Face model under a budget."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+
+from flopwise.budget import Budget
+from flopwise.cli.flags import DEFAULT_RECIPE, config_flags_given, config_from_args
+from flopwise.cli.train import print_summary
+from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
+from flopwise.rundir import check_output
+
+if TYPE_CHECKING:
+    from flopwise.config import RunConfig
+    from flopwise.session import Summary
+
+SFT_EPILOG = """\
+data (--data, repeatable; the format is detected per file from its first record):
+  {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}        OpenAI-style
+  {"conversations": [{"from": "human"|"gpt"|..., "value": ...}, ...], "system": ...}  ShareGPT
+  {"instruction": ..., "input": ..., "output": ...}                                   Alpaca
+without --data: built-in questions about the Python standard library, answered by its own docs.
+
+the chat template is ChatML (<|im_start|>role ... <|im_end|>); its two tokens join the tokenizer and the
+embedding grows by their rows.  The loss counts assistant tokens only.  Several conversations share a window
+(each attends only to itself) unless --no-pack; a conversation longer than the window is cut, and counted.
+
+examples:
+  flopwise train --budget 3m --out runs/base
+  flopwise sft --init-from runs/base --budget 2m --out runs/sft
+  flopwise sft --init-from runs/base --data chats.jsonl --data alpaca.jsonl --budget 10m --out runs/mine
+  flopwise sft --init-from ./hf-llama-folder --method lisa --budget 20m --out runs/lisa
+  flopwise sft --resume runs/sft                      # after an interruption
+  flopwise chat runs/sft
+"""
+
+DPO_EPILOG = """\
+data (--data, repeatable): one pair per line,
+  {"prompt": "..." | [messages], "chosen": "..." | [messages], "rejected": "..." | [messages]}
+without --data: built-in pairs (the right docstring answer chosen, another function's rejected).
+
+the reference is the starting model, frozen; its forward passes are counted in the budget.  Reported:
+the held-out preference accuracy (chosen likelier than rejected under the model), the reward accuracy
+and margin (the implicit rewards beta * log(pi / reference)).
+
+examples:
+  flopwise dpo --init-from runs/sft --budget 2m --out runs/dpo
+  flopwise dpo --init-from runs/sft --data prefs.jsonl --beta 0.3 --budget 10m --out runs/dpo
+  flopwise chat runs/dpo
+"""
+
+
+def register_sft(commands: argparse._SubParsersAction) -> None:
+    sft = commands.add_parser("sft", help="supervised fine-tuning on conversations, under a budget",
+                              epilog=SFT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description="Fine-tune a finished run (or a Hugging Face model) on chat "
+                                          "conversations under a budget, with the loss on the assistant's "
+                                          "tokens only, and write a model that chats (flopwise chat, or "
+                                          "transformers' apply_chat_template and generate).")
+    _add_flags(sft, "JSONL conversations")
+    sft.add_argument("--no-pack", action="store_true",
+                     help="one conversation per window (padded) instead of several packed together")
+
+
+def register_dpo(commands: argparse._SubParsersAction) -> None:
+    dpo = commands.add_parser("dpo", help="direct preference optimization on chosen/rejected pairs, under a budget",
+                              epilog=DPO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description="Tune a fine-tuned run (or a Hugging Face model) towards preferred "
+                                          "replies with DPO (Rafailov et al. 2023) against the frozen starting "
+                                          "model, under a budget.")
+    _add_flags(dpo, "JSONL preference pairs")
+    dpo.add_argument("--beta", type=float, help="DPO's beta: how strongly to stay near the reference (default 0.1)")
+
+
+def _add_flags(p: argparse.ArgumentParser, data: str) -> None:
+    p.add_argument("--init-from", metavar="RUN_OR_HF_MODEL",
+                   help="the starting model: a finished run folder, or a Llama-family Hugging Face folder or hub id")
+    p.add_argument("--data", action="append", metavar="FILE", dest="chat_data",
+                   help=f"{data}; repeatable (default: the built-in data)")
+    p.add_argument("--budget", help="the budget, e.g. 2m or 1e14flops or 500k (tokens) or 40steps")
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<date-time>)")
+    p.add_argument("--config", type=Path, help="TOML or YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config key, e.g. optim.lr=1e-3 or posttrain.heldout=0.1; repeatable")
+    p.add_argument("--method", action="append", metavar="NAME",
+                   help="a method acting on the model or optimizer: lora, lisa, galore, 8bit, checkpointing, ...")
+    p.add_argument("--memory", metavar="SIZE", help="memory cap, e.g. 4GiB: picks the memory-saving methods that fit")
+    p.add_argument("--seed", type=int, help="fixes the data order, the held-out split and everything random")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--log", action="append", choices=("tensorboard", "wandb"),
+                   help="also log to TensorBoard or Weights & Biases; metrics.jsonl is always written")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest checkpoint")
+    p.add_argument("--stop-after", metavar="AMOUNT",
+                   help="stop once this much is spent (e.g. 20steps), checkpointed as if interrupted")
+    p.set_defaults(recipe=DEFAULT_RECIPE)  # config_from_args reads it; post-training has no recipes
+
+
+def cmd_sft(args: argparse.Namespace, console: Console) -> int:
+    return _post_train(args, console, "sft")
+
+
+def cmd_dpo(args: argparse.Namespace, console: Console) -> int:
+    return _post_train(args, console, "dpo")
+
+
+def _post_train(args: argparse.Namespace, console: Console, stage: str) -> int:
+    from flopwise.api import resume, run
+    from flopwise.train.display import ProgressDisplay
+
+    display = ProgressDisplay(console)
+    stop_after = Budget.parse(args.stop_after) if args.stop_after else None
+    if args.resume:
+        given = config_flags_given(args) + [flag for flag, value in (
+            ("--out", args.out), ("--data", args.chat_data), ("--no-pack", getattr(args, "no_pack", False)),
+            ("--beta", getattr(args, "beta", None))) if value]
+        if given:
+            raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "
+                                "(only --stop-after applies)")
+        summary = resume(args.resume, stop_after=stop_after, display=display)
+    else:
+        check_output("--out", args.out, folder=True)
+        config = config_from_args(args)
+        values = {"posttrain.stage": stage, **({"posttrain.data": [str(p) for p in args.chat_data]}
+                                               if args.chat_data else {})}
+        if getattr(args, "no_pack", False):
+            values["posttrain.pack"] = False
+        if getattr(args, "beta", None) is not None:
+            values["posttrain.beta"] = args.beta
+        config = config.replace(**values, **stage_defaults(config, stage))
+        if not args.init_from and not config.model.init_from:
+            raise FlopwiseError(f"{stage} needs a starting model: --init-from RUN (a finished run folder) or a "
+                                "Hugging Face folder or hub id")
+        out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        summary = run(config, out, stop_after=stop_after, display=display)
+    if not summary.finished:
+        console.print(f"stopped at step {int(summary.meter.steps)}, with a checkpoint; continue with: flopwise "
+                      f"{stage} --resume {summary.run_dir}", highlight=False)
+        return EXIT_INTERRUPTED if stop_after is None else 0
+    print_posttrain_summary(console, summary)
+    return 0
+
+
+def stage_defaults(config: RunConfig, stage: str) -> dict[str, float]:
+    """The stage's own defaults (``STAGE_DEFAULTS``) for the keys the user's flags, file and --set left unset."""
+    from flopwise.posttrain.config import STAGE_DEFAULTS
+
+    return {key: value for key, value in STAGE_DEFAULTS[stage].items()
+            if key.split(".")[1] not in getattr(config, key.split(".")[0]).model_fields_set}
+
+
+def print_posttrain_summary(console: Console, summary: Summary) -> None:
+    """Steps and spend, then the starting model against the trained one on the same held-out records."""
+    from flopwise.posttrain.session import describe_start_and_end
+    from flopwise.rundir import METRICS_FILE, read_metrics
+
+    print_summary(console, summary, table=False)
+    evals = [e for e in read_metrics(summary.run_dir / METRICS_FILE) if e["event"] == "eval"]
+    if evals and evals[0]["step"] == 0:
+        console.print(describe_start_and_end(evals[0], evals[-1]), highlight=False)
+    console.print(f"chat with it: flopwise chat {summary.run_dir}", highlight=False)
