@@ -22,7 +22,6 @@ from flopwise.data.config import DataSection
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelSection
 from flopwise.optim.config import OptimSection, ScheduleSection
-from flopwise.posttrain.config import PostTrainSection
 from flopwise.rundir import CONFIG_FILE, require_run_dir
 from flopwise.section import Section, in_range, one_or_many
 
@@ -64,6 +63,26 @@ class TrainSection(Section):
     _counts = in_range("eval_tokens", "log_every", "keep_checkpoints", "task_examples", low=1)
     _shares = in_range("eval_every", "checkpoint_every", "forecast_every", low=0, high=1)  # 0: never
     _loss = in_range("target_loss", low=0, above=True)
+
+
+class PostTrainSection(Section):
+    """``stage``: pretrain (a `flopwise train` run), sft or dpo.  ``data``: JSONL files (conversations for sft,
+    preference pairs for dpo); empty: the built-in data from the standard library.  ``pack``: several
+    conversations per window, each attending only to itself (sft).  ``beta``: DPO's strength of the pull
+    towards the reference.  ``heldout``: the share of each file's records held out (the built-in data is
+    held out by package); ``heldout_max``: at most this many held-out records are scored."""
+
+    stage: Literal["pretrain", "sft", "dpo"] = "pretrain"
+    data: list[str] = []
+    pack: bool = True
+    beta: float = 0.1
+    heldout: float = 0.05
+    heldout_max: int = 256
+
+    _lists = field_validator("data", mode="before")(one_or_many)
+    _beta = in_range("beta", low=0, above=True)
+    _share = in_range("heldout", low=0, high=1, above=True, below=True)
+    _count = in_range("heldout_max", low=1)
 
 
 class MemorySection(Section):

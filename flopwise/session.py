@@ -35,12 +35,12 @@ from flopwise.methods.choose import estimate_for, memory_methods_of, resolve_mem
 from flopwise.methods.dense import build_model, plain_model
 from flopwise.methods.salt import Teacher
 from flopwise.methods.stack import MethodStack, check_methods
+from flopwise.model.chatml import chat_files
 from flopwise.model.config import NAMED_SIZES, ModelConfig
 from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source, save_hf_folder
 from flopwise.optim.build import build_optimizer
-from flopwise.posttrain.template import chat_files
 from flopwise.rundir import CONFIG_FILE, METRICS_FILE, PLAN_FILE, is_run_dir, planned_model_config, read_metrics
 from flopwise.runtime import (
     choose_device,

@@ -15,17 +15,11 @@ import torch
 
 from flopwise.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from flopwise.errors import FlopwiseError
+from flopwise.model.chatml import CHAT_TEMPLATE, SPECIAL_TOKENS
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import save_hf_folder
-from flopwise.posttrain.template import (
-    CHAT_TEMPLATE,
-    SPECIAL_TOKENS,
-    add_chat_tokens,
-    check_room,
-    render,
-    resize_for_tokenizer,
-)
+from flopwise.posttrain.template import add_chat_tokens, check_room, render, resize_for_tokenizer
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local

@@ -41,6 +41,9 @@ RANGES = [
     ("model.d_model", "0", "2"), ("model.n_layers", "-1", "1"), ("model.n_heads", "0", "1"),
     ("model.n_kv_heads", "0", "1"), ("model.seq_len", "0", "1"), ("model.mlp_hidden", "0", "1"),
     ("model.rope_theta", "-1", "1e-6"), ("model.rope_theta", ".nan", "10000"),
+    # posttrain
+    ("posttrain.beta", "0", "1e-6"), ("posttrain.heldout", "0", "1e-6"), ("posttrain.heldout", "1", "0.99"),
+    ("posttrain.heldout_max", "0", "1"),
     # methods.<name>
     ("methods.8bit.block", "0", "1"),
     ("methods.galore.rank", "0", "1"), ("methods.galore.update_gap", "0", "1"), ("methods.galore.scale", "0", "1e-6"),

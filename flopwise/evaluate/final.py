@@ -25,8 +25,8 @@ from flopwise.methods.qat import QATConfig, check_group
 from flopwise.methods.stack import MethodStack
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import WEIGHTS, load_weights_into, require_llama_style, save_hf_folder
+from flopwise.model.chatml import chat_files
 from flopwise.model.int4 import fake_quantize
-from flopwise.posttrain.template import chat_files
 from flopwise.rundir import check_output, planned_model_config, require_run_dir
 from flopwise.runtime import choose_device, choose_dtype
 from flopwise.train.checkpoint import list_checkpoints, newest_intact, reading_checkpoints

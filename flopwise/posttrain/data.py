@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flopwise.config import PostTrainSection
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.posttrain.builtin_data import builtin_instructions, builtin_preferences
-from flopwise.posttrain.config import PostTrainSection
 from flopwise.posttrain.conversations import Conversation, PreferencePair, read_conversations, read_preferences
 from flopwise.posttrain.preference import RenderedPair, prepare_pairs, render_pair
 from flopwise.posttrain.sampler import PrepareStats, Rendered, prepare
@@ -116,12 +116,8 @@ def _records(section: PostTrainSection, seed: int, read: Callable[[Path], list[R
 
 
 def _held_out_indices(count: int, share: float, rng: random.Random) -> set[int]:
-    """A seeded ``share`` of ``count`` records, at least one when the share is positive and another record is
-    left to train on."""
-    wanted = round(share * count)
-    if share > 0 and count > 1:
-        wanted = max(1, wanted)
-    return set(rng.sample(range(count), min(wanted, count - 1)))
+    """A seeded ``share`` of ``count`` records, at least one while another is left to train on."""
+    return set(rng.sample(range(count), min(max(1, round(share * count)), count - 1)))
 
 
 def _data_file(name: str) -> Path:

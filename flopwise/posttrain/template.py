@@ -21,25 +21,8 @@ from torch import nn
 
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
+from flopwise.model.chatml import GENERATION_PROMPT, IM_END, IM_START, SPECIAL_TOKENS
 from flopwise.model.gpt import GPT
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = (IM_START, IM_END)
-GENERATION_PROMPT = f"{IM_START}assistant\n"
-# The classic ChatML template (as in transformers' chat templating docs), without Qwen's default system
-# prompt: what ``render`` writes, character for character.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def chat_files(stage: str) -> dict[str, str]:
-    """What a run's exported folder adds for chat: the template and the end-of-turn token, for a post-trained
-    run (``posttrain.stage`` sft or dpo); nothing for a pretrained one, which never saw the template."""
-    return {} if stage == "pretrain" else {"chat_template": CHAT_TEMPLATE, "end_of_turn": IM_END}
 
 
 class MessageLike(Protocol):
