@@ -19,9 +19,9 @@ from tests.helpers import TINY
 pytestmark = pytest.mark.slow
 
 
-def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args: str, processes: int = 2, flopwise_command: str = "train") -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "flopwise", "train", *args]
+               "-m", "flopwise", flopwise_command, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
@@ -83,6 +83,25 @@ def test_mixed_reweighted_run_under_ddp_follows_the_single_process_run(tmp_path,
     assert_same_curve(ddp, single)
     for a, b in zip(events(ddp, "train"), events(single, "train"), strict=True):
         assert a["mixture"] == pytest.approx(b["mixture"], rel=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_post_training_under_ddp_follows_the_single_process_run(tmp_path, single, stage):
+    """Ranks hold different numbers of assistant tokens: every token still weighs the same (SFT); DPO's
+    reference runs on each rank's own pairs."""
+    words = [f"{w}{i}" for i in range(4) for w in ("apple", "river", "stone", "cloud", "maple", "ember")]
+    records = ([{"messages": [{"role": "user", "content": f"reverse {w}"},
+                              {"role": "assistant", "content": w[::-1] * (1 + len(w) % 3)}]} for w in words]
+               if stage == "sft" else
+               [{"prompt": f"reverse {w}", "chosen": w[::-1], "rejected": w} for w in words])
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    args = ["--init-from", str(single), "--data", str(data), "--budget", "6steps", "--set", "optim.batch_size=4",
+            "--set", "train.log_every=1"]
+    assert main([stage, *args, "--out", str(tmp_path / "one")]) == 0
+    done = torchrun(*args, "--out", str(tmp_path / "ddp"), flopwise_command=stage)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_curve(tmp_path / "ddp", tmp_path / "one")
 
 
 def test_global_batch_must_split_over_ranks():

@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from flopwise.runtime import init_ranks, shutdown
     from flopwise.train.display import ProgressDisplay
 
-    ranks = init_ranks(_device_type(args))
+    ranks = init_ranks(device_type(args))
     if not ranks.is_main:
         console = Console(quiet=True)
     display = ProgressDisplay(console)
@@ -137,7 +137,7 @@ def _auto_plan(config: RunConfig, ranks: Ranks, console: Console) -> Plan:
     return plan
 
 
-def _device_type(args: argparse.Namespace) -> str:
+def device_type(args: argparse.Namespace) -> str:
     """cuda or cpu, for choosing the process group's backend before the config is read."""
     import torch
 

@@ -80,9 +80,10 @@ class SamplerOptions:
 class RunResources:
     """What a method may read of its run at ``setup``: the prepared data and the sources it came from,
     the window length, the device, precision and processes, a way to tell the user, and a teacher
-    loader that loads each source once (SALT's teacher may also score the curriculum)."""
+    loader that loads each source once (SALT's teacher may also score the curriculum).  ``data`` is None in
+    post-training, which refuses the methods that read the corpus (flopwise/posttrain/session.py)."""
 
-    data: PreparedData
+    data: PreparedData | None
     sources: list[str]
     seq_len: int
     device: torch.device

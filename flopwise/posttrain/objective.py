@@ -7,14 +7,19 @@ import torch
 
 from flopwise.posttrain.losses import masked_cross_entropy
 from flopwise.posttrain.sampler import ConversationSampler, SFTBatch
-from flopwise.runtime import autocast
+from flopwise.runtime import Ranks, autocast
 
 
 class SFTObjective:
-    """Batches from the conversation sampler; the loss a packed row's conversations cannot see across."""
+    """Batches from the conversation sampler; the loss a packed row's conversations cannot see across.
 
-    def __init__(self, sampler: ConversationSampler) -> None:
+    Under data parallelism each rank's rows hold a different number of assistant tokens, and DDP averages the
+    ranks' gradients, so each rank divides its summed loss by the mean count over ranks: then every assistant
+    token of the global batch weighs the same, as in one process."""
+
+    def __init__(self, sampler: ConversationSampler, ranks: Ranks = Ranks()) -> None:
         self.sampler = sampler
+        self.ranks = ranks
 
     def next_batch(self) -> SFTBatch:
         return self.sampler.next_batch()
@@ -26,5 +31,6 @@ class SFTObjective:
         targets, mask = batch.targets.to(device), batch.mask.to(device)
         with autocast(device, dtype):
             logits = model(batch.inputs.to(device), segments=segments)[0]
-        loss = masked_cross_entropy(logits, targets, mask)
+        tokens = self.ranks.sum([float(mask.sum())])[0] / self.ranks.world_size
+        loss = masked_cross_entropy(logits, targets, mask, tokens)
         return loss, loss.detach()
