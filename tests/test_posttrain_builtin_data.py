@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import random
 import re
 import sys
 import sysconfig
@@ -114,6 +115,17 @@ def test_preferences_use_the_same_questions_and_split_with_another_answer_reject
         by_answer = {answer(c): c.source for c in conversations}
         other_unit = sum(package(by_answer[pair.rejected]) != package(pair.source) for pair in pairs)
         assert other_unit / len(pairs) > 0.9
+
+
+def test_rejected_replies_are_about_as_long_as_the_chosen_ones(split0):
+    """Length must not give the answer away: most rejected replies are within 25% of the chosen one's length,
+    where a random rival of the same kind is within it for far fewer."""
+    pairs = builtin_preferences(0)[0]
+    close = sum(0.8 <= len(p.rejected) / len(p.chosen) <= 1.25 for p in pairs) / len(pairs)
+    answers = [p.chosen for p in pairs]
+    shuffled = random.Random(0).sample(answers, len(answers))
+    by_chance = sum(0.8 <= len(b) / len(a) <= 1.25 for a, b in zip(answers, shuffled)) / len(answers)
+    assert close > 0.8 and by_chance < 0.5
 
 
 def test_building_imports_no_module_with_side_effects_and_is_fast():

@@ -120,11 +120,13 @@ def _pairs(split: list[tuple[_Entry, Conversation]], rng: random.Random) -> list
 
 
 def _rival(entry: _Entry, pool: list[_Entry], rng: random.Random) -> _Entry | None:
-    """Another entry with a different answer, from another unit when a few draws find one."""
-    for _ in range(_TRIES):
-        other = rng.choice(pool)
-        if other.unit != entry.unit and other.answer != entry.answer:
-            return other
+    """Another entry with a different answer, from another unit: of a few random draws, the one whose answer is
+    closest in length, so that length says little about which reply is right (a summed log-probability
+    favours the shorter reply, whatever it says)."""
+    draws = [other for other in (rng.choice(pool) for _ in range(_TRIES))
+             if other.unit != entry.unit and other.answer != entry.answer]
+    if draws:
+        return min(draws, key=lambda other: abs(len(other.answer) - len(entry.answer)))
     return next((other for other in pool if other.answer != entry.answer), None)
 
 
