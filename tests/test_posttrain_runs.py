@@ -12,9 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from flopwise.cli import main
+from flopwise.config import load_run_config
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.model.flops import flops_per_token, forward_flops_per_token
 from flopwise.posttrain.conversations import Message
+from flopwise.posttrain.session import STAGE_DEFAULTS
 from flopwise.posttrain.template import IM_END, IM_START, render
 from flopwise.rundir import planned_model_config, read_metrics
 from tests.helpers import TINY, losses, run_error
@@ -75,12 +77,12 @@ def evals(run: Path) -> list[dict]:
     return [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"]
 
 
-def test_sft_lowers_the_heldout_assistant_loss_and_writes_a_chat_model(sft_run, capsys):
+def test_sft_lowers_the_heldout_assistant_loss_and_writes_a_chat_model(sft_run, data):
     first, last = evals(sft_run)[0], evals(sft_run)[-1]
     assert first["step"] == 0 and last["step"] == 24 and last["p"] == pytest.approx(1.0)
     assert last["val_loss"] < first["val_loss"]
     assert last["heldout_tokens"] == first["heldout_tokens"] > 0
-    assert set(last["domains"]) == {str(Path(first["domains"] and next(iter(first["domains"]))))}
+    assert set(last["domains"]) == {str(data["sft"])}  # the loss per source: one file here
     config = json.loads((sft_run / "final" / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in config["chat_template"]
     generation = json.loads((sft_run / "final" / "generation_config.json").read_text())
@@ -93,6 +95,14 @@ def test_sft_summary_reports_start_and_end(base, data, tmp_path, capsys):
     assert sft(base, tmp_path / "s", data["sft"], "--budget", "4steps") == 0
     out = capsys.readouterr().out
     assert "held-out assistant-token loss:" in out and "(start) ->" in out
+
+
+def test_post_training_starts_from_its_own_rates_unless_set(base, data, tmp_path):
+    out = tmp_path / "rates"
+    assert main(["sft", "--init-from", str(base), "--data", str(data["sft"]), "--out", str(out), "--budget", "1steps",
+                 "--set", "optim.muon_lr=0.02"]) == 0
+    optim = load_run_config(out).optim
+    assert (optim.lr, optim.muon_lr) == (STAGE_DEFAULTS["sft"]["optim.lr"], 0.02)
 
 
 def test_sft_without_packing_fills_one_conversation_per_row(base, data, sft_run, tmp_path):
@@ -153,6 +163,15 @@ def test_resume_after_an_interruption_is_bit_for_bit(stage, base, sft_run, data,
     assert [e["val_loss"] for e in evals(parts)] == [e["val_loss"] for e in evals(whole)]
     a, b = load_file(str(whole / "final" / "model.safetensors")), load_file(str(parts / "final" / "model.safetensors"))
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_sft_starts_from_a_hugging_face_folder(base, data, tmp_path):
+    folder = tmp_path / "hf"
+    assert main(["export", str(base), "--to", str(folder)]) == 0
+    out = tmp_path / "from-hf"
+    assert sft(folder, out, data["sft"], "--budget", "3steps", "--set", "model.seq_len=96") == 0
+    assert planned_model_config(out).vocab_size == 259
+    assert evals(out)[-1]["val_loss"] < evals(out)[0]["val_loss"]
 
 
 def test_lisa_applies_and_data_methods_are_refused(base, data, tmp_path, capsys):
