@@ -110,10 +110,10 @@ def test_every_conversation_once_per_epoch_and_packing_keeps_the_order(pack):
 def test_epochs_counts_conversations_consumed():
     stream = sampler(False, batch_size=3)
     stream.next_batch()
-    assert stream.epochs == pytest.approx(3 / 9)
+    assert stream.domain_epochs() == {"conversations": pytest.approx(3 / 9)}
     for _ in range(3):
         stream.next_batch()
-    assert stream.epochs == pytest.approx(12 / 9)
+    assert stream.domain_epochs() == {"conversations": pytest.approx(12 / 9)}
 
 
 def test_fill_counts_targets_and_padding():
@@ -157,9 +157,9 @@ def test_resume_gives_the_same_batches_across_an_epoch_boundary(pack):
         stream.next_batch()
     saved = json.loads(json.dumps(stream.state_dict()))
     assert all(isinstance(value, int) for value in saved.values())
-    epoch = stream.epoch
+    epoch = stream.order.epoch
     expected = [stream.next_batch() for _ in range(5)]
-    assert stream.epoch > epoch
+    assert stream.order.epoch > epoch
     resumed = sampler(pack, seed=123)  # the saved seed wins, as in PackedSampler
     resumed.load_state_dict(saved)
     for want, got in zip(expected, (resumed.next_batch() for _ in range(5))):

@@ -29,7 +29,7 @@ from flopwise.model.config import ModelConfig
 from flopwise.model.flops import flops_per_token, forward_flops_per_token
 from flopwise.posttrain.conversations import Message, PreferencePair
 from flopwise.posttrain.losses import PreferenceOutcome, dpo_loss, reply_log_probs
-from flopwise.posttrain.sampler import PrepareStats, Rendered, prepare
+from flopwise.posttrain.sampler import EpochOrder, PrepareStats, Rendered, check_same_data, check_share, prepare
 from flopwise.posttrain.template import render
 from flopwise.runtime import autocast
 
@@ -94,65 +94,37 @@ class PairSampler:
         if not pairs:
             raise FlopwiseError("no preference pair has both replies within the window: use a longer "
                                 "model.seq_len or shorter prompts")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} (pairs of all ranks) must split evenly over world_size "
-                             f"{world_size}")
+        check_share(batch_size, rank, world_size, "pairs")
         lengths = [len(side.ids) for pair in pairs for side in (pair.chosen, pair.rejected)]
         if max(lengths) > seq_len + 1 or min(lengths) < 2:
             raise ValueError(f"each reply's conversation must have 2 to seq_len + 1 = {seq_len + 1} tokens "
                              f"(longest: {max(lengths)}): cut the pairs with prepare_pairs first")
         self.pairs = list(pairs)
-        self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, seed, pad_id
+        self.seq_len, self.batch_size, self.pad_id = seq_len, batch_size, pad_id
         self.rank, self.world_size = rank, world_size
         self.tokens = sum(lengths)
         self.progress = 0.0  # set by the Trainer each step; the order does not pace by it
-        self.epoch = 0
-        self.position = 0
-        self._permutation_epoch = -1
-        self._permutation = np.empty(0, dtype=np.int64)
-
-    @property
-    def epochs(self) -> float:
-        """Pairs consumed (all ranks) over the number of pairs."""
-        return self.epoch + self.position / len(self.pairs)
+        self.order = EpochOrder(len(self.pairs), seed)
 
     def domain_epochs(self) -> dict[str, float]:
-        """Epochs under the one name the Trainer logs per domain."""
-        return {"pairs": self.epochs}
+        """Pairs taken (all ranks) over their number, under the one name the Trainer logs per domain."""
+        return {"pairs": self.order.epochs}
 
     def next_batch(self) -> PairBatch:
         """This rank's pairs of the next global batch."""
-        indices = [self._take() for _ in range(self.batch_size)]
+        indices = [self.order.take() for _ in range(self.batch_size)]
         share = self.batch_size // self.world_size
         mine = indices[self.rank * share:(self.rank + 1) * share]
         return pair_batch([self.pairs[i] for i in mine], self.seq_len, self.pad_id)
 
-    def _take(self) -> int:
-        if self._permutation_epoch != self.epoch:
-            self._permutation = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.pairs))
-            self._permutation_epoch = self.epoch
-        index = int(self._permutation[self.position])
-        self.position += 1
-        if self.position == len(self.pairs):
-            self.epoch, self.position = self.epoch + 1, 0
-        return index
-
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "pairs": len(self.pairs), "tokens": self.tokens, "epoch": self.epoch,
-                "position": self.position}
+        return {**self.order.state_dict(), "pairs": len(self.pairs), "tokens": self.tokens}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` left off; refuses a state saved over different pairs (counted in pairs and
         tokens, so a different seq_len's cut is caught too)."""
-        saved = (int(state["pairs"]), int(state["tokens"]))
-        if saved != (len(self.pairs), self.tokens):
-            raise FlopwiseError(f"the checkpoint's data order covers {saved[0]} preference pairs of {saved[1]} "
-                                f"tokens but this run has {len(self.pairs)} of {self.tokens}: resume with the same "
-                                "data and model.seq_len")
-        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
-        self._permutation_epoch = -1
+        check_same_data(state, "pairs", "preference pairs", len(self.pairs), self.tokens)
+        self.order.load_state_dict(state)
 
 
 def side_log_probs(model: torch.nn.Module, batch: PairBatch, device: torch.device, dtype: torch.dtype

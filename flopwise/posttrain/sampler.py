@@ -70,6 +70,57 @@ def prepare(rendered: Sequence[Rendered], seq_len: int) -> tuple[list[Rendered],
     return kept, PrepareStats(len(kept), truncated, len(rendered) - len(kept))
 
 
+class EpochOrder:
+    """``count`` items visited in a fresh seeded permutation each epoch (without replacement); the state is the
+    seed, the epoch and the position in its permutation, so resume is exact.  Both samplers take their order
+    from it: an item stays next (``peek``) until it is taken (``advance``)."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.count, self.seed = count, seed
+        self.epoch = 0
+        self.position = 0
+        self._permutation_epoch = -1
+        self._permutation = np.empty(0, dtype=np.int64)
+
+    @property
+    def epochs(self) -> float:
+        """Items taken over the number of items."""
+        return self.epoch + self.position / self.count
+
+    def peek(self) -> int:
+        if self._permutation_epoch != self.epoch:
+            self._permutation = np.random.default_rng([self.seed, self.epoch]).permutation(self.count)
+            self._permutation_epoch = self.epoch
+        return int(self._permutation[self.position])
+
+    def advance(self) -> None:
+        self.position += 1
+        if self.position == self.count:
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def take(self) -> int:
+        index = self.peek()
+        self.advance()
+        return index
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where ``state`` left off (its seed wins)."""
+        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self._permutation_epoch = -1
+
+
+def check_share(batch_size: int, rank: int, world_size: int, unit: str) -> None:
+    """A global batch of ``batch_size`` ``unit`` that each rank can take its contiguous share of."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} ({unit} of all ranks) must split evenly over world_size "
+                         f"{world_size}")
+
+
 class SFTBatch(NamedTuple):
     inputs: torch.Tensor  # [B, T] int64
     targets: torch.Tensor  # [B, T] int64: the inputs shifted by one within each conversation
@@ -87,38 +138,21 @@ class ConversationSampler:
         if not conversations:
             raise FlopwiseError("no conversation has an assistant reply within the window: use a longer "
                                 "model.seq_len or shorter conversations")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} (rows of all ranks) must split evenly over world_size "
-                             f"{world_size}")
+        check_share(batch_size, rank, world_size, "rows")
         longest = max(len(c.ids) for c in conversations)
         if longest > seq_len + 1 or min(len(c.ids) for c in conversations) < 2:
             raise ValueError(f"conversations must have 2 to seq_len + 1 = {seq_len + 1} tokens (longest: "
                              f"{longest}): cut them with prepare first")
         self.conversations = list(conversations)
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.seed = seed
-        self.pack = pack
-        self.pad_id = pad_id
-        self.rank = rank
-        self.world_size = world_size
+        self.seq_len, self.batch_size, self.pack, self.pad_id = seq_len, batch_size, pack, pad_id
+        self.rank, self.world_size = rank, world_size
         self.tokens = sum(len(c.ids) for c in conversations)
         self.progress = 0.0  # set by the Trainer each step; the order does not pace by it
-        self.epoch = 0
-        self.position = 0
-        self._permutation_epoch = -1
-        self._permutation = np.empty(0, dtype=np.int64)
-
-    @property
-    def epochs(self) -> float:
-        """Conversations consumed (all ranks) over the number of conversations."""
-        return self.epoch + self.position / len(self.conversations)
+        self.order = EpochOrder(len(self.conversations), seed)
 
     def domain_epochs(self) -> dict[str, float]:
-        """Epochs under the one name the Trainer logs per domain."""
-        return {"conversations": self.epochs}
+        """Conversations taken (all ranks) over their number, under the one name the Trainer logs per domain."""
+        return {"conversations": self.order.epochs}
 
     def next_batch(self) -> SFTBatch:
         """This rank's rows of the next global batch."""
@@ -131,26 +165,14 @@ class ConversationSampler:
         row: list[int] = []
         used = 0
         while not row or self.pack:
-            index = self._peek()
+            index = self.order.peek()
             length = len(self.conversations[index].ids) - 1
             if used + length > self.seq_len:
                 break
             row.append(index)
             used += length
-            self._advance()
+            self.order.advance()
         return row
-
-    def _peek(self) -> int:
-        if self._permutation_epoch != self.epoch:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            self._permutation = rng.permutation(len(self.conversations))
-            self._permutation_epoch = self.epoch
-        return int(self._permutation[self.position])
-
-    def _advance(self) -> None:
-        self.position += 1
-        if self.position == len(self.conversations):
-            self.epoch, self.position = self.epoch + 1, 0
 
     def _tensors(self, rows: list[list[int]]) -> SFTBatch:
         shape = (len(rows), self.seq_len)
@@ -176,19 +198,23 @@ class ConversationSampler:
                         torch.from_numpy(sources))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "conversations": len(self.conversations), "tokens": self.tokens,
-                "epoch": self.epoch, "position": self.position}
+        return {**self.order.state_dict(), "conversations": len(self.conversations), "tokens": self.tokens}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` left off; refuses a state saved over different conversations (counted in
         conversations and tokens, so a different seq_len's cut is caught too)."""
-        saved = (int(state["conversations"]), int(state["tokens"]))
-        if saved != (len(self.conversations), self.tokens):
-            raise FlopwiseError(f"the checkpoint's data order covers {saved[0]} conversations of {saved[1]} tokens "
-                                f"but this run has {len(self.conversations)} of {self.tokens}: resume with the same "
-                                "data and model.seq_len")
-        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
-        self._permutation_epoch = -1
+        check_same_data(state, "conversations", "conversations", len(self.conversations), self.tokens)
+        self.order.load_state_dict(state)
+
+
+def check_same_data(state: dict[str, Any], key: str, unit: str, count: int, tokens: int) -> None:
+    """Refuse a sampler state saved over other data than this run's ``count`` records (``state[key]``, named
+    ``unit``) of ``tokens`` tokens."""
+    saved = (int(state[key]), int(state["tokens"]))
+    if saved != (count, tokens):
+        raise FlopwiseError(f"the checkpoint's data order covers {saved[0]} {unit} of "
+                            f"{saved[1]} tokens but this run has {count} of {tokens}: resume with the same data "
+                            "and model.seq_len")
 
 
 @dataclass(frozen=True)
