@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from flopwise.cli.flags import add_checkpoint_flag
+from flopwise.cli.flags import add_checkpoint_flag, load_sampling_model
 from flopwise.errors import EXIT_INTERRUPTED
 
 if TYPE_CHECKING:
@@ -50,13 +50,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_chat(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.evaluate.final import check_sampling, load_run_model
     from flopwise.posttrain.chat import ChatSession, Sampling, require_chat_tokens
-    from flopwise.runtime import choose_device
 
-    top_k = None if args.top_k == 0 else args.top_k  # 0: off
-    check_sampling(args.max_tokens, args.temperature, top_k, args.top_p)  # before the model is loaded
-    model, tokenizer = load_run_model(args.run, choose_device(args.device), args.checkpoint)
+    model, tokenizer, top_k = load_sampling_model(args)
     require_chat_tokens(tokenizer, args.run)
     sampling = Sampling(args.temperature, top_k, args.top_p, args.max_tokens, args.seed)
     session = ChatSession(model, tokenizer, sampling, args.system)

@@ -18,6 +18,8 @@ from flopwise.recipes import recipe_values
 
 if TYPE_CHECKING:  # the config imports the methods (and torch) on first use, not for --help
     from flopwise.config import RunConfig
+    from flopwise.data.tokenizer import Tokenizer
+    from flopwise.model.gpt import GPT
 
 DEFAULT_RECIPE = "default"
 
@@ -88,6 +90,18 @@ def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
     """--checkpoint, for the commands that read a run's model (eval, sample, export)."""
     p.add_argument("--checkpoint", action="store_true",
                    help="use the run's newest checkpoint instead of its final model (an unfinished run)")
+
+
+def load_sampling_model(args: argparse.Namespace) -> tuple[GPT, Tokenizer, int | None]:
+    """The run's model and tokenizer for `sample` and `chat`, and their top-k (``--top-k 0``: off, None); the
+    sampling flags are checked first, so a bad one is refused before the model is loaded."""
+    from flopwise.evaluate.final import check_sampling, load_run_model
+    from flopwise.runtime import choose_device
+
+    top_k = None if args.top_k == 0 else args.top_k
+    check_sampling(args.max_tokens, args.temperature, top_k, args.top_p)
+    model, tokenizer = load_run_model(args.run, choose_device(args.device), args.checkpoint)
+    return model, tokenizer, top_k
 
 
 def _flag_value(args: argparse.Namespace, flag: str) -> Any:

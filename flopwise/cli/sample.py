@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from flopwise.cli.flags import add_checkpoint_flag
+from flopwise.cli.flags import add_checkpoint_flag, load_sampling_model
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -31,12 +31,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_sample(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.evaluate.final import check_sampling, load_run_model, stream_sample
-    from flopwise.runtime import choose_device
+    from flopwise.evaluate.final import stream_sample
 
-    top_k = None if args.top_k == 0 else args.top_k  # 0: off
-    check_sampling(args.max_tokens, args.temperature, top_k, args.top_p)  # before the model is loaded
-    model, tokenizer = load_run_model(args.run, choose_device(args.device), args.checkpoint)
+    model, tokenizer, top_k = load_sampling_model(args)
     sys.stdout.write(args.prompt)
     for piece in stream_sample(model, tokenizer, args.prompt, args.max_tokens, args.temperature,
                                top_k, args.top_p, args.seed):
