@@ -21,6 +21,8 @@ from flopwise.posttrain.template import IM_END, IM_START, render
 from flopwise.rundir import planned_model_config, read_metrics
 from tests.helpers import TINY, losses, run_error
 
+pytestmark = pytest.mark.slow  # real runs: a pretrain, then sft and dpo from it
+
 WORDS = ("apple", "river", "stone", "cloud", "maple", "ember", "frost", "grove", "harbor", "island", "jade", "kelp")
 SMALL = ["--set", "optim.batch_size=4", "--set", "train.log_every=1", "--set", "train.eval_every=0.5",
          "--set", "optim.lr=3e-3", "--set", "optim.muon_lr=0.02"]
