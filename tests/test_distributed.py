@@ -85,8 +85,8 @@ def test_mixed_reweighted_run_under_ddp_follows_the_single_process_run(tmp_path,
         assert a["mixture"] == pytest.approx(b["mixture"], rel=1e-6)
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_post_training_under_ddp_follows_the_single_process_run(tmp_path, single, stage):
+@pytest.mark.parametrize(("stage", "parallel"), [("sft", "ddp"), ("dpo", "ddp"), ("sft", "fsdp")])
+def test_post_training_under_torchrun_follows_the_single_process_run(tmp_path, single, stage, parallel):
     """Ranks hold different numbers of assistant tokens: every token still weighs the same (SFT); DPO's
     reference runs on each rank's own pairs."""
     words = [f"{w}{i}" for i in range(4) for w in ("apple", "river", "stone", "cloud", "maple", "ember")]
@@ -99,7 +99,7 @@ def test_post_training_under_ddp_follows_the_single_process_run(tmp_path, single
     args = ["--init-from", str(single), "--data", str(data), "--budget", "6steps", "--set", "optim.batch_size=4",
             "--set", "train.log_every=1"]
     assert main([stage, *args, "--out", str(tmp_path / "one")]) == 0
-    done = torchrun(*args, "--out", str(tmp_path / "ddp"), flopwise_command=stage)
+    done = torchrun(*args, "--out", str(tmp_path / "ddp"), "--parallel", parallel, flopwise_command=stage)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_curve(tmp_path / "ddp", tmp_path / "one")
 

@@ -95,6 +95,8 @@ def _add_flags(p: argparse.ArgumentParser, data: str) -> None:
     p.add_argument("--memory", metavar="SIZE", help="memory cap, e.g. 4GiB: picks the memory-saving methods that fit")
     p.add_argument("--seed", type=int, help="fixes the data order, the held-out split and everything random")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"),
+                   help="under torchrun: ddp (default) or fsdp (sharded); optim.batch_size is the global batch")
     p.add_argument("--log", action="append", choices=("tensorboard", "wandb"),
                    help="also log to TensorBoard or Weights & Biases; metrics.jsonl is always written")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest checkpoint")
