@@ -24,9 +24,9 @@ from flopwise.train.trainer import LoopState
 def run(config: RunConfig | str | Path, out: str | Path, *, stop_after: Budget | str | None = None,
         display: ProgressDisplay | None = None, auto_plan: dict[str, Any] | None = None) -> Summary:
     """Train a new run of ``config`` (a RunConfig, or the path of a TOML/YAML file) into the folder ``out``
-    until its budget is spent (pretraining, or SFT or DPO from ``model.init_from`` when ``posttrain.stage``
-    says so) (or ``stop_after`` is, checkpointed as if interrupted).  ``auto_plan``: the
-    plan that chose its shape, kept in plan.json."""
+    until its budget is spent (or ``stop_after`` is, checkpointed as if interrupted): pretraining, or SFT or
+    DPO from ``model.init_from`` when ``posttrain.stage`` says so.  ``auto_plan``: the plan that chose its
+    shape, kept in plan.json."""
     if not isinstance(config, RunConfig):
         config = load_config(config)
     with writing(Path(out), new=True):

@@ -12,8 +12,8 @@ from rich.console import Console
 
 from flopwise.budget import Budget
 from flopwise.cli.flags import DEFAULT_RECIPE, config_flags_given, config_from_args
-from flopwise.cli.train import print_summary
-from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
+from flopwise.cli.train import print_stopped, print_summary
+from flopwise.errors import FlopwiseError
 from flopwise.rundir import check_output
 
 if TYPE_CHECKING:
@@ -125,9 +125,7 @@ def _post_train(args: argparse.Namespace, console: Console, stage: str) -> int:
     finally:
         shutdown(ranks)
     if not summary.finished:
-        console.print(f"stopped at step {int(summary.meter.steps)}, with a checkpoint; continue with: flopwise "
-                      f"{stage} --resume {summary.run_dir}", highlight=False)
-        return EXIT_INTERRUPTED if args.stop_after is None else 0
+        return print_stopped(console, summary, stage, args.stop_after is not None)
     print_posttrain_summary(console, summary)
     return 0
 

@@ -109,10 +109,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     finally:
         shutdown(ranks)
     if not summary.finished:
-        reason = f" because {summary.stop_reason}" if summary.stop_reason else ""
-        console.print(f"stopped at step {int(summary.meter.steps)}{reason}, with a checkpoint; continue with: "
-                      f"flopwise train --resume {summary.run_dir}", highlight=False)
-        return EXIT_INTERRUPTED if stop_after is None and not summary.stop_reason else 0
+        return print_stopped(console, summary, "train", stop_after is not None)
     print_summary(console, summary)
     auto = json.loads((summary.run_dir / "plan.json").read_text()).get("auto_plan")
     if auto and summary.final_eval:
@@ -151,6 +148,15 @@ def _reject_with_resume(args: argparse.Namespace) -> None:
     if given:
         raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "
                             "(only --budget and --stop-after apply)")
+
+
+def print_stopped(console: Console, summary: Summary, command: str, stop_after_given: bool) -> int:
+    """Say where an unfinished run stopped and how to continue it; the exit code: 0 when it stopped as asked
+    (--stop-after) or for a reason of its own (the forecast), EXIT_INTERRUPTED after Ctrl-C."""
+    reason = f" because {summary.stop_reason}" if summary.stop_reason else ""
+    console.print(f"stopped at step {int(summary.meter.steps)}{reason}, with a checkpoint; continue with: "
+                  f"flopwise {command} --resume {summary.run_dir}", highlight=False)
+    return EXIT_INTERRUPTED if not stop_after_given and not summary.stop_reason else 0
 
 
 def print_summary(console: Console, summary: Summary, table: bool = True) -> None:

@@ -36,8 +36,8 @@ from flopwise.train.trainer import LoopState, Trainer, next_mark
 # built-in data (bench/RESULTS.md#post-training): after a 2-minute SFT (about 7 epochs) the held-out loss was
 # 6.30 at pretraining's rates, 5.55 at 3e-3, 4.44 at 1e-3, 4.30 at 3e-4 and 4.58 at 1e-4 (base: 5.24); DPO's
 # held-out loss rose at pretraining's rates, and its preference accuracy gained more at 1e-3 than at 3e-4.
-SFT_DEFAULTS = {"optim.lr": 3e-4, "optim.muon_lr": 1.5e-3}
-STAGE_DEFAULTS: dict[str, dict[str, float]] = {"sft": SFT_DEFAULTS, "dpo": {"optim.lr": 1e-3, "optim.muon_lr": 5e-3}}
+STAGE_DEFAULTS: dict[str, dict[str, float]] = {"sft": {"optim.lr": 3e-4, "optim.muon_lr": 1.5e-3},
+                                               "dpo": {"optim.lr": 1e-3, "optim.muon_lr": 5e-3}}
 # a method acting through these hooks shapes pretraining's windows or loss, which post-training replaces
 DATA_HOOKS = ("setup", "sampler_options", "attach", "next_batch", "loss")
 
@@ -139,6 +139,7 @@ class PostTrainSession(Session):
             self.objective = SFTObjective(self.sampler, ranks)
             self.evaluator = AssistantEvaluator(self.split.heldout, self.split.sources, batch, self.device,
                                                 self.dtype, pad)
+            self.start = None  # its weights are the model's now; DPO keeps them as the reference
         else:
             reference = self.start.model.to(self.device)
             self.sampler = PairSampler(self.split.train, seq_len, batch, c.train.seed, pad, ranks.rank,
@@ -146,8 +147,6 @@ class PostTrainSession(Session):
             self.objective = DPOObjective(self.sampler, reference, c.posttrain.beta)
             self.evaluator = PreferenceEvaluator(self.split.heldout, reference, c.posttrain.beta, batch, self.device,
                                                  self.dtype, pad)
-        if self.stage == "sft":
-            self.start = None  # its weights are the model's now; DPO keeps them as the reference
 
     def data_record(self) -> dict[str, Any]:
         return {"posttrain": {"start": self.config.model.init_from, **self.split.to_dict()}}
@@ -160,11 +159,11 @@ class PostTrainSession(Session):
             state.next_eval = next_mark(0.0, self.config.train.eval_every)  # not again at step 1
             self.display.message(f"(starting model scored in {time.perf_counter() - started:.1f}s)")
 
-    def final_evaluation(self) -> dict[str, Any]:
+    def evaluate_during_run(self) -> dict[str, Any]:
+        """The held-out records, all of them each time (they are few): the same figure as the final one."""
         return self.evaluator(self.model)
 
-    def evaluate_during_run(self) -> dict[str, Any]:
-        return self.evaluator(self.model)
+    final_evaluation = evaluate_during_run
 
     def forecaster(self) -> LossForecaster | None:
         """None: the loss forecast's law describes pretraining."""
