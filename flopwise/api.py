@@ -9,6 +9,7 @@ also use: ``run`` starts a new run in a folder, ``resume`` continues or extends 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,20 @@ from flopwise.train.trainer import LoopState
 
 
 def run(config: RunConfig | str | Path, out: str | Path, *, stop_after: Budget | str | None = None,
-        display: ProgressDisplay | None = None, auto_plan: dict[str, Any] | None = None) -> Summary:
+        display: ProgressDisplay | None = None, auto_plan: dict[str, Any] | None = None,
+        after_eval: Callable[[int, float, dict[str, Any]], str | None] | None = None) -> Summary:
     """Train a new run of ``config`` (a RunConfig, or the path of a TOML/YAML file) into the folder ``out``
     until its budget is spent (or ``stop_after`` is, checkpointed as if interrupted): pretraining, or SFT or
     DPO from ``model.init_from`` when ``posttrain.stage`` says so.  ``auto_plan``: the plan that chose its
-    shape, kept in plan.json."""
+    shape, kept in plan.json.  ``after_eval(step, p, fields)``: called after each evaluation during the run
+    with the eval event's fields; a string it returns stops the run there, with a checkpoint, as the reason
+    (a sweep's pruner)."""
     if not isinstance(config, RunConfig):
         config = load_config(config)
     with writing(Path(out), new=True):
         session = start_new(config, Path(out), display, session_class(config))
         session.auto_plan = auto_plan
+        session.after_eval = after_eval
         session.write_run_files()
         return session.run(LoopState(), _budget(stop_after))
 

@@ -96,6 +96,7 @@ class Session:
     (flopwise/posttrain/session.py) overrides the data, the objective and the evaluation."""
 
     objective: Objective | None = None  # the loop's default: the methods on the sampler's windows
+    after_eval: Callable[[int, float, dict[str, Any]], str | None] | None = None  # see Trainer
     eval_fields = staticmethod(heldout_fields)
 
     def __init__(self, config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> None:
@@ -337,7 +338,7 @@ class Session:
                               self.dtype, self.evaluate_during_run, self.display,
                               event_log, methods=self.methods, module=self.model, ranks=self.ranks,
                               forecaster=self.forecaster(), evaluate_tasks=self.evaluate_tasks(),
-                              objective=self.objective, eval_fields=self.eval_fields)
+                              objective=self.objective, eval_fields=self.eval_fields, after_eval=self.after_eval)
             self.before_training(trainer, state)
             with self.display:
                 outcome: Outcome = trainer.run(state)

@@ -188,7 +188,8 @@ class Trainer:
                  forecaster: LossForecaster | None = None,
                  evaluate_tasks: Callable[[], dict[str, Any]] | None = None,
                  objective: Objective | None = None,
-                 eval_fields: Callable[[dict[str, Any]], tuple[dict[str, Any], str]] = heldout_fields) -> None:
+                 eval_fields: Callable[[dict[str, Any]], tuple[dict[str, Any], str]] = heldout_fields,
+                 after_eval: Callable[[int, float, dict[str, Any]], str | None] | None = None) -> None:
         self.model = model
         self.module = module if module is not None else model
         self.optimizer = optimizer
@@ -206,6 +207,8 @@ class Trainer:
         self.evaluate_tasks = evaluate_tasks
         self.objective = objective
         self.eval_fields = eval_fields
+        self.after_eval = after_eval  # (step, p, the eval event's fields) -> why to stop, if it should
+        self._eval_stop: str | None = None
         self._interrupted = False
 
     def train_step(self, step: int, p: float) -> float:
@@ -265,7 +268,7 @@ class Trainer:
                     break
                 outcome.eval_seconds += self._maybe_evaluate(state, p)
                 forecast_start = time.perf_counter()
-                outcome.stop_reason = self._maybe_forecast(state, p_before, p)
+                outcome.stop_reason = self._eval_stop or self._maybe_forecast(state, p_before, p)
                 outcome.eval_seconds += time.perf_counter() - forecast_start
                 stop = (self._interrupted or outcome.stop_reason is not None
                         or (s.stop_after is not None and state.meter.progress(s.stop_after) >= 1.0))
@@ -332,7 +335,9 @@ class Trainer:
         result = self.evaluate()
         self.model.train()
         state.next_eval = next_mark(p, self.settings.eval_every)
-        self.log_eval(state, p, result)
+        fields = self.log_eval(state, p, result)
+        if self.after_eval is not None:  # a sweep's pruner, say
+            self._eval_stop = self.after_eval(int(state.meter.steps), p, fields)
         return time.perf_counter() - start + self.log_tasks(state, p)
 
     def log_tasks(self, state: LoopState, p: float) -> float:
@@ -351,14 +356,15 @@ class Trainer:
         self.display.message(f"tasks step {int(state.meter.steps)}  p={p:.3f}  centered: {scores}  ({seconds:.1f}s)")
         return seconds
 
-    def log_eval(self, state: LoopState, p: float, result: dict[str, Any]) -> None:
+    def log_eval(self, state: LoopState, p: float, result: dict[str, Any]) -> dict[str, Any]:
+        """Show and log one evaluation; returns its event fields."""
         fields, line = self.eval_fields(result)
         self.display.message(f"eval  step {int(state.meter.steps)}  p={p:.3f}  {line}")
-        if self.log is None:
-            return
-        self.log.append({"event": "eval", "step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens,
-                         "flops": state.meter.flops, "seconds": state.meter.seconds, **fields,
-                         "epochs": self.sampler.domain_epochs()})
+        if self.log is not None:
+            self.log.append({"event": "eval", "step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens,
+                             "flops": state.meter.flops, "seconds": state.meter.seconds, **fields,
+                             "epochs": self.sampler.domain_epochs()})
+        return fields
 
     def _maybe_checkpoint(self, state: LoopState, p: float, timer: StepTimer, force: bool) -> float:
         """Checkpoint every ``checkpoint_every`` of the budget, on interruption, and (pinned)
