@@ -16,7 +16,7 @@ from collections.abc import Callable
 from rich.console import Console
 
 from flopwise import __version__
-from flopwise.cli import bench, chat, data, eval, export, fit, memory, plan, posttrain, report, sample, scan, train
+from flopwise.cli import bench, chat, data, eval, export, fit, memory, plan, posttrain, report, sample, scan, sweep, train
 from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
 
 # in the order `flopwise --help` lists them
@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None],
     "report": (report.register, report.cmd_report), "bench": (bench.register, bench.cmd_bench),
     "memory": (memory.register, memory.cmd_memory), "plan": (plan.register, plan.cmd_plan),
     "fit": (fit.register, fit.cmd_fit), "scan": (scan.register, scan.cmd_scan),
+    "sweep": (sweep.register, sweep.cmd_sweep),
     "data": (data.register, data.cmd_data),
 }
 

@@ -13,4 +13,5 @@ def require_optuna() -> ModuleType:
     except ImportError:
         raise FlopwiseError("flopwise sweep needs the 'optuna' package: pip install 'flopwise[sweep]' "
                             "(or pip install optuna)") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # flopwise says what each trial did, once
     return optuna

@@ -1,0 +1,78 @@
+"""``flopwise sweep``: many trials of a run under one total budget, searched and pruned by Optuna."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from flopwise.budget import Budget
+from flopwise.cli.flags import add_setup_flags, config_from_args
+from flopwise.errors import FlopwiseError
+
+SWEEP_EPILOG = """\
+search space (--space, TOML; one table per config key):
+  [optim.lr]                 low = 1e-4   high = 3e-2   log = true
+  [model.d_model]            low = 64     high = 256    step = 32
+  [optim.batch_size]         choices = [8, 16, 32]
+
+strategies: asha (default: TPE sampling, successive-halving pruning at the evaluation marks), hyperband,
+random (random search, no pruning).  A trial starts only when the rest of --budget can fund it whole;
+a pruned trial gives back what it did not spend.  best.toml reruns the best trial: flopwise train --config.
+
+examples:
+  flopwise sweep --budget 15m --trial-budget 1m --space space.toml --out sweeps/lr
+  flopwise sweep --budget 200steps --trial-budget 20steps --space space.toml --strategy random --seed 1
+"""
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("sweep", help="many trials under one total budget (Optuna)", epilog=SWEEP_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Search config values under one total budget: Optuna draws each trial's "
+                                        "values, each trial is a real run under --trial-budget, and the pruner "
+                                        "stops weak trials at their evaluation marks.")
+    add_setup_flags(p, "the total budget of all trials, e.g. 15m (one limit, in the trial budget's unit)")
+    p.add_argument("--trial-budget", required=True, help="each trial's budget, e.g. 1m")
+    p.add_argument("--space", type=Path, required=True, help="the search space (TOML, see below)")
+    p.add_argument("--out", type=Path, help="sweep folder (default: sweeps/<date-time>)")
+    p.add_argument("--strategy", default="asha", help="asha (default), hyperband or random")
+    p.add_argument("--storage", metavar="URL",
+                   help="an Optuna storage URL to share the study between processes or machines (default: a "
+                        "journal file in the sweep folder)")
+
+
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    from flopwise.sweep.driver import SweepPlan, check_plan, run_sweep
+    from flopwise.sweep.optuna_dep import require_optuna
+    from flopwise.sweep.space import read_space
+
+    if not args.budget:
+        raise FlopwiseError("flopwise sweep needs --budget: the total of all trials, e.g. --budget 15m")
+    plan = SweepPlan(Budget.parse(args.budget), Budget.parse(args.trial_budget), args.strategy, args.seed or 0)
+    check_plan(plan)
+    require_optuna()
+    space = read_space(args.space)
+    base = config_from_args(args)
+    folder = args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
+    study = run_sweep(folder, base, space, plan, args.storage, say=lambda line: console.print(line, highlight=False))
+    table = Table(title=f"sweep {folder}: {len(study.trials)} trials")
+    names = [p.key for p in space.parameters]
+    for column in ("trial", "state", *names, "final loss"):
+        table.add_column(column, justify="right")
+    for trial in study.trials:
+        values = [_shown(trial.params.get(name, "")) for name in names]
+        loss = f"{trial.value:.4f}" if trial.value is not None else trial.user_attrs.get("error", "")
+        table.add_row(str(trial.number), trial.state.name.lower(), *values, loss)
+    console.print(table)
+    if (folder / "best.toml").is_file():
+        console.print(f"best: trial {study.best_trial.number} ({study.best_value:.4f}); rerun it with: "
+                      f"flopwise train --config {folder / 'best.toml'}", highlight=False)
+    return 0
+
+
+def _shown(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

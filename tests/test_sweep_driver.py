@@ -1,0 +1,93 @@
+"""A sweep in one process: trials run while the total budget funds a whole one, the spending never passes the
+total, pruned trials give back what they did not spend, and best.toml runs the best trial again exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flopwise.budget import Budget
+from flopwise.cli import main
+from flopwise.config import load_config
+from flopwise.errors import FlopwiseError
+from flopwise.rundir import read_metrics
+from flopwise.sweep.driver import SweepPlan, check_plan, run_sweep, spent_by
+from flopwise.sweep.space import read_space
+
+optuna = pytest.importorskip("optuna")
+pytestmark = pytest.mark.slow
+
+TINY = {"data.tokenizer": "byte", "model.size": "tiny", "model.seq_len": 64, "optim.batch_size": 4,
+        "train.eval_tokens": 2048, "train.eval_every": 0.25, "train.forecast_every": 0}
+
+
+@pytest.fixture()
+def setup(tmp_path, text_folder):
+    space_file = tmp_path / "space.toml"
+    space_file.write_text("[optim.lr]\nlow = 1e-3\nhigh = 3e-2\nlog = true\n", encoding="utf-8")
+    return load_config(values={"data.sources": [str(text_folder)], **TINY}), read_space(space_file)
+
+
+def test_random_search_runs_whole_trials_to_the_total_and_best_toml_reproduces_the_best(setup, tmp_path):
+    base, space = setup
+    folder = tmp_path / "sweep"
+    study = run_sweep(folder, base, space, SweepPlan(Budget.parse("24steps"), Budget.parse("6steps"), "random", 1))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    accounting = json.loads((folder / "sweep.json").read_text())["budget"]
+    assert accounting["spent"] == 24 and accounting["reserved"] == {}
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(folder / "best.toml"), "--out", str(again)]) == 0
+    final = [e for e in read_metrics(again / "metrics.jsonl") if e["event"] == "eval"][-1]["val_loss"]
+    assert final == study.best_value
+
+
+def test_asha_prunes_and_pruned_trials_give_back_what_they_did_not_spend(setup, tmp_path):
+    base, space = setup
+    folder = tmp_path / "asha"
+    study = run_sweep(folder, base, space, SweepPlan(Budget.parse("24steps"), Budget.parse("8steps"), "asha", 0))
+    spent = {t.number: spent_by(folder / "trials" / f"{t.number:04d}", "steps") for t in study.trials}
+    pruned = [t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(spent[n] < 8 for n in pruned)
+    accounting = json.loads((folder / "sweep.json").read_text())["budget"]
+    assert accounting["spent"] == sum(spent.values()) <= 24
+    assert 24 - accounting["spent"] < 8  # it stopped only when no whole trial fitted
+
+
+@pytest.mark.parametrize(("total", "trial", "strategy", "expected"), [
+    ("15m", "100steps", "asha", "same unit"), ("1m", "2m", "asha", "larger than"), ("15m", "1m", "grid", "unknown"),
+    ("15m,5M", "1m", "asha", "one limit"),
+])
+def test_bad_plans_are_refused_in_one_line(total, trial, strategy, expected):
+    with pytest.raises(FlopwiseError, match=expected):
+        check_plan(SweepPlan(Budget.parse(total), Budget.parse(trial), strategy))
+
+
+def test_the_command_runs_a_sweep_and_prints_its_trials(tmp_path, text_folder, capsys):
+    space = tmp_path / "space.toml"
+    space.write_text("[optim.lr]\nlow = 1e-3\nhigh = 3e-2\nlog = true\n", encoding="utf-8")
+    args = ["sweep", "--budget", "12steps", "--trial-budget", "6steps", "--space", str(space), "--out",
+            str(tmp_path / "s"), "--strategy", "random", "--data", str(text_folder), "--tokenizer", "byte",
+            "--set", "model.size=tiny", "--set", "model.seq_len=64", "--set", "optim.batch_size=4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "trial 0 complete: final loss" in out and "trial 1 complete" in out and "best: trial" in out
+    assert (tmp_path / "s" / "best.toml").is_file() and (tmp_path / "s" / "journal.log").is_file()
+
+
+def test_without_optuna_the_command_names_the_install(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_optuna(name, *args, **kwargs):
+        if name == "optuna":
+            raise ImportError("No module named 'optuna'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_optuna)
+    space = tmp_path / "space.toml"
+    space.write_text("[optim.lr]\nlow = 1e-3\nhigh = 3e-2\n", encoding="utf-8")
+    assert main(["sweep", "--budget", "12steps", "--trial-budget", "6steps", "--space", str(space)]) == 2
+    assert "pip install 'flopwise[sweep]'" in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
