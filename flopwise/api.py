@@ -42,12 +42,14 @@ def run(config: RunConfig | str | Path, out: str | Path, *, stop_after: Budget |
 
 
 def resume(run_dir: str | Path, budget: Budget | str | None = None, *, stop_after: Budget | str | None = None,
-           display: ProgressDisplay | None = None) -> Summary:
+           display: ProgressDisplay | None = None,
+           after_eval: Callable[[int, float, dict[str, Any]], str | None] | None = None) -> Summary:
     """Continue an interrupted run to its budget, or extend a finished one to a larger ``budget``, exactly
-    as the uninterrupted run would have gone."""
+    as the uninterrupted run would have gone; ``after_eval`` as for ``run``."""
     with writing(Path(run_dir), new=False):
         config = load_run_config(Path(run_dir))
         session, state = open_for_resume(Path(run_dir), _budget(budget), display, session_class(config))
+        session.after_eval = after_eval
         return session.run(state, _budget(stop_after))
 
 

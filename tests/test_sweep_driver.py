@@ -13,7 +13,6 @@ from flopwise.config import load_config
 from flopwise.errors import FlopwiseError
 from flopwise.rundir import read_metrics
 from flopwise.sweep.driver import SweepPlan, check_plan, run_sweep, spent_by
-from flopwise.sweep.space import read_space
 
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.slow
@@ -26,7 +25,7 @@ TINY = {"data.tokenizer": "byte", "model.size": "tiny", "model.seq_len": 64, "op
 def setup(tmp_path, text_folder):
     space_file = tmp_path / "space.toml"
     space_file.write_text("[optim.lr]\nlow = 1e-3\nhigh = 3e-2\nlog = true\n", encoding="utf-8")
-    return load_config(values={"data.sources": [str(text_folder)], **TINY}), read_space(space_file)
+    return load_config(values={"data.sources": [str(text_folder)], **TINY}), space_file
 
 
 def test_random_search_runs_whole_trials_to_the_total_and_best_toml_reproduces_the_best(setup, tmp_path):
@@ -91,3 +90,36 @@ def test_without_optuna_the_command_names_the_install(tmp_path, monkeypatch, cap
     assert main(["sweep", "--budget", "12steps", "--trial-budget", "6steps", "--space", str(space)]) == 2
     assert "pip install 'flopwise[sweep]'" in capsys.readouterr().err
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_sweep_whose_process_died_mid_trial_resumes_it_and_runs_nothing_twice(setup, tmp_path, monkeypatch):
+    from flopwise import api
+    from flopwise.sweep import trial as trial_module
+    from flopwise.sweep.driver import resume_sweep
+    from flopwise.sweep.trial import trial_config
+
+    base, space = setup
+    folder = tmp_path / "crash"
+    real_run = api.run
+
+    def dies_in_trial_1(config, out, **kwargs):
+        if str(out).endswith("0001"):
+            real_run(config, out, stop_after="3steps", **kwargs)  # checkpointed at step 3, then the process dies
+            raise KeyboardInterrupt
+        return real_run(config, out, **kwargs)
+
+    monkeypatch.setattr(trial_module.api, "run", dies_in_trial_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(folder, base, space, SweepPlan(Budget.parse("24steps"), Budget.parse("6steps"), "random", 2))
+    assert json.loads((folder / "sweep.json").read_text())["budget"]["reserved"] == {"1": 6.0}
+    monkeypatch.setattr(trial_module.api, "run", real_run)
+
+    study = resume_sweep(folder)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert json.loads((folder / "sweep.json").read_text())["budget"] == {"total": 24.0, "spent": 24.0,
+                                                                          "reserved": {}}
+    resumed = study.trials[1]
+    steps = [e["step"] for e in read_metrics(folder / "trials" / "0001" / "metrics.jsonl") if e["event"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # continued from its checkpoint, no step run twice
+    alone = api.run(trial_config(base, resumed.params, Budget.parse("6steps")), tmp_path / "alone")
+    assert alone.final_eval["loss"] == resumed.value  # as if it had never been interrupted

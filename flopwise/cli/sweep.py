@@ -36,31 +36,41 @@ def register(commands: argparse._SubParsersAction) -> None:
                                         "values, each trial is a real run under --trial-budget, and the pruner "
                                         "stops weak trials at their evaluation marks.")
     add_setup_flags(p, "the total budget of all trials, e.g. 15m (one limit, in the trial budget's unit)")
-    p.add_argument("--trial-budget", required=True, help="each trial's budget, e.g. 1m")
-    p.add_argument("--space", type=Path, required=True, help="the search space (TOML, see below)")
+    p.add_argument("--trial-budget", help="each trial's budget, e.g. 1m")
+    p.add_argument("--space", type=Path, help="the search space (TOML, see below)")
     p.add_argument("--out", type=Path, help="sweep folder (default: sweeps/<date-time>)")
     p.add_argument("--strategy", default="asha", help="asha (default), hyperband or random")
     p.add_argument("--storage", metavar="URL",
                    help="an Optuna storage URL to share the study between processes or machines (default: a "
                         "journal file in the sweep folder)")
+    p.add_argument("--resume", type=Path, metavar="SWEEP",
+                   help="go on with a sweep whose process died: ended trials are kept, a running one resumes from "
+                        "its checkpoint, and new trials use what is left of the total")
 
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.sweep.driver import SweepPlan, check_plan, run_sweep
+    from flopwise.sweep.driver import SweepPlan, check_plan, resume_sweep, run_sweep
     from flopwise.sweep.optuna_dep import require_optuna
-    from flopwise.sweep.space import read_space
 
-    if not args.budget:
-        raise FlopwiseError("flopwise sweep needs --budget: the total of all trials, e.g. --budget 15m")
-    plan = SweepPlan(Budget.parse(args.budget), Budget.parse(args.trial_budget), args.strategy, args.seed or 0)
-    check_plan(plan)
-    require_optuna()
-    space = read_space(args.space)
-    base = config_from_args(args)
-    folder = args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
-    study = run_sweep(folder, base, space, plan, args.storage, say=lambda line: console.print(line, highlight=False))
+    def say(line: str) -> None:
+        console.print(line, highlight=False)
+
+    if args.resume:
+        require_optuna()
+        folder, study = args.resume, resume_sweep(args.resume, say=say)
+    else:
+        missing = [flag for flag, value in (("--budget", args.budget), ("--trial-budget", args.trial_budget),
+                                            ("--space", args.space)) if not value]
+        if missing:
+            raise FlopwiseError(f"flopwise sweep needs {', '.join(missing)} (or --resume SWEEP): e.g. --budget 15m "
+                                "--trial-budget 1m --space space.toml")
+        plan = SweepPlan(Budget.parse(args.budget), Budget.parse(args.trial_budget), args.strategy, args.seed or 0)
+        check_plan(plan)
+        require_optuna()
+        folder = args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
+        study = run_sweep(folder, config_from_args(args), args.space, plan, args.storage, say=say)
+    names = list(study.trials[0].distributions) if study.trials else []
     table = Table(title=f"sweep {folder}: {len(study.trials)} trials")
-    names = [p.key for p in space.parameters]
     for column in ("trial", "state", *names, "final loss"):
         table.add_column(column, justify="right")
     for trial in study.trials:

@@ -10,6 +10,7 @@ from typing import Any
 from flopwise import api
 from flopwise.budget import Budget
 from flopwise.config import RunConfig
+from flopwise.rundir import METRICS_FILE, is_run_dir, read_metrics
 from flopwise.sweep.optuna_dep import require_optuna
 from flopwise.sweep.space import SearchSpace
 from flopwise.train.display import ProgressDisplay
@@ -27,19 +28,35 @@ def trial_config(base: RunConfig, values: dict[str, Any], trial_budget: Budget) 
     return base.replace(**values, **trial_budget.config_values())
 
 
+def trial_folder(folder: Path, number: int) -> Path:
+    return folder / f"{number:04d}"
+
+
 def run_trial(trial: Any, base: RunConfig, space: SearchSpace, trial_budget: Budget, folder: Path,
               display: ProgressDisplay | None = None) -> float:
     """Run ``trial`` in ``folder / <number>``; its final held-out loss, or ``optuna.TrialPruned`` when the
-    study's pruner stopped it at an evaluation mark."""
+    study's pruner stopped it at an evaluation mark.  A trial whose folder already holds a run (its process
+    died) resumes that run from its newest checkpoint, with the values it was drawn."""
     optuna = require_optuna()
-    config = trial_config(base, space.suggest(trial), trial_budget)
+    run_dir = trial_folder(folder, trial.number)
 
     def report(step: int, p: float, fields: dict[str, Any]) -> str | None:
         trial.report(fields["val_loss"], step=progress_step(p))
         return f"pruned by the sweep at p={p:.2f}" if trial.should_prune() else None
 
-    summary = api.run(config, folder / f"{trial.number:04d}", display=display or ProgressDisplay.quiet(),
-                      after_eval=report)
+    display = display or ProgressDisplay.quiet()
+    if (run_dir / "final").is_dir():  # it finished, and its process died before the study was told
+        return final_loss(run_dir)
+    if is_run_dir(run_dir):
+        summary = api.resume(run_dir, display=display, after_eval=report)
+    else:
+        config = trial_config(base, space.suggest(trial), trial_budget)
+        summary = api.run(config, run_dir, display=display, after_eval=report)
     if not summary.finished:
         raise optuna.TrialPruned(summary.stop_reason)
     return float(summary.final_eval["loss"])
+
+
+def final_loss(run_dir: Path) -> float:
+    """A finished run's final held-out loss, from its last evaluation."""
+    return float([e for e in read_metrics(run_dir / METRICS_FILE) if e["event"] == "eval"][-1]["val_loss"])
