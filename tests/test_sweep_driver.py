@@ -123,3 +123,14 @@ def test_a_sweep_whose_process_died_mid_trial_resumes_it_and_runs_nothing_twice(
     assert steps == sorted(set(steps)) and steps[-1] == 6  # continued from its checkpoint, no step run twice
     alone = api.run(trial_config(base, resumed.params, Budget.parse("6steps")), tmp_path / "alone")
     assert alone.final_eval["loss"] == resumed.value  # as if it had never been interrupted
+
+
+def test_two_workers_share_the_total_and_draw_different_values(setup, tmp_path):
+    base, space = setup
+    folder = tmp_path / "two"
+    study = run_sweep(folder, base, space, SweepPlan(Budget.parse("24steps"), Budget.parse("6steps"), "random", 0),
+                      workers=2)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert len({t.params["optim.lr"] for t in study.trials}) == 4
+    assert json.loads((folder / "sweep.json").read_text())["budget"] == {"total": 24.0, "spent": 24.0,
+                                                                          "reserved": {}}

@@ -43,6 +43,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", metavar="URL",
                    help="an Optuna storage URL to share the study between processes or machines (default: a "
                         "journal file in the sweep folder)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="trial processes on this machine, the cores split between them (default 1)")
     p.add_argument("--resume", type=Path, metavar="SWEEP",
                    help="go on with a sweep whose process died: ended trials are kept, a running one resumes from "
                         "its checkpoint, and new trials use what is left of the total")
@@ -68,7 +70,8 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         check_plan(plan)
         require_optuna()
         folder = args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
-        study = run_sweep(folder, config_from_args(args), args.space, plan, args.storage, say=say)
+        study = run_sweep(folder, config_from_args(args), args.space, plan, args.storage, say=say,
+                          workers=args.workers)
     names = list(study.trials[0].distributions) if study.trials else []
     table = Table(title=f"sweep {folder}: {len(study.trials)} trials")
     for column in ("trial", "state", *names, "final loss"):

@@ -8,8 +8,12 @@ total budget's accounting, written atomically after each change.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-from collections.abc import Callable
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ from flopwise.train.display import ProgressDisplay
 STRATEGIES = ("asha", "hyperband", "random")
 SWEEP_FILE, JOURNAL_FILE, BEST_FILE, TRIALS = "sweep.json", "journal.log", "best.toml", "trials"
 BASE_FILE, SPACE_FILE = "base.toml", "space.toml"  # the trials' base config and search space, for --resume
+LOCK_FILE = "sweep.lock"
 STUDY_NAME = "flopwise"
 
 
@@ -61,15 +66,16 @@ def check_plan(plan: SweepPlan) -> None:
         raise FlopwiseError(f"--strategy {plan.strategy} is unknown: choose one of {', '.join(STRATEGIES)}")
 
 
-def open_study(folder: Path, plan: SweepPlan, storage: str | None = None) -> Any:
+def open_study(folder: Path, plan: SweepPlan, storage: str | None = None, worker: int = 0) -> Any:
     """The sweep's study (created, or loaded to go on): TPE seeded, or random search for ``random``; ASHA
-    (successive halving) or Hyperband pruning on budget progress, none for ``random``."""
+    (successive halving) or Hyperband pruning on budget progress, none for ``random``.  Each worker seeds its
+    sampler apart (``seed * 1000 + worker``): with one seed, parallel workers would draw the same values."""
     optuna = require_optuna()
+    seed = plan.seed * 1000 + worker
     backend = storage or optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE)))
     random = plan.strategy == "random"
-    sampler = (optuna.samplers.RandomSampler(seed=plan.seed) if random
-               else optuna.samplers.TPESampler(seed=plan.seed))
+    sampler = optuna.samplers.RandomSampler(seed=seed) if random else optuna.samplers.TPESampler(seed=seed)
     pruner = {"asha": optuna.pruners.SuccessiveHalvingPruner(), "hyperband": optuna.pruners.HyperbandPruner(),
               "random": optuna.pruners.NopPruner()}[plan.strategy]
     return optuna.create_study(study_name=STUDY_NAME, storage=backend, sampler=sampler, pruner=pruner,
@@ -86,57 +92,101 @@ def spent_by(run_dir: Path, unit: str) -> float:
 
 
 def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, storage: str | None = None,
-              display: ProgressDisplay | None = None, say: Callable[[str], None] = lambda line: None) -> Any:
+              display: ProgressDisplay | None = None, say: Callable[[str], None] = lambda line: None,
+              workers: int = 1) -> Any:
     """A new sweep in ``folder``: trials until the total budget cannot fund another whole one; returns the study.
     The folder keeps what ``resume_sweep`` needs: the base config, the space and the plan.  ``say`` gets one
-    line per trial as it ends."""
+    line per trial as it ends.  ``workers`` > 1 runs that many processes, the cores split between them."""
     check_plan(plan)
-    space = read_space(space_file)
+    if workers < 1:
+        raise FlopwiseError(f"--workers {workers}: give 1 or more")
+    read_space(space_file)  # a bad space is refused before anything is written
     if (folder / SWEEP_FILE).exists():
         raise FlopwiseError(f"'{folder}' already holds a sweep: continue it with flopwise sweep --resume {folder}, "
                             "or choose another --out")
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / BASE_FILE, config_to_toml(base))
     write_atomic(folder / SPACE_FILE, space_file.read_text(encoding="utf-8"))
-    budget = TotalBudget(plan.amounts()[0])
-    _save(folder, plan, budget, storage)
-    return _run_trials(folder, base, space, plan, budget, open_study(folder, plan, storage), display, say)
+    _start_file(folder, plan, storage, workers)
+    return _run_workers(folder, workers, display, say)
 
 
 def resume_sweep(folder: Path, display: ProgressDisplay | None = None,
                  say: Callable[[str], None] = lambda line: None) -> Any:
-    """Go on with the sweep in ``folder`` after its process died: trials that ended are kept, a trial that was
-    running resumes its run from its newest checkpoint, then new trials use what is left of the total."""
+    """Go on with the sweep in ``folder`` after its processes died: trials that ended are kept, the trials that
+    were running resume their runs from their newest checkpoints, then new trials use what is left of the
+    total, with the sweep's workers."""
     optuna = require_optuna()
+    settings = _settings(folder)
+    plan, base, space = _read_sweep(folder)
+    study = open_study(folder, plan, settings["storage"])
+    reserved = TotalBudget.from_dict(settings["budget"]).reserved
+    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if frozen.number in reserved:  # ours; another machine's running trials are not ours to take
+            _finish(folder, base, space, plan, study, optuna.trial.Trial(study, frozen._trial_id), display, say)
+    return _run_workers(folder, settings.get("workers", 1), display, say)
+
+
+def _settings(folder: Path) -> dict[str, Any]:
     path = folder / SWEEP_FILE
     if not path.is_file():
         raise FlopwiseError(f"'{folder}' is not a sweep folder (no {SWEEP_FILE}): give the --out of an earlier "
                             "flopwise sweep")
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    plan = SweepPlan(Budget(**saved["total"]), Budget(**saved["trial"]), saved["strategy"], saved["seed"])
-    base, space = load_config(folder / BASE_FILE), read_space(folder / SPACE_FILE)
-    budget = TotalBudget.from_dict(saved["budget"])
-    study = open_study(folder, plan, saved["storage"])
-    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if frozen.number not in budget.reserved:  # another worker's trial, still running: not ours to take
-            continue
-        _finish(folder, base, space, plan, budget, study, optuna.trial.Trial(study, frozen._trial_id), display, say)
-    return _run_trials(folder, base, space, plan, budget, study, display, say)
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _run_trials(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, budget: TotalBudget,
-                study: Any, display: ProgressDisplay | None, say: Callable[[str], None]) -> Any:
+def _read_sweep(folder: Path) -> tuple[SweepPlan, RunConfig, SearchSpace]:
+    settings = _settings(folder)
+    plan = SweepPlan(Budget(**settings["total"]), Budget(**settings["trial"]), settings["strategy"], settings["seed"])
+    return plan, load_config(folder / BASE_FILE), read_space(folder / SPACE_FILE)
+
+
+def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, say: Callable[[str], None]) -> Any:
+    """The trials, in this process or in ``workers`` processes; returns the study as they left it."""
+    plan, base, space = _read_sweep(folder)
+    storage = _settings(folder)["storage"]
+    if workers == 1:
+        return _run_trials(folder, base, space, plan, open_study(folder, plan, storage), display, say)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads or locks inherited
+    processes = [context.Process(target=_worker, args=(folder, index, threads)) for index in range(workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [index for index, process in enumerate(processes) if process.exitcode != 0]
+    if failed:
+        raise FlopwiseError(f"sweep worker(s) {', '.join(map(str, failed))} of '{folder}' stopped with an error "
+                            f"(see above): continue with flopwise sweep --resume {folder}")
+    return open_study(folder, plan, storage)
+
+
+def _worker(folder: Path, index: int, threads: int) -> None:
+    """One worker process: its share of the cores, its own sampler seed, trials while the total funds them."""
+    import torch
+
+    torch.set_num_threads(threads)
+    plan, base, space = _read_sweep(folder)
+    study = open_study(folder, plan, _settings(folder)["storage"], worker=index)
+    _run_trials(folder, base, space, plan, study, None, lambda line: print(f"worker {index}: {line}", flush=True))
+
+
+def _run_trials(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, study: Any,
+                display: ProgressDisplay | None, say: Callable[[str], None]) -> Any:
+    """Ask for a trial and reserve its budget (one step, under the accounting's lock, so that parallel workers
+    never both take the last share), run it, and repeat while a whole trial fits."""
     trial_amount = plan.amounts()[1]
-    while budget.can_start(trial_amount):
-        trial = study.ask()
-        budget.start(trial.number, trial_amount)
-        _save(folder, plan, budget)
-        _finish(folder, base, space, plan, budget, study, trial, display, say)
-    return study
+    while True:
+        with accounting(folder) as budget:
+            if not budget.can_start(trial_amount):
+                return study
+            trial = study.ask()
+            budget.start(trial.number, trial_amount)
+        _finish(folder, base, space, plan, study, trial, display, say)
 
 
-def _finish(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, budget: TotalBudget, study: Any,
-            trial: Any, display: ProgressDisplay | None, say: Callable[[str], None]) -> None:
+def _finish(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, study: Any, trial: Any,
+            display: ProgressDisplay | None, say: Callable[[str], None]) -> None:
     """Run (or resume) ``trial`` to its end, tell the study how it ended, and account what it spent."""
     optuna = require_optuna()
     try:
@@ -147,22 +197,38 @@ def _finish(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, 
         trial.set_user_attr("error", str(err))
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     spent = spent_by(trial_folder(folder / TRIALS, trial.number), plan.unit)
-    budget.end(trial.number, spent)
-    _save(folder, plan, budget)
-    _write_best(folder, study, base, plan)
+    with accounting(folder) as budget:
+        budget.end(trial.number, spent)
+        left = budget.left
+        _write_best(folder, study, base, plan)
     ended = study.trials[trial.number]
     result = f"final loss {ended.value:.4f}" if ended.value is not None else ended.user_attrs.get("error", "")
     say(f"trial {trial.number} {ended.state.name.lower()}: {result}; spent {spent:g} of {plan.amounts()[1]:g} "
-        f"{plan.unit}, {budget.left:g} left")
+        f"{plan.unit}, {left:g} left")
 
 
-def _save(folder: Path, plan: SweepPlan, budget: TotalBudget, storage: str | None = None) -> None:
-    """``sweep.json``: the plan, where the study lives, and the accounting (the storage is kept as first given)."""
+@contextlib.contextmanager
+def accounting(folder: Path) -> Iterator[TotalBudget]:
+    """The total budget's accounting in ``sweep.json``, read, changed and written back (atomically) while this
+    process holds the sweep's lock file, so the workers of a machine take turns.  Workers on several machines
+    share a study through ``--storage``; each machine's folder keeps its own accounting of its own trials."""
     path = folder / SWEEP_FILE
-    if path.is_file():
-        storage = json.loads(path.read_text(encoding="utf-8"))["storage"]
-    write_json_atomic(path, {"total": plan.total.to_dict(), "trial": plan.trial.to_dict(), "strategy": plan.strategy,
-                             "seed": plan.seed, "storage": storage, "budget": budget.to_dict()})
+    with (folder / LOCK_FILE).open("a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            budget = TotalBudget.from_dict(saved["budget"])
+            yield budget
+            write_json_atomic(path, {**saved, "budget": budget.to_dict()})
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _start_file(folder: Path, plan: SweepPlan, storage: str | None, workers: int) -> None:
+    """``sweep.json`` of a new sweep: the plan, where the study lives, the workers, and the accounting."""
+    write_json_atomic(folder / SWEEP_FILE, {"total": plan.total.to_dict(), "trial": plan.trial.to_dict(),
+                                            "strategy": plan.strategy, "seed": plan.seed, "storage": storage,
+                                            "workers": workers, "budget": TotalBudget(plan.amounts()[0]).to_dict()})
 
 
 def _write_best(folder: Path, study: Any, base: RunConfig, plan: SweepPlan) -> None:
