@@ -43,6 +43,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", metavar="URL",
                    help="an Optuna storage URL to share the study between processes or machines (default: a "
                         "journal file in the sweep folder)")
+    p.add_argument("--rung-signal", default="loss", choices=("loss", "forecast"),
+                   help="what a trial reports at each evaluation mark for pruning: its held-out loss (default) "
+                        "or the forecast of its final loss")
     p.add_argument("--workers", type=int, default=1,
                    help="trial processes on this machine, the cores split between them (default 1)")
     p.add_argument("--resume", type=Path, metavar="SWEEP",
@@ -66,7 +69,8 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         if missing:
             raise FlopwiseError(f"flopwise sweep needs {', '.join(missing)} (or --resume SWEEP): e.g. --budget 15m "
                                 "--trial-budget 1m --space space.toml")
-        plan = SweepPlan(Budget.parse(args.budget), Budget.parse(args.trial_budget), args.strategy, args.seed or 0)
+        plan = SweepPlan(Budget.parse(args.budget), Budget.parse(args.trial_budget), args.strategy, args.seed or 0,
+                         args.rung_signal)
         check_plan(plan)
         require_optuna()
         folder = args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")

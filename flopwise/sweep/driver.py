@@ -26,7 +26,7 @@ from flopwise.rundir import METRICS_FILE, read_metrics
 from flopwise.sweep.optuna_dep import require_optuna
 from flopwise.sweep.space import SearchSpace, read_space
 from flopwise.sweep.total import TotalBudget
-from flopwise.sweep.trial import run_trial, trial_config, trial_folder
+from flopwise.sweep.trial import SIGNALS, run_trial, trial_config, trial_folder
 from flopwise.train.display import ProgressDisplay
 
 STRATEGIES = ("asha", "hyperband", "random")
@@ -44,6 +44,7 @@ class SweepPlan:
     trial: Budget
     strategy: str = "asha"
     seed: int = 0
+    signal: str = "loss"  # what a trial reports at its marks: the held-out loss or the forecast final loss
 
     @property
     def unit(self) -> str:
@@ -64,6 +65,8 @@ def check_plan(plan: SweepPlan) -> None:
                             "a sweep runs several trials within its budget")
     if plan.strategy not in STRATEGIES:
         raise FlopwiseError(f"--strategy {plan.strategy} is unknown: choose one of {', '.join(STRATEGIES)}")
+    if plan.signal not in SIGNALS:
+        raise FlopwiseError(f"--rung-signal {plan.signal} is unknown: choose one of {', '.join(SIGNALS)}")
 
 
 def open_study(folder: Path, plan: SweepPlan, storage: str | None = None, worker: int = 0) -> Any:
@@ -101,6 +104,9 @@ def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, 
     if workers < 1:
         raise FlopwiseError(f"--workers {workers}: give 1 or more")
     read_space(space_file)  # a bad space is refused before anything is written
+    if plan.signal == "forecast" and base.train.forecast_every <= 0:
+        raise FlopwiseError("--rung-signal forecast needs the loss forecast: train.forecast_every is 0, set it "
+                            "above 0 (default 0.1)")
     if (folder / SWEEP_FILE).exists():
         raise FlopwiseError(f"'{folder}' already holds a sweep: continue it with flopwise sweep --resume {folder}, "
                             "or choose another --out")
@@ -137,7 +143,8 @@ def _settings(folder: Path) -> dict[str, Any]:
 
 def _read_sweep(folder: Path) -> tuple[SweepPlan, RunConfig, SearchSpace]:
     settings = _settings(folder)
-    plan = SweepPlan(Budget(**settings["total"]), Budget(**settings["trial"]), settings["strategy"], settings["seed"])
+    plan = SweepPlan(Budget(**settings["total"]), Budget(**settings["trial"]), settings["strategy"], settings["seed"],
+                     settings["signal"])
     return plan, load_config(folder / BASE_FILE), read_space(folder / SPACE_FILE)
 
 
@@ -190,7 +197,7 @@ def _finish(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, 
     """Run (or resume) ``trial`` to its end, tell the study how it ended, and account what it spent."""
     optuna = require_optuna()
     try:
-        study.tell(trial, run_trial(trial, base, space, plan.trial, folder / TRIALS, display))
+        study.tell(trial, run_trial(trial, base, space, plan.trial, folder / TRIALS, display, plan.signal))
     except optuna.TrialPruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     except FlopwiseError as err:  # a bad combination of values: recorded, and the sweep goes on
@@ -227,7 +234,8 @@ def accounting(folder: Path) -> Iterator[TotalBudget]:
 def _start_file(folder: Path, plan: SweepPlan, storage: str | None, workers: int) -> None:
     """``sweep.json`` of a new sweep: the plan, where the study lives, the workers, and the accounting."""
     write_json_atomic(folder / SWEEP_FILE, {"total": plan.total.to_dict(), "trial": plan.trial.to_dict(),
-                                            "strategy": plan.strategy, "seed": plan.seed, "storage": storage,
+                                            "strategy": plan.strategy, "seed": plan.seed, "signal": plan.signal,
+                                            "storage": storage,
                                             "workers": workers, "budget": TotalBudget(plan.amounts()[0]).to_dict()})
 
 

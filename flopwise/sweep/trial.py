@@ -16,6 +16,7 @@ from flopwise.sweep.space import SearchSpace
 from flopwise.train.display import ProgressDisplay
 
 PROGRESS_STEPS = 1000  # Optuna's steps are ints: p in thousandths
+SIGNALS = {"loss": "val_loss", "forecast": "forecast_loss"}  # rung signal -> the eval field it reports
 
 
 def progress_step(p: float) -> int:
@@ -33,15 +34,20 @@ def trial_folder(folder: Path, number: int) -> Path:
 
 
 def run_trial(trial: Any, base: RunConfig, space: SearchSpace, trial_budget: Budget, folder: Path,
-              display: ProgressDisplay | None = None) -> float:
+              display: ProgressDisplay | None = None, signal: str = "loss") -> float:
     """Run ``trial`` in ``folder / <number>``; its final held-out loss, or ``optuna.TrialPruned`` when the
-    study's pruner stopped it at an evaluation mark.  A trial whose folder already holds a run (its process
+    study's pruner stopped it at an evaluation mark.  ``signal``: what each mark reports to the pruner, the
+    held-out loss there (``loss``) or the forecast final loss (``forecast``, from the run's loss forecaster:
+    under WSD a mid-run loss is not annealed, and a forecast of the end may rank trials more truly).  A trial whose folder already holds a run (its process
     died) resumes that run from its newest checkpoint, with the values it was drawn."""
     optuna = require_optuna()
     run_dir = trial_folder(folder, trial.number)
 
     def report(step: int, p: float, fields: dict[str, Any]) -> str | None:
-        trial.report(fields["val_loss"], step=progress_step(p))
+        value = fields.get(SIGNALS[signal])
+        if value is None:  # no forecast yet this early: nothing to rank by at this mark
+            return None
+        trial.report(value, step=progress_step(p))
         return f"pruned by the sweep at p={p:.2f}" if trial.should_prune() else None
 
     display = display or ProgressDisplay.quiet()

@@ -336,8 +336,10 @@ class Trainer:
         self.model.train()
         state.next_eval = next_mark(p, self.settings.eval_every)
         fields = self.log_eval(state, p, result)
-        if self.after_eval is not None:  # a sweep's pruner, say
-            self._eval_stop = self.after_eval(int(state.meter.steps), p, fields)
+        if self.after_eval is not None:  # a sweep's pruner, say: it may rank by the forecast final loss
+            forecast = self.forecaster.forecast(state.meter.tokens, p) if self.forecaster is not None else None
+            extra = {"forecast_loss": forecast.loss} if forecast is not None else {}
+            self._eval_stop = self.after_eval(int(state.meter.steps), p, {**fields, **extra})
         return time.perf_counter() - start + self.log_tasks(state, p)
 
     def log_tasks(self, state: LoopState, p: float) -> float:

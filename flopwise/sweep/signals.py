@@ -1,0 +1,54 @@
+"""Which rung signal ranks trials more truly: at each evaluation mark, the rank correlation (Spearman) across
+the finished trials of a sweep between the signal there and the trials' final held-out losses.
+
+The two signals are those a trial can report: its held-out loss at the mark (not annealed under WSD, so it
+favours whatever is fast early), and the forecast of its final loss made from its curve so far (the newest
+``forecast`` event at or before the mark).  Read from the trials' own metrics, so any finished sweep (random
+search, without pruning, ranks every trial to its end) can be measured after the fact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from scipy.stats import spearmanr
+
+from flopwise.rundir import METRICS_FILE, read_metrics
+
+MIN_TRIALS = 3  # a rank correlation over fewer trials says nothing
+
+
+def trial_signals(run_dir: Path) -> tuple[float, list[dict[str, Any]]] | None:
+    """(final held-out loss, [{"p", "loss", "forecast"} per evaluation mark before the end]) of a finished
+    trial run; None for one that did not finish."""
+    if not (run_dir / "final").is_dir():
+        return None
+    events = read_metrics(run_dir / METRICS_FILE)
+    evals = [e for e in events if e["event"] == "eval"]
+    forecasts = [e for e in events if e["event"] == "forecast"]
+    marks = []
+    for e in evals[:-1]:
+        made = [f["predicted_loss"] for f in forecasts if f["p"] <= e["p"] + 1e-9]
+        marks.append({"p": round(e["p"], 3), "loss": e["val_loss"], "forecast": made[-1] if made else None})
+    return evals[-1]["val_loss"], marks
+
+
+def rank_agreement(trials_dir: Path) -> list[dict[str, Any]]:
+    """Per evaluation mark p (rounded to thousandths): the Spearman correlation with the final losses of the
+    held-out loss there and of the forecast there, over the finished trials that have both; with their count."""
+    finished = [found for found in (trial_signals(path) for path in sorted(trials_dir.iterdir()) if path.is_dir())
+                if found is not None]
+    by_mark: dict[float, list[tuple[float, float, float]]] = {}
+    for final, marks in finished:
+        for mark in marks:
+            if mark["forecast"] is not None:
+                by_mark.setdefault(mark["p"], []).append((mark["loss"], mark["forecast"], final))
+    rows = []
+    for p, triples in sorted(by_mark.items()):
+        if len(triples) < MIN_TRIALS:
+            continue
+        losses, forecasts, finals = zip(*triples)
+        rows.append({"p": p, "trials": len(triples), "loss_rho": float(spearmanr(losses, finals).statistic),
+                     "forecast_rho": float(spearmanr(forecasts, finals).statistic)})
+    return rows
