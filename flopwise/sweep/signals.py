@@ -35,20 +35,23 @@ def trial_signals(run_dir: Path) -> tuple[float, list[dict[str, Any]]] | None:
 
 
 def rank_agreement(trials_dir: Path) -> list[dict[str, Any]]:
-    """Per evaluation mark p (rounded to thousandths): the Spearman correlation with the final losses of the
-    held-out loss there and of the forecast there, over the finished trials that have both; with their count."""
+    """Per evaluation mark: the Spearman correlation with the final losses of the held-out loss there and of
+    the forecast there, over the finished trials that have both, with their count.  Marks are matched by their
+    order (the k-th evaluation of every trial is at the same multiple of ``train.eval_every``; under a seconds
+    budget the p at which each trial crossed it differs a little, and the row gives their mean)."""
     finished = [found for found in (trial_signals(path) for path in sorted(trials_dir.iterdir()) if path.is_dir())
                 if found is not None]
-    by_mark: dict[float, list[tuple[float, float, float]]] = {}
+    by_mark: dict[int, list[tuple[float, float, float, float]]] = {}
     for final, marks in finished:
-        for mark in marks:
+        for index, mark in enumerate(marks):
             if mark["forecast"] is not None:
-                by_mark.setdefault(mark["p"], []).append((mark["loss"], mark["forecast"], final))
+                by_mark.setdefault(index, []).append((mark["p"], mark["loss"], mark["forecast"], final))
     rows = []
-    for p, triples in sorted(by_mark.items()):
-        if len(triples) < MIN_TRIALS:
+    for index, rows_of_mark in sorted(by_mark.items()):
+        if len(rows_of_mark) < MIN_TRIALS:
             continue
-        losses, forecasts, finals = zip(*triples)
-        rows.append({"p": p, "trials": len(triples), "loss_rho": float(spearmanr(losses, finals).statistic),
+        ps, losses, forecasts, finals = zip(*rows_of_mark)
+        rows.append({"p": round(sum(ps) / len(ps), 3), "trials": len(rows_of_mark),
+                     "loss_rho": float(spearmanr(losses, finals).statistic),
                      "forecast_rho": float(spearmanr(forecasts, finals).statistic)})
     return rows
