@@ -20,6 +20,7 @@ from flopwise.data.shards import LAYOUT, MIN_HELDOUT_CHARS, MIN_HELDOUT_SHARE, T
 from flopwise.data.sources import Document, ReadStats, parse_source, read_documents
 from flopwise.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from flopwise.errors import FlopwiseError
+from flopwise.filelock import held
 
 
 @dataclass
@@ -90,9 +91,11 @@ def get_tokenizer(data: DataSection, documents: list[Document], seed: int, root:
     cached = root / "tokenizers" / f"{key}.json"
     if cached.is_file():
         return Tokenizer.load(cached)
-    tokenizer = train_bpe(sample, data.vocab_size)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(cached, tokenizer.to_json())
+    with held(cached.with_name(f".{key}.lock")):  # one process trains it; the others wait, then load it
+        if cached.is_file():
+            return Tokenizer.load(cached)
+        tokenizer = train_bpe(sample, data.vocab_size)
+        write_atomic(cached, tokenizer.to_json())
     return tokenizer
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from flopwise.data.sources import Document
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
+from flopwise.filelock import held
 
 SPLITS = ("train", "val")
 FILES = ("meta.json", *(f"{split}{suffix}" for split in SPLITS for suffix in (".bin", "_docs.npy")))
@@ -120,14 +121,18 @@ def build_corpus(documents: Iterable[Document], tokenizer: Tokenizer, cache_root
     else:
         train, val = documents, list(val_documents)
     cache_root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(cache_root)
-    tmp = cache_root / f"{TMP_PREFIX}{key}-{uuid.uuid4().hex}"
-    try:
-        tmp.mkdir()
-        _write_corpus(tmp, {"train": train, "val": val}, tokenizer)
-        _publish(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # one builder per entry; the others wait, then load it (lock files beside the cache, never in it)
+    with held(cache_root.with_name(f"{cache_root.name}.locks") / f"{key}.lock"):
+        if is_complete(target):
+            return TokenCorpus.load(target)
+        _remove_stale_tmp(cache_root)
+        tmp = cache_root / f"{TMP_PREFIX}{key}-{uuid.uuid4().hex}"
+        try:
+            tmp.mkdir()
+            _write_corpus(tmp, {"train": train, "val": val}, tokenizer)
+            _publish(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return TokenCorpus.load(target, cache_hit=False)
 
 

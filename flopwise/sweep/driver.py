@@ -9,7 +9,6 @@ total budget's accounting, written atomically after each change.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import multiprocessing
 import os
@@ -22,6 +21,7 @@ from flopwise.atomic import write_atomic, write_json_atomic
 from flopwise.budget import Budget
 from flopwise.config import RunConfig, config_to_toml, load_config
 from flopwise.errors import FlopwiseError
+from flopwise.filelock import held
 from flopwise.rundir import METRICS_FILE, read_metrics
 from flopwise.sweep.optuna_dep import require_optuna
 from flopwise.sweep.space import SearchSpace, read_space
@@ -220,15 +220,11 @@ def accounting(folder: Path) -> Iterator[TotalBudget]:
     process holds the sweep's lock file, so the workers of a machine take turns.  Workers on several machines
     share a study through ``--storage``; each machine's folder keeps its own accounting of its own trials."""
     path = folder / SWEEP_FILE
-    with (folder / LOCK_FILE).open("a+", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            budget = TotalBudget.from_dict(saved["budget"])
-            yield budget
-            write_json_atomic(path, {**saved, "budget": budget.to_dict()})
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with held(folder / LOCK_FILE):
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        budget = TotalBudget.from_dict(saved["budget"])
+        yield budget
+        write_json_atomic(path, {**saved, "budget": budget.to_dict()})
 
 
 def _start_file(folder: Path, plan: SweepPlan, storage: str | None, workers: int) -> None:
