@@ -134,3 +134,15 @@ def test_two_workers_share_the_total_and_draw_different_values(setup, tmp_path):
     assert len({t.params["optim.lr"] for t in study.trials}) == 4
     assert json.loads((folder / "sweep.json").read_text())["budget"] == {"total": 24.0, "spent": 24.0,
                                                                           "reserved": {}}
+
+
+def test_report_of_a_sweep_folder_compares_its_trials(setup, tmp_path, capsys):
+    base, space = setup
+    folder = tmp_path / "rep"
+    run_sweep(folder, base, space, SweepPlan(Budget.parse("12steps"), Budget.parse("6steps"), "random", 0))
+    capsys.readouterr()
+    assert main(["report", str(folder), "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "0000" in out and "0001" in out
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert len(report["runs"]) == 2

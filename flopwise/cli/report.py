@@ -31,6 +31,7 @@ writes to --out (default: ./report, created if needed; files of an earlier repor
 examples:
   flopwise report runs/a runs/b                     # compare two runs, write ./report/
   flopwise report runs/* --out reports/lr-sweep     # every run in runs/
+  flopwise report sweeps/lr                         # every trial of a flopwise sweep
 """
 
 
@@ -41,7 +42,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                             description="Compare runs (finished or not): a table of final held-out loss, size, "
                                         "spend and speed, and plots of their curves, as PNGs, report.json and "
                                         "one self-contained report.html. Needs no torch and no GPU.")
-    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folder (the --out of `flopwise train`)")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="run folder (the --out of `flopwise train`), or a sweep folder (each of its trials' runs)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                    help=f"folder for the report (default: ./{DEFAULT_OUT})")
 
@@ -98,13 +100,25 @@ def print_table(console: Console, table: Table) -> None:
     console.print(table, crop=False)
 
 
+def expand_sweeps(paths: list[Path]) -> list[Path]:
+    """Each sweep folder (it holds sweep.json) as its trials' run folders, in trial order; runs as they are."""
+    expanded: list[Path] = []
+    for path in paths:
+        trials = path / "trials"
+        if (path / "sweep.json").is_file() and trials.is_dir():
+            expanded += sorted(folder for folder in trials.iterdir() if (folder / "config.toml").is_file())
+        else:
+            expanded.append(path)
+    return expanded
+
+
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """Read the runs, write the report, print the table and the paths written."""
     from flopwise.report import JSON_FILE, load_runs, write_runs_report
     from flopwise.report.series import PLOTS
     from flopwise.report.tasks import TASKS_PLOT
 
-    runs = load_runs(args.runs)
+    runs = load_runs(expand_sweeps(args.runs))
     check_output("--out", args.out, folder=True)
     html_path = write_runs_report(runs, args.out)
     print_table(console, rich_table(runs))
