@@ -69,20 +69,29 @@ def check_plan(plan: SweepPlan) -> None:
         raise FlopwiseError(f"--rung-signal {plan.signal} is unknown: choose one of {', '.join(SIGNALS)}")
 
 
-def open_study(folder: Path, plan: SweepPlan, storage: str | None = None, worker: int = 0) -> Any:
-    """The sweep's study (created, or loaded to go on): TPE seeded, or random search for ``random``; ASHA
-    (successive halving) or Hyperband pruning on budget progress, none for ``random``.  Each worker seeds its
-    sampler apart (``seed * 1000 + worker``): with one seed, parallel workers would draw the same values."""
+def open_study(folder: Path, plan: SweepPlan, storage: str | None = None) -> Any:
+    """The sweep's study (created, or loaded to go on), with ASHA (successive halving) or Hyperband pruning on
+    budget progress, none for ``random``; its sampler is set per trial by ``seed_sampler``."""
     optuna = require_optuna()
-    seed = plan.seed * 1000 + worker
     backend = storage or optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE)))
-    random = plan.strategy == "random"
-    sampler = optuna.samplers.RandomSampler(seed=seed) if random else optuna.samplers.TPESampler(seed=seed)
     pruner = {"asha": optuna.pruners.SuccessiveHalvingPruner(), "hyperband": optuna.pruners.HyperbandPruner(),
               "random": optuna.pruners.NopPruner()}[plan.strategy]
-    return optuna.create_study(study_name=STUDY_NAME, storage=backend, sampler=sampler, pruner=pruner,
-                               direction="minimize", load_if_exists=True)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=backend, pruner=pruner, direction="minimize",
+                                load_if_exists=True)
+    seed_sampler(study, plan)
+    return study
+
+
+def seed_sampler(study: Any, plan: SweepPlan) -> None:
+    """TPE (random search for ``random``) seeded by the sweep's seed and the number of the trial about to be
+    drawn.  A sampler keeps its random stream in memory, so one seeded once would draw other values after
+    ``--resume`` than the uninterrupted sweep, and parallel workers with one seed would draw the same values;
+    seeded per trial, a trial's draw depends only on the seed and the study's history."""
+    optuna = require_optuna()
+    seed = plan.seed * 100_003 + len(study.get_trials(deepcopy=False))
+    random = plan.strategy == "random"
+    study.sampler = optuna.samplers.RandomSampler(seed=seed) if random else optuna.samplers.TPESampler(seed=seed)
 
 
 def spent_by(run_dir: Path, unit: str) -> float:
@@ -169,12 +178,12 @@ def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, sa
 
 
 def _worker(folder: Path, index: int, threads: int) -> None:
-    """One worker process: its share of the cores, its own sampler seed, trials while the total funds them."""
+    """One worker process: its share of the cores, trials while the total funds them."""
     import torch
 
     torch.set_num_threads(threads)
     plan, base, space = _read_sweep(folder)
-    study = open_study(folder, plan, _settings(folder)["storage"], worker=index)
+    study = open_study(folder, plan, _settings(folder)["storage"])
     _run_trials(folder, base, space, plan, study, None, lambda line: print(f"worker {index}: {line}", flush=True))
 
 
@@ -187,6 +196,7 @@ def _run_trials(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPl
         with accounting(folder) as budget:
             if not budget.can_start(trial_amount):
                 return study
+            seed_sampler(study, plan)
             trial = study.ask()
             budget.start(trial.number, trial_amount)
         _finish(folder, base, space, plan, study, trial, display, say)
