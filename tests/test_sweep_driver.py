@@ -149,3 +149,12 @@ def test_report_of_a_sweep_folder_compares_its_trials(setup, tmp_path, capsys):
     assert "0000" in out and "0001" in out
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert len(report["runs"]) == 2
+
+
+def test_a_trials_spending_counts_its_last_evaluation_past_its_last_logged_step(tmp_path):
+    events = [{"event": "train", "step": 1, "seconds": 1.7, "tokens": 8192.0},
+              {"event": "eval", "step": 5, "seconds": 5.4, "tokens": 40960.0, "val_loss": 7.5},
+              {"event": "forecast", "step": 5, "seconds": 9.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert (spent_by(tmp_path, "seconds"), spent_by(tmp_path, "steps"), spent_by(tmp_path, "tokens")) == (5.4, 5, 40960)
+    assert spent_by(tmp_path / "never-started", "seconds") == 0.0

@@ -95,12 +95,12 @@ def seed_sampler(study: Any, plan: SweepPlan) -> None:
 
 
 def spent_by(run_dir: Path, unit: str) -> float:
-    """What a trial's run spent in ``unit``, from its last logged step (0 when it never stepped)."""
+    """What a trial's run spent in ``unit``: the furthest any logged step or evaluation got (training events are
+    logged every ``train.log_every`` steps, the last evaluation is at the end), 0 when it never stepped."""
     path = run_dir / METRICS_FILE
-    steps = [e for e in read_metrics(path) if e["event"] == "train"] if path.is_file() else []
-    if not steps:
-        return 0.0
-    return float(steps[-1]["step"] if unit == "steps" else steps[-1][unit])
+    key = "step" if unit == "steps" else unit
+    events = [e for e in read_metrics(path) if e["event"] in ("train", "eval")] if path.is_file() else []
+    return max((float(e[key]) for e in events if key in e), default=0.0)
 
 
 def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, storage: str | None = None,

@@ -1,0 +1,179 @@
+"""Sweeps on the default corpus: 15-minute totals of 1-minute trials over learning rate x width x batch.
+
+One arm per call, each written to bench/results/sweep_<arm>_seed<S>.json; ``--summary`` prints the tables
+from all of them and writes bench/results/sweep.json.
+
+  asha       flopwise sweep --strategy asha --seed S        (TPE sampling, successive-halving pruning)
+  random     flopwise sweep --strategy random --seed S      (random search, every trial to its end)
+  hyperband  flopwise sweep --strategy hyperband --workers 2 (two worker processes on one journal study)
+  pbt        flopwise sweep --strategy pbt --seed S
+  default    flopwise train --budget 1m, the sweep's base config at seeds 0, 1, 2 (the recipe's seed noise)
+
+Each sweep ran through the CLI as a user runs it.  ``--cores`` pins an arm to a set of cores (taskset) with
+that many torch threads, so that two one-core arms can run side by side and compare like with like; run the
+arms of a comparison side by side (asha next to random, same seed) and say so with the figures.
+
+    python bench/sweep.py --arm asha --seed 0 --cores 0 &  python bench/sweep.py --arm random --seed 0 --cores 1
+    python bench/sweep.py --summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+WORK = Path(os.environ.get("FLOPWISE_BENCH_WORK", "/tmp/flopwise-sweep"))
+TOTAL, TRIAL = os.environ.get("FLOPWISE_BENCH_TOTAL", "15m"), os.environ.get("FLOPWISE_BENCH_TRIAL", "1m")
+BASE = ["--set", "train.eval_every=0.125"]  # eight rungs per trial
+SPACE = """\
+[optim.muon_lr]        # the learning rate of the blocks' matrices (Muon), most of the parameters
+low = 0.0125
+high = 0.2
+log = true
+
+[model.d_model]
+choices = [64, 96, 128, 192, 256]
+
+[optim.batch_size]
+choices = [4, 8, 16, 32]
+"""
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+def pinned(cores: str | None) -> tuple[list[str], dict[str, str]]:
+    """The command prefix and environment that keep an arm on ``cores`` with one torch thread per core."""
+    if not cores:
+        return [], dict(os.environ)
+    threads = str(len(cores.split(",")))
+    return ["taskset", "-c", cores], {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def run_sweep_arm(arm: str, seed: int, cores: str | None) -> dict[str, Any]:
+    folder = WORK / f"{arm}_seed{seed}"
+    shutil.rmtree(folder, ignore_errors=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    space = WORK / "space.toml"
+    space.write_text(SPACE, encoding="utf-8")
+    strategy = "hyperband" if arm == "hyperband" else arm
+    workers = ["--workers", "2"] if arm == "hyperband" else []
+    prefix, env = pinned(cores)
+    started = time.time()
+    subprocess.run([*prefix, sys.executable, "-m", "flopwise", "sweep", "--budget", TOTAL, "--trial-budget", TRIAL,
+                    "--space", str(space), "--out", str(folder), "--strategy", strategy, "--seed", str(seed),
+                    *workers, *BASE], check=True, env=env)
+    return {"arm": arm, "seed": seed, "cores": cores, "wall_s": time.time() - started, **describe(folder)}
+
+
+def describe(folder: Path) -> dict[str, Any]:
+    """The sweep's trials as the study and their run folders recorded them, its best trial and when it was
+    found, what it spent, and the rung-signal agreement over its finished trials."""
+    import optuna
+
+    from flopwise.sweep.driver import TRIALS, spent_by
+    from flopwise.sweep.signals import rank_agreement
+    from flopwise.sweep.trial import trial_folder
+
+    settings = json.loads((folder / "sweep.json").read_text(encoding="utf-8"))
+    study = optuna.load_study(study_name="flopwise", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(folder / "journal.log"))))
+    start = min(t.datetime_start for t in study.trials)
+    trials = []
+    for t in study.trials:
+        run = trial_folder(folder / TRIALS, t.number)
+        trials.append({"number": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value,
+                       "spent_s": spent_by(run, "seconds"), "lineage_s": t.user_attrs.get("lineage_s"),
+                       "ended_after_s": (t.datetime_complete - start).total_seconds() if t.datetime_complete else None,
+                       "error": t.user_attrs.get("error")})
+    complete = [t for t in trials if t["state"] == "complete"]
+    best = min(complete, key=lambda t: t["value"])
+    return {"strategy": settings["strategy"], "budget": settings["budget"], "trials": trials,
+            "best": {**best, "found_after_s": best["ended_after_s"],
+                     "lineage_s": best["lineage_s"] or best["spent_s"]},
+            "counts": {state: sum(t["state"] == state for t in trials) for state in ("complete", "pruned", "fail")},
+            "rung_signals": rank_agreement(folder / TRIALS)}
+
+
+def run_default_arm(cores: str | None) -> dict[str, Any]:
+    """The sweep's base config, untouched by the space, at 1 minute and three seeds."""
+    from flopwise.rundir import read_metrics
+
+    prefix, env = pinned(cores)
+    finals = {}
+    for seed in DEFAULT_SEEDS:
+        out = WORK / f"default_seed{seed}"
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([*prefix, sys.executable, "-m", "flopwise", "train", "--budget", TRIAL, "--seed", str(seed),
+                        "--out", str(out), *BASE], check=True, env=env, stdout=subprocess.DEVNULL)
+        finals[seed] = [e for e in read_metrics(out / "metrics.jsonl") if e["event"] == "eval"][-1]["val_loss"]
+    return {"arm": "default", "cores": cores, "finals": finals}
+
+
+def summary(console: Console) -> None:
+    arms = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("sweep_*_seed*.json"))]
+    default = next((a for a in arms if a["arm"] == "default"), None)
+    sweeps = [a for a in arms if a["arm"] != "default"]
+    table = Table(title=f"sweeps: {TOTAL} total, {TRIAL} trials, muon_lr x d_model x batch_size (default corpus)")
+    for column in ("arm", "seed", "cores", "trials c/p/f", "best final loss", "found after", "best's lineage",
+                   "spent of total"):
+        table.add_column(column, justify="right")
+    for a in sweeps:
+        c, total = a["counts"], a["budget"]["total"]
+        table.add_row(a["arm"], str(a["seed"]), a["cores"] or "all", f"{c['complete']}/{c['pruned']}/{c['fail']}",
+                      f"{a['best']['value']:.4f}", f"{a['best']['found_after_s'] / 60:.1f} min",
+                      f"{a['best']['lineage_s']:.0f} s ({a['best']['lineage_s'] / total:.0%})",
+                      f"{a['budget']['spent']:.0f} of {total:.0f} s")
+    console.print(table)
+    by_arm: dict[str, list[float]] = {}
+    for a in sweeps:
+        by_arm.setdefault(a["arm"], []).append(a["best"]["value"])
+    for arm, values in by_arm.items():
+        console.print(f"{arm}: best final loss mean {sum(values) / len(values):.4f} over {len(values)} sweep(s)")
+    if default:
+        finals = list(default["finals"].values())
+        mean, spread = sum(finals) / len(finals), max(finals) - min(finals)
+        console.print(f"default recipe at {TRIAL}: {', '.join(f'{v:.4f}' for v in finals)} (mean {mean:.4f}, "
+                      f"seed spread {spread:.4f})")
+    signals = Table(title="rung signal: Spearman with the final loss, finished trials of the random sweeps")
+    for column in ("seed", "mark p", "trials", "held-out loss", "forecast"):
+        signals.add_column(column, justify="right")
+    for a in sweeps:
+        if a["arm"] == "random":
+            for row in a["rung_signals"]:
+                signals.add_row(str(a["seed"]), f"{row['p']:.2f}", str(row["trials"]), f"{row['loss_rho']:.2f}",
+                                f"{row['forecast_rho']:.2f}")
+    console.print(signals)
+    (RESULTS / "sweep.json").write_text(json.dumps({"arms": arms}, indent=1) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arm", choices=("asha", "random", "hyperband", "pbt", "default"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cores", help="pin the arm to these cores, e.g. 0 or 0,1 (taskset)")
+    parser.add_argument("--summary", action="store_true")
+    args = parser.parse_args()
+    console = Console()
+    if args.summary:
+        summary(console)
+        return
+    result = run_default_arm(args.cores) if args.arm == "default" else run_sweep_arm(args.arm, args.seed, args.cores)
+    RESULTS.mkdir(exist_ok=True)
+    name = "sweep_default_seed0.json" if args.arm == "default" else f"sweep_{args.arm}_seed{args.seed}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    console.print(f"wrote {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()
