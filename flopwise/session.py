@@ -288,7 +288,11 @@ class Session:
         return {"methods": methods, "limit": c.memory.limit, "estimate": estimate.to_dict()}
 
     def resume_from(self, checkpoint: CheckpointInfo) -> LoopState:
+        configured = [group.get("peak_lr") for group in self.optimizer.param_groups]
         state = load_checkpoint(checkpoint, self.model, self.optimizer)
+        for group, peak_lr in zip(self.optimizer.param_groups, configured):  # config.toml's rates rule (PBT edits them)
+            if peak_lr is not None:
+                group["peak_lr"] = peak_lr
         self.sampler.load_state_dict(state["sampler"])
         self.methods.load_state_dict(_methods_state(state))
         if self.ranks.is_main:

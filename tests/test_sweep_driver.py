@@ -12,7 +12,8 @@ from flopwise.cli import main
 from flopwise.config import load_config
 from flopwise.errors import FlopwiseError
 from flopwise.rundir import read_metrics
-from flopwise.sweep.driver import SweepPlan, check_plan, run_sweep, spent_by
+from flopwise.sweep.driver import SweepPlan, check_plan, run_sweep
+from flopwise.sweep.trial import spent_by
 
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.slow

@@ -20,12 +20,15 @@ search space (--space, TOML; one table per config key):
   [optim.batch_size]         choices = [8, 16, 32]
 
 strategies: asha (default: TPE sampling, successive-halving pruning at the evaluation marks), hyperband,
-random (random search, no pruning).  A trial starts only when the rest of --budget can fund it whole;
+random (random search, no pruning), pbt (population-based training: a random population trains in lockstep;
+at every --pbt-interval of budget progress the bottom quarter copies a top-quarter member's checkpoint and
+scales its learning rates by 0.8 or 1.2).  A trial starts only when the rest of --budget can fund it whole;
 a pruned trial gives back what it did not spend.  best.toml reruns the best trial: flopwise train --config.
 
 examples:
   flopwise sweep --budget 15m --trial-budget 1m --space space.toml --out sweeps/lr
   flopwise sweep --budget 200steps --trial-budget 20steps --space space.toml --strategy random --seed 1
+  flopwise sweep --budget 15m --trial-budget 1m --space space.toml --strategy pbt --set train.eval_every=0.125
 """
 
 
@@ -39,7 +42,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--trial-budget", help="each trial's budget, e.g. 1m")
     p.add_argument("--space", type=Path, help="the search space (TOML, see below)")
     p.add_argument("--out", type=Path, help="sweep folder (default: sweeps/<date-time>)")
-    p.add_argument("--strategy", default="asha", help="asha (default), hyperband or random")
+    p.add_argument("--strategy", default="asha", help="asha (default), hyperband, random or pbt")
+    p.add_argument("--pbt-interval", type=float, default=0.25, metavar="P",
+                   help="pbt: the budget progress between exploit-and-explore steps (default 0.25)")
     p.add_argument("--storage", metavar="URL",
                    help="an Optuna storage URL to share the study between processes or machines (default: a "
                         "journal file in the sweep folder)")
@@ -54,7 +59,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.sweep.driver import SweepPlan, check_plan, resume_sweep, run_sweep
+    from flopwise.sweep.driver import SweepPlan, check_plan, resume_sweep, run_sweep, trial_values
     from flopwise.sweep.optuna_dep import require_optuna
 
     def say(line: str) -> None:
@@ -70,7 +75,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
             raise FlopwiseError(f"flopwise sweep needs {', '.join(missing)} (or --resume SWEEP): e.g. --budget 15m "
                                 "--trial-budget 1m --space space.toml")
         plan = SweepPlan(Budget.parse(args.budget), Budget.parse(args.trial_budget), args.strategy, args.seed or 0,
-                         args.rung_signal)
+                         args.rung_signal, args.pbt_interval)
         check_plan(plan)
         require_optuna()
         folder = args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
@@ -81,7 +86,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     for column in ("trial", "state", *names, "final loss"):
         table.add_column(column, justify="right")
     for trial in study.trials:
-        values = [_shown(trial.params.get(name, "")) for name in names]
+        values = [_shown(trial_values(trial).get(name, "")) for name in names]
         loss = f"{trial.value:.4f}" if trial.value is not None else trial.user_attrs.get("error", "")
         table.add_row(str(trial.number), trial.state.name.lower(), *values, loss)
     console.print(table)

@@ -22,14 +22,14 @@ from flopwise.budget import Budget
 from flopwise.config import RunConfig, config_to_toml, load_config
 from flopwise.errors import FlopwiseError
 from flopwise.filelock import held
-from flopwise.rundir import METRICS_FILE, read_metrics
 from flopwise.sweep.optuna_dep import require_optuna
+from flopwise.sweep.pbt import Population
 from flopwise.sweep.space import SearchSpace, read_space
 from flopwise.sweep.total import TotalBudget
-from flopwise.sweep.trial import SIGNALS, run_trial, trial_config, trial_folder
+from flopwise.sweep.trial import SIGNALS, final_loss, run_trial, spent_by, trial_config, trial_folder
 from flopwise.train.display import ProgressDisplay
 
-STRATEGIES = ("asha", "hyperband", "random")
+STRATEGIES = ("asha", "hyperband", "random", "pbt")
 SWEEP_FILE, JOURNAL_FILE, BEST_FILE, TRIALS = "sweep.json", "journal.log", "best.toml", "trials"
 BASE_FILE, SPACE_FILE = "base.toml", "space.toml"  # the trials' base config and search space, for --resume
 LOCK_FILE = "sweep.lock"
@@ -45,6 +45,7 @@ class SweepPlan:
     strategy: str = "asha"
     seed: int = 0
     signal: str = "loss"  # what a trial reports at its marks: the held-out loss or the forecast final loss
+    interval: float = 0.25  # pbt: the budget progress between exploit-and-explore steps
 
     @property
     def unit(self) -> str:
@@ -65,18 +66,21 @@ def check_plan(plan: SweepPlan) -> None:
                             "a sweep runs several trials within its budget")
     if plan.strategy not in STRATEGIES:
         raise FlopwiseError(f"--strategy {plan.strategy} is unknown: choose one of {', '.join(STRATEGIES)}")
+    if plan.strategy == "pbt" and not 0 < plan.interval < 1:
+        raise FlopwiseError(f"--pbt-interval {plan.interval:g} must be between 0 and 1 (e.g. 0.25: exploit and "
+                            "explore at p = 0.25, 0.5, 0.75)")
     if plan.signal not in SIGNALS:
         raise FlopwiseError(f"--rung-signal {plan.signal} is unknown: choose one of {', '.join(SIGNALS)}")
 
 
 def open_study(folder: Path, plan: SweepPlan, storage: str | None = None) -> Any:
     """The sweep's study (created, or loaded to go on), with ASHA (successive halving) or Hyperband pruning on
-    budget progress, none for ``random``; its sampler is set per trial by ``seed_sampler``."""
+    budget progress, none for ``random`` and ``pbt``; its sampler is set per trial by ``seed_sampler``."""
     optuna = require_optuna()
     backend = storage or optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE)))
     pruner = {"asha": optuna.pruners.SuccessiveHalvingPruner(), "hyperband": optuna.pruners.HyperbandPruner(),
-              "random": optuna.pruners.NopPruner()}[plan.strategy]
+              "random": optuna.pruners.NopPruner(), "pbt": optuna.pruners.NopPruner()}[plan.strategy]
     study = optuna.create_study(study_name=STUDY_NAME, storage=backend, pruner=pruner, direction="minimize",
                                 load_if_exists=True)
     seed_sampler(study, plan)
@@ -84,23 +88,14 @@ def open_study(folder: Path, plan: SweepPlan, storage: str | None = None) -> Any
 
 
 def seed_sampler(study: Any, plan: SweepPlan) -> None:
-    """TPE (random search for ``random``) seeded by the sweep's seed and the number of the trial about to be
+    """TPE (random search for ``random`` and ``pbt``) seeded by the sweep's seed and the number of the trial about to be
     drawn.  A sampler keeps its random stream in memory, so one seeded once would draw other values after
     ``--resume`` than the uninterrupted sweep, and parallel workers with one seed would draw the same values;
     seeded per trial, a trial's draw depends only on the seed and the study's history."""
     optuna = require_optuna()
     seed = plan.seed * 100_003 + len(study.get_trials(deepcopy=False))
-    random = plan.strategy == "random"
+    random = plan.strategy in ("random", "pbt")
     study.sampler = optuna.samplers.RandomSampler(seed=seed) if random else optuna.samplers.TPESampler(seed=seed)
-
-
-def spent_by(run_dir: Path, unit: str) -> float:
-    """What a trial's run spent in ``unit``: the furthest any logged step or evaluation got (training events are
-    logged every ``train.log_every`` steps, the last evaluation is at the end), 0 when it never stepped."""
-    path = run_dir / METRICS_FILE
-    key = "step" if unit == "steps" else unit
-    events = [e for e in read_metrics(path) if e["event"] in ("train", "eval")] if path.is_file() else []
-    return max((float(e[key]) for e in events if key in e), default=0.0)
 
 
 def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, storage: str | None = None,
@@ -112,6 +107,9 @@ def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, 
     check_plan(plan)
     if workers < 1:
         raise FlopwiseError(f"--workers {workers}: give 1 or more")
+    if workers > 1 and plan.strategy == "pbt":
+        raise FlopwiseError(f"--workers {workers} with --strategy pbt: a PBT population trains in lockstep in one "
+                            "process; use --workers 1, or another strategy")
     read_space(space_file)  # a bad space is refused before anything is written
     if plan.signal == "forecast" and base.train.forecast_every <= 0:
         raise FlopwiseError("--rung-signal forecast needs the loss forecast: train.forecast_every is 0, set it "
@@ -135,6 +133,8 @@ def resume_sweep(folder: Path, display: ProgressDisplay | None = None,
     settings = _settings(folder)
     plan, base, space = _read_sweep(folder)
     study = open_study(folder, plan, settings["storage"])
+    if plan.strategy == "pbt":
+        return _run_population(folder, base, space, plan, study, display, say)
     reserved = TotalBudget.from_dict(settings["budget"]).reserved
     for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if frozen.number in reserved:  # ours; another machine's running trials are not ours to take
@@ -153,7 +153,7 @@ def _settings(folder: Path) -> dict[str, Any]:
 def _read_sweep(folder: Path) -> tuple[SweepPlan, RunConfig, SearchSpace]:
     settings = _settings(folder)
     plan = SweepPlan(Budget(**settings["total"]), Budget(**settings["trial"]), settings["strategy"], settings["seed"],
-                     settings["signal"])
+                     settings["signal"], settings.get("interval", 0.25))
     return plan, load_config(folder / BASE_FILE), read_space(folder / SPACE_FILE)
 
 
@@ -161,6 +161,8 @@ def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, sa
     """The trials, in this process or in ``workers`` processes; returns the study as they left it."""
     plan, base, space = _read_sweep(folder)
     storage = _settings(folder)["storage"]
+    if plan.strategy == "pbt":
+        return _run_population(folder, base, space, plan, open_study(folder, plan, storage), display, say)
     if workers == 1:
         return _run_trials(folder, base, space, plan, open_study(folder, plan, storage), display, say)
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -224,6 +226,31 @@ def _finish(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, 
         f"{plan.unit}, {left:g} left")
 
 
+def _run_population(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, study: Any,
+                    display: ProgressDisplay | None, say: Callable[[str], None]) -> Any:
+    """A PBT sweep (new or resumed from ``pbt.json``): the population reserves the whole total it can fund,
+    trains to the end, and each member is told its final loss and spends what its own segments spent."""
+    optuna = require_optuna()
+    population = Population(folder, folder / TRIALS, study, lambda values: trial_config(base, values, plan.trial),
+                            plan.unit, plan.seed, display, say)
+    if not population.state:
+        with accounting(folder) as budget:
+            population.start(space, budget, plan.amounts()[1], plan.interval)
+    state = population.run()
+    for number, member in sorted(state["members"].items(), key=lambda item: int(item[0])):
+        frozen = study.trials[int(number)]
+        if frozen.state != optuna.trial.TrialState.RUNNING:
+            continue  # told before the process died
+        trial = optuna.trial.Trial(study, frozen._trial_id)
+        trial.set_user_attr("lineage_s" if plan.unit == "seconds" else f"lineage_{plan.unit}",
+                            population.lineage_spent(int(number)))
+        study.tell(trial, final_loss(trial_folder(folder / TRIALS, int(number))))
+        with accounting(folder) as budget:
+            budget.end(int(number), member["spent"])
+            _write_best(folder, study, base, plan)
+    return study
+
+
 @contextlib.contextmanager
 def accounting(folder: Path) -> Iterator[TotalBudget]:
     """The total budget's accounting in ``sweep.json``, read, changed and written back (atomically) while this
@@ -241,16 +268,26 @@ def _start_file(folder: Path, plan: SweepPlan, storage: str | None, workers: int
     """``sweep.json`` of a new sweep: the plan, where the study lives, the workers, and the accounting."""
     write_json_atomic(folder / SWEEP_FILE, {"total": plan.total.to_dict(), "trial": plan.trial.to_dict(),
                                             "strategy": plan.strategy, "seed": plan.seed, "signal": plan.signal,
+                                            "interval": plan.interval,
                                             "storage": storage,
                                             "workers": workers, "budget": TotalBudget(plan.amounts()[0]).to_dict()})
 
 
 def _write_best(folder: Path, study: Any, base: RunConfig, plan: SweepPlan) -> None:
-    """``best.toml``: the best finished trial's config, which `flopwise train --config` runs again."""
+    """``best.toml``: the best finished trial's config, which `flopwise train --config` runs again.  A PBT
+    member's config holds the values it ended with; the rates its lineage trained at before are in pbt.json."""
     optuna = require_optuna()
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         return
-    config = trial_config(base, study.best_trial.params, plan.trial)
-    header = (f"# sweep {folder}: trial {study.best_trial.number}, final held-out loss {study.best_value:.4f}\n"
-              f"# flopwise train --config {folder / BEST_FILE}\n")
+    best = study.best_trial
+    config = trial_config(base, trial_values(best), plan.trial)
+    header = (f"# sweep {folder}: trial {best.number}, final held-out loss {study.best_value:.4f}\n"
+              + ("# PBT: the learning rates this member ended with; its lineage's earlier rates are in pbt.json\n"
+                 if plan.strategy == "pbt" else "")
+              + f"# flopwise train --config {folder / BEST_FILE}\n")
     write_atomic(folder / BEST_FILE, header + config_to_toml(config))
+
+
+def trial_values(trial: Any) -> dict[str, Any]:
+    """The config values a trial ended with: those it drew, or a PBT member's after its last copy."""
+    return trial.user_attrs.get("values") or trial.params

@@ -66,3 +66,12 @@ def run_trial(trial: Any, base: RunConfig, space: SearchSpace, trial_budget: Bud
 def final_loss(run_dir: Path) -> float:
     """A finished run's final held-out loss, from its last evaluation."""
     return float([e for e in read_metrics(run_dir / METRICS_FILE) if e["event"] == "eval"][-1]["val_loss"])
+
+
+def spent_by(run_dir: Path, unit: str) -> float:
+    """What a trial's run spent in ``unit``: the furthest any logged step or evaluation got (training events are
+    logged every ``train.log_every`` steps, the last evaluation is at the end), 0 when it never stepped."""
+    path = run_dir / METRICS_FILE
+    key = "step" if unit == "steps" else unit
+    events = [e for e in read_metrics(path) if e["event"] in ("train", "eval")] if path.is_file() else []
+    return max((float(e[key]) for e in events if key in e), default=0.0)
