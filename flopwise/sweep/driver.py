@@ -26,7 +26,8 @@ from flopwise.sweep.optuna_dep import require_optuna
 from flopwise.sweep.pbt import Population
 from flopwise.sweep.space import SearchSpace, read_space
 from flopwise.sweep.total import TotalBudget
-from flopwise.sweep.trial import SIGNALS, final_loss, run_trial, spent_by, trial_config, trial_folder
+from flopwise.sweep.trial import (PROGRESS_STEPS, SIGNALS, final_loss, progress_step, run_trial, spent_by, trial_config,
+                                   trial_folder)
 from flopwise.train.display import ProgressDisplay
 
 STRATEGIES = ("asha", "hyperband", "random", "pbt")
@@ -73,16 +74,21 @@ def check_plan(plan: SweepPlan) -> None:
         raise FlopwiseError(f"--rung-signal {plan.signal} is unknown: choose one of {', '.join(SIGNALS)}")
 
 
-def open_study(folder: Path, plan: SweepPlan, storage: str | None = None) -> Any:
+def open_study(folder: Path, plan: SweepPlan, base: RunConfig, storage: str | None = None) -> Any:
     """The sweep's study (created, or loaded to go on), with ASHA (successive halving) or Hyperband pruning on
-    budget progress, none for ``random`` and ``pbt``; its sampler is set per trial by ``seed_sampler``."""
+    budget progress, none for ``random`` and ``pbt``; its sampler is set per trial by ``seed_sampler``.  The
+    first rung is the first evaluation mark (``train.eval_every``): a run also evaluates after its first step,
+    still in warmup, and a loss there ranks initialisations, not trials."""
     optuna = require_optuna()
     backend = storage or optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE)))
-    pruner = {"asha": optuna.pruners.SuccessiveHalvingPruner(), "hyperband": optuna.pruners.HyperbandPruner(),
-              "random": optuna.pruners.NopPruner(), "pbt": optuna.pruners.NopPruner()}[plan.strategy]
-    study = optuna.create_study(study_name=STUDY_NAME, storage=backend, pruner=pruner, direction="minimize",
-                                load_if_exists=True)
+    first_rung = max(1, progress_step(base.train.eval_every))
+    pruners = {"asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung),
+               "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=first_rung,
+                                                                   max_resource=progress_step(1.0)),
+               "random": optuna.pruners.NopPruner, "pbt": optuna.pruners.NopPruner}
+    study = optuna.create_study(study_name=STUDY_NAME, storage=backend, pruner=pruners[plan.strategy](),
+                                direction="minimize", load_if_exists=True)
     seed_sampler(study, plan)
     return study
 
@@ -132,7 +138,7 @@ def resume_sweep(folder: Path, display: ProgressDisplay | None = None,
     optuna = require_optuna()
     settings = _settings(folder)
     plan, base, space = _read_sweep(folder)
-    study = open_study(folder, plan, settings["storage"])
+    study = open_study(folder, plan, base, settings["storage"])
     if plan.strategy == "pbt":
         return _run_population(folder, base, space, plan, study, display, say)
     reserved = TotalBudget.from_dict(settings["budget"]).reserved
@@ -162,10 +168,10 @@ def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, sa
     plan, base, space = _read_sweep(folder)
     storage = _settings(folder)["storage"]
     if plan.strategy == "pbt":
-        return _run_population(folder, base, space, plan, open_study(folder, plan, storage), display, say)
+        return _run_population(folder, base, space, plan, open_study(folder, plan, base, storage), display, say)
     if workers == 1:
-        return _run_trials(folder, base, space, plan, open_study(folder, plan, storage), display, say)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+        return _run_trials(folder, base, space, plan, open_study(folder, plan, base, storage), display, say)
+    threads = max(1, usable_cores() // workers)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads or locks inherited
     processes = [context.Process(target=_worker, args=(folder, index, threads)) for index in range(workers)]
     for process in processes:
@@ -176,7 +182,12 @@ def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, sa
     if failed:
         raise FlopwiseError(f"sweep worker(s) {', '.join(map(str, failed))} of '{folder}' stopped with an error "
                             f"(see above): continue with flopwise sweep --resume {folder}")
-    return open_study(folder, plan, storage)
+    return open_study(folder, plan, base, storage)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. under taskset), where the platform tells."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _worker(folder: Path, index: int, threads: int) -> None:
@@ -185,7 +196,7 @@ def _worker(folder: Path, index: int, threads: int) -> None:
 
     torch.set_num_threads(threads)
     plan, base, space = _read_sweep(folder)
-    study = open_study(folder, plan, _settings(folder)["storage"])
+    study = open_study(folder, plan, base, _settings(folder)["storage"])
     _run_trials(folder, base, space, plan, study, None, lambda line: print(f"worker {index}: {line}", flush=True))
 
 
@@ -221,7 +232,9 @@ def _finish(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, 
         left = budget.left
         _write_best(folder, study, base, plan)
     ended = study.trials[trial.number]
-    result = f"final loss {ended.value:.4f}" if ended.value is not None else ended.user_attrs.get("error", "")
+    result = {"complete": lambda: f"final loss {ended.value:.4f}",
+              "pruned": lambda: f"at p={ended.last_step / PROGRESS_STEPS:.2f}, held-out loss {ended.value:.4f}",
+              "fail": lambda: ended.user_attrs.get("error", "")}[ended.state.name.lower()]()
     say(f"trial {trial.number} {ended.state.name.lower()}: {result}; spent {spent:g} of {plan.amounts()[1]:g} "
         f"{plan.unit}, {left:g} left")
 
