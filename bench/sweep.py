@@ -81,7 +81,7 @@ def describe(folder: Path) -> dict[str, Any]:
     found, what it spent, and the rung-signal agreement over its finished trials."""
     import optuna
 
-    from flopwise.sweep.driver import TRIALS
+    from flopwise.sweep.folder import TRIALS
     from flopwise.sweep.signals import rank_agreement
     from flopwise.sweep.trial import spent_by, trial_folder
 

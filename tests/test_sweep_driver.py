@@ -71,7 +71,7 @@ def test_the_command_runs_a_sweep_and_prints_its_trials(tmp_path, text_folder, c
             "--set", "model.size=tiny", "--set", "model.seq_len=64", "--set", "optim.batch_size=4"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "trial 0 complete: final loss" in out and "trial 1 complete" in out and "best: trial" in out
+    assert "trial 0 complete: final loss" in out and "trial 1 complete" in out and "best trial" in out
     assert (tmp_path / "s" / "best.toml").is_file() and (tmp_path / "s" / "journal.log").is_file()
 
 
@@ -140,16 +140,30 @@ def test_two_workers_share_the_total_and_draw_different_values(setup, tmp_path):
                                                                           "reserved": {}}
 
 
-def test_report_of_a_sweep_folder_compares_its_trials(setup, tmp_path, capsys):
+def test_report_of_a_sweep_folder_compares_its_trials_and_shows_the_study(setup, tmp_path, capsys):
+    import importlib.util
+
     base, space = setup
     folder = tmp_path / "rep"
-    run_sweep(folder, base, space, SweepPlan(Budget.parse("12steps"), Budget.parse("6steps"), "random", 0))
+    study = run_sweep(folder, base, space, SweepPlan(Budget.parse("24steps"), Budget.parse("6steps"), "random", 0))
     capsys.readouterr()
-    assert main(["report", str(folder), "--out", str(tmp_path / "report")]) == 0
+    out_dir = tmp_path / "report"
+    assert main(["report", str(folder), "--out", str(out_dir)]) == 0
     out = capsys.readouterr().out
-    assert "0000" in out and "0001" in out
-    report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert len(report["runs"]) == 2
+    assert "0000" in out and "0003" in out  # each trial's run in the runs table
+    assert f"best trial {study.best_trial.number}, held-out loss {study.best_value:.4f}" in out
+    report = json.loads((out_dir / "report.json").read_text())
+    assert len(report["runs"]) == 4
+    (sweep,) = report["sweeps"]
+    assert sweep["best"] == {"trial": study.best_trial.number, "loss": study.best_value}
+    assert [t["values"]["optim.lr"] for t in sweep["trials"]] == [t.params["optim.lr"] for t in study.trials]
+    page = (out_dir / "report.html").read_text()
+    assert "Sweep rep (random)" in page and f"{study.best_value:.4f}" in page
+    assert (out_dir / "sweep_history_rep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if importlib.util.find_spec("sklearn"):  # Optuna's fANOVA importance needs scikit-learn
+        assert (out_dir / "sweep_importance_rep.png").is_file()
+    else:
+        assert "no parameter importance" in page
 
 
 def test_a_trials_spending_counts_its_last_evaluation_past_its_last_logged_step(tmp_path):

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
 from flopwise.report.runs import Run
+from flopwise.report.table import Table as ReportTable
 from flopwise.rundir import check_output
+
+if TYPE_CHECKING:
+    from flopwise.report.sweep import Sweep
 
 DEFAULT_OUT = Path("report")
 
@@ -27,6 +32,9 @@ writes to --out (default: ./report, created if needed; files of an earlier repor
                        panel per task; the page and the terminal add a task signal-quality table
                        (monotonicity: Spearman rho vs tokens; spread: std of the final score over seeds)
   report.json          each run's final figures, the series behind every plot and the task table
+  sweep_history_<sweep>.png, sweep_importance_<sweep>.png
+                       for a sweep folder: Optuna's optimization history and parameter importances;
+                       the page and the terminal add its trials table and best trial
 
 examples:
   flopwise report runs/a runs/b                     # compare two runs, write ./report/
@@ -52,13 +60,25 @@ def rich_table(runs: list[Run]) -> Table:
     """The comparison table for the terminal (same cells as the HTML page)."""
     from flopwise.report.table import final_table
 
-    data = final_table(runs)
-    table = Table(title="runs")
+    return rich_rows(final_table(runs), "runs", [None if run.finished else "yellow" for run in runs])
+
+
+def rich_rows(data: ReportTable, title: str, styles: list[str | None] | None = None) -> Table:
+    """A report table's cells for the terminal, numbers right-aligned."""
+    table = Table(title=title)
     for header, numeric in zip(data.headers, data.numeric):
         table.add_column(header, justify="right" if numeric else "left", overflow="fold")
-    for run, row in zip(runs, data.rows):
-        table.add_row(*row, style=None if run.finished else "yellow")
+    for index, row in enumerate(data.rows):
+        table.add_row(*row, style=styles[index] if styles else None)
     return table
+
+
+def print_sweep(console: Console, sweep: Sweep) -> None:
+    """A sweep's trials table and its best trial, as `flopwise sweep` ends and `flopwise report` shows it."""
+    from flopwise.report.sweep import best_line, trials_table
+
+    print_table(console, rich_rows(trials_table(sweep), f"sweep {sweep.folder}: {len(sweep.study.trials)} trials"))
+    console.print(best_line(sweep), highlight=False)
 
 
 def rich_signal_table(runs: list[Run]) -> Table | None:
@@ -102,11 +122,12 @@ def print_table(console: Console, table: Table) -> None:
 
 def expand_sweeps(paths: list[Path]) -> list[Path]:
     """Each sweep folder (it holds sweep.json) as its trials' run folders, in trial order; runs as they are."""
+    from flopwise.sweep.folder import TRIALS, is_sweep
+
     expanded: list[Path] = []
     for path in paths:
-        trials = path / "trials"
-        if (path / "sweep.json").is_file() and trials.is_dir():
-            expanded += sorted(folder for folder in trials.iterdir() if (folder / "config.toml").is_file())
+        if is_sweep(path):
+            expanded += sorted(folder for folder in (path / TRIALS).iterdir() if (folder / "config.toml").is_file())
         else:
             expanded.append(path)
     return expanded
@@ -118,15 +139,23 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from flopwise.report.series import PLOTS
     from flopwise.report.tasks import TASKS_PLOT
 
+    from flopwise.report.sweep import HISTORY_PLOT, IMPORTANCE_PLOT, load_sweep
+    from flopwise.sweep.folder import is_sweep
+
     runs = load_runs(expand_sweeps(args.runs))
+    sweeps = [load_sweep(path) for path in args.runs if is_sweep(path)]
     check_output("--out", args.out, folder=True)
-    html_path = write_runs_report(runs, args.out)
+    html_path = write_runs_report(runs, args.out, sweeps)
     print_table(console, rich_table(runs))
+    for sweep in sweeps:
+        print_sweep(console, sweep)
     signal = rich_signal_table(runs)
     if signal is not None:
         print_table(console, signal)
     console.print(f"written: {html_path}", highlight=False)
     console.print(f"         {args.out / JSON_FILE}", highlight=False)
-    for name in [spec.name for spec in PLOTS] + ([TASKS_PLOT] if signal is not None else []):
-        console.print(f"         {args.out / (name + '.png')}", highlight=False)
+    sweep_plots = [f"{plot}_{sweep.name}.png" for sweep in sweeps for plot in (HISTORY_PLOT, IMPORTANCE_PLOT)
+                   if (args.out / f"{plot}_{sweep.name}.png").is_file()]
+    for name in [spec.name + ".png" for spec in PLOTS] + ([TASKS_PLOT + ".png"] if signal is not None else []) + sweep_plots:
+        console.print(f"         {args.out / name}", highlight=False)
     return 0

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from flopwise.budget import Budget
 from flopwise.cli.flags import add_setup_flags, config_from_args
+from flopwise.cli.report import print_sweep
 from flopwise.errors import FlopwiseError
 
 SWEEP_EPILOG = """\
@@ -59,7 +59,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.sweep.driver import SweepPlan, check_plan, resume_sweep, run_sweep, trial_values
+    from flopwise.report.sweep import load_sweep
+    from flopwise.sweep.driver import SweepPlan, check_plan, resume_sweep, run_sweep
     from flopwise.sweep.optuna_dep import require_optuna
 
     def say(line: str) -> None:
@@ -67,7 +68,8 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
 
     if args.resume:
         require_optuna()
-        folder, study = args.resume, resume_sweep(args.resume, say=say)
+        folder = args.resume
+        resume_sweep(folder, say=say)
     else:
         missing = [flag for flag, value in (("--budget", args.budget), ("--trial-budget", args.trial_budget),
                                             ("--space", args.space)) if not value]
@@ -79,22 +81,6 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         check_plan(plan)
         require_optuna()
         folder = args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
-        study = run_sweep(folder, config_from_args(args), args.space, plan, args.storage, say=say,
-                          workers=args.workers)
-    names = list(study.trials[0].distributions) if study.trials else []
-    table = Table(title=f"sweep {folder}: {len(study.trials)} trials")
-    for column in ("trial", "state", *names, "final loss"):
-        table.add_column(column, justify="right")
-    for trial in study.trials:
-        values = [_shown(trial_values(trial).get(name, "")) for name in names]
-        loss = f"{trial.value:.4f}" if trial.value is not None else trial.user_attrs.get("error", "")
-        table.add_row(str(trial.number), trial.state.name.lower(), *values, loss)
-    console.print(table)
-    if (folder / "best.toml").is_file():
-        console.print(f"best: trial {study.best_trial.number} ({study.best_value:.4f}); rerun it with: "
-                      f"flopwise train --config {folder / 'best.toml'}", highlight=False)
+        run_sweep(folder, config_from_args(args), args.space, plan, args.storage, say=say, workers=args.workers)
+    print_sweep(console, load_sweep(folder))
     return 0
-
-
-def _shown(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -8,12 +8,14 @@ of text that comes from a run (names, paths, devices) is HTML-escaped.
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from html import escape
 
 from flopwise import __version__
 from flopwise.report.runs import Run
+from flopwise.report.sweep import HISTORY_PLOT, IMPORTANCE_PLOT, Sweep, best_line, trials_table
 from flopwise.report.series import PLOTS, SMOOTHING, PlotSpec
-from flopwise.report.table import final_table
+from flopwise.report.table import Table, final_table
 from flopwise.report.tasks import (
     SIGNAL_HEADERS,
     SIGNAL_NOTE,
@@ -57,13 +59,18 @@ def data_uri(png: bytes) -> str:
 
 def table_html(runs: list[Run]) -> str:
     """The final-figures table: one ``<tr>`` per run in ``<tbody>``, unfinished runs marked."""
-    table = final_table(runs)
+    return rows_html(final_table(runs), ["finished" if run.finished else "unfinished" for run in runs])
+
+
+def rows_html(table: Table, row_classes: list[str] | None = None) -> str:
+    """A table of formatted cells, numbers right-aligned, each row with its class (if any)."""
     head = "".join(f"<th>{escape(header)}</th>" for header in table.headers)
     body = []
-    for run, row in zip(runs, table.rows):
+    for index, row in enumerate(table.rows):
         cells = "".join(f'<td class="num">{escape(cell)}</td>' if numeric else f"<td>{escape(cell)}</td>"
                         for cell, numeric in zip(row, table.numeric))
-        body.append(f'<tr class="{"finished" if run.finished else "unfinished"}">{cells}</tr>')
+        css = f' class="{row_classes[index]}"' if row_classes else ""
+        body.append(f"<tr{css}>{cells}</tr>")
     return (f'<div class="scroll"><table class="runs"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
@@ -111,8 +118,29 @@ the 95% bootstrap interval, the dashed line chance (0).</figcaption></figure>
 """
 
 
-def render_html(runs: list[Run], images: dict[str, bytes]) -> str:
-    """The whole page; ``images`` maps each plot name (see ``series.PLOTS``, ``tasks.TASKS_PLOT``) to its PNG."""
+def sweeps_html(sweeps: Sequence[Sweep], images: dict[str, bytes], notes: list[str]) -> str:
+    """Each sweep's trials table, best trial and Optuna's history and importance plots."""
+    parts = []
+    for sweep in sweeps:
+        plots = "".join(
+            f'<figure id="{name}"><img src="{data_uri(images[name])}" alt="{escape(alt)}">'
+            f"<figcaption>{escape(alt)}</figcaption></figure>"
+            for name, alt in ((f"{HISTORY_PLOT}_{sweep.name}", "Optimization history: each finished trial's "
+                               "held-out loss in trial order, and the best so far (Optuna)"),
+                              (f"{IMPORTANCE_PLOT}_{sweep.name}", "Parameter importances for the held-out loss "
+                               "(Optuna, fANOVA)")) if name in images)
+        parts.append(f"""<h2>Sweep {escape(sweep.name)} ({escape(sweep.settings["strategy"])})</h2>
+<p class="note">{escape(best_line(sweep))}</p>
+{rows_html(trials_table(sweep))}
+<div class="plots">{plots}</div>""")
+    parts += [f'<p class="note">{escape(note)}</p>' for note in notes]
+    return "\n".join(parts)
+
+
+def render_html(runs: list[Run], images: dict[str, bytes], sweeps: Sequence[Sweep] = (),
+                notes: list[str] | None = None) -> str:
+    """The whole page; ``images`` maps each plot name (see ``series.PLOTS``, ``tasks.TASKS_PLOT``, the sweeps'
+    plots) to its PNG; ``notes``: plots that could not be drawn, and why."""
     folders = "".join(f"<li><b>{escape(run.name)}</b>: <code>{escape(str(run.path))}</code>"
                       f"{escape(f' ({run.final.device})' if run.final.device else '')}</li>" for run in runs)
     figures = "".join(
@@ -137,7 +165,8 @@ plots show the held-out evaluations as points and the training loss, smoothed, a
 {table_html(runs)}
 <ul class="runs">{folders}</ul>
 <div class="plots">{figures}</div>
-{tasks}<p class="note">Made by flopwise {escape(__version__)}; the numbers behind each plot are in report.json.</p>
+{tasks}{sweeps_html(sweeps, images, notes or [])}
+<p class="note">Made by flopwise {escape(__version__)}; the numbers behind each plot are in report.json.</p>
 </body>
 </html>
 """

@@ -22,6 +22,8 @@ from flopwise.budget import Budget
 from flopwise.config import RunConfig, config_to_toml, load_config
 from flopwise.errors import FlopwiseError
 from flopwise.filelock import held
+from flopwise.sweep.folder import (BASE_FILE, BEST_FILE, JOURNAL_FILE, LOCK_FILE, SPACE_FILE, STUDY_NAME, SWEEP_FILE,
+                                    TRIALS)
 from flopwise.sweep.optuna_dep import require_optuna
 from flopwise.sweep.pbt import Population
 from flopwise.sweep.space import SearchSpace, read_space
@@ -31,10 +33,6 @@ from flopwise.sweep.trial import (PROGRESS_STEPS, SIGNALS, final_loss, progress_
 from flopwise.train.display import ProgressDisplay
 
 STRATEGIES = ("asha", "hyperband", "random", "pbt")
-SWEEP_FILE, JOURNAL_FILE, BEST_FILE, TRIALS = "sweep.json", "journal.log", "best.toml", "trials"
-BASE_FILE, SPACE_FILE = "base.toml", "space.toml"  # the trials' base config and search space, for --resume
-LOCK_FILE = "sweep.lock"
-STUDY_NAME = "flopwise"
 
 
 @dataclass(frozen=True)
@@ -80,8 +78,7 @@ def open_study(folder: Path, plan: SweepPlan, base: RunConfig, storage: str | No
     first rung is the first evaluation mark (``train.eval_every``): a run also evaluates after its first step,
     still in warmup, and a loss there ranks initialisations, not trials."""
     optuna = require_optuna()
-    backend = storage or optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE)))
+    backend = study_storage(folder, storage)
     first_rung = max(1, progress_step(base.train.eval_every))
     pruners = {"asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung),
                "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=first_rung,
@@ -91,6 +88,14 @@ def open_study(folder: Path, plan: SweepPlan, base: RunConfig, storage: str | No
                                 direction="minimize", load_if_exists=True)
     seed_sampler(study, plan)
     return study
+
+
+def study_storage(folder: Path, storage: str | None) -> Any:
+    """Where the sweep's study lives: the storage URL it was given, or the journal file in its folder."""
+    if storage:
+        return storage
+    optuna = require_optuna()
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE)))
 
 
 def seed_sampler(study: Any, plan: SweepPlan) -> None:
