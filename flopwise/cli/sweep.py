@@ -10,8 +10,10 @@ from rich.console import Console
 
 from flopwise.budget import Budget
 from flopwise.cli.flags import add_setup_flags, config_from_args
+from flopwise.cli.train import device_type
 from flopwise.cli.report import print_sweep
 from flopwise.errors import FlopwiseError
+from flopwise.sweep.folder import TRIALS
 
 SWEEP_EPILOG = """\
 search space (--space, TOML; one table per config key):
@@ -24,11 +26,14 @@ random (random search, no pruning), pbt (population-based training: a random pop
 at every --pbt-interval of budget progress the bottom quarter copies a top-quarter member's checkpoint and
 scales its learning rates by 0.8 or 1.2).  A trial starts only when the rest of --budget can fund it whole;
 a pruned trial gives back what it did not spend.  best.toml reruns the best trial: flopwise train --config.
+--seed seeds the sampler and is every trial's train.seed.
 
 examples:
   flopwise sweep --budget 15m --trial-budget 1m --space space.toml --out sweeps/lr
   flopwise sweep --budget 200steps --trial-budget 20steps --space space.toml --strategy random --seed 1
   flopwise sweep --budget 15m --trial-budget 1m --space space.toml --strategy pbt --set train.eval_every=0.125
+  torchrun --nproc-per-node 2 -m flopwise sweep --budget 1h --trial-budget 5m --space space.toml \\
+      --set train.parallel=ddp                       # each trial on both processes
 """
 
 
@@ -60,17 +65,15 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from flopwise.report.sweep import load_sweep
+    from flopwise.runtime import init_ranks, shutdown
     from flopwise.sweep.driver import SweepPlan, check_plan, resume_sweep, run_sweep
     from flopwise.sweep.optuna_dep import require_optuna
+    from flopwise.sweep.trial import follow_trials
 
     def say(line: str) -> None:
         console.print(line, highlight=False)
 
-    if args.resume:
-        require_optuna()
-        folder = args.resume
-        resume_sweep(folder, say=say)
-    else:
+    if not args.resume:
         missing = [flag for flag, value in (("--budget", args.budget), ("--trial-budget", args.trial_budget),
                                             ("--space", args.space)) if not value]
         if missing:
@@ -79,8 +82,20 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         plan = SweepPlan(Budget.parse(args.budget), Budget.parse(args.trial_budget), args.strategy, args.seed or 0,
                          args.rung_signal, args.pbt_interval)
         check_plan(plan)
-        require_optuna()
-        folder = args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
-        run_sweep(folder, config_from_args(args), args.space, plan, args.storage, say=say, workers=args.workers)
+    require_optuna()
+    ranks = init_ranks(device_type(args))
+    try:
+        folder = args.resume or args.out or Path(ranks.broadcast_text(str(Path("sweeps") /
+                                                                          time.strftime("%Y%m%d-%H%M%S"))))
+        if not ranks.is_main:
+            follow_trials(folder / TRIALS, ranks)
+            return 0
+        if args.resume:
+            resume_sweep(folder, say=say, ranks=ranks)
+        else:
+            run_sweep(folder, config_from_args(args), args.space, plan, args.storage, say=say, workers=args.workers,
+                      ranks=ranks)
+    finally:
+        shutdown(ranks)
     print_sweep(console, load_sweep(folder))
     return 0

@@ -22,14 +22,15 @@ from flopwise.budget import Budget
 from flopwise.config import RunConfig, config_to_toml, load_config
 from flopwise.errors import FlopwiseError
 from flopwise.filelock import held
+from flopwise.runtime import Ranks
 from flopwise.sweep.folder import (BASE_FILE, BEST_FILE, JOURNAL_FILE, LOCK_FILE, SPACE_FILE, STUDY_NAME, SWEEP_FILE,
                                     TRIALS)
 from flopwise.sweep.optuna_dep import require_optuna
 from flopwise.sweep.pbt import Population
 from flopwise.sweep.space import SearchSpace, read_space
 from flopwise.sweep.total import TotalBudget
-from flopwise.sweep.trial import (PROGRESS_STEPS, SIGNALS, final_loss, progress_step, run_trial, spent_by, trial_config,
-                                   trial_folder)
+from flopwise.sweep.trial import (PROGRESS_STEPS, SIGNALS, end_trials, final_loss, progress_step, run_trial, spent_by,
+                                   trial_config, trial_folder)
 from flopwise.train.display import ProgressDisplay
 
 STRATEGIES = ("asha", "hyperband", "random", "pbt")
@@ -111,16 +112,13 @@ def seed_sampler(study: Any, plan: SweepPlan) -> None:
 
 def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, storage: str | None = None,
               display: ProgressDisplay | None = None, say: Callable[[str], None] = lambda line: None,
-              workers: int = 1) -> Any:
+              workers: int = 1, ranks: Ranks = Ranks()) -> Any:
     """A new sweep in ``folder``: trials until the total budget cannot fund another whole one; returns the study.
     The folder keeps what ``resume_sweep`` needs: the base config, the space and the plan.  ``say`` gets one
-    line per trial as it ends.  ``workers`` > 1 runs that many processes, the cores split between them."""
+    line per trial as it ends.  ``workers`` > 1 runs that many processes, the cores split between them.  Under
+    torchrun this is rank 0's part (``ranks``): each trial runs on all ranks, the others ``follow_trials``."""
     check_plan(plan)
-    if workers < 1:
-        raise FlopwiseError(f"--workers {workers}: give 1 or more")
-    if workers > 1 and plan.strategy == "pbt":
-        raise FlopwiseError(f"--workers {workers} with --strategy pbt: a PBT population trains in lockstep in one "
-                            "process; use --workers 1, or another strategy")
+    check_launch(plan, workers, ranks)
     read_space(space_file)  # a bad space is refused before anything is written
     if plan.signal == "forecast" and base.train.forecast_every <= 0:
         raise FlopwiseError("--rung-signal forecast needs the loss forecast: train.forecast_every is 0, set it "
@@ -132,25 +130,27 @@ def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, 
     write_atomic(folder / BASE_FILE, config_to_toml(base))
     write_atomic(folder / SPACE_FILE, space_file.read_text(encoding="utf-8"))
     _start_file(folder, plan, storage, workers)
-    return _run_workers(folder, workers, display, say)
+    return _run_workers(folder, workers, display, say, ranks)
 
 
 def resume_sweep(folder: Path, display: ProgressDisplay | None = None,
-                 say: Callable[[str], None] = lambda line: None) -> Any:
+                 say: Callable[[str], None] = lambda line: None, ranks: Ranks = Ranks()) -> Any:
     """Go on with the sweep in ``folder`` after its processes died: trials that ended are kept, the trials that
     were running resume their runs from their newest checkpoints, then new trials use what is left of the
     total, with the sweep's workers."""
     optuna = require_optuna()
     settings = _settings(folder)
     plan, base, space = _read_sweep(folder)
+    check_launch(plan, settings.get("workers", 1), ranks)
     study = open_study(folder, plan, base, settings["storage"])
     if plan.strategy == "pbt":
         return _run_population(folder, base, space, plan, study, display, say)
     reserved = TotalBudget.from_dict(settings["budget"]).reserved
     for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if frozen.number in reserved:  # ours; another machine's running trials are not ours to take
-            _finish(folder, base, space, plan, study, optuna.trial.Trial(study, frozen._trial_id), display, say)
-    return _run_workers(folder, settings.get("workers", 1), display, say)
+            _finish(folder, base, space, plan, study, optuna.trial.Trial(study, frozen._trial_id), display, say,
+                    ranks)
+    return _run_workers(folder, settings.get("workers", 1), display, say, ranks)
 
 
 def _settings(folder: Path) -> dict[str, Any]:
@@ -168,14 +168,15 @@ def _read_sweep(folder: Path) -> tuple[SweepPlan, RunConfig, SearchSpace]:
     return plan, load_config(folder / BASE_FILE), read_space(folder / SPACE_FILE)
 
 
-def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, say: Callable[[str], None]) -> Any:
+def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, say: Callable[[str], None],
+                 ranks: Ranks) -> Any:
     """The trials, in this process or in ``workers`` processes; returns the study as they left it."""
     plan, base, space = _read_sweep(folder)
     storage = _settings(folder)["storage"]
     if plan.strategy == "pbt":
         return _run_population(folder, base, space, plan, open_study(folder, plan, base, storage), display, say)
     if workers == 1:
-        return _run_trials(folder, base, space, plan, open_study(folder, plan, base, storage), display, say)
+        return _run_trials(folder, base, space, plan, open_study(folder, plan, base, storage), display, say, ranks)
     threads = max(1, usable_cores() // workers)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads or locks inherited
     processes = [context.Process(target=_worker, args=(folder, index, threads)) for index in range(workers)]
@@ -188,6 +189,19 @@ def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, sa
         raise FlopwiseError(f"sweep worker(s) {', '.join(map(str, failed))} of '{folder}' stopped with an error "
                             f"(see above): continue with flopwise sweep --resume {folder}")
     return open_study(folder, plan, base, storage)
+
+
+def check_launch(plan: SweepPlan, workers: int, ranks: Ranks) -> None:
+    """Refuse the launches that cannot work: several workers (processes of their own) under torchrun (which
+    already runs one process per rank), and a PBT population (trained in one process) under either."""
+    if workers < 1:
+        raise FlopwiseError(f"--workers {workers}: give 1 or more")
+    if workers > 1 and ranks.distributed:
+        raise FlopwiseError(f"--workers {workers} under torchrun: torchrun runs each trial on its "
+                            f"{ranks.world_size} processes already; use --workers 1")
+    if plan.strategy == "pbt" and (workers > 1 or ranks.distributed):
+        raise FlopwiseError("--strategy pbt trains its population in lockstep in one process: run it without "
+                            "--workers and without torchrun, or choose another strategy")
 
 
 def usable_cores() -> int:
@@ -206,26 +220,27 @@ def _worker(folder: Path, index: int, threads: int) -> None:
 
 
 def _run_trials(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, study: Any,
-                display: ProgressDisplay | None, say: Callable[[str], None]) -> Any:
+                display: ProgressDisplay | None, say: Callable[[str], None], ranks: Ranks = Ranks()) -> Any:
     """Ask for a trial and reserve its budget (one step, under the accounting's lock, so that parallel workers
     never both take the last share), run it, and repeat while a whole trial fits."""
     trial_amount = plan.amounts()[1]
     while True:
         with accounting(folder) as budget:
             if not budget.can_start(trial_amount):
+                end_trials(ranks)
                 return study
             seed_sampler(study, plan)
             trial = study.ask()
             budget.start(trial.number, trial_amount)
-        _finish(folder, base, space, plan, study, trial, display, say)
+        _finish(folder, base, space, plan, study, trial, display, say, ranks)
 
 
 def _finish(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, study: Any, trial: Any,
-            display: ProgressDisplay | None, say: Callable[[str], None]) -> None:
+            display: ProgressDisplay | None, say: Callable[[str], None], ranks: Ranks = Ranks()) -> None:
     """Run (or resume) ``trial`` to its end, tell the study how it ended, and account what it spent."""
     optuna = require_optuna()
     try:
-        study.tell(trial, run_trial(trial, base, space, plan.trial, folder / TRIALS, display, plan.signal))
+        study.tell(trial, run_trial(trial, base, space, plan.trial, folder / TRIALS, display, plan.signal, ranks))
     except optuna.TrialPruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     except FlopwiseError as err:  # a bad combination of values: recorded, and the sweep goes on
