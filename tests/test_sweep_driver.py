@@ -137,7 +137,7 @@ def test_two_workers_share_the_total_and_draw_different_values(setup, tmp_path):
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
     assert len({t.params["optim.lr"] for t in study.trials}) == 4
     assert json.loads((folder / "sweep.json").read_text())["budget"] == {"total": 24.0, "spent": 24.0,
-                                                                          "reserved": {}}
+                                                                          "reserved": {}, "overrun": 0.0}
 
 
 def test_report_of_a_sweep_folder_compares_its_trials_and_shows_the_study(setup, tmp_path, capsys):

@@ -107,6 +107,23 @@ def test_total_budget_starts_only_trials_that_fit_and_frees_what_pruned_trials_l
     assert TotalBudget.from_dict(budget.to_dict()) == budget
 
 
+def test_a_trial_that_overran_its_budget_makes_later_trials_leave_that_margin():
+    budget = TotalBudget(total=4.0)
+    budget.start(0, 1.0)
+    budget.end(0, used=1.025)  # a seconds budget's last step ran 2.5% past the end
+    assert budget.overrun == pytest.approx(0.025)
+    budget.start(1, 1.0)
+    budget.end(1, used=0.9)  # ending early does not lower the margin
+    assert budget.overrun == pytest.approx(0.025)
+    budget.start(2, 1.0)  # 2.075 left: one more fits with its margin
+    budget.end(2, used=1.0)
+    assert budget.left == pytest.approx(1.075) and budget.can_start(1.0)
+    budget.start(3, 1.0)
+    budget.end(3, used=1.0)
+    assert budget.can_start(0.07) and not budget.can_start(0.074)  # 0.075 left: 0.07175 fits, 0.07585 does not
+    assert TotalBudget.from_dict(budget.to_dict()) == budget
+
+
 def test_a_sum_of_tenths_fits_its_total():
     budget = TotalBudget(total=1.0)
     for trial in range(10):
