@@ -136,8 +136,26 @@ def test_two_workers_share_the_total_and_draw_different_values(setup, tmp_path):
                       workers=2)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
     assert len({t.params["optim.lr"] for t in study.trials}) == 4
+    assert sorted(p.name for p in (folder / "trials").iterdir()) == ["0000", "0001", "0002", "0003"]
+    for trial in study.trials:  # each trial ran once, whole, in one worker
+        steps = [e["step"] for e in read_metrics(folder / "trials" / f"{trial.number:04d}" / "metrics.jsonl")
+                 if e["event"] == "train"]
+        assert steps == sorted(set(steps)) and steps[-1] == 6
     assert json.loads((folder / "sweep.json").read_text())["budget"] == {"total": 24.0, "spent": 24.0,
                                                                           "reserved": {}, "overrun": 0.0}
+
+
+def test_two_machines_share_one_study_through_a_journal_on_a_shared_disk(setup, tmp_path):
+    base, space = setup
+    shared = tmp_path / "shared" / "study.log"
+    shared.parent.mkdir()
+    plan = SweepPlan(Budget.parse("12steps"), Budget.parse("6steps"), "random", 0)
+    run_sweep(tmp_path / "machine_a", base, space, plan, storage=str(shared))
+    study = run_sweep(tmp_path / "machine_b", base, space, plan, storage=str(shared))
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]  # one study, numbered across both folders
+    assert sorted(p.name for p in (tmp_path / "machine_b" / "trials").iterdir()) == ["0002", "0003"]
+    assert len({t.params["optim.lr"] for t in study.trials}) == 4
+    assert not (tmp_path / "machine_a" / "journal.log").exists()
 
 
 def test_report_of_a_sweep_folder_compares_its_trials_and_shows_the_study(setup, tmp_path, capsys):

@@ -137,9 +137,8 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """Read the runs, write the report, print the table and the paths written."""
     from flopwise.report import JSON_FILE, load_runs, write_runs_report
     from flopwise.report.series import PLOTS
-    from flopwise.report.tasks import TASKS_PLOT
-
     from flopwise.report.sweep import HISTORY_PLOT, IMPORTANCE_PLOT, load_sweep
+    from flopwise.report.tasks import TASKS_PLOT
     from flopwise.sweep.folder import is_sweep
 
     runs = load_runs(expand_sweeps(args.runs))

@@ -10,8 +10,8 @@ from rich.console import Console
 
 from flopwise.budget import Budget
 from flopwise.cli.flags import add_setup_flags, config_from_args
-from flopwise.cli.train import device_type
 from flopwise.cli.report import print_sweep
+from flopwise.cli.train import device_type
 from flopwise.errors import FlopwiseError
 from flopwise.sweep.folder import TRIALS
 

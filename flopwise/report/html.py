@@ -13,8 +13,8 @@ from html import escape
 
 from flopwise import __version__
 from flopwise.report.runs import Run
-from flopwise.report.sweep import HISTORY_PLOT, IMPORTANCE_PLOT, Sweep, best_line, trials_table
 from flopwise.report.series import PLOTS, SMOOTHING, PlotSpec
+from flopwise.report.sweep import HISTORY_PLOT, IMPORTANCE_PLOT, Sweep, best_line, trials_table
 from flopwise.report.table import Table, final_table
 from flopwise.report.tasks import (
     SIGNAL_HEADERS,
@@ -118,6 +118,11 @@ the 95% bootstrap interval, the dashed line chance (0).</figcaption></figure>
 """
 
 
+HISTORY_CAPTION = ("Optimization history: each finished trial's final held-out loss in trial order, and the best so "
+                   "far (Optuna).")
+IMPORTANCE_CAPTION = "Parameter importances for the final held-out loss (Optuna, fANOVA)."
+
+
 def sweeps_html(sweeps: Sequence[Sweep], images: dict[str, bytes], notes: list[str]) -> str:
     """Each sweep's trials table, best trial and Optuna's history and importance plots."""
     parts = []
@@ -125,10 +130,8 @@ def sweeps_html(sweeps: Sequence[Sweep], images: dict[str, bytes], notes: list[s
         plots = "".join(
             f'<figure id="{name}"><img src="{data_uri(images[name])}" alt="{escape(alt)}">'
             f"<figcaption>{escape(alt)}</figcaption></figure>"
-            for name, alt in ((f"{HISTORY_PLOT}_{sweep.name}", "Optimization history: each finished trial's "
-                               "held-out loss in trial order, and the best so far (Optuna)"),
-                              (f"{IMPORTANCE_PLOT}_{sweep.name}", "Parameter importances for the held-out loss "
-                               "(Optuna, fANOVA)")) if name in images)
+            for name, alt in ((f"{HISTORY_PLOT}_{sweep.name}", HISTORY_CAPTION),
+                              (f"{IMPORTANCE_PLOT}_{sweep.name}", IMPORTANCE_CAPTION)) if name in images)
         parts.append(f"""<h2>Sweep {escape(sweep.name)} ({escape(sweep.settings["strategy"])})</h2>
 <p class="note">{escape(best_line(sweep))}</p>
 {rows_html(trials_table(sweep))}

@@ -65,21 +65,30 @@ def trials_table(sweep: Sweep) -> Table:
     """One row per trial: its state, the values it ended with, its final loss (or where it was pruned, or its
     error) and what it spent."""
     from flopwise.sweep.driver import trial_values
-    from flopwise.sweep.trial import PROGRESS_STEPS, spent_by, trial_folder
+    from flopwise.sweep.trial import spent_by, trial_folder
 
     unit = sweep.unit
     names = sorted({name for t in sweep.study.trials for name in trial_values(t)})
     rows = []
     for t in sweep.study.trials:
         values = trial_values(t)
-        state = t.state.name.lower()
-        outcome = {"complete": lambda: f"{t.value:.4f}",
-                   "pruned": lambda: f"{t.value:.4f} at p={t.last_step / PROGRESS_STEPS:.2f}",
-                   "fail": lambda: t.user_attrs.get("error", MISSING)}.get(state, lambda: MISSING)()
         spent = spent_by(trial_folder(sweep.folder / TRIALS, t.number), unit)
-        rows.append([str(t.number), state, *[_shown(values.get(name)) for name in names], outcome, f"{spent:,.4g}"])
+        rows.append([str(t.number), t.state.name.lower(), *[_shown(values.get(name)) for name in names],
+                     outcome(t), f"{spent:,.4g}"])
     return Table(["trial", "state", *names, "held-out loss", f"spent ({unit})"],
                  [True, False, *[True] * len(names), True, True], rows)
+
+
+def outcome(trial: Any) -> str:
+    """A trial's end in a few words: its final held-out loss, where it was pruned, or its error."""
+    from flopwise.sweep.trial import PROGRESS_STEPS
+
+    state = trial.state.name.lower()
+    if state == "complete":
+        return f"{trial.value:.4f}"
+    if state == "pruned" and trial.value is not None:
+        return f"{trial.value:.4f} at p={trial.last_step / PROGRESS_STEPS:.2f}"
+    return trial.user_attrs.get("error", MISSING) if state == "fail" else state
 
 
 def best_line(sweep: Sweep) -> str:

@@ -12,6 +12,8 @@ import contextlib
 import json
 import multiprocessing
 import os
+import socket
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +25,31 @@ from flopwise.config import RunConfig, config_to_toml, load_config
 from flopwise.errors import FlopwiseError
 from flopwise.filelock import held
 from flopwise.runtime import Ranks
-from flopwise.sweep.folder import (BASE_FILE, BEST_FILE, JOURNAL_FILE, LOCK_FILE, SPACE_FILE, STUDY_NAME, SWEEP_FILE,
-                                    TRIALS)
+from flopwise.sweep.folder import (
+    BASE_FILE,
+    BEST_FILE,
+    JOURNAL_FILE,
+    LOCK_FILE,
+    SPACE_FILE,
+    STUDY_NAME,
+    SWEEP_FILE,
+    TRIALS,
+)
 from flopwise.sweep.optuna_dep import require_optuna
 from flopwise.sweep.pbt import Population
 from flopwise.sweep.space import SearchSpace, read_space
 from flopwise.sweep.total import TotalBudget
-from flopwise.sweep.trial import (PROGRESS_STEPS, SIGNALS, end_trials, final_loss, progress_step, run_trial, spent_by,
-                                   trial_config, trial_folder)
+from flopwise.sweep.trial import (
+    PROGRESS_STEPS,
+    SIGNALS,
+    end_trials,
+    final_loss,
+    progress_step,
+    run_trial,
+    spent_by,
+    trial_config,
+    trial_folder,
+)
 from flopwise.train.display import ProgressDisplay
 
 STRATEGIES = ("asha", "hyperband", "random", "pbt")
@@ -87,36 +106,42 @@ def open_study(folder: Path, plan: SweepPlan, base: RunConfig, storage: str | No
                "random": optuna.pruners.NopPruner, "pbt": optuna.pruners.NopPruner}
     study = optuna.create_study(study_name=STUDY_NAME, storage=backend, pruner=pruners[plan.strategy](),
                                 direction="minimize", load_if_exists=True)
-    seed_sampler(study, plan)
+    seed_sampler(study, plan, shared=storage is not None)
     return study
 
 
 def study_storage(folder: Path, storage: str | None) -> Any:
-    """Where the sweep's study lives: the storage URL it was given, or the journal file in its folder."""
-    if storage:
+    """Where the sweep's study lives: an RDB URL as given (``postgresql://...``), a journal file at the path
+    given (on a shared disk, for several machines), or by default the journal file in the sweep folder."""
+    if storage and "://" in storage:
         return storage
     optuna = require_optuna()
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE)))
+    path = Path(storage) if storage else folder / JOURNAL_FILE
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
-def seed_sampler(study: Any, plan: SweepPlan) -> None:
+def seed_sampler(study: Any, plan: SweepPlan, shared: bool = False) -> None:
     """TPE (random search for ``random`` and ``pbt``) seeded by the sweep's seed and the number of the trial about to be
     drawn.  A sampler keeps its random stream in memory, so one seeded once would draw other values after
     ``--resume`` than the uninterrupted sweep, and parallel workers with one seed would draw the same values;
-    seeded per trial, a trial's draw depends only on the seed and the study's history."""
+    seeded per trial, a trial's draw depends only on the seed and the study's history.  A ``shared`` study
+    (``--storage``: other machines may ask at the same moment, seeing the same history) mixes in this host's
+    name, so that machines draw apart."""
     optuna = require_optuna()
-    seed = plan.seed * 100_003 + len(study.get_trials(deepcopy=False))
+    salt = zlib.crc32(socket.gethostname().encode()) if shared else 0
+    seed = (plan.seed * 100_003 + len(study.get_trials(deepcopy=False)) + salt) % 2**32
     random = plan.strategy in ("random", "pbt")
     study.sampler = optuna.samplers.RandomSampler(seed=seed) if random else optuna.samplers.TPESampler(seed=seed)
 
 
 def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, storage: str | None = None,
               display: ProgressDisplay | None = None, say: Callable[[str], None] = lambda line: None,
-              workers: int = 1, ranks: Ranks = Ranks()) -> Any:
+              workers: int = 1, ranks: Ranks | None = None) -> Any:
     """A new sweep in ``folder``: trials until the total budget cannot fund another whole one; returns the study.
     The folder keeps what ``resume_sweep`` needs: the base config, the space and the plan.  ``say`` gets one
     line per trial as it ends.  ``workers`` > 1 runs that many processes, the cores split between them.  Under
     torchrun this is rank 0's part (``ranks``): each trial runs on all ranks, the others ``follow_trials``."""
+    ranks = ranks or Ranks()
     check_plan(plan)
     check_launch(plan, workers, ranks)
     read_space(space_file)  # a bad space is refused before anything is written
@@ -134,11 +159,12 @@ def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, 
 
 
 def resume_sweep(folder: Path, display: ProgressDisplay | None = None,
-                 say: Callable[[str], None] = lambda line: None, ranks: Ranks = Ranks()) -> Any:
+                 say: Callable[[str], None] = lambda line: None, ranks: Ranks | None = None) -> Any:
     """Go on with the sweep in ``folder`` after its processes died: trials that ended are kept, the trials that
     were running resume their runs from their newest checkpoints, then new trials use what is left of the
     total, with the sweep's workers."""
     optuna = require_optuna()
+    ranks = ranks or Ranks()
     settings = _settings(folder)
     plan, base, space = _read_sweep(folder)
     check_launch(plan, settings.get("workers", 1), ranks)
@@ -220,23 +246,23 @@ def _worker(folder: Path, index: int, threads: int) -> None:
 
 
 def _run_trials(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, study: Any,
-                display: ProgressDisplay | None, say: Callable[[str], None], ranks: Ranks = Ranks()) -> Any:
+                display: ProgressDisplay | None, say: Callable[[str], None], ranks: Ranks | None = None) -> Any:
     """Ask for a trial and reserve its budget (one step, under the accounting's lock, so that parallel workers
     never both take the last share), run it, and repeat while a whole trial fits."""
     trial_amount = plan.amounts()[1]
     while True:
         with accounting(folder) as budget:
             if not budget.can_start(trial_amount):
-                end_trials(ranks)
+                end_trials(ranks or Ranks())
                 return study
-            seed_sampler(study, plan)
+            seed_sampler(study, plan, shared=_settings(folder)["storage"] is not None)
             trial = study.ask()
             budget.start(trial.number, trial_amount)
         _finish(folder, base, space, plan, study, trial, display, say, ranks)
 
 
 def _finish(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, study: Any, trial: Any,
-            display: ProgressDisplay | None, say: Callable[[str], None], ranks: Ranks = Ranks()) -> None:
+            display: ProgressDisplay | None, say: Callable[[str], None], ranks: Ranks | None = None) -> None:
     """Run (or resume) ``trial`` to its end, tell the study how it ended, and account what it spent."""
     optuna = require_optuna()
     try:

@@ -42,7 +42,7 @@ MIN_POPULATION = 2
 
 def population_size(left: float, trial: float) -> int:
     """How many whole trials what is left of the total funds (with the total budget's rounding tolerance)."""
-    return int(math.floor(left / trial + 1e-9))
+    return math.floor(left / trial + 1e-9)
 
 
 def marks(interval: float) -> list[float]:

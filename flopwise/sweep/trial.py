@@ -37,7 +37,7 @@ def trial_folder(folder: Path, number: int) -> Path:
 
 
 def run_trial(trial: Any, base: RunConfig, space: SearchSpace, trial_budget: Budget, folder: Path,
-              display: ProgressDisplay | None = None, signal: str = "loss", ranks: Ranks = Ranks()) -> float:
+              display: ProgressDisplay | None = None, signal: str = "loss", ranks: Ranks | None = None) -> float:
     """Run ``trial`` in ``folder / <number>``; its final held-out loss, or ``optuna.TrialPruned`` when the
     study's pruner stopped it at an evaluation mark.  ``signal``: what each mark reports to the pruner, the
     held-out loss there (``loss``) or the forecast final loss (``forecast``, from the run's loss forecaster:
@@ -46,6 +46,7 @@ def run_trial(trial: Any, base: RunConfig, space: SearchSpace, trial_budget: Bud
     values it was drawn.  Under torchrun this is rank 0's part: it tells the other ranks (``follow_trials``)
     what to run and, at each mark, whether to stop."""
     optuna = require_optuna()
+    ranks = ranks or Ranks()
     run_dir = trial_folder(folder, trial.number)
 
     def report(step: int, p: float, fields: dict[str, Any]) -> str | None:
