@@ -3,7 +3,8 @@
 Shared caches are already safe without it: every entry is written under a temporary name and renamed whole.
 The lock keeps two processes from building the same entry at once (the second waits, then loads the first's)
 and serializes read-change-write updates such as a sweep's budget accounting.  Where the platform has no
-``fcntl`` (Windows), the lock is skipped: the writes stay whole, only the duplicated work comes back.
+``fcntl`` (Windows), the lock is skipped: the writes stay whole, only the duplicated work comes back; what
+needs the lock to be correct (a sweep's workers sharing its accounting) asks ``LOCKS_WORK`` first.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
+
+LOCKS_WORK = fcntl is not None
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from flopwise.atomic import write_atomic, write_json_atomic
 from flopwise.budget import Budget
 from flopwise.config import RunConfig, config_to_toml, load_config
 from flopwise.errors import FlopwiseError
-from flopwise.filelock import held
+from flopwise.filelock import LOCKS_WORK, held
 from flopwise.runtime import Ranks
 from flopwise.sweep.folder import (
     BASE_FILE,
@@ -222,6 +222,9 @@ def check_launch(plan: SweepPlan, workers: int, ranks: Ranks) -> None:
     already runs one process per rank), and a PBT population (trained in one process) under either."""
     if workers < 1:
         raise FlopwiseError(f"--workers {workers}: give 1 or more")
+    if workers > 1 and not LOCKS_WORK:
+        raise FlopwiseError(f"--workers {workers} needs file locks (fcntl), which this platform lacks: use "
+                            "--workers 1, or run one sweep per machine with --storage")
     if workers > 1 and ranks.distributed:
         raise FlopwiseError(f"--workers {workers} under torchrun: torchrun runs each trial on its "
                             f"{ranks.world_size} processes already; use --workers 1")
