@@ -98,8 +98,10 @@ def describe(folder: Path) -> dict[str, Any]:
                        "error": t.user_attrs.get("error")})
     complete = [t for t in trials if t["state"] == "complete"]
     best = min(complete, key=lambda t: t["value"])
-    return {"strategy": settings["strategy"], "budget": settings["budget"], "trials": trials,
-            "best": {**best, "found_after_s": best["ended_after_s"],
+    spent_by_then = sum(t["spent_s"] for t in trials
+                        if t["ended_after_s"] is not None and t["ended_after_s"] <= best["ended_after_s"])
+    return {"folder": str(folder), "strategy": settings["strategy"], "budget": settings["budget"], "trials": trials,
+            "best": {**best, "found_after_s": best["ended_after_s"], "found_after_spent_s": spent_by_then,
                      "lineage_s": best["lineage_s"] or best["spent_s"]},
             "counts": {state: sum(t["state"] == state for t in trials) for state in ("complete", "pruned", "fail")},
             "rung_signals": rank_agreement(folder / TRIALS)}
@@ -122,16 +124,20 @@ def run_default_arm(cores: str | None) -> dict[str, Any]:
 
 def summary(console: Console) -> None:
     arms = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("sweep_*_seed*.json"))]
+    for arm in arms:  # described again from the sweep folder, where it still is, by today's code
+        if arm["arm"] != "default" and Path(arm.get("folder", WORK / f"{arm['arm']}_seed{arm['seed']}")).is_dir():
+            arm.update(describe(Path(arm.get("folder", WORK / f"{arm['arm']}_seed{arm['seed']}"))))
     default = next((a for a in arms if a["arm"] == "default"), None)
     sweeps = [a for a in arms if a["arm"] != "default"]
     table = Table(title=f"sweeps: {TOTAL} total, {TRIAL} trials, muon_lr x d_model x batch_size (default corpus)")
-    for column in ("arm", "seed", "cores", "trials c/p/f", "best final loss", "found after", "best's lineage",
-                   "spent of total"):
+    for column in ("arm", "seed", "cores", "trials c/p/f", "best final loss", "found after (wall)",
+                   "found after (spent)", "best's lineage", "spent of total"):
         table.add_column(column, justify="right")
     for a in sweeps:
         c, total = a["counts"], a["budget"]["total"]
         table.add_row(a["arm"], str(a["seed"]), a["cores"] or "all", f"{c['complete']}/{c['pruned']}/{c['fail']}",
                       f"{a['best']['value']:.4f}", f"{a['best']['found_after_s'] / 60:.1f} min",
+                      f"{a['best']['found_after_spent_s']:.0f} s",
                       f"{a['best']['lineage_s']:.0f} s ({a['best']['lineage_s'] / total:.0%})",
                       f"{a['budget']['spent']:.0f} of {total:.0f} s")
     console.print(table)
