@@ -60,7 +60,8 @@ def test_a_copied_member_continues_its_source_exactly_with_its_rates_scaled(text
     assert len(copied) == 1 and [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
     (number, source), = copied.items()
     assert study.trials[number].value == study.trials[source].value
-    assert losses_and_rates(folder / "trials" / f"{number:04d}") == losses_and_rates(folder / "trials" / f"{source:04d}")
+    mine, theirs = (losses_and_rates(folder / "trials" / f"{n:04d}") for n in (number, source))
+    assert mine == theirs
     budget = json.loads((folder / "sweep.json").read_text())["budget"]
     assert budget["spent"] == 32 and budget["reserved"] == {}
     assert all(m["spent"] == 8 for m in state["members"].values())
@@ -138,3 +139,20 @@ def test_a_resumed_run_trains_at_the_rates_its_config_now_gives(text_folder, tmp
     session, _ = open_for_resume(run_dir, None)
     peaks = sorted({group["peak_lr"] for group in session.optimizer.param_groups})
     assert peaks == sorted({edited.optim.lr, edited.optim.muon_lr})
+
+
+@pytest.mark.slow
+def test_a_member_whose_values_fail_leaves_the_population_and_the_rest_go_on(text_folder, tmp_path):
+    base, _ = tiny(text_folder, tmp_path)
+    space = tmp_path / "heads.toml"
+    space.write_text("[model.d_model]\nchoices = [64, 80]\n[model.n_heads]\nchoices = [2, 32]\n",
+                     encoding="utf-8")  # each valid alone; 32 heads do not divide 80
+    folder = tmp_path / "fails"
+    study = run_sweep(folder, base, space, SweepPlan(Budget.parse("32steps"), Budget.parse("8steps"), "pbt", 0,
+                                                     interval=0.5))
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert failed and complete and len(failed) + len(complete) == 4
+    assert all(t.params == {"model.d_model": 80, "model.n_heads": 32} and "n_heads" in t.user_attrs["error"]
+               for t in failed)
+    assert json.loads((folder / "sweep.json").read_text())["budget"]["reserved"] == {}

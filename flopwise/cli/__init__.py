@@ -16,7 +16,22 @@ from collections.abc import Callable
 from rich.console import Console
 
 from flopwise import __version__
-from flopwise.cli import bench, chat, data, eval, export, fit, memory, plan, posttrain, report, sample, scan, sweep, train
+from flopwise.cli import (
+    bench,
+    chat,
+    data,
+    eval,
+    export,
+    fit,
+    memory,
+    plan,
+    posttrain,
+    report,
+    sample,
+    scan,
+    sweep,
+    train,
+)
 from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
 
 # in the order `flopwise --help` lists them

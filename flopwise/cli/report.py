@@ -155,6 +155,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     console.print(f"         {args.out / JSON_FILE}", highlight=False)
     sweep_plots = [f"{plot}_{sweep.name}.png" for sweep in sweeps for plot in (HISTORY_PLOT, IMPORTANCE_PLOT)
                    if (args.out / f"{plot}_{sweep.name}.png").is_file()]
-    for name in [spec.name + ".png" for spec in PLOTS] + ([TASKS_PLOT + ".png"] if signal is not None else []) + sweep_plots:
+    task_plots = [TASKS_PLOT + ".png"] if signal is not None else []
+    for name in [spec.name + ".png" for spec in PLOTS] + task_plots + sweep_plots:
         console.print(f"         {args.out / name}", highlight=False)
     return 0

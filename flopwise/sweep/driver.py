@@ -304,9 +304,13 @@ def _run_population(folder: Path, base: RunConfig, space: SearchSpace, plan: Swe
         if frozen.state != optuna.trial.TrialState.RUNNING:
             continue  # told before the process died
         trial = optuna.trial.Trial(study, frozen._trial_id)
-        trial.set_user_attr("lineage_s" if plan.unit == "seconds" else f"lineage_{plan.unit}",
-                            population.lineage_spent(int(number)))
-        study.tell(trial, final_loss(trial_folder(folder / TRIALS, int(number))))
+        if "error" in member:
+            trial.set_user_attr("error", member["error"])
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            trial.set_user_attr("lineage_s" if plan.unit == "seconds" else f"lineage_{plan.unit}",
+                                population.lineage_spent(int(number)))
+            study.tell(trial, final_loss(trial_folder(folder / TRIALS, int(number))))
         with accounting(folder) as budget:
             budget.end(int(number), member["spent"])
             _write_best(folder, study, base, plan)

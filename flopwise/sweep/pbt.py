@@ -95,12 +95,13 @@ class Population:
         """Train the population to the end, from wherever ``pbt.json`` says it stands; returns the state."""
         optuna = require_optuna()
         trials = self.trials = {t.number: optuna.trial.Trial(self.study, t._trial_id)
-                                for t in self.study.get_trials(deepcopy=False) if str(t.number) in self.state["members"]}
+                                for t in self.study.get_trials(deepcopy=False)
+                                if str(t.number) in self.state["members"]}
         schedule = marks(self.state["interval"])
         while self.state["generation"] < len(schedule):
             mark = schedule[self.state["generation"]]
             for number in sorted(trials):
-                if str(number) not in self.state["reached"]:
+                if str(number) not in self.state["reached"] and "error" not in self.state["members"][str(number)]:
                     self._advance(trials[number], mark)
             reached = {int(n): loss for n, loss in self.state["reached"].items()}
             self.say(f"pbt: p={mark:g} reached, held-out loss " + ", ".join(
@@ -133,13 +134,20 @@ class Population:
         if member.get("segment_from") is None:  # where this segment starts, kept in case the process dies in it
             member["segment_from"] = spent_by(run_dir, self.unit)
             self._save()
-        if (run_dir / "final").is_dir():  # it ended before its process died
-            reached.update(p=1.0, loss=final_loss(run_dir))
-        elif is_run_dir(run_dir):
-            api.resume(run_dir, display=self.display, after_eval=stop_at_mark)
-        else:
-            api.run(self.first_config(trial.user_attrs["values"]), run_dir, display=self.display,
-                    after_eval=stop_at_mark)
+        try:
+            if (run_dir / "final").is_dir():  # it ended before its process died
+                reached.update(p=1.0, loss=final_loss(run_dir))
+            elif is_run_dir(run_dir):
+                api.resume(run_dir, display=self.display, after_eval=stop_at_mark)
+            else:
+                api.run(self.first_config(trial.user_attrs["values"]), run_dir, display=self.display,
+                        after_eval=stop_at_mark)
+        except FlopwiseError as err:  # a bad combination of values: this member leaves the population
+            spent = spent_by(run_dir, self.unit) - member.pop("segment_from")
+            member.update(error=str(err), spent=member["spent"] + spent)
+            self._save()
+            self.say(f"pbt: member {trial.number} failed: {err}")
+            return
         if "loss" not in reached:
             raise FlopwiseError(f"pbt member {trial.number} ('{run_dir}') had no evaluation before p={mark:g}: set "
                                 f"train.eval_every to {self.state['interval']:g} or a divisor of it")

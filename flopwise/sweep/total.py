@@ -4,8 +4,9 @@ A trial starts only when its whole budget fits in what is neither spent nor rese
 running, so the sweep never starts a trial it cannot finish; a trial that ends (finished, pruned or failed)
 gives back what it did not spend.  A seconds budget ends at the step nearest its end, so a trial can overrun
 by part of a step: the largest share by which an ended trial overran is kept, and a trial starts only when
-its budget and that share more still fit, so the sum stays within the total.  Amounts are in the budget's unit: training seconds, FLOPs or tokens, as
-each trial's meter counts them.  The state is plain numbers, saved with the sweep for ``--resume``.
+its budget and that share more still fit, so the sum stays within the total.  Amounts are in the budget's
+unit: training seconds, FLOPs or tokens, as each trial's meter counts them.  The state is plain numbers,
+saved with the sweep for ``--resume``.
 """
 
 from __future__ import annotations
