@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -69,11 +70,20 @@ def run_sweep_arm(arm: str, seed: int, cores: str | None) -> dict[str, Any]:
     strategy = "hyperband" if arm == "hyperband" else arm
     workers = ["--workers", "2"] if arm == "hyperband" else []
     prefix, env = pinned(cores)
-    started = time.time()
+    started, cpu_before = time.time(), _children_cpu()
     subprocess.run([*prefix, sys.executable, "-m", "flopwise", "sweep", "--budget", TOTAL, "--trial-budget", TRIAL,
                     "--space", str(space), "--out", str(folder), "--strategy", strategy, "--seed", str(seed),
                     *workers, *BASE], check=True, env=env)
-    return {"arm": arm, "seed": seed, "cores": cores, "wall_s": time.time() - started, **describe(folder)}
+    wall, cpu = time.time() - started, _children_cpu() - cpu_before
+    return {"arm": arm, "seed": seed, "cores": cores, "wall_s": wall, "cpu_s": cpu, "busy_cores": cpu / wall,
+            **describe(folder)}
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes and theirs: over the wall time, how many
+    cores the sweep kept busy."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def describe(folder: Path) -> dict[str, Any]:
@@ -96,6 +106,10 @@ def describe(folder: Path) -> dict[str, Any]:
                        "spent_s": spent_by(run, "seconds"), "lineage_s": t.user_attrs.get("lineage_s"),
                        "ended_after_s": (t.datetime_complete - start).total_seconds() if t.datetime_complete else None,
                        "error": t.user_attrs.get("error")})
+    folders = sorted(int(p.name) for p in (folder / TRIALS).iterdir() if p.name.isdigit())
+    once = all(_steps_once(trial_folder(folder / TRIALS, t["number"])) for t in trials)
+    integrity = {"folders_are_trials": folders == sorted(t["number"] for t in trials), "each_step_once": once,
+                 "reserved_left": settings["budget"]["reserved"]}
     complete = [t for t in trials if t["state"] == "complete"]
     best = min(complete, key=lambda t: t["value"])
     spent_by_then = sum(t["spent_s"] for t in trials
@@ -104,7 +118,15 @@ def describe(folder: Path) -> dict[str, Any]:
             "best": {**best, "found_after_s": best["ended_after_s"], "found_after_spent_s": spent_by_then,
                      "lineage_s": best["lineage_s"] or best["spent_s"]},
             "counts": {state: sum(t["state"] == state for t in trials) for state in ("complete", "pruned", "fail")},
-            "rung_signals": rank_agreement(folder / TRIALS)}
+            "rung_signals": rank_agreement(folder / TRIALS), "integrity": integrity}
+
+
+def _steps_once(run_dir: Path) -> bool:
+    """The run's logged steps rise strictly: no step was run twice (by two workers, or after a resume)."""
+    from flopwise.rundir import read_metrics
+
+    steps = [e["step"] for e in read_metrics(run_dir / "metrics.jsonl") if e["event"] == "train"]
+    return steps == sorted(set(steps))
 
 
 def run_default_arm(cores: str | None) -> dict[str, Any]:
@@ -130,16 +152,19 @@ def summary(console: Console) -> None:
     default = next((a for a in arms if a["arm"] == "default"), None)
     sweeps = [a for a in arms if a["arm"] != "default"]
     table = Table(title=f"sweeps: {TOTAL} total, {TRIAL} trials, muon_lr x d_model x batch_size (default corpus)")
-    for column in ("arm", "seed", "cores", "trials c/p/f", "best final loss", "found after (wall)",
-                   "found after (spent)", "best's lineage", "spent of total"):
+    for column in ("arm", "seed", "cores", "busy cores", "trials c/p/f", "best final loss", "found after (wall)",
+                   "found after (spent)", "best's lineage", "spent of total", "trials whole, once"):
         table.add_column(column, justify="right")
     for a in sweeps:
         c, total = a["counts"], a["budget"]["total"]
-        table.add_row(a["arm"], str(a["seed"]), a["cores"] or "all", f"{c['complete']}/{c['pruned']}/{c['fail']}",
+        whole = a["integrity"]["folders_are_trials"] and a["integrity"]["each_step_once"] and not a["integrity"][
+            "reserved_left"]
+        table.add_row(a["arm"], str(a["seed"]), a["cores"] or "all", f"{a['busy_cores']:.2f}" if "busy_cores" in a
+                      else "—", f"{c['complete']}/{c['pruned']}/{c['fail']}",
                       f"{a['best']['value']:.4f}", f"{a['best']['found_after_s'] / 60:.1f} min",
                       f"{a['best']['found_after_spent_s']:.0f} s",
                       f"{a['best']['lineage_s']:.0f} s ({a['best']['lineage_s'] / total:.0%})",
-                      f"{a['budget']['spent']:.0f} of {total:.0f} s")
+                      f"{a['budget']['spent']:.1f} of {total:.0f} s", "yes" if whole else "NO")
     console.print(table)
     by_arm: dict[str, list[float]] = {}
     for a in sweeps:
