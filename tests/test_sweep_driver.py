@@ -191,3 +191,36 @@ def test_a_trials_spending_counts_its_last_evaluation_past_its_last_logged_step(
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     assert (spent_by(tmp_path, "seconds"), spent_by(tmp_path, "steps"), spent_by(tmp_path, "tokens")) == (5.4, 5, 40960)
     assert spent_by(tmp_path / "never-started", "seconds") == 0.0
+
+
+def test_kill_9_mid_trial_then_resume_ends_as_the_uninterrupted_sweep(setup, tmp_path, text_folder):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flopwise.sweep.driver import resume_sweep
+
+    base, space = setup
+    plan = SweepPlan(Budget.parse("90steps"), Budget.parse("30steps"), "asha", 2)
+    base = base.replace(**{"train.seed": 2})  # --seed 2 is the sampler's seed and every trial's train.seed
+    uninterrupted = run_sweep(tmp_path / "whole", base, space, plan)
+    folder = tmp_path / "killed"
+    overrides = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+    process = subprocess.Popen([sys.executable, "-m", "flopwise", "sweep", "--budget", "90steps", "--trial-budget",
+                                "30steps", "--space", str(space), "--out", str(folder), "--strategy", "asha",
+                                "--seed", "2", "--data", str(text_folder), *overrides],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = folder / "trials" / "0001" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not (checkpoints.is_dir() and any(checkpoints.iterdir())) and process.poll() is None:
+        assert time.monotonic() < deadline, "trial 1 never wrote a checkpoint"
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (folder / "trials" / "0001" / "final").exists()  # killed mid-trial
+    study = resume_sweep(folder)
+    assert ended(study) == ended(uninterrupted)
+    assert json.loads((folder / "sweep.json").read_text())["budget"] == json.loads(
+        (tmp_path / "whole" / "sweep.json").read_text())["budget"]
