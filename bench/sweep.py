@@ -8,6 +8,7 @@ from all of them and writes bench/results/sweep.json.
   hyperband  flopwise sweep --strategy hyperband --workers 2 (two worker processes on one journal study)
   pbt        flopwise sweep --strategy pbt --seed S
   default    flopwise train --budget 1m, the sweep's base config at seeds 0, 1, 2 (the recipe's seed noise)
+  rerun      each ASHA sweep's best.toml at 1 minute and seeds 0, 1, 2 (is the best config better, or its seed?)
 
 Each sweep ran through the CLI as a user runs it.  ``--cores`` pins an arm to a set of cores (taskset) with
 that many torch threads, so that two one-core arms can run side by side and compare like with like; run the
@@ -144,13 +145,33 @@ def run_default_arm(cores: str | None) -> dict[str, Any]:
     return {"arm": "default", "cores": cores, "finals": finals}
 
 
+def run_rerun_arm(cores: str | None) -> dict[str, Any]:
+    """Each ASHA sweep's best.toml again at 1 minute and the default recipe's three seeds: is the best trial's
+    config better than the default recipe, or was its trial a lucky seed?"""
+    from flopwise.rundir import read_metrics
+
+    prefix, env = pinned(cores)
+    finals: dict[str, dict[int, float]] = {}
+    for best in sorted(WORK.glob("asha_seed*/best.toml")):
+        for seed in DEFAULT_SEEDS:
+            out = WORK / f"rerun_{best.parent.name}_seed{seed}"
+            shutil.rmtree(out, ignore_errors=True)
+            subprocess.run([*prefix, sys.executable, "-m", "flopwise", "train", "--config", str(best), "--budget",
+                            TRIAL, "--seed", str(seed), "--out", str(out)], check=True, env=env,
+                           stdout=subprocess.DEVNULL)
+            events = read_metrics(out / "metrics.jsonl")
+            finals.setdefault(best.parent.name, {})[seed] = [e for e in events if e["event"] == "eval"][-1]["val_loss"]
+    return {"arm": "rerun", "cores": cores, "finals": finals}
+
+
 def summary(console: Console) -> None:
     arms = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("sweep_*_seed*.json"))]
     for arm in arms:  # described again from the sweep folder, where it still is, by today's code
-        if arm["arm"] != "default" and Path(arm.get("folder", WORK / f"{arm['arm']}_seed{arm['seed']}")).is_dir():
+        if arm["arm"] not in ("default", "rerun") and Path(arm.get("folder", WORK / f"{arm['arm']}_seed{arm['seed']}")).is_dir():
             arm.update(describe(Path(arm.get("folder", WORK / f"{arm['arm']}_seed{arm['seed']}"))))
     default = next((a for a in arms if a["arm"] == "default"), None)
-    sweeps = [a for a in arms if a["arm"] != "default"]
+    rerun = next((a for a in arms if a["arm"] == "rerun"), None)
+    sweeps = [a for a in arms if a["arm"] not in ("default", "rerun")]
     table = Table(title=f"sweeps: {TOTAL} total, {TRIAL} trials, muon_lr x d_model x batch_size (default corpus)")
     for column in ("arm", "seed", "cores", "busy cores", "trials c/p/f", "best final loss", "found after (wall)",
                    "found after (spent)", "best's lineage", "spent of total", "trials whole, once"):
@@ -176,6 +197,11 @@ def summary(console: Console) -> None:
         mean, spread = sum(finals) / len(finals), max(finals) - min(finals)
         console.print(f"default recipe at {TRIAL}: {', '.join(f'{v:.4f}' for v in finals)} (mean {mean:.4f}, "
                       f"seed spread {spread:.4f})")
+    if rerun:
+        for sweep, by_seed in rerun["finals"].items():
+            values = list(by_seed.values())
+            console.print(f"{sweep} best.toml at {TRIAL}, seeds {', '.join(map(str, by_seed))}: "
+                          f"{', '.join(f'{v:.4f}' for v in values)} (mean {sum(values) / len(values):.4f})")
     signals = Table(title="rung signal: Spearman with the final loss, finished trials of the random sweeps")
     for column in ("seed", "mark p", "trials", "held-out loss", "forecast"):
         signals.add_column(column, justify="right")
@@ -190,7 +216,7 @@ def summary(console: Console) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arm", choices=("asha", "random", "hyperband", "pbt", "default"))
+    parser.add_argument("--arm", choices=("asha", "random", "hyperband", "pbt", "default", "rerun"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cores", help="pin the arm to these cores, e.g. 0 or 0,1 (taskset)")
     parser.add_argument("--summary", action="store_true")
@@ -199,9 +225,11 @@ def main() -> None:
     if args.summary:
         summary(console)
         return
-    result = run_default_arm(args.cores) if args.arm == "default" else run_sweep_arm(args.arm, args.seed, args.cores)
+    runners = {"default": run_default_arm, "rerun": run_rerun_arm}
+    result = (runners[args.arm](args.cores) if args.arm in runners
+              else run_sweep_arm(args.arm, args.seed, args.cores))
     RESULTS.mkdir(exist_ok=True)
-    name = "sweep_default_seed0.json" if args.arm == "default" else f"sweep_{args.arm}_seed{args.seed}.json"
+    name = f"sweep_{args.arm}_seed{0 if args.arm in runners else args.seed}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     console.print(f"wrote {RESULTS / name}")
 
