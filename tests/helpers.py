@@ -16,6 +16,10 @@ from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config
 from flopwise.rundir import read_metrics
 
+# The same tiny run as config values (for load_config(values=...)), with one evaluation every quarter and no
+# loss forecast: the sweep tests' base config.
+TINY_VALUES = {"data.tokenizer": "byte", "model.size": "tiny", "model.seq_len": 64, "optim.batch_size": 4,
+               "train.eval_tokens": 2048, "train.eval_every": 0.25, "train.forecast_every": 0}
 TINY = ["--tokenizer", "byte", "--set", "model.size=tiny", "--set", "model.seq_len=64",
         "--set", "optim.batch_size=4", "--set", "train.eval_tokens=2048", "--set", "train.log_every=1"]
 
@@ -130,3 +134,11 @@ def width_step_seconds(model: Any) -> float:
     idle 2-core machine's (d_model 64: 32 ms, 96: 48 ms, at batch 4 x 64 tokens), so that fake-clocked
     runs take fewer real steps than their budgets would on it."""
     return 5e-4 * model.config.d_model
+
+
+def sweep_setup(tmp_path: Path, text_folder: Path, lr_high: float = 3e-2) -> tuple[RunConfig, Path]:
+    """A sweep's base config (TINY_VALUES on ``text_folder``) and a space file drawing ``optim.lr`` on a log
+    scale from 1e-3 to ``lr_high``."""
+    space_file = tmp_path / "space.toml"
+    space_file.write_text(f"[optim.lr]\nlow = 1e-3\nhigh = {lr_high}\nlog = true\n", encoding="utf-8")
+    return load_config(values={"data.sources": [str(text_folder)], **TINY_VALUES}), space_file

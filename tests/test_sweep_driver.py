@@ -9,24 +9,20 @@ import pytest
 
 from flopwise.budget import Budget
 from flopwise.cli import main
-from flopwise.config import load_config
 from flopwise.errors import FlopwiseError
 from flopwise.rundir import read_metrics
 from flopwise.sweep.driver import SweepPlan, check_plan, run_sweep
 from flopwise.sweep.trial import spent_by
+from tests.helpers import TINY_VALUES as TINY
+from tests.helpers import sweep_setup
 
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.slow
 
-TINY = {"data.tokenizer": "byte", "model.size": "tiny", "model.seq_len": 64, "optim.batch_size": 4,
-        "train.eval_tokens": 2048, "train.eval_every": 0.25, "train.forecast_every": 0}
-
 
 @pytest.fixture()
 def setup(tmp_path, text_folder):
-    space_file = tmp_path / "space.toml"
-    space_file.write_text("[optim.lr]\nlow = 1e-3\nhigh = 3e-2\nlog = true\n", encoding="utf-8")
-    return load_config(values={"data.sources": [str(text_folder)], **TINY}), space_file
+    return sweep_setup(tmp_path, text_folder)
 
 
 def test_random_search_runs_whole_trials_to_the_total_and_best_toml_reproduces_the_best(setup, tmp_path):

@@ -15,12 +15,11 @@ from flopwise.rundir import read_metrics
 from flopwise.sweep import pbt
 from flopwise.sweep.driver import SweepPlan, run_sweep
 from flopwise.sweep.pbt import PERTURB, marks, population_size, truncation
+from tests.helpers import TINY_VALUES
 
 optuna = pytest.importorskip("optuna")
 
-TINY = {"data.tokenizer": "byte", "model.size": "tiny", "model.seq_len": 64, "optim.batch_size": 4,
-        "train.eval_tokens": 2048, "train.eval_every": 0.25, "train.forecast_every": 0,
-        "train.log_every": 1}
+TINY = {**TINY_VALUES, "train.log_every": 1}  # every step logged: curves compared step by step
 
 
 def test_marks_and_population():

@@ -14,12 +14,11 @@ from flopwise.budget import Budget
 from flopwise.config import load_config
 from flopwise.report.sweep import load_sweep
 from flopwise.sweep.trial import trial_config
+from tests.helpers import TINY_VALUES as SETTINGS
 
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.slow
 
-SETTINGS = {"data.tokenizer": "byte", "model.size": "tiny", "model.seq_len": 64, "optim.batch_size": 4,
-            "train.eval_tokens": 2048, "train.eval_every": 0.25, "train.forecast_every": 0}
 
 
 def test_each_trial_runs_on_both_processes_and_pruning_stops_them_together(tmp_path, text_folder):

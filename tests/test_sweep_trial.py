@@ -8,24 +8,19 @@ import pytest
 
 from flopwise import api
 from flopwise.budget import Budget
-from flopwise.config import load_config
 from flopwise.rundir import read_metrics
 from flopwise.sweep.space import read_space
 from flopwise.sweep.trial import progress_step, run_trial
 from flopwise.train.display import ProgressDisplay
+from tests.helpers import sweep_setup
 
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.slow
 
-TINY = {"data.tokenizer": "byte", "model.size": "tiny", "model.seq_len": 64, "optim.batch_size": 4,
-        "train.eval_tokens": 2048, "train.eval_every": 0.25, "train.forecast_every": 0}
-
 
 @pytest.fixture()
 def setup(tmp_path, text_folder):
-    space_file = tmp_path / "space.toml"
-    space_file.write_text("[optim.lr]\nlow = 1e-3\nhigh = 1e-2\nlog = true\n", encoding="utf-8")
-    base = load_config(values={"data.sources": [str(text_folder)], **TINY})
+    base, space_file = sweep_setup(tmp_path, text_folder, lr_high=1e-2)
     return base, read_space(space_file), tmp_path / "trials"
 
 
