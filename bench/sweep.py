@@ -203,13 +203,18 @@ def summary(console: Console) -> None:
             console.print(f"{sweep} best.toml at {TRIAL}, seeds {', '.join(map(str, by_seed))}: "
                           f"{', '.join(f'{v:.4f}' for v in values)} (mean {sum(values) / len(values):.4f})")
     signals = Table(title="rung signal: Spearman with the final loss, finished trials of the random sweeps")
-    for column in ("seed", "mark p", "trials", "held-out loss", "forecast"):
+    for column in ("seed", "mark p", "trials", "held-out loss", "with a forecast", "forecast",
+                   "held-out loss, same trials"):
         signals.add_column(column, justify="right")
+
+    def shown(rho: float | None) -> str:
+        return "—" if rho is None else f"{rho:.2f}"
+
     for a in sweeps:
         if a["arm"] == "random":
             for row in a["rung_signals"]:
-                signals.add_row(str(a["seed"]), f"{row['p']:.2f}", str(row["trials"]), f"{row['loss_rho']:.2f}",
-                                f"{row['forecast_rho']:.2f}")
+                signals.add_row(str(a["seed"]), f"{row['p']:.2f}", str(row["trials"]), shown(row["loss_rho"]),
+                                str(row["forecast_trials"]), shown(row["forecast_rho"]), shown(row["loss_rho_same"]))
     console.print(signals)
     (RESULTS / "sweep.json").write_text(json.dumps({"arms": arms}, indent=1) + "\n", encoding="utf-8")
 
@@ -221,7 +226,7 @@ def main() -> None:
     parser.add_argument("--cores", help="pin the arm to these cores, e.g. 0 or 0,1 (taskset)")
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=200)
     if args.summary:
         summary(console)
         return

@@ -27,7 +27,18 @@ def test_forecasts_that_rank_like_the_finals_and_losses_that_rank_backwards(tmp_
         write_trial(tmp_path / f"{i:04d}", final, mid_loss=5.0 - i, mid_forecast=final + 0.1)
     write_trial(tmp_path / "0009", 2.0, 9.0, 2.1, finished=False)  # unfinished: left out
     rows = rank_agreement(tmp_path)
-    assert rows == [{"p": 0.5, "trials": 4, "loss_rho": pytest.approx(-1.0), "forecast_rho": pytest.approx(1.0)}]
+    assert rows == [{"p": 0.5, "trials": 4, "loss_rho": pytest.approx(-1.0), "forecast_trials": 4,
+                     "forecast_rho": pytest.approx(1.0), "loss_rho_same": pytest.approx(-1.0)}]
+
+
+def test_the_loss_is_ranked_over_every_finished_trial_and_the_forecast_over_those_that_had_one(tmp_path):
+    finals = [3.0, 3.2, 3.4, 3.6, 3.8]
+    for i, final in enumerate(finals):  # losses rank like the finals; only the last three have a forecast
+        write_trial(tmp_path / f"{i:04d}", final, mid_loss=4.0 + i, mid_forecast=final - i if i >= 2 else None)
+    (row,) = rank_agreement(tmp_path)
+    assert row["trials"] == 5 and row["loss_rho"] == pytest.approx(1.0)
+    assert row["forecast_trials"] == 3 and row["forecast_rho"] == pytest.approx(-1.0)
+    assert row["loss_rho_same"] == pytest.approx(1.0)
 
 
 def test_a_mark_before_any_forecast_has_none(tmp_path):

@@ -35,23 +35,34 @@ def trial_signals(run_dir: Path) -> tuple[float, list[dict[str, Any]]] | None:
 
 
 def rank_agreement(trials_dir: Path) -> list[dict[str, Any]]:
-    """Per evaluation mark: the Spearman correlation with the final losses of the held-out loss there and of
-    the forecast there, over the finished trials that have both, with their count.  Marks are matched by their
-    order (the k-th evaluation of every trial is at the same multiple of ``train.eval_every``; under a seconds
-    budget the p at which each trial crossed it differs a little, and the row gives their mean)."""
+    """Per evaluation mark: the Spearman correlation with the final losses of the held-out loss there, over
+    every finished trial (``trials``, ``loss_rho``), and over those that had a forecast by then, of the
+    forecast and of the held-out loss on the same trials (``forecast_trials``, ``forecast_rho``,
+    ``loss_rho_same``: a like-for-like pair; None under MIN_TRIALS).  The forecaster needs some curve before
+    it forecasts, so early marks have few forecasts or none: a trial reports nothing to the pruner there.
+    Marks are matched by their order (the k-th evaluation of every trial is at the same multiple of
+    ``train.eval_every``; under a seconds budget the p at which each trial crossed it differs a little, and
+    the row gives their mean)."""
     finished = [found for found in (trial_signals(path) for path in sorted(trials_dir.iterdir()) if path.is_dir())
                 if found is not None]
-    by_mark: dict[int, list[tuple[float, float, float, float]]] = {}
+    by_mark: dict[int, list[tuple[float, float, float | None, float]]] = {}
     for final, marks in finished:
         for index, mark in enumerate(marks):
-            if mark["forecast"] is not None:
-                by_mark.setdefault(index, []).append((mark["p"], mark["loss"], mark["forecast"], final))
+            by_mark.setdefault(index, []).append((mark["p"], mark["loss"], mark["forecast"], final))
     rows = []
-    for index, rows_of_mark in sorted(by_mark.items()):
-        if len(rows_of_mark) < MIN_TRIALS:
+    for index, at_mark in sorted(by_mark.items()):
+        if len(at_mark) < MIN_TRIALS:
             continue
-        ps, losses, forecasts, finals = zip(*rows_of_mark)
-        rows.append({"p": round(sum(ps) / len(ps), 3), "trials": len(rows_of_mark),
-                     "loss_rho": float(spearmanr(losses, finals).statistic),
-                     "forecast_rho": float(spearmanr(forecasts, finals).statistic)})
+        ps, losses, _, finals = zip(*at_mark)
+        forecast = [(loss, made, final) for _, loss, made, final in at_mark if made is not None]
+        row = {"p": round(sum(ps) / len(ps), 3), "trials": len(at_mark), "loss_rho": _rho(losses, finals),
+               "forecast_trials": len(forecast), "forecast_rho": None, "loss_rho_same": None}
+        if len(forecast) >= MIN_TRIALS:
+            same_losses, made, same_finals = zip(*forecast)
+            row.update(forecast_rho=_rho(made, same_finals), loss_rho_same=_rho(same_losses, same_finals))
+        rows.append(row)
     return rows
+
+
+def _rho(signal: tuple[float, ...], finals: tuple[float, ...]) -> float:
+    return float(spearmanr(signal, finals).statistic)
