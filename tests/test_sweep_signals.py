@@ -45,3 +45,10 @@ def test_a_mark_before_any_forecast_has_none(tmp_path):
     write_trial(tmp_path / "t", 3.0, 4.0, None)
     final, marks = trial_signals(tmp_path / "t")
     assert final == 3.0 and marks == [{"p": 0.5, "loss": 4.0, "forecast": None}]
+
+
+def test_a_constant_signal_has_no_rank_correlation(tmp_path):
+    for i, final in enumerate([3.0, 3.2, 3.4]):
+        write_trial(tmp_path / f"{i:04d}", final, mid_loss=4.0 + i, mid_forecast=2.5)  # one forecast for all
+    (row,) = rank_agreement(tmp_path)
+    assert row["forecast_trials"] == 3 and row["forecast_rho"] is None and row["loss_rho"] == pytest.approx(1.0)

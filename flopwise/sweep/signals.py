@@ -38,7 +38,7 @@ def rank_agreement(trials_dir: Path) -> list[dict[str, Any]]:
     """Per evaluation mark: the Spearman correlation with the final losses of the held-out loss there, over
     every finished trial (``trials``, ``loss_rho``), and over those that had a forecast by then, of the
     forecast and of the held-out loss on the same trials (``forecast_trials``, ``forecast_rho``,
-    ``loss_rho_same``: a like-for-like pair; None under MIN_TRIALS).  The forecaster needs some curve before
+    ``loss_rho_same``: a like-for-like pair; None under MIN_TRIALS or where a side is constant).  The forecaster needs some curve before
     it forecasts, so early marks have few forecasts or none: a trial reports nothing to the pruner there.
     Marks are matched by their order (the k-th evaluation of every trial is at the same multiple of
     ``train.eval_every``; under a seconds budget the p at which each trial crossed it differs a little, and
@@ -64,5 +64,8 @@ def rank_agreement(trials_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _rho(signal: tuple[float, ...], finals: tuple[float, ...]) -> float:
+def _rho(signal: tuple[float, ...], finals: tuple[float, ...]) -> float | None:
+    """Spearman's rho, None where one side is constant (no ranking to compare)."""
+    if len(set(signal)) < 2 or len(set(finals)) < 2:
+        return None
     return float(spearmanr(signal, finals).statistic)
