@@ -14,7 +14,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.rundir import read_metrics
 from flopwise.sweep import pbt
 from flopwise.sweep.driver import SweepPlan, run_sweep
-from flopwise.sweep.pbt import PERTURB, marks, population_size, truncation
+from flopwise.sweep.pbt import PERTURB, SECONDS_MARGIN, marks, population_size, truncation
 from tests.helpers import TINY_VALUES
 
 optuna = pytest.importorskip("optuna")
@@ -26,6 +26,7 @@ def test_marks_and_population():
     assert marks(0.25) == [0.25, 0.5, 0.75, 1.0]
     assert marks(0.5) == [0.5, 1.0]
     assert population_size(15 * 60.0, 60.0) == 15 and population_size(899.9, 60.0) == 14
+    assert population_size(15 * 60.0, 60.0 * (1 + SECONDS_MARGIN)) == 14  # a seconds total leaves a margin
 
 
 def test_the_bottom_quarter_copies_the_top_quarter_with_a_perturbed_rate():

@@ -1,6 +1,7 @@
 """Population-based training (Jaderberg et al. 2017) on flopwise's run folders.
 
-The total budget funds a population of whole trials (``total // trial``), drawn at random from the space.  They
+The total budget funds a population of whole trials (``total // trial``, less a margin for seconds budgets),
+drawn at random from the space.  They
 train in lockstep: every member runs to the next mark of budget progress (every ``interval``, 0.25 by default)
 and stops there with a checkpoint.  Then each member of the bottom quantile (by held-out loss at the mark)
 copies the run folder of a member of the top quantile (its weights, optimizer state, data position and curve so
@@ -38,6 +39,10 @@ QUANTILE = 0.25  # the bottom quarter copies the top quarter (the paper's trunca
 PERTURB = (0.8, 1.2)  # explore: the learning rates times one of these
 LR_KEYS = ("optim.lr", "optim.muon_lr")  # every learning rate of the run, scaled together
 MIN_POPULATION = 2
+# A seconds budget ends at the step nearest its end, so each member may overrun by part of a step; the whole
+# population starts at once, before any overrun is seen, so it leaves this share per member (members of a
+# 15-minute PBT of 1-minute trials overran by at most 0.75%, bench/RESULTS.md#sweeps).
+SECONDS_MARGIN = 0.01
 
 
 def population_size(left: float, trial: float) -> int:
@@ -76,7 +81,8 @@ class Population:
         """Draw the population at random from the space (as the paper does) and reserve each member's whole
         trial budget in ``budget``."""
         optuna = require_optuna()
-        size = population_size(budget.left, trial_amount)
+        margin = max(budget.overrun, SECONDS_MARGIN if self.unit == "seconds" else 0.0)
+        size = population_size(budget.left, trial_amount * (1 + margin))
         if size < MIN_POPULATION:
             raise FlopwiseError(f"--strategy pbt needs a population of at least {MIN_POPULATION}: the budget "
                                 f"funds {size} trial(s); raise --budget or lower --trial-budget")
