@@ -66,6 +66,7 @@ def test_a_copied_member_continues_its_source_exactly_with_its_rates_scaled(text
     assert budget["spent"] == 32 and budget["reserved"] == {}
     assert all(m["spent"] == 8 for m in state["members"].values())
     assert study.trials[number].user_attrs["lineage_steps"] == 8
+    assert [segment["to_p"] for segment in state["members"][str(number)]["lineage"]] == [0.5, 1.0]
 
 
 @pytest.mark.slow

@@ -141,8 +141,8 @@ class Population:
             member["segment_from"] = spent_by(run_dir, self.unit)
             self._save()
         try:
-            if (run_dir / "final").is_dir():  # it ended before its process died
-                reached.update(p=1.0, loss=final_loss(run_dir))
+            if (run_dir / "final").is_dir():  # it ended before its process died: nothing left to train
+                pass
             elif is_run_dir(run_dir):
                 api.resume(run_dir, display=self.display, after_eval=stop_at_mark)
             else:
@@ -154,6 +154,8 @@ class Population:
             self._save()
             self.say(f"pbt: member {trial.number} failed: {err}")
             return
+        if (run_dir / "final").is_dir():  # the end: its final evaluation, after the last mark's
+            reached.update(p=1.0, loss=final_loss(run_dir))
         if "loss" not in reached:
             raise FlopwiseError(f"pbt member {trial.number} ('{run_dir}') had no evaluation before p={mark:g}: set "
                                 f"train.eval_every to {self.state['interval']:g} or a divisor of it")
