@@ -120,6 +120,8 @@ def sweep_figures(sweep: Sweep) -> tuple[dict[str, Any], list[str]]:
 
 
 def _figure(axes: Any, title: str) -> Any:
+    for side in ("left", "right"):  # Optuna titles some plots on the left: one title, ours
+        axes.set_title("", loc=side)
     axes.set_title(title)
     figure = axes.figure
     figure.set_size_inches(7, 4)
