@@ -92,6 +92,7 @@ def describe(folder: Path) -> dict[str, Any]:
     found, what it spent, and the rung-signal agreement over its finished trials."""
     import optuna
 
+    from flopwise.sweep.driver import trial_values
     from flopwise.sweep.folder import TRIALS
     from flopwise.sweep.signals import rank_agreement
     from flopwise.sweep.trial import spent_by, trial_folder
@@ -103,7 +104,7 @@ def describe(folder: Path) -> dict[str, Any]:
     trials = []
     for t in study.trials:
         run = trial_folder(folder / TRIALS, t.number)
-        trials.append({"number": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value,
+        trials.append({"number": t.number, "state": t.state.name.lower(), "params": trial_values(t), "value": t.value,
                        "spent_s": spent_by(run, "seconds"), "lineage_s": t.user_attrs.get("lineage_s"),
                        "ended_after_s": (t.datetime_complete - start).total_seconds() if t.datetime_complete else None,
                        "error": t.user_attrs.get("error")})
