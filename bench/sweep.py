@@ -92,10 +92,9 @@ def describe(folder: Path) -> dict[str, Any]:
     found, what it spent, and the rung-signal agreement over its finished trials."""
     import optuna
 
-    from flopwise.sweep.driver import trial_values
     from flopwise.sweep.folder import TRIALS
     from flopwise.sweep.signals import rank_agreement
-    from flopwise.sweep.trial import spent_by, trial_folder
+    from flopwise.sweep.trial import spent_by, trial_folder, trial_values
 
     settings = json.loads((folder / "sweep.json").read_text(encoding="utf-8"))
     study = optuna.load_study(study_name="flopwise", storage=optuna.storages.JournalStorage(

@@ -8,7 +8,6 @@ single value drawn) rather than drawn from nothing.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from flopwise.errors import FlopwiseError
 from flopwise.report.table import MISSING, Table
-from flopwise.sweep.folder import BEST_FILE, STUDY_NAME, SWEEP_FILE, TRIALS
+from flopwise.sweep.folder import BEST_FILE, STUDY_NAME, TRIALS
 
 HISTORY_PLOT, IMPORTANCE_PLOT = "sweep_history", "sweep_importance"
 
@@ -33,13 +32,6 @@ class Sweep:
     def name(self) -> str:
         return self.folder.name
 
-    @property
-    def unit(self) -> str:
-        """The unit of the total and trial budgets (seconds, flops, tokens or steps)."""
-        from flopwise.budget import Budget
-
-        return next(iter(Budget(**self.settings["total"]).set_limits()))
-
     def complete(self) -> list[Any]:
         return [t for t in self.study.trials if t.state.name == "COMPLETE"]
 
@@ -49,11 +41,11 @@ class Sweep:
 
 def load_sweep(folder: Path) -> Sweep:
     """The sweep in ``folder`` (its journal study, or the storage its sweep.json names)."""
-    from flopwise.sweep.driver import study_storage
+    from flopwise.sweep.driver import read_settings, study_storage
     from flopwise.sweep.optuna_dep import require_optuna
 
     optuna = require_optuna()
-    settings = json.loads((folder / SWEEP_FILE).read_text(encoding="utf-8"))
+    settings = read_settings(folder)
     try:
         study = optuna.load_study(study_name=STUDY_NAME, storage=study_storage(folder, settings["storage"]))
     except KeyError as err:
@@ -62,12 +54,12 @@ def load_sweep(folder: Path) -> Sweep:
 
 
 def trials_table(sweep: Sweep) -> Table:
-    """One row per trial: its state, the values it ended with, its final loss (or where it was pruned, or its
-    error) and what it spent."""
-    from flopwise.sweep.driver import trial_values
-    from flopwise.sweep.trial import spent_by, trial_folder
+    """One row per trial: its state, the values it ended with, how it ended (final loss, where it was pruned,
+    or its error) and what it spent."""
+    from flopwise.sweep.driver import plan_of
+    from flopwise.sweep.trial import outcome, spent_by, trial_folder, trial_values
 
-    unit = sweep.unit
+    unit = plan_of(sweep.settings).unit
     names = sorted({name for t in sweep.study.trials for name in trial_values(t)})
     rows = []
     for t in sweep.study.trials:
@@ -75,20 +67,8 @@ def trials_table(sweep: Sweep) -> Table:
         spent = spent_by(trial_folder(sweep.folder / TRIALS, t.number), unit)
         rows.append([str(t.number), t.state.name.lower(), *[_shown(values.get(name)) for name in names],
                      outcome(t), f"{spent:,.4g}"])
-    return Table(["trial", "state", *names, "held-out loss", f"spent ({unit})"],
-                 [True, False, *[True] * len(names), True, True], rows)
-
-
-def outcome(trial: Any) -> str:
-    """A trial's end in a few words: its final held-out loss, where it was pruned, or its error."""
-    from flopwise.sweep.trial import PROGRESS_STEPS
-
-    state = trial.state.name.lower()
-    if state == "complete":
-        return f"{trial.value:.4f}"
-    if state == "pruned" and trial.value is not None:
-        return f"{trial.value:.4f} at p={trial.last_step / PROGRESS_STEPS:.2f}"
-    return trial.user_attrs.get("error", MISSING) if state == "fail" else state
+    return Table(["trial", "state", *names, "outcome", f"spent ({unit})"],
+                 [True, False, *[True] * len(names), False, True], rows)
 
 
 def best_line(sweep: Sweep) -> str:
@@ -131,7 +111,7 @@ def _figure(axes: Any, title: str) -> Any:
 
 def sweep_json(sweep: Sweep) -> dict[str, Any]:
     """report.json's entry for a sweep: its settings, every trial and the best."""
-    from flopwise.sweep.driver import trial_values
+    from flopwise.sweep.trial import trial_values
 
     best = sweep.best()
     return {"folder": str(sweep.folder), "strategy": sweep.settings["strategy"], "budget": sweep.settings["budget"],

@@ -12,8 +12,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import socket
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,18 +35,20 @@ from flopwise.sweep.folder import (
 )
 from flopwise.sweep.optuna_dep import require_optuna
 from flopwise.sweep.pbt import Population
+from flopwise.sweep.sampling import seed_sampler
 from flopwise.sweep.space import SearchSpace, read_space
 from flopwise.sweep.total import TotalBudget
 from flopwise.sweep.trial import (
-    PROGRESS_STEPS,
     SIGNALS,
     end_trials,
     final_loss,
+    outcome,
     progress_step,
     run_trial,
     spent_by,
     trial_config,
     trial_folder,
+    trial_values,
 )
 from flopwise.train.display import ProgressDisplay
 
@@ -94,7 +94,8 @@ def check_plan(plan: SweepPlan) -> None:
 
 def open_study(folder: Path, plan: SweepPlan, base: RunConfig, storage: str | None = None) -> Any:
     """The sweep's study (created, or loaded to go on), with ASHA (successive halving) or Hyperband pruning on
-    budget progress, none for ``random`` and ``pbt``; its sampler is set per trial by ``seed_sampler``.  The
+    budget progress, none for ``random`` and ``pbt``; its sampler is set before each trial is drawn
+    (``sampling.seed_sampler``).  The
     first rung is the first evaluation mark (``train.eval_every``): a run also evaluates after its first step,
     still in warmup, and a loss there ranks initialisations, not trials."""
     optuna = require_optuna()
@@ -104,10 +105,8 @@ def open_study(folder: Path, plan: SweepPlan, base: RunConfig, storage: str | No
                "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=first_rung,
                                                                    max_resource=progress_step(1.0)),
                "random": optuna.pruners.NopPruner, "pbt": optuna.pruners.NopPruner}
-    study = optuna.create_study(study_name=STUDY_NAME, storage=backend, pruner=pruners[plan.strategy](),
-                                direction="minimize", load_if_exists=True)
-    seed_sampler(study, plan, shared=storage is not None)
-    return study
+    return optuna.create_study(study_name=STUDY_NAME, storage=backend, pruner=pruners[plan.strategy](),
+                               direction="minimize", load_if_exists=True)
 
 
 def study_storage(folder: Path, storage: str | None) -> Any:
@@ -118,20 +117,6 @@ def study_storage(folder: Path, storage: str | None) -> Any:
     optuna = require_optuna()
     path = Path(storage) if storage else folder / JOURNAL_FILE
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-
-
-def seed_sampler(study: Any, plan: SweepPlan, shared: bool = False) -> None:
-    """TPE (random search for ``random`` and ``pbt``) seeded by the sweep's seed and the number of the trial about to be
-    drawn.  A sampler keeps its random stream in memory, so one seeded once would draw other values after
-    ``--resume`` than the uninterrupted sweep, and parallel workers with one seed would draw the same values;
-    seeded per trial, a trial's draw depends only on the seed and the study's history.  A ``shared`` study
-    (``--storage``: other machines may ask at the same moment, seeing the same history) mixes in this host's
-    name, so that machines draw apart."""
-    optuna = require_optuna()
-    salt = zlib.crc32(socket.gethostname().encode()) if shared else 0
-    seed = (plan.seed * 100_003 + len(study.get_trials(deepcopy=False)) + salt) % 2**32
-    random = plan.strategy in ("random", "pbt")
-    study.sampler = optuna.samplers.RandomSampler(seed=seed) if random else optuna.samplers.TPESampler(seed=seed)
 
 
 def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, storage: str | None = None,
@@ -165,8 +150,7 @@ def resume_sweep(folder: Path, display: ProgressDisplay | None = None,
     total, with the sweep's workers."""
     optuna = require_optuna()
     ranks = ranks or Ranks()
-    settings = _settings(folder)
-    plan, base, space = _read_sweep(folder)
+    settings, plan, base, space = _read_sweep(folder)
     check_launch(plan, settings.get("workers", 1), ranks)
     study = open_study(folder, plan, base, settings["storage"])
     if plan.strategy == "pbt":
@@ -179,7 +163,8 @@ def resume_sweep(folder: Path, display: ProgressDisplay | None = None,
     return _run_workers(folder, settings.get("workers", 1), display, say, ranks)
 
 
-def _settings(folder: Path) -> dict[str, Any]:
+def read_settings(folder: Path) -> dict[str, Any]:
+    """``sweep.json`` of the sweep in ``folder``: its plan, storage, workers and accounting."""
     path = folder / SWEEP_FILE
     if not path.is_file():
         raise FlopwiseError(f"'{folder}' is not a sweep folder (no {SWEEP_FILE}): give the --out of an earlier "
@@ -187,18 +172,23 @@ def _settings(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _read_sweep(folder: Path) -> tuple[SweepPlan, RunConfig, SearchSpace]:
-    settings = _settings(folder)
-    plan = SweepPlan(Budget(**settings["total"]), Budget(**settings["trial"]), settings["strategy"], settings["seed"],
+def plan_of(settings: dict[str, Any]) -> SweepPlan:
+    """The plan a sweep's settings record."""
+    return SweepPlan(Budget(**settings["total"]), Budget(**settings["trial"]), settings["strategy"], settings["seed"],
                      settings["signal"], settings.get("interval", 0.25))
-    return plan, load_config(folder / BASE_FILE), read_space(folder / SPACE_FILE)
+
+
+def _read_sweep(folder: Path) -> tuple[dict[str, Any], SweepPlan, RunConfig, SearchSpace]:
+    """The sweep's settings, plan, base config and space, as its folder keeps them."""
+    settings = read_settings(folder)
+    return settings, plan_of(settings), load_config(folder / BASE_FILE), read_space(folder / SPACE_FILE)
 
 
 def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, say: Callable[[str], None],
                  ranks: Ranks) -> Any:
     """The trials, in this process or in ``workers`` processes; returns the study as they left it."""
-    plan, base, space = _read_sweep(folder)
-    storage = _settings(folder)["storage"]
+    settings, plan, base, space = _read_sweep(folder)
+    storage = settings["storage"]
     if plan.strategy == "pbt":
         return _run_population(folder, base, space, plan, open_study(folder, plan, base, storage), display, say)
     if workers == 1:
@@ -243,8 +233,8 @@ def _worker(folder: Path, index: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    plan, base, space = _read_sweep(folder)
-    study = open_study(folder, plan, base, _settings(folder)["storage"])
+    settings, plan, base, space = _read_sweep(folder)
+    study = open_study(folder, plan, base, settings["storage"])
     _run_trials(folder, base, space, plan, study, None, lambda line: print(f"worker {index}: {line}", flush=True))
 
 
@@ -253,12 +243,13 @@ def _run_trials(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPl
     """Ask for a trial and reserve its budget (one step, under the accounting's lock, so that parallel workers
     never both take the last share), run it, and repeat while a whole trial fits."""
     trial_amount = plan.amounts()[1]
+    shared = read_settings(folder)["storage"] is not None
     while True:
         with accounting(folder) as budget:
             if not budget.can_start(trial_amount):
                 end_trials(ranks or Ranks())
                 return study
-            seed_sampler(study, plan, shared=_settings(folder)["storage"] is not None)
+            seed_sampler(study, plan.seed, plan.strategy, shared)
             trial = study.ask()
             budget.start(trial.number, trial_amount)
         _finish(folder, base, space, plan, study, trial, display, say, ranks)
@@ -281,10 +272,7 @@ def _finish(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, 
         left = budget.left
         _write_best(folder, study, base, plan)
     ended = study.trials[trial.number]
-    result = {"complete": lambda: f"final loss {ended.value:.4f}",
-              "pruned": lambda: f"at p={ended.last_step / PROGRESS_STEPS:.2f}, held-out loss {ended.value:.4f}",
-              "fail": lambda: ended.user_attrs.get("error", "")}[ended.state.name.lower()]()
-    say(f"trial {trial.number} {ended.state.name.lower()}: {result}; spent {spent:g} of {plan.amounts()[1]:g} "
+    say(f"trial {trial.number} {ended.state.name.lower()}: {outcome(ended)}; spent {spent:g} of {plan.amounts()[1]:g} "
         f"{plan.unit}, {left:g} left")
 
 
@@ -352,8 +340,3 @@ def _write_best(folder: Path, study: Any, base: RunConfig, plan: SweepPlan) -> N
                  if plan.strategy == "pbt" else "")
               + f"# flopwise train --config {folder / BEST_FILE}\n")
     write_atomic(folder / BEST_FILE, header + config_to_toml(config))
-
-
-def trial_values(trial: Any) -> dict[str, Any]:
-    """The config values a trial ended with: those it drew, or a PBT member's after its last copy."""
-    return trial.user_attrs.get("values") or trial.params

@@ -29,6 +29,7 @@ from flopwise.config import CONFIG_FILE, RunConfig, config_to_toml, load_run_con
 from flopwise.errors import FlopwiseError
 from flopwise.rundir import is_run_dir
 from flopwise.sweep.optuna_dep import require_optuna
+from flopwise.sweep.sampling import seed_sampler
 from flopwise.sweep.space import SearchSpace
 from flopwise.sweep.total import TotalBudget
 from flopwise.sweep.trial import final_loss, progress_step, spent_by, trial_folder
@@ -80,15 +81,14 @@ class Population:
     def start(self, space: SearchSpace, budget: TotalBudget, trial_amount: float, interval: float) -> None:
         """Draw the population at random from the space (as the paper does) and reserve each member's whole
         trial budget in ``budget``."""
-        optuna = require_optuna()
         margin = max(budget.overrun, SECONDS_MARGIN if self.unit == "seconds" else 0.0)
         size = population_size(budget.left, trial_amount * (1 + margin))
         if size < MIN_POPULATION:
             raise FlopwiseError(f"--strategy pbt needs a population of at least {MIN_POPULATION}: the budget "
                                 f"funds {size} trial(s); raise --budget or lower --trial-budget")
         members = {}
-        for index in range(size):
-            self.study.sampler = optuna.samplers.RandomSampler(seed=self.seed * 100_003 + index)
+        for _ in range(size):
+            seed_sampler(self.study, self.seed, "pbt")
             trial = self.study.ask()
             values = space.suggest(trial)
             trial.set_user_attr("values", values)
@@ -141,13 +141,11 @@ class Population:
             member["segment_from"] = spent_by(run_dir, self.unit)
             self._save()
         try:
-            if (run_dir / "final").is_dir():  # it ended before its process died: nothing left to train
-                pass
-            elif is_run_dir(run_dir):
-                api.resume(run_dir, display=self.display, after_eval=stop_at_mark)
-            else:
+            if not is_run_dir(run_dir):
                 api.run(self.first_config(trial.user_attrs["values"]), run_dir, display=self.display,
                         after_eval=stop_at_mark)
+            elif not (run_dir / "final").is_dir():  # a final/ means it ended before its process died
+                api.resume(run_dir, display=self.display, after_eval=stop_at_mark)
         except FlopwiseError as err:  # a bad combination of values: this member leaves the population
             spent = spent_by(run_dir, self.unit) - member.pop("segment_from")
             member.update(error=str(err), spent=member["spent"] + spent)

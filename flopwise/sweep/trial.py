@@ -109,3 +109,18 @@ def spent_by(run_dir: Path, unit: str) -> float:
     key = "step" if unit == "steps" else unit
     events = [e for e in read_metrics(path) if e["event"] in ("train", "eval")] if path.is_file() else []
     return max((float(e[key]) for e in events if key in e), default=0.0)
+
+
+def trial_values(trial: Any) -> dict[str, Any]:
+    """The config values a trial ended with: those it drew, or a PBT member's after its last copy."""
+    return trial.user_attrs.get("values") or trial.params
+
+
+def outcome(trial: Any) -> str:
+    """How a trial ended, in a few words: its final held-out loss, where it was pruned, or its error."""
+    state = trial.state.name.lower()
+    if state == "complete":
+        return f"final loss {trial.value:.4f}"
+    if state == "pruned" and trial.value is not None:
+        return f"at p={trial.last_step / PROGRESS_STEPS:.2f}, held-out loss {trial.value:.4f}"
+    return trial.user_attrs.get("error", "") if state == "fail" else state
