@@ -91,9 +91,10 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """Parse ``"3m"`` or ``"3m,5M"`` (several limits, comma- or plus-separated)."""
+        """Parse ``"3m"`` or ``"3m,5M"`` (several limits, comma- or plus-separated; a plus after an
+        exponent's e, as in ``1.92e+19flops``, belongs to the number)."""
         budget = cls()
-        for term in re.split(r"[,+]", text):
+        for term in re.split(r",|(?<![eE])\+", text):
             if term.strip():
                 name, amount = parse_limit(term)
                 setattr(budget, name, amount)

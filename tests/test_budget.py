@@ -37,6 +37,8 @@ def test_budget_combines_limits_and_rejects_zero():
     assert budget.set_limits() == {"seconds": 180.0, "tokens": 5e6, "steps": 40.0}
     with pytest.raises(FlopwiseError, match="budget.steps=0.0 must be a positive number"):
         Budget.parse("0steps")
+    exponent = Budget.parse("1.92e+19flops+5M")  # the exponent's plus is the number's, the second separates
+    assert exponent.flops == 1.92e19 and exponent.tokens == 5e6
 
 
 def test_progress_is_the_largest_fraction_spent():
