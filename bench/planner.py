@@ -12,11 +12,19 @@
 
 Stages are separate commands so that each can be checked before the next hour is spent; all of
 them share a work folder and a flopwise cache (throughput probes and the scan's law), and add to
-bench/results/planner.json.  Runs go one at a time: they are timed, and two would share 2 cores.
+bench/results/planner.json.  Runs are timed, so two at a time only with ``--cores``: each process
+on its own core with one thread, and the scan too, so that the law is fitted on the device it plans:
 
     python bench/planner.py scan --budget 15m
     python bench/planner.py budget 5m && python bench/planner.py budget 10m && python bench/planner.py budget 20m
     python bench/planner.py report
+
+    # the 45-minute scan of bench/RESULTS.md, one core per process:
+    python bench/planner.py scan 45m --cores 1 --work W --results R
+    python bench/planner.py budget 30m --cores 0 --work W --results R & \
+      python bench/planner.py budget 20m --cores 1 --runs planned,half --work W --results R
+    python bench/planner.py budget 20m --cores 0 --runs double --work W --results R & \
+      python bench/planner.py budget 10m --cores 1 --runs planned --work W --results R
 
 ``--results FILE`` keeps another measurement apart from bench/results/planner.json; ``--law FILE``
 plans the budgets with a law of your own (`flopwise fit` on the scan and longer runs) instead of the
@@ -28,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +44,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pinning import pinned
+
+from flopwise.atomic import write_json_atomic
 from flopwise.budget import parse_limit
+from flopwise.filelock import held
 from flopwise.config import load_config
 from flopwise.rundir import read_metrics
 from flopwise.scaling.fitting import collect_records, law_from_records
@@ -51,9 +62,14 @@ EARLY_P = 0.3
 REFIT_BOOTSTRAP = 50  # the refit reports the law's point predictions; a few replicates are enough
 
 
+CORES: str | None = None  # --cores: every flopwise process of this stage on these cores
+RUN_LABELS = {"planned": "planned", "half": "half N", "double": "double N"}
+
+
 def flopwise(*args: str, work: Path) -> None:
-    env = dict(os.environ, FLOPWISE_CACHE=str(work / "cache"))
-    subprocess.run([sys.executable, "-m", "flopwise", *args], check=True, env=env)
+    prefix, env = pinned(CORES)
+    env["FLOPWISE_CACHE"] = str(work / "cache")
+    subprocess.run([*prefix, sys.executable, "-m", "flopwise", *args], check=True, env=env)
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -62,7 +78,12 @@ def load_results(path: Path) -> dict[str, Any]:
 
 def save_results(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
+    write_json_atomic(path, results)
+
+
+def results_lock(path: Path) -> Path:
+    """Two budget stages on two cores add to one results file: each read-change-write holds this lock."""
+    return path.with_name(path.name + ".lock")
 
 
 def run_outcome(run: Path) -> dict[str, Any]:
@@ -122,48 +143,53 @@ def law_flag(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_budget(args: argparse.Namespace) -> None:
-    """Plan and run one budget; runs already recorded for it (a stage cut short) are kept, not rerun."""
+    """Plan and run one budget; runs already recorded for it (a stage cut short) are kept, not rerun.
+    ``--runs`` picks which of the planned, half-N and double-N runs this process makes, so that two
+    processes (``--cores 0`` and ``--cores 1``) can share a budget."""
     from flopwise.config import ModelSection
     from flopwise.scaling.shapes import WIDTHS, family_fields, family_shape, non_embedding_parameters
 
-    results = load_results(args.results)
-    row = results["budgets"].get(args.budget)
-    if row is None:
-        plan_file = args.work / f"plan-{args.budget}.json"
-        flopwise("plan", "--budget", args.budget, "--out", str(plan_file), *law_flag(args), work=args.work)
-        row = {"plan": json.loads(plan_file.read_text()), "runs": {}}
+    with held(results_lock(args.results)):
+        results = load_results(args.results)
+        row = results["budgets"].get(args.budget)
+        if row is None:
+            plan_file = args.work / f"plan-{args.budget}.json"
+            flopwise("plan", "--budget", args.budget, "--out", str(plan_file), *law_flag(args), work=args.work)
+            row = results["budgets"][args.budget] = {"plan": json.loads(plan_file.read_text()), "runs": {}}
+            save_results(results, args.results)
     chosen = row["plan"]["chosen"]
     law = read_law(args.law or args.work / "scan")
     family = [(w, non_embedding_parameters(family_shape(ModelSection(), w, 4096))) for w in WIDTHS]
-    half, double = neighbours(chosen["non_embedding"], family)
-    runs = row["runs"]
-    if "planned" not in runs:
-        planned = args.work / f"{args.budget}-planned"
-        flopwise("train", "--budget", args.budget, "--auto", "--out", str(planned), *law_flag(args), work=args.work)
-        runs["planned"] = run_outcome(planned)
-        _record(results, args.budget, row, law, args.results)
-    for label, width in () if args.planned_only else (("half N", half), ("double N", double)):
-        if label in runs:
+    widths = dict(zip(("half N", "double N"), neighbours(chosen["non_embedding"], family)))
+    for label in (RUN_LABELS[name] for name in args.runs.split(",")):
+        if label in row["runs"]:
             continue
         out = args.work / f"{args.budget}-{label.replace(' ', '')}"
-        shape = [arg for name, value in family_fields(width).items() if value is not None
-                 for arg in ("--set", f"model.{name}={value}")]
-        flopwise("train", "--budget", args.budget, "--out", str(out), *shape, *law_flag(args), work=args.work)
-        runs[label] = run_outcome(out)
-        _record(results, args.budget, row, law, args.results)
+        if label == "planned":
+            flopwise("train", "--budget", args.budget, "--auto", "--out", str(out), *law_flag(args), work=args.work)
+        else:
+            shape = [arg for name, value in family_fields(widths[label]).items() if value is not None
+                     for arg in ("--set", f"model.{name}={value}")]
+            flopwise("train", "--budget", args.budget, "--out", str(out), *shape, *law_flag(args), work=args.work)
+        with held(results_lock(args.results)):
+            results = load_results(args.results)
+            row = results["budgets"][args.budget]
+            row["runs"][label] = run_outcome(out)
+            _record(results, args.budget, row, law, args.results)
     report(results)
 
 
 def _record(results: dict[str, Any], budget: str, row: dict[str, Any], law: PlanningLaw, path: Path) -> None:
     """Write one budget's row with what its runs show so far."""
     runs, chosen = row["runs"], row["plan"]["chosen"]
-    achieved = runs["planned"]["val_loss"]
-    others = [runs[k]["val_loss"] for k in ("half N", "double N") if k in runs]
-    row.update(predicted_loss=chosen["predicted_loss"], interval=row["plan"]["interval"], achieved_loss=achieved,
-               prediction_error=(chosen["predicted_loss"] - achieved) / achieved,
-               planned_beats_neighbours=all(achieved <= loss for loss in others) if len(others) == 2 else None,
-               early={label: early_forecast(outcome, law) for label, outcome in runs.items()})
     results["budgets"][budget] = row
+    if "planned" in runs:
+        achieved = runs["planned"]["val_loss"]
+        others = [runs[k]["val_loss"] for k in ("half N", "double N") if k in runs]
+        row.update(predicted_loss=chosen["predicted_loss"], interval=row["plan"]["interval"], achieved_loss=achieved,
+                   prediction_error=(chosen["predicted_loss"] - achieved) / achieved,
+                   planned_beats_neighbours=all(achieved <= loss for loss in others) if len(others) == 2 else None,
+                   early={label: early_forecast(outcome, law) for label, outcome in runs.items()})
     save_results(results, path)
 
 
@@ -175,6 +201,8 @@ def report(results: dict[str, Any]) -> None:
         table.add_column(column, justify="right")
     for budget, row in results["budgets"].items():
         runs = row["runs"]
+        if "planned" not in runs:
+            continue
         planned = runs["planned"]
         early = row["early"]["planned"]
         half, double = runs.get("half N"), runs.get("double N")
@@ -186,7 +214,8 @@ def report(results: dict[str, Any]) -> None:
                       f"{double['val_loss']:.4f} ({double['d_model']}d)" if double else "not run", best,
                       f"{early['predicted_loss']:.4f}" if early else "-", f"{early['error']:+.2%}" if early else "-")
     console.print(table)
-    early_rows = [(budget, label, e) for budget, row in results["budgets"].items() for label, e in row["early"].items()
+    early_rows = [(budget, label, e) for budget, row in results["budgets"].items()
+                  for label, e in row.get("early", {}).items()
                   if e]
     if early_rows:
         errors = ", ".join(f"{budget} {label}: {e['error']:+.2%}" for budget, label, e in early_rows)
@@ -216,13 +245,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("scan", "budget", "report"))
     parser.add_argument("budget", nargs="?", default="15m", help="scan budget, or the budget to plan and run")
-    parser.add_argument("--planned-only", action="store_true", help="budget stage: skip the half and double N runs")
+    parser.add_argument("--runs", default="planned,half,double",
+                        help="budget stage: which runs this process makes (of planned, half, double)")
+    parser.add_argument("--cores", help="run every flopwise process of this stage on these cores (taskset, one "
+                        "torch thread per core), e.g. 0; give every stage of one measurement the same count")
     parser.add_argument("--work", type=Path, default=Path("/tmp/flopwise-planner-bench"),
                         help="runs, scan and cache (kept between stages)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file the stages add to")
     parser.add_argument("--law", type=Path, help="budget and report stages: plan with this law.json instead of "
                         "the scan's (e.g. `flopwise fit` on the scan and longer runs)")
     args = parser.parse_args()
+    global CORES
+    CORES = args.cores
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage == "scan":
         cmd_scan(args)

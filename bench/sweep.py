@@ -34,6 +34,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pinning import pinned
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 WORK = Path(os.environ.get("FLOPWISE_BENCH_WORK", "/tmp/flopwise-sweep"))
@@ -52,14 +54,6 @@ choices = [64, 96, 128, 192, 256]
 choices = [4, 8, 16, 32]
 """
 DEFAULT_SEEDS = (0, 1, 2)
-
-
-def pinned(cores: str | None) -> tuple[list[str], dict[str, str]]:
-    """The command prefix and environment that keep an arm on ``cores`` with one torch thread per core."""
-    if not cores:
-        return [], dict(os.environ)
-    threads = str(len(cores.split(",")))
-    return ["taskset", "-c", cores], {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
 def run_sweep_arm(arm: str, seed: int, cores: str | None) -> dict[str, Any]:
