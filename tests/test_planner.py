@@ -14,7 +14,7 @@ from flopwise.config import ModelSection, RunConfig, load_config
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import NAMED_SIZES
 from flopwise.model.flops import count_parameters, flops_per_token
-from flopwise.plan.planner import budget_tokens, plan_run
+from flopwise.plan.planner import Speed, budget_tokens, plan_run
 from flopwise.plan.scan import (
     LENGTHS,
     MAX_RATIO,
@@ -36,6 +36,9 @@ LAW = ScalingLaw(E=1.5, A=80.0, B=900.0, alpha=0.35, beta=0.35, source="test")
 def fake_seconds(cfg, run_config) -> float:
     """Step time proportional to the step's FLOPs plus a fixed overhead, like a small device."""
     return 0.02 + flops_per_token(cfg) * run_config.optim.batch_size * cfg.seq_len / 5e10
+
+
+PROBE = Speed(probe=fake_seconds)
 
 
 def test_family_depth_rule_reproduces_the_named_sizes():
@@ -68,7 +71,7 @@ def test_budget_tokens_takes_the_first_limit_to_bind():
 
 def test_plan_takes_the_lowest_predicted_loss_among_all_family_members():
     config = load_config(values={"budget.seconds": 600})
-    plan = plan_run(config, 4096, PlanningLaw(LAW), fake_seconds, "test device")
+    plan = plan_run(config, 4096, PlanningLaw(LAW), "test device", PROBE)
     # independently: every family member's loss at the tokens its step time allows
     losses = {}
     for width in WIDTHS[:20]:
@@ -77,7 +80,8 @@ def test_plan_takes_the_lowest_predicted_loss_among_all_family_members():
         losses[width] = LAW.loss(count_parameters(cfg)["non_embedding"], tokens)
     best = min(losses, key=losses.get)
     assert plan.chosen.d_model == best
-    assert plan.chosen.predicted_loss == pytest.approx(losses[best])
+    assert plan.chosen.law_loss == pytest.approx(losses[best])
+    assert plan.chosen.predicted_loss is None and plan.loss_basis == "prior"  # the prior states no loss
     assert plan.chosen.tokens == pytest.approx(600 / fake_seconds(family_shape(config.model, best, 4096), config)
                                                * 2048)
     assert plan.candidates[-1].d_model > best  # the search looked past the best before stopping
@@ -87,37 +91,37 @@ def test_plan_takes_the_lowest_predicted_loss_among_all_family_members():
 
 
 def test_a_larger_budget_plans_a_larger_model():
-    small = plan_run(load_config(values={"budget.seconds": 60}), 4096, PlanningLaw(LAW), fake_seconds, "d")
-    large = plan_run(load_config(values={"budget.seconds": 6000}), 4096, PlanningLaw(LAW), fake_seconds, "d")
+    small = plan_run(load_config(values={"budget.seconds": 60}), 4096, PlanningLaw(LAW), "d", PROBE)
+    large = plan_run(load_config(values={"budget.seconds": 6000}), 4096, PlanningLaw(LAW), "d", PROBE)
     assert large.chosen.non_embedding > small.chosen.non_embedding
     assert large.chosen.tokens > small.chosen.tokens
 
 
 def test_the_throughput_ratio_of_a_fitted_law_slows_the_plan_down():
     config = load_config(values={"budget.seconds": 600})
-    plain = plan_run(config, 4096, PlanningLaw(LAW), fake_seconds, "d")
-    slower = plan_run(config, 4096, PlanningLaw(LAW, runs=[{}], throughput_ratio=0.5), fake_seconds, "d")
+    plain = plan_run(config, 4096, PlanningLaw(LAW), "d", PROBE)
+    slower = plan_run(config, 4096, PlanningLaw(LAW, runs=[{}], throughput_ratio=0.5), "d", PROBE)
     first = slower.candidates[0]
     assert first.tokens == pytest.approx(plain.candidates[0].tokens / 2)
 
 
 def test_memory_cap_bounds_the_candidates(tmp_path):
-    free = plan_run(load_config(values={"budget.seconds": 1e6}), 4096, PlanningLaw(LAW), fake_seconds, "d")
+    free = plan_run(load_config(values={"budget.seconds": 1e6}), 4096, PlanningLaw(LAW), "d", PROBE)
     capped = plan_run(load_config(values={"budget.seconds": 1e6, "memory.limit": "110MiB"}), 4096,
-                      PlanningLaw(LAW), fake_seconds, "d")
+                      PlanningLaw(LAW), "d", PROBE)
     assert capped.chosen.d_model < free.chosen.d_model
     assert capped.chosen.memory_peak <= 110 * 2**20 and capped.chosen.methods  # methods chosen to fit
     assert any("memory: cap 110.0 MiB" in line for line in capped.assumptions)
     with pytest.raises(FlopwiseError, match="no memory-saving methods fit memory.limit 30.0 MiB"):
         plan_run(load_config(values={"budget.seconds": 1e6, "memory.limit": "30MiB"}), 4096, PlanningLaw(LAW),
-                 fake_seconds, "d")
+                 "d", PROBE)
 
 
 def test_plans_refuse_budgets_that_do_not_bound_size():
     with pytest.raises(FlopwiseError, match="does not bound the model size"):
-        plan_run(load_config(values={"budget.tokens": 1e6}), 4096, PlanningLaw(LAW), fake_seconds, "d")
+        plan_run(load_config(values={"budget.steps": 1e6}), 4096, PlanningLaw(LAW), "d", PROBE)
     with pytest.raises(FlopwiseError, match="fewer than 20 steps"):
-        plan_run(load_config(values={"budget.seconds": 0.1}), 4096, PlanningLaw(LAW), fake_seconds, "d")
+        plan_run(load_config(values={"budget.seconds": 0.1}), 4096, PlanningLaw(LAW), "d", PROBE)
 
 
 def test_scan_design_fills_its_budget_with_sizes_in_the_ratio_range(monkeypatch):
@@ -198,27 +202,27 @@ def test_a_fitted_law_plans_only_sizes_near_the_runs_it_was_fitted_on():
     config = load_config(values={"budget.seconds": 1e5})
     size = {w: count_parameters(family_shape(config.model, w, 4096))["non_embedding"] for w in WIDTHS}
     law = PlanningLaw(LAW, runs=[{"non_embedding": size[32]}, {"non_embedding": size[64]}])
-    plan = plan_run(config, 4096, law, fake_seconds, "d")
+    plan = plan_run(config, 4096, law, "d", PROBE)
     allowed = [w for w in WIDTHS if size[32] / 2 <= size[w] <= 2 * size[64]]
     assert [c.d_model for c in plan.candidates] == allowed == [32, 64]
     assert plan.chosen == min(plan.candidates, key=lambda c: c.predicted_loss)
-    assert plan_run(config, 4096, PlanningLaw(LAW), fake_seconds, "d").chosen.d_model > 64  # a prior is not limited
+    assert plan_run(config, 4096, PlanningLaw(LAW), "d", PROBE).chosen.d_model > 64  # a prior is not limited
     assert any(f"sizes from {size[32] / 2e6:.2f}M to {2 * size[64] / 1e6:.2f}M" in line for line in plan.assumptions)
     with pytest.raises(FlopwiseError, match=r"no family member lies within the law's size range \(5000000\.00M to "
                                             r"20000000\.00M non-embedding parameters\)"):
-        plan_run(config, 4096, PlanningLaw(LAW, runs=[{"non_embedding": 1e13}]), fake_seconds, "d")
+        plan_run(config, 4096, PlanningLaw(LAW, runs=[{"non_embedding": 1e13}]), "d", PROBE)
 
 
 def test_a_plan_says_how_far_it_extrapolates_the_law_in_tokens():
     config = load_config(values={"budget.seconds": 1e5})
     size = {w: count_parameters(family_shape(config.model, w, 4096))["non_embedding"] for w in (32, 64)}
     runs = [{"non_embedding": size[32], "tokens": 1e6}, {"non_embedding": size[64], "tokens": 2e6}]
-    plan = plan_run(config, 4096, PlanningLaw(LAW, runs=runs), fake_seconds, "d")
+    plan = plan_run(config, 4096, PlanningLaw(LAW, runs=runs), "d", PROBE)
     tokens_line = next(line for line in plan.assumptions if line.startswith("tokens:"))
     assert tokens_line.endswith(f"; {plan.chosen.tokens / 2e6:.1f}x the law's longest run (2.00M tokens), "
                                 "so its token term is extrapolated that far")
     within = [dict(run, tokens=1e15) for run in runs]
-    plan = plan_run(config, 4096, PlanningLaw(LAW, runs=within), fake_seconds, "d")
+    plan = plan_run(config, 4096, PlanningLaw(LAW, runs=within), "d", PROBE)
     assert not any("extrapolated" in line for line in plan.assumptions)
 
 

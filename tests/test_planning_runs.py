@@ -140,6 +140,15 @@ def test_fit_plan_and_auto_train_use_the_scans_law(scan_folder, tmp_path, text_f
     assert auto["chosen"]["d_model"] == json.loads((run / "plan.json").read_text())["model"]["d_model"]
     assert auto["chosen"]["d_model"] == plan["chosen"]["d_model"]  # the same plan: probes are cached
     assert "planned:" in out and "achieved:" in out
+    assert "would train d_model" not in out  # --auto trains the plan: nothing to suggest
+    plain = tmp_path / "plain"
+    assert train("--budget", "8s", "--law", str(tmp_path / "law.json"), "--data", str(text_folder), *PLANNING,
+                 "--set", "train.eval_every=0", "--out", str(plain)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    chosen = plan["chosen"]
+    assert lines[0].startswith(f"the law fitted for this data and device ({tmp_path / 'law.json'}) would train "
+                               f"d_model {chosen['d_model']} x {chosen['n_layers']}")
+    assert "add --auto to train the plan instead" in lines[1] or "this run's default shape is that plan" in lines[1]
     logged = forecasts(run)  # the planned size is within the law's range: its forecasts lean on the law too
     assert logged and all(0.0 < e["law_weight"] < 1.0 and e["law_loss"] > 0 for e in logged)
     assert all(e["predicted_loss"] == pytest.approx((1 - e["law_weight"]) * e["curve_loss"]
@@ -150,10 +159,11 @@ def test_plan_without_a_scan_says_its_law_is_a_prior(tmp_path, text_folder, caps
     assert main(["plan", "--budget", "20s", "--data", str(text_folder), *PLANNING]) == 0
     out = capsys.readouterr().out
     assert "prior from other data" in out and "Besiroglu" in out
+    assert "loss: prior: no loss is predicted" in out and "predicted final held-out loss" not in out
 
 
 @pytest.mark.parametrize("args, message", [
-    (["plan", "--budget", "5M"], "does not bound the model size"),
+    (["plan", "--budget", "500steps"], "does not bound the model size"),
     (["scan", "--budget", "5M"], "give the scan's wall-clock time only"),
     (["scan", "--budget", "30s"], "give at least"),
     (["train", "--budget", "10s", "--auto", "--set", "model.d_model=128"], "model.d_model is set, but --auto"),

@@ -58,6 +58,14 @@ def test_compute_optimal_honours_flops_per_token():
     assert n == pytest.approx(brute_n, rel=1e-5) and 8 * n * d == pytest.approx(1.21e20)
 
 
+@pytest.mark.parametrize("law", [CHINCHILLA_REFIT, TRUE])
+@pytest.mark.parametrize("tokens", [1e6, 20.2e9, 1e13])
+def test_compute_for_tokens_inverts_the_optimal_token_count(law, tokens):
+    flops = law.compute_for_tokens(tokens, flops_per_token_per_param=7.0)
+    n, d = law.compute_optimal(flops, flops_per_token_per_param=7.0)
+    assert d == pytest.approx(tokens, rel=1e-9) and 7.0 * n * d == pytest.approx(flops)
+
+
 @pytest.mark.parametrize("params, flops, tokens", TABLE3[:-1])
 def test_refit_prior_reproduces_table3_within_20_percent(params, flops, tokens):
     n, d = CHINCHILLA_REFIT.compute_optimal(flops)

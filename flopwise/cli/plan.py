@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -14,21 +15,29 @@ from flopwise.cli.flags import add_setup_flags, config_from_args
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.plan.planner import Plan
+
+if TYPE_CHECKING:
+    from flopwise.plan.device_profile import DeviceProfile
 from flopwise.rundir import check_output
 from flopwise.scaling.law_file import law_for
 
 PLAN_EPILOG = """\
-how: every width of the shape family (depth = round(sqrt(d_model / 8))) is timed on this device
-for a few real optimizer steps (cached), so the budget becomes the tokens each size can see;
-the law L(N, D) = E + A/N^alpha + B/D^beta predicts each size's final held-out loss, and the
-lowest wins. The law is the one `flopwise scan` fitted for this data, recipe and device, else
---law, else a published prior (Chinchilla, refit by Besiroglu et al. 2024) whose losses are not
-your data's: scan first.
+how: for a seconds budget every width of the shape family (depth = round(sqrt(d_model / 8))) is
+timed on this device for a few real optimizer steps (cached), or costed from --device-profile's
+declared peak, so the budget becomes the tokens each size can see; a FLOP budget needs no timing
+(tokens = FLOPs / FLOPs per token), and a token budget is planned as the compute it is optimal for.
+The law L(N, D) = E + A/N^alpha + B/D^beta scores each size at its (N, D), and the lowest wins.
+The law is the one `flopwise scan` fitted for this data, recipe and device, else --law, else a
+published prior (Chinchilla, refit by Besiroglu et al. 2024). Only a fitted law predicts a loss
+('fitted'); the prior gives the allocation (N, tokens, tokens per parameter) without one ('prior').
 
 examples:
   flopwise scan --budget 15m                     # pilot runs: fits the law for this data and device
   flopwise plan --budget 20m                     # the plan, its predicted loss and its assumptions
   flopwise plan --budget 1h --memory 16GiB --data ./texts/
+  flopwise plan --budget 1.21e20flops            # Chinchilla's 1B row: no probe, in seconds
+  flopwise plan --budget 2h --device-profile h100
+                                                 # a budget on a GPU you do not have here
   flopwise train --budget 20m --auto             # plan, then run the plan
   flopwise fit runs/sweep-*  --out law.json      # fit a law to finished runs of your own
   flopwise plan --budget 20M --init-from hf/base --data new=./docs --data general=stdlib --replay new
@@ -41,8 +50,12 @@ def register(commands: argparse._SubParsersAction) -> None:
                             description="Plan a run for a budget: the model size with the lowest predicted held-out "
                                         "loss on this device, its tokens, and the assumptions behind it.",
                             epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_setup_flags(p, "the budget to plan for: seconds or FLOPs, e.g. 20m, 1h or 1e17flops")
+    add_setup_flags(p, "the budget to plan for: seconds, FLOPs or tokens, e.g. 20m, 1h, 1e17flops or 2B")
     p.add_argument("--law", type=Path, help="law.json (or a scan folder) to plan with")
+    p.add_argument("--device-profile", metavar="NAME|FILE",
+                   help="plan a seconds budget for another device, from its declared peak FLOP/s and an assumed "
+                        "MFU instead of probing this one: h100, h100-pcie, h200, a100, l4, mi300x, or a TOML file "
+                        "(name, peak_flops.bf16 = 989e12, mfu = 0.4, memory_gib = 80, source = '...')")
     p.add_argument("--out", type=Path, help="also write the plan as JSON here")
     p.add_argument("--replay", metavar="DOMAIN",
                    help="continued pretraining: suggest the share of DOMAIN (the rest replays the other --data "
@@ -57,46 +70,78 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="how far the general held-out loss may end above the start's (default 0.05, the paper's)")
 
 
-def make_plan(config: RunConfig) -> Plan:
-    """Plan ``config``'s budget with its law (train.law, else the scan's for its setup, else the prior),
-    probing throughput."""
-    from flopwise.plan.planner import plan_run
+SHOWN_BELOW_PLAN = 6  # candidate rows printed below the plan's; a cluster's budget tries ~50 widths
+
+
+def make_plan(config: RunConfig, profile: DeviceProfile | None = None) -> Plan:
+    """Plan ``config``'s budget with its law (train.law, else the scan's for its setup, else the prior).
+    Only a seconds budget needs step times: from ``profile`` when given, else probed on this device."""
+    from flopwise.plan.planner import Speed, plan_run
     from flopwise.plan.resolve import shape_from_config
-    from flopwise.plan.throughput import ThroughputCache
-    from flopwise.runtime import device_name, measure_matmul_peak
+    from flopwise.runtime import choose_device, device_name
 
     if config.model.init_from:
         raise FlopwiseError("planning chooses the model's shape, but --init-from fixes it: drop one of the two")
-    throughput = ThroughputCache.for_config(config)
-    device = device_name(throughput.device)
-    return plan_run(config, shape_from_config(config).vocab_size, law_for(config, device), throughput.step_seconds,
-                    device, matmul_peak=measure_matmul_peak(throughput.device, throughput.dtype, throughput.cache_dir))
+    device = device_name(choose_device(config.train.device))
+    speed = Speed(profile=profile)
+    if config.budget.seconds is not None and profile is None:
+        from flopwise.plan.throughput import ThroughputCache
+        from flopwise.runtime import measure_matmul_peak
+
+        throughput = ThroughputCache.for_config(config)
+        speed = Speed(probe=throughput.step_seconds,
+                      matmul_peak=measure_matmul_peak(throughput.device, throughput.dtype, throughput.cache_dir))
+    return plan_run(config, shape_from_config(config).vocab_size, law_for(config, device), device, speed)
 
 
 def print_plan(console: Console, plan: Plan) -> None:
     if not console.is_terminal:  # piped or captured: keep the table's columns readable
         console.width = max(console.width, 120)
-    table = Table(title="candidates (one row per width tried; N: non-embedding parameters)")
-    for column in ("d_model", "layers", "N", "tokens/s", "tokens", "tokens/N", "steps", "predicted loss"):
+    stated = plan.loss_basis == "fitted"
+    timed = plan.chosen.tokens_per_second is not None
+    best = plan.candidates.index(plan.chosen)
+    shown = plan.candidates[max(0, best - SHOWN_BELOW_PLAN):]
+    hidden = len(plan.candidates) - len(shown)
+    table = Table(title="candidates (one row per width tried; N: non-embedding parameters)",
+                  caption=f"{hidden} smaller widths tried, not shown (--out writes every candidate)" if hidden else None)
+    columns = ["d_model", "layers", "N"] + (["tokens/s"] if timed else []) + ["tokens", "tokens/N", "steps"]
+    for column in columns + (["predicted loss"] if stated else []):
         table.add_column(column, justify="right")
-    for c in plan.candidates:
+    for c in shown:
         mark = " <- plan" if c == plan.chosen else ""
-        table.add_row(str(c.d_model), str(c.n_layers), f"{c.non_embedding / 1e6:.2f}M", f"{c.tokens_per_second:,.0f}",
-                      f"{c.tokens / 1e6:.2f}M", f"{c.tokens / c.non_embedding:.1f}", f"{c.steps:,}",
-                      f"{c.predicted_loss:.4f}{mark}")
+        cells = [str(c.d_model), str(c.n_layers), f"{c.non_embedding / 1e6:,.2f}M"]
+        cells += [f"{c.tokens_per_second:,.0f}"] if timed else []
+        cells += [format_count(c.tokens), f"{c.tokens / c.non_embedding:.1f}", f"{c.steps:,}"]
+        if stated:
+            cells.append(("-" if c.predicted_loss is None else f"{c.predicted_loss:.4f}") + mark)
+        else:
+            cells[-1] += mark
+        table.add_row(*cells)
     console.print(table)
     chosen = plan.chosen
-    spread = f" ({plan.interval[0]:.4f}-{plan.interval[1]:.4f}, 10-90% of bootstrap fits)" if plan.interval else ""
-    console.print(f"[bold]plan[/bold]: d_model {chosen.d_model} x {chosen.n_layers} layers, {chosen.n_heads} heads "
-                  f"({chosen.non_embedding / 1e6:.2f}M non-embedding parameters), {chosen.tokens / 1e6:.2f}M tokens in "
-                  f"{chosen.steps:,} steps; predicted final held-out loss {chosen.predicted_loss:.4f}{spread}",
-                  highlight=False)
+    text = (f"[bold]plan[/bold]: d_model {chosen.d_model} x {chosen.n_layers} layers, {chosen.n_heads} heads "
+            f"({chosen.non_embedding / 1e6:,.2f}M non-embedding parameters), {format_count(chosen.tokens)} tokens in "
+            f"{chosen.steps:,} steps")
+    if chosen.predicted_loss is not None:
+        spread = f" ({plan.interval[0]:.4f}-{plan.interval[1]:.4f}, 10-90% of bootstrap fits)" if plan.interval else ""
+        text += f"; predicted final held-out loss {chosen.predicted_loss:.4f}{spread} (fitted)"
+    else:
+        text += f"; no loss predicted ({plan.loss_basis}: see 'loss' below)"
+    console.print(text, highlight=False)
     if plan.law_is_prior:
-        console.print("[yellow]the law is a prior from other data: its loss is not a prediction for yours; "
+        console.print("[yellow]the law is a prior from other data: it sizes the run, it does not predict your loss; "
                       "`flopwise scan --budget 15m` fits one here[/yellow]")
     console.print("assumptions:")
     for line in plan.assumptions:
         console.print(f"  - {line}", highlight=False)
+
+
+def format_count(tokens: float) -> str:
+    """Token counts from thousands (a CPU run) to trillions (a cluster's plan)."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M")):
+        if tokens >= scale:
+            return f"{tokens / scale:.2f}{unit}"
+    return f"{tokens / 1e3:.1f}K"
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
@@ -107,7 +152,12 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     config = config_from_args(args)
     if args.replay:
         return cmd_replay(args, config, console)
-    plan = make_plan(config)
+    profile = None
+    if args.device_profile:
+        from flopwise.plan.device_profile import load_profile
+
+        profile = load_profile(args.device_profile)
+    plan = make_plan(config, profile)
     print_plan(console, plan)
     if args.out:
         from flopwise.atomic import write_json_atomic

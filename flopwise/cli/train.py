@@ -103,6 +103,8 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             if args.auto:
                 plan = _auto_plan(config, ranks, console)
                 config = plan.apply(config)
+            elif not ranks.distributed:
+                _say_what_the_law_would_choose(config, console)
             out = args.out or Path(ranks.broadcast_text(str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))))
             summary = run(config, out, stop_after=stop_after, display=display,
                           auto_plan=plan.to_dict() if plan else None)
@@ -112,7 +114,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         return print_stopped(console, summary, "train", stop_after is not None)
     print_summary(console, summary)
     auto = json.loads((summary.run_dir / "plan.json").read_text()).get("auto_plan")
-    if auto and summary.final_eval:
+    if auto and summary.final_eval and auto["chosen"].get("predicted_loss") is not None:
         predicted, achieved = auto["chosen"]["predicted_loss"], summary.final_eval["loss"]
         console.print(f"planned: {predicted:.4f}; achieved: {achieved:.4f} ({(predicted - achieved) / achieved:+.2%})",
                       highlight=False)
@@ -132,6 +134,43 @@ def _auto_plan(config: RunConfig, ranks: Ranks, console: Console) -> Plan:
     plan = make_plan(config)
     print_plan(console, plan)
     return plan
+
+
+SHAPE_FIELDS = {"size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "init_from"}
+
+
+def _say_what_the_law_would_choose(config: RunConfig, console: Console) -> None:
+    """A run of the default shape, where `flopwise scan` (or --law) fitted a law for this setup: say what the
+    law would train instead and what it predicts for both, so the plan reaches runs without --auto."""
+    from flopwise.cli.plan import make_plan
+    from flopwise.plan.resolve import shape_from_config
+    from flopwise.runtime import choose_device, device_name
+    from flopwise.scaling.law_file import law_for
+
+    if SHAPE_FIELDS & config.model.model_fields_set or not {"seconds", "flops"} & set(config.budget.build().set_limits()):
+        return
+    law = law_for(config, device_name(choose_device(config.train.device)))
+    if law.is_prior:
+        return
+    try:
+        plan = make_plan(config)
+    except FlopwiseError as err:
+        console.print(f"the law fitted for this setup has no plan for this budget ({err})", highlight=False)
+        return
+    default = shape_from_config(config)
+    own = next((c for c in plan.candidates if (c.d_model, c.n_layers) == (default.d_model, default.n_layers)), None)
+    chosen = plan.chosen
+    console.print(f"the law fitted for this data and device ({law.path}) would train d_model {chosen.d_model} x "
+                  f"{chosen.n_layers} ({chosen.non_embedding / 1e6:.2f}M) on {chosen.tokens / 1e6:.2f}M tokens"
+                  + (f", predicted {chosen.predicted_loss:.4f}" if chosen.predicted_loss is not None else ""),
+                  highlight=False)
+    if chosen.d_model == default.d_model and chosen.n_layers == default.n_layers:
+        console.print("this run's default shape is that plan", highlight=False)
+    else:
+        console.print(f"this run trains the default d_model {default.d_model} x {default.n_layers}"
+                      + (f" ({own.non_embedding / 1e6:.2f}M) on {own.tokens / 1e6:.2f}M tokens, predicted "
+                         f"{own.predicted_loss:.4f}" if own and own.predicted_loss is not None else "")
+                      + ": add --auto to train the plan instead", highlight=False)
 
 
 def device_type(args: argparse.Namespace) -> str:

@@ -41,7 +41,8 @@ def run_record(run_dir: Path) -> dict[str, Any]:
     points = points_from_events(events)
     return {"name": run_dir.name, "d_model": plan["model"]["d_model"], "n_layers": plan["model"]["n_layers"],
             "non_embedding": plan["parameters"]["non_embedding"], "tokens": finals[-1]["tokens"],
-            "val_loss": finals[-1]["val_loss"], "seconds": last["seconds"],
+            "val_loss": finals[-1]["val_loss"], "unigram_loss": finals[-1].get("unigram_loss"),
+            "seconds": last["seconds"],
             "tokens_per_second": last["tokens"] / last["seconds"],
             "kappa": run_kappa(points, schedule, finals[-1]), "steepest_tokens": steepest_tokens(points, schedule)}
 

@@ -83,6 +83,15 @@ class ScalingLaw:
         n = g * params_times_tokens ** (self.beta / total)
         return n, params_times_tokens / n
 
+    def compute_for_tokens(self, tokens: float, flops_per_token_per_param: float = 6.0) -> float:
+        """The FLOPs whose compute-optimal allocation trains on ``tokens``: the inverse of compute_optimal's D,
+        D = (C/k)^(alpha/(alpha+beta)) / G, so a token budget (a fixed dataset) gets the size it is optimal for."""
+        if not (math.isfinite(tokens) and tokens > 0):
+            raise FlopwiseError(f"compute_for_tokens: tokens={tokens!r} must be a positive finite number")
+        n, d = self.compute_optimal(1e20, flops_per_token_per_param)  # validates the law; G from any budget
+        g = n / (1e20 / flops_per_token_per_param) ** (self.beta / (self.alpha + self.beta))
+        return flops_per_token_per_param * (tokens * g) ** ((self.alpha + self.beta) / self.alpha)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

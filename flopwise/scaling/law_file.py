@@ -88,6 +88,12 @@ class PlanningLaw:
         tokens = [run["tokens"] for run in self.runs if run.get("tokens")]
         return max(tokens) if tokens else None
 
+    def unigram_loss(self) -> float | None:
+        """The data's unigram baseline (held-out nats/token), as the law's runs measured it; None for the prior
+        and for runs logged before evaluations recorded it."""
+        baselines = sorted(run["unigram_loss"] for run in self.runs if run.get("unigram_loss"))
+        return baselines[len(baselines) // 2] if baselines else None
+
     def prior_for(self, non_embedding: float) -> LawPrior | None:
         """This law as a prior on a run's final loss (flopwise/train/loss_curve.py), for a fitted law with a
         bootstrap and a size within its range; None otherwise, so that the forecast reads the curve alone."""

@@ -21,11 +21,12 @@ from flopwise.config import ModelSection
 from flopwise.model.config import ModelConfig
 from flopwise.model.flops import count_parameters
 
-# steps of 32 up to 512, then about 1.1x apart: from d_model 128 on, neighbours differ by at most 1.9x
+# steps of 32 up to 512, then about 1.1x apart (to 26B parameters at d_model 8192, so that a cluster's
+# FLOP budget can be planned too): from d_model 128 on, neighbours differ by at most 1.9x
 # in parameters (where depth steps up), mostly by 1.2-1.5x, so the best size is never far off and half
 # and double any member's N have a member close by; below it, 2.4x at most (d96 -> d128)
 WIDTHS = (tuple(range(32, 513, 32)) + tuple(range(576, 1025, 64)) + tuple(range(1152, 2049, 128))
-          + tuple(range(2304, 4097, 256)))
+          + tuple(range(2304, 4097, 256)) + tuple(range(4608, 8193, 512)))
 
 
 def depth_for_width(d_model: int) -> int:
