@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,3 +144,18 @@ def sweep_setup(tmp_path: Path, text_folder: Path, lr_high: float = 3e-2) -> tup
     space_file = tmp_path / "space.toml"
     space_file.write_text(f"[optim.lr]\nlow = 1e-3\nhigh = {lr_high}\nlog = true\n", encoding="utf-8")
     return load_config(values={"data.sources": [str(text_folder)], **TINY_VALUES}), space_file
+
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def load_bench(name: str) -> Any:
+    """A bench script as a module (bench/<name>.py), with bench/ importable as when it is run, for its
+    shared helpers (bench/pinning.py)."""
+    if str(BENCH) not in sys.path:
+        sys.path.append(str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+

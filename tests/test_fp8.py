@@ -4,10 +4,8 @@ and SLTrain), through the CLI too, and bench/gpu_fp8.py's refusal and dry run.""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from flopwise.methods.base import World
 from flopwise.methods.stack import check_methods, memory_traits
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT, Linear
-from tests.helpers import TINY, config_with, run_error, stack_of
+from tests.helpers import TINY, config_with, load_bench, run_error, stack_of
 
 CPU = World(1, "ddp", torch.device("cpu"))
 CUDA = World(1, "ddp", torch.device("cuda", 0))
@@ -138,16 +136,8 @@ def test_training_with_fp8_on_a_cpu_is_refused_before_anything_is_written(tmp_pa
     assert not out.exists()
 
 
-def load_bench():
-    path = Path(__file__).parents[1] / "bench" / "gpu_fp8.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu_fp8", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_gpu_check_refuses_a_machine_without_fp8_and_its_dry_run_is_over_100m(tmp_path, capsys, monkeypatch):
-    bench = load_bench()
+    bench = load_bench("gpu_fp8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "gpu_fp8.json"
     with pytest.raises(SystemExit) as exit_:
