@@ -60,21 +60,22 @@ def ngram_keys(tokens: np.ndarray, n: int = NGRAM) -> np.ndarray:
     return keys
 
 
-def categories(window: np.ndarray, seen_keys: np.ndarray) -> np.ndarray:
-    """Per target of one window (window[1:]): 0 copy, 1 seen, 2 other."""
-    targets = len(window) - 1
-    out = np.full(targets, 2, dtype=np.int64)
-    bigrams: set[tuple[int, int]] = set()
-    for i in range(1, len(window)):
-        pair = (int(window[i - 1]), int(window[i]))
-        if pair in bigrams:
-            out[i - 1] = 0
-        bigrams.add(pair)
-    if len(window) >= NGRAM:
-        ends = np.isin(ngram_keys(window), seen_keys)  # 8-gram window[j:j+8] ends at target index j+7-1
-        for j, hit in enumerate(ends):
-            if hit and out[j + NGRAM - 2] == 2:
-                out[j + NGRAM - 2] = 1
+def categories(windows: np.ndarray, seen_keys: np.ndarray) -> np.ndarray:
+    """Per target of each window (window[1:]): 0 copy, 1 seen, 2 other.  ``seen_keys`` sorted and unique."""
+    out = np.full((len(windows), windows.shape[1] - 1), 2, dtype=np.int64)
+    for row, window in enumerate(windows):
+        bigrams: set[tuple[int, int]] = set()
+        for i in range(1, len(window)):
+            pair = (int(window[i - 1]), int(window[i]))
+            if pair in bigrams:
+                out[row, i - 1] = 0
+            bigrams.add(pair)
+    if windows.shape[1] >= NGRAM:  # the 8-gram window[j:j+8] ends at target index j + 6
+        keys = np.stack([ngram_keys(window) for window in windows])
+        at = np.searchsorted(seen_keys, keys).clip(max=len(seen_keys) - 1)
+        seen = seen_keys[at] == keys
+        tail = out[:, NGRAM - 2:]
+        tail[(tail == 2) & seen] = 1
     return out
 
 
@@ -107,11 +108,12 @@ def analyze(args: argparse.Namespace) -> None:
     cfg = planned_model_config(run)
     windows = np.concatenate([heldout_windows(corpus.val_tokens_by_domain(d), cfg.seq_len, None)
                               for d in corpus.domains])[: MAX_HELDOUT // cfg.seq_len]
-    kinds = np.stack([categories(w, keys) for w in windows])
+    kinds = categories(windows, keys)
     rng = np.random.default_rng(0)
     random_seq = rng.integers(256, cfg.vocab_size, size=(64, REPEAT))  # past the byte tokens: real merges
     repeated = torch.from_numpy(np.concatenate([random_seq, random_seq], axis=1))
-    tokens_at = {e["step"]: e["tokens"] for e in read_metrics(run / "metrics.jsonl") if e["event"] == "train"}
+    logged = next(e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "train" and e["step"] > 1)
+    tokens_per_step = logged["tokens"] / logged["step"]
     rows = []
     for info in list_checkpoints(run / "checkpoints"):
         model = build_model(cfg, MethodStack(config).configure)
@@ -122,31 +124,32 @@ def analyze(args: argparse.Namespace) -> None:
                                                           torch.from_numpy(chunk[:, 1:])).float().numpy()
                                      for chunk in np.array_split(windows, max(1, len(windows) // 16))])
             rep = model.per_token_loss(repeated[:, :-1], repeated[:, 1:]).float().numpy()
-        row = {"step": info.step, "tokens": tokens_at.get(info.step), "heldout": float(losses.mean()),
+        row = {"step": info.step, "tokens": info.step * tokens_per_step, "heldout": float(losses.mean()),
                "random_first": float(rep[:, : REPEAT - 1].mean()), "random_second": float(rep[:, REPEAT:].mean())}
         for index, name in enumerate(("copy", "seen", "other")):
             row[name] = float(losses[kinds == index].mean())
         rows.append(row)
-        print(f"{row['tokens'] or 0:>10,.0f} tokens  held-out {row['heldout']:.3f}  copy {row['copy']:.3f}  seen "
+        print(f"{row['tokens']:>10,.0f} tokens  held-out {row['heldout']:.3f}  copy {row['copy']:.3f}  seen "
               f"{row['seen']:.3f}  other {row['other']:.3f}  random 1st {row['random_first']:.2f} 2nd "
               f"{row['random_second']:.2f}", flush=True)
     shares = {name: float((kinds == i).mean()) for i, name in enumerate(("copy", "seen", "other"))}
     result = {"run": str(run), "width": cfg.d_model, "shares": shares, "repeated_8gram_share": repeated_share,
-              "rows": rows, "drop": steepest_drop(rows)}
+              "rows": rows, "drop": induction_drop(rows, shares)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
     print(f"held-out targets: {shares}; training 8-grams seen more than once: {repeated_share:.1%}")
-    print(f"steepest drop: {json.dumps(result['drop'])}")
+    print(f"the drop: {json.dumps(result['drop'])}")
 
 
-def steepest_drop(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Between which two checkpoints the held-out loss fell most, and how much of that fall each kind's
-    loss (weighted by its share is left to the reader) and the induction probe made."""
-    falls = [(a["heldout"] - b["heldout"], a, b) for a, b in zip(rows, rows[1:])]
-    _, before, after = max(falls, key=lambda f: f[0])
-    keys = ("heldout", "copy", "seen", "other", "random_second")
-    return {"from_tokens": before["tokens"], "to_tokens": after["tokens"],
-            **{f"{k}_fall": before[k] - after[k] for k in keys}}
+def induction_drop(rows: list[dict[str, Any]], shares: dict[str, float], span: int = 4) -> dict[str, Any]:
+    """The ``span`` checkpoints over which the repeated random sequence's second copy got cheapest fastest
+    (induction heads forming), and how much of the held-out loss's fall there each kind of target made:
+    its share of the targets times its own fall."""
+    pairs = list(zip(rows[1:], rows[1 + span:]))  # from the second checkpoint: the first is the initialization
+    before, after = max(pairs, key=lambda pair: pair[0]["random_second"] - pair[1]["random_second"])
+    fall = {k: before[k] - after[k] for k in ("heldout", "copy", "seen", "other", "random_second", "random_first")}
+    return {"from_tokens": before["tokens"], "to_tokens": after["tokens"], "fall": fall,
+            "heldout_fall_from": {k: shares[k] * fall[k] for k in ("copy", "seen", "other")}}
 
 
 def main() -> None:
