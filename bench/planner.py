@@ -41,15 +41,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pinning import pinned
 from rich.console import Console
 from rich.table import Table
 
-from pinning import pinned
-
 from flopwise.atomic import write_json_atomic
 from flopwise.budget import parse_limit
-from flopwise.filelock import held
 from flopwise.config import load_config
+from flopwise.filelock import held
 from flopwise.rundir import read_metrics
 from flopwise.scaling.fitting import collect_records, law_from_records
 from flopwise.scaling.law_file import PlanningLaw, read_law
