@@ -30,7 +30,7 @@ trained for t, then extended to 2t and 4t from its checkpoint before the learnin
 7t). The law is fitted to the final held-out losses (Huber loss on log L, as Hoffmann et al.
 2022), with 200 bootstrap refits for its uncertainty, and saved for this setup so that
 `flopwise plan` and `train --auto` use it.  Pilots that end before their size's loss has settled
-after its steepest fall (on the default corpus: the sudden drop when a model learns to copy, at
+after its steepest fall (on the default corpus: the sudden drop when induction heads form, at
 1-3M tokens) are left out when 6 others remain; otherwise the law says it will be optimistic
 beyond its pilots, and the scan prints how long a scan of those sizes would pilot past the drop
 on this device, and what adding a length to this one (--extend) would take.

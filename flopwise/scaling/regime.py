@@ -3,7 +3,7 @@
 A saturating power law L = E + A * D^-gamma falls ever more slowly in log-log: its local slope
 d log L / d log D = -gamma * (1 - E / L) shrinks as the loss nears E.  Real curves can break that
 early on.  On the default corpus every size's loss drops suddenly between about 1 and 2.5M tokens
-(by the look of it, when the model learns to copy within a file), so the curve is steepest there,
+(induction heads forming: bench/early_regime.py), so the curve is steepest there,
 not at its start.  Points before such a drop follow a different, steeper law: a scaling law fitted
 across it predicted 10-minute runs 10% and 20-minute runs 18% too low (bench/results/planner.json),
 while one fitted on runs past it predicted the 20-minute runs within 3%.
