@@ -183,10 +183,15 @@ def format_amount(name: str, value: float) -> str:
         return f"{value:.2e} FLOPs"
     if name == "steps":
         return f"{value:.0f} steps"
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+    return f"{format_count(value)} tokens"
+
+
+def format_count(value: float) -> str:
+    """A count from hundreds (a test run) to trillions (a cluster's plan): ``950``, ``12.30k``, ``18.13B``."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
         if value >= scale:
-            return f"{value / scale:.2f}{suffix} tokens"
-    return f"{value:.0f} tokens"
+            return f"{value / scale:.2f}{suffix}"
+    return f"{value:.0f}"
 
 
 class BudgetSection(Section):

@@ -11,15 +11,17 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from flopwise.budget import format_count
 from flopwise.cli.flags import add_setup_flags, config_from_args
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.plan.planner import Plan
 
+from flopwise.rundir import check_output
+from flopwise.scaling.law_file import PlanningLaw, law_for
+
 if TYPE_CHECKING:
     from flopwise.plan.device_profile import DeviceProfile
-from flopwise.rundir import check_output
-from flopwise.scaling.law_file import law_for
 
 PLAN_EPILOG = """\
 how: for a seconds budget every width of the shape family (depth = round(sqrt(d_model / 8))) is
@@ -73,9 +75,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 SHOWN_BELOW_PLAN = 6  # candidate rows printed below the plan's; a cluster's budget tries ~50 widths
 
 
-def make_plan(config: RunConfig, profile: DeviceProfile | None = None) -> Plan:
-    """Plan ``config``'s budget with its law (train.law, else the scan's for its setup, else the prior).
-    Only a seconds budget needs step times: from ``profile`` when given, else probed on this device."""
+def make_plan(config: RunConfig, profile: DeviceProfile | None = None, law: PlanningLaw | None = None) -> Plan:
+    """Plan ``config``'s budget with ``law``, by default its own (train.law, else the scan's for its setup,
+    else the prior).  Only a seconds budget needs step times: from ``profile`` when given, else probed on
+    this device."""
     from flopwise.plan.planner import Speed, plan_run
     from flopwise.plan.resolve import shape_from_config
     from flopwise.runtime import choose_device, device_name
@@ -91,7 +94,7 @@ def make_plan(config: RunConfig, profile: DeviceProfile | None = None) -> Plan:
         throughput = ThroughputCache.for_config(config)
         speed = Speed(probe=throughput.step_seconds,
                       matmul_peak=measure_matmul_peak(throughput.device, throughput.dtype, throughput.cache_dir))
-    return plan_run(config, shape_from_config(config).vocab_size, law_for(config, device), device, speed)
+    return plan_run(config, shape_from_config(config).vocab_size, law or law_for(config, device), device, speed)
 
 
 def print_plan(console: Console, plan: Plan) -> None:
@@ -134,14 +137,6 @@ def print_plan(console: Console, plan: Plan) -> None:
     console.print("assumptions:")
     for line in plan.assumptions:
         console.print(f"  - {line}", highlight=False)
-
-
-def format_count(tokens: float) -> str:
-    """Token counts from thousands (a CPU run) to trillions (a cluster's plan)."""
-    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M")):
-        if tokens >= scale:
-            return f"{tokens / scale:.2f}{unit}"
-    return f"{tokens / 1e3:.1f}K"
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:

@@ -121,6 +121,10 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+FAMILY_FIELDS = {"d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden"}  # what a plan sets
+SHAPE_FIELDS = FAMILY_FIELDS | {"size", "init_from"}  # what else gives a run its own shape
+
+
 def _auto_plan(config: RunConfig, ranks: Ranks, console: Console) -> Plan:
     """--auto: plan the budget (as `flopwise plan` does) and show the plan."""
     from flopwise.cli.plan import make_plan, print_plan
@@ -128,15 +132,12 @@ def _auto_plan(config: RunConfig, ranks: Ranks, console: Console) -> Plan:
     if ranks.distributed:
         raise FlopwiseError("--auto plans in one process: run `flopwise plan` first, then torchrun with "
                             "--set model.d_model=... --set model.n_layers=... --set model.n_heads=...")
-    fixed = sorted({"d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden"} & config.model.model_fields_set)
+    fixed = sorted(FAMILY_FIELDS & config.model.model_fields_set)
     if fixed:
         raise FlopwiseError(f"model.{fixed[0]} is set, but --auto chooses the shape: drop one of the two")
     plan = make_plan(config)
     print_plan(console, plan)
     return plan
-
-
-SHAPE_FIELDS = {"size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "init_from"}
 
 
 def _say_what_the_law_would_choose(config: RunConfig, console: Console) -> None:
@@ -153,7 +154,7 @@ def _say_what_the_law_would_choose(config: RunConfig, console: Console) -> None:
     if law.is_prior:
         return
     try:
-        plan = make_plan(config)
+        plan = make_plan(config, law=law)
     except FlopwiseError as err:
         console.print(f"the law fitted for this setup has no plan for this budget ({err})", highlight=False)
         return
@@ -164,7 +165,7 @@ def _say_what_the_law_would_choose(config: RunConfig, console: Console) -> None:
                   f"{chosen.n_layers} ({chosen.non_embedding / 1e6:.2f}M) on {chosen.tokens / 1e6:.2f}M tokens"
                   + (f", predicted {chosen.predicted_loss:.4f}" if chosen.predicted_loss is not None else ""),
                   highlight=False)
-    if chosen.d_model == default.d_model and chosen.n_layers == default.n_layers:
+    if own is chosen:
         console.print("this run's default shape is that plan", highlight=False)
     else:
         console.print(f"this run trains the default d_model {default.d_model} x {default.n_layers}"

@@ -62,7 +62,6 @@ class Plan:
     law: dict[str, Any]
     law_description: str
     law_is_prior: bool
-    loss_basis: Literal["fitted", "prior"]
     unigram_loss: float | None  # the data's unigram baseline, where the law's runs recorded it
     optimum: tuple[float, float] | None  # the law's continuous compute-optimal (N, D) for a FLOP budget
     throughput_ratio: float
@@ -70,8 +69,13 @@ class Plan:
     device: str
     assumptions: list[str]
 
+    @property
+    def loss_basis(self) -> Literal["fitted", "prior"]:
+        """What the plan's loss is: a prediction of a law fitted on this data, or none (the prior's allocation)."""
+        return "prior" if self.law_is_prior else "fitted"
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "loss_basis": self.loss_basis}
 
     def apply(self, config: RunConfig) -> RunConfig:
         """The config with its model shape set to the chosen candidate; under a memory cap the run then
@@ -147,7 +151,7 @@ def plan_run(config: RunConfig, vocab_size: int, law: PlanningLaw, device: str, 
     optimum = _optimum(law, budget, chosen, vocab_size, config)
     return Plan(budget=budget.to_dict(), chosen=chosen, candidates=candidates, interval=spread, law=law.law.to_dict(),
                 law_description=law.describe(), law_is_prior=law.is_prior,
-                loss_basis="prior" if law.is_prior else "fitted", unigram_loss=law.unigram_loss(),
+                unigram_loss=law.unigram_loss(),
                 optimum=optimum, throughput_ratio=law.throughput_ratio, tokens_per_step=tokens_per_step,
                 device=speed.profile.name if speed.profile else device,
                 assumptions=notes + _assumptions(config, law, chosen, budget, device, vocab_size, speed, optimum))
