@@ -41,7 +41,7 @@ def flopwise_loop(steps: int, overrides: list[str], work: Path, repeat: int) -> 
                                 *overrides])
     session = start_new(config, work / f"run{repeat}", ProgressDisplay(Console(quiet=True), live=False))
     session.write_run_files()
-    session.evaluator = lambda model, tokens: {"loss": 0.0, "bpb": 0.0, "domains": {}}  # final eval is not timed
+    session.evaluator = lambda model, tokens: {"loss": 0.0, "bpb": 0.0, "unigram_loss": 0.0, "domains": {}}  # final eval is not timed
     summary = session.run(LoopState())
     return summary.meter.tokens / summary.meter.seconds
 

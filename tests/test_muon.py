@@ -79,3 +79,31 @@ def test_training_with_muon_learns_and_resumes_exactly(tmp_path, text_folder):
 
     assert losses(full) == losses(part)
     assert losses(full)[-1] < losses(full)[0] - 1.0
+
+
+def test_batched_orthogonalization_matches_one_matrix_at_a_time():
+    """Matrices of one shape up to transposition share one batched iteration; each result is that matrix's
+    own Newton-Schulz (to float rounding), in its own orientation."""
+    from flopwise.optim.muon import orthogonalize_all
+
+    g = torch.Generator().manual_seed(0)
+    updates = [torch.randn(*shape, generator=g) for shape in [(16, 16), (8, 24), (24, 8), (16, 16), (5, 7)]]
+    batched = orthogonalize_all(updates, steps=5)
+    for update, result in zip(updates, batched):
+        assert result.shape == update.shape
+        assert torch.allclose(result, newton_schulz(update, steps=5), atol=1e-5)
+
+
+def test_muon_step_batches_same_shaped_matrices_as_the_rule_by_hand():
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(12, 4), (4, 12), (12, 4)]]
+    starts = [w.detach().clone() for w in weights]
+    optimizer = FlopwiseOptimizer([{"params": weights, "update": "muon", "lr": 0.1}], momentum=0.9, nesterov=False)
+    grads = [torch.randn_like(w) for w in weights]
+    for w, grad in zip(weights, grads):
+        w.grad = grad.clone()
+    optimizer.step()
+    for w, start, grad in zip(weights, starts, grads):
+        rows, cols = w.shape
+        expected = start - 0.1 * math.sqrt(max(1, rows / cols)) * newton_schulz(0.1 * grad)
+        assert torch.allclose(w.detach(), expected, atol=1e-5)

@@ -17,16 +17,38 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U V^T for matrix = U S V^T (its orthogonal polar factor)."""
+    """Approximately U V^T for matrix = U S V^T (its orthogonal polar factor); a [..., rows, cols] stack
+    is orthogonalized matrix by matrix in one batched iteration."""
     a, b, c = NS_COEFFICIENTS
-    x = matrix.float() / (matrix.float().norm() + eps)  # spectral norm <= Frobenius norm <= 1
-    transposed = x.shape[0] > x.shape[1]
+    x = matrix.float()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if transposed else x).to(matrix.dtype)
+    return (x.mT if transposed else x).to(matrix.dtype)
+
+
+def orthogonalize_all(updates: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+    """newton_schulz of each update.  Matrices of one shape up to transposition (q/k/v/o of every layer; the
+    MLP's up and down projections) go through one batched iteration, as nanochat groups them: on small
+    matrices the per-call overhead of many little matmuls is what Muon's step costs (bench/overhead.py).
+    FSDP2's row shards (DTensors) are gathered and done one by one."""
+    result: list[torch.Tensor | None] = [None] * len(updates)
+    batches: dict[tuple, list[int]] = {}
+    for index, update in enumerate(updates):
+        if isinstance(update, DTensor):
+            result[index] = _orthogonalized(update, steps)
+        else:
+            rows, cols = update.shape
+            batches.setdefault((min(rows, cols), max(rows, cols), update.dtype, update.device), []).append(index)
+    for indices in batches.values():
+        wide = [updates[i] if updates[i].shape[0] <= updates[i].shape[1] else updates[i].T for i in indices]
+        for index, done in zip(indices, newton_schulz(torch.stack(wide), steps)):
+            result[index] = done if updates[index].shape[0] <= updates[index].shape[1] else done.T
+    return result  # type: ignore[return-value]
 
 
 def _orthogonalized(update: torch.Tensor, steps: int) -> torch.Tensor:
@@ -36,4 +58,3 @@ def _orthogonalized(update: torch.Tensor, steps: int) -> torch.Tensor:
         full = newton_schulz(update.full_tensor(), steps)
         return distribute_tensor(full, update.device_mesh, update.placements)
     return newton_schulz(update, steps)
-

@@ -19,9 +19,10 @@ import math
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from flopwise.optim import galore
-from flopwise.optim.muon import _orthogonalized
+from flopwise.optim.muon import _orthogonalized, orthogonalize_all
 from flopwise.optim.quantize import read_moment, write_moment
 from flopwise.optim.rounding import ROUNDINGS, update_rounded
 
@@ -70,8 +71,15 @@ class FlopwiseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:  # with per-layer updates, backward has used and freed every gradient
+            batched = _muon_batch(group) if group["update"] == "muon" else []
+            done = {id(p) for p in batched}
+            if batched:
+                directions = [_muon_direction(p.grad, self.state[p], group) for p in batched]
+                for param, update in zip(batched, orthogonalize_all(directions, group["ns_steps"])):
+                    _muon_apply(param, update, group)
             for param in group["params"]:
-                self.update_param(param, group)
+                if id(param) not in done:
+                    self.update_param(param, group)
         return loss
 
     @torch.no_grad()
@@ -111,16 +119,32 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError("galore groups need a positive integer rank")
 
 
-def _muon(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+def _muon_batch(group: dict[str, Any]) -> list[torch.Tensor]:
+    """The group's fp32 local matrices with gradients, whose orthogonalization ``step`` batches; bf16-stored
+    weights (updated through a working copy) and FSDP2 shards take the one-by-one path."""
+    return [p for p in group["params"]
+            if p.grad is not None and p.dtype == torch.float32 and not isinstance(p.grad, DTensor)]
+
+
+def _muon_direction(grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+    """Update the momentum buffer with ``grad``; returns the (Nesterov) direction to orthogonalize."""
     bits, block = group["state_bits"], group["state_block"]
     buffer = read_moment(state, "momentum_buffer", grad, bits, block, signed=True)
     buffer.lerp_(grad, 1 - group["momentum"])
     write_moment(state, "momentum_buffer", buffer, bits, block, signed=True)
-    update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-    update = _orthogonalized(update, group["ns_steps"])
+    return grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+
+
+def _muon_apply(param: torch.Tensor, update: torch.Tensor, group: dict[str, Any]) -> None:
+    """Decay, then step along the orthogonalized ``update``, scaled for the matrix's aspect ratio."""
     rows, cols = param.shape
-    param.mul_(1 - group["lr"] * group["weight_decay"])
+    if group["weight_decay"]:
+        param.mul_(1 - group["lr"] * group["weight_decay"])
     param.add_(update, alpha=-group["lr"] * math.sqrt(max(1.0, rows / cols)))
+
+
+def _muon(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    _muon_apply(param, _orthogonalized(_muon_direction(grad, state, group), group["ns_steps"]), group)
 
 
 def _adam_moments(grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
