@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 from flopwise.memory.traits import MemoryTraits
 from flopwise.model.config import ModelConfig
-from flopwise.optim.routing import is_hidden_matrix
+from flopwise.optim.routing import is_hidden_matrix, muon_stacks
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FP32, INT64, INT32 = 4, 8, 4
@@ -193,6 +193,15 @@ def _galore_shapes(spec: ParamSpec, rank: int) -> tuple[int, int]:
     rows, cols = spec.shape
     rank = min(rank, rows, cols)
     return rank * max(rows, cols), rank * min(rows, cols)
+
+
+def muon_stack_sizes(specs: list[ParamSpec]) -> dict[str, int]:
+    """How many matrices each fp32 Muon matrix is orthogonalized with (flopwise/optim/routing.py's
+    ``muon_stacks``): its stack's working memory is that many times one matrix's."""
+    sizes = {}
+    for stack in muon_stacks([spec.shape for spec in specs]):
+        sizes.update({specs[i].name: len(stack) for i in stack})
+    return sizes
 
 
 def optimizer_bytes(spec: ParamSpec, rule: str, param_bytes: int, bits8: bool, block: int, rank: int
@@ -390,11 +399,12 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, traits: MemoryTrai
     buffers = sum(b.numel * (INT32 if b.name.endswith(".index") else FP32) for b in buffer_specs)
     buffers += 2 * run.tokens * INT64  # the token batch: inputs and targets
     bits8, rank = traits.state_bits == 8, traits.low_rank_gradients or 0
-    costs = {p.name: optimizer_bytes(p, update_rule(p, optimizer, traits), pb, bits8, traits.state_block, rank)
-             for p in trainable}
+    rules = {p.name: update_rule(p, optimizer, traits) for p in trainable}
+    costs = {p.name: optimizer_bytes(p, rules[p.name], pb, bits8, traits.state_block, rank) for p in trainable}
+    stacked = muon_stack_sizes([p for p in trainable if rules[p.name] == "muon" and stored[p.name] == FP32])
     step = _Step(cfg, run, traits, grads={p.name: p.numel * stored[p.name] for p in trainable},
-                 temps={p.name: costs[p.name][2] * pb // FP32 + _rounding_work(p, stored[p.name], pb)
-                        for p in trainable}, grad_accum=grad_accum)
+                 temps={p.name: stacked.get(p.name, 1) * costs[p.name][2] * pb // FP32
+                        + _rounding_work(p, stored[p.name], pb) for p in trainable}, grad_accum=grad_accum)
     states = sum(s for s, _, _ in costs.values())
     states += sum(_rounding_state(p, traits.rounding) for p in trainable if stored[p.name] < pb)
     projections = sum(p for _, p, _ in costs.values())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from flopwise.optim.routing import muon_stacks
+
 # Coefficients of the quintic iteration from the speedrun: they push singular values into roughly
 # [0.7, 1.2] in five steps, which works as well as exact orthogonalization for training.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -32,19 +34,10 @@ def newton_schulz(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
 
 
 def orthogonalize_all(updates: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
-    """newton_schulz of each update.  Matrices of one shape up to transposition (q/k/v/o of every layer; the
-    MLP's up and down projections) go through one batched iteration, as nanochat groups them: on small
-    matrices the per-call overhead of many little matmuls is what Muon's step costs (bench/overhead.py).
-    FSDP2's row shards (DTensors) are gathered and done one by one."""
+    """newton_schulz of each update (local fp32 tensors on one device), those of one shape up to transposition
+    in one batched iteration (flopwise/optim/routing.py's ``muon_stacks``)."""
     result: list[torch.Tensor | None] = [None] * len(updates)
-    batches: dict[tuple, list[int]] = {}
-    for index, update in enumerate(updates):
-        if isinstance(update, DTensor):
-            result[index] = _orthogonalized(update, steps)
-        else:
-            rows, cols = update.shape
-            batches.setdefault((min(rows, cols), max(rows, cols), update.dtype, update.device), []).append(index)
-    for indices in batches.values():
+    for indices in muon_stacks([update.shape for update in updates]):
         wide = [updates[i] if updates[i].shape[0] <= updates[i].shape[1] else updates[i].T for i in indices]
         for index, done in zip(indices, newton_schulz(torch.stack(wide), steps)):
             result[index] = done if updates[index].shape[0] <= updates[index].shape[1] else done.T

@@ -25,6 +25,7 @@ from flopwise.optim import galore
 from flopwise.optim.muon import _orthogonalized, orthogonalize_all
 from flopwise.optim.quantize import read_moment, write_moment
 from flopwise.optim.rounding import ROUNDINGS, update_rounded
+from flopwise.optim.routing import muon_stacks
 
 if TYPE_CHECKING:
     from flopwise.optim.layerwise import LayerwiseUpdates
@@ -73,9 +74,10 @@ class FlopwiseOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:  # with per-layer updates, backward has used and freed every gradient
             batched = _muon_batch(group) if group["update"] == "muon" else []
             done = {id(p) for p in batched}
-            if batched:
-                directions = [_muon_direction(p.grad, self.state[p], group) for p in batched]
-                for param, update in zip(batched, orthogonalize_all(directions, group["ns_steps"])):
+            for indices in muon_stacks([p.shape for p in batched]):  # a stack at a time: its working memory is small
+                params = [batched[i] for i in indices]
+                directions = [_muon_direction(p.grad, self.state[p], group) for p in params]
+                for param, update in zip(params, orthogonalize_all(directions, group["ns_steps"])):
                     _muon_apply(param, update, group)
             for param in group["params"]:
                 if id(param) not in done:
