@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from pydantic import field_validator
 
@@ -153,24 +153,58 @@ class Meter:
         return cls(**{f.name: float(data[f.name]) for f in fields(cls)})
 
 
+@dataclass(frozen=True)
+class StepCost:
+    """What one step spends of each limit; ``seconds`` is None until a step has been timed."""
+
+    tokens: float
+    flops: float
+    seconds: float | None
+    steps: float = 1.0
+
+
 def steps_left(meter: Meter, budget: Budget, tokens_per_step: float, flops_per_step: float,
                seconds_per_step: float | None) -> int | None:
+    """How many more steps the budget allows when every step costs the same; see ``scheduled_steps_left``."""
+    cost = StepCost(tokens_per_step, flops_per_step, seconds_per_step)
+    return scheduled_steps_left(meter, budget, lambda p: cost)
+
+
+def scheduled_steps_left(meter: Meter, budget: Budget, cost_at: Callable[[float], StepCost],
+                         breakpoints: Sequence[float] = ()) -> int | None:
     """How many more steps the budget allows, counting the next one; None if unknown yet.
 
-    Token, FLOP and step limits are exact; a seconds limit uses the measured step time and is
-    rounded to the nearest step, so the run lands as close to the budget as a step allows.
+    ``cost_at(p)``: the cost of a step taken at progress p, constant between ``breakpoints`` (progressive
+    training's shapes).  The future is walked segment by segment: in each, the steps until p reaches the next
+    breakpoint are counted in closed form.  Token, FLOP and step limits are exact; a seconds limit uses the
+    (predicted) step time and its last count is rounded to the nearest step, so the run lands as close to the
+    budget as a step allows.
     """
-    per_step = {"steps": 1.0, "tokens": tokens_per_step, "flops": flops_per_step}
-    counts = []
-    for name, limit in budget.set_limits().items():
-        remaining = limit - getattr(meter, name)
-        if name == "seconds":
-            if seconds_per_step is None:
-                continue
-            counts.append(round(remaining / seconds_per_step))
+    limits = budget.set_limits()
+    spent = {name: getattr(meter, name) for name in limits}
+    progress = max(spent[name] / limit for name, limit in limits.items())
+    if cost_at(progress).seconds is None:  # not timed yet: the other limits count alone
+        limits.pop("seconds", None)
+        if not limits:
+            return None
+    marks = [b for b in sorted(breakpoints) if progress < b < 1.0] + [1.0]
+    taken = 0
+    for mark in marks:
+        cost = cost_at(progress)
+        per_step = {name: getattr(cost, name) for name in limits}
+        counts = {name: (mark * limit - spent[name]) / per_step[name] for name, limit in limits.items()}
+        if mark < 1.0:  # steps that start below the mark: after them p has reached it
+            count = max(1, min(math.ceil(c - 1e-9) for c in counts.values()))
         else:
-            counts.append(math.ceil(remaining / per_step[name] - 1e-9))
-    return max(1, min(counts)) if counts else None
+            count = max(1, min(round(c) if name == "seconds" else math.ceil(c - 1e-9) for name, c in counts.items()))
+            return taken + count
+        taken += count
+        for name in limits:
+            spent[name] += count * per_step[name]
+        progress = max(spent[name] / limit for name, limit in budget.set_limits().items() if name in spent)
+        if progress >= 1.0:
+            return taken
+    return taken
 
 
 def format_amount(name: str, value: float) -> str:

@@ -9,6 +9,8 @@ last one before the learning rate began to decay.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,9 +32,10 @@ from flopwise.evaluate.tasks.builtin import HeldoutText
 from flopwise.evaluate.tasks.engine import evaluate_tasks
 from flopwise.evaluate.tasks.resolve import check_run_tasks, resolve_tasks
 from flopwise.evaluate.tasks.scoring import TaskModel
-from flopwise.methods.base import RunResources, World
+from flopwise.methods.base import RunResources, StepShape, World
 from flopwise.methods.choose import estimate_for, memory_methods_of, resolve_memory_methods
 from flopwise.methods.dense import build_model, plain_model
+from flopwise.methods.progressive import resolve_progressive_methods
 from flopwise.methods.salt import Teacher
 from flopwise.methods.stack import MethodStack, check_methods
 from flopwise.model.chatml import chat_files
@@ -98,6 +101,7 @@ class Session:
     objective: Objective | None = None  # the loop's default: the methods on the sampler's windows
     after_eval: Callable[[int, float, dict[str, Any]], str | None] | None = None  # see Trainer
     eval_fields = staticmethod(heldout_fields)
+    adds_progressive = True  # a new run adds the default recipe's progressive methods (methods.progressive)
 
     def __init__(self, config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> None:
         self.config = config
@@ -133,7 +137,12 @@ class Session:
             if "tokenizer" in config.data.model_fields_set:
                 raise FlopwiseError("data.tokenizer cannot be set with --init-from: the imported model's own "
                                     "tokenizer is used as is")
-        return cls(config, run_dir, display)
+        session = cls(config, run_dir, display)
+        if session.adds_progressive:
+            session.config, note = resolve_progressive_methods(session.config, session.world)
+            if note:
+                session.display.message(note)
+        return session
 
     def prepare(self, tokenizer: Tokenizer | None = None, model_cfg: ModelConfig | None = None) -> None:
         """Data, model config and the per-step costs the budget is counted in.  A resumed run passes
@@ -196,6 +205,7 @@ class Session:
         """Methods, model (from --init-from weights when asked), its data-parallel wrapper, optimizer, data."""
         torch.manual_seed(self.config.train.seed)
         self.methods = MethodStack(self.config)
+        self.methods.full = StepShape(self.config.optim.batch_size, self.model_cfg.seq_len, self.model_cfg.n_layers)
         # LoRA wraps the imported weights; SLTrain factorizes fresh ones
         self.model = build_model(self.model_cfg, self.methods.configure,
                                  self.load_initial_weights if initial_weights else None)
@@ -321,7 +331,23 @@ class Session:
             budget=c.budget.build(), schedule=c.schedule.build(), peak_lr=c.optim.lr, grad_accum=c.optim.grad_accum,
             grad_clip=c.optim.grad_clip, tokens_per_step=self.tokens_per_step, flops_per_step=self.flops_per_step,
             peak_flops=self.peak_flops, eval_every=c.train.eval_every, checkpoint_every=c.train.checkpoint_every,
-            keep_checkpoints=c.train.keep_checkpoints, log_every=c.train.log_every, stop_after=stop_after)
+            keep_checkpoints=c.train.keep_checkpoints, log_every=c.train.log_every, stop_after=stop_after,
+            **self.progressive_costs())
+
+    def progressive_costs(self) -> dict[str, Any]:
+        """The loop's per-step costs where progressive methods change the step's shape as p grows (nothing
+        otherwise: every step then costs the run's own shape)."""
+        breakpoints = self.methods.shape_breakpoints()
+        if not breakpoints:
+            return {}
+        grad_accum = self.config.optim.grad_accum
+
+        @functools.lru_cache(maxsize=None)
+        def shape_costs(shape: StepShape) -> tuple[float, float]:
+            tokens = shape.batch_size * grad_accum * self.model_cfg.seq_len  # shorter windows cut the same tokens
+            cfg = dataclasses.replace(self.model_cfg, n_layers=shape.n_layers, seq_len=shape.seq_len)
+            return tokens, flops_per_token(cfg) * tokens
+        return {"step_costs": lambda p: shape_costs(self.methods.shape_at(p)), "breakpoints": breakpoints}
 
     def describe(self) -> str:
         """One line on what is about to train: shape, budget, batch, device and processes."""

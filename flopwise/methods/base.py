@@ -17,6 +17,10 @@ Hooks, in the order a run meets them:
 - ``setup``: load what it needs once the data is ready (a teacher, a reference run's losses).
 - ``sampler_options``: mixture weights and window difficulties for the sampler.
 - ``attach``: receive the sampler the run draws from.
+- ``step_shape`` / ``shape_breakpoints``: what a step trains at budget progress p (global windows per
+  micro-batch, window length, blocks run): progressive training's schedules, read by the budget's step
+  counting as well as by the step itself.
+- ``reshape``: make the model and optimizer train at the step's shape (stack the blocks at a growth point).
 - ``on_progress``: act at budget progress p before each step's forward (start fake quantization).
 - ``next_batch``: choose a micro-batch (SALT's selection); the first method that returns one wins.
 - ``loss``: change the per-sequence loss of a micro-batch, in ``methods.use``'s registry order.
@@ -93,6 +97,17 @@ class RunResources:
     load_teacher: Callable[[str], Teacher]
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """What one optimizer step trains at: ``batch_size`` windows of model.seq_len tokens per micro-batch over
+    all ranks, each trained as consecutive windows of ``seq_len`` tokens, through the first ``n_layers``
+    blocks.  The run's own shape unless progressive methods change it as budget progress p grows."""
+
+    batch_size: int
+    seq_len: int
+    n_layers: int
+
+
 @dataclass
 class StepOutputs:
     """One micro-batch's forward, for ``loss`` hooks: its batch, inputs on the device, the logits and
@@ -165,6 +180,19 @@ class Method:
         """Receive the sampler the run draws from."""
 
     # -- each step ------------------------------------------------------------------------------
+
+    def step_shape(self, shape: StepShape, p: float) -> StepShape:
+        """The shape of a step taken at budget progress ``p`` (the share spent before it), given the one the
+        methods before this one chose (the run's own, ``full``, first).  A pure function of ``p``: the budget
+        counts the steps still to come from it."""
+        return shape
+
+    def shape_breakpoints(self) -> tuple[float, ...]:
+        """The values of p where ``step_shape`` changes (it is constant in between)."""
+        return ()
+
+    def reshape(self, shape: StepShape, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Train at ``shape`` from this step on (called before every step with its shape)."""
 
     def on_progress(self, step: int, p: float) -> None:
         """Act before step ``step + 1``'s forward, at budget progress ``p`` (the schedule's)."""

@@ -12,7 +12,7 @@ from torch import nn
 from flopwise.data.sampler import Batch, PackedSampler
 from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
-from flopwise.methods.base import Method, OptimizerSpec, RunResources, SamplerOptions, StepOutputs, World
+from flopwise.methods.base import Method, OptimizerSpec, RunResources, SamplerOptions, StepOutputs, StepShape, World
 from flopwise.methods.registry import BY_NAME, METHODS
 from flopwise.model.config import ModelConfig
 from flopwise.runtime import autocast
@@ -59,6 +59,8 @@ class MethodStack:
                                                  for name in in_registry_order(use))
         self._losses = [m for m in self.methods if type(m).loss is not Method.loss]
         self.step, self.p = 0, 0.0
+        self.full: StepShape | None = None  # the run's own shape (set by the session); None: batches as drawn
+        self.shape: StepShape | None = None  # this step's
 
     @property
     def keeps_gradients(self) -> bool:
@@ -88,6 +90,28 @@ class MethodStack:
         for method in self.methods:
             method.attach(sampler)
 
+    def shape_at(self, p: float) -> StepShape:
+        """The shape of a step taken at budget progress ``p`` (the run's own without progressive methods)."""
+        assert self.full is not None, "the session sets the run's shape before training"
+        shape = self.full
+        for method in self.methods:
+            shape = method.step_shape(shape, p)
+        return shape
+
+    def shape_breakpoints(self) -> tuple[float, ...]:
+        """Where any method's shape changes, in order."""
+        return tuple(sorted({p for method in self.methods for p in method.shape_breakpoints()}))
+
+    def begin_step(self, p: float, model: nn.Module, optimizer: torch.optim.Optimizer) -> StepShape | None:
+        """Set the shape of the step about to be taken at budget progress ``p`` and let the methods train at it
+        (nothing where the session set no shape: post-training's objective draws its own batches)."""
+        if self.full is None:
+            return None
+        self.shape = self.shape_at(p)
+        for method in self.methods:
+            method.reshape(self.shape, model, optimizer)
+        return self.shape
+
     def on_progress(self, step: int, p: float) -> None:
         """Enter step ``step + 1`` at progress ``p``: the batch and loss hooks read both."""
         self.step, self.p = step, p
@@ -95,12 +119,16 @@ class MethodStack:
             method.on_progress(step, p)
 
     def next_batch(self) -> Batch:
-        """The first batch a method chooses, else the sampler's next."""
+        """The first batch a method chooses, else the sampler's next: this step's share of windows, each cut
+        into windows of this step's length."""
         for method in self.methods:
             batch = method.next_batch(self.sampler, self.p)
             if batch is not None:
                 return batch
-        return self.sampler.next_batch()
+        if self.shape is None or self.shape == self.full:
+            return self.sampler.next_batch()
+        return split_windows(self.sampler.next_batch(self.shape.batch_size // self.sampler.world_size),
+                             self.shape.seq_len)
 
     def loss(self, model: nn.Module, batch: Batch, device: torch.device, dtype: torch.dtype) -> LossResult:
         """(the loss to backpropagate, the plain mean cross-entropy, detached) of one micro-batch.  Without a
@@ -146,3 +174,14 @@ class MethodStack:
         for method in self.methods:
             if method.name in state:
                 method.load_state_dict(state[method.name])
+
+
+def split_windows(batch: Batch, seq_len: int) -> Batch:
+    """Each window of ``batch`` cut into consecutive windows of ``seq_len`` tokens: the same tokens and
+    targets, seen with shorter context (a sequence-length schedule's early steps)."""
+    length = batch.inputs.shape[1]
+    if seq_len == length:
+        return batch
+    pieces = length // seq_len
+    return Batch(batch.inputs.reshape(-1, seq_len), batch.targets.reshape(-1, seq_len),
+                 batch.domains.repeat_interleave(pieces))

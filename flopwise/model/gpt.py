@@ -266,6 +266,9 @@ class GPT(nn.Module):
         # Activation checkpointing (flopwise/methods/checkpointing.py): keep only each block's input for
         # backward and recompute the rest, trading one more forward for the activations' memory.
         self.checkpoint_blocks = False
+        # Blocks the forward runs, the first ``depth`` of them: depth growth (flopwise/methods/grow_depth.py)
+        # trains a shallower model first and stacks its blocks into the rest.
+        self.depth = cfg.n_layers
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -299,7 +302,7 @@ class GPT(nn.Module):
             positions = packing.positions if packing is not None else torch.arange(start, end, device=idx.device)
             x = x + self.embed_positions(positions)
         recompute = self.checkpoint_blocks and self.training and not caches and torch.is_grad_enabled()
-        for i, layer in enumerate(self.layers):
+        for i, layer in zip(range(self.depth), self.layers):
             if recompute:
                 x = checkpoint(layer, x, self.rope, None, packing, use_reentrant=False)
             else:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
-from flopwise.budget import Budget, Meter, steps_left
+from flopwise.budget import Budget, Meter, StepCost, scheduled_steps_left
 from flopwise.errors import FlopwiseError
 from flopwise.methods.stack import MethodStack
 from flopwise.optim.schedules import Schedule
@@ -61,6 +61,13 @@ class StepTimer:
         self.estimate = estimate
         self.smoothing = smoothing
         self._seen = 0
+
+    def rescale(self, factor: float) -> None:
+        """The step's cost changed by ``factor`` (progressive training's next shape): predict its time from the
+        old one's until two steps of the new shape have been timed (the first may compile)."""
+        if self.estimate is not None:
+            self.estimate *= factor
+            self._seen = 0
 
     def update(self, seconds: float) -> None:
         self._seen += 1
@@ -108,6 +115,14 @@ class LoopSettings:
     keep_checkpoints: int
     log_every: int
     stop_after: Budget | None = None
+    # progressive training: (tokens, FLOPs) of a step taken at progress p, constant between the breakpoints;
+    # None: every step costs tokens_per_step and flops_per_step
+    step_costs: Callable[[float], tuple[float, float]] | None = None
+    breakpoints: tuple[float, ...] = ()
+
+    def costs_at(self, p: float) -> tuple[float, float]:
+        """(tokens, FLOPs) of a step taken at budget progress ``p``."""
+        return self.step_costs(p) if self.step_costs is not None else (self.tokens_per_step, self.flops_per_step)
 
 
 @dataclass
@@ -231,10 +246,16 @@ class Trainer:
         try:
             self.model.train()
             bookkeeping = 0.0  # logging time of the previous step: training time too, unlike eval
+            previous_flops: float | None = None
             while True:
                 start = time.perf_counter()
                 p_before = state.meter.progress(s.budget)
-                left = steps_left(state.meter, s.budget, s.tokens_per_step, s.flops_per_step, timer.estimate)
+                tokens, flops = s.costs_at(p_before)
+                if previous_flops is not None and flops != previous_flops:
+                    timer.rescale(flops / previous_flops)
+                previous_flops = flops
+                self.methods.begin_step(p_before, self.module, self.optimizer)
+                left = self.steps_left(state, timer)
                 if left is not None:
                     state.p_lr = max(state.p_lr, (state.meter.steps + 1) / (state.meter.steps + left))
                 step = int(state.meter.steps)
@@ -254,14 +275,14 @@ class Trainer:
                 seconds, interrupted = self.ranks.max(time.perf_counter() - start + bookkeeping,
                                                       float(self._interrupted))
                 self._interrupted = bool(interrupted)
-                state.meter.add_step(seconds, s.tokens_per_step, s.flops_per_step + self.methods.take_extra_flops())
+                state.meter.add_step(seconds, tokens, flops + self.methods.take_extra_flops())
                 timer.update(seconds)
                 state.step_seconds = timer.estimate
                 outcome.last_lr = lr
                 p = state.meter.progress(s.budget)
                 finished = left == 1 or p >= 1.0
                 logging_start = time.perf_counter()
-                self._log_step(state, p, lr, loss, seconds, wall_start, p_at_start)
+                self._log_step(state, p, lr, loss, seconds, wall_start, p_at_start, tokens, flops, finished)
                 bookkeeping = time.perf_counter() - logging_start
                 if finished:
                     outcome.finished = state.finished = True
@@ -285,17 +306,28 @@ class Trainer:
         self.display.message("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def _log_step(self, state: LoopState, p: float, lr: float, loss: float, seconds: float, wall_start: float,
-                  p_at_start: float) -> None:
+    def steps_left(self, state: LoopState, timer: StepTimer) -> int | None:
+        """Steps the budget still allows, the next one included; a later shape's step time is predicted from
+        this one's in proportion to their FLOPs."""
         s = self.settings
-        tokens_per_s = s.tokens_per_step / seconds
-        mfu = s.flops_per_step / seconds / s.peak_flops if s.peak_flops else None
+        flops_now = s.costs_at(state.meter.progress(s.budget))[1]
+
+        def cost_at(p: float) -> StepCost:
+            tokens, flops = s.costs_at(p)
+            return StepCost(tokens, flops, None if timer.estimate is None else timer.estimate * flops / flops_now)
+        return scheduled_steps_left(state.meter, s.budget, cost_at, s.breakpoints)
+
+    def _log_step(self, state: LoopState, p: float, lr: float, loss: float, seconds: float, wall_start: float,
+                  p_at_start: float, tokens: float, flops: float, last: bool) -> None:
+        s = self.settings
+        tokens_per_s = tokens / seconds
+        mfu = flops / seconds / s.peak_flops if s.peak_flops else None
         wall = time.perf_counter() - wall_start
         eta = wall * (1 - p) / (p - p_at_start) if p > p_at_start else None
         self.display.update(p, state.meter, s.budget, loss, tokens_per_s, mfu, eta)
         step = int(state.meter.steps)
         regular = is_logged_step(step, s.log_every)
-        if not (regular or p >= 1.0 or self._interrupted):
+        if not (regular or last or self._interrupted):
             return
         event = {"event": "train", "step": step, "p": p, "p_lr": state.p_lr, "tokens": state.meter.tokens,
                  "flops": state.meter.flops, "seconds": state.meter.seconds, "wall": wall, "lr": lr, "loss": loss,
@@ -372,7 +404,7 @@ class Trainer:
         """Checkpoint every ``checkpoint_every`` of the budget, on interruption, and (pinned)
         just before the schedule starts to decay, which is where a finished run can be extended from."""
         s = self.settings
-        left = steps_left(state.meter, s.budget, s.tokens_per_step, s.flops_per_step, timer.estimate)
+        left = self.steps_left(state, timer)
         next_p_lr = (state.meter.steps + 1) / (state.meter.steps + left) if left else state.p_lr
         pinned = state.p_lr <= s.schedule.decay_start < next_p_lr
         periodic = s.checkpoint_every > 0 and reached(p, state.next_checkpoint)
