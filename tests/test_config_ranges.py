@@ -62,6 +62,9 @@ RANGES = [
     ("methods.salt.select_top_k", "0", "1"),
     ("methods.z_loss.weight", "-1", "1e-12"),
     ("methods.qat.start", "1", "0"), ("methods.qat.group", "0", "1"),
+    ("methods.grow_depth.factor", "1", "2"), ("methods.grow_depth.at", "0", "0.01"), ("methods.grow_depth.at", "1", "0.99"),
+    ("methods.seq_schedule.start", "0", "1"), ("methods.seq_schedule.until", "0", "1"),
+    ("methods.batch_schedule.start", "1.5", "1"), ("methods.batch_schedule.until", "0", "0.01"),
 ]
 # Method sections whose only keys are choices (refused with the choices named: tests/test_fp8.py,
 # tests/test_bf16_weights.py), so they have no range.
@@ -93,7 +96,7 @@ def test_every_section_and_method_section_has_a_case():
     covered = {key.rsplit(".", 1)[0] for key, _, _ in RANGES}
     sections = {name for name in RunConfig.model_fields if name != "methods"}
     methods = {f"methods.{name}" for name, field in methods_section().model_fields.items()
-               if name != "use" and field.annotation.model_fields}  # checkpointing, layerwise: no keys
+               if name not in ("use", "progressive") and field.annotation.model_fields}  # checkpointing: no keys
     assert sections | methods <= covered | CHOICES_ONLY
 
 

@@ -108,3 +108,15 @@ def test_global_batch_must_split_over_ranks():
     assert per_rank_batch(8, Ranks(0, 2)) == 4
     with pytest.raises(FlopwiseError, match="optim.batch_size=6 is the global batch .* use a multiple of 4"):
         per_rank_batch(6, Ranks(0, 4))
+
+
+def test_a_batch_schedule_under_ddp_matches_the_single_process_run(tmp_path, text_folder):
+    """Each rank draws its share of the same global windows at every stage: the curve is the single process's."""
+    args = ["--data", str(text_folder), "--budget", "16steps", *TINY, "--method", "batch_schedule",
+            "--set", "methods.batch_schedule.start=0.5", "--set", "methods.batch_schedule.until=0.5"]
+    single_run, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main(["train", *args, "--out", str(single_run)]) == 0
+    done = torchrun(*args, "--out", str(ddp))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_curve(ddp, single_run)
+    assert [e["batch_size"] for e in events(ddp, "train")] == [2] * 8 + [4] * 8

@@ -27,6 +27,9 @@ REGISTERED = (
     "salt.Salt",
     "reweight.SampleReweighting",
     "z_loss.ZLoss",
+    "grow_depth.GrowDepth",
+    "seq_schedule.SeqSchedule",
+    "batch_schedule.BatchSchedule",
     "fp8.Float8Matmuls",
     "qat.QuantizationAwareTraining",
 )

@@ -39,12 +39,12 @@ from flopwise.train.trainer import LoopState, Trainer, next_mark
 STAGE_DEFAULTS: dict[str, dict[str, float]] = {"sft": {"optim.lr": 3e-4, "optim.muon_lr": 1.5e-3},
                                                "dpo": {"optim.lr": 1e-3, "optim.muon_lr": 5e-3}}
 # a method acting through these hooks shapes pretraining's windows or loss, which post-training replaces
-DATA_HOOKS = ("setup", "sampler_options", "attach", "next_batch", "loss")
+DATA_HOOKS = ("setup", "sampler_options", "attach", "next_batch", "loss", "step_shape")
 
 
 def check_posttrain_methods(names: list[str], stage: str) -> None:
-    """Refuse, in one line, a method that works on the pretraining corpus or its loss (mixtures, curricula,
-    reweighting, SALT, z-loss); those acting on the model and optimizer (LoRA, LISA, GaLore, 8-bit states,
+    """Refuse, in one line, a method that works on the pretraining corpus, its loss or its schedule of shapes
+    (mixtures, curricula, reweighting, SALT, z-loss, progressive training); those acting on the model and optimizer (LoRA, LISA, GaLore, 8-bit states,
     checkpointing, bf16 weights, QAT) apply unchanged."""
     for name in names:
         method = BY_NAME[name]
@@ -74,6 +74,7 @@ def dpo_fields(result: dict[str, Any]) -> tuple[dict[str, Any], str]:
 class PostTrainSession(Session):
     """SFT or DPO from ``model.init_from`` (a finished run, or a Hugging Face model) under the run's budget."""
 
+    adds_progressive = False  # progressive training shapes pretraining's steps
     def prepare(self, tokenizer: Tokenizer | None = None, model_cfg: ModelConfig | None = None) -> None:
         """The starting model with the chat tokens, the rendered data split, and the per-step costs.  A resumed
         run passes its saved tokenizer and shape, which must still be what the starting model gives."""

@@ -1,0 +1,108 @@
+"""Depth growth by stacking (Du et al. 2024, "Stacking Your Transformers: A Closer Look at Model
+Growth for Efficient LLM Pre-Training", the G_stack operator).
+
+The run trains the first ``n_layers / factor`` blocks until budget progress ``at``; then those blocks
+are stacked ``factor`` times in depth (block i is copied into blocks i + m, i + 2m, ... for m trained
+blocks) and the whole model trains on.  The embeddings, final norm and head are shared, so they carry
+over as they are.  The early steps run fewer blocks, so they cost fewer FLOPs and seconds: that is
+what buys the budget.
+
+The deeper model exists from the start (its unused blocks take no gradient, so every optimizer skips
+them), which keeps one optimizer, one checkpoint format and one compiled model for the whole run.
+Optimizer state is stacked with the weights: each copy starts with its source block's Muon momentum,
+AdamW moments and step count (8-bit codes, GaLore projections and bf16 compensation alike), so it
+continues the update its weights were following instead of restarting Adam's bias correction from
+zero for half the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from flopwise.errors import FlopwiseError
+from flopwise.methods.base import Method, MethodConfig, StepShape, World
+from flopwise.model.config import NAMED_SIZES
+from flopwise.section import in_range
+
+
+class GrowDepthConfig(MethodConfig):
+    """``factor``: the final depth over the first one (G_stack's g); ``at``: the budget progress of the
+    growth."""
+
+    factor: int = 2
+    at: float = 0.75  # measured: bench/RESULTS.md#progressive-training
+
+    _factor = in_range("factor", low=2)
+    _at = in_range("at", low=0, high=1, above=True, below=True)
+
+
+class GrowDepth(Method):
+    """Trains the first n_layers/factor blocks until ``at``, then stacks them into all n_layers."""
+
+    name: ClassVar[str] = "grow_depth"
+    Config = GrowDepthConfig
+    conflicts = {"lisa": "LISA chooses among blocks that depth growth has not yet trained"}
+
+    def __init__(self, config: GrowDepthConfig, seed: int = 0) -> None:
+        super().__init__(config, seed)
+        self.factor, self.at = config.factor, config.at
+        self.model: nn.Module | None = None
+
+    @classmethod
+    def check(cls, config: GrowDepthConfig, run: Any, world: World | None) -> None:
+        cls.refuse_in_parallel(world, "runs fewer blocks before the growth, and DDP and FSDP need every "
+                                      "parameter in every step")
+        if run.model.init_from:
+            raise FlopwiseError("methods.use 'grow_depth' cannot start from --init-from: it grows a shallow "
+                                "model trained from scratch; drop one of them")
+        n_layers = run.model.n_layers or NAMED_SIZES[run.model.size]["n_layers"]
+        if n_layers % config.factor:
+            raise FlopwiseError(f"methods.grow_depth.factor={config.factor} must divide model.n_layers={n_layers}: "
+                                "the shallow model's blocks are stacked that many times")
+
+    def configure(self, model: nn.Module) -> None:
+        self.model = model
+        model.depth = model.config.n_layers // self.factor
+
+    def step_shape(self, shape: StepShape, p: float) -> StepShape:
+        return dataclasses.replace(shape, n_layers=shape.n_layers // self.factor) if p < self.at else shape
+
+    def shape_breakpoints(self) -> tuple[float, ...]:
+        return (self.at,)
+
+    def reshape(self, shape: StepShape, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if shape.n_layers > model.depth:
+            stack_blocks(model, optimizer, shape.n_layers)
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"depth": self.model.depth}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"depth": self.model.depth}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.depth = int(state["depth"])
+
+
+@torch.no_grad()
+def stack_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, depth: int) -> None:
+    """Copy the ``model.depth`` trained blocks, weights, buffers and optimizer state, into blocks
+    depth..``depth``-1 in order (block i into i + m, i + 2m, ...), and run all ``depth`` from now on."""
+    trained = model.depth
+    for target in range(trained, depth):
+        source = model.layers[target % trained]
+        for (name, from_param), (_, to_param) in zip(source.named_parameters(),
+                                                      model.layers[target].named_parameters()):
+            to_param.copy_(from_param)
+            if from_param in optimizer.state:
+                optimizer.state[to_param] = {key: value.clone() if isinstance(value, torch.Tensor)
+                                             else copy.deepcopy(value)
+                                             for key, value in optimizer.state[from_param].items()}
+        for (_, from_buffer), (_, to_buffer) in zip(source.named_buffers(), model.layers[target].named_buffers()):
+            to_buffer.copy_(from_buffer)
+    model.depth = depth
