@@ -27,7 +27,7 @@ from flopwise.recipes import recipe_values
 
 DIVISORS = (2, 3, 4, 5, 6, 8, 10)
 # Fewer, longer evaluations: the final one decides, and evaluation time is not training time.
-_RUN_SETTINGS = {"train.eval_every": 0.0, "train.checkpoint_every": 0.0, "train.eval_tokens": 32768,
+RUN_SETTINGS = {"train.eval_every": 0.0, "train.checkpoint_every": 0.0, "train.eval_tokens": 32768,
                  "train.log_every": 50}
 
 
@@ -75,7 +75,7 @@ def train_once(recipe: str, seconds: float, seed: int, sources: list[str], overr
     from flopwise.api import run
     from flopwise.train.display import ProgressDisplay
 
-    values = dict(_RUN_SETTINGS, **{"budget.seconds": seconds, "train.seed": seed, "data.sources": sources})
+    values = dict(RUN_SETTINGS, **{"budget.seconds": seconds, "train.seed": seed, "data.sources": sources})
     config = load_config(None, overrides, values, base=recipe_values(recipe))
     started = time.perf_counter()
     run_dir = work / f"{recipe}-{seed}-{seconds:g}s-{uuid.uuid4().hex[:8]}"
@@ -140,7 +140,7 @@ def summarize(results: list[SeedResult]) -> dict[str, Any]:
 
 
 # Each piece of the default recipe, removed (or swapped) one at a time.
-ABLATIONS: dict[str, list[str]] = {
+RECIPE_ABLATIONS: dict[str, list[str]] = {
     "AdamW (lr 3e-3) instead of Muon": ["optim.name=adamw", "optim.lr=3e-3"],
     "no QK-norm": ["model.qk_norm=false"],
     "no zero-init of output projections": ["model.zero_init_out=false"],
@@ -150,18 +150,34 @@ ABLATIONS: dict[str, list[str]] = {
     "GELU MLP instead of SwiGLU": ["model.mlp=gelu"],
     "ReLU² MLP instead of SwiGLU": ["model.mlp=relu2"],
 }
+# Progressive training: each piece alone, all together (methods.use replaces the recipe's list), and none.
+PROGRESSIVE_ABLATIONS: dict[str, list[str]] = {
+    "depth growth alone": ['methods.use=["grow_depth"]'],
+    "sequence-length schedule alone": ['methods.use=["seq_schedule"]'],
+    "batch schedule alone": ['methods.use=["batch_schedule"]'],
+    "all three progressive methods": ['methods.use=["grow_depth","seq_schedule","batch_schedule"]'],
+    "no progressive method": ["methods.progressive=false"],
+}
 
 
-def ablate(bench: TimeToQuality, target: SeedResult, report: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """The candidate search again with one piece changed, against the same seed's target."""
+ABLATIONS: dict[str, dict[str, list[str]]] = {"recipe": RECIPE_ABLATIONS, "progressive": PROGRESSIVE_ABLATIONS,
+                                              "all": {**RECIPE_ABLATIONS, **PROGRESSIVE_ABLATIONS}}
+
+
+def ablate(bench: TimeToQuality, targets: list[SeedResult], report: Callable[[str], None] = print,
+           which: str = "all") -> list[dict[str, Any]]:
+    """The candidate search again with one piece changed, against each seed's target; ``which``: the recipe's
+    pieces, progressive training's, or all.  Variants alternate within a seed, as baseline and candidate do."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="flopwise-ablate-") as tmp:
-        for name, overrides in ABLATIONS.items():
-            variant = SeedResult(target.seed, target.target, target.baseline)
-            changed = TimeToQuality(**{**asdict(bench), "candidate_overrides": bench.candidate_overrides + overrides})
-            report(f"ablation: {name}")
-            changed._search(variant, Path(tmp), report)
-            rows.append({"variant": name, "overrides": overrides, "speedup": float(variant.best_divisor),
-                         "interpolated_speedup": variant.interpolated_speedup,
-                         "candidates": [asdict(c) for c in variant.candidates]})
+        for target in targets:
+            for name, overrides in ABLATIONS[which].items():
+                variant = SeedResult(target.seed, target.target, target.baseline)
+                changed = TimeToQuality(**{**asdict(bench), "candidate_overrides": bench.candidate_overrides + overrides})
+                report(f"ablation: {name}, seed {target.seed}")
+                changed._search(variant, Path(tmp), report)
+                rows.append({"variant": name, "seed": target.seed, "overrides": overrides,
+                             "speedup": float(variant.best_divisor),
+                             "interpolated_speedup": variant.interpolated_speedup,
+                             "candidates": [asdict(c) for c in variant.candidates]})
     return rows

@@ -104,7 +104,8 @@ class MemorySection(Section):
 
 @functools.cache
 def methods_section() -> type[BaseModel]:
-    """``[methods]``: ``use`` (the methods of the run, each once, kept in registry order) and one section
+    """``[methods]``: ``use`` (the methods of the run, each once, kept in registry order), ``progressive``
+    (true: a new pretraining run that names no progressive method adds the default recipe's) and one section
     per registered method, ``[methods.<name>]``, validated by that method's own ``Config``.  Built from the
     registry on first use: the methods import torch, which ``flopwise --help`` should not wait for."""
     from flopwise.methods.registry import BY_NAME, METHODS
@@ -120,6 +121,7 @@ def methods_section() -> type[BaseModel]:
     return create_model("MethodsSection", __base__=Section, __doc__=methods_section.__doc__,
                         __validators__={"_known": field_validator("use", mode="before")(known)},
                         use=(list[str], []),
+                        progressive=(bool, True),
                         **{method.name: (method.Config, method.Config()) for method in METHODS})
 
 

@@ -23,6 +23,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "optim.name": "adamw", "optim.lr": 1e-3, "optim.beta1": 0.9, "optim.beta2": 0.99,
         "optim.weight_decay": 0.1, "optim.grad_clip": 1.0,
         "schedule.name": "cosine", "schedule.warmup": 0.02, "schedule.final_lr_frac": 0.1,
+        # one shape for the whole run, as nanoGPT trains
+        "methods.progressive": False,
     },
 }
 

@@ -20,10 +20,14 @@ from flopwise.rundir import read_metrics
 
 # The same tiny run as config values (for load_config(values=...)), with one evaluation every quarter and no
 # loss forecast: the sweep tests' base config.
+# One shape for the whole run (no progressive methods), so that tests count steps, tokens and FLOPs as the run's own
+# shape does; tests/test_progressive.py tests the default recipe's progressive training.
 TINY_VALUES = {"data.tokenizer": "byte", "model.size": "tiny", "model.seq_len": 64, "optim.batch_size": 4,
-               "train.eval_tokens": 2048, "train.eval_every": 0.25, "train.forecast_every": 0}
+               "train.eval_tokens": 2048, "train.eval_every": 0.25, "train.forecast_every": 0,
+               "methods.progressive": False}
 TINY = ["--tokenizer", "byte", "--set", "model.size=tiny", "--set", "model.seq_len=64",
-        "--set", "optim.batch_size=4", "--set", "train.eval_tokens=2048", "--set", "train.log_every=1"]
+        "--set", "optim.batch_size=4", "--set", "train.eval_tokens=2048", "--set", "train.log_every=1",
+        "--set", "methods.progressive=false"]
 
 
 def train(*args: str) -> int:

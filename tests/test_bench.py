@@ -26,6 +26,7 @@ def test_baseline_recipe_is_nanogpt_gpt2():
     assert cfg.hidden == 4 * cfg.d_model
     assert (config.optim.name, config.optim.lr, config.optim.beta2) == ("adamw", 1e-3, 0.99)
     assert (config.schedule.name, config.schedule.final_lr_frac) == ("cosine", 0.1)
+    assert config.methods.progressive is False  # one shape for the whole run, as nanoGPT trains
     model = GPT(cfg)
     assert model.embed_positions is not None and model.rope is None
     assert count_parameters(cfg)["total"] == model.num_parameters()
@@ -94,3 +95,23 @@ def test_bench_command_end_to_end(tmp_path, text_folder, capsys):
     assert seed["candidates"][0]["seconds_budget"] == 2  # the search starts at T/3
     assert data["median_speedup"] == seed["speedup"]
     assert "time to the baseline's held-out loss" in capsys.readouterr().out
+
+
+def test_progressive_ablation_searches_each_variant_against_each_seeds_target(monkeypatch):
+    seen: list[tuple[int, tuple[str, ...], float]] = []
+
+    def train_once(recipe, seconds, seed, sources, overrides, work):
+        seen.append((seed, tuple(overrides), seconds))
+        grows = any("grow_depth" in value for value in overrides)  # growth reaches the target at T/4, others at T/3
+        loss = 4.0 if recipe == "baseline" else (3.9 if seconds >= (30 if grows else 40) else 4.1)
+        return RunResult(recipe, seed, seconds, loss, 0.0, 0.0, 0.0)
+
+    monkeypatch.setattr(benchmark, "train_once", train_once)
+    bench = TimeToQuality(seconds=120, seeds=(0, 1))
+    rows = benchmark.ablate(bench, bench.run(report=lambda line: None), report=lambda line: None, which="progressive")
+    assert [(r["variant"], r["seed"]) for r in rows] == [(name, seed) for seed in (0, 1)
+                                                        for name in benchmark.PROGRESSIVE_ABLATIONS]
+    speedups = {r["variant"]: r["speedup"] for r in rows if r["seed"] == 1}
+    assert speedups["depth growth alone"] == 4.0 and speedups["all three progressive methods"] == 4.0
+    assert speedups["batch schedule alone"] == 3.0 and speedups["no progressive method"] == 3.0
+    assert ((1, ('methods.use=["seq_schedule"]',), 40.0)) in seen

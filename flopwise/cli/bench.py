@@ -23,7 +23,8 @@ examples:
   flopwise bench --quick                              # smoke test, under 2 minutes
   flopwise bench                                      # T = 3 minutes, seeds 0 1 2, built-in corpus
   flopwise bench --corpus /usr/lib/node_modules --include '*.js' --out bench/results/speed_js.json
-  flopwise bench --seeds 0 --ablate                   # also remove each piece of the recipe in turn
+  flopwise bench --seeds 0 --ablate                   # also change each piece of the recipe in turn
+  flopwise bench --ablate progressive                 # growth, sequence and batch schedules alone and together
 """
 
 
@@ -38,7 +39,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--include", action="append", metavar="GLOB", help="only files matching, e.g. '*.md'")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config change for both recipes (e.g. model.size=tiny); repeatable")
-    p.add_argument("--ablate", action="store_true", help="also run each ablation of the recipe against the first seed")
+    p.add_argument("--ablate", nargs="?", const="all", choices=("all", "recipe", "progressive"),
+                   help="also run ablations against each seed's target: each piece of the recipe changed, "
+                        "progressive training's pieces alone and together, or all (the default)")
     p.add_argument("--quick", action="store_true", help="T = 30 s, one seed, tiny model: a smoke test")
     p.add_argument("--out", type=Path, default=Path("bench/results/speed.json"), help="JSON results file")
 
@@ -64,7 +67,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     summary.update(seconds=seconds, corpus=bench.sources, overrides=overrides)
     console.print(_seed_table(summary))
     if args.ablate:
-        summary["ablations"] = ablate(bench, results[0], report)
+        summary["ablations"] = ablate(bench, results, report, args.ablate)
         console.print(_ablation_table(summary["ablations"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1))
@@ -87,12 +90,12 @@ def _seed_table(summary: dict) -> Table:
 
 
 def _ablation_table(rows: list[dict]) -> Table:
-    table = Table(title="ablations (one change each, against the first seed's target)")
-    for column in ("variant", "loss at budget", "speedup", "interpolated"):
+    table = Table(title="ablations (one change each, against each seed's target)")
+    for column in ("variant", "seed", "loss at budget", "speedup", "interpolated"):
         table.add_column(column, justify="right" if column != "variant" else "left")
     for row in rows:
         tried = ", ".join(f"{c['seconds_budget']:.0f}s: {c['val_loss']:.3f}" for c in row["candidates"])
-        table.add_row(row["variant"], tried, f"{row['speedup']:g}x", _maybe(row["interpolated_speedup"]))
+        table.add_row(row["variant"], str(row["seed"]), tried, f"{row['speedup']:g}x", _maybe(row["interpolated_speedup"]))
     return table
 
 
