@@ -43,7 +43,7 @@ PHASES = ("data", "forward", "backward", "clip", "optimizer")
 def flopwise_loop(steps: int, overrides: list[str], work: Path, repeat: int) -> float:
     """Tokens per training second of a flopwise run of ``steps`` steps."""
     config = load_config(None, [f"budget.steps={steps}", "train.eval_every=0", "train.checkpoint_every=0",
-                                *overrides])
+                                "methods.progressive=false", *overrides])  # the hand loop's one shape
     session = start_new(config, work / f"run{repeat}", ProgressDisplay(Console(quiet=True), live=False))
     session.write_run_files()
     session.evaluator = lambda model, tokens: {"loss": 0.0, "bpb": 0.0, "unigram_loss": 0.0, "domains": {}}  # final eval is not timed

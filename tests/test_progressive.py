@@ -184,10 +184,11 @@ def test_the_default_recipe_adds_growth_and_the_sequence_schedule_where_they_app
 
     config = load_config(None, [])
     resolved, note = resolve_progressive_methods(config, World())
-    assert resolved.methods.use == ["grow_depth", "seq_schedule"] and "progressive: grow_depth, seq_schedule" in note
+    assert resolved.methods.use == ["grow_depth", "seq_schedule", "batch_schedule"]
+    assert "progressive: grow_depth, seq_schedule, batch_schedule" in note
     # under torchrun depth growth cannot run: left out, and the run says why
     resolved, note = resolve_progressive_methods(config, World(size=2))
-    assert resolved.methods.use == ["seq_schedule"]
+    assert resolved.methods.use == ["seq_schedule", "batch_schedule"]
     assert "grow_depth left out (methods.use 'grow_depth' runs in one process only" in note
     # a run that names a progressive method, or turns them off, keeps its own list
     own = load_config(None, ['methods.use=["batch_schedule"]'])
@@ -201,7 +202,9 @@ def test_a_new_run_records_the_progressive_methods_it_added(tmp_path, text_folde
     run = tmp_path / "default"
     default = [arg for arg in TINY if arg != "methods.progressive=false"][:-1]  # TINY without the switch
     assert train(*default, "--data", str(text_folder), "--budget", "24steps", "--out", str(run)) == 0
-    assert load_config(run / "config.toml").methods.use == ["grow_depth", "seq_schedule"]
+    assert load_config(run / "config.toml").methods.use == ["grow_depth", "seq_schedule", "batch_schedule"]
     events = train_events(run)
-    assert [e["depth"] for e in events] == [1] * 18 + [2] * 6  # the measured defaults: grown at 0.75 ...
-    assert [e["seq_len"] for e in events] == [8] * 4 + [16] * 4 + [32] * 4 + [64] * 12  # ... full windows from 0.5
+    assert [e["depth"] for e in events] == [1] * 18 + [2] * 6  # the measured defaults: grown at 0.75,
+    assert [e["seq_len"] for e in events] == [8] * 4 + [16] * 4 + [32] * 4 + [64] * 12  # full windows from 0.5,
+    assert [e["batch_size"] for e in events] == [2] * 6 + [4] * 18  # half the batch until 0.25
+    assert events[-1]["tokens"] == 6 * 2 * 64 + 18 * 4 * 64

@@ -40,8 +40,9 @@ examples:
   flopwise train --model large --memory 4GiB --budget 1h   # picks 8-bit states, checkpointing, GaLore... to fit
   flopwise train --method galore --method 8bit --set optim.name=adamw --budget 10m   # choose methods yourself
   flopwise train --method bf16_weights --method qat --budget 10m   # bf16 weights, int4-aware at the end
-  flopwise train --method grow_depth --method seq_schedule --method batch_schedule --budget 10m   # progressive:
-                                                    # half the blocks, short windows, small batches early
+  flopwise train --budget 10m --set methods.progressive=false   # one shape throughout (by default a new run
+                                                    # grows depth, window and batch over the budget)
+  flopwise train --method grow_depth --set methods.grow_depth.at=0.5 --budget 1h   # depth growth alone, earlier
   flopwise train --budget 20m --auto                # model size from the scaling law (run `flopwise scan` first)
   flopwise train --budget 1h --target-loss 3.9      # give up early once the forecast cannot reach 3.9
   flopwise train --data code=./src:0.3 --data prose=./docs:0.7 --budget 10m   # a two-domain mixture

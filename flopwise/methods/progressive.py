@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from flopwise.config import RunConfig
 
 PROGRESSIVE = ("grow_depth", "seq_schedule", "batch_schedule")
-DEFAULT = ("grow_depth", "seq_schedule")
+DEFAULT = ("grow_depth", "seq_schedule", "batch_schedule")
 
 
 def resolve_progressive_methods(config: RunConfig, world: World) -> tuple[RunConfig, str | None]:
