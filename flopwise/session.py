@@ -35,7 +35,7 @@ from flopwise.evaluate.tasks.scoring import TaskModel
 from flopwise.methods.base import RunResources, StepShape, World
 from flopwise.methods.choose import estimate_for, memory_methods_of, resolve_memory_methods
 from flopwise.methods.dense import build_model, plain_model
-from flopwise.methods.progressive import resolve_progressive_methods
+from flopwise.methods.progressive import PROGRESSIVE, resolve_progressive_methods
 from flopwise.methods.salt import Teacher
 from flopwise.methods.stack import MethodStack, check_methods
 from flopwise.model.chatml import chat_files
@@ -523,6 +523,10 @@ def _extension_point(run_dir: Path, config: RunConfig, checkpoints: list[Checkpo
                      say: Callable[[str], None]) -> tuple[CheckpointInfo, RunConfig]:
     """The newest intact pinned checkpoint, and the config with its budget replaced and its warmup rescaled so
     that the steps already taken keep the learning rates they had."""
+    progressive = [name for name in config.methods.use if name in PROGRESSIVE]
+    if progressive:
+        raise FlopwiseError(f"run '{run_dir}' trained with {', '.join(progressive)}, whose schedules follow the share "
+                            "of its original budget, so it cannot be extended: start a new run with the larger budget")
     pinned = [info for info in checkpoints if info.pinned]
     if not pinned:
         raise FlopwiseError(f"run '{run_dir}' has no checkpoint from before its decay phase, so it cannot be "

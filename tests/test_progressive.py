@@ -208,3 +208,12 @@ def test_a_new_run_records_the_progressive_methods_it_added(tmp_path, text_folde
     assert [e["seq_len"] for e in events] == [8] * 4 + [16] * 4 + [32] * 4 + [64] * 12  # full windows from 0.5,
     assert [e["batch_size"] for e in events] == [2] * 6 + [4] * 18  # half the batch until 0.25
     assert events[-1]["tokens"] == 6 * 2 * 64 + 18 * 4 * 64
+
+
+@pytest.mark.slow
+def test_a_progressive_run_cannot_be_extended_and_says_why(tmp_path, text_folder, capsys):
+    run = tmp_path / "grow"
+    assert train(*TINY, "--data", str(text_folder), "--budget", "8steps", "--method", "grow_depth",
+                 "--out", str(run)) == 0
+    assert train("--resume", str(run), "--budget", "16steps") == 2
+    assert "trained with grow_depth, whose schedules follow the share of its original budget" in capsys.readouterr().err
