@@ -54,7 +54,8 @@ def pilot(config: RunConfig, domain: str, ratio: float, tokens: float, domains: 
                for spec in map(parse_source, config.data.sources)]
     return config.replace(**{"methods.mixture.weights": share_weights(config, domain, ratio, domains),
                              "methods.use": [*config.methods.use, "mixture"], "data.sources": sources,
-                             "train.forecast_every": 0.0, "train.checkpoint_every": 0.0},
+                             "train.forecast_every": 0.0, "train.checkpoint_every": 0.0,
+                             "methods.progressive": False},  # extended to more tokens: one shape throughout
                           **Budget(tokens=tokens).config_values())
 
 
