@@ -172,7 +172,7 @@ def main() -> None:
     if clock.left() > ttq_seconds * 2.5 + 30:
         bench = TimeToQuality(seconds=ttq_seconds, seeds=(0,), baseline_overrides=small, candidate_overrides=small,
                               divisors=(2, 3, 4))
-        result["time_to_quality"] = {k: v for k, v in summarize(bench.run(say)).items()}
+        result["time_to_quality"] = summarize(bench.run(say))
     else:
         result["skipped"].append("time-to-quality: out of time")
     result["wall_seconds"] = time.perf_counter() - clock.start

@@ -180,31 +180,30 @@ def scheduled_steps_left(meter: Meter, budget: Budget, cost_at: Callable[[float]
     (predicted) step time and its last count is rounded to the nearest step, so the run lands as close to the
     budget as a step allows.
     """
-    limits = budget.set_limits()
-    spent = {name: getattr(meter, name) for name in limits}
-    progress = max(spent[name] / limit for name, limit in limits.items())
-    if cost_at(progress).seconds is None:  # not timed yet: the other limits count alone
+    every = budget.set_limits()
+    spent = {name: getattr(meter, name) for name in every}
+
+    def progress() -> float:  # a seconds limit not yet timed keeps the share it has spent
+        return max(spent[name] / limit for name, limit in every.items())
+
+    limits = dict(every)
+    if cost_at(progress()).seconds is None:  # not timed yet: the other limits count alone
         limits.pop("seconds", None)
         if not limits:
             return None
-    marks = [b for b in sorted(breakpoints) if progress < b < 1.0] + [1.0]
     taken = 0
-    for mark in marks:
-        cost = cost_at(progress)
-        per_step = {name: getattr(cost, name) for name in limits}
-        counts = {name: (mark * limit - spent[name]) / per_step[name] for name, limit in limits.items()}
-        if mark < 1.0:  # steps that start below the mark: after them p has reached it
-            count = max(1, min(math.ceil(c - 1e-9) for c in counts.values()))
-        else:
-            count = max(1, min(round(c) if name == "seconds" else math.ceil(c - 1e-9) for name, c in counts.items()))
-            return taken + count
+    for mark in sorted(b for b in breakpoints if progress() < b < 1.0):  # steps that start below the mark
+        per_step = {name: getattr(cost_at(progress()), name) for name in limits}
+        count = max(1, min(math.ceil((mark * limit - spent[name]) / per_step[name] - 1e-9)
+                           for name, limit in limits.items()))
         taken += count
         for name in limits:
             spent[name] += count * per_step[name]
-        progress = max(spent[name] / limit for name, limit in budget.set_limits().items() if name in spent)
-        if progress >= 1.0:
+        if progress() >= 1.0:
             return taken
-    return taken
+    per_step = {name: getattr(cost_at(progress()), name) for name in limits}
+    counts = {name: (limit - spent[name]) / per_step[name] for name, limit in limits.items()}
+    return taken + max(1, min(round(c) if name == "seconds" else math.ceil(c - 1e-9) for name, c in counts.items()))
 
 
 def format_amount(name: str, value: float) -> str:

@@ -59,8 +59,7 @@ def brute_force_steps(meter: Meter, budget: Budget, cost_at) -> int:
     meter, steps = dataclasses.replace(meter), 0
     while True:
         cost = cost_at(meter.progress(budget))
-        if meter.progress(Budget(**{k: v for k, v in budget.to_dict().items() if k != "seconds"})
-                          if budget.seconds is None else budget) >= 1.0:
+        if meter.progress(budget) >= 1.0:
             return max(1, steps)
         meter.add_step(cost.seconds or 0.0, cost.tokens, cost.flops)
         steps += 1

@@ -1,6 +1,6 @@
 """Progressive training in the default recipe: with ``methods.progressive = true`` (the default) and no
-progressive method named in ``methods.use``, a pretraining run adds the ones the bench measured to win
-(``DEFAULT``, each with its own default settings; bench/RESULTS.md#progressive-training).  One that cannot
+progressive method named in ``methods.use``, a pretraining run adds all of them, each with its own
+default settings, as the bench measured them to win (bench/RESULTS.md#progressive-training).  One that cannot
 apply to the run (depth growth under torchrun or from an imported model, say) is left out, and the run
 says why in one line.  The resolved list is what config.toml records, so a resume rebuilds the same run."""
 
@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from flopwise.config import RunConfig
 
 PROGRESSIVE = ("grow_depth", "seq_schedule", "batch_schedule")
-DEFAULT = ("grow_depth", "seq_schedule", "batch_schedule")
 
 
 def resolve_progressive_methods(config: RunConfig, world: World) -> tuple[RunConfig, str | None]:
@@ -24,7 +23,7 @@ def resolve_progressive_methods(config: RunConfig, world: World) -> tuple[RunCon
     if not config.methods.progressive or any(name in PROGRESSIVE for name in config.methods.use):
         return config, None
     added, left_out = [], []
-    for name in DEFAULT:
+    for name in PROGRESSIVE:
         try:  # validating the config checks what it can alone; check_methods adds the processes
             check_methods(config.replace(**{"methods.use": [*config.methods.use, *added, name]}), world)
         except FlopwiseError as err:
@@ -38,4 +37,3 @@ def resolve_progressive_methods(config: RunConfig, world: World) -> tuple[RunCon
     if left_out:
         note += "; " + "; ".join(left_out)
     return config.replace(**{"methods.use": [*config.methods.use, *added]}), note
-
