@@ -66,3 +66,14 @@ def test_builtin_sources_are_named_by_kind():
 def test_bad_paths_and_a_file_too_small_to_hold_out_are_refused(tmp_path, make, expected):
     with pytest.raises(FlopwiseError, match=expected):
         sft_split(PostTrainSection(data=[str(make(tmp_path))]), TOKENIZER, 64, seed=0)
+
+
+def test_a_window_that_the_prompts_fill_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    pair = {"prompt": "a question long enough to fill a short window", "chosen": "yes", "rejected": "no"}
+    path.write_text("".join(json.dumps(pair) + "\n" for _ in range(20)), encoding="utf-8")
+    with pytest.raises(FlopwiseError) as err:
+        dpo_split(PostTrainSection(stage="dpo", data=[str(path)]), TOKENIZER, 16, seed=0)
+    assert str(err.value) == ("no training preference pair keeps a reply token on both sides within model.seq_len=16 "
+                              "(the prompts fill the window): raise model.seq_len, or give shorter prompts")
+    assert len(dpo_split(PostTrainSection(stage="dpo", data=[str(path)]), TOKENIZER, 128, seed=0).heldout) == 1

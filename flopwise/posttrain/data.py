@@ -71,6 +71,7 @@ def sft_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, see
                         for c in conversations], seq_len)
 
     (train_rows, train_stats), (heldout_rows, heldout_stats) = rendered(train), rendered(heldout)
+    _require_fitting(train_rows, heldout_rows, "conversation", "an assistant token", seq_len)
     return Split(train_rows, heldout_rows, sources, train_stats, heldout_stats)
 
 
@@ -84,7 +85,18 @@ def dpo_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, see
                               for pair in pairs], seq_len)
 
     (train_pairs, train_stats), (heldout_pairs, heldout_stats) = rendered(train), rendered(heldout)
+    _require_fitting(train_pairs, heldout_pairs, "preference pair", "a reply token on both sides", seq_len)
     return Split(train_pairs, heldout_pairs, sources, train_stats, heldout_stats)
+
+
+def _require_fitting(train: Sequence[object], heldout: Sequence[object], record: str, target: str,
+                     seq_len: int) -> None:
+    """Refuse, in one line, a split where no training or no held-out record keeps ``target`` within the window
+    (their prompts fill it): there would be nothing to train on, or nothing to measure the run."""
+    for part, kept in (("training", train), ("held-out", heldout)):
+        if not kept:
+            raise FlopwiseError(f"no {part} {record} keeps {target} within model.seq_len={seq_len} (the prompts fill "
+                                "the window): raise model.seq_len, or give shorter prompts")
 
 
 def _sources(records: Sequence[Conversation | PreferencePair]) -> list[str]:
