@@ -116,7 +116,7 @@ def analyze(args: argparse.Namespace) -> None:
     tokens_per_step = logged["tokens"] / logged["step"]
     rows = []
     for info in list_checkpoints(run / "checkpoints"):
-        model = build_model(cfg, MethodStack(config).configure)
+        model = build_model(cfg, MethodStack(config.methods, config.train.seed).configure)
         load_model(model, str(info.path / "model.safetensors"), strict=True)
         model = plain_model(model).eval()
         with torch.no_grad():

@@ -71,7 +71,7 @@ def throughput(name: str, cfg: ModelConfig, batch: int, compiled: bool, device: 
     """Tokens/s and MFU of the default recipe's optimizer step (Muon + AdamW) at ``batch`` x seq_len."""
     config = load_config(None, [f"optim.batch_size={batch}"])
     torch.manual_seed(0)
-    methods = MethodStack(config)
+    methods = MethodStack(config.methods, config.train.seed)
     model = build_model(cfg, methods.configure).to(device)
     optimizer = build_optimizer(model, config.optim, device, methods.shape_optimizer)
     methods.attach(RandomBatches(cfg.vocab_size, batch, cfg.seq_len))

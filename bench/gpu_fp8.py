@@ -72,11 +72,11 @@ def refuse_without_fp8(config_overrides: list[str]) -> None:
     from flopwise.config import load_config
     from flopwise.errors import FlopwiseError
     from flopwise.methods.base import World
-    from flopwise.methods.stack import check_methods
+    from flopwise.resolve import resolve
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        check_methods(load_config(None, config_overrides), World(1, "ddp", device))
+        resolve(load_config(None, config_overrides), World(1, "ddp", device))
     except FlopwiseError as error:
         raise SystemExit(f"bench/gpu_fp8.py cannot measure fp8 here: {error}") from None
 

@@ -150,7 +150,7 @@ def memory_part(console: Console) -> dict[str, Any]:
                 config = load_config(None, [*overrides, *arm])
                 cfg = config.model.build(4096)
                 torch.manual_seed(0)
-                model, stack = GPT(cfg), MethodStack(config)
+                model, stack = GPT(cfg), MethodStack(config.methods, config.train.seed)
                 stack.configure(model)
                 optimizer = build_optimizer(model, config.optim, torch.device("cpu"), stack.shape_optimizer)
                 x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len)) for _ in range(2))

@@ -76,7 +76,7 @@ def run_arm(size: str, methods: list[str], lr: float, tokens: float, seed: int, 
                   if isinstance(t, torch.Tensor)]
         state_bytes = sum(t.numel() * t.element_size() for t in states)
         measured = measure_training_step(session)
-    estimate = estimate_for(session.model_cfg, session.rank_batch, methods, config.methods, config.optim.name)
+    estimate = estimate_for(session.model_cfg, session.resolved.rank_batch, methods, config.methods, config.optim.name)
     return {"size": size, "methods": methods, "lr": lr,
             "parameters": sum(p.numel() for p in session.model.parameters()),
             "tokens": summary.meter.tokens, "seconds": summary.meter.seconds,

@@ -60,7 +60,7 @@ def hand_loop(steps: int, overrides: list[str], data_session, phases: dict[str, 
     torch.manual_seed(0)
     model = GPT(cfg)
     optimizer = build_optimizer(model, o, torch.device("cpu"))
-    tokens = data_session.data.corpus.train_tokens
+    tokens = data_session.stage.data.corpus.train_tokens
     rng = np.random.default_rng(0)
     clock = {name: 0.0 for name in PHASES}
     start = time.perf_counter()

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from flopwise.config import load_run_config
 from flopwise.data.tokenizer import Tokenizer
-from flopwise.evaluate.final import load_final_model
+from flopwise.evaluate.load import load_final_model
 from flopwise.posttrain.data import dpo_split, sft_split
 from flopwise.posttrain.preference import pair_batch, side_log_probs
 from flopwise.posttrain.sampler import ConversationSampler, fill

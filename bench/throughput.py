@@ -22,19 +22,18 @@ from rich.table import Table
 
 from flopwise.config import load_config
 from flopwise.runtime import choose_device, choose_dtype, measure_matmul_peak
-from flopwise.session import Session
+from flopwise.session import start_new
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.trainer import Trainer
 
 
 def measure(size: str, steps: int, warmup: int, overrides: list[str], peak: float) -> dict:
-    config = load_config(None, [f"model.size={size}", "budget.steps=1000000", *overrides])
-    session = Session(config, Path("/nonexistent"), ProgressDisplay(live=False))
-    session.prepare()
-    session.build()
+    # one shape: the model size's own throughput, without progressive training's smaller early steps
+    config = load_config(None, [f"model.size={size}", "budget.steps=1000000", "methods.progressive=false", *overrides])
+    session = start_new(config, Path("/nonexistent"), ProgressDisplay(live=False))
     settings = dataclasses.replace(session.loop_settings(), eval_every=0, checkpoint_every=0)
     trainer = Trainer(session.compiled, session.optimizer, session.sampler, settings, Path("/nonexistent"),
-                      session.device, session.dtype, lambda: {}, session.display, log=None, methods=session.methods)
+                      session.device, session.dtype, session.methods, session.display)
     for step in range(warmup):
         trainer.train_step(step, 0.5)
     start = time.perf_counter()

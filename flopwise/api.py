@@ -1,5 +1,6 @@
-"""The Python API for a run, which the CLI, ``flopwise bench``, ``flopwise scan`` and the replay pilots
-also use: ``run`` starts a new run in a folder, ``resume`` continues or extends one.
+"""The Python API for a run, which the CLI, ``flopwise bench``, ``flopwise scan``, sweeps and the replay pilots
+also use: ``run`` starts a new run in a folder, ``resume`` continues or extends one.  Every stage (pretraining,
+SFT, DPO: ``posttrain.stage``) takes the same path: resolve -> build -> run -> finish.
 
     import flopwise
     config = flopwise.load_config("run.toml", overrides=["model.d_model=256"])
@@ -9,53 +10,44 @@ also use: ``run`` starts a new run in a folder, ``resume`` continues or extends 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from flopwise.budget import Budget
-from flopwise.config import RunConfig, load_config, load_run_config
-from flopwise.posttrain.session import PostTrainSession
+from flopwise.config import RunConfig, load_config
+from flopwise.reopen import open_for_resume
 from flopwise.rundir import writing
-from flopwise.session import Session, Summary, open_for_resume, start_new
+from flopwise.session import Summary, start_new
+from flopwise.train.callbacks import AfterEval
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.trainer import LoopState
 
 
 def run(config: RunConfig | str | Path, out: str | Path, *, stop_after: Budget | str | None = None,
         display: ProgressDisplay | None = None, auto_plan: dict[str, Any] | None = None,
-        after_eval: Callable[[int, float, dict[str, Any]], str | None] | None = None) -> Summary:
+        after_eval: AfterEval | None = None, extendable: bool = False) -> Summary:
     """Train a new run of ``config`` (a RunConfig, or the path of a TOML/YAML file) into the folder ``out``
     until its budget is spent (or ``stop_after`` is, checkpointed as if interrupted): pretraining, or SFT or
     DPO from ``model.init_from`` when ``posttrain.stage`` says so.  ``auto_plan``: the plan that chose its
     shape, kept in plan.json.  ``after_eval(step, p, fields)``: called after each evaluation during the run
     with the eval event's fields; a string it returns stops the run there, with a checkpoint, as the reason
-    (a sweep's pruner)."""
+    (a sweep's pruner).  ``extendable``: the run will be extended to larger budgets (``resume`` with a budget),
+    so it takes no method whose schedule follows its own budget's share."""
     if not isinstance(config, RunConfig):
         config = load_config(config)
     with writing(Path(out), new=True):
-        session = start_new(config, Path(out), display, session_class(config))
-        session.auto_plan = auto_plan
-        session.after_eval = after_eval
-        session.write_run_files()
-        return session.run(LoopState(), _budget(stop_after))
+        session = start_new(config, Path(out), display, extendable=extendable)  # resolve, then build
+        session.write_run_files(auto_plan)
+        return session.run(LoopState(), _budget(stop_after), after_eval)  # run, then finish
 
 
 def resume(run_dir: str | Path, budget: Budget | str | None = None, *, stop_after: Budget | str | None = None,
-           display: ProgressDisplay | None = None,
-           after_eval: Callable[[int, float, dict[str, Any]], str | None] | None = None) -> Summary:
+           display: ProgressDisplay | None = None, after_eval: AfterEval | None = None) -> Summary:
     """Continue an interrupted run to its budget, or extend a finished one to a larger ``budget``, exactly
     as the uninterrupted run would have gone; ``after_eval`` as for ``run``."""
     with writing(Path(run_dir), new=False):
-        config = load_run_config(Path(run_dir))
-        session, state = open_for_resume(Path(run_dir), _budget(budget), display, session_class(config))
-        session.after_eval = after_eval
-        return session.run(state, _budget(stop_after))
-
-
-def session_class(config: RunConfig) -> type[Session]:
-    """Pretraining's session, or post-training's for an sft or dpo run (``posttrain.stage``)."""
-    return Session if config.posttrain.stage == "pretrain" else PostTrainSession
+        session, state = open_for_resume(Path(run_dir), _budget(budget), display)  # resolve, then build
+        return session.run(state, _budget(stop_after), after_eval)  # run, then finish
 
 
 def _budget(value: Budget | str | None) -> Budget | None:

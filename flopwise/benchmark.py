@@ -150,18 +150,24 @@ RECIPE_ABLATIONS: dict[str, list[str]] = {
     "GELU MLP instead of SwiGLU": ["model.mlp=gelu"],
     "ReLU² MLP instead of SwiGLU": ["model.mlp=relu2"],
 }
-# Progressive training: each piece alone, all together (methods.use replaces the recipe's list), and none.
-PROGRESSIVE_ABLATIONS: dict[str, list[str]] = {
-    "depth growth alone": ['methods.use=["grow_depth"]'],
-    "sequence-length schedule alone": ['methods.use=["seq_schedule"]'],
-    "batch schedule alone": ['methods.use=["batch_schedule"]'],
-    "all three progressive methods": ['methods.use=["grow_depth","seq_schedule","batch_schedule"]'],
-    "no progressive method": ["methods.progressive=false"],
-}
 
 
-ABLATIONS: dict[str, dict[str, list[str]]] = {"recipe": RECIPE_ABLATIONS, "progressive": PROGRESSIVE_ABLATIONS,
-                                              "all": {**RECIPE_ABLATIONS, **PROGRESSIVE_ABLATIONS}}
+def progressive_ablations() -> dict[str, list[str]]:
+    """Progressive training: each progressive method alone, all together (methods.use replaces the recipe's list),
+    and none, from the registry's methods that declare themselves progressive."""
+    from flopwise.methods.registry import METHODS
+
+    names = [method.name for method in METHODS if method.progressive]
+    quoted = ",".join(f'"{name}"' for name in names)
+    return {**{f"{name} alone": [f'methods.use=["{name}"]'] for name in names},
+            "all progressive methods": [f"methods.use=[{quoted}]"],
+            "no progressive method": ["methods.progressive=false"]}
+
+
+def ablations(which: str) -> dict[str, list[str]]:
+    """The variants of ``which``: the recipe's pieces, progressive training's, or all."""
+    return {"recipe": RECIPE_ABLATIONS, "progressive": progressive_ablations(),
+            "all": {**RECIPE_ABLATIONS, **progressive_ablations()}}[which]
 
 
 def ablate(bench: TimeToQuality, targets: list[SeedResult], report: Callable[[str], None] = print,
@@ -171,7 +177,7 @@ def ablate(bench: TimeToQuality, targets: list[SeedResult], report: Callable[[st
     rows = []
     with tempfile.TemporaryDirectory(prefix="flopwise-ablate-") as tmp:
         for target in targets:
-            for name, overrides in ABLATIONS[which].items():
+            for name, overrides in ablations(which).items():
                 variant = SeedResult(target.seed, target.target, target.baseline)
                 changed = TimeToQuality(**{**asdict(bench), "candidate_overrides": bench.candidate_overrides + overrides})
                 report(f"ablation: {name}, seed {target.seed}")

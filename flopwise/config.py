@@ -8,14 +8,13 @@ written to the run folder as ``config.toml`` and is all a resume needs.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from flopwise.budget import BudgetSection, parse_bytes
 from flopwise.data.config import DataSection
@@ -66,13 +65,14 @@ class TrainSection(Section):
 
 
 class PostTrainSection(Section):
-    """``stage``: pretrain (a `flopwise train` run), sft or dpo.  ``data``: JSONL files (conversations for sft,
+    """``stage``: pretrain (a `flopwise train` run), sft or dpo (the stages of flopwise/stages/, checked when the
+    run is resolved).  ``data``: JSONL files (conversations for sft,
     preference pairs for dpo); empty: the built-in data from the standard library.  ``pack``: several
     conversations per window, each attending only to itself (sft).  ``beta``: DPO's strength of the pull
     towards the reference.  ``heldout``: the share of each file's records held out (the built-in data is
     held out by package); ``heldout_max``: at most this many held-out records are scored."""
 
-    stage: Literal["pretrain", "sft", "dpo"] = "pretrain"
+    stage: str = "pretrain"
     data: list[str] = []
     pack: bool = True
     beta: float = 0.1
@@ -102,32 +102,18 @@ class MemorySection(Section):
     _limit = in_range("limit", low=0, above=True)
 
 
-@functools.cache
 def methods_section() -> type[BaseModel]:
-    """``[methods]``: ``use`` (the methods of the run, each once, kept in registry order), ``progressive``
-    (true: a new pretraining run that names no progressive method adds the default recipe's) and one section
-    per registered method, ``[methods.<name>]``, validated by that method's own ``Config``.  Built from the
-    registry on first use: the methods import torch, which ``flopwise --help`` should not wait for."""
-    from flopwise.methods.registry import BY_NAME, METHODS
-    from flopwise.methods.stack import in_registry_order
+    """``[methods]``, assembled from the method registry (flopwise/methods/section.py) on first use: the
+    methods import torch, which ``flopwise --help`` should not wait for."""
+    from flopwise.methods.section import methods_section as assembled
 
-    def known(cls: type, value: Any) -> list[str]:
-        names = one_or_many(cls, value)
-        unknown = [name for name in names if name not in BY_NAME]
-        if unknown:
-            raise ValueError(f"unknown method '{unknown[0]}': choose from {', '.join(BY_NAME)}")
-        return in_registry_order(names)
-
-    return create_model("MethodsSection", __base__=Section, __doc__=methods_section.__doc__,
-                        __validators__={"_known": field_validator("use", mode="before")(known)},
-                        use=(list[str], []),
-                        progressive=(bool, True),
-                        **{method.name: (method.Config, method.Config()) for method in METHODS})
+    return assembled()
 
 
 class RunConfig(Section):
-    """Everything that defines a run.  Rules that span several sections run at validation, before any
-    data is read: the model shape (where the config decides it) and each method's own ``check``."""
+    """Everything that defines a run, each section validated for its own types and ranges, and the model shape
+    where the config decides it.  What the sections resolve to together (the methods, the shape of an imported
+    model, the compute dtype) and each method's ``check`` are the resolve stage's (flopwise/resolve.py)."""
 
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
@@ -146,12 +132,9 @@ class RunConfig(Section):
         return value if isinstance(value, section) else section.model_validate(value)
 
     @model_validator(mode="after")
-    def _across_sections(self) -> RunConfig:
-        from flopwise.methods.stack import check_methods
-
+    def _shape(self) -> RunConfig:
         if self.model.init_from is None:
             self.model.build(vocab_size=1)  # the shape's own rules (n_heads dividing d_model, ...)
-        check_methods(self, world=None)
         return self
 
     def replace(self, **values: Any) -> RunConfig:
@@ -227,19 +210,9 @@ def read_config_file(path: Path) -> dict:
 
 
 def validate_config(data: dict, source: str) -> RunConfig:
-    """Build a RunConfig, turning pydantic's report into one line that names the key; methods that other
-    fields ask for (``implied``) join ``methods.use``."""
-    from flopwise.methods.registry import METHODS
-
+    """Build a RunConfig, turning pydantic's report into one line that names the key."""
     try:
-        config = RunConfig.model_validate(data)
-        implied = [method.name for method in METHODS
-                   if method.name not in config.methods.use and method.implied(config)]
-        if implied:
-            data = config.model_dump()
-            data["methods"]["use"] = [*config.methods.use, *implied]
-            config = RunConfig.model_validate(data)
-        return config
+        return RunConfig.model_validate(data)
     except ValidationError as err:
         raise FlopwiseError(_one_line(err, source)) from None
 
@@ -248,12 +221,15 @@ def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
-        if key in LEGACY_KEYS:
-            return f"config ({source}): '{key}' is now '{LEGACY_KEYS[key]}': rename it"
-        moved = [old for old in LEGACY_KEYS if old.startswith(f"{key}.")]
+        from flopwise.methods.section import legacy_keys
+
+        moves = legacy_keys()
+        if key in moves:
+            return f"config ({source}): '{key}' is now '{moves[key]}': rename it"
+        moved = [old for old in moves if old.startswith(f"{key}.")]
         if moved:
             return (f"config ({source}): section '{key}' moved under [methods] (e.g. '{moved[0]}' is now "
-                    f"'{LEGACY_KEYS[moved[0]]}'): rename its keys")
+                    f"'{moves[moved[0]]}'): rename its keys")
         section = _section_model(first["loc"][:-1])
         valid = ", ".join(section.model_fields)
         return f"config ({source}): unknown key '{key}': valid keys here are {valid}"
@@ -320,46 +296,27 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-# Keys of config.toml files written before each method owned its section, and where they went.
-LEGACY_KEYS: dict[str, str] = {
-    "memory.methods": "methods.use", "memory.state_block": "methods.8bit.block",
-    "memory.galore_rank": "methods.galore.rank", "memory.galore_update_gap": "methods.galore.update_gap",
-    "memory.galore_scale": "methods.galore.scale", "memory.sltrain_rank": "methods.sltrain.rank",
-    "memory.sltrain_delta": "methods.sltrain.delta", "memory.sltrain_alpha": "methods.sltrain.alpha",
-    "memory.sltrain_refactor_every": "methods.sltrain.refactor_every",
-    "memory.sltrain_rewarmup": "methods.sltrain.rewarmup", "memory.lisa_layers": "methods.lisa.layers",
-    "memory.lisa_interval": "methods.lisa.interval", "memory.lora_rank": "methods.lora.rank",
-    "memory.lora_alpha": "methods.lora.alpha", "mixture.weights": "methods.mixture.weights",
-    "mixture.online": "methods.online_mixture.rule", "mixture.reference": "methods.online_mixture.reference",
-    "mixture.eta": "methods.online_mixture.eta", "mixture.smoothing": "methods.online_mixture.smoothing",
-    **{f"curriculum.{key}": f"methods.curriculum.{key}" for key in ("order", "pacing", "start", "full_at", "scorer")},
-    **{f"reweight.{key}": f"methods.reweight.{key}" for key in ("strategy", "temperature", "delta", "burn_in")},
-    **{f"salt.{key}": f"methods.salt.{key}"
-       for key in ("teacher", "kd_weight", "kd_until", "temperature", "select_pool")},
-}
-# The old key whose value said whether a method was on, and the value that meant "off".
-_LEGACY_SWITCHES = {"mixture.weights": ("mixture", {}), "mixture.online": ("online_mixture", "none"),
-                    "curriculum.order": ("curriculum", "none"), "reweight.strategy": ("reweight", "none"),
-                    "salt.teacher": ("salt", None)}
-
-
 def upgrade_legacy_keys(data: dict) -> dict:
-    """``data`` with the keys of ``LEGACY_KEYS`` moved to their new places; an old switch that was on
-    adds its method to ``methods.use``, and the settings of methods that were off are dropped."""
+    """``data`` with the keys older config.toml files used (flopwise/methods/section.py's ``legacy_keys``) moved
+    to their new places; an old switch that was on adds its method to ``methods.use``, and the settings of
+    methods that were off are dropped."""
+    from flopwise.methods.section import legacy_keys, legacy_switches
+
+    moves = legacy_keys()
     data = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
-    sections = dict.fromkeys(key.split(".")[0] for key in LEGACY_KEYS)
+    sections = dict.fromkeys(key.split(".")[0] for key in moves)
     old = {f"{section}.{key}": data[section].pop(key) for section in sections if isinstance(data.get(section), dict)
-           for key in list(data[section]) if f"{section}.{key}" in LEGACY_KEYS}
+           for key in list(data[section]) if f"{section}.{key}" in moves}
     for section in sections:
         if section not in RunConfig.model_fields and section in data and not data[section]:
             del data[section]  # a section that no longer exists, emptied
     if not old:
         return data
     use = list(old.pop("memory.methods", []))
-    use += [name for key, (name, off) in _LEGACY_SWITCHES.items() if key in old and old[key] != off]
+    use += [name for key, (name, off) in legacy_switches().items() if key in old and old[key] != off]
     _set_dotted(data, "methods.use", use)
     for key, value in old.items():
-        target = LEGACY_KEYS[key]
+        target = moves[key]
         if target.split(".")[1] in use:  # settings of methods that were off are dropped
             _set_dotted(data, target, value)
     return data

@@ -1,9 +1,13 @@
-"""A run from start to finish: folder, data, model and optimizer, the loop, the final model.
+"""A run of any stage, built from its resolved config: the stage's data, the methods, the model and optimizer, the
+loop with its callbacks, and the final model.
 
-The run folder is the whole truth about a run: ``config.toml`` (resolved), ``plan.json``,
-``metrics.jsonl``, ``tokenizer.json``, ``checkpoints/`` and ``final/``.  Resuming reads it
-back; extending a finished run to a larger budget restarts from its pinned checkpoint, the
-last one before the learning rate began to decay.
+flopwise/api.py reads top to bottom: resolve (flopwise/resolve.py) -> build (``start_new``, or
+flopwise/reopen.py's ``open_for_resume``) -> run -> finish (``Session.run``).  What differs between pretraining,
+SFT and DPO is the stage's (flopwise/stages/): its data, objective, evaluation and starting weights; the session
+overrides nothing per stage.
+
+The run folder is the whole truth about a run: ``config.toml`` (resolved), ``plan.json``, ``metrics.jsonl``,
+``tokenizer.json``, ``checkpoints/`` and ``final/``.
 """
 
 from __future__ import annotations
@@ -11,73 +15,52 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from flopwise.atomic import write_atomic, write_json_atomic
 from flopwise.budget import Budget, Meter
-from flopwise.config import RunConfig, config_to_toml, load_run_config
-from flopwise.data.pipeline import PreparedData, cache_root, prepare_data
-from flopwise.data.sampler import PackedSampler
-from flopwise.data.sources import uses_builtin_corpus
+from flopwise.config import RunConfig, TrainSection, config_to_toml
+from flopwise.data.pipeline import cache_root
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
-from flopwise.evaluate.heldout import FINAL_EVAL_SCALE, Evaluator
-from flopwise.evaluate.tasks.builtin import HeldoutText
-from flopwise.evaluate.tasks.engine import evaluate_tasks
-from flopwise.evaluate.tasks.resolve import check_run_tasks, resolve_tasks
-from flopwise.evaluate.tasks.scoring import TaskModel
-from flopwise.methods.base import RunResources, StepShape, World
-from flopwise.methods.choose import estimate_for, memory_methods_of, resolve_memory_methods
+from flopwise.methods.base import StepShape, World
+from flopwise.methods.choose import estimate_for, memory_methods_of
 from flopwise.methods.dense import build_model, plain_model
-from flopwise.methods.progressive import PROGRESSIVE, resolve_progressive_methods
-from flopwise.methods.salt import Teacher
-from flopwise.methods.stack import MethodStack, check_methods
+from flopwise.methods.stack import MethodStack
 from flopwise.model.chatml import chat_files
-from flopwise.model.config import NAMED_SIZES, ModelConfig
+from flopwise.model.config import ModelConfig
 from flopwise.model.flops import count_parameters, flops_per_token
-from flopwise.model.gpt import GPT
-from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source, save_hf_folder
+from flopwise.model.hf import save_hf_folder
 from flopwise.optim.build import build_optimizer
-from flopwise.rundir import CONFIG_FILE, METRICS_FILE, PLAN_FILE, is_run_dir, planned_model_config, read_metrics
+from flopwise.resolve import ResolvedRun, resolve
+from flopwise.rundir import CONFIG_FILE, METRICS_FILE, PLAN_FILE, is_run_dir, read_metrics
 from flopwise.runtime import (
+    Ranks,
     choose_device,
-    choose_dtype,
     device_name,
     full_model_state,
     init_ranks,
     keep_freed_cpu_memory,
     measure_matmul_peak,
-    per_rank_batch,
     wrap_for_training,
 )
 from flopwise.scaling.law_file import law_for
-from flopwise.train.checkpoint import CheckpointInfo, list_checkpoints, load_checkpoint, newest_intact
+from flopwise.stages import stage_class
+from flopwise.stages.base import StageContext, StageEvaluation
+from flopwise.train.callbacks import AfterEval, Evaluation, Forecast, LoopCallback, Metrics, Progress
+from flopwise.train.checkpoint import CheckpointInfo, load_checkpoint
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.forecast import LossForecaster
 from flopwise.train.loggers import open_run_logger, require_backends
 from flopwise.train.metrics import MetricsLog
-from flopwise.train.trainer import (
-    LoopSettings,
-    LoopState,
-    Objective,
-    Outcome,
-    Trainer,
-    forecast_points,
-    heldout_fields,
-    next_mark,
-)
+from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, forecast_points, next_mark
 
 MAX_RUN_SECONDS = 365 * 86400  # a budget that cannot be spent within a year at the device's peak is a mistake
-
-# Model fields that an --init-from model's config.json decides.
-_IMPORTED_SHAPE = {"size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "qk_norm", "tie_embeddings",
-                   "rope_theta"}
 
 
 @dataclass
@@ -94,101 +77,88 @@ class Summary:
     domain_epochs: dict[str, float] | None = None  # times each domain's training tokens were seen
 
 
-class Session:
-    """Sets up a run (new, resumed or extended), runs it and writes the final model.  Post-training
-    (flopwise/posttrain/session.py) overrides the data, the objective and the evaluation."""
+@dataclass(frozen=True)
+class Processes:
+    """Where this process computes and its place among the processes torchrun started (one, without it)."""
 
-    objective: Objective | None = None  # the loop's default: the methods on the sampler's windows
-    after_eval: Callable[[int, float, dict[str, Any]], str | None] | None = None  # see Trainer
-    eval_fields = staticmethod(heldout_fields)
-    adds_progressive = True  # a new run adds the default recipe's progressive methods (methods.progressive)
-
-    def __init__(self, config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> None:
-        self.config = config
-        self.run_dir = run_dir
-        require_backends(config.train.log)
-        self.device = choose_device(config.train.device)
-        self.ranks = init_ranks(self.device.type)
-        if self.device.type == "cuda" and self.ranks.distributed:
-            self.device = torch.device("cuda", self.ranks.local_rank)
-        self.display = (display or ProgressDisplay()) if self.ranks.is_main else ProgressDisplay.quiet()
-        self.dtype = choose_dtype(config.train.precision, self.device)
-        self.compute_dtype = "bf16" if self.dtype == torch.bfloat16 else "fp32"  # the memory estimator's name for it
-        self.init_folder: Path | None = None
-        self.resume_step: int | None = None
-        self.auto_plan: dict[str, Any] | None = None  # what `train --auto` planned, kept in plan.json
-        check_methods(config, self.world)  # before any data is read
-        check_run_tasks(config, self.ranks.distributed)
-        if self.device.type == "cpu" and config.train.cpu_keep_freed_memory:
-            keep_freed_cpu_memory()
+    device: torch.device
+    ranks: Ranks
 
     @classmethod
-    def new(cls, config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None) -> Session:
-        """A session for a new run in ``run_dir`` (refused where a run already is)."""
-        if is_run_dir(run_dir):
-            raise FlopwiseError(f"'{run_dir}' already holds a run: resume it with --resume {run_dir}, "
-                                "or choose another --out")
-        config.budget.build()  # fail on a missing budget before reading any data
-        if config.model.init_from:
-            clash = sorted(config.model.model_fields_set & _IMPORTED_SHAPE)
-            if clash:
-                raise FlopwiseError(f"model.{clash[0]} cannot be set with --init-from: the shape comes from the "
-                                    "imported model's config.json (only model.seq_len can be chosen)")
-            if "tokenizer" in config.data.model_fields_set:
-                raise FlopwiseError("data.tokenizer cannot be set with --init-from: the imported model's own "
-                                    "tokenizer is used as is")
-        session = cls(config, run_dir, display)
-        if session.adds_progressive:
-            session.config, note = resolve_progressive_methods(session.config, session.world)
-            if note:
-                session.display.message(note)
+    def open(cls, train: TrainSection) -> Processes:
+        """Join torchrun's process group, if any; under CUDA each process computes on its local device."""
+        device = choose_device(train.device)
+        ranks = init_ranks(device.type)
+        if device.type == "cuda" and ranks.distributed:
+            device = torch.device("cuda", ranks.local_rank)
+        return cls(device, ranks)
+
+    def world(self, parallel: str) -> World:
+        """The processes as the methods' checks see them."""
+        return World(self.ranks.world_size, parallel, self.device)
+
+
+class Session:
+    """One run of a resolved config: ``prepare`` reads the stage's data, ``build`` makes the methods, model,
+    optimizer and the stage's loop parts, ``run`` trains to the budget and finishes."""
+
+    def __init__(self, resolved: ResolvedRun, run_dir: Path, processes: Processes,
+                 display: ProgressDisplay | None = None) -> None:
+        self.resolved, self.config, self.run_dir = resolved, resolved.config, run_dir
+        self.device, self.ranks = processes.device, processes.ranks
+        self.display = (display or ProgressDisplay()) if self.ranks.is_main else ProgressDisplay.quiet()
+        self.dtype = torch.bfloat16 if resolved.compute_dtype == "bf16" else torch.float32
+        require_backends(self.config.train.log)
+        self.resume_step: int | None = None
+        if self.device.type == "cpu" and self.config.train.cpu_keep_freed_memory:
+            keep_freed_cpu_memory()
+        for note in resolved.notes:
+            self.display.message(note)
+        self.stage = stage_class(resolved.stage)(StageContext(
+            self.config, resolved.model, self.device, self.dtype, self.ranks, self.display, resolved.vocab_known,
+            resolved.frozen_embedding))
+
+    @classmethod
+    def new(cls, resolved: ResolvedRun, run_dir: Path, processes: Processes,
+            display: ProgressDisplay | None = None) -> Session:
+        """A new run, prepared and built: its data read, its model initialized (``--init-from``: loaded)."""
+        session = cls(resolved, run_dir, processes, display)
+        session.prepare()
+        session.build(initial_weights=bool(resolved.config.model.init_from))
         return session
 
-    def prepare(self, tokenizer: Tokenizer | None = None, model_cfg: ModelConfig | None = None) -> None:
-        """Data, model config and the per-step costs the budget is counted in.  A resumed run passes
-        its saved tokenizer and shape; an imported model brings its own."""
-        started = time.perf_counter()
-        m = self.config.model
-        if model_cfg is None and m.init_from:
-            self.init_folder = resolve_hf_source(m.init_from)
-            tokenizer = tokenizer or Tokenizer.load(self.init_folder)
-            self.config = self.config.replace(**{"data.tokenizer": str(self.init_folder)})  # in config.toml
-            seq_len = m.seq_len or NAMED_SIZES[m.size]["seq_len"]
-            model_cfg = model_config_from_hf(read_hf_config(self.init_folder), self.init_folder, seq_len)
-        with self.ranks.main_first():  # rank 0 tokenizes into the cache; the other ranks then read it
-            self.data: PreparedData = prepare_data(self.config.data, self.config.train.seed, tokenizer)
-        self.tokenizer = self.data.tokenizer
-        self.model_cfg: ModelConfig = model_cfg or m.build(self.data.tokenizer.vocab_size)
-        if self.data.tokenizer.vocab_size > self.model_cfg.vocab_size:
-            raise FlopwiseError(f"the tokenizer has {self.data.tokenizer.vocab_size} tokens but the model's "
-                                f"vocab_size is {self.model_cfg.vocab_size}: use the model's own tokenizer")
-        o = self.config.optim
-        self.rank_batch = per_rank_batch(o.batch_size, self.ranks)
-        # a resumed run has its methods already: then this only checks that they fit
-        self.config, note = resolve_memory_methods(self.config, self.model_cfg, self.rank_batch, self.compute_dtype)
-        if note:
-            self.display.message(note)
-        check_methods(self.config, self.world)
-        t = self.config.train
-        self.tasks = resolve_tasks(t.eval_tasks, self.heldout_text, t.seed, t.task_examples, "train.eval_tasks")
-        self.tokens_per_step = o.batch_size * o.grad_accum * self.model_cfg.seq_len  # the whole job's
-        self.flops_per_step = flops_per_token(self.model_cfg) * self.tokens_per_step
+    # -- build ------------------------------------------------------------------------------------
+
+    def prepare(self, tokenizer: Tokenizer | None = None, planned: ModelConfig | None = None) -> None:
+        """The stage's data, the model shape with its tokenizer, and the per-step costs the budget is counted
+        in.  A resumed run passes its saved tokenizer and shape."""
+        prepared = self.stage.prepare(tokenizer, planned)
+        self.tokenizer, self.model_cfg = prepared.tokenizer, prepared.model
+        self.tokens_per_step, self.flops_per_step = prepared.tokens_per_step, prepared.flops_per_step
+        self.data_record = prepared.record
         self.check_budget_allows_a_step()
-        cached = "cached" if self.data.corpus.cache_hit else "tokenized"
-        meta = self.data.corpus.meta
-        self.display.message(f"data: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} held-out tokens "
-                             f"({cached}, {time.perf_counter() - started:.1f}s), vocab {self.data.tokenizer.vocab_size}"
-                             + self.data.stats.describe() + self.data.hygiene.describe())
+        self.display.message(prepared.description)
 
-    def heldout_text(self) -> HeldoutText:
-        """The held-out documents as text, for the built-in tasks."""
-        return HeldoutText.from_corpus(self.data.corpus, self.data.tokenizer,
-                                       uses_builtin_corpus(self.config.data.sources))
-
-    @property
-    def world(self) -> World:
-        """The processes this run trains on, for the methods' checks."""
-        return World(self.ranks.world_size, self.config.train.parallel, self.device)
+    def build(self, initial_weights: bool = False) -> None:
+        """Methods, model (from the stage's starting weights when asked), its data-parallel wrapper, optimizer,
+        and the stage's sampler, objective and evaluation."""
+        torch.manual_seed(self.config.train.seed)
+        self.methods = MethodStack(self.config.methods, self.config.train.seed)
+        self.methods.full = StepShape(self.config.optim.batch_size, self.model_cfg.seq_len, self.model_cfg.n_layers)
+        # LoRA wraps the imported weights; SLTrain factorizes fresh ones
+        self.model = build_model(self.model_cfg, self.methods.configure,
+                                 self.stage.initial_weights if initial_weights else None)
+        self.model.to(self.device)
+        train = self.config.train
+        self.wrapped = wrap_for_training(self.model, train.parallel, self.ranks, self.device)
+        # after FSDP has sharded the model
+        self.optimizer = build_optimizer(self.model, self.config.optim, self.device, self.methods.shape_optimizer)
+        self.compiled = torch.compile(self.wrapped) if train.compile else self.wrapped
+        loop = self.stage.build(self.model, self.methods)
+        self.sampler, self.objective, self.evaluation = loop.sampler, loop.objective, loop.evaluation
+        with self.ranks.main_first():  # measured once, cached for the other ranks
+            self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
+        self.check_budget_is_spendable()
 
     def per_step(self) -> dict[str, float]:
         """What one optimizer step spends of each budget limit counted in steps' units."""
@@ -200,41 +170,6 @@ class Session:
             if name in per_step and amount < per_step[name]:
                 raise FlopwiseError(f"budget.{name}={amount:.3g} is smaller than one step ({per_step[name]:.3g} "
                                     f"{name}): raise the budget or shrink optim.batch_size, model.seq_len or the model")
-
-    def build(self, initial_weights: bool = False) -> None:
-        """Methods, model (from --init-from weights when asked), its data-parallel wrapper, optimizer, data."""
-        torch.manual_seed(self.config.train.seed)
-        self.methods = MethodStack(self.config)
-        self.methods.full = StepShape(self.config.optim.batch_size, self.model_cfg.seq_len, self.model_cfg.n_layers)
-        # LoRA wraps the imported weights; SLTrain factorizes fresh ones
-        self.model = build_model(self.model_cfg, self.methods.configure,
-                                 self.load_initial_weights if initial_weights else None)
-        self.model.to(self.device)
-        train = self.config.train
-        self.wrapped = wrap_for_training(self.model, train.parallel, self.ranks, self.device)
-        # after FSDP has sharded the model
-        self.optimizer = build_optimizer(self.model, self.config.optim, self.device, self.methods.shape_optimizer)
-        self.compiled = torch.compile(self.wrapped) if train.compile else self.wrapped
-        self.build_data()
-        with self.ranks.main_first():  # measured once, cached for the other ranks
-            self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
-        self.check_budget_is_spendable()
-
-    def build_data(self) -> None:
-        """The methods' setup, the sampler they shape, the held-out evaluator and the task scorer."""
-        self.methods.setup(RunResources(self.data, self.config.data.sources, self.model_cfg.seq_len, self.device,
-                                        self.dtype, self.ranks, self.display.message, self._teacher_loader()))
-        corpus, options = self.data.corpus, self.methods.sampler_options()
-        self.sampler = PackedSampler(corpus.train_tokens, self.model_cfg.seq_len, self.rank_batch,
-                                     seed=self.config.train.seed, rank=self.ranks.rank,
-                                     world_size=self.ranks.world_size, domain_ranges=corpus.train_domain_ranges(),
-                                     weights=options.weights, domain_names=corpus.domains,
-                                     difficulty=options.difficulty, pacing=options.pacing)
-        self.methods.attach(self.sampler)
-        self.evaluator = Evaluator(corpus, self.data.tokenizer.token_bytes(), self.model_cfg.seq_len,
-                                   self.config.optim.batch_size, self.device, self.dtype)
-        self.task_model = TaskModel(self.model, self.data.tokenizer, self.device, self.dtype,
-                                    self.config.optim.batch_size)
 
     def check_budget_is_spendable(self) -> None:
         """Refuse a budget that even this device's best matmul speed could not spend within MAX_RUN_SECONDS
@@ -252,50 +187,39 @@ class Session:
                                 "budget, or add a time limit to it (--budget <yours>,24h ends at whichever is "
                                 "reached first)")
 
-    def _teacher_loader(self) -> Callable[[str], Teacher]:
-        """Loads each teacher source once, with this run's tokenizer and window length (SALT's teacher
-        may also be the curriculum's scorer)."""
-        loaded: dict[str, Teacher] = {}
+    # -- the run folder ---------------------------------------------------------------------------
 
-        def load(source: str) -> Teacher:
-            if source not in loaded:
-                loaded[source] = Teacher.load(source, self.data.tokenizer.vocab_size, self.device,
-                                              self.data.tokenizer.to_json(), seq_len=self.model_cfg.seq_len)
-            return loaded[source]
-        return load
-
-    def write_run_files(self) -> None:
+    def write_run_files(self, auto_plan: dict[str, Any] | None = None) -> None:
+        """tokenizer.json, plan.json, then config.toml, each whole: config.toml is what makes a folder a run, so
+        an interruption before it leaves no run, and one after it a run that resumes (from step 0).
+        ``auto_plan``: what `train --auto` planned, kept in plan.json."""
         if self.ranks.is_main:
-            self._write_run_files()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.run_dir / "tokenizer.json", self.tokenizer.to_json())
+            write_json_atomic(self.run_dir / PLAN_FILE, self.plan(auto_plan))
+            write_atomic(self.run_dir / CONFIG_FILE, config_to_toml(self.config))
         self.ranks.barrier()
 
-    def _write_run_files(self) -> None:
-        """tokenizer.json, plan.json, then config.toml, each whole: config.toml is what makes a folder a run, so
-        an interruption before it leaves no run, and one after it a run that resumes (from step 0)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.run_dir / "tokenizer.json", self.tokenizer.to_json())
-        budget = self.config.budget.build()
-        plan = {"model": self.model_cfg.to_dict(), "parameters": count_parameters(self.model_cfg),
+    def plan(self, auto_plan: dict[str, Any] | None) -> dict[str, Any]:
+        """plan.json: the shape, costs, budget, device and processes, the memory plan and the stage's data."""
+        return {"model": self.model_cfg.to_dict(), "parameters": count_parameters(self.model_cfg),
                 "flops_per_token": flops_per_token(self.model_cfg), "tokens_per_step": self.tokens_per_step,
-                "flops_per_step": self.flops_per_step, "budget": budget.to_dict(),
+                "flops_per_step": self.flops_per_step, "budget": self.config.budget.build().to_dict(),
                 "device": device_name(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "matmul_peak_flops": self.peak_flops, "world_size": self.ranks.world_size,
                 "parallel": self.config.train.parallel if self.ranks.distributed else None,
-                "memory": self.memory_plan(), **self.data_record(), "auto_plan": self.auto_plan}
-        write_json_atomic(self.run_dir / PLAN_FILE, plan)
-        write_atomic(self.run_dir / CONFIG_FILE, config_to_toml(self.config))
-
-    def data_record(self) -> dict[str, Any]:
-        """What plan.json keeps of the data: the corpus, what reading it found, the mixture."""
-        return {"corpus": self.data.corpus.meta, "read": vars(self.data.stats), "data": self.data.summary()}
+                "memory": self.memory_plan(), **self.data_record, "auto_plan": auto_plan}
 
     def memory_plan(self) -> dict[str, Any]:
         """The memory methods and the estimated bytes of a step with them (flopwise/memory/estimate.py)."""
         c = self.config
-        methods = memory_methods_of(c)
-        estimate = estimate_for(self.model_cfg, self.rank_batch, methods, c.methods, c.optim.name, self.compute_dtype,
-                                grad_accum=c.optim.grad_accum)
-        return {"methods": methods, "limit": c.memory.limit, "estimate": estimate.to_dict()}
+        methods = memory_methods_of(c.methods.use)
+        estimate = estimate_for(self.model_cfg, self.resolved.rank_batch, methods, c.methods, c.optim.name,
+                                self.resolved.compute_dtype, grad_accum=c.optim.grad_accum)
+        plan = {"methods": methods, "limit": c.memory.limit, "estimate": estimate.to_dict()}
+        return plan if self.stage.memory_note is None else {**plan, "note": self.stage.memory_note}
+
+    # -- resume -----------------------------------------------------------------------------------
 
     def resume_from(self, checkpoint: CheckpointInfo) -> LoopState:
         configured = [group.get("peak_lr") for group in self.optimizer.param_groups]
@@ -304,7 +228,7 @@ class Session:
             if peak_lr is not None:
                 group["peak_lr"] = peak_lr
         self.sampler.load_state_dict(state["sampler"])
-        self.methods.load_state_dict(_methods_state(state))
+        self.methods.load_checkpoint(state)
         if self.ranks.is_main:
             MetricsLog(self.run_dir / METRICS_FILE).truncate_after(checkpoint.step)
         self.resume_step = checkpoint.step
@@ -315,14 +239,14 @@ class Session:
     def restart(self) -> LoopState:
         """Start a run over from step 0: one interrupted after its folder was created but before its first
         checkpoint.  The model is built as the new run built it, so the curve is the uninterrupted one."""
-        if self.config.model.init_from:
-            self.init_folder = resolve_hf_source(self.config.model.init_from)
-        self.build(initial_weights=self.init_folder is not None)
+        self.build(initial_weights=bool(self.config.model.init_from))
         if self.ranks.is_main:
             MetricsLog(self.run_dir / METRICS_FILE).truncate_after(0)
         self.resume_step = 0
         self.display.message(f"{self.run_dir} has no checkpoint yet: starting it again from step 0")
         return LoopState()
+
+    # -- run and finish ---------------------------------------------------------------------------
 
     def loop_settings(self, stop_after: Budget | None = None) -> LoopSettings:
         """What the training loop needs from the config and the measured per-step costs."""
@@ -357,61 +281,39 @@ class Session:
                 f"budget {self.config.budget.build().describe()}; {self.tokens_per_step:,} tokens/step; device "
                 f"{self.device.type} ({str(self.dtype).removeprefix('torch.')}){parallel}")
 
-    def run(self, state: LoopState, stop_after: Budget | None = None) -> Summary:
+    def run(self, state: LoopState, stop_after: Budget | None = None, after_eval: AfterEval | None = None) -> Summary:
+        """Train from ``state`` until the budget (or ``stop_after``) is spent, then finish: the final evaluation
+        and the final model.  ``after_eval``: a listener of each evaluation during the run that may stop it."""
         c = self.config
         settings = self.loop_settings(stop_after)
         self.display.message(self.describe())
         log = (open_run_logger(self.run_dir, c.train.log, c.model_dump(mode="json"), self.resume_step,
                                c.train.wandb_project) if self.ranks.is_main else contextlib.nullcontext())
         with log as event_log:
+            evaluation, callbacks = self.callbacks(settings, event_log, after_eval)
             trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device,
-                              self.dtype, self.evaluate_during_run, self.display,
-                              event_log, methods=self.methods, module=self.model, ranks=self.ranks,
-                              forecaster=self.forecaster(), evaluate_tasks=self.evaluate_tasks(),
-                              objective=self.objective, eval_fields=self.eval_fields, after_eval=self.after_eval)
-            self.before_training(trainer, state)
+                              self.dtype, self.methods, self.display, module=self.model, ranks=self.ranks,
+                              objective=self.objective, callbacks=callbacks)
+            self.score_start(evaluation, state)
             with self.display:
                 outcome: Outcome = trainer.run(state)
-            final_eval = None
-            if outcome.finished:
-                try:
-                    start = time.perf_counter()
-                    final_eval = self.final_evaluation()
-                    outcome.eval_seconds += time.perf_counter() - start
-                    self.save_final()
-                    trainer.log_eval(outcome.state, 1.0, final_eval)  # after the save: a resume logs it once
-                    outcome.eval_seconds += trainer.log_tasks(outcome.state, 1.0)
-                except KeyboardInterrupt:  # keep the trained steps: --resume then only evaluates and saves
-                    if not self.ranks.distributed:  # ranks interrupted at different collectives cannot save together
-                        trainer.checkpoint(outcome.state)
-                        self.display.message(f"interrupted after the last step: checkpointed; flopwise train "
-                                             f"--resume {self.run_dir} writes the final model")
-                    raise
+            final_eval = self.finish(trainer, evaluation, outcome) if outcome.finished else None
         return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
                        outcome.stop_reason, self.sampler.domain_epochs())
 
-    def before_training(self, trainer: Trainer, state: LoopState) -> None:
-        """What happens once the loop is set up, before its first step (nothing, for pretraining)."""
+    def callbacks(self, settings: LoopSettings, log: Any, after_eval: AfterEval | None
+                  ) -> tuple[Evaluation, list[LoopCallback]]:
+        """The stage's evaluation (with its tasks, the listener and the forecast it reads), and every callback in
+        the order they act: the display, the metrics log, the evaluation, the forecast."""
+        ev: StageEvaluation = self.evaluation
+        forecast = self.forecast_callback(log) if ev.forecasts else None
+        evaluation = Evaluation(ev.during, ev.fields, self.config.train.eval_every, self.sampler, self.display, log,
+                                ev.tasks, after_eval, forecast.final_loss if forecast is not None else None)
+        return evaluation, [Progress(self.display, settings.budget), *([Metrics(log)] if log is not None else []),
+                            evaluation, *([forecast] if forecast is not None else [])]
 
-    def final_evaluation(self) -> dict[str, Any]:
-        """The held-out loss on FINAL_EVAL_SCALE times the tokens each evaluation during the run reads."""
-        return self.evaluator(self.model, self.config.train.eval_tokens * FINAL_EVAL_SCALE)
-
-    def evaluate_during_run(self) -> dict[str, Any]:
-        """Every FINAL_EVAL_SCALE-th window of the final evaluation's, so the logged curve estimates the
-        quantity that the final evaluation measures more precisely."""
-        return self.evaluator(self.model, self.config.train.eval_tokens * FINAL_EVAL_SCALE, stride=FINAL_EVAL_SCALE)
-
-    def evaluate_tasks(self) -> Callable[[], dict[str, Any]] | None:
-        """The run's tasks scored on the model being trained (train.eval_tasks), by the main process only: the
-        others go on to their next step and wait for it there."""
-        if not self.tasks or not self.ranks.is_main:
-            return None
-        seed = self.config.train.seed
-        return lambda: evaluate_tasks(self.tasks, self.task_model, seed)
-
-    def forecaster(self) -> LossForecaster | None:
+    def forecast_callback(self, log: Any) -> Forecast | None:
         """The final-loss forecast, fed on resume with the logged steps the checkpoint includes."""
         t = self.config.train
         if t.forecast_every <= 0:
@@ -421,8 +323,41 @@ class Session:
         points = forecast_points(events, t.log_every)
         law = law_for(self.config, device_name(self.device))
         prior = law.prior_for(count_parameters(self.model_cfg)["non_embedding"])
-        return LossForecaster(self.config.schedule.build(), law.kappa, t.forecast_every,
-                              t.target_loss, points, prior)
+        forecaster = LossForecaster(self.config.schedule.build(), law.kappa, t.forecast_every, t.target_loss, points,
+                                    prior)
+        return Forecast(forecaster, self.display, log)
+
+    def score_start(self, evaluation: Evaluation, state: LoopState) -> None:
+        """Where the stage asks for it, a new run scores its starting model first (step 0): the baseline of
+        what the budget buys."""
+        if self.evaluation.scores_start and self.resume_step is None and state.meter.steps == 0:
+            started = time.perf_counter()
+            evaluation.log_eval(state, 0.0, self.evaluation.final())
+            state.next_eval = next_mark(0.0, self.config.train.eval_every)  # not again at step 1
+            self.display.message(f"(starting model scored in {time.perf_counter() - started:.1f}s)")
+
+    def finish(self, trainer: Trainer, evaluation: Evaluation, outcome: Outcome) -> dict[str, Any]:
+        """The final evaluation, the final model, then their log events (after the save: a resume logs them
+        once).  Interrupted here, the trained steps are kept: --resume then only evaluates and saves."""
+        try:
+            start = time.perf_counter()
+            final_eval = self.evaluation.final()
+            outcome.eval_seconds += time.perf_counter() - start
+            self.save_final()
+            evaluation.log_eval(outcome.state, 1.0, final_eval)
+            outcome.eval_seconds += evaluation.log_tasks(outcome.state, 1.0)
+            return final_eval
+        except KeyboardInterrupt:
+            if not self.ranks.distributed:  # ranks interrupted at different collectives cannot save together
+                trainer.checkpoint(outcome.state)
+                self.display.message(f"interrupted after the last step: checkpointed; flopwise {self.command} "
+                                     f"--resume {self.run_dir} writes the final model")
+            raise
+
+    @property
+    def command(self) -> str:
+        """The command that resumes this run."""
+        return "train" if self.resolved.stage == "pretrain" else self.resolved.stage
 
     def save_final(self) -> None:
         """``final/``: the model as a Hugging Face folder (loads with AutoModelForCausalLM; for models that
@@ -435,108 +370,18 @@ class Session:
                 model = build_model(self.model_cfg, self.methods.configure)
                 model.load_state_dict(state, strict=True)
             save_hf_folder(plain_model(model), self.tokenizer, self.run_dir / "final",
-                           weights_only=not self.model_cfg.llama_style,
-                           **chat_files(self.config.posttrain.stage))
+                           weights_only=not self.model_cfg.llama_style, **chat_files(self.resolved.stage))
         self.ranks.barrier()
 
-    def load_initial_weights(self, model: GPT) -> None:
-        """Start from the --init-from model's weights (a new run; a resumed one loads its checkpoint)."""
-        load_weights_into(model, self.init_folder)
-        self.display.message(f"initialized from {self.init_folder}")
 
-
-def _methods_state(state: dict[str, Any]) -> dict[str, Any]:
-    """The methods' part of a checkpoint; one written before the method protocol kept the online
-    mixture's state as ``objective.mixture``."""
-    if "methods" in state:
-        return state["methods"]
-    legacy = state.get("objective", {})
-    return {"online_mixture": legacy["mixture"]} if "mixture" in legacy else {}
-
-
-def start_new(config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None,
-              session_class: type[Session] = Session) -> Session:
-    session = session_class.new(config, run_dir, display)
-    session.prepare()
-    session.build(initial_weights=bool(config.model.init_from))
-    return session
-
-
-def open_for_resume(run_dir: Path, budget: Budget | None, display: ProgressDisplay | None = None,
-                    session_class: type[Session] = Session) -> tuple[Session, LoopState]:
-    """Reopen a run: continue an interrupted one (from its newest intact checkpoint, or from step 0 if it
-    was interrupted before its first), or extend a finished one to a larger budget."""
-    config = load_run_config(run_dir)
-    planned = planned_model_config(run_dir)
-    _check_config_matches_plan(run_dir, config, planned)
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
-    finished = (run_dir / "final").is_dir()
-    if finished and budget is None:
-        raise FlopwiseError(f"run '{run_dir}' already spent its budget: to train longer, pass a larger "
-                            f"--budget with --resume {run_dir}")
-    skipped: list[str] = []  # corrupt checkpoints, said once the session's display is up
-    old_budget = config.budget.build()
-    checkpoint: CheckpointInfo | None = None
-    if budget is not None:
-        checkpoint, config = _extension_point(run_dir, config, checkpoints, budget, skipped.append)
-    elif checkpoints:
-        checkpoint = newest_intact(run_dir, checkpoints, skipped.append)
-    session = session_class(config, run_dir, display)
-    for line in skipped:
-        session.display.message(line)
-    session.prepare(Tokenizer.load(run_dir / "tokenizer.json"), planned)
-    if checkpoint is None:
-        return session, session.restart()
-    session.build()
-    state = session.resume_from(checkpoint)
-    if budget is not None:
-        _rescale_progress(state, old_budget, budget, config)
-        write_atomic(run_dir / CONFIG_FILE, config_to_toml(config))
-        shutil.rmtree(run_dir / "final", ignore_errors=True)
-    return session, state
-
-
-def _check_config_matches_plan(run_dir: Path, config: RunConfig, planned: ModelConfig) -> None:
-    """Refuse a config.toml whose model section no longer describes the shape the run was planned and
-    checkpointed with (plan.json), e.g. after a hand edit; an imported model's shape is its own."""
-    if config.model.init_from:
-        return
-    try:
-        described = config.model.build(planned.vocab_size).to_dict()
-    except FlopwiseError as err:
-        raise FlopwiseError(f"'{run_dir / CONFIG_FILE}': {err}") from None
-    for key, value in planned.to_dict().items():
-        if described.get(key) != value:
-            raise FlopwiseError(f"'{run_dir / CONFIG_FILE}' gives model.{key} = {described.get(key)}, but the run was "
-                                f"planned and checkpointed with {value} ({PLAN_FILE}): set it back, or start a new run")
-
-
-def _rescale_progress(state: LoopState, old: Budget, new: Budget, config: RunConfig) -> None:
-    """Express the loop's progress marks in the new budget's terms."""
-    p_new = state.meter.progress(new)
-    state.p_lr *= p_new / state.meter.progress(old)
-    state.next_eval = next_mark(p_new, config.train.eval_every)
-    state.next_checkpoint = next_mark(p_new, config.train.checkpoint_every)
-
-
-def _extension_point(run_dir: Path, config: RunConfig, checkpoints: list[CheckpointInfo], budget: Budget,
-                     say: Callable[[str], None]) -> tuple[CheckpointInfo, RunConfig]:
-    """The newest intact pinned checkpoint, and the config with its budget replaced and its warmup rescaled so
-    that the steps already taken keep the learning rates they had."""
-    progressive = [name for name in config.methods.use if name in PROGRESSIVE]
-    if progressive:
-        raise FlopwiseError(f"run '{run_dir}' trained with {', '.join(progressive)}, whose schedules follow the share "
-                            "of its original budget, so it cannot be extended: start a new run with the larger budget")
-    pinned = [info for info in checkpoints if info.pinned]
-    if not pinned:
-        raise FlopwiseError(f"run '{run_dir}' has no checkpoint from before its decay phase, so it cannot be "
-                            "extended: start a new run with the larger budget")
-    checkpoint = newest_intact(run_dir, pinned, say)
-    meter = Meter.from_dict(checkpoint.state["loop"]["meter"])
-    old_p, new_p = meter.progress(config.budget.build()), meter.progress(budget)
-    schedule = config.schedule.build()
-    if new_p >= schedule.decay_start:
-        raise FlopwiseError(f"--budget {budget.describe()} is not larger than what run '{run_dir}' had spent "
-                            "before its decay: give a larger budget")
-    extended = config.replace(**{"schedule.warmup": schedule.warmup * new_p / old_p}, **budget.config_values())
-    return checkpoint, extended
+def start_new(config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None, *,
+              extendable: bool = False) -> Session:
+    """Resolve and build a new run of ``config`` in ``run_dir`` (refused where a run already is); ``extendable``:
+    it will be extended to larger budgets (a pilot)."""
+    if is_run_dir(run_dir):
+        raise FlopwiseError(f"'{run_dir}' already holds a run: resume it with --resume {run_dir}, "
+                            "or choose another --out")
+    config.budget.build()  # fail on a missing budget before reading any data
+    processes = Processes.open(config.train)
+    resolved = resolve(config, processes.world(config.train.parallel), extendable=extendable)
+    return Session.new(resolved, run_dir, processes, display)

@@ -13,9 +13,11 @@ from typing import Any
 
 from flopwise.cli import main
 from flopwise.config import RunConfig, load_config
+from flopwise.methods.base import World
 from flopwise.methods.stack import MethodStack
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config
+from flopwise.resolve import ResolvedRun, resolve
 from flopwise.rundir import read_metrics
 
 # The same tiny run as config values (for load_config(values=...)), with one evaluation every quarter and no
@@ -80,9 +82,16 @@ def config_with(methods: list[str] = (), *overrides: str, **values: Any) -> RunC
     return load_config(None, [f"methods.use={json.dumps(list(methods))}", *overrides], values)
 
 
+def resolved_with(methods: list[str] = (), *overrides: str, world: World | None = None, **values: Any) -> ResolvedRun:
+    """``config_with``'s config resolved, as a run about to train on ``world`` would be (None: only planned):
+    where the methods' conflicts and checks are refused."""
+    return resolve(config_with(methods, *overrides, **values), world)
+
+
 def stack_of(methods: list[str] = (), *overrides: str, **values: Any) -> MethodStack:
     """The MethodStack a run with ``methods`` (and ``overrides``) builds."""
-    return MethodStack(config_with(methods, *overrides, **values))
+    config = config_with(methods, *overrides, **values)
+    return MethodStack(config.methods, config.train.seed)
 
 
 class FakeClock:

@@ -110,8 +110,11 @@ def test_progressive_ablation_searches_each_variant_against_each_seeds_target(mo
     bench = TimeToQuality(seconds=120, seeds=(0, 1))
     rows = benchmark.ablate(bench, bench.run(report=lambda line: None), report=lambda line: None, which="progressive")
     assert [(r["variant"], r["seed"]) for r in rows] == [(name, seed) for seed in (0, 1)
-                                                        for name in benchmark.PROGRESSIVE_ABLATIONS]
+                                                        for name in benchmark.ablations("progressive")]
+    assert list(benchmark.ablations("progressive")) == ["grow_depth alone", "seq_schedule alone",
+                                                        "batch_schedule alone", "all progressive methods",
+                                                        "no progressive method"]  # from the registry
     speedups = {r["variant"]: r["speedup"] for r in rows if r["seed"] == 1}
-    assert speedups["depth growth alone"] == 4.0 and speedups["all three progressive methods"] == 4.0
-    assert speedups["batch schedule alone"] == 3.0 and speedups["no progressive method"] == 3.0
+    assert speedups["grow_depth alone"] == 4.0 and speedups["all progressive methods"] == 4.0
+    assert speedups["batch_schedule alone"] == 3.0 and speedups["no progressive method"] == 3.0
     assert ((1, ('methods.use=["seq_schedule"]',), 40.0)) in seen

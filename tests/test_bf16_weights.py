@@ -14,11 +14,11 @@ from flopwise.cli import main
 from flopwise.errors import FlopwiseError
 from flopwise.methods.base import World
 from flopwise.methods.choose import estimate_for
-from flopwise.methods.stack import check_methods
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT, linear
 from flopwise.optim.optimizer import FlopwiseOptimizer
 from flopwise.optim.rounding import stochastic_round_bf16
+from flopwise.resolve import resolve
 from tests.helpers import TINY, config_with, load_hf_model, train
 
 GiB = 2**30
@@ -126,7 +126,7 @@ def test_a_run_with_bf16_weights_exports_bf16_that_transformers_loads(tmp_path, 
 ])
 def test_refusals_are_one_line(methods, world, phrase):
     with pytest.raises(FlopwiseError, match=phrase) as error:
-        check_methods(config_with(methods, "optim.name=adamw"), world)
+        resolve(config_with(methods, "optim.name=adamw"), world)
     assert "\n" not in str(error.value)
 
 

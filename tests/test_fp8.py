@@ -15,10 +15,11 @@ from torchao.float8.float8_linear import Float8Linear
 
 from flopwise.errors import FlopwiseError
 from flopwise.methods.base import World
-from flopwise.methods.stack import check_methods, memory_traits
+from flopwise.methods.stack import memory_traits
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT, Linear
-from tests.helpers import TINY, config_with, load_bench, run_error, stack_of
+from flopwise.resolve import resolve
+from tests.helpers import TINY, config_with, load_bench, resolved_with, run_error, stack_of
 
 CPU = World(1, "ddp", torch.device("cpu"))
 CUDA = World(1, "ddp", torch.device("cuda", 0))
@@ -83,36 +84,36 @@ def test_fp8_sets_its_memory_trait():
 def test_a_device_without_fp8_is_refused_in_one_line_naming_it(monkeypatch):
     config = config_with(["fp8"])  # validating the config alone refuses nothing: no device yet
     with pytest.raises(FlopwiseError) as error:
-        check_methods(config, CPU)
+        resolve(config, CPU)
     assert str(error.value) == NO_FP8.format("cpu")
     fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", (8, 0))
     with pytest.raises(FlopwiseError) as error:
-        check_methods(config, CUDA)
+        resolve(config, CUDA)
     assert str(error.value) == NO_FP8.format("cuda:0 (NVIDIA A100-SXM4-80GB, compute capability 8.0)")
     fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0))
-    check_methods(config, CUDA)
+    resolve(config, CUDA)
     monkeypatch.setattr(torch.version, "hip", "6.2")  # a ROCm build reports capabilities of its own
     with pytest.raises(FlopwiseError) as error:
-        check_methods(config, CUDA)
+        resolve(config, CUDA)
     assert str(error.value) == NO_FP8.format("cuda:0 (NVIDIA H100 80GB HBM3, a ROCm GPU)")
 
 
 def test_fp32_compute_and_fsdp_are_refused():
     with pytest.raises(FlopwiseError) as error:
-        config_with(["fp8"], "train.precision=fp32")
+        resolved_with(["fp8"], "train.precision=fp32")
     assert str(error.value) == ("methods.use 'fp8' computes everything but its FP8 matmuls in bf16 and cannot run "
                                 "with train.precision=fp32: set train.precision=bf16 (or auto), or drop fp8")
     with pytest.raises(FlopwiseError) as error:
-        check_methods(config_with(["fp8"]), World(2, "fsdp"))
+        resolve(config_with(["fp8"]), World(2, "fsdp"))
     assert str(error.value) == ("methods.use 'fp8' is not supported with --parallel fsdp (torchao's float8 under "
                                 "FSDP2 has not been tested in flopwise): use --parallel ddp, or drop fp8")
-    check_methods(config_with(["fp8"]), World(2, "ddp"))
+    resolve(config_with(["fp8"]), World(2, "ddp"))
 
 
 @pytest.mark.parametrize("other", ["lora", "sltrain"])
 def test_methods_that_replace_the_block_linears_are_refused(other):
     with pytest.raises(FlopwiseError, match=f"cannot combine '{other}' and 'fp8' .*replaces the block Linears"):
-        config_with(["fp8", other])
+        resolved_with(["fp8", other])
 
 
 def test_a_missing_torchao_is_refused_before_the_run_and_at_conversion(monkeypatch):
@@ -121,7 +122,7 @@ def test_a_missing_torchao_is_refused_before_the_run_and_at_conversion(monkeypat
     expected = "methods.use 'fp8' needs the 'torchao' package: pip install 'flopwise[fp8]' (or pip install torchao)"
     fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0))
     with pytest.raises(FlopwiseError) as error:
-        check_methods(config_with(["fp8"]), CUDA)
+        resolve(config_with(["fp8"]), CUDA)
     assert str(error.value) == expected
     with pytest.raises(FlopwiseError) as error:
         stack_of(["fp8"]).configure(small_model())

@@ -71,7 +71,7 @@ def trained_run(tmp_path_factory, text_folder) -> Path:
 
 
 def test_exported_run_matches_in_transformers_with_its_tokenizer(trained_run, tmp_path):
-    from flopwise.evaluate.final import load_final_model
+    from flopwise.evaluate.load import load_final_model
 
     assert main(["export", str(trained_run), "--to", str(tmp_path / "out")]) == 0
     model, tokenizer = load_final_model(trained_run, torch.device("cpu"))

@@ -1,8 +1,10 @@
-"""No import cycle between flopwise's packages, counting imports inside functions.
+"""No import cycle in flopwise, between packages or between modules, counting every import: those inside
+functions and those under ``if TYPE_CHECKING:`` (a cycle that only type checkers follow is still a cycle a
+reader has to untangle).
 
-Each top-level module (``flopwise/config.py``) and each package (``flopwise/train/``) is one node; an
-edge is any ``import`` of another node anywhere in a file, except under ``if TYPE_CHECKING:``, which
-never runs."""
+Each package (``flopwise/train/``) and each top-level module (``flopwise/config.py``) is one node of the
+package graph; each module (``flopwise.train.trainer``) is one node of the module graph.  An edge is an
+``import`` of another node anywhere in a file."""
 
 from __future__ import annotations
 
@@ -14,46 +16,52 @@ import flopwise
 ROOT = Path(flopwise.__file__).parent
 
 
-def node_of(module: str) -> str | None:
-    """``flopwise.train.trainer`` -> ``train``; ``flopwise.config`` -> ``config``; others -> None."""
-    parts = module.split(".")
-    return parts[1] if parts[0] == "flopwise" and len(parts) > 1 else None
+def module_name(path: Path) -> str:
+    """``flopwise/train/trainer.py`` -> ``flopwise.train.trainer``; a package's ``__init__.py`` -> the package."""
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _runtime_imports(tree: ast.AST) -> list[str]:
-    """Modules imported by ``tree``, skipping ``if TYPE_CHECKING:`` blocks."""
-    found: list[str] = []
+MODULES = {module_name(path): path for path in ROOT.rglob("*.py")}
 
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for child in node.orelse:
-                visit(child)
-            return
+
+def imported_modules(tree: ast.AST) -> set[str]:
+    """The flopwise modules ``tree`` imports anywhere (``from a.b import c`` imports module ``a.b.c`` where there
+    is one, else ``a.b``)."""
+    found: set[str] = set()
+
+    def resolved(name: str) -> str | None:
+        parts = name.split(".")
+        while parts and ".".join(parts) not in MODULES:
+            parts.pop()
+        return ".".join(parts) or None
+
+    for node in ast.walk(tree):
+        names = []
         if isinstance(node, ast.Import):
-            found.extend(alias.name for alias in node.names)
+            names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append(node.module)
-            found.extend(f"{node.module}.{alias.name}" for alias in node.names)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        found |= {module for name in names if name.startswith("flopwise.") and (module := resolved(name))}
     return found
+
+
+def module_graph() -> dict[str, set[str]]:
+    return {name: imported_modules(ast.parse(path.read_text(encoding="utf-8"))) - {name}
+            for name, path in MODULES.items()}
+
+
+def package_of(module: str) -> str:
+    """``flopwise.train.trainer`` -> ``train``; ``flopwise.config`` -> ``config``; ``flopwise`` -> ``flopwise``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
 
 
 def package_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
-    for path in ROOT.rglob("*.py"):
-        relative = path.relative_to(ROOT)
-        source = relative.parts[0].removesuffix(".py")
-        if source in ("__init__", "__main__"):
-            continue
-        edges = graph.setdefault(source, set())
-        for module in _runtime_imports(ast.parse(path.read_text(encoding="utf-8"))):
-            target = node_of(module)
-            if target is not None and target != source and target not in ("__init__", "__main__"):
-                if (ROOT / target).is_dir() or (ROOT / f"{target}.py").is_file():
-                    edges.add(target)
+    for module, targets in module_graph().items():
+        source = package_of(module)
+        graph.setdefault(source, set()).update(package_of(t) for t in targets if package_of(t) != source)
     return graph
 
 
@@ -89,12 +97,20 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
-def test_type_checking_imports_are_not_edges():
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import flopwise.x\n"
-                     "def f():\n    import flopwise.y\n")
-    assert [m for m in _runtime_imports(tree) if m.startswith("flopwise")] == ["flopwise.y"]
+def test_imports_in_functions_and_under_type_checking_are_edges():
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import flopwise.config\n"
+                     "def f():\n    from flopwise.train import trainer\n")
+    assert imported_modules(tree) == {"flopwise.config", "flopwise.train.trainer"}
 
 
 def test_no_import_cycle_between_packages():
     cycle = find_cycle(package_graph())
     assert cycle is None, "import cycle between packages: " + " -> ".join(cycle or [])
+
+
+def test_no_import_cycle_between_modules():
+    graph = module_graph()
+    for name in graph:  # a package's __init__ that imports its own modules is their index, not a dependency
+        graph[name] = {t for t in graph[name] if not t.startswith(f"{name}.")}
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle between modules: " + " -> ".join(cycle or [])

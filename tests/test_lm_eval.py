@@ -23,8 +23,8 @@ from lm_eval.tasks import TaskManager
 
 from flopwise.cli import main
 from flopwise.errors import FlopwiseError
-from flopwise.evaluate.final import load_final_model
 from flopwise.evaluate.lm_eval_model import FlopwiseLM
+from flopwise.evaluate.load import load_final_model
 from flopwise.evaluate.tasks.engine import choice_loglikelihoods, evaluate_task
 from flopwise.evaluate.tasks.lm_eval_yaml import read_lm_eval_folder, read_lm_eval_task
 from flopwise.evaluate.tasks.scoring import TaskModel

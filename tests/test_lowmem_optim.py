@@ -12,16 +12,17 @@ import pytest
 import torch
 
 from flopwise.errors import FlopwiseError
+from flopwise.methods import galore
+from flopwise.methods.layerwise import LayerwiseUpdates
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
-from flopwise.optim import galore
 from flopwise.optim.build import build_optimizer
 from flopwise.optim.config import OptimSection
 from flopwise.optim.optimizer import FlopwiseOptimizer
 from flopwise.optim.quantize import dequantize, quantize
 from flopwise.optim.routing import is_hidden_matrix
 from flopwise.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from tests.helpers import stack_of
+from tests.helpers import resolved_with, stack_of
 
 CPU = torch.device("cpu")
 
@@ -241,7 +242,7 @@ def test_layerwise_updates_equal_the_ordinary_step_with_fewer_gradients_alive(se
     batches = _batches(4)
     plain_model, plain = _build(setup, layerwise=False)
     model, optimizer = _build(setup, layerwise=True)
-    assert optimizer.layerwise is not None and getattr(plain, "layerwise", None) is None
+    assert LayerwiseUpdates.of(optimizer) is not None and LayerwiseUpdates.of(plain) is None
     plain_alive, plain_fired = _count_gradients(plain_model)
     alive, fired = _count_gradients(model)
     _train(plain_model, plain, batches)
@@ -272,8 +273,8 @@ def _count_gradients(model: GPT) -> tuple[list[int], dict[int, int]]:
 
 def test_removing_the_layerwise_hooks_restores_the_ordinary_step():
     model, optimizer = _build("adamw", layerwise=True)
-    optimizer.layerwise.remove()
-    assert optimizer.layerwise is None
+    LayerwiseUpdates.of(optimizer).remove()
+    assert LayerwiseUpdates.of(optimizer) is None
     before = [p.detach().clone() for p in model.parameters()]
     x, y = _batches(1)[0]
     model(x, y)[1].backward()
@@ -302,7 +303,7 @@ def test_checkpoint_round_trip_continues_bit_exactly(tmp_path, setup, layerwise)
 def test_build_routes_parameters_and_rejects_galore_with_muon():
     model = _tiny_gpt()
     with pytest.raises(FlopwiseError, match="set optim.name=adamw"):
-        stack_of(["galore"], "optim.name=muon")
+        resolved_with(["galore"], "optim.name=muon")
     assert isinstance(build_optimizer(model, OptimSection(name="adamw"), CPU), torch.optim.AdamW)
     optimizer = build_optimizer(model, OptimSection(name="adamw"), CPU,
                                 stack_of(["galore", "8bit"], "optim.name=adamw").shape_optimizer)

@@ -44,7 +44,7 @@ def build(shape: dict, methods: list[str], optim: str = "adamw", vocab: int = 30
     cfg = config.model.build(vocab)
     torch.manual_seed(0)
     model = GPT(cfg)
-    stack = MethodStack(config)
+    stack = MethodStack(config.methods, config.train.seed)
     stack.configure(model)
     optimizer = build_optimizer(model, config.optim, torch.device("cpu"), stack.shape_optimizer)
     return config, cfg, model, optimizer, stack

@@ -21,6 +21,7 @@ from flopwise.methods.sltrain import SLTrain, SparseLowRankLinear, _SparsePlusLo
 from flopwise.methods.stack import MethodStack
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
+from flopwise.resolve import resolve
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, seq_len=16)
 BLOCK_LINEARS = 7 * CFG.n_layers  # q, k, v, o, gate, up, down
@@ -466,12 +467,12 @@ def test_the_stack_builds_the_methods_in_registry_order_with_their_settings():
         "use": ["8bit", "sltrain", "checkpointing", "layerwise", "sltrain"], "sltrain": {"rank": 12,
                                                                                         "refactor_every": 50}}})
     assert config.methods.use == ["8bit", "checkpointing", "layerwise", "sltrain"]  # once each, registry order
-    methods = MethodStack(config).methods
+    methods = MethodStack(config.methods, config.train.seed).methods
     assert [type(m) for m in methods] == [EightBitStates, ActivationCheckpointing, PerLayerUpdates, SLTrain]
     sltrain = methods[3]
     assert (sltrain.rank, sltrain.seed, sltrain.refactor_every, sltrain.rewarmup) == (12, 11, 50, 10)
-    lisa = MethodStack(RunConfig.model_validate({"methods": {"use": ["lisa"]}})).methods[0]
-    lora = MethodStack(RunConfig.model_validate({"methods": {"use": ["lora"]}})).methods[0]
+    lisa = MethodStack(RunConfig.model_validate({"methods": {"use": ["lisa"]}}).methods).methods[0]
+    lora = MethodStack(RunConfig.model_validate({"methods": {"use": ["lora"]}}).methods).methods[0]
     assert (lisa.layers, lisa.interval, lora.rank, lora.alpha) == (2, 20, 8, 16.0)  # LMFlow's LISA defaults
 
 
@@ -479,5 +480,5 @@ def test_the_stack_builds_the_methods_in_registry_order_with_their_settings():
                                      ["lora", "galore"]])
 def test_methods_refuse_combinations_that_cannot_work(methods):
     with pytest.raises(FlopwiseError, match="methods.use cannot combine") as error:
-        RunConfig.model_validate({"optim": {"name": "adamw"}, "methods": {"use": methods}})
+        resolve(RunConfig.model_validate({"optim": {"name": "adamw"}, "methods": {"use": methods}}))
     assert "\n" not in str(error.value) and "keep one" in str(error.value)

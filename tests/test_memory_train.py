@@ -155,11 +155,11 @@ def test_galore_with_muon_is_refused(tmp_path, text_folder, capsys):
 def test_methods_refused_under_torchrun_name_the_method(methods, parallel, phrase):
     from flopwise.errors import FlopwiseError
     from flopwise.methods.base import World
-    from flopwise.methods.stack import check_methods
+    from flopwise.resolve import resolve
 
     config = load_config(None, [f"train.parallel={parallel}", "optim.name=adamw"], {"methods.use": methods})
-    check_methods(config, World(1, parallel))  # one process: fine
+    resolve(config, World(1, parallel))  # one process: fine
     with pytest.raises(FlopwiseError, match=f"methods.use '{methods[0]}' .*{phrase}"):
-        check_methods(config, World(2, parallel))
+        resolve(config, World(2, parallel))
     if parallel == "fsdp":
-        check_methods(config, World(2, "ddp"))  # DDP keeps whole matrices: fine
+        resolve(config, World(2, "ddp"))  # DDP keeps whole matrices: fine

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from flopwise.data.mixture import DomainReweighter, natural_weights, resolve_weights
-from flopwise.data.sampler import PackedSampler
+from flopwise.data.sampler import PackedSampler, natural_weights
 from flopwise.data.shards import build_corpus
 from flopwise.data.sources import Document, SourceSpec, parse_source
 from flopwise.data.tokenizer import byte_tokenizer
 from flopwise.errors import FlopwiseError
+from flopwise.methods.mixture import mixture_weights
+from flopwise.methods.online_mixture import DomainReweighter
 
 # three domains of 1000, 4000 and 95 tokens; windows of 10 (+1) tokens
 RANGES = [(0, 1000), (1000, 5000), (5000, 5095)]
@@ -163,17 +164,17 @@ def test_weight_without_name_is_refused():
         parse_source("./nowhere:0.5")
 
 
-def test_resolve_weights_from_flags_and_config():
+def test_mixture_weights_from_flags_and_config():
     domains = ["code", "prose"]
-    assert resolve_weights({}, ["stdlib"], domains) is None
-    assert resolve_weights({}, ["code=./a:0.3", "prose=./b:0.7"], domains) == [0.3, 0.7]
-    assert resolve_weights({"prose": 2.0}, ["code=./a:1"], domains) == [1.0, 2.0]
+    assert mixture_weights({}, ["stdlib"], domains) is None
+    assert mixture_weights({}, ["code=./a:0.3", "prose=./b:0.7"], domains) == [0.3, 0.7]
+    assert mixture_weights({"prose": 2.0}, ["code=./a:1"], domains) == [1.0, 2.0]
     with pytest.raises(FlopwiseError, match="domain 'prose' has no mixture weight"):
-        resolve_weights({"code": 1.0}, ["stdlib"], domains)
+        mixture_weights({"code": 1.0}, ["stdlib"], domains)
     with pytest.raises(FlopwiseError, match="mixture weight for 'docs', which is not a domain"):
-        resolve_weights({"docs": 1.0, "code": 1, "prose": 1}, [], domains)
+        mixture_weights({"docs": 1.0, "code": 1, "prose": 1}, [], domains)
     with pytest.raises(FlopwiseError, match="weight 1 in methods.mixture.weights and 2 in --data"):
-        resolve_weights({"code": 1.0, "prose": 1.0}, ["code=./a:2"], domains)
+        mixture_weights({"code": 1.0, "prose": 1.0}, ["code=./a:2"], domains)
 
 
 def reference_weights(base, scores, eta, smoothing):

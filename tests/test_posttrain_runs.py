@@ -16,9 +16,9 @@ from flopwise.config import load_run_config
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.model.flops import flops_per_token, forward_flops_per_token
 from flopwise.posttrain.conversations import Message
-from flopwise.posttrain.session import STAGE_DEFAULTS
 from flopwise.posttrain.template import IM_END, IM_START, render
 from flopwise.rundir import planned_model_config, read_metrics
+from flopwise.stages import stage_class
 from tests.helpers import TINY, losses, run_error
 
 pytestmark = pytest.mark.slow  # real runs: a pretrain, then sft and dpo from it
@@ -104,7 +104,7 @@ def test_post_training_starts_from_its_own_rates_unless_set(base, data, tmp_path
     assert main(["sft", "--init-from", str(base), "--data", str(data["sft"]), "--out", str(out), "--budget", "1steps",
                  "--set", "optim.muon_lr=0.02"]) == 0
     optim = load_run_config(out).optim
-    assert (optim.lr, optim.muon_lr) == (STAGE_DEFAULTS["sft"]["optim.lr"], 0.02)
+    assert (optim.lr, optim.muon_lr) == (stage_class("sft").defaults["optim.lr"], 0.02)
 
 
 def test_sft_without_packing_fills_one_conversation_per_row(base, data, sft_run, tmp_path):
@@ -180,7 +180,7 @@ def test_lisa_applies_and_data_methods_are_refused(base, data, tmp_path, capsys)
     assert sft(base, tmp_path / "lisa", data["sft"], "--budget", "3steps", "--method", "lisa") == 0
     err = run_error(capsys, ["sft", "--init-from", str(base), "--data", str(data["sft"]), "--budget", "3steps",
                              "--out", str(tmp_path / "r"), "--set", "methods.use=reweight"])
-    assert "'reweight' acts on the pretraining data or loss" in err
+    assert "'reweight' applies to the pretrain stage only, not to sft: drop it (8bit, " in err
     assert not (tmp_path / "r").exists()
 
 
@@ -221,7 +221,7 @@ def test_dpo_with_an_empty_chosen_is_refused(sft_run, tmp_path, capsys):
 def test_lora_refuses_a_tokenizer_without_room_for_the_chat_tokens(base, data, tmp_path, capsys):
     err = run_error(capsys, ["sft", "--init-from", str(base), "--data", str(data["sft"]), "--budget", "2steps",
                              "--out", str(tmp_path / "out"), "--method", "lora"])
-    assert "no room for the chat tokens" in err and "LoRA freezes it" in err
+    assert "no room for the chat tokens" in err and "(methods.use 'lora' freezes it)" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -169,31 +169,47 @@ def test_resume_across_a_growth_point_and_a_sequence_length_change_is_bit_for_bi
         assert torch.equal(tensor, load_file(str(part / "final" / "model.safetensors"))[name]), name
 
 
-def test_progressive_methods_are_refused_in_post_training():
-    from flopwise.posttrain.session import check_posttrain_methods
+def test_progressive_methods_are_refused_in_post_training(tmp_path):
+    from flopwise.data.tokenizer import byte_tokenizer
+    from flopwise.model.config import ModelConfig
+    from flopwise.model.gpt import GPT
+    from flopwise.model.hf import save_hf_folder
+    from flopwise.resolve import resolve
 
+    start = tmp_path / "start"
+    save_hf_folder(GPT(ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, seq_len=32)), byte_tokenizer(),
+                   start)
     for name in ("grow_depth", "seq_schedule", "batch_schedule"):
-        with pytest.raises(FlopwiseError, match=f"methods.use '{name}' acts on the pretraining"):
-            check_posttrain_methods([name], "sft")
+        config = load_config(None, [f'methods.use=["{name}"]', "posttrain.stage=sft", f"model.init_from={start}"])
+        with pytest.raises(FlopwiseError, match=f"methods.use '{name}' applies to the pretrain stage only, not to sft"):
+            resolve(config)
+    # nor does a post-training run add them by default
+    config = load_config(None, ["posttrain.stage=sft", f"model.init_from={start}"])
+    assert resolve(config).methods == [] and resolve(config).notes == ()
 
 
 def test_the_default_recipe_adds_growth_and_the_sequence_schedule_where_they_apply():
     from flopwise.methods.base import World
-    from flopwise.methods.progressive import resolve_progressive_methods
+    from flopwise.resolve import resolve
 
     config = load_config(None, [])
-    resolved, note = resolve_progressive_methods(config, World())
-    assert resolved.methods.use == ["grow_depth", "seq_schedule", "batch_schedule"]
-    assert "progressive: grow_depth, seq_schedule, batch_schedule" in note
+    resolved = resolve(config, World())
+    assert resolved.methods == ["grow_depth", "seq_schedule", "batch_schedule"]
+    assert "progressive: grow_depth, seq_schedule, batch_schedule" in resolved.notes[0]
     # under torchrun depth growth cannot run: left out, and the run says why
-    resolved, note = resolve_progressive_methods(config, World(size=2))
-    assert resolved.methods.use == ["seq_schedule", "batch_schedule"]
-    assert "grow_depth left out (methods.use 'grow_depth' runs in one process only" in note
-    # a run that names a progressive method, or turns them off, keeps its own list
+    resolved = resolve(config, World(size=2))
+    assert resolved.methods == ["seq_schedule", "batch_schedule"]
+    assert "grow_depth left out (methods.use 'grow_depth' runs in one process only" in resolved.notes[0]
+    # a run that names a progressive method, or turns them off, keeps its own list; so does a resumed run
     own = load_config(None, ['methods.use=["batch_schedule"]'])
-    assert resolve_progressive_methods(own, World()) == (own, None)
+    assert resolve(own, World()).config == own and resolve(own, World()).notes == ()
     off = load_config(None, ["methods.progressive=false"])
-    assert resolve_progressive_methods(off, World()) == (off, None)
+    assert resolve(off, World()).config == off
+    assert resolve(config, World(), new=False).methods == []
+    # a run that will be extended takes none, and refuses one named
+    assert resolve(config, World(), extendable=True).methods == []
+    with pytest.raises(FlopwiseError, match="methods.use 'batch_schedule' follows the share of the original budget"):
+        resolve(own, World(), extendable=True)
 
 
 @pytest.mark.slow

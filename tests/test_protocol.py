@@ -12,8 +12,9 @@ import pytest
 import flopwise
 from flopwise.budget import Budget
 from flopwise.cli import main
-from flopwise.config import LEGACY_KEYS, config_to_toml, load_run_config, upgrade_legacy_keys
+from flopwise.config import config_to_toml, load_run_config, upgrade_legacy_keys
 from flopwise.methods.registry import METHODS
+from flopwise.methods.section import legacy_keys, legacy_switches
 from flopwise.rundir import read_metrics
 from flopwise.train.display import ProgressDisplay
 from tests.helpers import TINY, losses, train
@@ -59,7 +60,32 @@ def test_legacy_keys_move_to_their_methods():
     assert new["methods"]["online_mixture"] == {"rule": "excess", "reference": "runs/ref", "eta": 0.5}
     assert "lisa" not in new["methods"] and "reweight" not in new["methods"]  # methods that were off
     assert new["memory"] == {"limit": None} and not {"mixture", "reweight", "salt"} & set(new)
-    assert all(key.count(".") == 1 for key in LEGACY_KEYS)
+    assert all(key.count(".") == 1 for key in legacy_keys())
+
+
+# The keys of config.toml files written before each method owned its section, as the table in flopwise/config.py
+# held them until each method declared its own (``legacy_keys``, ``legacy_switch``).
+OLD_KEYS = {"memory.methods": "methods.use", "memory.state_block": "methods.8bit.block",
+            **{f"memory.galore_{key}": f"methods.galore.{key}" for key in ("rank", "update_gap", "scale")},
+            **{f"memory.sltrain_{key}": f"methods.sltrain.{key}"
+               for key in ("rank", "delta", "alpha", "refactor_every", "rewarmup")},
+            "memory.lisa_layers": "methods.lisa.layers", "memory.lisa_interval": "methods.lisa.interval",
+            "memory.lora_rank": "methods.lora.rank", "memory.lora_alpha": "methods.lora.alpha",
+            "mixture.weights": "methods.mixture.weights", "mixture.online": "methods.online_mixture.rule",
+            **{f"mixture.{key}": f"methods.online_mixture.{key}" for key in ("reference", "eta", "smoothing")},
+            **{f"curriculum.{key}": f"methods.curriculum.{key}" for key in ("order", "pacing", "start", "full_at",
+                                                                             "scorer")},
+            **{f"reweight.{key}": f"methods.reweight.{key}" for key in ("strategy", "temperature", "delta", "burn_in")},
+            **{f"salt.{key}": f"methods.salt.{key}" for key in ("teacher", "kd_weight", "kd_until", "temperature",
+                                                               "select_pool")}}
+OLD_SWITCHES = {"mixture.weights": ("mixture", {}), "mixture.online": ("online_mixture", "none"),
+                "curriculum.order": ("curriculum", "none"), "reweight.strategy": ("reweight", "none"),
+                "salt.teacher": ("salt", None)}
+
+
+def test_the_methods_declare_every_legacy_key_the_old_table_held():
+    assert legacy_keys() == OLD_KEYS
+    assert legacy_switches() == OLD_SWITCHES
 
 
 @pytest.mark.slow

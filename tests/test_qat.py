@@ -20,7 +20,7 @@ from flopwise.methods.stack import memory_traits
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.int4 import fake_quantize, straight_through
-from tests.helpers import TINY, config_with, losses, run_error, stack_of, train, train_events
+from tests.helpers import TINY, config_with, losses, resolved_with, run_error, stack_of, train, train_events
 
 START, GROUP, STEPS = 0.5, 16, 24  # fake quantization from step 12 of 24 on
 
@@ -155,12 +155,12 @@ def test_fake_quantization_switches_on_at_start_as_a_function_of_p_alone():
 
 def test_settings_conflicts_and_memory_traits(capsys):
     with pytest.raises(FlopwiseError) as err:
-        config_with(["qat"], "model.size=tiny", "methods.qat.group=48")
+        resolved_with(["qat"], "model.size=tiny", "methods.qat.group=48")
     assert str(err.value).startswith("methods.qat.group=48 does not divide the block Linears' input widths")
     assert "\n" not in str(err.value) and "choose a group that divides 64, e.g. 32" in str(err.value)
     for other in ("lora", "sltrain"):
         with pytest.raises(FlopwiseError, match=f"cannot combine '{other}' and 'qat'"):
-            config_with(["qat", other])
+            resolved_with(["qat", other])
     assert "fp8" in QuantizationAwareTraining.conflicts  # torchao's Float8Linear replaces the block Linears too
     for bad in ("methods.qat.start=1", "methods.qat.start=-0.1", "methods.qat.group=0"):
         with pytest.raises(FlopwiseError, match=bad.split("=")[0]):

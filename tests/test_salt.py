@@ -15,7 +15,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from flopwise.config import load_config
 from flopwise.data.tokenizer import byte_tokenizer
 from flopwise.errors import FlopwiseError
-from flopwise.methods.salt import SaltConfig, Teacher, distillation_loss, kd_weight_at, select_windows, selecting_at
+from flopwise.methods.salt import FIELD, SaltConfig, distillation_loss, kd_weight_at, select_windows, selecting_at
+from flopwise.methods.teacher import Teacher
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import save_hf_folder
@@ -44,7 +45,8 @@ def tokens(batch: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load(folder: Path | str, vocab: int = 257, tokenizer_json: str | None = None) -> Teacher:
-    return Teacher.load(str(folder), vocab, CPU, tokenizer_json or byte_tokenizer().to_json(), seq_len=SEQ)
+    return Teacher.load(str(folder), vocab, CPU, tokenizer_json or byte_tokenizer().to_json(), seq_len=SEQ,
+                        field=FIELD)
 
 
 def one_line_error(call, *needles: str) -> str:
@@ -109,7 +111,7 @@ def test_run_folder_of_a_gpt2_style_model_uses_its_plan(tmp_path):
     x, _ = tokens()
     torch.testing.assert_close(teacher.logits(x), model(x)[0].detach(), rtol=0, atol=1e-6)
     with pytest.raises(FlopwiseError, match="shorter than"):
-        Teacher.load(str(run), 257, CPU, byte_tokenizer().to_json(), seq_len=2 * SEQ)
+        Teacher.load(str(run), 257, CPU, byte_tokenizer().to_json(), seq_len=2 * SEQ, field=FIELD)
 
 
 def test_refuses_missing_folder_and_pickles(saved, tmp_path):

@@ -129,7 +129,7 @@ def test_pbt_refuses_several_workers_and_a_bad_interval(text_folder, tmp_path):
 @pytest.mark.slow
 def test_a_resumed_run_trains_at_the_rates_its_config_now_gives(text_folder, tmp_path):
     from flopwise import api
-    from flopwise.session import open_for_resume
+    from flopwise.reopen import open_for_resume
 
     base, _ = tiny(text_folder, tmp_path)
     run_dir = tmp_path / "run"

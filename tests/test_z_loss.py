@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flopwise.data.sampler import Batch
-from flopwise.evaluate.final import load_final_model
+from flopwise.evaluate.load import load_final_model
 from flopwise.methods.z_loss import z_loss
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT

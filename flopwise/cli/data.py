@@ -15,7 +15,6 @@ from rich.table import Table
 
 from flopwise.atomic import write_json_atomic
 from flopwise.cli.flags import add_setup_flags, config_from_args
-from flopwise.data.mixture import resolve_weights
 from flopwise.rundir import check_output
 
 EPILOG = """\
@@ -38,12 +37,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def cmd_data(args: argparse.Namespace, console: Console) -> int:
     from flopwise.data.pipeline import prepare_data
+    from flopwise.methods.stack import MethodStack
+    from flopwise.resolve import resolve
 
     check_output("--out", args.out, folder=False)
-    config = config_from_args(args)
+    config = resolve(config_from_args(args), settle_memory=False).config  # the methods the data implies, too
     prepared = prepare_data(config.data, config.train.seed)
     summary = prepared.summary()
-    weights = resolve_weights(config.methods.mixture.weights, config.data.sources, summary["domains"])
+    weights = MethodStack(config.methods).domain_weights(config.data.sources, summary["domains"])
     hygiene = summary["hygiene"]
     table = Table(title=f"data: {hygiene['documents_in']:,} documents read, {hygiene['documents_out']:,} kept "
                         f"({hygiene['exact_duplicates']:,} exact and {hygiene['near_duplicates']:,} near duplicates, "

@@ -80,7 +80,7 @@ def tasks_table(results: dict[str, dict], title: str = "tasks") -> Table:
 
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.evaluate.final import evaluate_run
+    from flopwise.evaluate.run import evaluate_run
 
     if args.max_tokens is not None and args.max_tokens < 1:
         raise FlopwiseError(f"--max-tokens {args.max_tokens} must be a positive number of tokens per domain "
@@ -106,7 +106,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
 
 def _eval_tasks(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.evaluate.final import evaluate_run_tasks
+    from flopwise.evaluate.run import evaluate_run_tasks
 
     if args.max_tokens is not None:
         raise FlopwiseError(f"--max-tokens {args.max_tokens} caps the held-out loss, not tasks: use --limit for "

@@ -25,7 +25,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.evaluate.final import export_run
+    from flopwise.evaluate.export import export_run
 
     folder = export_run(args.run, args.to, args.checkpoint)
     console.print(f"written: {folder} (load with transformers' AutoModelForCausalLM.from_pretrained and "

@@ -2,9 +2,9 @@
 shared by `train`, `plan`, `scan` and `data` so that a plan and its run read the same configuration.
 
 ``CONFIG_FLAGS`` is the one table from a flag to the config key it sets (``methods.use``: the flag's
-methods join the list), and ``METHOD_FLAGS`` says which method a method's own flag turns on:
-``config_from_args`` builds the config from them, and ``train --resume`` refuses every flag in them (a
-resumed run keeps its config).
+methods join the list), and ``SWITCH_FLAGS`` are the flags that also turn on the method whose setting they set
+(``--reweight`` sets ``methods.reweight.strategy`` and turns ``reweight`` on): ``config_from_args`` builds the
+config from them, and ``train --resume`` refuses every flag in them (a resumed run keeps its config).
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ CONFIG_FLAGS: dict[str, str] = {
     "--reweight": "methods.reweight.strategy", "--curriculum": "methods.curriculum.order",
     "--teacher": "methods.salt.teacher",
 }
-# flag -> the method it turns on (joins methods.use)
-METHOD_FLAGS: dict[str, str] = {"--online-mixture": "online_mixture", "--reweight": "reweight",
-                                "--curriculum": "curriculum", "--teacher": "salt"}
+# flags that turn on the method whose setting (methods.<method>.<setting>) they set: it joins methods.use
+SWITCH_FLAGS = ("--online-mixture", "--reweight", "--curriculum", "--teacher")
 
 
 def add_setup_flags(p: argparse.ArgumentParser, budget_help: str) -> None:
@@ -95,7 +94,8 @@ def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
 def load_sampling_model(args: argparse.Namespace) -> tuple[GPT, Tokenizer, int | None]:
     """The run's model and tokenizer for `sample` and `chat`, and their top-k (``--top-k 0``: off, None); the
     sampling flags are checked first, so a bad one is refused before the model is loaded."""
-    from flopwise.evaluate.final import check_sampling, load_run_model
+    from flopwise.evaluate.load import load_run_model
+    from flopwise.evaluate.sampling import check_sampling
     from flopwise.runtime import choose_device
 
     top_k = None if args.top_k == 0 else args.top_k
@@ -125,8 +125,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             methods += value
         else:
             values[key] = str(value) if isinstance(value, Path) else value
-        if flag in METHOD_FLAGS:
-            methods.append(METHOD_FLAGS[flag])
+        if flag in SWITCH_FLAGS:
+            methods.append(key.split(".")[1])
     budget = getattr(args, "budget", None)
     if budget:
         values.update(Budget.parse(budget).config_values())

@@ -13,7 +13,6 @@ from flopwise.budget import format_bytes
 from flopwise.cli.flags import DEFAULT_RECIPE, config_from_args
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
-from flopwise.plan.resolve import compute_dtype, shape_from_config
 
 EPILOG = """\
 what is counted (bytes of one optimizer step; binary units):
@@ -49,14 +48,15 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def cmd_memory(args: argparse.Namespace, console: Console) -> int:
     from flopwise.methods.choose import CANDIDATES, choose_methods, estimate_for, memory_methods_of
+    from flopwise.resolve import resolve
 
     config = config_from_args(args)  # of the table's flags, this command has --model and --memory
-    model_cfg = shape_from_config(config)
+    resolved = resolve(config, settle_memory=False)  # the table shows every candidate the cap could settle on
+    model_cfg, dtype = resolved.model, resolved.compute_dtype
     batch = args.batch if args.batch is not None else config.optim.batch_size
     if batch <= 0:
         raise FlopwiseError(f"--batch {batch} must be a positive number of sequences")
-    dtype = compute_dtype(config)
-    limit, optim, configured = config.memory.limit, config.optim, tuple(memory_methods_of(config))
+    limit, optim, configured = config.memory.limit, config.optim, tuple(memory_methods_of(config.methods.use))
     method_sets = list(dict.fromkeys([*CANDIDATES, configured]))
     estimates = [estimate_for(model_cfg, batch, methods, config.methods, optim.name, dtype, grad_accum=optim.grad_accum)
                  for methods in method_sets]

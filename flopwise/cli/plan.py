@@ -80,11 +80,12 @@ def make_plan(config: RunConfig, profile: DeviceProfile | None = None, law: Plan
     else the prior).  Only a seconds budget needs step times: from ``profile`` when given, else probed on
     this device."""
     from flopwise.plan.planner import Speed, plan_run
-    from flopwise.plan.resolve import shape_from_config
+    from flopwise.resolve import resolve
     from flopwise.runtime import choose_device, device_name
 
     if config.model.init_from:
         raise FlopwiseError("planning chooses the model's shape, but --init-from fixes it: drop one of the two")
+    vocab = resolve(config, settle_memory=False).model.vocab_size  # each candidate settles its own memory methods
     device = device_name(choose_device(config.train.device))
     speed = Speed(profile=profile)
     if config.budget.seconds is not None and profile is None:
@@ -94,7 +95,7 @@ def make_plan(config: RunConfig, profile: DeviceProfile | None = None, law: Plan
         throughput = ThroughputCache.for_config(config)
         speed = Speed(probe=throughput.step_seconds,
                       matmul_peak=measure_matmul_peak(throughput.device, throughput.dtype, throughput.cache_dir))
-    return plan_run(config, shape_from_config(config).vocab_size, law or law_for(config, device), device, speed)
+    return plan_run(config, vocab, law or law_for(config, device), device, speed)
 
 
 def print_plan(console: Console, plan: Plan) -> None:

@@ -6,7 +6,7 @@ import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -91,7 +91,8 @@ def _add_flags(p: argparse.ArgumentParser, data: str) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config key, e.g. optim.lr=1e-3 or posttrain.heldout=0.1; repeatable")
     p.add_argument("--method", action="append", metavar="NAME",
-                   help="a method acting on the model or optimizer: lora, lisa, galore, 8bit, checkpointing, ...")
+                   help="a method acting on the model or optimizer, e.g. lora or lisa; repeatable "
+                        "(docs/post-training.md lists those that apply to post-training)")
     p.add_argument("--memory", metavar="SIZE", help="memory cap, e.g. 4GiB: picks the memory-saving methods that fit")
     p.add_argument("--seed", type=int, help="fixes the data order, the held-out split and everything random")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
@@ -162,16 +163,16 @@ def _run_stage(args: argparse.Namespace, console: Console, stage: str, agree: Ca
 
 
 def stage_defaults(config: RunConfig, stage: str) -> dict[str, float]:
-    """The stage's own defaults (``STAGE_DEFAULTS``) for the keys the user's flags, file and --set left unset."""
-    from flopwise.posttrain.session import STAGE_DEFAULTS
+    """The stage's own defaults (its ``defaults``: flopwise/stages/) for the keys the user's flags, file and
+    --set left unset."""
+    from flopwise.stages import stage_class
 
-    return {key: value for key, value in STAGE_DEFAULTS[stage].items()
+    return {key: value for key, value in stage_class(stage).defaults.items()
             if key.split(".")[1] not in getattr(config, key.split(".")[0]).model_fields_set}
 
 
 def print_posttrain_summary(console: Console, summary: Summary) -> None:
     """Steps and spend, then the starting model against the trained one on the same held-out records."""
-    from flopwise.posttrain.session import describe_start_and_end
     from flopwise.rundir import METRICS_FILE, read_metrics
 
     print_summary(console, summary, table=False)
@@ -179,3 +180,13 @@ def print_posttrain_summary(console: Console, summary: Summary) -> None:
     if evals and evals[0]["step"] == 0:
         console.print(describe_start_and_end(evals[0], evals[-1]), highlight=False)
     console.print(f"chat with it: flopwise chat {summary.run_dir}", highlight=False)
+
+
+def describe_start_and_end(start: dict[str, Any], end: dict[str, Any]) -> str:
+    """One line comparing the starting model's eval event (step 0) with the final one, on the same records."""
+    if "preference_accuracy" not in end:
+        return (f"held-out assistant-token loss: {start['val_loss']:.4f} (start) -> {end['val_loss']:.4f} "
+                f"({end['heldout_tokens']:,} tokens)")
+    return (f"held-out preference accuracy: {start['preference_accuracy']:.3f} (start) -> "
+            f"{end['preference_accuracy']:.3f}; reward accuracy {end['reward_accuracy']:.3f}, margin "
+            f"{end['reward_margin']:+.3f} ({end['pairs']} pairs)")

@@ -31,7 +31,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_sample(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.evaluate.final import stream_sample
+    from flopwise.evaluate.sampling import stream_sample
 
     model, tokenizer, top_k = load_sampling_model(args)
     sys.stdout.write(args.prompt)

@@ -56,9 +56,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_scan(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.plan.resolve import shape_from_config
     from flopwise.plan.scan import Scan, design_scan
     from flopwise.plan.throughput import ThroughputCache
+    from flopwise.resolve import resolve
     from flopwise.runtime import device_name
     from flopwise.scaling.shapes import family_shape
 
@@ -70,6 +70,7 @@ def cmd_scan(args: argparse.Namespace, console: Console) -> int:
         raise FlopwiseError(f"scan --budget {budget.describe()}: give the scan's wall-clock time only, e.g. 15m")
     if config.model.init_from:
         raise FlopwiseError("a scan trains models of several sizes from scratch: drop --init-from")
+    vocab = resolve(config, extendable=True, settle_memory=False).model.vocab_size  # its pilots are extended
     decay_start = config.schedule.build().decay_start
     throughput = ThroughputCache.for_config(config)
     key = setup_key(config, device_name(throughput.device))
@@ -77,7 +78,6 @@ def cmd_scan(args: argparse.Namespace, console: Console) -> int:
         scan = reopen_scan(args, config, key, decay_start, budget.seconds - (time.perf_counter() - started), console)
         law = scan.extend(key)
     else:
-        vocab = shape_from_config(config).vocab_size
         design = design_scan(budget.seconds, lambda width: family_shape(config.model, width, vocab),
                              lambda cfg: throughput.tokens_per_second(cfg, config), decay_start)
         sizes = ", ".join(f"{s.d_model} ({s.non_embedding / 1e6:.2f}M)" for s in design.sizes)

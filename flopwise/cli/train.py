@@ -147,7 +147,6 @@ def _say_what_the_law_would_choose(config: RunConfig, console: Console) -> None:
     """A run of the default shape, where `flopwise scan` (or --law) fitted a law for this setup: say what the
     law would train instead and what it predicts for both, so the plan reaches runs without --auto."""
     from flopwise.cli.plan import make_plan
-    from flopwise.plan.resolve import shape_from_config
     from flopwise.runtime import choose_device, device_name
     from flopwise.scaling.law_file import law_for
 
@@ -161,7 +160,7 @@ def _say_what_the_law_would_choose(config: RunConfig, console: Console) -> None:
     except FlopwiseError as err:
         console.print(f"the law fitted for this setup has no plan for this budget ({err})", highlight=False)
         return
-    default = shape_from_config(config)
+    default = config.model.build(vocab_size=1)  # its width and depth (the plan's candidates give the rest)
     own = next((c for c in plan.candidates if (c.d_model, c.n_layers) == (default.d_model, default.n_layers)), None)
     chosen = plan.chosen
     console.print(f"the law fitted for this data and device ({law.path}) would train d_model {chosen.d_model} x "

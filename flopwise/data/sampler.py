@@ -222,3 +222,10 @@ def _scores(difficulty: Callable[[np.ndarray], np.ndarray] | None, start: int, e
         return None
     count = max(0, (end - start - 1) // seq_len)
     return difficulty(start + np.arange(count, dtype=np.int64) * seq_len)
+
+
+def natural_weights(ranges: Sequence[tuple[int, int]], seq_len: int) -> list[float]:
+    """Each domain's share of the training tokens, the mixture that uniform sampling gives; 0 for a domain
+    too small for one window of seq_len + 1 tokens."""
+    sizes = [end - start if end - start > seq_len else 0 for start, end in ranges]
+    return [size / sum(sizes) for size in sizes]

@@ -44,7 +44,7 @@ except ModuleNotFoundError as err:
     raise FlopwiseError("the lm-eval adapter needs the lm-eval package: pip install 'flopwise[eval]'") from None
 
 from flopwise.config import load_run_config
-from flopwise.evaluate.final import load_run_model
+from flopwise.evaluate.load import load_run_model
 from flopwise.evaluate.tasks.scoring import TaskModel
 from flopwise.runtime import choose_device, choose_dtype
 

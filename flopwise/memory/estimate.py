@@ -171,12 +171,12 @@ def tensor_specs(cfg: ModelConfig, traits: MemoryTraits) -> tuple[list[ParamSpec
 
 def update_rule(spec: ParamSpec, optimizer: str, traits: MemoryTraits) -> str:
     """Which update ``build_optimizer`` gives this parameter: torch's AdamW when no method changes the
-    optimizer, else flopwise's ``adamw``, ``muon`` or ``galore`` (projected gradients and Muon for
-    hidden matrices only)."""
+    optimizer, else flopwise's ``adamw``, ``muon`` or ``low_rank`` (Adam on projected gradients, GaLore's; it and
+    Muon for hidden matrices only)."""
     if optimizer == "adamw" and not traits.flopwise_optimizer:
         return "torch_adamw"
     if spec.hidden and traits.low_rank_gradients:
-        return "galore"
+        return "low_rank"
     if spec.hidden and optimizer == "muon":
         return "muon"
     return "adamw"
@@ -187,9 +187,9 @@ def _moment_bytes(numel: int, param_bytes: int, bits8: bool, block: int) -> int:
     return numel + FP32 * math.ceil(numel / block) if bits8 else numel * param_bytes
 
 
-def _galore_shapes(spec: ParamSpec, rank: int) -> tuple[int, int]:
+def _low_rank_shapes(spec: ParamSpec, rank: int) -> tuple[int, int]:
     """Elements of GaLore's projected gradient (r x the longer side) and of its projection (the
-    shorter side x r), rank clamped to the matrix as flopwise/optim/galore.py does."""
+    shorter side x r), rank clamped to the matrix as flopwise/methods/galore.py does."""
     rows, cols = spec.shape
     rank = min(rank, rows, cols)
     return rank * max(rows, cols), rank * min(rows, cols)
@@ -216,8 +216,8 @@ def optimizer_bytes(spec: ParamSpec, rule: str, param_bytes: int, bits8: bool, b
         if bits8:
             temp = max(4 * n + _quantize_work(n), temp + 4 * n)  # the decoded momentum, or quantizing it back
         return _moment_bytes(n, param_bytes, bits8, block), 0, temp
-    if rule == "galore":
-        low, projection = _galore_shapes(spec, rank)
+    if rule == "low_rank":
+        low, projection = _low_rank_shapes(spec, rank)
         temp = 4 * n + 8 * low  # the update mapped back to full size, the low-rank step's quotients
         if bits8:
             temp = max(4 * n + 16 * low, 12 * low + _quantize_work(low))
@@ -233,14 +233,14 @@ def optimizer_bytes(spec: ParamSpec, rule: str, param_bytes: int, bits8: bool, b
 @dataclass(frozen=True)
 class _Compute:
     """Byte sizes of one forward: ``c`` for matmul outputs (the autocast dtype), fp32 elsewhere;
-    ``matrix`` those of the stored matrices; ``fp8``: the block Linears are torchao's Float8Linear, which
+    ``matrix`` those of the stored matrices; ``float8``: the block Linears are torchao's Float8Linear, which
     saves its input in the autocast dtype (a cast per Linear, as autocast's) and the weight itself,
     casting both to fp8 again in backward; ``fake_quant``: they read fake-quantized weights."""
 
     c: int
     tokens: int
     matrix: int = FP32
-    fp8: bool = False
+    float8: bool = False
     fake_quant: bool = False
 
     @property
@@ -258,7 +258,7 @@ class _Compute:
     def block_weight_copy(self) -> int:
         """The same for a block Linear's weight: none under fp8, a dtype cast, or else the fake-quantized
         weight itself (QAT's matmul reads a new tensor, which it keeps)."""
-        if self.fp8:
+        if self.float8:
             return 0
         return self.head_weight_copy or (self.matrix if self.fake_quant else 0)
 
@@ -288,13 +288,13 @@ def _block_activations(cfg: ModelConfig, run: _Compute, traits: MemoryTraits, tr
     [batch, time, heads, head_dim]."""
     c, n = run.c, run.tokens
     d, hidden, attn, kv = cfg.d_model, cfg.hidden, cfg.attn_dim, cfg.kv_heads * cfg.head_dim
-    lora, sltrain = traits.adapter_rank > 0, traits.factorized is not None
-    keeps_input = trains or lora or sltrain  # which Linears save their input for backward
+    adapted, factorized = traits.adapter_rank > 0, traits.factorized is not None
+    keeps_input = trains or adapted or factorized  # which Linears save their input for backward
     total = 0
     if input_grad:  # input norm: the residual stream is fp32 (the embedding's dtype), so is its normalized copy
         total += _norm_saved(cfg, run, d, 1, trains, FP32)
     # q, k, v read the norm's output; SLTrain's own Function keeps it uncast (fp32 under autocast)
-    total += n * d * FP32 if sltrain else run.saved_input(d, 3 if keeps_input else 0)
+    total += n * d * FP32 if factorized else run.saved_input(d, 3 if keeps_input else 0)
     if cfg.qk_norm:  # q and k, upcast to fp32, normalized, kept in their own dtype for the gain's gradient
         total += _norm_saved(cfg, run, attn, cfg.n_heads, trains, c)
         total += _norm_saved(cfg, run, kv, cfg.kv_heads, trains, c)
@@ -302,24 +302,25 @@ def _block_activations(cfg: ModelConfig, run: _Compute, traits: MemoryTraits, tr
         total += 2 * cfg.seq_len * cfg.head_dim * c
     total += n * (c * (2 * attn + 2 * kv) + FP32 * cfg.n_heads)  # attention: q, k, v, output, log-sum-exp
     total += _norm_saved(cfg, run, d, 1, trains, FP32)
-    total += n * d * FP32 if sltrain else run.saved_input(d, (2 if cfg.mlp == "swiglu" else 1) if keeps_input else 0)
+    total += n * d * FP32 if factorized else run.saved_input(d, (2 if cfg.mlp == "swiglu" else 1) if keeps_input
+                                                             else 0)
     mlp_kept = 3 if cfg.mlp == "swiglu" else 1  # SwiGLU: gate, silu(gate), up; GELU/ReLU²: the activation's input
     total += n * hidden * c * (mlp_kept + (1 if keeps_input else 0))  # + down_proj's input
-    if lora:
+    if adapted:
         total += n * traits.adapter_rank * c * len(cfg.block_linears)  # x A^T, kept for B's gradient
-    if not sltrain:
+    if not factorized:
         total += run.block_weight_copy * _cast_weights(cfg, traits.adapter_rank, input_grad)
     return total
 
 
-def _cast_weights(cfg: ModelConfig, lora_rank: int, qkv_input_grad: bool) -> int:
+def _cast_weights(cfg: ModelConfig, adapter_rank: int, qkv_input_grad: bool) -> int:
     """Elements of the autocast weight casts a block keeps: each Linear's (for its input's
     gradient) and LoRA's A (the same) and B (for A's gradient).  Where q, k and v read a tensor
     that needs no gradient, only B's cast is kept."""
     total = 0
     for name, out, inp in cfg.block_linears:
         needs_input_grad = qkv_input_grad or name not in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-        total += lora_rank * out + (out * inp + lora_rank * inp if needs_input_grad else 0)
+        total += adapter_rank * out + (out * inp + adapter_rank * inp if needs_input_grad else 0)
     return total
 
 
@@ -363,11 +364,11 @@ def _mlp_backward_extra(cfg: ModelConfig, run: _Compute, traits: MemoryTraits, t
     """Bytes a block's MLP backward adds at its crest beyond the block's saved activations: the
     gradients of the MLP's hidden tensors (SwiGLU: of down_proj's input, then of silu(gate) and of
     up), less what down_proj's backward has freed by then: its input and its weight's autocast cast."""
-    sltrain = traits.factorized is not None
-    keeps_input = trains or traits.adapter_rank > 0 or sltrain
+    factorized = traits.factorized is not None
+    keeps_input = trains or traits.adapter_rank > 0 or factorized
     made = {"swiglu": 3, "gelu": 2, "relu2": 3}[cfg.mlp]
     extra = run.tokens * cfg.hidden * run.c * (made - (1 if keeps_input else 0))
-    if not sltrain:
+    if not factorized:
         extra -= run.block_weight_copy * cfg.hidden * cfg.d_model
         extra -= run.c * traits.adapter_rank * (cfg.hidden + cfg.d_model) if run.autocast else 0
     return extra
@@ -444,7 +445,7 @@ class _Step:
     grad_accum: int
 
     @property
-    def layerwise(self) -> bool:
+    def updates_in_backward(self) -> bool:
         return self.traits.updates_in_backward
 
     @property
@@ -462,8 +463,8 @@ class _Step:
 
     @property
     def alive_grads(self) -> int:
-        """Gradients alive at once: all; with layerwise the largest, plus a tied head's."""
-        if self.layerwise:
+        """Gradients alive at once: all; with updates inside backward the largest, plus a tied head's."""
+        if self.updates_in_backward:
             return self.tied_head_grad + max(self.grads.values(), default=0)
         return sum(self.grads.values())
 
@@ -489,7 +490,7 @@ class _Step:
         mlp = self._mlp_crest()
         recompute = acts.block - stream if self.traits.recompute_blocks else 0  # its input is kept anyway
         in_blocks = base + acts.blocks + acts.positions + stream
-        if self.layerwise:  # updates inside backward: the head's first, the blocks', the embedding's last
+        if self.updates_in_backward:  # updates inside backward: the head's first, the blocks', the embedding's last
             return {
                 "loss": base + acts.total + self.logits,
                 "head update": base + acts.total + stream + self._update("lm_head.weight"),
@@ -507,13 +508,13 @@ class _Step:
         }
 
     def _mlp_crest(self) -> int:
-        """What a block's MLP backward adds at its crest: its hidden gradients and, unless layerwise
-        has spent it already, down_proj's weight gradient.  A block LISA leaves frozen keeps less
+        """What a block's MLP backward adds at its crest: its hidden gradients and, unless an update inside
+        backward has spent it already, down_proj's weight gradient.  A block LISA leaves frozen keeps less
         for backward but frees less during it; which block is on top is random, so the larger."""
         cfg, run, traits = self.cfg, self.run, self.traits
         down_grad = max((v for k, v in self.grads.items() if k.startswith("layers.") and ".down_proj." in k),
                         default=0)
-        crest = _mlp_backward_extra(cfg, run, traits, True) + (0 if self.layerwise else down_grad)
+        crest = _mlp_backward_extra(cfg, run, traits, True) + (0 if self.updates_in_backward else down_grad)
         if traits.factorized is not None:  # SLTrain's own backward of up (or gate): its factors' gradients on
             # top, and under autocast its dense weight gradient in both precisions for a moment
             crest += sum(v for k, v in self.grads.items() if k.startswith("layers.0.mlp.up_proj.")

@@ -6,12 +6,26 @@ it needs; every hook does nothing by default.  The session, the optimizer builde
 estimator and the training loop call the hooks of the methods in use through ``MethodStack``
 (flopwise/methods/stack.py) and never name a method.
 
+What a method declares, read by the resolve stage (flopwise/resolve.py) and by evaluation and export, so
+that no module outside flopwise/methods/ names a method:
+- ``conflicts``: the methods it cannot be combined with, and why;
+- ``stages``: the stages it applies to (None: all; the methods that act on pretraining's corpus, loss or
+  step shapes: pretraining only);
+- ``progressive``: the default recipe adds it to a new run (``methods.progressive``);
+- ``survives_extension``: a finished run that used it can be extended to a larger budget;
+- ``saves_memory``, ``keeps_gradients``, ``trains_embedding``, ``matmul_dtype``: what it does to memory,
+  gradients, the embedding and the matmuls' dtype;
+- ``legacy_keys`` / ``legacy_switch``: where its settings lived in older config.toml files.
+
 Hooks, in the order a run meets them:
-- ``check`` (class): refuse, in one line, settings that cannot work with the rest of the run config and
-  the process world, before any data is read.  Conflicts between methods are declared in ``conflicts``.
-- ``implied`` (class): whether other config fields already ask for the method (``--data NAME=PATH:W``
-  asks for ``mixture``), so validation adds it to ``methods.use``.
+- ``check`` (class): refuse, in one line, settings that cannot work with the run being resolved (its model
+  shape, optimizer and precision: ``RunView``) and the process world, before any data is read.  The resolve
+  stage calls it once per method.
+- ``implied`` (class): whether the data section already asks for the method (``--data NAME=PATH:W``
+  asks for ``mixture``), so the resolve stage adds it to ``methods.use``.
 - ``memory`` (class): its part of the peak-memory estimate, as ``MemoryTraits``.
+- ``int4_group`` (class): the int4 group its model is meant for (evaluation and export round to it).
+- ``legacy_state`` (class): its checkpoint state where an older checkpoint kept it.
 - ``configure``: change the model before the optimizer is built (factorize, wrap, freeze).
 - ``shape_optimizer``: change the optimizer the builder makes (update rules, state precision, hooks).
 - ``setup``: load what it needs once the data is ready (a teacher, a reference run's losses).
@@ -35,25 +49,27 @@ seed, plus its saved state, so a resumed run repeats the uninterrupted one exact
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from flopwise.data.config import DataSection
 from flopwise.data.sampler import Batch, PackedSampler
 from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
 from flopwise.model.config import ModelConfig
+from flopwise.optim.config import OptimSection
 from flopwise.optim.spec import OptimizerSpec
 from flopwise.section import Section
 
-if TYPE_CHECKING:  # the run config composes the methods' sections, so it is imported for hints only
-    from flopwise.config import RunConfig
+if TYPE_CHECKING:
     from flopwise.data.pipeline import PreparedData
-    from flopwise.methods.salt import Teacher
     from flopwise.runtime import Ranks
+
+PRETRAIN = ("pretrain",)  # ``stages`` of the methods that act on pretraining's corpus, loss or step shapes
 
 
 class MethodConfig(Section):
@@ -70,6 +86,20 @@ class World:
     device: torch.device | None = None
 
 
+@dataclass(frozen=True)
+class RunView:
+    """What a method's ``check`` reads of the run being resolved: the model shape it resolves to (an imported
+    model's where ``imported``), its optimizer section, the precision asked for (``train.precision``: auto,
+    fp32 or bf16) and its stage.  The resolve stage (flopwise/resolve.py) builds it; no method reads the whole
+    run config."""
+
+    model: ModelConfig
+    optim: OptimSection
+    precision: str = "auto"
+    imported: bool = False
+    stage: str = "pretrain"
+
+
 @dataclass
 class SamplerOptions:
     """The sampler's data order: domain ``weights`` (None: each domain in proportion to its tokens),
@@ -83,18 +113,21 @@ class SamplerOptions:
 @dataclass
 class RunResources:
     """What a method may read of its run at ``setup``: the prepared data and the sources it came from,
-    the window length, the device, precision and processes, a way to tell the user, and a teacher
-    loader that loads each source once (SALT's teacher may also score the curriculum).  ``data`` is None in
-    post-training, which refuses the methods that read the corpus (flopwise/posttrain/session.py)."""
+    the window length, the tokenizer (as JSON) and the model's vocabulary, the device, precision and processes,
+    a way to tell the user, and ``shared``, where methods keep what several of them load once (a teacher that
+    SALT and the curriculum both use: flopwise/methods/teacher.py).  ``data`` is None in post-training,
+    whose stages take only the methods that do not read the corpus (``Method.stages``)."""
 
     data: PreparedData | None
     sources: list[str]
     seq_len: int
+    tokenizer_json: str
+    vocab_size: int
     device: torch.device
     dtype: torch.dtype
     ranks: Ranks
     message: Callable[[str], None]
-    load_teacher: Callable[[str], Teacher]
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,8 +158,15 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     conflicts: ClassVar[dict[str, str]] = {}  # another method's name -> why the two cannot be combined
+    stages: ClassVar[tuple[str, ...] | None] = None  # the stages it applies to; None: every stage
+    progressive: ClassVar[bool] = False  # the default recipe adds it to a new run (methods.progressive)
+    survives_extension: ClassVar[bool] = True  # False: its schedule follows the original budget's share
     saves_memory: ClassVar[bool] = False  # a memory method: checked against memory.limit, timed by the probe
     keeps_gradients: ClassVar[bool] = True  # False: gradients are used up in backward (none left to clip)
+    trains_embedding: ClassVar[bool] = True  # False: the embedding is frozen (new tokens could not learn)
+    matmul_dtype: ClassVar[str | None] = None  # the dtype its matmuls compute in, where not the run's
+    legacy_keys: ClassVar[dict[str, str]] = {}  # a key of older config.toml files -> this section's key
+    legacy_switch: ClassVar[tuple[str, Any] | None] = None  # the older key that turned it on, and its "off"
 
     def __init__(self, config: MethodConfig, seed: int = 0) -> None:
         self.config = config
@@ -135,18 +175,34 @@ class Method:
     # -- before anything is built ---------------------------------------------------------------
 
     @classmethod
-    def check(cls, config: MethodConfig, run: RunConfig, world: World | None) -> None:
-        """Raise FlopwiseError if this method cannot run with ``run``.  ``world``: None while only the config is
-        validated (``flopwise memory`` and ``plan`` may estimate any set), the processes of a run about to train."""
+    def check(cls, config: MethodConfig, run: RunView, world: World | None) -> None:
+        """Raise FlopwiseError if this method cannot run with ``run``.  ``world``: None while a run is only planned
+        (``flopwise memory`` and ``plan`` may estimate any set), the processes of a run about to train."""
 
     @classmethod
-    def implied(cls, run: RunConfig) -> bool:
-        """Whether other fields of ``run`` ask for this method."""
+    def implied(cls, config: MethodConfig, data: DataSection) -> bool:
+        """Whether the data section asks for this method."""
         return False
 
     @classmethod
     def memory(cls, config: MethodConfig, traits: MemoryTraits, model: ModelConfig) -> None:
         """Record in ``traits`` what this method changes in a training step's memory."""
+
+    @classmethod
+    def int4_group(cls, config: MethodConfig) -> int | None:
+        """The int4 group (input columns per scale) the trained model is meant to be rounded to, if any."""
+        return None
+
+    @classmethod
+    def weights_config(cls, weights: dict[str, float]) -> dict[str, Any] | None:
+        """The config values (dotted keys) that make a run sample its domains by ``weights``, if this method is
+        how a run does that."""
+        return None
+
+    @classmethod
+    def legacy_state(cls, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+        """This method's state in a checkpoint written before the methods kept theirs under ``methods``."""
+        return None
 
     @classmethod
     def refuse_in_parallel(cls, world: World | None, reason: str) -> None:
@@ -169,6 +225,11 @@ class Method:
 
     def shape_optimizer(self, spec: OptimizerSpec, model: nn.Module) -> None:
         """Change what the optimizer builder makes."""
+
+    def domain_weights(self, sources: Sequence[str], domains: Sequence[str]) -> list[float] | None:
+        """The weights of the data's ``domains`` (read from ``sources``) that the sampler starts from, where this
+        method sets them from the config alone (``flopwise data`` shows them)."""
+        return None
 
     def setup(self, run: RunResources) -> None:
         """Load what the method needs once the data is ready."""

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 
 from flopwise.data.sampler import PackedSampler
 from flopwise.errors import FlopwiseError
-from flopwise.methods.base import Method, StepShape, World
+from flopwise.methods.base import PRETRAIN, Method, RunView, StepShape, World
 from flopwise.methods.stages import StagesConfig
 
 EXPONENTS = {"sqrt": 0.5, "linear": 1.0, "none": 0.0}
@@ -37,6 +37,9 @@ class BatchSchedule(Method):
     """Draws fewer windows per micro-batch until ``until``, at a learning rate scaled to the batch."""
 
     name: ClassVar[str] = "batch_schedule"
+    stages = PRETRAIN
+    progressive = True
+    survives_extension = False
     Config = BatchScheduleConfig
     conflicts = {"salt": "SALT picks its own batch of windows from a fixed number of candidates"}
 
@@ -47,7 +50,7 @@ class BatchSchedule(Method):
         self.current: int | None = None
 
     @classmethod
-    def check(cls, config: BatchScheduleConfig, run: Any, world: World | None) -> None:
+    def check(cls, config: BatchScheduleConfig, run: RunView, world: World | None) -> None:
         first = config.first(run.optim.batch_size, "optim.batch_size")
         ranks = world.size if world is not None else 1
         if first % ranks:

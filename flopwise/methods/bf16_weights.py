@@ -13,17 +13,14 @@ in backward, keeping only the bf16 weight in between (flopwise/model/gpt.py ``li
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from flopwise.memory.traits import MemoryTraits
-from flopwise.methods.base import Method, MethodConfig, OptimizerSpec, World
+from flopwise.methods.base import Method, MethodConfig, OptimizerSpec, RunView, World
 from flopwise.model.config import ModelConfig
-
-if TYPE_CHECKING:
-    from flopwise.config import RunConfig
 
 
 class BF16WeightsConfig(MethodConfig):
@@ -43,7 +40,7 @@ class BF16Weights(Method):
     }
 
     @classmethod
-    def check(cls, config: BF16WeightsConfig, run: RunConfig, world: World | None) -> None:
+    def check(cls, config: BF16WeightsConfig, run: RunView, world: World | None) -> None:
         cls.refuse_sharded(world)
 
     @classmethod

@@ -2,13 +2,14 @@
 
 The estimator (flopwise/memory/estimate.py) knows methods only through the ``MemoryTraits`` their
 ``memory`` hooks record; this module names the candidate sets the planner tries, cheapest in quality
-first, and settles a run's methods under ``memory.limit`` before anything is built.
+first, and settles a run's methods under ``memory.limit`` (for the resolve stage, flopwise/resolve.py, and the
+planner's candidate shapes) before anything is built.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from flopwise.budget import format_bytes
 from flopwise.errors import FlopwiseError
@@ -16,9 +17,7 @@ from flopwise.memory.estimate import MemoryEstimate, estimate_memory
 from flopwise.methods.registry import BY_NAME, MEMORY_METHODS
 from flopwise.methods.stack import memory_traits
 from flopwise.model.config import ModelConfig
-
-if TYPE_CHECKING:
-    from flopwise.config import RunConfig
+from flopwise.optim.config import OptimSection
 
 # Method sets the planner tries, cheapest in quality first: 8-bit states cost almost nothing,
 # recomputation costs time only, bf16 weights with stochastic rounding cost little (bench/low_precision.py),
@@ -89,30 +88,34 @@ def estimate_for(model_cfg: ModelConfig, micro_batch: int, methods: Sequence[str
                            param_dtype, grad_accum)
 
 
-def memory_methods_of(config: RunConfig) -> list[str]:
-    """The memory-saving methods among ``config.methods.use``."""
-    return [name for name in config.methods.use if name in MEMORY_METHODS]
+def memory_methods_of(use: Sequence[str]) -> list[str]:
+    """The memory-saving methods among ``use`` (a config's ``methods.use``)."""
+    return [name for name in use if name in MEMORY_METHODS]
 
 
-def resolve_memory_methods(config: RunConfig, model_cfg: ModelConfig, micro_batch: int,
-                           dtype: str) -> tuple[RunConfig, str | None]:
-    """With ``memory.limit`` set: choose memory-saving methods (when none are in use) or check that the
-    chosen ones fit, for a step computing in ``dtype`` (fp32 or bf16).  Returns the resolved config (a new
-    one when methods were chosen; with GaLore, its optimizer too) and what to tell the user, or None when
-    no cap is set.  The resolved config is what config.toml records, so a resume rebuilds the same run."""
-    limit, methods = config.memory.limit, memory_methods_of(config)
-    if limit is None:
-        return config, None
-    o = config.optim
+@dataclass(frozen=True)
+class MemorySettlement:
+    """What a memory cap settles: the methods to add (none when the run names its own), the optimizer they run
+    with, and what to tell the user."""
+
+    added: tuple[str, ...]
+    optimizer: str
+    note: str
+
+
+def settle_memory_methods(use: Sequence[str], sections: Any, optim: OptimSection, model_cfg: ModelConfig,
+                          micro_batch: int, dtype: str, limit: float) -> MemorySettlement:
+    """Under the cap ``limit``: choose memory-saving methods where ``use`` names none, or check that the named
+    ones fit, for a step computing in ``dtype`` (fp32 or bf16).  ``sections``: the config's ``methods``, whose
+    settings the estimate uses."""
+    methods = memory_methods_of(use)
     if not methods:
-        choice = choose_methods(model_cfg, micro_batch, config.methods, o.name, limit, dtype, o.grad_accum)
-        resolved = config.replace(**{"methods.use": [*config.methods.use, *choice.methods],
-                                     "optim.name": choice.optimizer})
-        return resolved, choice.explanation
-    estimate = estimate_for(model_cfg, micro_batch, methods, config.methods, o.name, dtype, grad_accum=o.grad_accum)
+        choice = choose_methods(model_cfg, micro_batch, sections, optim.name, limit, dtype, optim.grad_accum)
+        return MemorySettlement(choice.methods, choice.optimizer, choice.explanation)
+    estimate = estimate_for(model_cfg, micro_batch, methods, sections, optim.name, dtype, grad_accum=optim.grad_accum)
     if estimate.peak > limit:
         raise FlopwiseError(f"methods.use {methods} need about {format_bytes(estimate.peak)} at peak, over "
                             f"memory.limit {format_bytes(limit)}: add methods, or leave the memory-saving methods "
                             "out for flopwise to choose, or shrink the model or optim.batch_size")
-    return config, (f"memory: {', '.join(methods)}: estimated peak {format_bytes(estimate.peak)} "
-                    f"within {format_bytes(limit)}")
+    return MemorySettlement((), optim.name, f"memory: {', '.join(methods)}: estimated peak "
+                                            f"{format_bytes(estimate.peak)} within {format_bytes(limit)}")

@@ -9,7 +9,7 @@ from typing import ClassVar
 from torch import nn
 
 from flopwise.memory.traits import MemoryTraits
-from flopwise.methods.base import Method, MethodConfig, OptimizerSpec, World
+from flopwise.methods.base import Method, MethodConfig, OptimizerSpec, RunView, World
 from flopwise.model.config import ModelConfig
 from flopwise.section import in_range
 
@@ -27,9 +27,10 @@ class EightBitStates(Method):
     name: ClassVar[str] = "8bit"
     Config = EightBitConfig
     saves_memory = True
+    legacy_keys = {"memory.state_block": "block"}
 
     @classmethod
-    def check(cls, config: EightBitConfig, run: object, world: World | None) -> None:
+    def check(cls, config: EightBitConfig, run: RunView, world: World | None) -> None:
         cls.refuse_sharded(world)
 
     @classmethod

@@ -24,19 +24,16 @@ modules and needs nothing more.  torchao fuses its scaling casts only under ``to
 from __future__ import annotations
 
 from types import ModuleType
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
-from flopwise.methods.base import Method, MethodConfig, World
+from flopwise.methods.base import Method, MethodConfig, RunView, World
 from flopwise.methods.dense import block_linears
 from flopwise.model.config import ModelConfig
-
-if TYPE_CHECKING:
-    from flopwise.config import RunConfig
 
 MIN_CAPABILITY = (8, 9)  # Ada (L4, RTX 4090) and Hopper (H100) have FP8 tensor cores; Ampere (A100) has none
 FP8_MULTIPLE = 16  # torch._scaled_mm needs both dimensions of each operand divisible by 16
@@ -87,14 +84,15 @@ class Float8Matmuls(Method):
 
     name: ClassVar[str] = "fp8"
     Config = FP8Config
+    matmul_dtype = "fp8"
     conflicts: ClassVar[dict[str, str]] = {
         "lora": "LoRA replaces the block Linears that fp8 would convert with adapted ones",
         "sltrain": "SLTrain replaces the block Linears that fp8 would convert with sparse plus low-rank factors",
     }
 
     @classmethod
-    def check(cls, config: FP8Config, run: RunConfig, world: World | None) -> None:
-        if run.train.precision == "fp32":
+    def check(cls, config: FP8Config, run: RunView, world: World | None) -> None:
+        if run.precision == "fp32":
             raise FlopwiseError("methods.use 'fp8' computes everything but its FP8 matmuls in bf16 and cannot run "
                                 "with train.precision=fp32: set train.precision=bf16 (or auto), or drop fp8")
         if world is None:  # only the config is checked: estimates and plans may name fp8 anywhere

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from flopwise.errors import FlopwiseError
-from flopwise.methods.base import Method, MethodConfig, StepShape, World
-from flopwise.model.config import NAMED_SIZES
+from flopwise.methods.base import PRETRAIN, Method, MethodConfig, RunView, StepShape, World
 from flopwise.section import in_range
 
 
@@ -45,6 +44,9 @@ class GrowDepth(Method):
     """Trains the first n_layers/factor blocks until ``at``, then stacks them into all n_layers."""
 
     name: ClassVar[str] = "grow_depth"
+    stages = PRETRAIN
+    progressive = True
+    survives_extension = False
     Config = GrowDepthConfig
     conflicts = {"lisa": "LISA chooses among blocks that depth growth has not yet trained"}
 
@@ -54,13 +56,13 @@ class GrowDepth(Method):
         self.model: nn.Module | None = None
 
     @classmethod
-    def check(cls, config: GrowDepthConfig, run: Any, world: World | None) -> None:
+    def check(cls, config: GrowDepthConfig, run: RunView, world: World | None) -> None:
         cls.refuse_in_parallel(world, "runs fewer blocks before the growth, and DDP and FSDP need every "
                                       "parameter in every step")
-        if run.model.init_from:
+        if run.imported:
             raise FlopwiseError("methods.use 'grow_depth' cannot start from --init-from: it grows a shallow "
                                 "model trained from scratch; drop one of them")
-        n_layers = run.model.n_layers or NAMED_SIZES[run.model.size]["n_layers"]
+        n_layers = run.model.n_layers
         if n_layers % config.factor:
             raise FlopwiseError(f"methods.grow_depth.factor={config.factor} must divide model.n_layers={n_layers}: "
                                 "the shallow model's blocks are stacked that many times")

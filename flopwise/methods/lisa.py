@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from flopwise.memory.traits import MemoryTraits
-from flopwise.methods.base import Method, MethodConfig, World
+from flopwise.methods.base import Method, MethodConfig, RunView, World
 from flopwise.model.config import ModelConfig
 from flopwise.section import in_range
 
@@ -42,6 +42,7 @@ class LISA(Method):
     name: ClassVar[str] = "lisa"
     Config = LISAConfig
     saves_memory = True
+    legacy_keys = {"memory.lisa_layers": "layers", "memory.lisa_interval": "interval"}
     conflicts = {"lora": "LoRA freezes the blocks whose weights LISA would train"}
 
     def __init__(self, config: LISAConfig, seed: int = 0) -> None:
@@ -49,7 +50,7 @@ class LISA(Method):
         self.layers, self.interval = config.layers, config.interval
 
     @classmethod
-    def check(cls, config: LISAConfig, run: object, world: World | None) -> None:
+    def check(cls, config: LISAConfig, run: RunView, world: World | None) -> None:
         cls.refuse_in_parallel(world, "changes which layers train, while DDP fixes that set when it "
                                      "wraps the model")
 

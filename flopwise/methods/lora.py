@@ -11,7 +11,7 @@ flopwise/methods/dense.py merges the adapters into plain weights (W + (alpha / r
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +19,10 @@ from torch import nn
 
 from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
-from flopwise.methods.base import Method, MethodConfig, World
+from flopwise.methods.base import Method, MethodConfig, RunView, World
 from flopwise.methods.dense import replace_block_linears
 from flopwise.model.config import ModelConfig
 from flopwise.section import in_range
-
-if TYPE_CHECKING:
-    from flopwise.config import RunConfig
 
 
 class LoRALinear(nn.Module):
@@ -78,6 +75,8 @@ class LoRA(Method):
     name: ClassVar[str] = "lora"
     Config = LoRAConfig
     saves_memory = True
+    trains_embedding = False  # everything but the adapters is frozen
+    legacy_keys = {"memory.lora_rank": "rank", "memory.lora_alpha": "alpha"}
     conflicts = {"galore": "LoRA freezes the dense matrices whose gradients GaLore would project"}
 
     def __init__(self, config: LoRAConfig, seed: int = 0) -> None:
@@ -85,8 +84,8 @@ class LoRA(Method):
         self.rank, self.alpha = config.rank, config.alpha
 
     @classmethod
-    def check(cls, config: LoRAConfig, run: RunConfig, world: World | None) -> None:
-        if world is not None and not run.model.init_from:  # a run about to train (estimates may ask anyway)
+    def check(cls, config: LoRAConfig, run: RunView, world: World | None) -> None:
+        if world is not None and not run.imported:  # a run about to train (estimates may ask anyway)
             raise FlopwiseError("methods.use 'lora' fine-tunes an imported model through adapters on frozen "
                                 "weights, and random frozen weights learn nothing: add --init-from MODEL, or "
                                 "drop lora")

@@ -1,25 +1,49 @@
-"""Online domain reweighting (flopwise/data/mixture.py): the mixture follows the per-domain training
-loss ('loss') or its excess over a reference run's held-out losses ('excess', DoReMi, Xie et al. 2023),
-updated after every step from the losses of all its micro-batches on all ranks."""
+"""Online domain reweighting: mixture weights that follow the per-domain training loss.
+
+The weights are a softmax around the starting mixture, alpha = softmax(log alpha0 + eta * s), with
+s_d a score per domain and DoReMi's smoothing toward uniform, (1 - c) alpha + c / K (Xie et al. 2023,
+c = 1e-3, eta = 1).  Two rules:
+
+- ``loss``: s_d is domain d's training loss (an exponential moving average of the batches that held
+  it), centred over the domains seen: domains the model finds hardest get more data.
+- ``excess``: s_d = max(loss_d - reference_d, 0), DoReMi's clipped excess loss over a reference run
+  (here the reference's final held-out loss per domain, a small run on the starting mixture): a
+  domain the model already predicts as well as the reference does gets no extra data, however hard.
+
+Unlike DoReMi, which trains a proxy model first and then a second run with the proxy's averaged
+weights, the weights act on the run itself (online), so no second run is needed.  All state is one
+moving average and its normalizer per domain, saved in the checkpoint for exact resume.
+
+The method updates the weights after every step from the losses of all its micro-batches on all ranks.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from torch import nn
 
-from flopwise.data.mixture import DomainReweighter, natural_weights
-from flopwise.data.sampler import PackedSampler
+from flopwise.data.sampler import PackedSampler, natural_weights
 from flopwise.errors import FlopwiseError
-from flopwise.methods.base import Method, MethodConfig, RunResources, SamplerOptions, StepOutputs, World
+from flopwise.methods.base import (
+    PRETRAIN,
+    Method,
+    MethodConfig,
+    RunResources,
+    RunView,
+    SamplerOptions,
+    StepOutputs,
+    World,
+)
 from flopwise.methods.mixture import mixture_field
 from flopwise.rundir import read_metrics
 from flopwise.section import in_range
 
-if TYPE_CHECKING:
-    from flopwise.config import RunConfig
+RULES = ("loss", "excess")
 
 
 class OnlineMixtureConfig(MethodConfig):
@@ -33,6 +57,75 @@ class OnlineMixtureConfig(MethodConfig):
 
     _smoothing = in_range("smoothing", low=0, high=1, below=True)
     _eta = in_range("eta", low=0)  # 0: the weights stay put
+
+
+@dataclass
+class DomainReweighter:
+    """The rule's state and weights: the moving average of each domain's training loss and its normalizer."""
+
+    base: list[float]  # the starting mixture alpha0, normalized
+    rule: str = "loss"
+    eta: float = 1.0
+    smoothing: float = 1e-3
+    decay: float = 0.9  # of the moving averages, per update in which the domain appears
+    reference: list[float] | None = None  # per-domain reference loss, for "excess"
+    averages: list[float] = field(default_factory=list)
+    normalizers: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise FlopwiseError(f"methods.online_mixture.rule='{self.rule}' is not one of {', '.join(RULES)}")
+        if self.rule == "excess" and (self.reference is None or len(self.reference) != len(self.base)):
+            raise FlopwiseError("methods.online_mixture.rule='excess' needs methods.online_mixture.reference: a "
+                                "finished run on the same data whose per-domain held-out losses serve as the reference")
+        if not 0.0 <= self.smoothing < 1.0 or self.eta < 0:
+            raise FlopwiseError(f"methods.online_mixture.eta={self.eta:g} must be >= 0 and "
+                                f"methods.online_mixture.smoothing={self.smoothing:g} in [0, 1)")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay={self.decay} must lie in [0, 1)")
+        total = sum(self.base)
+        self.base = [w / total for w in self.base]
+        self.averages = self.averages or [0.0] * len(self.base)
+        self.normalizers = self.normalizers or [0.0] * len(self.base)
+
+    def observe(self, loss_sums: Sequence[float], token_counts: Sequence[float]) -> None:
+        """Fold in one step's summed per-token training loss and token count per domain (all ranks)."""
+        for d, (loss_sum, count) in enumerate(zip(loss_sums, token_counts)):
+            if count > 0:
+                self.averages[d] = self.decay * self.averages[d] + (1 - self.decay) * loss_sum / count
+                self.normalizers[d] = self.decay * self.normalizers[d] + (1 - self.decay)
+
+    def domain_losses(self) -> list[float | None]:
+        """The bias-corrected moving average of each domain's loss (None: not seen yet)."""
+        return [a / n if n > 0 else None for a, n in zip(self.averages, self.normalizers)]
+
+    def scores(self) -> list[float]:
+        losses = self.domain_losses()
+        if self.rule == "excess":
+            assert self.reference is not None
+            return [max(loss - ref, 0.0) if loss is not None else 0.0 for loss, ref in zip(losses, self.reference)]
+        seen = [loss for loss in losses if loss is not None]
+        centre = sum(seen) / len(seen) if seen else 0.0
+        return [loss - centre if loss is not None else 0.0 for loss in losses]
+
+    def weights(self) -> list[float]:
+        logits = [math.log(max(w, 1e-30)) + self.eta * s for w, s in zip(self.base, self.scores())]
+        top = max(logits)
+        raw = [math.exp(v - top) if w > 0 else 0.0 for v, w in zip(logits, self.base)]
+        total = sum(raw)
+        live = sum(1 for w in self.base if w > 0)
+        return [(1 - self.smoothing) * r / total + (self.smoothing / live if w > 0 else 0.0)
+                for r, w in zip(raw, self.base)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averages, and the reference losses: a resume must not depend on the reference run still existing."""
+        return {"averages": list(self.averages), "normalizers": list(self.normalizers), "reference": self.reference}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.averages = [float(v) for v in state["averages"]]
+        self.normalizers = [float(v) for v in state["normalizers"]]
+        self.reference = state["reference"]
+
 
 
 def reference_losses(reference: str | None, domains: list[str]) -> list[float] | None:
@@ -55,9 +148,17 @@ def reference_losses(reference: str | None, domains: list[str]) -> list[float] |
 class OnlineMixture(Method):
     name: ClassVar[str] = "online_mixture"
     Config = OnlineMixtureConfig
+    stages = PRETRAIN
+    legacy_keys = {"mixture.online": "rule", **{f"mixture.{key}": key for key in ("reference", "eta", "smoothing")}}
+    legacy_switch = ("mixture.online", "none")
 
     @classmethod
-    def check(cls, config: OnlineMixtureConfig, run: RunConfig, world: World | None) -> None:
+    def legacy_state(cls, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+        """Checkpoints written before the method protocol kept this state as ``objective.mixture``."""
+        return checkpoint.get("objective", {}).get("mixture")
+
+    @classmethod
+    def check(cls, config: OnlineMixtureConfig, run: RunView, world: World | None) -> None:
         if config.rule == "excess" and config.reference is None:
             raise FlopwiseError("methods.online_mixture.rule='excess' needs methods.online_mixture.reference: a "
                                 "finished run on the same data whose per-domain held-out losses serve as the "

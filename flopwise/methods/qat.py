@@ -12,23 +12,18 @@ quantize is a function of p alone, so a resumed run needs no saved state to repe
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
-from flopwise.methods.base import Method, MethodConfig, World
+from flopwise.methods.base import Method, MethodConfig, RunView, World
 from flopwise.methods.dense import replace_block_linears
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import Linear, linear
-from flopwise.model.int4 import straight_through
+from flopwise.model.int4 import DEFAULT_GROUP, check_group, straight_through
 from flopwise.section import in_range
-
-if TYPE_CHECKING:
-    from flopwise.config import RunConfig
 
 
 class FakeQuantLinear(Linear):
@@ -52,25 +47,13 @@ class FakeQuantLinear(Linear):
         return f"{super().extra_repr()}, group={self.group}, active={self.active}"
 
 
-def check_group(model: ModelConfig, group: int, setting: str) -> None:
-    """Refuse, in one line naming ``setting``, a group that does not divide every block Linear's input width."""
-    widths = {"d_model": model.d_model, "MLP hidden": model.hidden, "attention": model.attn_dim}
-    if all(width % group == 0 for width in widths.values()):
-        return
-    common = math.gcd(*widths.values())
-    fits = max(k for k in range(1, min(group, common) + 1) if common % k == 0)
-    shown = ", ".join(f"{name} {width}" for name, width in widths.items())
-    raise FlopwiseError(f"{setting} does not divide the block Linears' input widths ({shown}): choose a group "
-                        f"that divides {common}, e.g. {fits}")
-
-
 class QATConfig(MethodConfig):
     """``start``: budget progress p from which the block weights are fake-quantized (0.8, measured by
     bench/low_precision.py: earlier starts cost full-precision loss, 0.8 and 0.9 tie); ``group``: input
     columns per int4 scale (32, as llama.cpp's Q4_0)."""
 
     start: float = 0.8
-    group: int = 32
+    group: int = DEFAULT_GROUP
 
     _start = in_range("start", low=0, high=1, below=True)
     _group = in_range("group", low=1)
@@ -89,9 +72,12 @@ class QuantizationAwareTraining(Method):
         self.active = False
 
     @classmethod
-    def check(cls, config: QATConfig, run: RunConfig, world: World | None) -> None:
-        if not run.model.init_from:  # an imported shape is known once its config is read: configure checks it
-            check_group(run.model.build(vocab_size=1), config.group, f"methods.qat.group={config.group}")
+    def check(cls, config: QATConfig, run: RunView, world: World | None) -> None:
+        check_group(run.model, config.group, f"methods.qat.group={config.group}")
+
+    @classmethod
+    def int4_group(cls, config: QATConfig) -> int | None:
+        return config.group
 
     @classmethod
     def memory(cls, config: QATConfig, traits: MemoryTraits, model: ModelConfig) -> None:
@@ -99,7 +85,6 @@ class QuantizationAwareTraining(Method):
 
     def configure(self, model: nn.Module) -> None:
         group = self.config.group
-        check_group(model.config, group, f"methods.qat.group={group}")
 
         def swap(linear: nn.Linear) -> FakeQuantLinear:
             layer = FakeQuantLinear(linear, group)

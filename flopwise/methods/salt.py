@@ -27,17 +27,14 @@ ICLR submission and secondary summaries):
   setup and should be checked against the paper.
 * temperature = 1.0: the paper's value was not found; 1 is the plain next-token distribution.
 
-The teacher is loaded read-only from safetensors (never unpickled) and must share the student's
-tokenizer exactly, since KD compares distributions over the same token ids.
+The teacher (flopwise/methods/teacher.py) is loaded read-only from safetensors (never unpickled) and must share
+the student's tokenizer exactly, since KD compares distributions over the same token ids.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import replace
-from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,16 +42,10 @@ from torch import nn
 
 from flopwise.data.sampler import Batch, PackedSampler
 from flopwise.errors import FlopwiseError
-from flopwise.methods.base import Method, MethodConfig, RunResources, StepOutputs, World
-from flopwise.model.config import ModelConfig
-from flopwise.model.flops import count_parameters, forward_flops_per_token
-from flopwise.model.gpt import GPT
-from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config
+from flopwise.methods.base import PRETRAIN, Method, MethodConfig, RunResources, RunView, StepOutputs, World
+from flopwise.methods.teacher import Teacher, shared_teacher
 from flopwise.runtime import autocast
 from flopwise.section import in_range
-
-if TYPE_CHECKING:
-    from flopwise.config import RunConfig
 
 FIELD = "methods.salt.teacher"
 PAPER_KD_STEPS, PAPER_TOTAL_STEPS = 36_000, 208_000  # 2.8B student, 1.5B teacher (Rawat et al. 2024)
@@ -123,133 +114,6 @@ def select_windows(scores: torch.Tensor, keep: int, settings: SaltConfig) -> tor
     return torch.sort(order[:keep]).values
 
 
-class Teacher:
-    """The frozen small model, loaded read-only (safetensors only; never unpickle)."""
-
-    def __init__(self, model: GPT, vocab_size: int, seq_len: int, source: Path) -> None:
-        self.model = model.eval().requires_grad_(False)
-        self.vocab_size = vocab_size  # the student's: logits are padded to it
-        self.source = source
-        self.config: ModelConfig = model.config
-        self.num_parameters = count_parameters(self.config)["total"]
-        # forward FLOPs per token at the student's window length: 2 * matmul weights (head included) plus
-        # attention's QK^T and AV products (flopwise.model.flops' convention, one third of training)
-        self.flops_per_token: float = forward_flops_per_token(replace(self.config, seq_len=seq_len))
-
-    @classmethod
-    def load(cls, source: str, vocab_size: int, device: torch.device, student_tokenizer_json: str,
-             seq_len: int | None = None) -> Teacher:
-        """The teacher from a flopwise run folder (its ``final/``) or a Hugging Face folder, for a student
-        whose model has ``vocab_size`` ids and whose tokenizer is ``student_tokenizer_json``.
-        ``seq_len``: the student's window length (default: the teacher's own context)."""
-        folder = Path(source).expanduser()
-        if not folder.is_dir():
-            raise FlopwiseError(f"{FIELD}='{source}' is not a folder: give a flopwise run folder (with final/) "
-                                "or a Hugging Face model folder (config.json + model.safetensors)")
-        weights, cfg = _teacher_shape(folder, source, seq_len)
-        _check_tokenizer(folder, weights, source, student_tokenizer_json)
-        student_tokens = _vocab_of(student_tokenizer_json)
-        if cfg.vocab_size > vocab_size or cfg.vocab_size < student_tokens:
-            raise FlopwiseError(f"{FIELD}='{source}' has vocab_size {cfg.vocab_size} but the student's model has "
-                                f"{vocab_size} ids and its tokenizer {student_tokens} tokens: train the teacher "
-                                "with the same data.tokenizer as the student")
-        if seq_len is not None and seq_len > cfg.context:
-            raise FlopwiseError(f"{FIELD}='{source}' has a context of {cfg.context} tokens, shorter than the "
-                                f"student's seq_len {seq_len}: use a teacher trained on windows at least as long")
-        with torch.device("meta"):
-            model = GPT(cfg)
-        model = model.to_empty(device=device)
-        if model.rope is not None:  # buffers are not in the checkpoint: rebuild them on the device
-            model.rope = type(model.rope)(cfg.head_dim, cfg.context, cfg.rope_theta).to(device)
-        try:
-            load_weights_into(model, weights)
-        except FlopwiseError as error:
-            raise FlopwiseError(f"{FIELD}='{source}': {error}") from None
-        return cls(model, vocab_size, seq_len or cfg.seq_len, folder)
-
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [B, T, vocab_size] of token ids x [B, T] (no grad, eval mode); ids the
-        teacher lacks (a student vocab padded past the tokenizer) get -inf."""
-        self.model.eval()
-        out = self.model(x)[0]
-        missing = self.vocab_size - out.shape[-1]
-        return F.pad(out, (0, missing), value=-math.inf) if missing else out
-
-    @torch.no_grad()
-    def sequence_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The teacher's mean next-token cross-entropy of each sequence: [B]."""
-        return self._token_losses(self.logits(x), y).mean(dim=-1)
-
-    @torch.no_grad()
-    def selection_scores(self, x: torch.Tensor, y: torch.Tensor, top_k: int = 10) -> torch.Tensor:
-        """SALT_DS scores [B] (the paper's Eq. 10): the median per-token loss over the positions whose
-        target is among the teacher's ``top_k`` predictions; NaN where no position is (nothing learnable).
-        The median of an even count is the lower middle value (torch.nanmedian)."""
-        return self.scores_from_logits(self.logits(x), y, top_k)
-
-    @staticmethod
-    def scores_from_logits(logits: torch.Tensor, y: torch.Tensor, top_k: int) -> torch.Tensor:
-        """``selection_scores`` from teacher logits already computed (e.g. for the KD term too)."""
-        losses = Teacher._token_losses(logits, y)
-        target = logits.float().gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        rank = (logits.float() > target.unsqueeze(-1)).sum(dim=-1)  # tokens strictly more likely
-        learnable = rank < top_k
-        return torch.where(learnable, losses, torch.nan).nanmedian(dim=-1).values
-
-    @staticmethod
-    def _token_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-        return flat.view(y.shape)
-
-
-def _teacher_shape(folder: Path, source: str, seq_len: int | None) -> tuple[Path, ModelConfig]:
-    """The folder holding the weights and the model shape: a run's final/ (its config.json, or for a model
-    transformers has no architecture for, the run's plan.json), or the Hugging Face folder itself."""
-    from flopwise.rundir import is_run_dir, planned_model_config
-
-    weights = folder / "final" if is_run_dir(folder) else folder
-    if is_run_dir(folder) and not weights.is_dir():
-        raise FlopwiseError(f"{FIELD}='{source}' is a run folder without final/: finish (or resume) that run "
-                            "first, or give its model's Hugging Face folder")
-    try:
-        if (weights / "config.json").is_file() or not is_run_dir(folder):
-            config = read_hf_config(weights)
-            length = seq_len or config.get("max_position_embeddings") or 2048
-            return weights, model_config_from_hf(config, weights, length)
-        return weights, planned_model_config(folder)
-    except FlopwiseError as error:
-        raise FlopwiseError(f"{FIELD}='{source}': {error}") from None
-    except KeyError as error:
-        raise FlopwiseError(f"{FIELD}='{source}': config.json has no {error}: is it a Llama-family model "
-                            "folder?") from None
-
-
-def _check_tokenizer(folder: Path, weights: Path, source: str, student_json: str) -> None:
-    """The teacher's tokenizer.json (beside its weights, or in the run folder) must be the student's."""
-    file = next((f for f in (weights / "tokenizer.json", folder / "tokenizer.json") if f.is_file()), None)
-    if file is None:
-        raise FlopwiseError(f"{FIELD}='{source}' has no tokenizer.json, so its token ids cannot be checked "
-                            "against the student's: train the teacher with the same data.tokenizer")
-    if _canonical(file.read_text(encoding="utf-8")) != _canonical(student_json):
-        raise FlopwiseError(f"{FIELD}='{source}' uses a different tokenizer ({file}) from the student's: "
-                            "train the teacher with the same data.tokenizer")
-
-
-def _canonical(tokenizer_json: str) -> object:
-    """A tokenizer.json's content, independent of formatting and key order."""
-    try:
-        return json.loads(tokenizer_json)
-    except json.JSONDecodeError:
-        return tokenizer_json
-
-
-def _vocab_of(tokenizer_json: str) -> int:
-    from tokenizers import Tokenizer as HFTokenizer
-
-    return max(HFTokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True).values()) + 1
-
-
 class Salt(Method):
     """The teacher picks each batch from a larger candidate pool while selecting (its logits kept for the
     distillation term, so it runs once per window), and adds the distillation term while p < kd_until;
@@ -257,15 +121,18 @@ class Salt(Method):
 
     name: ClassVar[str] = "salt"
     Config = SaltConfig
+    stages = PRETRAIN
+    legacy_keys = {f"salt.{key}": key for key in ("teacher", "kd_weight", "kd_until", "temperature", "select_pool")}
+    legacy_switch = ("salt.teacher", None)
 
     @classmethod
-    def check(cls, config: SaltConfig, run: RunConfig, world: World | None) -> None:
+    def check(cls, config: SaltConfig, run: RunView, world: World | None) -> None:
         if config.teacher is None:
             raise FlopwiseError("methods.use 'salt' needs methods.salt.teacher: a small finished run folder or a "
                                 "Hugging Face model folder with this run's tokenizer (--teacher RUN)")
 
     def setup(self, run: RunResources) -> None:
-        self.teacher = run.load_teacher(str(self.config.teacher))
+        self.teacher = shared_teacher(run, str(self.config.teacher), FIELD)
         self.teacher_device = next(self.teacher.model.parameters()).device
         self.dtype, self.ranks = run.dtype, run.ranks
         self._logits: torch.Tensor | None = None  # the chosen batch's teacher logits

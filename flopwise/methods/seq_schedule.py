@@ -16,9 +16,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from flopwise.methods.base import Method, StepShape, World
+from flopwise.methods.base import PRETRAIN, Method, RunView, StepShape, World
 from flopwise.methods.stages import StagesConfig
-from flopwise.model.config import NAMED_SIZES
 
 
 class SeqScheduleConfig(StagesConfig):
@@ -32,6 +31,9 @@ class SeqSchedule(Method):
     """Cuts each full window into shorter ones until ``until``."""
 
     name: ClassVar[str] = "seq_schedule"
+    stages = PRETRAIN
+    progressive = True
+    survives_extension = False
     Config = SeqScheduleConfig
     conflicts = {"salt": "SALT scores and picks full windows itself"}
 
@@ -40,12 +42,8 @@ class SeqSchedule(Method):
         self.current: int | None = None
 
     @classmethod
-    def check(cls, config: SeqScheduleConfig, run: Any, world: World | None) -> None:
-        if not run.model.init_from:  # an imported model's full window is checked when it is built
-            config.first(run.model.seq_len or NAMED_SIZES[run.model.size]["seq_len"], "model.seq_len")
-
-    def configure(self, model: nn.Module) -> None:
-        self.config.first(model.config.seq_len, "model.seq_len")
+    def check(cls, config: SeqScheduleConfig, run: RunView, world: World | None) -> None:
+        config.first(run.model.seq_len, "model.seq_len")
 
     def step_shape(self, shape: StepShape, p: float) -> StepShape:
         return dataclasses.replace(shape, seq_len=self.config.value(shape.seq_len, p))

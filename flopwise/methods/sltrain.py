@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flopwise.memory.traits import Factorization, MemoryTraits
-from flopwise.methods.base import Method, MethodConfig, World, default_rank
+from flopwise.methods.base import Method, MethodConfig, RunView, World, default_rank
 from flopwise.methods.dense import replace_block_linears
 from flopwise.model.config import ModelConfig
 from flopwise.section import in_range
@@ -174,6 +174,7 @@ class SLTrain(Method):
     name: ClassVar[str] = "sltrain"
     Config = SLTrainConfig
     saves_memory = True
+    legacy_keys = {f"memory.sltrain_{key}": key for key in ("rank", "delta", "alpha", "refactor_every", "rewarmup")}
     conflicts = {"lora": "SLTrain replaces the dense weights that LoRA would adapt",
                  "galore": "GaLore projects the gradients of dense matrices, and SLTrain leaves none"}
 
@@ -183,7 +184,7 @@ class SLTrain(Method):
         self.refactor_every, self.rewarmup = config.refactor_every, config.rewarmup
 
     @classmethod
-    def check(cls, config: SLTrainConfig, run: object, world: World | None) -> None:
+    def check(cls, config: SLTrainConfig, run: RunView, world: World | None) -> None:
         cls.refuse_sharded(world)
 
     @classmethod

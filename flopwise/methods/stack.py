@@ -1,10 +1,11 @@
 """The methods a run uses, as one object the session and the loop call: each hook of ``MethodStack``
-calls that hook of every method in registry order, so the loop names no method."""
+calls that hook of every method in registry order, so the loop names no method.  ``check_method`` is the
+one place a method's conflicts and ``check`` are run (by the resolve stage, flopwise/resolve.py)."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -12,13 +13,20 @@ from torch import nn
 from flopwise.data.sampler import Batch, PackedSampler
 from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
-from flopwise.methods.base import Method, OptimizerSpec, RunResources, SamplerOptions, StepOutputs, StepShape, World
+from flopwise.methods.base import (
+    Method,
+    OptimizerSpec,
+    RunResources,
+    RunView,
+    SamplerOptions,
+    StepOutputs,
+    StepShape,
+    World,
+)
 from flopwise.methods.registry import BY_NAME, METHODS
 from flopwise.model.config import ModelConfig
+from flopwise.model.int4 import DEFAULT_GROUP
 from flopwise.runtime import autocast
-
-if TYPE_CHECKING:
-    from flopwise.config import RunConfig
 
 LossResult = tuple[torch.Tensor, torch.Tensor]
 
@@ -28,17 +36,21 @@ def in_registry_order(names: Sequence[str]) -> list[str]:
     return [method.name for method in METHODS if method.name in names]
 
 
-def check_methods(config: RunConfig, world: World | None) -> None:
-    """One-line errors for methods that conflict, or cannot run with ``config`` and ``world``."""
-    names = config.methods.use
-    for name in names:
-        for other, reason in BY_NAME[name].conflicts.items():
-            if other in names:
-                first, second = in_registry_order([name, other])
-                raise FlopwiseError(f"methods.use cannot combine '{first}' and '{second}' ({reason}): "
-                                    "keep one of them")
-    for name in names:
-        BY_NAME[name].check(getattr(config.methods, name), config, world)
+def check_method(name: str, others: Sequence[str], sections: Any, run: RunView, world: World | None) -> None:
+    """A one-line error if method ``name`` conflicts with one of ``others`` (either may declare it), cannot apply
+    to the run's stage, or cannot run with ``run`` and ``world`` (its ``check``, with its settings from
+    ``sections``, a config's ``methods``)."""
+    method = BY_NAME[name]
+    for other in others:
+        reason = method.conflicts.get(other) or BY_NAME[other].conflicts.get(name)
+        if reason and other != name:
+            first, second = in_registry_order([name, other])
+            raise FlopwiseError(f"methods.use cannot combine '{first}' and '{second}' ({reason}): keep one of them")
+    if method.stages is not None and run.stage not in method.stages:
+        applies = ", ".join(m.name for m in METHODS if m.stages is None or run.stage in m.stages)
+        raise FlopwiseError(f"methods.use '{name}' applies to the {' and '.join(method.stages)} stage only, not to "
+                            f"{run.stage}: drop it ({applies} apply to {run.stage})")
+    method.check(getattr(sections, name), run, world)
 
 
 def memory_traits(names: Sequence[str], sections: Any, model: ModelConfig) -> MemoryTraits:
@@ -49,13 +61,32 @@ def memory_traits(names: Sequence[str], sections: Any, model: ModelConfig) -> Me
     return traits
 
 
-class MethodStack:
-    """The methods of one run, built from its config; hooks are called in registry order."""
+def domain_weights_config(weights: dict[str, float]) -> dict[str, Any]:
+    """The config values that make a run sample its domains by ``weights`` (the method that does it says how)."""
+    return next(values for method in METHODS if (values := method.weights_config(weights)) is not None)
 
-    def __init__(self, config: RunConfig, names: Sequence[str] | None = None) -> None:
-        """The methods of ``config.methods.use``, or only those of them in ``names``."""
-        use = [name for name in config.methods.use if names is None or name in names]
-        self.methods: tuple[Method, ...] = tuple(BY_NAME[name](getattr(config.methods, name), config.train.seed)
+
+def matmul_dtype(use: Sequence[str]) -> str | None:
+    """The dtype a method in ``use`` has the matmuls compute in (fp8), if any."""
+    return next((BY_NAME[name].matmul_dtype for name in use if BY_NAME[name].matmul_dtype), None)
+
+
+def int4_group(sections: Any) -> int:
+    """The int4 group a run's model is meant for (a method's, such as QAT's), else the default one;
+    ``sections``: the run config's ``methods``."""
+    groups = [group for method in METHODS if method.name in sections.use
+              if (group := method.int4_group(getattr(sections, method.name))) is not None]
+    return groups[0] if groups else DEFAULT_GROUP
+
+
+class MethodStack:
+    """The methods of one run, built from its config's ``methods`` section; hooks are called in registry order."""
+
+    def __init__(self, sections: Any, seed: int = 0, names: Sequence[str] | None = None) -> None:
+        """The methods of ``sections.use`` (a config's ``methods``), or only those of them in ``names``; ``seed``:
+        the run's."""
+        use = [name for name in sections.use if names is None or name in names]
+        self.methods: tuple[Method, ...] = tuple(BY_NAME[name](getattr(sections, name), seed)
                                                  for name in in_registry_order(use))
         self._losses = [m for m in self.methods if type(m).loss is not Method.loss]
         self.step, self.p = 0, 0.0
@@ -74,6 +105,11 @@ class MethodStack:
     def shape_optimizer(self, spec: OptimizerSpec, model: nn.Module) -> None:
         for method in self.methods:
             method.shape_optimizer(spec, model)
+
+    def domain_weights(self, sources: Sequence[str], domains: Sequence[str]) -> list[float] | None:
+        """The domain weights the config sets (the first method's that sets them), None: the data's own shares."""
+        return next((weights for method in self.methods
+                     if (weights := method.domain_weights(sources, domains)) is not None), None)
 
     def setup(self, run: RunResources) -> None:
         for method in self.methods:
@@ -174,6 +210,14 @@ class MethodStack:
         for method in self.methods:
             if method.name in state:
                 method.load_state_dict(state[method.name])
+
+    def load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The methods' state from a checkpoint's extra state: its ``methods`` part, or where an older
+        checkpoint kept a method's state (``Method.legacy_state``)."""
+        if "methods" in checkpoint:
+            self.load_state_dict(checkpoint["methods"])
+            return
+        self.load_state_dict({m.name: state for m in self.methods if (state := m.legacy_state(checkpoint))})
 
 
 def split_windows(batch: Batch, seq_len: int) -> Batch:

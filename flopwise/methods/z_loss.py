@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from flopwise.methods.base import Method, MethodConfig, StepOutputs
+from flopwise.methods.base import PRETRAIN, Method, MethodConfig, StepOutputs
 from flopwise.section import in_range
 
 
@@ -32,6 +32,7 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 class ZLoss(Method):
     name: ClassVar[str] = "z_loss"
+    stages = PRETRAIN
     Config = ZLossConfig
 
     def loss(self, total: torch.Tensor, outputs: StepOutputs, step: int, p: float) -> torch.Tensor:

@@ -15,9 +15,15 @@ for fp32 weights the result is torchao's bit for bit (torchao computes in the we
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from flopwise.errors import FlopwiseError
+from flopwise.model.config import ModelConfig
+
 QUANT_MIN, QUANT_MAX = -8, 7
+DEFAULT_GROUP = 32  # input columns per scale, as llama.cpp's Q4_0
 
 
 @torch.no_grad()
@@ -38,3 +44,15 @@ def straight_through(weight: torch.Tensor, group: int) -> torch.Tensor:
     """The fake-quantized weight in the forward, the identity in the backward (the straight-through
     estimator, Bengio et al. 2013): the gradient at the int4 weight updates the full-precision one."""
     return weight + (fake_quantize(weight, group) - weight).detach()
+
+
+def check_group(model: ModelConfig, group: int, setting: str) -> None:
+    """Refuse, in one line naming ``setting``, a group that does not divide every block Linear's input width."""
+    widths = {"d_model": model.d_model, "MLP hidden": model.hidden, "attention": model.attn_dim}
+    if all(width % group == 0 for width in widths.values()):
+        return
+    common = math.gcd(*widths.values())
+    fits = max(k for k in range(1, min(group, common) + 1) if common % k == 0)
+    shown = ", ".join(f"{name} {width}" for name, width in widths.items())
+    raise FlopwiseError(f"{setting} does not divide the block Linears' input widths ({shown}): choose a group "
+                        f"that divides {common}, e.g. {fits}")

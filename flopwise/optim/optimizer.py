@@ -3,63 +3,82 @@
 - ``muon``: Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers") for the blocks'
   2-D weights: momentum, then the update orthogonalized by Newton-Schulz (flopwise/optim/muon.py).
 - ``adamw``: AdamW (Loshchilov & Hutter 2019, decoupled weight decay), as torch.optim.AdamW.
-- ``galore``: Adam on the gradient projected to rank r (Zhao et al. 2024, "GaLore"; the projector
-  is flopwise/optim/galore.py), its update projected back and scaled.
+- rules that methods register (``register_update_rule``): GaLore's Adam on projected gradients
+  (flopwise/methods/galore.py).
 
 One object rather than several, so the LR schedule, checkpoints and PyTorch's state-dict tools
 see a single optimizer.  ``state_bits=8`` stores every moment buffer blockwise in 8 bits
 (flopwise/optim/quantize.py; Dettmers et al. 2022).  Parameters stored in bf16 are updated through an
 fp32 copy and rounded back as ``rounding`` says (flopwise/optim/rounding.py).  ``update_param`` updates
-one parameter; it serves ``step`` and the per-layer updates during backward (flopwise/optim/layerwise.py).
+one parameter; it serves ``step`` and updates made during backward by a method's gradient hooks.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from flopwise.optim import galore
 from flopwise.optim.muon import _orthogonalized, orthogonalize_all
 from flopwise.optim.quantize import read_moment, write_moment
 from flopwise.optim.rounding import ROUNDINGS, update_rounded
 from flopwise.optim.routing import muon_stacks
 
-if TYPE_CHECKING:
-    from flopwise.optim.layerwise import LayerwiseUpdates
+Rule = Callable[[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, Any]], None]  # (param, grad, state, group)
 
-UPDATES = ("adamw", "muon", "galore")
-MATRIX_UPDATES = ("muon", "galore")
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """How a group's parameters are updated: ``apply`` one parameter with its gradient, its state and its
+    group's settings; ``matrices_only``: the rule takes 2-D weights only; ``defaults``: the settings of its own
+    that a group leaves out; ``check_group``: refuses a group whose settings the rule cannot use (ValueError)."""
+
+    apply: Rule
+    matrices_only: bool = False
+    defaults: dict[str, Any] = field(default_factory=dict)
+    check_group: Callable[[dict[str, Any]], None] | None = None
+
+
+RULES: dict[str, UpdateRule] = {}
+
+
+def register_update_rule(name: str, rule: UpdateRule) -> None:
+    """Make ``name`` a group's ``update`` (a method's rule, registered when its module is imported)."""
+    RULES[name] = rule
 
 
 class FlopwiseOptimizer(torch.optim.Optimizer):
-    """Groups carry ``update`` (adamw, muon or galore), ``lr``, ``weight_decay``, ``state_bits``
+    """Groups carry ``update`` (adamw, muon, or a registered rule), ``lr``, ``weight_decay``, ``state_bits``
     (32 or 8), ``state_block`` and ``rounding`` (of bf16-stored parameters), plus their rule's keys:
-    muon: momentum, nesterov, ns_steps; adamw and galore: betas, eps; galore: rank, update_gap, scale.
+    muon: momentum, nesterov, ns_steps; adamw: betas, eps; a registered rule's own (``rule_defaults`` gives
+    their defaults).
 
     Muon scales the orthogonalized update of a rows x cols matrix by sqrt(max(1, rows / cols)), as
     in the speedrun, so tall matrices get updates of the same per-entry size.  Parameters without
     a gradient (frozen ones) are skipped.
 
     State keys per parameter (no dots, so checkpoints can name tensors ``<param>.<key>``): ``step``
-    (adamw, galore), ``exp_avg``/``exp_avg_sq`` (adamw, galore: projected shape), ``momentum_buffer``
-    (muon), ``projection`` (galore); with 8-bit states each moment ``m`` is ``m_q`` and ``m_absmax``;
-    bf16 parameters add ``compensation`` (kahan) or ``rounding_updates`` (stochastic).  ``seed`` seeds
-    stochastic rounding.
+    and ``exp_avg``/``exp_avg_sq`` (adamw), ``momentum_buffer`` (muon), a registered rule's own; with 8-bit
+    states each moment ``m`` is ``m_q`` and ``m_absmax``; bf16 parameters add ``compensation`` (kahan) or
+    ``rounding_updates`` (stochastic).  ``seed`` seeds stochastic rounding.
     """
 
     def __init__(self, groups: Iterable[dict[str, Any]], momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 state_bits: int = 32, state_block: int = 256, rank: int | None = None, update_gap: int = 200,
-                 scale: float = 0.25, rounding: str = "nearest", seed: int = 0) -> None:
+                 state_bits: int = 32, state_block: int = 256, rounding: str = "nearest", seed: int = 0,
+                 **rule_defaults: Any) -> None:
         defaults = {"lr": 0.02, "weight_decay": 0.0, "update": "adamw", "momentum": momentum, "nesterov": nesterov,
                     "ns_steps": ns_steps, "betas": betas, "eps": eps, "state_bits": state_bits,
-                    "state_block": state_block, "rank": rank, "update_gap": update_gap, "scale": scale,
-                    "rounding": rounding}
-        super().__init__(list(groups), defaults)
-        self.layerwise: LayerwiseUpdates | None = None
+                    "state_block": state_block, "rounding": rounding, **rule_defaults}
+        groups = [dict(group) for group in groups]
+        for group in groups:  # a registered rule's own settings: the group's, else these keywords', else its defaults
+            rule = RULES.get(group.get("update", "adamw"))
+            for key, value in (rule.defaults if rule is not None else {}).items():
+                group.setdefault(key, rule_defaults.get(key, value))
+        super().__init__(groups, defaults)
         self._seeds = {param: hash((seed, index)) for index, param in
                        enumerate(p for group in self.param_groups for p in group["params"])}
         for group in self.param_groups:
@@ -89,7 +108,7 @@ class FlopwiseOptimizer(torch.optim.Optimizer):
         """Apply ``group``'s rule to ``param`` with its current gradient (nothing without one)."""
         if param.grad is None:
             return
-        rule = _RULES[group["update"]]
+        rule = RULES[group["update"]].apply
         if param.dtype == torch.bfloat16:
             update_rounded(param, param.grad, self.state[param], group, rule, self._seeds[param])
         else:
@@ -109,16 +128,17 @@ class FlopwiseOptimizer(torch.optim.Optimizer):
 
 
 def _check_group(group: dict[str, Any]) -> None:
-    if group["update"] not in UPDATES:
-        raise ValueError(f"update='{group['update']}' is unknown: choose one of {', '.join(UPDATES)}")
-    if group["update"] in MATRIX_UPDATES and any(p.ndim != 2 for p in group["params"]):
+    rule = RULES.get(group["update"])
+    if rule is None:
+        raise ValueError(f"update='{group['update']}' is unknown: choose one of {', '.join(RULES)}")
+    if rule.matrices_only and any(p.ndim != 2 for p in group["params"]):
         raise ValueError(f"{group['update']} groups take 2-D weight matrices only; give the others to AdamW groups")
     if group["rounding"] not in ROUNDINGS:
         raise ValueError(f"rounding='{group['rounding']}' is unknown: choose one of {', '.join(ROUNDINGS)}")
     if group["state_bits"] not in (8, 32):
         raise ValueError(f"state_bits={group['state_bits']}: optimizer states are stored in 32 or 8 bits")
-    if group["update"] == "galore" and not (isinstance(group["rank"], int) and group["rank"] > 0):
-        raise ValueError("galore groups need a positive integer rank")
+    if rule.check_group is not None:
+        rule.check_group(group)
 
 
 def _muon_batch(group: dict[str, Any]) -> list[torch.Tensor]:
@@ -149,8 +169,8 @@ def _muon(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group:
     _muon_apply(param, _orthogonalized(_muon_direction(grad, state, group), group["ns_steps"]), group)
 
 
-def _adam_moments(grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
-                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+def adam_moments(grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Updated first moment, bias-corrected sqrt(second moment) + eps, and the first moment's bias
     correction; the update direction is their quotient divided by the correction."""
     bits, block = group["state_bits"], group["state_block"]
@@ -170,23 +190,10 @@ def _adam_moments(grad: torch.Tensor, state: dict[str, Any], group: dict[str, An
 
 
 def _adamw(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    exp_avg, denominator, correction = _adam_moments(grad, state, group)
+    exp_avg, denominator, correction = adam_moments(grad, state, group)
     param.mul_(1 - group["lr"] * group["weight_decay"])
     param.addcdiv_(exp_avg, denominator, value=-group["lr"] / correction)
 
 
-def _galore(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """Adam on the projected gradient; the moments persist across projection refreshes, as in the
-    paper's code, and the weight decay applies to the full weight."""
-    steps_taken = int(state["step"].item()) if "step" in state else 0
-    if steps_taken % group["update_gap"] == 0:
-        state["projection"] = galore.projection(grad, group["rank"])
-    basis = state["projection"]
-    exp_avg, denominator, correction = _adam_moments(galore.project(grad, basis), state, group)
-    update = galore.project_back(exp_avg / denominator, basis, param.shape)
-    param.mul_(1 - group["lr"] * group["weight_decay"])
-    param.add_(update, alpha=-group["lr"] * group["scale"] / correction)
-
-
-_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, Any]], None]] = {
-    "adamw": _adamw, "muon": _muon, "galore": _galore}
+register_update_rule("adamw", UpdateRule(_adamw))
+register_update_rule("muon", UpdateRule(_muon, matrices_only=True))

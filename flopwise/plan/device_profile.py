@@ -11,14 +11,15 @@ device and caches the result per device.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
+from flopwise.methods.stack import matmul_dtype
 from flopwise.model.config import ModelConfig
 from flopwise.model.flops import flops_per_token
 
@@ -109,10 +110,11 @@ def load_profile(name_or_file: str) -> DeviceProfile:
 
 
 def profile_dtype(config: RunConfig, profile: DeviceProfile) -> str:
-    """The dtype a run of ``config`` computes in on the profiled device: fp8 when the method is on,
-    the configured precision, or for 'auto' bf16 (what flopwise picks on a GPU) where declared."""
-    if "fp8" in config.methods.use:
-        return "fp8"
+    """The dtype a run of ``config`` computes in on the profiled device: a method's own (fp8), the configured
+    precision, or for 'auto' bf16 (what flopwise picks on a GPU) where declared."""
+    declared = matmul_dtype(config.methods.use)
+    if declared is not None:
+        return declared
     if config.train.precision != "auto":
         return config.train.precision
     return "bf16" if "bf16" in profile.peak_flops else next(iter(profile.peak_flops))

@@ -79,7 +79,7 @@ class Plan:
 
     def apply(self, config: RunConfig) -> RunConfig:
         """The config with its model shape set to the chosen candidate; under a memory cap the run then
-        settles its methods for that shape as the candidate did (methods/choose.resolve_memory_methods)."""
+        settles its methods for that shape as the candidate did (when it is resolved: flopwise/resolve.py)."""
         return config.replace(**{f"model.{name}": value for name, value in family_fields(self.chosen.d_model).items()})
 
 
@@ -203,17 +203,21 @@ def _describe_range(limits: tuple[float, float]) -> str:
 def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, law: PlanningLaw, speed: Speed,
                tokens_per_step: int) -> Candidate:
     """One family member's cost and loss; FlopwiseError when no memory-saving methods fit the cap."""
-    from flopwise.methods.choose import estimate_for, memory_methods_of, resolve_memory_methods  # imports torch
+    from flopwise.methods.choose import estimate_for, memory_methods_of, settle_memory_methods  # imports torch
 
     cfg = family_shape(config.model, width, vocab_size)
     run_config = config
     peak = None
     if config.memory.limit is not None:  # the methods the run itself would settle on for this shape
-        from flopwise.plan.resolve import compute_dtype
+        from flopwise.resolve import compute_dtype
 
-        dtype, o = compute_dtype(config), config.optim
-        run_config, _ = resolve_memory_methods(config, cfg, o.batch_size, dtype)
-        peak = estimate_for(cfg, o.batch_size, memory_methods_of(run_config), run_config.methods,
+        dtype, o = compute_dtype(config, None), config.optim
+        settled = settle_memory_methods(config.methods.use, config.methods, o, cfg, o.batch_size, dtype,
+                                        config.memory.limit)
+        if settled.added:
+            run_config = config.replace(**{"methods.use": [*config.methods.use, *settled.added],
+                                           "optim.name": settled.optimizer})
+        peak = estimate_for(cfg, o.batch_size, memory_methods_of(run_config.methods.use), run_config.methods,
                             run_config.optim.name, dtype, grad_accum=o.grad_accum).peak
     seconds = _step_seconds(speed, cfg, run_config, law, tokens_per_step) if budget.seconds is not None else None
     tokens = budget_tokens(budget, cfg, tokens_per_step, seconds)
@@ -224,7 +228,7 @@ def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, l
     return Candidate(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, non_embedding=n,
                      step_seconds=seconds, tokens_per_second=tokens_per_step / seconds if seconds else None,
                      tokens=tokens, steps=int(tokens // tokens_per_step), law_loss=loss, predicted_loss=stated,
-                     methods=memory_methods_of(run_config), memory_peak=peak)
+                     methods=memory_methods_of(run_config.methods.use), memory_peak=peak)
 
 
 def _step_seconds(speed: Speed, cfg: ModelConfig, config: RunConfig, law: PlanningLaw, tokens_per_step: int) -> float:

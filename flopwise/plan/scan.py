@@ -278,12 +278,9 @@ def pilot_config(config: RunConfig, d_model: int, seconds: float, longest: float
     a quarter of the warmup cost 3.6% in held-out loss (3.222 against 3.111), and the extended pilot
     of that size fell 11% short of a run of its length, pulling the law towards smaller models."""
     warmup = min(config.schedule.warmup * longest / seconds, config.schedule.build().decay_start / 2)
-    # One shape throughout: a pilot is extended to longer budgets, which progressive schedules (read from
-    # the share of the original budget spent) cannot follow, and the law's N is the model trained.
     return config.replace(**{f"model.{name}": value for name, value in family_fields(d_model).items()},
                           **Budget(seconds=seconds).config_values(), **{"schedule.warmup": warmup},
-                          **{f"train.{name}": value for name, value in PILOT_SETTINGS.items()},
-                          **{"methods.progressive": False})
+                          **{f"train.{name}": value for name, value in PILOT_SETTINGS.items()})
 
 
 def has_extension_point(run_dir: Path) -> bool:
@@ -299,7 +296,10 @@ def train_pilot(config: RunConfig, d_model: int, seconds: float, run_dir: Path, 
     from flopwise.api import run
     from flopwise.train.display import ProgressDisplay
 
-    run(pilot_config(config, d_model, seconds, longest), run_dir, display=ProgressDisplay(Console(quiet=True)))
+    # extendable: one shape throughout, as the pilot is extended to longer budgets, which progressive schedules
+    # (read from the share of the original budget spent) cannot follow, and the law's N is the model trained
+    run(pilot_config(config, d_model, seconds, longest), run_dir, display=ProgressDisplay(Console(quiet=True)),
+        extendable=True)
 
 
 def extend_pilot(run_dir: Path, seconds: float) -> None:

@@ -31,7 +31,7 @@ def probe_key(model_cfg: ModelConfig, config: RunConfig, device: torch.device, d
     return json.dumps({"device": device_name(device), "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "dtype": str(dtype), "shape": model_cfg.to_dict(),
                        "batch": o.batch_size, "grad_accum": o.grad_accum, "optimizer": o.name,
-                       "methods": sorted(memory_methods_of(config)),
+                       "methods": sorted(memory_methods_of(config.methods.use)),
                        "keep_freed_memory": config.train.cpu_keep_freed_memory}, sort_keys=True)
 
 
@@ -62,7 +62,8 @@ def measure_step_seconds(model_cfg: ModelConfig, config: RunConfig, device: torc
     if device.type == "cpu" and config.train.cpu_keep_freed_memory:
         keep_freed_cpu_memory()  # as the run's session will: it makes small models' steps up to 1.4x faster
     torch.manual_seed(0)
-    methods = MethodStack(config, names=memory_methods_of(config))  # what the data is does not change the cost
+    # what the data is does not change the cost
+    methods = MethodStack(config.methods, config.train.seed, names=memory_methods_of(config.methods.use))
     model = build_model(model_cfg, methods.configure).to(device)
     optimizer = build_optimizer(model, config.optim, device, methods.shape_optimizer)
     methods.attach(RandomBatches(model_cfg.vocab_size, config.optim.batch_size, model_cfg.seq_len))

@@ -35,7 +35,9 @@ def load_start(spec: str, seq_len: int | None, frozen_embedding: str | None = No
     """``spec``: a finished run folder, or a Hugging Face folder or hub id.  ``seq_len``: the window to train in
     (default: the run's own, or the named small size's for a Hugging Face model).  ``frozen_embedding``: why the
     embedding cannot learn (LoRA), which refuses chat tokens that need new rows."""
-    model, tokenizer = _load(spec, seq_len)
+    cfg, tokenizer, folder = _source(spec, seq_len)
+    model = GPT(cfg)
+    load_weights_into(model, folder)
     rows = model.config.vocab_size
     if frozen_embedding is not None:
         check_room(tokenizer, rows, frozen_embedding)
@@ -44,7 +46,14 @@ def load_start(spec: str, seq_len: int | None, frozen_embedding: str | None = No
     return Start(model, chat, model.config.vocab_size > rows)
 
 
-def _load(spec: str, seq_len: int | None) -> tuple[GPT, Tokenizer]:
+def start_shape(spec: str, seq_len: int | None) -> ModelConfig:
+    """The shape of ``load_start``'s model, from the start's config and tokenizer alone (no weights are read)."""
+    cfg, tokenizer, _ = _source(spec, seq_len)
+    return dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size, add_chat_tokens(tokenizer).vocab_size))
+
+
+def _source(spec: str, seq_len: int | None) -> tuple[ModelConfig, Tokenizer, Path]:
+    """The start's shape at the window asked for, its tokenizer, and the folder holding its weights."""
     path = Path(spec).expanduser()
     if is_run_dir(path):
         final = path / "final"
@@ -58,9 +67,7 @@ def _load(spec: str, seq_len: int | None) -> tuple[GPT, Tokenizer]:
         folder = resolve_hf_source(spec)
         tokenizer = Tokenizer.load(folder)
         cfg = model_config_from_hf(read_hf_config(folder), folder, seq_len or NAMED_SIZES["small"]["seq_len"])
-    model = GPT(cfg)
-    load_weights_into(model, folder)
-    return model, tokenizer
+    return cfg, tokenizer, folder
 
 
 def _with_window(cfg: ModelConfig, seq_len: int | None, spec: str) -> ModelConfig:

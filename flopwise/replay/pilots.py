@@ -18,10 +18,9 @@ from rich.table import Table
 
 from flopwise.budget import Budget
 from flopwise.config import RunConfig
-from flopwise.data.mixture import resolve_weights
 from flopwise.data.sources import parse_source
 from flopwise.errors import FlopwiseError
-from flopwise.evaluate.heldout import FINAL_EVAL_SCALE
+from flopwise.methods.stack import MethodStack, domain_weights_config
 from flopwise.replay.law import PAPER_EPSILON, ReplayPoint, critical_ratio, fit_replay_law, pilot_design
 
 PILOT_SHARE = 0.1  # of the full run's tokens, across each share's pilot (default --pilot-tokens)
@@ -42,7 +41,7 @@ def split_losses(result: dict[str, Any], domain: str) -> tuple[float, float]:
 def share_weights(config: RunConfig, domain: str, ratio: float, domains: list[str]) -> dict[str, float]:
     """The domain gets ``ratio``; the general domains share the rest in the configured or equal proportions."""
     others = [d for d in domains if d != domain]
-    configured = (resolve_weights(config.methods.mixture.weights, config.data.sources, domains)
+    configured = (MethodStack(config.methods).domain_weights(config.data.sources, domains)
                   if len(domains) > 1 else None)
     given = {d: configured[domains.index(d)] if configured else 1.0 for d in others}
     total = sum(given.values())
@@ -52,10 +51,8 @@ def share_weights(config: RunConfig, domain: str, ratio: float, domains: list[st
 def pilot(config: RunConfig, domain: str, ratio: float, tokens: float, domains: list[str]) -> RunConfig:
     sources = [f"{spec.domain}={spec.path}" if spec.domain else spec.path  # weights: from the share
                for spec in map(parse_source, config.data.sources)]
-    return config.replace(**{"methods.mixture.weights": share_weights(config, domain, ratio, domains),
-                             "methods.use": [*config.methods.use, "mixture"], "data.sources": sources,
-                             "train.forecast_every": 0.0, "train.checkpoint_every": 0.0,
-                             "methods.progressive": False},  # extended to more tokens: one shape throughout
+    return config.replace(**domain_weights_config(share_weights(config, domain, ratio, domains)),
+                          **{"data.sources": sources, "train.forecast_every": 0.0, "train.checkpoint_every": 0.0},
                           **Budget(tokens=tokens).config_values())
 
 
@@ -71,8 +68,8 @@ def suggest_replay(config: RunConfig, domain: str, run_tokens: float, pilot_toke
     quiet = ProgressDisplay(Console(quiet=True))
     pilot_tokens = pilot_tokens or PILOT_SHARE * run_tokens
     start = start_new(config, out / "start", quiet)  # a session records its tokenizer
-    domains = start.data.corpus.domains
-    start_losses = start.evaluator(start.model, config.train.eval_tokens * FINAL_EVAL_SCALE)
+    domains = start.data_record["corpus"]["domains"]
+    start_losses = start.evaluation.final()  # FINAL_EVAL_SCALE times the tokens of an evaluation during a run
     base_general, base_domain = split_losses(start_losses, domain)
     del start  # its model and optimizer are not needed during the pilots
     points: list[ReplayPoint] = []
@@ -81,7 +78,9 @@ def suggest_replay(config: RunConfig, domain: str, run_tokens: float, pilot_toke
         short, long = sorted(t for r, t in design if r == ratio)
         run_dir = out / f"share-{ratio:g}"
         for tokens in (short, long):
-            summary = (run(pilot(config, domain, ratio, short, domains), run_dir, display=quiet) if tokens == short
+            # extendable: extended to more tokens, with one shape throughout
+            summary = (run(pilot(config, domain, ratio, short, domains), run_dir, display=quiet, extendable=True)
+                       if tokens == short
                        else resume(run_dir, Budget(tokens=tokens), display=quiet))
             general, own = split_losses(summary.final_eval, domain)
             points.append(ReplayPoint(ratio=ratio, tokens=tokens, general_loss=general, domain_loss=own))

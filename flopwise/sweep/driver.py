@@ -22,6 +22,7 @@ from flopwise.budget import Budget
 from flopwise.config import RunConfig, config_to_toml, load_config
 from flopwise.errors import FlopwiseError
 from flopwise.filelock import LOCKS_WORK, held
+from flopwise.resolve import resolve
 from flopwise.runtime import Ranks
 from flopwise.sweep.folder import (
     BASE_FILE,
@@ -130,6 +131,7 @@ def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, 
     check_plan(plan)
     check_launch(plan, workers, ranks)
     read_space(space_file)  # a bad space is refused before anything is written
+    resolve(base, settle_memory=False)  # as are methods that cannot run together (each trial resolves its own)
     if plan.signal == "forecast" and base.train.forecast_every <= 0:
         raise FlopwiseError("--rung-signal forecast needs the loss forecast: train.forecast_every is 0, set it "
                             "above 0 (default 0.1)")

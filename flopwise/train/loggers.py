@@ -20,7 +20,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.train.metrics import MetricsLog
 
 WANDB_ID_FILE = "wandb.json"
-# what a DPO evaluation adds to the eval event (dpo_fields in flopwise/posttrain/session.py)
+# what a DPO evaluation adds to the eval event (dpo_fields in flopwise/stages/posttrain.py)
 EVAL_EXTRAS = ("reward_accuracy", "reward_margin", "preference_accuracy")
 # backend -> (module imported for it, package to pip install)
 _PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}

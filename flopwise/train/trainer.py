@@ -5,6 +5,10 @@ from the measured step time for a seconds limit) and sets the learning rate from
 schedule at progress p = (steps done + 1) / (steps done + steps left).  The step predicted to
 be the last therefore runs at p = 1 with the schedule's final learning rate, and the run
 stops there: at its budget, fully annealed.
+
+The methods are the loop's algorithms (flopwise/methods/); everything else that acts during a run (logging,
+evaluation, the loss forecast, a sweep's pruner) is a ``LoopCallback`` the loop calls at two named points:
+``on_step`` after every step, and ``at_progress`` after each step that does not end the run.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
@@ -25,7 +29,6 @@ from flopwise.optim.schedules import Schedule
 from flopwise.runtime import Ranks, gradient_sync, peak_memory_bytes, synchronize
 from flopwise.train.checkpoint import save_checkpoint
 from flopwise.train.display import ProgressDisplay
-from flopwise.train.forecast import LossForecaster
 from flopwise.train.loss_curve import CurvePoint, points_from_events
 
 
@@ -166,12 +169,32 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, methods
     return ranks.mean(total.item() / grad_accum)
 
 
-def heldout_fields(result: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The eval event's fields and display line for the held-out loss (flopwise/evaluate/heldout.py); every
-    evaluation's fields hold ``val_loss``, the number the curve, the report and the forecast read."""
-    fields = {"val_loss": result["loss"], "val_bpb": result["bpb"], "unigram_loss": result["unigram_loss"],
-              "domains": {name: d["loss"] for name, d in result["domains"].items()}}
-    return fields, f"val_loss {result['loss']:.4f}  bpb {result['bpb']:.4f}"
+@dataclass(frozen=True)
+class StepRecord:
+    """One step as the loop saw it: progress after it, its loss, throughput, MFU and the ETA of the budget, and
+    its ``train`` event of metrics.jsonl where the step is logged (None otherwise); ``regular``: logged on
+    schedule (the last and an interrupted step are logged off it)."""
+
+    p: float
+    loss: float
+    tokens_per_second: float
+    mfu: float | None
+    eta: float | None
+    event: dict[str, Any] | None
+    regular: bool
+
+
+class LoopCallback:
+    """What acts at the loop's named points besides the methods: each point does nothing by default."""
+
+    def on_step(self, loop: Trainer, state: LoopState, record: StepRecord) -> None:
+        """After every step, with what it spent and saw (logging, the display, the forecast's curve); its time
+        counts as training time."""
+
+    def at_progress(self, loop: Trainer, state: LoopState, p_before: float, p: float) -> str | None:
+        """After a step that did not end the run, from progress ``p_before`` to ``p``: act at the budget's marks
+        (evaluate, forecast); returns why the run should stop, if it should.  Its time counts as evaluation."""
+        return None
 
 
 class Sampler(Protocol):
@@ -184,27 +207,20 @@ class Sampler(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
 
-class EventLog(Protocol):
-    def append(self, event: dict[str, Any]) -> None: ...
-
-
 class Trainer:
     """Runs steps until the budget is spent, or until an interruption (checkpointed first).
 
     ``model`` is what the step calls (possibly compiled or DDP-wrapped); ``module`` is the plain
-    model whose state is checkpointed.  Under torchrun every rank runs this loop; only rank 0
-    logs, and ``log`` is None on the others.  ``methods`` act through their hooks
-    (flopwise/methods/base.py); the loop names none of them."""
+    model whose state is checkpointed.  Under torchrun every rank runs this loop.  ``methods`` act through
+    their hooks (flopwise/methods/base.py) and ``callbacks`` at the loop's named points
+    (flopwise/train/callbacks.py: logging, evaluation, the forecast, a sweep's pruner); the loop names none
+    of them."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler,
                  settings: LoopSettings, run_dir: Path, device: torch.device, dtype: torch.dtype,
-                 evaluate: Callable[[], dict[str, Any]], display: ProgressDisplay, log: EventLog | None,
-                 methods: MethodStack, module: torch.nn.Module | None = None, ranks: Ranks = Ranks(),
-                 forecaster: LossForecaster | None = None,
-                 evaluate_tasks: Callable[[], dict[str, Any]] | None = None,
-                 objective: Objective | None = None,
-                 eval_fields: Callable[[dict[str, Any]], tuple[dict[str, Any], str]] = heldout_fields,
-                 after_eval: Callable[[int, float, dict[str, Any]], str | None] | None = None) -> None:
+                 methods: MethodStack, display: ProgressDisplay, module: torch.nn.Module | None = None,
+                 ranks: Ranks = Ranks(), objective: Objective | None = None,
+                 callbacks: Sequence[LoopCallback] = ()) -> None:
         self.model = model
         self.module = module if module is not None else model
         self.optimizer = optimizer
@@ -213,17 +229,11 @@ class Trainer:
         self.run_dir = run_dir
         self.device = device
         self.dtype = dtype
-        self.evaluate = evaluate
-        self.display = display
-        self.log = log
-        self.ranks = ranks
         self.methods = methods
-        self.forecaster = forecaster
-        self.evaluate_tasks = evaluate_tasks
+        self.display = display
+        self.ranks = ranks
         self.objective = objective
-        self.eval_fields = eval_fields
-        self.after_eval = after_eval  # (step, p, the eval event's fields) -> why to stop, if it should
-        self._eval_stop: str | None = None
+        self.callbacks = tuple(callbacks)
         self._interrupted = False
 
     def train_step(self, step: int, p: float) -> float:
@@ -282,15 +292,16 @@ class Trainer:
                 p = state.meter.progress(s.budget)
                 finished = left == 1 or p >= 1.0
                 logging_start = time.perf_counter()
-                self._log_step(state, p, lr, loss, seconds, wall_start, p_at_start, tokens, flops, finished)
+                record = self._record(state, p, lr, loss, seconds, wall_start, p_at_start, tokens, flops, finished)
+                for callback in self.callbacks:
+                    callback.on_step(self, state, record)
                 bookkeeping = time.perf_counter() - logging_start
                 if finished:
                     outcome.finished = state.finished = True
                     break
-                outcome.eval_seconds += self._maybe_evaluate(state, p)
-                forecast_start = time.perf_counter()
-                outcome.stop_reason = self._eval_stop or self._maybe_forecast(state, p_before, p)
-                outcome.eval_seconds += time.perf_counter() - forecast_start
+                marks_start = time.perf_counter()
+                outcome.stop_reason = self._at_progress(state, p_before, p)
+                outcome.eval_seconds += time.perf_counter() - marks_start
                 stop = (self._interrupted or outcome.stop_reason is not None
                         or (s.stop_after is not None and state.meter.progress(s.stop_after) >= 1.0))
                 outcome.checkpoint_seconds += self._maybe_checkpoint(state, p, timer, force=stop)
@@ -299,6 +310,15 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, previous_handler)
         return outcome
+
+    def _at_progress(self, state: LoopState, p_before: float, p: float) -> str | None:
+        """The callbacks' turn after a step that did not end the run (evaluation and forecast time, not training
+        time); the first reason to stop ends the round."""
+        for callback in self.callbacks:
+            reason = callback.at_progress(self, state, p_before, p)
+            if reason is not None:
+                return reason
+        return None
 
     def _on_interrupt(self, signum: int, frame: object) -> None:
         """First Ctrl-C: finish the step, checkpoint, stop.  A second one aborts at once."""
@@ -317,88 +337,23 @@ class Trainer:
             return StepCost(tokens, flops, None if timer.estimate is None else timer.estimate * flops / flops_now)
         return scheduled_steps_left(state.meter, s.budget, cost_at, s.breakpoints)
 
-    def _log_step(self, state: LoopState, p: float, lr: float, loss: float, seconds: float, wall_start: float,
-                  p_at_start: float, tokens: float, flops: float, last: bool) -> None:
+    def _record(self, state: LoopState, p: float, lr: float, loss: float, seconds: float, wall_start: float,
+                p_at_start: float, tokens: float, flops: float, last: bool) -> StepRecord:
+        """What the step spent and saw; its ``train`` event where the step is logged."""
         s = self.settings
         tokens_per_s = tokens / seconds
         mfu = flops / seconds / s.peak_flops if s.peak_flops else None
         wall = time.perf_counter() - wall_start
         eta = wall * (1 - p) / (p - p_at_start) if p > p_at_start else None
-        self.display.update(p, state.meter, s.budget, loss, tokens_per_s, mfu, eta)
         step = int(state.meter.steps)
         regular = is_logged_step(step, s.log_every)
-        if not (regular or last or self._interrupted):
-            return
-        event = {"event": "train", "step": step, "p": p, "p_lr": state.p_lr, "tokens": state.meter.tokens,
-                 "flops": state.meter.flops, "seconds": state.meter.seconds, "wall": wall, "lr": lr, "loss": loss,
-                 "throughput": tokens_per_s, "mfu": mfu, "memory": peak_memory_bytes(self.device)}
-        event.update(self.methods.log_fields())
-        if self.forecaster is not None and regular:  # the same points whether or not the run was interrupted
-            self.forecaster.observe(event)
-        if self.log is not None:
-            self.log.append(event)
-
-    def _maybe_forecast(self, state: LoopState, p_before: float, p: float) -> str | None:
-        """Log the forecast final loss each time this step's progress crosses a multiple of ``forecast_every``
-        (read from p alone, so a resume needs no state); returns why to stop, if the forecast says the
-        target loss is out of reach."""
-        every = self.forecaster.every if self.forecaster is not None else 0.0
-        if every <= 0 or p >= 1.0 or not reached(p, next_mark(p_before, every)):
-            return None
-        forecast = self.forecaster.forecast(state.meter.tokens, p)
-        if forecast is None:
-            return None
-        if self.log is not None:
-            self.log.append({"event": "forecast", "step": int(state.meter.steps), "p": p,
-                             "tokens": state.meter.tokens, **forecast.to_dict()})
-        parts = (f"; curve {forecast.curve_loss:.4f}, law {forecast.law_loss:.4f} at weight {forecast.law_weight:.2f}"
-                 if forecast.law_loss is not None else "")
-        self.display.message(f"forecast at p={p:.2f}: final held-out loss {forecast.loss:.4f} "
-                             f"({forecast.low:.4f}-{forecast.high:.4f}{parts})")
-        if self.forecaster.cannot_reach(forecast):
-            return (f"the forecast final loss {forecast.loss:.4f} (at best {forecast.low:.4f}) cannot reach "
-                    f"train.target_loss {self.forecaster.target:g}")
-        return None
-
-    def _maybe_evaluate(self, state: LoopState, p: float) -> float:
-        if self.settings.eval_every <= 0 or not reached(p, state.next_eval):
-            return 0.0
-        start = time.perf_counter()
-        result = self.evaluate()
-        self.model.train()
-        state.next_eval = next_mark(p, self.settings.eval_every)
-        fields = self.log_eval(state, p, result)
-        if self.after_eval is not None:  # a sweep's pruner, say: it may rank by the forecast final loss
-            forecast = self.forecaster.forecast(state.meter.tokens, p) if self.forecaster is not None else None
-            extra = {"forecast_loss": forecast.loss} if forecast is not None else {}
-            self._eval_stop = self.after_eval(int(state.meter.steps), p, {**fields, **extra})
-        return time.perf_counter() - start + self.log_tasks(state, p)
-
-    def log_tasks(self, state: LoopState, p: float) -> float:
-        """Score the run's tasks (train.eval_tasks) and log them beside the held-out loss; returns the seconds
-        it took, which are evaluation time, not training time."""
-        if self.evaluate_tasks is None:
-            return 0.0
-        start = time.perf_counter()
-        results = self.evaluate_tasks()
-        seconds = time.perf_counter() - start
-        if self.log is not None:
-            self.log.append({"event": "tasks", "step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens,
-                             "flops": state.meter.flops, "seconds": state.meter.seconds, "eval_seconds": seconds,
-                             "tasks": results})
-        scores = "  ".join(f"{name} {r['centered']:+.3f}" for name, r in results.items())
-        self.display.message(f"tasks step {int(state.meter.steps)}  p={p:.3f}  centered: {scores}  ({seconds:.1f}s)")
-        return seconds
-
-    def log_eval(self, state: LoopState, p: float, result: dict[str, Any]) -> dict[str, Any]:
-        """Show and log one evaluation; returns its event fields."""
-        fields, line = self.eval_fields(result)
-        self.display.message(f"eval  step {int(state.meter.steps)}  p={p:.3f}  {line}")
-        if self.log is not None:
-            self.log.append({"event": "eval", "step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens,
-                             "flops": state.meter.flops, "seconds": state.meter.seconds, **fields,
-                             "epochs": self.sampler.domain_epochs()})
-        return fields
+        event = None
+        if regular or last or self._interrupted:
+            event = {"event": "train", "step": step, "p": p, "p_lr": state.p_lr, "tokens": state.meter.tokens,
+                     "flops": state.meter.flops, "seconds": state.meter.seconds, "wall": wall, "lr": lr,
+                     "loss": loss, "throughput": tokens_per_s, "mfu": mfu, "memory": peak_memory_bytes(self.device)}
+            event.update(self.methods.log_fields())
+        return StepRecord(p, loss, tokens_per_s, mfu, eta, event, regular)
 
     def _maybe_checkpoint(self, state: LoopState, p: float, timer: StepTimer, force: bool) -> float:
         """Checkpoint every ``checkpoint_every`` of the budget, on interruption, and (pinned)

@@ -1,9 +1,10 @@
-"""Loss-based sample weights (Sow et al., ICLR 2025) and curriculum pacing functions."""
+"""Loss-based sample weights (Sow et al., ICLR 2025): the weights against an independent numpy computation,
+their invariants, the settings the config refuses, and two ranks against one process."""
 
 from __future__ import annotations
 
-import math
 import socket
+import typing
 
 import numpy as np
 import pytest
@@ -12,16 +13,16 @@ import torch
 from flopwise.config import load_config
 from flopwise.errors import FlopwiseError
 from flopwise.methods.base import StepOutputs
-from flopwise.methods.reweight import ReweightConfig, SampleReweighting
-from flopwise.methods.sample_weights import (
-    PACINGS,
-    STRATEGIES,
+from flopwise.methods.reweight import (
+    ReweightConfig,
+    SampleReweighting,
     normalized_losses,
-    pacing_fraction,
     sample_weights,
     strategy_scores,
 )
 from flopwise.runtime import Ranks
+
+STRATEGIES = ("uniform", "linupper", "quadratic", "extremes")
 
 
 def numpy_weights(losses: np.ndarray, strategy: str, delta: float = 1.0, r: float = 0.4) -> np.ndarray:
@@ -42,7 +43,8 @@ def settings(strategy: str = "linupper", **kw) -> ReweightConfig:
 def test_defaults_are_the_papers():
     s = ReweightConfig()  # the paper's 1000 uniform steps become the first 5% of the budget
     assert (s.strategy, s.temperature, s.delta, s.burn_in) == ("linupper", 0.4, 1.0, 0.05)
-    assert STRATEGIES == ("uniform", "linupper", "quadratic", "extremes")
+    assert typing.get_args(ReweightConfig.model_fields["strategy"].annotation) == ("linupper", *STRATEGIES[2:],
+                                                                                  "uniform")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -147,10 +149,8 @@ def test_invalid_settings(setting, field):
 
 
 def test_invalid_arguments_of_the_helpers():
-    with pytest.raises(FlopwiseError, match=r"^methods\.reweight\.strategy='mid'"):
+    with pytest.raises(ValueError, match="'mid'"):  # the config refuses it first (test_invalid_settings)
         strategy_scores(torch.zeros(3), "mid", 1.0)
-    with pytest.raises(FlopwiseError, match=r"^methods\.reweight\.delta=0"):
-        normalized_losses(torch.zeros(3), 0)
     with pytest.raises(ValueError):
         sample_weights(torch.zeros(2, 3), settings())
 
@@ -204,57 +204,3 @@ def test_two_ranks_match_one_process(tmp_path):
             torch.testing.assert_close(parts[1][name, key], expected[split:], rtol=1e-6, atol=1e-6)
         together = torch.cat([parts[0][name, "linupper"], parts[1][name, "linupper"]])
         assert together.mean().item() == pytest.approx(1.0, abs=1e-6)
-
-
-# --- curriculum pacing ------------------------------------------------------------------------------
-
-
-def test_pacing_endpoints():
-    for pacing in PACINGS:
-        assert pacing_fraction(0.0, pacing) == pytest.approx(0.1)
-        assert pacing_fraction(0.5, pacing) == 1.0
-        assert pacing_fraction(0.75, pacing) == 1.0 and pacing_fraction(1.0, pacing) == 1.0
-        assert pacing_fraction(0.0, pacing, start=1.0) == 1.0
-
-
-def test_pacing_values():
-    assert pacing_fraction(0.25, "linear") == pytest.approx(0.55)
-    assert pacing_fraction(0.125, "linear", start=0.2) == pytest.approx(0.4)
-    assert pacing_fraction(0.125, "root") == pytest.approx(0.1 + 0.9 * 0.5)  # sqrt(1/4)
-    assert pacing_fraction(0.02, "root") == pytest.approx(0.1 + 0.9 * math.sqrt(0.04))
-    assert pacing_fraction(0.4, "root", start=0.3, full_at=0.9) == pytest.approx(0.3 + 0.7 * math.sqrt(4 / 9))
-    # step: three equal stairs of height 0.3, each 1/6 of the budget wide, then everything at 0.5
-    assert pacing_fraction(0.1, "step") == pytest.approx(0.1)
-    assert pacing_fraction(0.2, "step") == pytest.approx(0.4)
-    assert pacing_fraction(0.4, "step") == pytest.approx(0.7)
-    assert pacing_fraction(0.49, "step") == pytest.approx(0.7)
-
-
-def test_root_is_fast_at_first():
-    for p in (0.05, 0.1, 0.2, 0.3, 0.45):
-        assert pacing_fraction(p, "root") > pacing_fraction(p, "linear") >= pacing_fraction(p, "step")
-
-
-@pytest.mark.parametrize("pacing", PACINGS)
-def test_pacing_monotonic_and_in_range(pacing):
-    values = [pacing_fraction(i / 400, pacing, start=0.05, full_at=0.7) for i in range(401)]
-    assert all(0 < v <= 1 for v in values)
-    assert all(a <= b for a, b in zip(values, values[1:]))
-    if pacing == "step":
-        assert len(set(round(v, 9) for v in values)) == 4
-
-
-@pytest.mark.parametrize("kwargs,field", [
-    ({"pacing": "quad"}, "methods.curriculum.pacing"),
-    ({"start": 0.0}, "methods.curriculum.start"),
-    ({"start": 1.5}, "methods.curriculum.start"),
-    ({"full_at": 0.0}, "methods.curriculum.full_at"),
-    ({"full_at": float("nan")}, "methods.curriculum.full_at"),
-])
-def test_pacing_errors(kwargs, field):
-    args = {"p": 0.3, "pacing": "linear", **kwargs}
-    with pytest.raises(FlopwiseError) as err:
-        pacing_fraction(**args)
-    assert str(err.value).startswith(field + "=") and "\n" not in str(err.value)
-    with pytest.raises(ValueError):
-        pacing_fraction(-0.1, "linear")

@@ -1,0 +1,137 @@
+"""Pretraining (``flopwise train``): packed windows of the corpus, next-token cross-entropy as the methods shape
+it, the held-out loss per domain and the run's tasks; a new run starts from random weights or from an imported
+Hugging Face model (``--init-from``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from flopwise.config import RunConfig
+from flopwise.data.pipeline import PreparedData, prepare_data
+from flopwise.data.sampler import PackedSampler
+from flopwise.data.sources import uses_builtin_corpus
+from flopwise.data.tokenizer import Tokenizer
+from flopwise.errors import FlopwiseError
+from flopwise.evaluate.heldout import FINAL_EVAL_SCALE, Evaluator
+from flopwise.evaluate.tasks.builtin import HeldoutText
+from flopwise.evaluate.tasks.engine import evaluate_tasks
+from flopwise.evaluate.tasks.resolve import check_run_tasks, resolve_tasks
+from flopwise.evaluate.tasks.scoring import TaskModel
+from flopwise.methods.base import RunResources, World
+from flopwise.methods.stack import MethodStack
+from flopwise.model.config import NAMED_SIZES, ModelConfig
+from flopwise.model.flops import flops_per_token
+from flopwise.model.gpt import GPT
+from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source
+from flopwise.stages.base import Prepared, Shape, Stage, StageEvaluation, StageLoop
+
+# Model fields that an --init-from model's config.json decides.
+IMPORTED_SHAPE = {"size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "qk_norm", "tie_embeddings",
+                  "rope_theta"}
+BYTE_VOCAB = 256 + 1  # the bytes and end-of-text
+
+
+def heldout_fields(result: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The eval event's fields and display line for the held-out loss (flopwise/evaluate/heldout.py); every
+    evaluation's fields hold ``val_loss``, the number the curve, the report and the forecast read."""
+    fields = {"val_loss": result["loss"], "val_bpb": result["bpb"], "unigram_loss": result["unigram_loss"],
+              "domains": {name: d["loss"] for name, d in result["domains"].items()}}
+    return fields, f"val_loss {result['loss']:.4f}  bpb {result['bpb']:.4f}"
+
+
+class PretrainStage(Stage):
+    name = "pretrain"
+
+    @classmethod
+    def check(cls, config: RunConfig, world: World | None, new: bool) -> None:
+        """An imported model's shape and tokenizer are its own (a new run's config cannot set them); tasks are
+        scored during the run where the main process holds the whole model."""
+        if new and config.model.init_from:
+            clash = sorted(config.model.model_fields_set & IMPORTED_SHAPE)
+            if clash:
+                raise FlopwiseError(f"model.{clash[0]} cannot be set with --init-from: the shape comes from the "
+                                    "imported model's config.json (only model.seq_len can be chosen)")
+            if "tokenizer" in config.data.model_fields_set:
+                raise FlopwiseError("data.tokenizer cannot be set with --init-from: the imported model's own "
+                                    "tokenizer is used as is")
+        check_run_tasks(config, world is not None and world.size > 1)
+
+    @classmethod
+    def shape(cls, config: RunConfig) -> Shape:
+        """An imported model's shape (config.json, at model.seq_len), or the config's with the tokenizer's
+        vocabulary: data.vocab_size for BPE (its bound until the tokenizer is trained), 257 for bytes, a
+        tokenizer file's own."""
+        m = config.model
+        if m.init_from:
+            folder = resolve_hf_source(m.init_from)
+            seq_len = m.seq_len or NAMED_SIZES[m.size]["seq_len"]
+            return Shape(model_config_from_hf(read_hf_config(folder), folder, seq_len),
+                         settles={"data.tokenizer": str(folder)})  # in config.toml: a resume reads the same one
+        tokenizer = config.data.tokenizer
+        if tokenizer == "bpe":
+            return Shape(m.build(config.data.vocab_size), vocab_known=False)
+        vocab = BYTE_VOCAB if tokenizer == "byte" else Tokenizer.load(tokenizer).vocab_size
+        return Shape(m.build(vocab))
+
+    def prepare(self, tokenizer: Tokenizer | None, planned: ModelConfig | None) -> Prepared:
+        """The corpus, tokenized once (rank 0 writes the cache, the others read it), with the run's tokenizer:
+        a resumed run's saved one, an imported model's, or one trained on the data."""
+        c, started = self.context.config, time.perf_counter()
+        if tokenizer is None and c.model.init_from:
+            tokenizer = Tokenizer.load(Path(c.data.tokenizer))
+        with self.context.ranks.main_first():
+            self.data: PreparedData = prepare_data(c.data, c.train.seed, tokenizer)
+        tokenizer = self.data.tokenizer
+        model = planned or self.context.model
+        if planned is None and not self.context.vocab_known:
+            model = dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
+        if tokenizer.vocab_size > model.vocab_size:
+            raise FlopwiseError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                                f"{model.vocab_size}: use the model's own tokenizer")
+        t = c.train
+        self.tasks = resolve_tasks(t.eval_tasks, self.heldout_text, t.seed, t.task_examples, "train.eval_tasks")
+        tokens = c.optim.batch_size * c.optim.grad_accum * model.seq_len  # the whole job's
+        corpus = self.data.corpus
+        cached = "cached" if corpus.cache_hit else "tokenized"
+        line = (f"data: {corpus.meta['tokens']['train']:,} train / {corpus.meta['tokens']['val']:,} held-out tokens "
+                f"({cached}, {time.perf_counter() - started:.1f}s), vocab {tokenizer.vocab_size}"
+                + self.data.stats.describe() + self.data.hygiene.describe())
+        record = {"corpus": corpus.meta, "read": vars(self.data.stats), "data": self.data.summary()}
+        return Prepared(tokenizer, model, tokens, flops_per_token(model) * tokens, line, record)
+
+    def heldout_text(self) -> HeldoutText:
+        """The held-out documents as text, for the built-in tasks."""
+        return HeldoutText.from_corpus(self.data.corpus, self.data.tokenizer,
+                                       uses_builtin_corpus(self.context.config.data.sources))
+
+    def initial_weights(self, model: GPT) -> None:
+        """The --init-from model's weights."""
+        folder = resolve_hf_source(self.context.config.model.init_from)
+        load_weights_into(model, folder)
+        self.context.display.message(f"initialized from {folder}")
+
+    def build(self, model: GPT, methods: MethodStack) -> StageLoop:
+        """The methods' setup, the sampler they shape, the held-out evaluator and the task scorer."""
+        ctx, c = self.context, self.context.config
+        tokenizer, seq_len, batch = self.data.tokenizer, model.config.seq_len, c.optim.batch_size
+        methods.setup(RunResources(self.data, c.data.sources, seq_len, tokenizer.to_json(), model.config.vocab_size,
+                                   ctx.device, ctx.dtype, ctx.ranks, ctx.display.message))
+        corpus, options = self.data.corpus, methods.sampler_options()
+        ranks = ctx.ranks
+        sampler = PackedSampler(corpus.train_tokens, seq_len, batch // ranks.world_size, seed=c.train.seed,
+                                rank=ranks.rank, world_size=ranks.world_size,
+                                domain_ranges=corpus.train_domain_ranges(), weights=options.weights,
+                                domain_names=corpus.domains, difficulty=options.difficulty, pacing=options.pacing)
+        methods.attach(sampler)
+        evaluator = Evaluator(corpus, tokenizer.token_bytes(), seq_len, batch, ctx.device, ctx.dtype)
+        task_model = TaskModel(model, tokenizer, ctx.device, ctx.dtype, batch)
+        scale = c.train.eval_tokens * FINAL_EVAL_SCALE
+        tasks = (lambda: evaluate_tasks(self.tasks, task_model, c.train.seed)) if self.tasks and ranks.is_main else None
+        # every FINAL_EVAL_SCALE-th window of the final evaluation's during the run, so that the logged curve
+        # estimates what the final evaluation measures more precisely
+        evaluation = StageEvaluation(during=lambda: evaluator(model, scale, stride=FINAL_EVAL_SCALE),
+                                     final=lambda: evaluator(model, scale), fields=heldout_fields, tasks=tasks)
+        return StageLoop(sampler, None, evaluation)
