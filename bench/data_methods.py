@@ -5,7 +5,7 @@ by its final held-out loss, overall and per domain.  Arms:
 
 - uniform: every training window equally likely (each domain in proportion to its tokens);
 - balanced: a static mixture with equal weight per domain (``--set methods.mixture.weights.D=1``);
-- online-loss / online-excess: domain weights adapted during the run (flopwise/data/mixture.py); the
+- online-loss / online-excess: domain weights adapted during the run (flopwise/methods/online_mixture.py); the
   excess rule's reference is the same seed's uniform run (its cost is not counted, as DoReMi does not
   count its reference model's);
 - reweight: per-sequence loss reweighting, LinUpper, r = 0.4 (Sow et al. 2025);

@@ -5,7 +5,8 @@
 2. the model shape: the config's, an imported model's (``--init-from``), a post-training start's, or a
    resumed run's as plan.json records it;
 3. the methods: those the user named, those the data implies (``--data NAME=PATH:W`` implies ``mixture``), the
-   default recipe's progressive ones for a new run where they apply, and those ``memory.limit`` chooses; each
+   default recipe's progressive ones for a new run where they apply, and those ``memory.limit`` chooses (for a
+   BPE tokenizer still to be trained on the data, against its vocabulary's bound ``data.vocab_size``); each
    method's conflicts and ``check`` run once, against the resolved shape (``RunView``) and the processes;
 4. the compute dtype, and the notes the user is shown.
 
@@ -35,11 +36,13 @@ class ResolvedRun:
     """A run as it will train.  ``config``: as config.toml records it (the methods resolved); ``model``: the
     shape it builds (until a BPE tokenizer is trained on the data, ``vocab_known`` is False and the vocabulary
     is ``data.vocab_size``, its bound); ``compute_dtype``: fp32 or bf16 on the device it resolved for;
-    ``world``: the processes (None: a run only planned); ``notes``: what the user is told."""
+    ``world``: the processes (None: a run only planned), ``rank_batch`` the windows (or rows) of a micro-batch
+    on each of them; ``notes``: what the user is told."""
 
     config: RunConfig
     model: ModelConfig
     compute_dtype: str
+    rank_batch: int
     world: World | None = None
     notes: tuple[str, ...] = ()
     vocab_known: bool = True
@@ -58,22 +61,18 @@ class ResolvedRun:
         frozen = [name for name in self.methods if not BY_NAME[name].trains_embedding]
         return f"methods.use '{frozen[0]}' freezes it" if frozen else None
 
-    @property
-    def rank_batch(self) -> int:
-        """Windows (or rows) per micro-batch on each process."""
-        return process_batch(self.config.optim.batch_size, self.world)
-
 
 def resolve(config: RunConfig, world: World | None = None, *, new: bool = True, extendable: bool = False,
             settle_memory: bool = True, model: ModelConfig | None = None) -> ResolvedRun:
     """``config`` resolved for the processes ``world`` (None: a run only planned, on this machine's device).
-    ``new``: a new run (False: a resumed one, whose config.toml is resolved already: nothing is added, and
-    ``model`` gives its shape as plan.json records it); ``extendable``: the run will be extended to larger
+    ``new``: a new run (False: a resumed one, whose config.toml is resolved already: no default method is added,
+    and ``model`` gives its shape as plan.json records it); ``extendable``: the run will be extended to larger
     budgets (the scan's and the replay planner's pilots), so no method whose schedule follows the original
     budget's share may join it; ``settle_memory``: choose or check methods under ``memory.limit`` (``flopwise
     memory`` shows every candidate instead)."""
     stage = stage_class(config.posttrain.stage)
     stage.check(config, world, new)
+    rank_batch = process_batch(config.optim.batch_size, world)
     values: dict[str, Any] = {}
     vocab_known = True
     if model is None:
@@ -83,8 +82,7 @@ def resolve(config: RunConfig, world: World | None = None, *, new: bool = True, 
     view = RunView(model, config.optim, config.train.precision, bool(config.model.init_from), stage.name)
     sections = config.methods
     use = list(config.methods.use)
-    if new:
-        use += [m.name for m in METHODS if m.name not in use and m.implied(getattr(sections, m.name), config.data)]
+    use += [m.name for m in METHODS if m.name not in use and m.implied(getattr(sections, m.name), config.data)]
     for name in in_registry_order(use):
         check_method(name, use, sections, view, world)
     fixed = unextendable(use)
@@ -97,8 +95,7 @@ def resolve(config: RunConfig, world: World | None = None, *, new: bool = True, 
         notes += [note] if note else []
     optim_name = config.optim.name
     if settle_memory and config.memory.limit is not None:
-        micro_batch = process_batch(config.optim.batch_size, world)
-        settled = settle_memory_methods(use, sections, config.optim, model, micro_batch, dtype, config.memory.limit)
+        settled = settle_memory_methods(use, sections, config.optim, model, rank_batch, dtype, config.memory.limit)
         if settled.optimizer != optim_name:
             optim_name = settled.optimizer
             view = dataclasses.replace(view, optim=config.optim.model_copy(update={"name": optim_name}))
@@ -111,7 +108,7 @@ def resolve(config: RunConfig, world: World | None = None, *, new: bool = True, 
     if optim_name != config.optim.name:
         values["optim.name"] = optim_name
     resolved = config.replace(**values) if values else config
-    return ResolvedRun(resolved, model, dtype, world, tuple(notes), vocab_known)
+    return ResolvedRun(resolved, model, dtype, rank_batch, world, tuple(notes), vocab_known)
 
 
 def process_batch(batch_size: int, world: World | None) -> int:

@@ -226,13 +226,6 @@ def init_ranks(device_type: str) -> Ranks:
     return ranks
 
 
-def per_rank_batch(batch_size: int, ranks: Ranks) -> int:
-    if batch_size % ranks.world_size:
-        raise FlopwiseError(f"optim.batch_size={batch_size} is the global batch and must split evenly over "
-                            f"{ranks.world_size} processes: use a multiple of {ranks.world_size}")
-    return batch_size // ranks.world_size
-
-
 def wrap_for_training(model: nn.Module, parallel: str, ranks: Ranks, device: torch.device) -> nn.Module:
     """DDP (replicated weights, all-reduced gradients) or FSDP2 (``fully_shard`` per block and at the
     root: weights, gradients and optimizer states sharded).  FSDP2 shards ``model`` in place."""

@@ -115,8 +115,8 @@ class Session:
         for note in resolved.notes:
             self.display.message(note)
         self.stage = stage_class(resolved.stage)(StageContext(
-            self.config, resolved.model, self.device, self.dtype, self.ranks, self.display, resolved.vocab_known,
-            resolved.frozen_embedding))
+            self.config, resolved.model, self.device, self.dtype, self.ranks, self.display, resolved.rank_batch,
+            resolved.vocab_known, resolved.frozen_embedding))
 
     @classmethod
     def new(cls, resolved: ResolvedRun, run_dir: Path, processes: Processes,
@@ -294,7 +294,7 @@ class Session:
             trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device,
                               self.dtype, self.methods, self.display, module=self.model, ranks=self.ranks,
                               objective=self.objective, callbacks=callbacks)
-            self.score_start(evaluation, state)
+            self.score_start(evaluation, state, settings.eval_every)
             with self.display:
                 outcome: Outcome = trainer.run(state)
             final_eval = self.finish(trainer, evaluation, outcome) if outcome.finished else None
@@ -308,8 +308,8 @@ class Session:
         the order they act: the display, the metrics log, the evaluation, the forecast."""
         ev: StageEvaluation = self.evaluation
         forecast = self.forecast_callback(log) if ev.forecasts else None
-        evaluation = Evaluation(ev.during, ev.fields, self.config.train.eval_every, self.sampler, self.display, log,
-                                ev.tasks, after_eval, forecast.final_loss if forecast is not None else None)
+        evaluation = Evaluation(ev.during, ev.fields, settings.eval_every, self.sampler, self.display, log, ev.tasks,
+                                after_eval, forecast.final_loss if forecast is not None else None)
         return evaluation, [Progress(self.display, settings.budget), *([Metrics(log)] if log is not None else []),
                             evaluation, *([forecast] if forecast is not None else [])]
 
@@ -327,13 +327,13 @@ class Session:
                                     prior)
         return Forecast(forecaster, self.display, log)
 
-    def score_start(self, evaluation: Evaluation, state: LoopState) -> None:
+    def score_start(self, evaluation: Evaluation, state: LoopState, eval_every: float) -> None:
         """Where the stage asks for it, a new run scores its starting model first (step 0): the baseline of
         what the budget buys."""
         if self.evaluation.scores_start and self.resume_step is None and state.meter.steps == 0:
             started = time.perf_counter()
             evaluation.log_eval(state, 0.0, self.evaluation.final())
-            state.next_eval = next_mark(0.0, self.config.train.eval_every)  # not again at step 1
+            state.next_eval = next_mark(0.0, eval_every)  # not again at step 1
             self.display.message(f"(starting model scored in {time.perf_counter() - started:.1f}s)")
 
     def finish(self, trainer: Trainer, evaluation: Evaluation, outcome: Outcome) -> dict[str, Any]:

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from flopwise.cli import main
+from flopwise.config import load_config
 from flopwise.errors import FlopwiseError
+from flopwise.methods.base import World
+from flopwise.resolve import resolve
 from flopwise.rundir import read_metrics
-from flopwise.runtime import Ranks, per_rank_batch
 from tests.helpers import TINY
 
 pytestmark = pytest.mark.slow
@@ -105,9 +107,10 @@ def test_post_training_under_torchrun_follows_the_single_process_run(tmp_path, s
 
 
 def test_global_batch_must_split_over_ranks():
-    assert per_rank_batch(8, Ranks(0, 2)) == 4
+    config = load_config(None, ["optim.batch_size=6", "methods.progressive=false"])
+    assert resolve(config, World(2)).rank_batch == 3
     with pytest.raises(FlopwiseError, match="optim.batch_size=6 is the global batch .* use a multiple of 4"):
-        per_rank_batch(6, Ranks(0, 4))
+        resolve(config, World(4))  # refused as the run is resolved, on every rank, before any data is read
 
 
 def test_a_batch_schedule_under_ddp_matches_the_single_process_run(tmp_path, text_folder):

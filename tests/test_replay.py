@@ -225,3 +225,19 @@ def test_pilot_design_default_is_four_shares_at_two_lengths_cheapest_first():
 def test_pilot_design_rejects_designs_the_fit_cannot_use(kwargs, match):
     with pytest.raises(FlopwiseError, match=match):
         pilot_design(**kwargs)
+
+
+def test_the_pilots_give_the_general_domains_their_configured_proportions():
+    from flopwise.config import load_config
+    from flopwise.replay.pilots import configured_weights, pilot, share_weights
+    from flopwise.resolve import resolve
+
+    config = load_config(None, ['data.sources=["web=./w:0.8", "code=./c:0.2", "med=./m:1"]'])
+    domains = ["code", "med", "web"]
+    configured = configured_weights(resolve(config, settle_memory=False).config, domains)  # the weights --data gives
+    shares = share_weights(configured, "med", 0.5, domains)
+    assert shares == pytest.approx({"med": 0.5, "code": 0.1, "web": 0.4})
+    assert share_weights(None, "med", 0.5, domains) == pytest.approx({"med": 0.5, "code": 0.25, "web": 0.25})
+    piloted = resolve(pilot(config, shares, 1e5), settle_memory=False).config  # the shares, and nothing else
+    assert piloted.data.sources == ["web=./w", "code=./c", "med=./m"]
+    assert configured_weights(piloted, domains) == pytest.approx([0.1, 0.5, 0.4])

@@ -89,8 +89,7 @@ class CopyStage(Stage):
 
     def build(self, model: Any, methods: Any) -> StageLoop:
         ctx = self.context
-        rows = ctx.config.optim.batch_size // ctx.ranks.world_size
-        sampler = CopySampler(ctx.config.train.seed, rows, 64)
+        sampler = CopySampler(ctx.config.train.seed, ctx.rank_batch, 64)
         heldout = copy_rows(torch.Generator().manual_seed(12345), 32, 64)  # the same rows every time
 
         def evaluate() -> dict[str, Any]:

@@ -69,7 +69,7 @@ def add_setup_flags(p: argparse.ArgumentParser, budget_help: str) -> None:
 
 
 def add_data_method_flags(p: argparse.ArgumentParser) -> None:
-    """The data-side methods (flopwise/data/mixture.py, methods/sample_weights.py, methods/salt.py)."""
+    """The data-side methods' flags (flopwise/methods/online_mixture.py, reweight.py, curriculum.py, salt.py)."""
     p.add_argument("--online-mixture", choices=("loss", "excess"),
                    help="adapt the domain weights during the run: toward domains with higher training loss "
                         "('loss'), or with higher loss than --reference's ('excess', DoReMi)")

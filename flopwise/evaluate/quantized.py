@@ -1,5 +1,5 @@
-"""A run's model rounded to int4, as ``flopwise eval --quantize int4`` scores it (flopwise/model/int4.py): the group
-a run's model is meant for, the check that a group fits the model, and the rounding itself."""
+"""A run's model rounded to int4, as ``flopwise eval --quantize int4`` scores it (flopwise/model/int4.py): the check
+that a group fits the model, and the rounding itself."""
 
 from __future__ import annotations
 
@@ -7,18 +7,11 @@ from pathlib import Path
 
 import torch
 
-from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.methods.dense import block_linears
-from flopwise.methods.stack import int4_group as method_int4_group
 from flopwise.model.gpt import GPT
 from flopwise.model.int4 import check_group, fake_quantize
 from flopwise.rundir import planned_model_config
-
-
-def int4_group(run_config: RunConfig) -> int:
-    """The int4 group a run's model is meant for: a method's (QAT's group), else the default one."""
-    return method_int4_group(run_config.methods)
 
 
 def check_int4(run_dir: Path, quantize: str, group: int) -> None:

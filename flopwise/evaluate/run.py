@@ -14,11 +14,12 @@ from flopwise.data.sources import uses_builtin_corpus
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.evaluate.heldout import Evaluator
 from flopwise.evaluate.load import load_run_model
-from flopwise.evaluate.quantized import check_int4, int4_group, round_to_int4
+from flopwise.evaluate.quantized import check_int4, round_to_int4
 from flopwise.evaluate.tasks.builtin import HeldoutText
 from flopwise.evaluate.tasks.engine import evaluate_tasks
 from flopwise.evaluate.tasks.resolve import check_task_names, resolve_tasks
 from flopwise.evaluate.tasks.scoring import TaskModel
+from flopwise.methods.stack import int4_group
 from flopwise.model.gpt import GPT
 from flopwise.runtime import choose_device, choose_dtype
 
@@ -29,7 +30,7 @@ def load_evaluated_model(run_dir: Path, run_config: RunConfig, device_name: str,
     """The run's model as ``eval`` scores it: final or newest checkpoint, rounded to int4 when asked (the
     int4 group checked first, before anything is loaded); with the device and the group used."""
     if quantize is not None:
-        group = group if group is not None else int4_group(run_config)
+        group = group if group is not None else int4_group(run_config.methods)  # QAT's, else the default
         check_int4(run_dir, quantize, group)
     device = choose_device(device_name)
     model, tokenizer = load_run_model(run_dir, device, checkpoint)

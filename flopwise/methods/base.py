@@ -24,7 +24,7 @@ Hooks, in the order a run meets them:
 - ``implied`` (class): whether the data section already asks for the method (``--data NAME=PATH:W``
   asks for ``mixture``), so the resolve stage adds it to ``methods.use``.
 - ``memory`` (class): its part of the peak-memory estimate, as ``MemoryTraits``.
-- ``int4_group`` (class): the int4 group its model is meant for (evaluation and export round to it).
+- ``int4_group`` (class): the int4 group its model is meant for (``flopwise eval --quantize int4`` rounds to it).
 - ``legacy_state`` (class): its checkpoint state where an older checkpoint kept it.
 - ``configure``: change the model before the optimizer is built (factorize, wrap, freeze).
 - ``shape_optimizer``: change the optimizer the builder makes (update rules, state precision, hooks).

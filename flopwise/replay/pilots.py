@@ -38,20 +38,25 @@ def split_losses(result: dict[str, Any], domain: str) -> tuple[float, float]:
     return sum(d["loss"] * d["tokens"] for d in others) / tokens, domains[domain]["loss"]
 
 
-def share_weights(config: RunConfig, domain: str, ratio: float, domains: list[str]) -> dict[str, float]:
-    """The domain gets ``ratio``; the general domains share the rest in the configured or equal proportions."""
+def configured_weights(resolved: RunConfig, domains: list[str]) -> list[float] | None:
+    """The weights a resolved config gives its ``domains`` (``--data NAME=PATH:WEIGHT``, methods.mixture.weights),
+    None: the data's own shares."""
+    return MethodStack(resolved.methods).domain_weights(resolved.data.sources, domains) if len(domains) > 1 else None
+
+
+def share_weights(configured: list[float] | None, domain: str, ratio: float, domains: list[str]) -> dict[str, float]:
+    """The domain gets ``ratio``; the general domains share the rest in the ``configured`` or equal proportions."""
     others = [d for d in domains if d != domain]
-    configured = (MethodStack(config.methods).domain_weights(config.data.sources, domains)
-                  if len(domains) > 1 else None)
     given = {d: configured[domains.index(d)] if configured else 1.0 for d in others}
     total = sum(given.values())
     return {domain: ratio, **{d: (1 - ratio) * w / total for d, w in given.items()}}
 
 
-def pilot(config: RunConfig, domain: str, ratio: float, tokens: float, domains: list[str]) -> RunConfig:
+def pilot(config: RunConfig, shares: dict[str, float], tokens: float) -> RunConfig:
+    """A pilot of ``config`` on ``tokens`` tokens with each domain sampled at its share."""
     sources = [f"{spec.domain}={spec.path}" if spec.domain else spec.path  # weights: from the share
                for spec in map(parse_source, config.data.sources)]
-    return config.replace(**domain_weights_config(share_weights(config, domain, ratio, domains)),
+    return config.replace(**domain_weights_config(shares),
                           **{"data.sources": sources, "train.forecast_every": 0.0, "train.checkpoint_every": 0.0},
                           **Budget(tokens=tokens).config_values())
 
@@ -69,6 +74,7 @@ def suggest_replay(config: RunConfig, domain: str, run_tokens: float, pilot_toke
     pilot_tokens = pilot_tokens or PILOT_SHARE * run_tokens
     start = start_new(config, out / "start", quiet)  # a session records its tokenizer
     domains = start.data_record["corpus"]["domains"]
+    configured = configured_weights(start.config, domains)  # as resolved: the weights the data implies too
     start_losses = start.evaluation.final()  # FINAL_EVAL_SCALE times the tokens of an evaluation during a run
     base_general, base_domain = split_losses(start_losses, domain)
     del start  # its model and optimizer are not needed during the pilots
@@ -77,10 +83,9 @@ def suggest_replay(config: RunConfig, domain: str, run_tokens: float, pilot_toke
     for ratio in sorted({r for r, _ in design}):
         short, long = sorted(t for r, t in design if r == ratio)
         run_dir = out / f"share-{ratio:g}"
-        for tokens in (short, long):
-            # extendable: extended to more tokens, with one shape throughout
-            summary = (run(pilot(config, domain, ratio, short, domains), run_dir, display=quiet, extendable=True)
-                       if tokens == short
+        shares = share_weights(configured, domain, ratio, domains)
+        for tokens in (short, long):  # extendable: extended to more tokens, with one shape throughout
+            summary = (run(pilot(config, shares, short), run_dir, display=quiet, extendable=True) if tokens == short
                        else resume(run_dir, Budget(tokens=tokens), display=quiet))
             general, own = split_losses(summary.final_eval, domain)
             points.append(ReplayPoint(ratio=ratio, tokens=tokens, general_loss=general, domain_loss=own))
@@ -95,7 +100,7 @@ def suggest_replay(config: RunConfig, domain: str, run_tokens: float, pilot_toke
         try:
             ratio = critical_ratio(law, tokens, base_general, tolerance / base_general)
             suggestion[name] = {"tokens": tokens, "critical_ratio": ratio,
-                                "weights": share_weights(config, domain, ratio, domains)}
+                                "weights": share_weights(configured, domain, ratio, domains)}
         except FlopwiseError as error:  # no share qualifies: said, with the pilots kept
             suggestion[name] = {"tokens": tokens, "critical_ratio": None, "why": str(error)}
     return suggestion

@@ -47,8 +47,9 @@ class Shape:
 @dataclass(frozen=True)
 class StageContext:
     """What a stage reads of the run it serves: the resolved config and model shape (``vocab_known``: False
-    while a tokenizer trained on the data is to decide its vocabulary), where it computes, its processes, and
-    the display its messages go to.  ``frozen_embedding``: why the embedding cannot learn new rows, where a
+    while a tokenizer trained on the data is to decide its vocabulary), where it computes, its processes and
+    the micro-batch on each of them (``rank_batch``: the global batch split over them), and the display its
+    messages go to.  ``frozen_embedding``: why the embedding cannot learn new rows, where a
     method freezes it."""
 
     config: RunConfig
@@ -57,6 +58,7 @@ class StageContext:
     dtype: torch.dtype
     ranks: Ranks
     display: ProgressDisplay
+    rank_batch: int
     vocab_known: bool = True
     frozen_embedding: str | None = None
 

@@ -121,7 +121,7 @@ class PretrainStage(Stage):
                                    ctx.device, ctx.dtype, ctx.ranks, ctx.display.message))
         corpus, options = self.data.corpus, methods.sampler_options()
         ranks = ctx.ranks
-        sampler = PackedSampler(corpus.train_tokens, seq_len, batch // ranks.world_size, seed=c.train.seed,
+        sampler = PackedSampler(corpus.train_tokens, seq_len, ctx.rank_batch, seed=c.train.seed,
                                 rank=ranks.rank, world_size=ranks.world_size,
                                 domain_ranges=corpus.train_domain_ranges(), weights=options.weights,
                                 domain_names=corpus.domains, difficulty=options.difficulty, pacing=options.pacing)
