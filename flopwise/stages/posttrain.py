@@ -7,7 +7,7 @@ what the budget bought over it (flopwise/posttrain/ holds the data, objectives a
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from flopwise.config import RunConfig
 from flopwise.data.tokenizer import Tokenizer
@@ -24,6 +24,7 @@ from flopwise.posttrain.preference import DPOObjective, PairSampler, PreferenceE
 from flopwise.posttrain.sampler import ConversationSampler
 from flopwise.posttrain.start import Start, load_start, start_shape
 from flopwise.stages.base import Prepared, Shape, Stage, StageEvaluation, StageLoop
+from flopwise.train.callbacks import EvalFields
 
 
 def sft_fields(result: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -98,6 +99,13 @@ class PostTrainStage(Stage):
         methods.setup(RunResources(None, [], seq_len, self.tokenizer.to_json(), ctx.model.vocab_size, ctx.device,
                                    ctx.dtype, ctx.ranks, ctx.display.message))
 
+    @staticmethod
+    def evaluation(evaluator: Callable[[GPT], dict[str, Any]], model: GPT, fields: EvalFields) -> StageEvaluation:
+        """All the held-out records each time, during the run and at its end (they are few: the same figure as the
+        final one), with the starting model scored first; no loss forecast (its law describes pretraining)."""
+        return StageEvaluation(during=lambda: evaluator(model), final=lambda: evaluator(model), fields=fields,
+                               scores_start=True, forecasts=False)
+
 
 class SFTStage(PostTrainStage):
     """Supervised fine-tuning on conversations: the loss on the assistant's tokens only."""
@@ -125,9 +133,7 @@ class SFTStage(PostTrainStage):
                                       ctx.ranks.rank, ctx.ranks.world_size)
         evaluator = AssistantEvaluator(self.split.heldout, self.split.sources, batch, ctx.device, ctx.dtype, pad)
         self.start = None  # its weights are the model's now
-        evaluation = StageEvaluation(during=lambda: evaluator(model), final=lambda: evaluator(model),
-                                     fields=sft_fields, scores_start=True, forecasts=False)
-        return StageLoop(sampler, SFTObjective(sampler, ctx.ranks), evaluation)
+        return StageLoop(sampler, SFTObjective(sampler, ctx.ranks), self.evaluation(evaluator, model, sft_fields))
 
 
 class DPOStage(PostTrainStage):
@@ -156,6 +162,5 @@ class DPOStage(PostTrainStage):
                               ctx.ranks.world_size)
         evaluator = PreferenceEvaluator(self.split.heldout, reference, c.posttrain.beta, batch, ctx.device,
                                         ctx.dtype, pad)
-        evaluation = StageEvaluation(during=lambda: evaluator(model), final=lambda: evaluator(model),
-                                     fields=dpo_fields, scores_start=True, forecasts=False)
-        return StageLoop(sampler, DPOObjective(sampler, reference, c.posttrain.beta), evaluation)
+        return StageLoop(sampler, DPOObjective(sampler, reference, c.posttrain.beta),
+                         self.evaluation(evaluator, model, dpo_fields))
