@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,8 @@ from flopwise.train.display import ProgressDisplay
 from flopwise.train.forecast import LossForecaster
 from flopwise.train.loggers import open_run_logger, require_backends
 from flopwise.train.metrics import MetricsLog
-from flopwise.train.trainer import LoopSettings, LoopState, Outcome, Trainer, forecast_points, next_mark
+from flopwise.train.trainer import (DecayEnd, LoopSettings, LoopState, Outcome, Trainer, forecast_points,
+                                    next_mark)
 
 MAX_RUN_SECONDS = 365 * 86400  # a budget that cannot be spent within a year at the device's peak is a mistake
 
@@ -75,6 +77,7 @@ class Summary:
     parameters: dict[str, int]
     stop_reason: str | None = None
     domain_epochs: dict[str, float] | None = None  # times each domain's training tokens were seen
+    decay: DecayEnd | None = None  # where a stall cut into the decay, and how it ended
 
 
 @dataclass(frozen=True)
@@ -297,10 +300,20 @@ class Session:
             self.score_start(evaluation, state, settings.eval_every)
             with self.display:
                 outcome: Outcome = trainer.run(state)
+            if outcome.decay is not None and self.ranks.is_main:
+                self.record_decay(outcome.decay, outcome.state.meter, event_log)
             final_eval = self.finish(trainer, evaluation, outcome) if outcome.finished else None
         return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
-                       outcome.stop_reason, self.sampler.domain_epochs())
+                       outcome.stop_reason, self.sampler.domain_epochs(), outcome.decay)
+
+    def record_decay(self, decay: DecayEnd, meter: Meter, log: Any) -> None:
+        """A decay that a stall cut into is kept where the run is read later: a ``decay`` event in
+        metrics.jsonl and plan.json's ``decay`` (the summary says it too)."""
+        log.append({"event": "decay", "step": int(meter.steps), "p": meter.progress(self.config.budget.build()),
+                    "tokens": meter.tokens, "flops": meter.flops, **decay.to_dict(), "note": decay.describe()})
+        plan = json.loads((self.run_dir / PLAN_FILE).read_text())
+        write_json_atomic(self.run_dir / PLAN_FILE, {**plan, "decay": decay.to_dict()})
 
     def callbacks(self, settings: LoopSettings, log: Any, after_eval: AfterEval | None
                   ) -> tuple[Evaluation, list[LoopCallback]]:

@@ -208,6 +208,8 @@ def print_summary(console: Console, summary: Summary, table: bool = True) -> Non
     console.print(f"\n[bold]done[/bold]: {summary.run_dir}  ({int(m.steps)} steps, {m.tokens / 1e6:.2f}M tokens, "
                   f"{m.flops:.2e} FLOPs, {m.seconds:.1f}s training + {summary.eval_seconds:.1f}s eval + "
                   f"{summary.checkpoint_seconds:.1f}s checkpoints; final lr {summary.last_lr:.2e})", highlight=False)
+    if summary.decay is not None:
+        console.print(f"decay: {summary.decay.describe()}", highlight=False)
     if summary.domain_epochs:
         console.print("data seen: " + ", ".join(f"{name} {epochs:.2f} epochs" for name, epochs
                                                 in summary.domain_epochs.items()), highlight=False)

@@ -1,10 +1,11 @@
 """The training loop: budgeted, resumable, and short enough to read in one sitting.
 
-Each step asks the budget how many steps are left (exact for token, FLOP and step limits;
-from the measured step time for a seconds limit) and sets the learning rate from the
-schedule at progress p = (steps done + 1) / (steps done + steps left).  The step predicted to
-be the last therefore runs at p = 1 with the schedule's final learning rate, and the run
-stops there: at its budget, fully annealed.
+Each step sets the learning rate from the schedule at the progress the budget will have spent once the step is
+done: the spent progress p plus one predicted step (exact for token, FLOP and step limits; from the median recent
+step time for a seconds limit).  Only what the budget has really spent moves the schedule, so a slow step or a
+stall can neither start the decay early nor skip it.  The step the budget predicts to be its last runs at p = 1
+with the schedule's final learning rate, and the run stops there: at its budget, fully annealed.  Where a stall
+eats what the decay had left, the run finishes the decay within a bounded overrun (``DecayTail``) and says so.
 
 The methods are the loop's algorithms (flopwise/methods/); everything else that acts during a run (logging,
 evaluation, the loss forecast, a sweep's pruner) is a ``LoopCallback`` the loop calls at two named points:
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import math
 import signal
+import statistics
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
@@ -58,26 +61,102 @@ def reached(p: float, mark: float) -> bool:
 
 
 class StepTimer:
-    """Running estimate of seconds per step; the first step (allocation, compile) is left out."""
+    """Seconds per step: the median of the last ``window`` steps of the current shape.
 
-    def __init__(self, estimate: float | None = None, smoothing: float = 0.1) -> None:
+    A median, not a running mean, so that a stall (one step many times slower while the machine is busy) does
+    not move the prediction, while a lasting slowdown does once it holds for half the window.  The first step of
+    a run or of a new shape (allocation, compile) is left out where an estimate exists."""
+
+    def __init__(self, estimate: float | None = None, window: int = 9) -> None:
         self.estimate = estimate
-        self.smoothing = smoothing
-        self._seen = 0
+        self._recent: deque[float] = deque(maxlen=window)
+        self._first = True
 
     def rescale(self, factor: float) -> None:
         """The step's cost changed by ``factor`` (progressive training's next shape): predict its time from the
-        old one's until two steps of the new shape have been timed (the first may compile)."""
+        old one's until steps of the new shape have been timed."""
         if self.estimate is not None:
             self.estimate *= factor
-            self._seen = 0
+            self._recent.clear()
+            self._first = True
 
     def update(self, seconds: float) -> None:
-        self._seen += 1
-        if self.estimate is None or self._seen == 2:
+        first, self._first = self._first, False
+        if first and self.estimate is not None:
+            return
+        if first:  # nothing better to go on until the second step
             self.estimate = seconds
-        elif self._seen > 2:
-            self.estimate += self.smoothing * (seconds - self.estimate)
+            return
+        self._recent.append(seconds)
+        self.estimate = statistics.median(self._recent)
+
+
+@dataclass(frozen=True)
+class DecayTail:
+    """The rest of a decay that a stall left no budget for.  The budget ran out (or has one step left) while the
+    schedule stood at ``p_lr`` < 1, so ``steps`` more steps run it evenly on to p = 1, spending at most the larger
+    of one step and ``OVERRUN_SHARE`` of the budget past where the stall left the run (``limit``: the progress
+    the tail may reach)."""
+
+    OVERRUN_SHARE = 0.02
+    p_lr: float
+    steps: int
+    limit: float
+
+    @classmethod
+    def after(cls, p: float, p_lr: float, step_share: float) -> DecayTail:
+        """The tail of a run at progress ``p`` whose schedule stands at ``p_lr``; ``step_share``: the predicted
+        progress of one step."""
+        limit = max(p, 1.0) + max(step_share, cls.OVERRUN_SHARE)
+        steps = max(1, int((limit - p) / step_share + 1e-9)) if step_share > 0 else 1
+        return cls(p_lr, steps, limit)
+
+    def p_lr_of(self, taken: int) -> float:
+        """Where the schedule stands at the tail's ``taken``-th step (from 1): evenly on to 1."""
+        return 1.0 if taken >= self.steps else self.p_lr + (1.0 - self.p_lr) * taken / self.steps
+
+
+@dataclass(frozen=True)
+class DecayEnd:
+    """How a decay ended that a stall cut into, for the summary, plan.json and metrics.jsonl (never silent).
+
+    ``cut_at``: the schedule's progress where the budget ran out; ``tail_steps``: the steps run to finish it;
+    ``overrun``: the share of the budget spent past it, the stall's included; ``finished``: the schedule reached
+    its end (the final learning rate) within the bound; ``last_lr_multiplier``: the schedule at the last step;
+    ``squeezed``: the share of the planned decay that ran in the tail instead of over its share of the budget;
+    ``cut_short``: not finished, or too much of it squeezed to count as a decay."""
+
+    cut_at: float
+    tail_steps: int
+    overrun: float
+    finished: bool
+    last_lr_multiplier: float
+    squeezed: float
+
+    SQUEEZED_TOO_MUCH = 0.25
+
+    @classmethod
+    def of(cls, tail: DecayTail, taken: int, p: float, p_lr: float, schedule: Schedule) -> DecayEnd:
+        span = 1.0 - schedule.decay_start
+        squeezed = (1.0 - max(tail.p_lr, schedule.decay_start)) / span if span > 0 else 0.0
+        return cls(tail.p_lr, taken, max(p - 1.0, 0.0), p_lr >= 1.0, schedule(p_lr), squeezed)
+
+    @property
+    def cut_short(self) -> bool:
+        return not self.finished or self.squeezed > self.SQUEEZED_TOO_MUCH
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "cut_short": self.cut_short}
+
+    def describe(self) -> str:
+        head = f"the budget ran out at schedule progress {self.cut_at:.3f} (a slow step or a stall): the decay "
+        tail = f"{self.tail_steps} more step(s), {100 * self.overrun:.1f}% of the budget past it"
+        if not self.cut_short:
+            return f"{head}finished in {tail}"
+        reached = (f"reached {self.last_lr_multiplier:.3g} of the peak learning rate" if not self.finished else
+                   f"ran its last {100 * self.squeezed:.0f}% in them")
+        return (f"{head}was cut short: {tail}, {reached}. To run it in full, extend the run from its checkpoint "
+                "before the decay: flopwise train --resume RUN --budget LARGER")
 
 
 @dataclass
@@ -136,6 +215,7 @@ class Outcome:
     checkpoint_seconds: float = 0.0
     last_lr: float = 0.0
     stop_reason: str | None = None
+    decay: DecayEnd | None = None  # where a stall cut into the decay
 
 
 class Objective(Protocol):
@@ -216,6 +296,8 @@ class Trainer:
     (flopwise/train/callbacks.py: logging, evaluation, the forecast, a sweep's pruner); the loop names none
     of them."""
 
+    TAIL_GAP = 2.5  # steps of schedule left at the budget's last step that only a stall leaves: finish with a tail
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler,
                  settings: LoopSettings, run_dir: Path, device: torch.device, dtype: torch.dtype,
                  methods: MethodStack, display: ProgressDisplay, module: torch.nn.Module | None = None,
@@ -257,6 +339,8 @@ class Trainer:
             self.model.train()
             bookkeeping = 0.0  # logging time of the previous step: training time too, unlike eval
             previous_flops: float | None = None
+            tail: DecayTail | None = None
+            tail_taken = 0
             while True:
                 start = time.perf_counter()
                 p_before = state.meter.progress(s.budget)
@@ -265,9 +349,16 @@ class Trainer:
                     timer.rescale(flops / previous_flops)
                 previous_flops = flops
                 self.methods.begin_step(p_before, self.module, self.optimizer)
-                left = self.steps_left(state, timer)
-                if left is not None:
-                    state.p_lr = max(state.p_lr, (state.meter.steps + 1) / (state.meter.steps + left))
+                if tail is None:
+                    left = self.steps_left(state, timer)
+                    share = self.step_share(state, timer)
+                    if left == 1 and 1.0 - state.p_lr > self.TAIL_GAP * share:  # a stall took the decay's steps
+                        tail = DecayTail.after(p_before, state.p_lr, share)
+                if tail is None:
+                    state.p_lr = self.next_p_lr(state, timer, left)
+                else:
+                    tail_taken += 1
+                    state.p_lr = tail.p_lr_of(tail_taken)
                 step = int(state.meter.steps)
                 self.methods.before_step(step, self.module, self.optimizer)
                 multiplier = s.schedule(state.p_lr) * self.methods.lr_factor(step)
@@ -290,7 +381,15 @@ class Trainer:
                 state.step_seconds = timer.estimate
                 outcome.last_lr = lr
                 p = state.meter.progress(s.budget)
-                finished = left == 1 or p >= 1.0
+                if tail is None:
+                    finished = left == 1 or p >= 1.0
+                    if finished and state.p_lr < 1.0:  # a slow step spent what the decay had left
+                        tail = DecayTail.after(p, state.p_lr, self.step_share(state, timer))
+                        finished = False
+                else:
+                    finished = state.p_lr >= 1.0 or p >= tail.limit or self._interrupted
+                if finished and tail is not None:
+                    outcome.decay = DecayEnd.of(tail, tail_taken, p, state.p_lr, s.schedule)
                 logging_start = time.perf_counter()
                 record = self._record(state, p, lr, loss, seconds, wall_start, p_at_start, tokens, flops, finished)
                 for callback in self.callbacks:
@@ -298,7 +397,11 @@ class Trainer:
                 bookkeeping = time.perf_counter() - logging_start
                 if finished:
                     outcome.finished = state.finished = True
+                    if outcome.decay is not None:
+                        self.display.message(outcome.decay.describe())
                     break
+                if tail is not None:  # at the budget's end: no evaluation or checkpoint until the decay is done
+                    continue
                 marks_start = time.perf_counter()
                 outcome.stop_reason = self._at_progress(state, p_before, p)
                 outcome.eval_seconds += time.perf_counter() - marks_start
@@ -337,6 +440,28 @@ class Trainer:
             return StepCost(tokens, flops, None if timer.estimate is None else timer.estimate * flops / flops_now)
         return scheduled_steps_left(state.meter, s.budget, cost_at, s.breakpoints)
 
+    def progress_after_next_step(self, state: LoopState, timer: StepTimer) -> float:
+        """The progress the budget will have spent after one more step, as predicted: exact for token, FLOP and
+        step limits, from the step time for a seconds limit (which counts what it has spent until a step has
+        been timed)."""
+        s = self.settings
+        meter = state.meter
+        tokens, flops = s.costs_at(meter.progress(s.budget))
+        cost = {"tokens": tokens, "flops": flops, "steps": 1.0, "seconds": timer.estimate}
+        return max((getattr(meter, name) + (cost[name] or 0.0)) / limit
+                   for name, limit in s.budget.set_limits().items())
+
+    def step_share(self, state: LoopState, timer: StepTimer) -> float:
+        """The share of the budget one more step will spend, as predicted."""
+        return self.progress_after_next_step(state, timer) - state.meter.progress(self.settings.budget)
+
+    def next_p_lr(self, state: LoopState, timer: StepTimer, left: int | None) -> float:
+        """The schedule's progress for the next step: 1 where the budget allows no other, else the progress the
+        budget will have spent after it.  It never moves back (after a step faster than predicted)."""
+        if left == 1:
+            return 1.0
+        return max(state.p_lr, min(1.0, self.progress_after_next_step(state, timer)))
+
     def _record(self, state: LoopState, p: float, lr: float, loss: float, seconds: float, wall_start: float,
                 p_at_start: float, tokens: float, flops: float, last: bool) -> StepRecord:
         """What the step spent and saw; its ``train`` event where the step is logged."""
@@ -344,7 +469,7 @@ class Trainer:
         tokens_per_s = tokens / seconds
         mfu = flops / seconds / s.peak_flops if s.peak_flops else None
         wall = time.perf_counter() - wall_start
-        eta = wall * (1 - p) / (p - p_at_start) if p > p_at_start else None
+        eta = wall * max(1 - p, 0.0) / (p - p_at_start) if p > p_at_start else None  # none left past p = 1
         step = int(state.meter.steps)
         regular = is_logged_step(step, s.log_every)
         event = None
@@ -359,8 +484,7 @@ class Trainer:
         """Checkpoint every ``checkpoint_every`` of the budget, on interruption, and (pinned)
         just before the schedule starts to decay, which is where a finished run can be extended from."""
         s = self.settings
-        left = self.steps_left(state, timer)
-        next_p_lr = (state.meter.steps + 1) / (state.meter.steps + left) if left else state.p_lr
+        next_p_lr = self.next_p_lr(state, timer, self.steps_left(state, timer))
         pinned = state.p_lr <= s.schedule.decay_start < next_p_lr
         periodic = s.checkpoint_every > 0 and reached(p, state.next_checkpoint)
         if not (force or pinned or periodic):
