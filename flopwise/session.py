@@ -59,8 +59,7 @@ from flopwise.train.display import ProgressDisplay
 from flopwise.train.forecast import LossForecaster
 from flopwise.train.loggers import open_run_logger, require_backends
 from flopwise.train.metrics import MetricsLog
-from flopwise.train.trainer import (DecayEnd, LoopSettings, LoopState, Outcome, Trainer, forecast_points,
-                                    next_mark)
+from flopwise.train.trainer import DecayEnd, LoopSettings, LoopState, Outcome, Trainer, forecast_points, next_mark
 
 MAX_RUN_SECONDS = 365 * 86400  # a budget that cannot be spent within a year at the device's peak is a mistake
 
