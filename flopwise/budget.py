@@ -26,7 +26,8 @@ _TIME_UNITS = {"s": 1.0, "sec": 1.0, "secs": 1.0, "seconds": 1.0, "m": 60.0, "mi
                "d": 86400.0, "days": 86400.0}
 _WORD_UNITS = {"flops": "flops", "flop": "flops", "steps": "steps", "step": "steps",
                "tokens": "tokens", "token": "tokens", "tok": "tokens", "": "tokens"}
-_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+# a sign is read, so that '-5s' is refused as a negative budget rather than as unreadable
+_PATTERN = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 _EXAMPLES = "use e.g. 90s, 3m, 1.5h, 2e15flops, 5M (tokens), 40steps"
 
 
@@ -40,16 +41,21 @@ def parse_limit(text: str) -> tuple[str, float]:
         raise FlopwiseError(f"budget '{text}' is not a number with a unit: {_EXAMPLES}")
     value, unit = float(match.group(1)), match.group(2)
     if unit in _TIME_UNITS:
-        return "seconds", value * _TIME_UNITS[unit]
-    prefix, word = _split_si_prefix(unit)
-    if word is None:
-        raise FlopwiseError(f"budget '{text}' has an unknown unit '{unit}': {_EXAMPLES}")
-    return _WORD_UNITS[word], value * _SI[prefix]
+        name, amount = "seconds", value * _TIME_UNITS[unit]
+    else:
+        prefix, word = _split_si_prefix(unit)
+        if word is None:
+            raise FlopwiseError(f"budget '{text}' has an unknown unit '{unit}': {_EXAMPLES}")
+        name, amount = _WORD_UNITS[word], value * _SI[prefix]
+    if not (amount > 0 and math.isfinite(amount)):
+        raise FlopwiseError(f"budget '{text.strip()}' (budget.{name}={amount:g}) must be a positive number: "
+                            f"{_EXAMPLES}")
+    return name, amount
 
 
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_BYTES = _PATTERN  # a number (signed: memory.limit refuses a negative one) and a unit
 
 
 def parse_bytes(text: str) -> float:

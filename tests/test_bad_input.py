@@ -87,8 +87,9 @@ CASES = [
     case([*TRAIN, "--budget", "abc"], "'abc'", None, id="train-budget-unparseable"),
     case([*TRAIN, "--budget", "0steps"], "budget.steps", None, id="train-budget-zero"),
     case([*TRAIN, "--budget=-5steps"], "-5steps", None, id="train-budget-negative"),
-    # without '=' argparse takes -5steps for a flag: its usage error names --budget
-    case([*TRAIN, "--budget", "-5steps"], "--budget", None, usage=True, id="train-budget-negative-as-flag"),
+    # without '=' argparse alone would take -5steps for a flag (and only say --budget expected one argument)
+    case([*TRAIN, "--budget", "-5steps"], "budget '-5steps' (budget.steps=-5) must be a positive number", None,
+         id="train-budget-negative-without-equals"),
     case([*TRAIN, "--budget", "3stesp"], "'stesp'", None, id="train-budget-unit-typo"),
     case([*TRAIN, "--budget", ","], "--budget", None, id="train-budget-empty-list"),
     case([*TRAIN, "--budget", "1e999s"], "budget.seconds", None, id="train-budget-infinite"),
@@ -197,6 +198,15 @@ CASES = [
     case(["sample", "{run}", "--top-p", "1.5"], "--top-p", None, id="sample-top-p-above-one"),
     case(["sample", "{run}", "--top-k", "-1"], "--top-k", None, id="sample-top-k-negative"),
     case(["sample", "{run}", "--max-tokens", "-1"], "--max-tokens", None, id="sample-max-tokens-negative"),
+    case(["sample", "{run}", "--max-tokens", "0"], "--max-tokens 0 must be a positive", None,
+         id="sample-max-tokens-zero"),
+    case(["sample", "{run}", "--temperature", "-inf"], "--temperature -inf must be 0", None,
+         id="sample-temperature-minus-inf"),
+    case(["sample", "{run}", "--temperature", "-1e3"], "--temperature -1000.0 must be 0", None,
+         id="sample-temperature-negative-exponent"),
+    # a byte that is not UTF-8 on the command line reaches Python as a lone surrogate ($'caf\xe9')
+    case(["sample", "{run}", "--prompt", "caf\udce9"], "--prompt is not UTF-8 text (byte 0xe9 at position 4)", None,
+         id="sample-prompt-not-utf8"),
     case(["sample", "{run}", "--temperature", "hot"], "--temperature", None, usage=True,
          id="sample-temperature-not-a-number"),
     # --- export
@@ -218,6 +228,8 @@ CASES = [
     case(["memory", "--memory", "8XB"], "8XB", None, id="memory-bad-size"),
     case(["memory", "--memory", "0GiB"], "memory.limit", None, id="memory-zero-size"),
     case(["memory", "--memory=-1GiB"], "-1GiB", None, id="memory-negative-size"),
+    case(["memory", "--memory", "-1GiB"], "memory.limit='-1GiB': must be positive", None,
+         id="memory-negative-size-without-equals"),
     case(["memory", "--batch", "0"], "--batch", None, id="memory-batch-zero"),
     case(["memory", "--batch", "-2"], "--batch", None, id="memory-batch-negative"),
     case(["memory", "--model", "huge"], "huge", None, id="memory-model-unknown"),
