@@ -75,6 +75,26 @@ def format_bytes(amount: float) -> str:
     return f"{amount:.0f} B"
 
 
+MAX_RUN_SECONDS = 365 * 86400  # a budget that cannot be spent within a year at the device's peak is a mistake
+
+
+def check_spendable(budget: Budget, per_step: dict[str, float], peak_flops: float, device: str) -> None:
+    """Refuse a budget that even ``device``'s best speed (``peak_flops``) could not spend within MAX_RUN_SECONDS
+    (``--budget 1e30flops`` on a small model), which would otherwise train at a vanishing learning rate with an
+    ETA of ages.  ``per_step``: what one optimizer step spends of the limits counted in steps' units (tokens,
+    flops, steps).  A seconds limit bounds the run by itself.  `train` checks its run with it and `plan` its
+    plan, so that a plan never suggests a run that `train` refuses."""
+    limits = budget.set_limits()
+    steps = [limits[name] / amount for name, amount in per_step.items() if name in limits]
+    if "seconds" in limits or not steps:
+        return
+    fastest = min(steps) * per_step["flops"] / peak_flops
+    if fastest > MAX_RUN_SECONDS:
+        raise FlopwiseError(f"the budget {budget.describe()} would take at least {fastest / 86400 / 365:.3g} years "
+                            f"on {device} ({peak_flops:.3g} FLOP/s at best): give a smaller budget, or add a time "
+                            "limit to it (--budget <yours>,24h ends at whichever is reached first)")
+
+
 def _split_si_prefix(unit: str) -> tuple[str, str | None]:
     """Split ``Mtok`` into ('M', 'tok'); the word part is matched case-insensitively."""
     for prefix in ("",) + tuple(_SI):
@@ -130,6 +150,11 @@ class Budget:
 
     def describe(self) -> str:
         return ", ".join(format_amount(name, value) for name, value in self.set_limits().items())
+
+    def as_flag(self) -> str:
+        """This budget as ``--budget`` reads it back exactly (``1e+17flops,40.0steps``), for commands to suggest."""
+        units = {"seconds": "s", "flops": "flops", "tokens": "tokens", "steps": "steps"}
+        return ",".join(f"{float(value)!r}{units[name]}" for name, value in self.set_limits().items())
 
 
 @dataclass
