@@ -183,6 +183,14 @@ CASES = [
     case(["train", "--resume", "{run}", "--budget", "2steps"], "--budget", None,
          id="resume-smaller-budget"),
     case(["train", "--resume", "{run}", "--budget", "3stesp"], "'stesp'", None, id="resume-budget-typo"),
+    # --- sft and dpo: the starting model ('runs/missing' reads as a hub id too: its folder 'runs' is here)
+    case(["dpo", "--init-from", "empty/missing", "--budget", "2steps", "--out", "{tmp}/d"],
+         "--init-from 'empty/missing': no such folder: check the path", _empty, id="dpo-init-from-missing-folder"),
+    case(["sft", "--init-from", "{tmp}/afile.txt", "--budget", "2steps", "--out", "{tmp}/d"],
+         "--init-from '{tmp}/afile.txt' is a file", _file, id="sft-init-from-a-file"),
+    case(["dpo", "--init-from", "{tmp}/empty", "--budget", "2steps", "--out", "{tmp}/d"],
+         "--init-from '{tmp}/empty' is neither a flopwise run folder (no config.toml) nor a Hugging Face model "
+         "folder (no config.json)", _empty, id="dpo-init-from-not-a-model-folder"),
     # --- eval
     case(["eval", "{tmp}/empty"], "empty", _empty, id="eval-not-a-run"),
     case(["eval", "{tmp}/afile.txt"], "afile.txt", _file, id="eval-a-file"),
