@@ -26,7 +26,8 @@ _TIME_UNITS = {"s": 1.0, "sec": 1.0, "secs": 1.0, "seconds": 1.0, "m": 60.0, "mi
                "d": 86400.0, "days": 86400.0}
 _WORD_UNITS = {"flops": "flops", "flop": "flops", "steps": "steps", "step": "steps",
                "tokens": "tokens", "token": "tokens", "tok": "tokens", "": "tokens"}
-_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+# a sign is read, so that '-5s' is refused as a negative budget rather than as unreadable
+_PATTERN = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 _EXAMPLES = "use e.g. 90s, 3m, 1.5h, 2e15flops, 5M (tokens), 40steps"
 
 
@@ -40,16 +41,21 @@ def parse_limit(text: str) -> tuple[str, float]:
         raise FlopwiseError(f"budget '{text}' is not a number with a unit: {_EXAMPLES}")
     value, unit = float(match.group(1)), match.group(2)
     if unit in _TIME_UNITS:
-        return "seconds", value * _TIME_UNITS[unit]
-    prefix, word = _split_si_prefix(unit)
-    if word is None:
-        raise FlopwiseError(f"budget '{text}' has an unknown unit '{unit}': {_EXAMPLES}")
-    return _WORD_UNITS[word], value * _SI[prefix]
+        name, amount = "seconds", value * _TIME_UNITS[unit]
+    else:
+        prefix, word = _split_si_prefix(unit)
+        if word is None:
+            raise FlopwiseError(f"budget '{text}' has an unknown unit '{unit}': {_EXAMPLES}")
+        name, amount = _WORD_UNITS[word], value * _SI[prefix]
+    if not (amount > 0 and math.isfinite(amount)):
+        raise FlopwiseError(f"budget '{text.strip()}' (budget.{name}={amount:g}) must be a positive number: "
+                            f"{_EXAMPLES}")
+    return name, amount
 
 
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_BYTES = _PATTERN  # a number (signed: memory.limit refuses a negative one) and a unit
 
 
 def parse_bytes(text: str) -> float:
@@ -67,6 +73,26 @@ def format_bytes(amount: float) -> str:
         if abs(amount) >= size:
             return f"{amount / size:.2f} {unit}" if unit == "GiB" else f"{amount / size:.1f} {unit}"
     return f"{amount:.0f} B"
+
+
+MAX_RUN_SECONDS = 365 * 86400  # a budget that cannot be spent within a year at the device's peak is a mistake
+
+
+def check_spendable(budget: Budget, per_step: dict[str, float], peak_flops: float, device: str) -> None:
+    """Refuse a budget that even ``device``'s best speed (``peak_flops``) could not spend within MAX_RUN_SECONDS
+    (``--budget 1e30flops`` on a small model), which would otherwise train at a vanishing learning rate with an
+    ETA of ages.  ``per_step``: what one optimizer step spends of the limits counted in steps' units (tokens,
+    flops, steps).  A seconds limit bounds the run by itself.  `train` checks its run with it and `plan` its
+    plan, so that a plan never suggests a run that `train` refuses."""
+    limits = budget.set_limits()
+    steps = [limits[name] / amount for name, amount in per_step.items() if name in limits]
+    if "seconds" in limits or not steps:
+        return
+    fastest = min(steps) * per_step["flops"] / peak_flops
+    if fastest > MAX_RUN_SECONDS:
+        raise FlopwiseError(f"the budget {budget.describe()} would take at least {fastest / 86400 / 365:.3g} years "
+                            f"on {device} ({peak_flops:.3g} FLOP/s at best): give a smaller budget, or add a time "
+                            "limit to it (--budget <yours>,24h ends at whichever is reached first)")
 
 
 def _split_si_prefix(unit: str) -> tuple[str, str | None]:
@@ -124,6 +150,11 @@ class Budget:
 
     def describe(self) -> str:
         return ", ".join(format_amount(name, value) for name, value in self.set_limits().items())
+
+    def as_flag(self) -> str:
+        """This budget as ``--budget`` reads it back exactly (``1e+17flops,40.0steps``), for commands to suggest."""
+        units = {"seconds": "s", "flops": "flops", "tokens": "tokens", "steps": "steps"}
+        return ",".join(f"{float(value)!r}{units[name]}" for name, value in self.set_limits().items())
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from flopwise.atomic import write_atomic, write_json_atomic
-from flopwise.budget import Budget, Meter
+from flopwise.budget import Budget, Meter, check_spendable
 from flopwise.config import RunConfig, TrainSection, config_to_toml
 from flopwise.data.pipeline import cache_root
 from flopwise.data.tokenizer import Tokenizer
@@ -60,8 +60,6 @@ from flopwise.train.forecast import LossForecaster
 from flopwise.train.loggers import open_run_logger, require_backends
 from flopwise.train.metrics import MetricsLog
 from flopwise.train.trainer import DecayEnd, LoopSettings, LoopState, Outcome, Trainer, forecast_points, next_mark
-
-MAX_RUN_SECONDS = 365 * 86400  # a budget that cannot be spent within a year at the device's peak is a mistake
 
 
 @dataclass
@@ -174,20 +172,8 @@ class Session:
                                     f"{name}): raise the budget or shrink optim.batch_size, model.seq_len or the model")
 
     def check_budget_is_spendable(self) -> None:
-        """Refuse a budget that even this device's best matmul speed could not spend within MAX_RUN_SECONDS
-        (``--budget 1e30flops`` on a small model), which would otherwise train at a vanishing learning rate
-        with an ETA of ages.  A seconds limit bounds the run by itself."""
-        budget = self.config.budget.build()
-        limits = budget.set_limits()
-        steps = [limits[name] / amount for name, amount in self.per_step().items() if name in limits]
-        if "seconds" in limits or not steps:
-            return
-        fastest = min(steps) * self.flops_per_step / self.peak_flops
-        if fastest > MAX_RUN_SECONDS:
-            raise FlopwiseError(f"the budget {budget.describe()} would take at least {fastest / 86400 / 365:.3g} years "
-                                f"on {device_name(self.device)} ({self.peak_flops:.3g} FLOP/s at best): give a smaller "
-                                "budget, or add a time limit to it (--budget <yours>,24h ends at whichever is "
-                                "reached first)")
+        """Refuse a budget that even this device's best matmul speed could not spend in a year (as `plan` does)."""
+        check_spendable(self.config.budget.build(), self.per_step(), self.peak_flops, device_name(self.device))
 
     # -- the run folder ---------------------------------------------------------------------------
 

@@ -87,8 +87,9 @@ CASES = [
     case([*TRAIN, "--budget", "abc"], "'abc'", None, id="train-budget-unparseable"),
     case([*TRAIN, "--budget", "0steps"], "budget.steps", None, id="train-budget-zero"),
     case([*TRAIN, "--budget=-5steps"], "-5steps", None, id="train-budget-negative"),
-    # without '=' argparse takes -5steps for a flag: its usage error names --budget
-    case([*TRAIN, "--budget", "-5steps"], "--budget", None, usage=True, id="train-budget-negative-as-flag"),
+    # without '=' argparse alone would take -5steps for a flag (and only say --budget expected one argument)
+    case([*TRAIN, "--budget", "-5steps"], "budget '-5steps' (budget.steps=-5) must be a positive number", None,
+         id="train-budget-negative-without-equals"),
     case([*TRAIN, "--budget", "3stesp"], "'stesp'", None, id="train-budget-unit-typo"),
     case([*TRAIN, "--budget", ","], "--budget", None, id="train-budget-empty-list"),
     case([*TRAIN, "--budget", "1e999s"], "budget.seconds", None, id="train-budget-infinite"),
@@ -182,6 +183,14 @@ CASES = [
     case(["train", "--resume", "{run}", "--budget", "2steps"], "--budget", None,
          id="resume-smaller-budget"),
     case(["train", "--resume", "{run}", "--budget", "3stesp"], "'stesp'", None, id="resume-budget-typo"),
+    # --- sft and dpo: the starting model ('runs/missing' reads as a hub id too: its folder 'runs' is here)
+    case(["dpo", "--init-from", "empty/missing", "--budget", "2steps", "--out", "{tmp}/d"],
+         "--init-from 'empty/missing': no such folder: check the path", _empty, id="dpo-init-from-missing-folder"),
+    case(["sft", "--init-from", "{tmp}/afile.txt", "--budget", "2steps", "--out", "{tmp}/d"],
+         "--init-from '{tmp}/afile.txt' is a file", _file, id="sft-init-from-a-file"),
+    case(["dpo", "--init-from", "{tmp}/empty", "--budget", "2steps", "--out", "{tmp}/d"],
+         "--init-from '{tmp}/empty' is neither a flopwise run folder (no config.toml) nor a Hugging Face model "
+         "folder (no config.json)", _empty, id="dpo-init-from-not-a-model-folder"),
     # --- eval
     case(["eval", "{tmp}/empty"], "empty", _empty, id="eval-not-a-run"),
     case(["eval", "{tmp}/afile.txt"], "afile.txt", _file, id="eval-a-file"),
@@ -197,6 +206,15 @@ CASES = [
     case(["sample", "{run}", "--top-p", "1.5"], "--top-p", None, id="sample-top-p-above-one"),
     case(["sample", "{run}", "--top-k", "-1"], "--top-k", None, id="sample-top-k-negative"),
     case(["sample", "{run}", "--max-tokens", "-1"], "--max-tokens", None, id="sample-max-tokens-negative"),
+    case(["sample", "{run}", "--max-tokens", "0"], "--max-tokens 0 must be a positive", None,
+         id="sample-max-tokens-zero"),
+    case(["sample", "{run}", "--temperature", "-inf"], "--temperature -inf must be 0", None,
+         id="sample-temperature-minus-inf"),
+    case(["sample", "{run}", "--temperature", "-1e3"], "--temperature -1000.0 must be 0", None,
+         id="sample-temperature-negative-exponent"),
+    # a byte that is not UTF-8 on the command line reaches Python as a lone surrogate ($'caf\xe9')
+    case(["sample", "{run}", "--prompt", "caf\udce9"], "--prompt is not UTF-8 text (byte 0xe9 at position 4)", None,
+         id="sample-prompt-not-utf8"),
     case(["sample", "{run}", "--temperature", "hot"], "--temperature", None, usage=True,
          id="sample-temperature-not-a-number"),
     # --- export
@@ -218,6 +236,8 @@ CASES = [
     case(["memory", "--memory", "8XB"], "8XB", None, id="memory-bad-size"),
     case(["memory", "--memory", "0GiB"], "memory.limit", None, id="memory-zero-size"),
     case(["memory", "--memory=-1GiB"], "-1GiB", None, id="memory-negative-size"),
+    case(["memory", "--memory", "-1GiB"], "memory.limit='-1GiB': must be positive", None,
+         id="memory-negative-size-without-equals"),
     case(["memory", "--batch", "0"], "--batch", None, id="memory-batch-zero"),
     case(["memory", "--batch", "-2"], "--batch", None, id="memory-batch-negative"),
     case(["memory", "--model", "huge"], "huge", None, id="memory-model-unknown"),

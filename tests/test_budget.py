@@ -35,8 +35,10 @@ def test_parse_limit_rejects_with_examples(text):
 def test_budget_combines_limits_and_rejects_zero():
     budget = Budget.parse("3m,5M+40steps")
     assert budget.set_limits() == {"seconds": 180.0, "tokens": 5e6, "steps": 40.0}
-    with pytest.raises(FlopwiseError, match="budget.steps=0.0 must be a positive number"):
+    with pytest.raises(FlopwiseError, match=r"budget '0steps' \(budget.steps=0\) must be a positive number"):
         Budget.parse("0steps")
+    with pytest.raises(FlopwiseError, match=r"budget '-5s' \(budget.seconds=-5\) must be a positive number"):
+        Budget.parse("3m,-5s")  # read as negative, not as unreadable
     exponent = Budget.parse("1.92e+19flops+5M")  # the exponent's plus is the number's, the second separates
     assert exponent.flops == 1.92e19 and exponent.tokens == 5e6
 

@@ -4,6 +4,7 @@ command answers one `--prompt` on stdout and refuses a run that was never fine-t
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,3 +168,27 @@ def test_ctrl_c_while_writing_keeps_the_partial_reply(model, tokenizer):
     partial = session.history[-1]
     assert partial.interrupted and greedy_reply(model, tokenizer, session.history[:1], 12).startswith(partial.content)
     assert partial.content
+
+
+def test_a_message_that_is_not_utf8_is_not_sent_and_the_chat_goes_on(tmp_path, tokenizer, capsys, monkeypatch):
+    """Bytes from a latin-1 terminal on stdin: one note naming the byte, then the next message is answered.  The
+    stdin decodes strictly, as outside Python's UTF-8 mode, where reading the line itself used to fail."""
+    run = write_run(tmp_path / "run", tokenizer)
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\nHello there\n"), encoding="utf-8", errors="strict")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert main(["chat", str(run), "--temperature", "0", "--max-tokens", "12"]) == 0
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [
+        "flopwise: note: your message is not UTF-8 text (byte 0xe9 at position 4): give it in UTF-8, e.g. convert "
+        "it with iconv -t UTF-8; it was not sent"]
+    expected = greedy_reply(chat_model(tokenizer), tokenizer, [Message("user", "Hello there")], 12)
+    assert f"assistant> {expected}\n" in out
+
+
+@pytest.mark.parametrize("flag", ["--prompt", "--system"])
+def test_a_flag_that_is_not_utf8_is_refused(tmp_path, tokenizer, capsys, flag):
+    run = write_run(tmp_path / "run", tokenizer)
+    extra = [] if flag == "--prompt" else ["--prompt", "Hi"]
+    assert main(["chat", str(run), flag, "caf\udce9", *extra]) == 2  # $'caf\xe9' as Python's argv holds it
+    assert one_error_line(capsys) == (f"flopwise: error: {flag} is not UTF-8 text (byte 0xe9 at position 4): give "
+                                      "it in UTF-8, e.g. convert it with iconv -t UTF-8")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flopwise.cli import main
+from flopwise.cli import join_negative_values, main
 from tests.helpers import TINY, run_error
 
 
@@ -76,3 +76,11 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, capsys, text_folder):
     assert main(["train", "--data", str(data), "--budget", "2steps", "--out", str(out), *TINY]) == 0
     assert f"{expected} undecodable bytes replaced" in capsys.readouterr().out
     assert json.loads((out / "plan.json").read_text())["read"]["replaced_bytes"] == expected
+
+
+def test_negative_values_join_their_flag_but_not_flags_or_positionals():
+    argv = ["sample", "r", "--temperature", "-1e3", "--top-k", "-2", "--checkpoint", "--prompt", "-x", "--", "-5"]
+    assert join_negative_values(argv) == ["sample", "r", "--temperature=-1e3", "--top-k=-2", "--checkpoint",
+                                          "--prompt", "-x", "--", "-5"]
+    assert join_negative_values(["memory", "--memory", "-1GiB", "--batch=-2", "--batch", "-.5"]) == [
+        "memory", "--memory=-1GiB", "--batch=-2", "--batch=-.5"]

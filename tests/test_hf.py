@@ -150,7 +150,7 @@ def test_init_from_a_hub_cache_snapshot(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert resolve_hf_source("tiny-org/tiny-llama") == snapshot
-    with pytest.raises(FlopwiseError, match="cannot get it from the Hugging Face hub or its cache"):
+    with pytest.raises(FlopwiseError, match="as a hub id neither the Hugging Face hub nor its cache has it"):
         resolve_hf_source("tiny-org/absent")
 
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from flopwise.budget import Budget
 from flopwise.cli import main
 from flopwise.config import load_config
 from flopwise.errors import FlopwiseError
@@ -17,6 +18,7 @@ from flopwise.plan.planner import Speed, plan_run
 from flopwise.scaling.law import CHINCHILLA_REFIT, ScalingLaw
 from flopwise.scaling.law_file import PlanningLaw
 from flopwise.scaling.shapes import family_shape
+from tests.helpers import run_error
 from tests.test_scaling import TABLE3
 
 
@@ -127,3 +129,24 @@ def test_plan_errors_for_profiles_are_one_line(capsys):
     err = capsys.readouterr().err
     assert "'tpu9' is neither a shipped profile (h100, h100-pcie, h200, a100, l4, mi300x)" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, device, peak", [
+    ([], "mi300x, the fastest device flopwise has a profile for", 2614.9e12),
+    (["--device-profile", "l4"], "l4", 121e12),  # bf16, as a run on it computes
+])
+def test_plan_refuses_a_budget_no_device_could_spend_as_train_does(extra, device, peak, no_probe, capsys):
+    """The check `train` refuses such a budget with, on the device the plan is for: the profile's, else the
+    fastest there is a profile for (a FLOP plan is for any device), at its best speed."""
+    years = 1e40 / peak / (365 * 86400)
+    assert run_error(capsys, ["plan", "--budget", "1e40flops", *extra]) == (
+        f"flopwise: error: the budget 1.00e+40 FLOPs would take at least {years:.3g} years on {device} ({peak:.3g} "
+        "FLOP/s at best): give a smaller budget, or add a time limit to it (--budget <yours>,24h ends at whichever "
+        "is reached first)")
+
+
+def test_a_budget_from_the_config_is_suggested_as_a_budget_flag(no_probe, capsys):
+    assert main(["plan", "--set", "budget.flops=1.21e20flops", "--set", "budget.steps=5e5steps"]) == 0
+    suggested = capsys.readouterr().out.strip().splitlines()[-1]
+    assert suggested == "run it: flopwise train --budget 1.21e+20flops,500000.0steps --auto"
+    assert Budget.parse(suggested.split()[5]) == Budget(flops=1.21e20, steps=5e5)

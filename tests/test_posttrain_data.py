@@ -77,3 +77,29 @@ def test_a_window_that_the_prompts_fill_is_refused_in_one_line(tmp_path):
     assert str(err.value) == ("no training preference pair keeps a reply token on both sides within model.seq_len=16 "
                               "(the prompts fill the window): raise model.seq_len, or give shorter prompts")
     assert len(dpo_split(PostTrainSection(stage="dpo", data=[str(path)]), TOKENIZER, 128, seed=0).heldout) == 1
+
+
+def write_pairs(path: Path, equal: int, different: int) -> Path:
+    """``equal`` pairs whose replies are the same, then ``different`` pairs whose replies differ."""
+    pairs = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"a{i}"} for i in range(equal)]
+    pairs += [{"prompt": f"p{i}", "chosen": "yes", "rejected": "no"} for i in range(different)]
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs), encoding="utf-8")
+    return path
+
+
+def test_pairs_whose_replies_are_all_equal_are_refused_naming_the_file_and_count(tmp_path):
+    path = write_pairs(tmp_path / "same.jsonl", 12, 0)
+    with pytest.raises(FlopwiseError) as err:
+        dpo_split(PostTrainSection(stage="dpo", data=[str(path)]), TOKENIZER, 64, seed=0)
+    assert str(err.value) == (f"preferences file '{path}': all 12 pairs have the same chosen and rejected reply, so "
+                              "DPO has no preference to learn: give pairs whose replies differ")
+
+
+def test_pairs_with_equal_replies_are_left_out_and_counted(tmp_path):
+    """They carry no gradient (the margin is 0 whatever the weights): the others train, the line says how many."""
+    path = write_pairs(tmp_path / "some.jsonl", 3, 17)
+    split = dpo_split(PostTrainSection(stage="dpo", data=[str(path)]), TOKENIZER, 64, seed=0)
+    assert len(split.train) + len(split.heldout) == 17 and split.equal == 3
+    assert all(p.chosen.ids.tolist() != p.rejected.ids.tolist() for p in split.train + split.heldout)
+    assert split.describe("preference pairs", 64).endswith("; 3 left out (the same chosen and rejected reply)")
+    assert split.to_dict()["equal_pairs"] == 3

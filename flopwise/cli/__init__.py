@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -84,8 +85,28 @@ def describe_os_error(err: OSError) -> str:
     return f"{path}: {cause}: {fix}"
 
 
+# a token that can only be a negative number (no flag starts with a digit), as Python 3.13's argparse reads it
+_NEGATIVE_VALUE = re.compile(r"-\.?\d|-(inf|nan)", re.IGNORECASE)
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--budget -5s`` as ``--budget=-5s``: argparse before 3.13 takes a value such as ``-5s``, ``-1GiB`` or
+    ``-1e3`` for a flag and says only that --budget expected one argument; joined, the value reaches the check
+    that says what is wrong with it (a budget must be positive)."""
+    joined: list[str] = []
+    for token in argv:
+        previous = joined[-1] if joined else ""
+        if "--" in joined:  # after '--' every token is a positional argument
+            joined.append(token)
+        elif _NEGATIVE_VALUE.match(token) and previous.startswith("--") and "=" not in previous and previous != "--":
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     console = Console(soft_wrap=True)
     try:
         _, handler = COMMANDS[args.command]

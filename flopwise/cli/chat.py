@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from flopwise.cli.flags import add_checkpoint_flag, load_sampling_model
-from flopwise.errors import EXIT_INTERRUPTED
+from flopwise.cli.flags import add_checkpoint_flag, load_sampling_model, require_utf8
+from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
 
 if TYPE_CHECKING:
     from flopwise.posttrain.chat import ChatSession
@@ -52,6 +52,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 def cmd_chat(args: argparse.Namespace, console: Console) -> int:
     from flopwise.posttrain.chat import ChatSession, Sampling, require_chat_tokens
 
+    for flag in ("--system", "--prompt"):
+        value = getattr(args, flag.removeprefix("--"))
+        if value is not None:
+            require_utf8(value, flag)
     model, tokenizer, top_k = load_sampling_model(args)
     require_chat_tokens(tokenizer, args.run)
     sampling = Sampling(args.temperature, top_k, args.top_p, args.max_tokens, args.seed)
@@ -62,7 +66,10 @@ def cmd_chat(args: argparse.Namespace, console: Console) -> int:
 
 
 def _loop(session: ChatSession, console: Console) -> int:
-    """Read a message, stream the reply, until Ctrl-D, /exit or Ctrl-C at the prompt (a normal end: exit 0)."""
+    """Read a message, stream the reply, until Ctrl-D, /exit or Ctrl-C at the prompt (a normal end: exit 0).
+    A message that is not UTF-8 is not sent, and the chat goes on."""
+    if hasattr(sys.stdin, "reconfigure"):  # keep undecodable bytes to name them, as a UTF-8 locale's stdin does
+        sys.stdin.reconfigure(errors="surrogateescape")
     console.print(f"[dim]chatting with {session.model.num_parameters():,} parameters; Ctrl-C stops a reply, "
                   f"Ctrl-D or {EXIT} ends[/dim]")
     while True:
@@ -73,6 +80,11 @@ def _loop(session: ChatSession, console: Console) -> int:
             return 0
         if text == EXIT:
             return 0
+        try:
+            require_utf8(text, "your message")
+        except FlopwiseError as err:
+            print(f"flopwise: note: {err}; it was not sent", file=sys.stderr)
+            continue
         if text:
             sys.stdout.write(ANSWER)
             if not _answer(session, text):

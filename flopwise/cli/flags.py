@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flopwise.budget import Budget
+from flopwise.errors import FlopwiseError
 from flopwise.recipes import recipe_values
 
 if TYPE_CHECKING:  # the config imports the methods (and torch) on first use, not for --help
@@ -102,6 +103,18 @@ def load_sampling_model(args: argparse.Namespace) -> tuple[GPT, Tokenizer, int |
     check_sampling(args.max_tokens, args.temperature, top_k, args.top_p)
     model, tokenizer = load_run_model(args.run, choose_device(args.device), args.checkpoint)
     return model, tokenizer, top_k
+
+
+def require_utf8(text: str, what: str) -> str:
+    """``text`` as given, refused in one line when it holds bytes that are not UTF-8: Python keeps such bytes
+    of the command line and of stdin as lone surrogates, which no tokenizer can encode."""
+    raw = text.encode("utf-8", "surrogateescape")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise FlopwiseError(f"{what} is not UTF-8 text (byte {raw[error.start]:#04x} at position {error.start + 1}): "
+                            "give it in UTF-8, e.g. convert it with iconv -t UTF-8") from None
+    return text
 
 
 def _flag_value(args: argparse.Namespace, flag: str) -> Any:

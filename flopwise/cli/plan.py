@@ -95,7 +95,30 @@ def make_plan(config: RunConfig, profile: DeviceProfile | None = None, law: Plan
         throughput = ThroughputCache.for_config(config)
         speed = Speed(probe=throughput.step_seconds,
                       matmul_peak=measure_matmul_peak(throughput.device, throughput.dtype, throughput.cache_dir))
-    return plan_run(config, vocab, law or law_for(config, device), device, speed)
+    plan = plan_run(config, vocab, law or law_for(config, device), device, speed)
+    _check_spendable(config, plan, vocab, profile)
+    return plan
+
+
+def _check_spendable(config: RunConfig, plan: Plan, vocab_size: int, profile: DeviceProfile | None) -> None:
+    """Refuse the plan with the check `train` refuses its run with: a budget without a seconds limit that the
+    device could not spend in a year even at its best speed.  The device is the profile's, else the fastest one
+    flopwise has a profile for: a FLOP or token budget is planned here for any device, with no probe, so only a
+    budget that no device could spend (``--budget 1e40flops``) is refused."""
+    from flopwise.budget import check_spendable
+    from flopwise.model.flops import flops_per_token
+    from flopwise.plan.device_profile import PROFILES, profile_dtype
+    from flopwise.scaling.shapes import family_shape
+
+    if profile is not None:
+        peak, device = profile.peak_for(profile_dtype(config, profile)), profile.name
+    else:
+        fastest = max(PROFILES.values(), key=lambda shipped: max(shipped.peak_flops.values()))
+        peak = max(fastest.peak_flops.values())
+        device = f"{fastest.name}, the fastest device flopwise has a profile for"
+    tokens = plan.tokens_per_step
+    flops = flops_per_token(family_shape(config.model, plan.chosen.d_model, vocab_size)) * tokens
+    check_spendable(config.budget.build(), {"tokens": tokens, "flops": flops, "steps": 1}, peak, device)
 
 
 def print_plan(console: Console, plan: Plan) -> None:
@@ -141,8 +164,6 @@ def print_plan(console: Console, plan: Plan) -> None:
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    import json
-
     check_output("--out", args.out, folder=False)
     check_output("--pilots", args.pilots, folder=True)
     config = config_from_args(args)
@@ -160,7 +181,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
         write_json_atomic(args.out, plan.to_dict())
         console.print(f"written: {args.out}", highlight=False)
-    budget = args.budget or json.dumps(config.budget.model_dump(exclude_none=True))
+    budget = args.budget or config.budget.build().as_flag()
     console.print(f"run it: flopwise train --budget {budget} --auto" + (f" --law {args.law}" if args.law else ""),
                   highlight=False)
     return 0

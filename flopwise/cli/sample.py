@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from flopwise.cli.flags import add_checkpoint_flag, load_sampling_model
+from flopwise.cli.flags import add_checkpoint_flag, load_sampling_model, require_utf8
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -33,6 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def cmd_sample(args: argparse.Namespace, console: Console) -> int:
     from flopwise.evaluate.sampling import stream_sample
 
+    require_utf8(args.prompt, "--prompt")
     model, tokenizer, top_k = load_sampling_model(args)
     sys.stdout.write(args.prompt)
     for piece in stream_sample(model, tokenizer, args.prompt, args.max_tokens, args.temperature,

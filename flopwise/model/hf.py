@@ -235,8 +235,12 @@ def resolve_hf_source(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
-    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
-        raise FlopwiseError(f"--init-from '{spec}' is neither a folder nor a hub id like 'org/name'")
+    if path.exists():
+        raise FlopwiseError(f"--init-from '{spec}' is a file: give a run folder or a Hugging Face model folder")
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")) or path.parent.is_dir():
+        # 'runs/missing' reads as a hub id too, but its first part is a folder here: a mistyped path
+        raise FlopwiseError(f"--init-from '{spec}': no such folder: check the path (a run folder, a Hugging Face "
+                            "model folder, or a hub id like 'org/name')")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -246,5 +250,6 @@ def resolve_hf_source(spec: str) -> Path:
         return Path(snapshot_download(spec, allow_patterns=_HUB_FILES))
     except Exception as error:  # hub errors have many types (offline, missing repo, auth)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FlopwiseError(f"--init-from '{spec}': cannot get it from the Hugging Face hub or its cache "
-                            f"({first_line}): download it first or pass a local folder") from None
+        raise FlopwiseError(f"--init-from '{spec}' is no folder here, and as a hub id neither the Hugging Face "
+                            f"hub nor its cache has it ({first_line}): check the path, or download the model "
+                            "first") from None

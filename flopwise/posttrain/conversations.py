@@ -127,6 +127,9 @@ def read_preferences(path: Path) -> list[PreferencePair]:
     if not pairs:
         raise FlopwiseError(f"preferences file '{path}' has no preference pairs: write one JSON object per line "
                             "with 'prompt', 'chosen' and 'rejected'")
+    if all(pair.chosen == pair.rejected for pair in pairs):
+        raise FlopwiseError(f"preferences file '{path}': all {len(pairs)} pairs have the same chosen and rejected "
+                            "reply, so DPO has no preference to learn: give pairs whose replies differ")
     return pairs
 
 

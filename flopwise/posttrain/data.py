@@ -38,19 +38,22 @@ class Split:
     sources: list[str]
     train_stats: PrepareStats
     heldout_stats: PrepareStats
+    equal: int = 0  # preference pairs left out because their two replies are the same
 
     def describe(self, kind: str, seq_len: int) -> str:
         """One line for the run's start: counts, sources and what the window cut."""
         cut = self.train_stats.truncated + self.heldout_stats.truncated
         dropped = self.train_stats.dropped + self.heldout_stats.dropped
+        equal = f"; {self.equal} left out (the same chosen and rejected reply)" if self.equal else ""
         return (f"data: {len(self.train):,} training and {len(self.heldout):,} held-out {kind} from "
                 f"{len(self.sources)} source(s); {cut} truncated to the {seq_len}-token window, {dropped} dropped "
-                "(no reply within it)")
+                f"(no reply within it){equal}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"train": len(self.train), "heldout": len(self.heldout), "sources": self.sources,
                 "train_truncated": self.train_stats.truncated, "train_dropped": self.train_stats.dropped,
-                "heldout_truncated": self.heldout_stats.truncated, "heldout_dropped": self.heldout_stats.dropped}
+                "heldout_truncated": self.heldout_stats.truncated, "heldout_dropped": self.heldout_stats.dropped,
+                "equal_pairs": self.equal}
 
 
 def source_name(source: str) -> str:
@@ -79,6 +82,15 @@ def dpo_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, see
     """The preference pairs of ``section.data`` (or the built-in ones), rendered and cut to ``seq_len``."""
     train, heldout = _records(section, seed, read_preferences, builtin_preferences)
     sources = _sources(train + heldout)
+    # a pair with the same reply on both sides has no gradient (its margin is 0 whatever the weights): it would only
+    # dilute the batches and count as a miss in the held-out accuracy
+    equal = sum(pair.chosen == pair.rejected for pair in train + heldout)
+    train, heldout = ([pair for pair in part if pair.chosen != pair.rejected] for part in (train, heldout))
+    for part, kept in (("training", train), ("held-out", heldout)):
+        if not kept:
+            raise FlopwiseError(f"every {part} preference pair has the same chosen and rejected reply ({equal} such "
+                                "pairs in all), so DPO has nothing to learn or measure: give pairs whose replies "
+                                "differ")
 
     def rendered(pairs: list[PreferencePair]) -> tuple[list[RenderedPair], PrepareStats]:
         return prepare_pairs([render_pair(tokenizer, pair, sources.index(source_name(pair.source)))
@@ -86,7 +98,7 @@ def dpo_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, see
 
     (train_pairs, train_stats), (heldout_pairs, heldout_stats) = rendered(train), rendered(heldout)
     _require_fitting(train_pairs, heldout_pairs, "preference pair", "a reply token on both sides", seq_len)
-    return Split(train_pairs, heldout_pairs, sources, train_stats, heldout_stats)
+    return Split(train_pairs, heldout_pairs, sources, train_stats, heldout_stats, equal)
 
 
 def _require_fitting(train: Sequence[object], heldout: Sequence[object], record: str, target: str,

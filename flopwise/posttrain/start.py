@@ -65,8 +65,11 @@ def _source(spec: str, seq_len: int | None) -> tuple[ModelConfig, Tokenizer, Pat
         folder = final
     else:
         folder = resolve_hf_source(spec)
-        tokenizer = Tokenizer.load(folder)
+        if not (folder / "config.json").is_file():  # read before the tokenizer, whose absence says less
+            raise FlopwiseError(f"--init-from '{spec}' is neither a flopwise run folder (no config.toml) nor a "
+                                "Hugging Face model folder (no config.json): give a finished run or a model folder")
         cfg = model_config_from_hf(read_hf_config(folder), folder, seq_len or NAMED_SIZES["small"]["seq_len"])
+        tokenizer = Tokenizer.load(folder)
     return cfg, tokenizer, folder
 
 
