@@ -108,6 +108,32 @@ def test_stacking_copies_weights_buffers_and_optimizer_state_block_by_block():
                 assert optimizer.state[b][key] is not value  # a copy: the two blocks now train apart
 
 
+@pytest.mark.parametrize("preserving", [True, False])
+def test_function_preserving_growth_keeps_the_loss_and_trains_the_copies(preserving):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, d_model=16, n_layers=4, n_heads=2, seq_len=8))
+    model.depth = 2
+    optimizer = build_optimizer(model, load_config(None, []).optim, torch.device("cpu"))
+    x = torch.randint(0, 50, (2, 9))
+    for _ in range(3):
+        model(x[:, :-1], x[:, 1:])[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        before = model(x[:, :-1], x[:, 1:])[1]
+    stack_blocks(model, optimizer, 4, function_preserving=preserving)
+    with torch.no_grad():
+        after = model(x[:, :-1], x[:, 1:])[1]
+    assert torch.equal(before, after) is preserving  # each copy adds nothing to the residual stream yet
+    zeroed = [(name, p) for block in model.layers[2:] for name, p in block.named_parameters()
+              if name.endswith(("o_proj.weight", "down_proj.weight"))]
+    assert len(zeroed) == 4 and all((not p.any()) is preserving for _, p in zeroed)
+    assert all((p not in optimizer.state) is preserving for _, p in zeroed)  # fresh state, not the source's
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    optimizer.step()
+    assert all(p.any() for _, p in zeroed)  # the copies' output projections leave zero at once
+
+
 @pytest.mark.slow
 def test_growth_meters_each_side_exactly_and_exports_the_grown_model(tmp_path, text_folder):
     run = tmp_path / "grow"

@@ -13,6 +13,12 @@ Optimizer state is stacked with the weights: each copy starts with its source bl
 AdamW moments and step count (8-bit codes, GaLore projections and bf16 compensation alike), so it
 continues the update its weights were following instead of restarting Adam's bias correction from
 zero for half the model.
+
+With ``function_preserving`` the copies' output projections (attention's o_proj and the MLP's down_proj) start
+at zero with fresh optimizer state, so each copy starts as the identity on the residual stream and the loss is
+continuous at the growth (the zero-init idea of Net2Net and of the modded-nanoGPT speedrun's blocks); the copies'
+other weights then learn as soon as their output projections leave zero.  G_stack's plain copy instead changes
+the function at the growth and needs steps after it to recover: bench/progressive.py measures both.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class GrowDepthConfig(MethodConfig):
 
     factor: int = 2
     at: float = 0.75  # measured: bench/RESULTS.md#progressive-training
+    function_preserving: bool = False  # measured: bench/RESULTS.md#growth-that-keeps-the-function
 
     _factor = in_range("factor", low=2)
     _at = in_range("at", low=0, high=1, above=True, below=True)
@@ -52,7 +59,7 @@ class GrowDepth(Method):
 
     def __init__(self, config: GrowDepthConfig, seed: int = 0) -> None:
         super().__init__(config, seed)
-        self.factor, self.at = config.factor, config.at
+        self.factor, self.at, self.function_preserving = config.factor, config.at, config.function_preserving
         self.model: nn.Module | None = None
 
     @classmethod
@@ -79,7 +86,7 @@ class GrowDepth(Method):
 
     def reshape(self, shape: StepShape, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if shape.n_layers > model.depth:
-            stack_blocks(model, optimizer, shape.n_layers)
+            stack_blocks(model, optimizer, shape.n_layers, self.function_preserving)
 
     def log_fields(self) -> dict[str, Any]:
         return {"depth": self.model.depth}
@@ -91,15 +98,30 @@ class GrowDepth(Method):
         self.model.depth = int(state["depth"])
 
 
+OUTPUT_PROJECTIONS = {"o_proj", "down_proj"}  # a block's projections onto the residual stream
+
+
+def is_output_projection(name: str) -> bool:
+    """A parameter of a block's output projection (all of them, also a sparse or low-rank one's): at zero, the
+    projection adds nothing to the residual stream."""
+    return not OUTPUT_PROJECTIONS.isdisjoint(name.split("."))
+
+
 @torch.no_grad()
-def stack_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, depth: int) -> None:
+def stack_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, depth: int,
+                 function_preserving: bool = False) -> None:
     """Copy the ``model.depth`` trained blocks, weights, buffers and optimizer state, into blocks
-    depth..``depth``-1 in order (block i into i + m, i + 2m, ...), and run all ``depth`` from now on."""
+    depth..``depth``-1 in order (block i into i + m, i + 2m, ...), and run all ``depth`` from now on;
+    ``function_preserving``: the copies' output projections start at zero, with no optimizer state."""
     trained = model.depth
     for target in range(trained, depth):
         source = model.layers[target % trained]
         for (name, from_param), (_, to_param) in zip(source.named_parameters(),
                                                       model.layers[target].named_parameters()):
+            if function_preserving and is_output_projection(name):
+                to_param.zero_()
+                optimizer.state.pop(to_param, None)
+                continue
             to_param.copy_(from_param)
             if from_param in optimizer.state:
                 optimizer.state[to_param] = {key: value.clone() if isinstance(value, torch.Tensor)
