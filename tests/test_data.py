@@ -280,7 +280,8 @@ def test_a_damaged_cache_entry_is_refused_or_rebuilt_in_one_line(damage, problem
     tokenizer = CountingTokenizer()
     rebuilt = build_corpus(docs, tokenizer, tmp_path, key="k", val_fraction=0.1, min_units=10)
     warning = capsys.readouterr().err.strip().splitlines()
-    assert len(warning) == 1 and warning[0].startswith(f"flopwise: warning: token cache '{entry}' is damaged ({problem}")
+    assert len(warning) == 1
+    assert warning[0].startswith(f"flopwise: warning: token cache '{entry}' is damaged ({problem}")
     assert warning[0].endswith("): rebuilding it from the data")
     assert tokenizer.calls > 0 and not rebuilt.cache_hit
     for name, array in arrays.items():
