@@ -72,6 +72,7 @@ def test_a_run_interrupted_before_its_first_checkpoint_resumes_from_step_0(tmp_p
     ("flip", "model.safetensors does not match its checksum"),
     ("truncate", "optimizer.safetensors is truncated"),
     ("state", "state.json is unreadable"),
+    ("unverified", "no manifest.json, so it cannot be verified"),  # and its optimizer state truncated, unseen
 ])
 def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(damage, problem, tmp_path, text_folder,
                                                                     reference, capsys):
@@ -84,8 +85,12 @@ def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(damage, prob
     elif damage == "truncate":
         data = (latest / "optimizer.safetensors").read_bytes()
         (latest / "optimizer.safetensors").write_bytes(data[: len(data) // 3])
-    else:
+    elif damage == "state":
         (latest / "state.json").write_text('{"step": 30, "loop"')
+    else:
+        (latest / "manifest.json").unlink()
+        data = (latest / "optimizer.safetensors").read_bytes()
+        (latest / "optimizer.safetensors").write_bytes(data[: len(data) // 3])
     capsys.readouterr()
     assert train("--resume", str(run)) == 0
     out = capsys.readouterr().out
