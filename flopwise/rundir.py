@@ -44,7 +44,12 @@ def planned_model_config(run_dir: Path) -> ModelConfig:
     plan = run_dir / PLAN_FILE
     if not plan.is_file():
         raise FlopwiseError(f"run folder '{run_dir}' has no {PLAN_FILE}: it was never started, so start a new run")
-    return ModelConfig.from_dict(json.loads(plan.read_text(encoding="utf-8"))["model"])
+    try:
+        return ModelConfig.from_dict(json.loads(plan.read_text(encoding="utf-8"))["model"])
+    except (ValueError, KeyError, TypeError, FlopwiseError) as err:  # not UTF-8, not JSON, no or a wrong shape
+        cause = f"no {err} key" if isinstance(err, KeyError) else (str(err).splitlines() or [repr(err)])[0]
+        raise FlopwiseError(f"'{plan}' is damaged ({cause}): it holds the model shape the run's checkpoints were saved "
+                            "with, so restore it from a copy of the run folder, or start a new run") from None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
