@@ -274,14 +274,14 @@ def test_a_damaged_cache_entry_is_refused_or_rebuilt_in_one_line(damage, problem
     damage(entry)
     with pytest.raises(FlopwiseError) as refused:
         TokenCorpus.load(entry)
-    assert str(refused.value).startswith(f"token cache '{entry}' is damaged ({problem}")
+    assert str(refused.value).startswith(f"token cache '{entry}' is not intact ({problem}")
     assert str(refused.value).endswith("): delete it and run again to rebuild it from the data")
     capsys.readouterr()
     tokenizer = CountingTokenizer()
     rebuilt = build_corpus(docs, tokenizer, tmp_path, key="k", val_fraction=0.1, min_units=10)
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1
-    assert warning[0].startswith(f"flopwise: warning: token cache '{entry}' is damaged ({problem}")
+    assert warning[0].startswith(f"flopwise: warning: token cache '{entry}' is not intact ({problem}")
     assert warning[0].endswith("): rebuilding it from the data")
     assert tokenizer.calls > 0 and not rebuilt.cache_hit
     for name, array in arrays.items():

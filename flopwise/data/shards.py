@@ -81,7 +81,7 @@ class TokenCorpus:
             raise FlopwiseError(f"'{path}' is not a complete token cache: delete it and run again to rebuild")
         damage = cache_problem(path)
         if damage is not None:
-            raise FlopwiseError(f"token cache '{path}' is damaged ({damage}): delete it and run again to rebuild it "
+            raise FlopwiseError(f"token cache '{path}' is not intact ({damage}): delete it and run again to rebuild it "
                                 "from the data")
         return cls(path, cache_hit)
 
@@ -134,7 +134,7 @@ def build_corpus(documents: Iterable[Document], tokenizer: Tokenizer, cache_root
         damage = cache_problem(target)
         if damage is None:
             return TokenCorpus(target, cache_hit=True)  # verified just now: not twice
-        _warn(f"token cache '{target}' is damaged ({damage}): rebuilding it from the data")
+        _warn(f"token cache '{target}' is not intact ({damage}): rebuilding it from the data")
     documents = list(documents)
     if not any(document.text for document in documents):
         raise FlopwiseError("the data sources hold no text to train on: pass files or folders with text in them")
