@@ -201,6 +201,15 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+class DamagedWeights(FlopwiseError):
+    """A weights file that safetensors cannot read; its reader, who knows where the file came from, may say
+    how to get it whole again (the message's own advice suits a downloaded folder)."""
+
+    def __init__(self, path: Path, cause: str) -> None:
+        super().__init__(f"'{path}' is damaged ({cause}): copy or download the model folder again")
+        self.path, self.cause = path, cause
+
+
 def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a single or sharded safetensors checkpoint (never a pickle-based .bin)."""
     index = folder / WEIGHTS_INDEX
@@ -219,15 +228,6 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         except SafetensorError as err:  # its header does not cover the file: truncated, or not safetensors at all
             raise DamagedWeights(folder / file, str(err).removeprefix("Error while deserializing header: ")) from None
     return tensors
-
-
-class DamagedWeights(FlopwiseError):
-    """A weights file that safetensors cannot read; its reader, who knows where the file came from, may say
-    how to get it whole again (the message's own advice suits a downloaded folder)."""
-
-    def __init__(self, path: Path, cause: str) -> None:
-        super().__init__(f"'{path}' is damaged ({cause}): copy or download the model folder again")
-        self.path, self.cause = path, cause
 
 
 def load_weights_into(model: GPT, folder: Path, as_stored: bool = False) -> None:
