@@ -44,17 +44,36 @@ def planned_model_config(run_dir: Path) -> ModelConfig:
     plan = run_dir / PLAN_FILE
     if not plan.is_file():
         raise FlopwiseError(f"run folder '{run_dir}' has no {PLAN_FILE}: it was never started, so start a new run")
-    return ModelConfig.from_dict(json.loads(plan.read_text(encoding="utf-8"))["model"])
+    try:
+        return ModelConfig.from_dict(json.loads(plan.read_text(encoding="utf-8"))["model"])
+    except (ValueError, KeyError, TypeError, FlopwiseError) as err:  # not UTF-8, not JSON, no or a wrong shape
+        cause = f"no {err} key" if isinstance(err, KeyError) else (str(err).splitlines() or [repr(err)])[0]
+        raise FlopwiseError(f"'{plan}' is damaged ({cause}): it holds the model shape the run's checkpoints were saved "
+                            "with, so restore it from a copy of the run folder, or start a new run") from None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All complete events of a ``metrics.jsonl``; a line cut short by a crash is ignored."""
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
+    """All complete events of a ``metrics.jsonl``.  A last line cut short (no newline after it: a crash mid-write,
+    or a live run's next event) is left out without a word, as expected; any other line that is not a JSON
+    object in UTF-8 (a damaged file) is left out too, named in one warning line on stderr, so that one bad
+    line costs that event, not the run's whole record."""
+    lines = path.read_bytes().split(b"\n")
+    events, damaged = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
+        try:
+            event = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
+            event = None
+        if isinstance(event, dict):
+            events.append(event)
+        elif number < len(lines):  # followed by a newline: written whole, damaged since
+            damaged.append(number)
+    if damaged:
+        shown = ", ".join(map(str, damaged[:3])) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        print(f"flopwise: warning: '{path}' line{'s' if len(damaged) > 1 else ''} {shown}: not a JSON event in UTF-8 "
+              "(the file is damaged): skipped", file=sys.stderr)
     return events
 
 

@@ -370,3 +370,47 @@ def test_bad_input(argv, fragment, setup, usage, tmp_path, monkeypatch, capsys, 
                              "gone": sorted(k for k in before if k not in after)}
     for path, existed in outputs.items():
         assert path.exists() == existed, f"{path} was {'removed' if existed else 'left behind'}"
+
+
+def _truncated_final_weights(run: Path) -> str:
+    weights = run / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return (f"'{weights}' is damaged (incomplete metadata, file not fully covered): use --checkpoint for the run's "
+            f"newest checkpoint, or delete {run / 'final'} and run flopwise train --resume {run} to train its last "
+            "steps again and write it")
+
+
+def _unparsable_plan(run: Path) -> str:
+    (run / "plan.json").write_text('{"model": {"d_model": 64,', encoding="utf-8")
+    return f"'{run / 'plan.json'}' is damaged (Expecting property name enclosed in double quotes: line 1 column 26"
+
+
+def _undecodable_plan(run: Path) -> str:
+    (run / "plan.json").write_bytes(b'{"model": "\xff"}')
+    return f"'{run / 'plan.json'}' is damaged ('utf-8' codec can't decode byte 0xff in position 11"
+
+
+def _plan_without_model(run: Path) -> str:
+    (run / "plan.json").write_text('{"flops_per_token": 1}', encoding="utf-8")
+    return (f"'{run / 'plan.json'}' is damaged (no 'model' key): it holds the model shape the run's checkpoints were "
+            "saved with, so restore it from a copy of the run folder, or start a new run")
+
+
+@pytest.mark.parametrize("source, damage, argv", [
+    ("run", _truncated_final_weights, ["eval", "{run}"]),
+    ("run", _truncated_final_weights, ["sample", "{run}", "--max-tokens", "4"]),
+    ("run", _truncated_final_weights, ["chat", "{run}", "--prompt", "hello"]),
+    ("unfinished", _unparsable_plan, ["train", "--resume", "{run}"]),
+    ("unfinished", _undecodable_plan, ["train", "--resume", "{run}"]),
+    ("unfinished", _plan_without_model, ["eval", "{run}", "--checkpoint"]),
+], ids=["final-eval", "final-sample", "final-chat", "plan-json", "plan-utf8", "plan-no-model"])
+def test_a_damaged_run_file_is_one_line_naming_it_and_the_fix(source, damage, argv, runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs / source, run)
+    expected = damage(run)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main([arg.replace("{run}", str(run)) for arg in argv]) == 2
+    _, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith(f"flopwise: error: {expected}"), err
+    assert snapshot(run) == before  # a refused command changes nothing in the run

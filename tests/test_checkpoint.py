@@ -68,3 +68,22 @@ def test_keep_last_k_but_never_the_pinned_one(tmp_path):
     kept = ckpt.list_checkpoints(tmp_path)
     assert [info.step for info in kept] == [2, 5, 6]
     assert [info.pinned for info in kept] == [True, False, False]
+
+
+def test_a_checkpoint_without_its_manifest_is_skipped_for_the_newest_intact_one(tmp_path):
+    """Every checkpoint flopwise writes has a manifest: one without it is unverified, so treated as damaged,
+    even where its other files were damaged too (safetensors would fail on them mid-load)."""
+    model, optimizer = make()
+    step(model, optimizer, 0)
+    ckpt.save_checkpoint(tmp_path, 1, model, optimizer, {}, keep=3)
+    newest = ckpt.save_checkpoint(tmp_path, 2, model, optimizer, {}, keep=3)
+    (newest / "manifest.json").unlink()
+    optimizer_file = newest / "optimizer.safetensors"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
+    said = []
+    chosen = ckpt.newest_intact(tmp_path.parent, ckpt.list_checkpoints(tmp_path), said.append)
+    assert chosen.step == 1
+    assert said == [f"checkpoint '{newest}' is corrupt (no manifest.json, so it cannot be verified): skipping it"]
+    fresh, fresh_opt = make(seed=1)
+    ckpt.load_checkpoint(chosen, fresh, fresh_opt)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))

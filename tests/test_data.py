@@ -246,6 +246,83 @@ def test_interrupted_build_leaves_no_loadable_entry(tmp_path):
     assert not stale.exists() and recent.exists()  # a recent one may belong to a running build
 
 
+def _truncate(path, keep):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _zero_fill(path):  # same size, a later write
+    stat = path.stat()
+    path.write_bytes(bytes(stat.st_size))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse clock may not have ticked
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda entry: _truncate(entry / "train.bin", 1000), "train.bin is truncated (1,000 of "),
+    (lambda entry: _truncate(entry / "train.bin", 0), "train.bin is truncated (0 of "),
+    (lambda entry: _zero_fill(entry / "train.bin"), "train.bin does not match its checksum"),
+    (lambda entry: _truncate(entry / "val.bin", 10), "val.bin is truncated (10 of "),
+    (lambda entry: _zero_fill(entry / "meta.json"), "meta.json does not match its checksum"),
+    (lambda entry: (entry / "train_docs.npy").unlink(), "train_docs.npy is missing"),
+    (lambda entry: (entry / "manifest.json").write_text("{"), "manifest.json is unreadable"),
+    (lambda entry: (entry / "manifest.json").unlink(), "no manifest.json, so it cannot be verified"),  # an old entry
+])
+def test_a_damaged_cache_entry_is_refused_or_rebuilt_in_one_line(damage, problem, tmp_path, capsys):
+    docs = many_documents(300)
+    built = build_corpus(docs, byte_tokenizer(), tmp_path, key="k", val_fraction=0.1, min_units=10)
+    arrays = {name: np.array(getattr(built, name)) for name in ("train_tokens", "val_tokens", "train_docs", "val_docs")}
+    entry = tmp_path / "k"
+    damage(entry)
+    with pytest.raises(FlopwiseError) as refused:
+        TokenCorpus.load(entry)
+    assert str(refused.value).startswith(f"token cache '{entry}' is not intact ({problem}")
+    assert str(refused.value).endswith("): delete it and run again to rebuild it from the data")
+    capsys.readouterr()
+    tokenizer = CountingTokenizer()
+    rebuilt = build_corpus(docs, tokenizer, tmp_path, key="k", val_fraction=0.1, min_units=10)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1
+    assert warning[0].startswith(f"flopwise: warning: token cache '{entry}' is not intact ({problem}")
+    assert warning[0].endswith("): rebuilding it from the data")
+    assert tokenizer.calls > 0 and not rebuilt.cache_hit
+    for name, array in arrays.items():
+        assert np.array_equal(getattr(rebuilt, name), array)
+    assert build_corpus(docs, tokenizer, tmp_path, key="k", val_fraction=0.1, min_units=10).cache_hit
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["k"]  # the damaged entry is gone
+
+
+def test_an_untouched_entry_is_opened_without_hashing_and_a_copied_one_is_hashed(tmp_path, monkeypatch):
+    """Opening checks sizes always but hashes only files written since the build: a many-GB cache costs a stat
+    per file, a copy (new modification times, same bytes) is hashed and used."""
+    from flopwise import manifest
+
+    docs = many_documents(300)
+    build_corpus(docs, byte_tokenizer(), tmp_path, key="k", val_fraction=0.1, min_units=10)
+    hashed = []
+    real_sha256 = manifest.sha256
+    monkeypatch.setattr(manifest, "sha256", lambda path: hashed.append(path.name) or real_sha256(path))
+    assert build_corpus(docs, byte_tokenizer(), tmp_path, key="k").cache_hit and hashed == []
+    for path in (tmp_path / "k").iterdir():
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert build_corpus(docs, byte_tokenizer(), tmp_path, key="k").cache_hit
+    assert sorted(hashed) == ["meta.json", "train.bin", "train_docs.npy", "val.bin", "val_docs.npy"]
+
+
+def test_cache_files_reach_the_disk_before_the_entry_is_renamed_into_place(tmp_path, monkeypatch):
+    from flopwise.data import shards
+
+    events = []
+    real_replace = os.replace
+    monkeypatch.setattr(shards, "fsync", lambda path: events.append(("fsync", path.name)))
+    monkeypatch.setattr(shards.os, "replace", lambda src, dst: events.append(("rename", src.name, dst.name))
+                        or real_replace(src, dst))
+    build_corpus(many_documents(), byte_tokenizer(), tmp_path, key="k", val_fraction=0.1, min_units=10)
+    rename = next(index for index, event in enumerate(events) if event[0] == "rename")
+    tmp_name = events[rename][1]
+    assert events[rename][2] == "k" and tmp_name.startswith(".tmp-k-")
+    assert {name for _, name in events[:rename]} == {*shards.FILES, tmp_name}  # each file, then the folder
+    assert events[rename + 1:] == [("fsync", tmp_path.name)]  # then the rename itself
+
+
 def test_no_text_is_an_error(tmp_path):
     with pytest.raises(FlopwiseError, match="no text"):
         build_corpus([], byte_tokenizer(), tmp_path, key="empty")

@@ -184,3 +184,15 @@ def test_init_from_refuses_pickles_and_shape_overrides(tmp_path, text_folder, ca
     assert main(["train", "--init-from", str(source), "--data", str(text_folder), "--budget", "2steps",
                  "--out", str(tmp_path / "r")]) == 2
     assert "never pickled .bin files" in capsys.readouterr().err
+
+
+def test_init_from_a_truncated_weights_file_is_one_line(tmp_path, text_folder, capsys):
+    source = llama_folder(tmp_path / "m")
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(["train", "--init-from", str(source), "--data", str(text_folder), "--budget", "2steps",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == (f"flopwise: error: '{weights}' is damaged (incomplete metadata, file not fully "
+                                       "covered): copy or download the model folder again\n")
+    assert not (tmp_path / "r").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,7 @@ def test_a_run_interrupted_before_its_first_checkpoint_resumes_from_step_0(tmp_p
     ("flip", "model.safetensors does not match its checksum"),
     ("truncate", "optimizer.safetensors is truncated"),
     ("state", "state.json is unreadable"),
+    ("unverified", "no manifest.json, so it cannot be verified"),  # and its optimizer state truncated, unseen
 ])
 def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(damage, problem, tmp_path, text_folder,
                                                                     reference, capsys):
@@ -84,14 +86,31 @@ def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(damage, prob
     elif damage == "truncate":
         data = (latest / "optimizer.safetensors").read_bytes()
         (latest / "optimizer.safetensors").write_bytes(data[: len(data) // 3])
-    else:
+    elif damage == "state":
         (latest / "state.json").write_text('{"step": 30, "loop"')
+    else:
+        (latest / "manifest.json").unlink()
+        data = (latest / "optimizer.safetensors").read_bytes()
+        (latest / "optimizer.safetensors").write_bytes(data[: len(data) // 3])
     capsys.readouterr()
     assert train("--resume", str(run)) == 0
     out = capsys.readouterr().out
     assert f"checkpoint '{latest}' is corrupt ({problem}" in out and "skipping it" in out
     assert losses(run) == losses(reference)  # resumed from the older checkpoint, exactly
     assert (run / "final/model.safetensors").read_bytes() == (reference / "final/model.safetensors").read_bytes()
+
+
+def test_resume_past_a_damaged_line_of_metrics_jsonl_drops_it_saying_so(tmp_path, text_folder, reference, capsys):
+    run = stopped_run(tmp_path, text_folder)
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    metrics.write_bytes(b"".join([*lines[:2], b"\xff\xfe not an event\n", *lines[2:]]))
+    capsys.readouterr()
+    assert train("--resume", str(run)) == 0
+    err = capsys.readouterr().err
+    assert f"flopwise: warning: '{metrics}' line 3: not a JSON event in UTF-8 (the file is damaged): skipped" in err
+    assert losses(run) == losses(reference)
+    assert b"\xff" not in metrics.read_bytes()  # rewritten whole on resume, without it
 
 
 def test_readers_skip_a_corrupt_checkpoint_and_no_intact_one_is_one_line(tmp_path, text_folder, capsys):
@@ -267,6 +286,34 @@ def test_a_failure_while_tokenizing_into_the_cache_leaves_no_partial_entry_and_n
     assert message in one_error_line(capsys)
     assert not run.exists() and not list(cache.rglob(".tmp-*"))
     assert train(*TINY, "--data", str(data), "--budget", "3steps", "--out", str(run)) == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "zeros"])
+def test_a_damaged_token_cache_is_rebuilt_saying_so_and_trains_as_the_intact_one(damage, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The probe's cases: a cached train.bin cut short, cut to nothing, or overwritten with zeros at its size
+    was trained on as it was (or crashed): now named in one line and rebuilt, and the run is the intact one's."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("a document that only this test tokenizes, about damaged caches\n" * 300)
+    monkeypatch.setenv("FLOPWISE_CACHE", str(tmp_path / "cache"))
+    command = [*TINY, "--data", str(data), "--budget", "3steps"]
+    assert train(*command, "--out", str(tmp_path / "intact")) == 0
+    (entry,) = (tmp_path / "cache" / "corpus").iterdir()
+    tokens = entry / "train.bin"
+    size = tokens.stat().st_size
+    tokens.write_bytes({"truncate": tokens.read_bytes()[:500], "empty": b"", "zeros": bytes(size)}[damage])
+    if damage == "zeros":  # a later write: a coarse clock may not have ticked since the build
+        os.utime(tokens, ns=(tokens.stat().st_atime_ns, tokens.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert train(*command, "--out", str(tmp_path / "rebuilt")) == 0
+    out, err = capsys.readouterr()
+    problem = {"truncate": f"train.bin is truncated (500 of {size:,} bytes)",
+               "empty": f"train.bin is truncated (0 of {size:,} bytes)",
+               "zeros": "train.bin does not match its checksum"}[damage]
+    assert f"flopwise: warning: token cache '{entry}' is not intact ({problem}): rebuilding it from the data" in err
+    assert "(tokenized, " in out
+    assert losses(tmp_path / "rebuilt") == losses(tmp_path / "intact")
 
 
 def test_a_failed_new_run_removes_only_what_it_created(tmp_path):

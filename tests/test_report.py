@@ -22,6 +22,7 @@ from flopwise.report import HTML_FILE, JSON_FILE, write_report
 from flopwise.report.plots import build_figures
 from flopwise.report.runs import load_runs
 from flopwise.report.table import final_table
+from flopwise.rundir import read_metrics
 from tests.helpers import TINY
 
 # plot name -> (events, x field, y field, x scale): written out here, not taken from flopwise.report.series
@@ -226,6 +227,37 @@ def test_folders_that_are_not_runs_name_the_folder_and_write_nothing(runs, tmp_p
         assert not out.exists()
     with pytest.raises(FlopwiseError, match="no run folders"):
         write_report([], out)
+
+
+def test_read_metrics_skips_damaged_lines_naming_them_and_a_cut_last_line_quietly(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"event": "train", "step": 1}\n'
+                     b'\xff\xfe{"event": "train", "step": 2}\n'  # not UTF-8
+                     b'{"event": "train", "st\n'  # broken JSON
+                     b'\n'  # an empty line is no event, and no damage
+                     b'[1, 2]\n'  # JSON, but no event
+                     b'{"event": "eval", "step": 3}\n'
+                     b'{"event": "train", "step": 4, "lo')  # cut short by a crash: expected
+    assert read_metrics(path) == [{"event": "train", "step": 1}, {"event": "eval", "step": 3}]
+    assert capsys.readouterr().err == (f"flopwise: warning: '{path}' lines 2, 3, 5: not a JSON event in UTF-8 "
+                                       "(the file is damaged): skipped\n")
+    path.write_bytes(b"\n".join([b"\xff"] * 5) + b"\n")
+    assert read_metrics(path) == []
+    assert "lines 1, 2, 3 and 2 more: not a JSON event" in capsys.readouterr().err
+    path.write_bytes(b'{"event": "train", "step": 1}\n{"event": "tr')
+    assert read_metrics(path) == [{"event": "train", "step": 1}] and capsys.readouterr().err == ""
+
+
+def test_report_reads_a_metrics_file_with_a_damaged_line(runs, tmp_path, capsys):
+    damaged = copy_run(runs[0], tmp_path / "damaged")
+    lines = (damaged / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (damaged / "metrics.jsonl").write_bytes(b"".join([*lines[:2], b"\xff\xfe\x00 garbage\n", *lines[2:]]))
+    capsys.readouterr()
+    assert main(["report", str(damaged), "--out", str(tmp_path / "out")]) == 0
+    assert (f"flopwise: warning: '{damaged / 'metrics.jsonl'}' line 3: not a JSON event in UTF-8"
+            in capsys.readouterr().err)
+    loaded = load_runs([damaged])[0]
+    assert loaded.trains == events(runs[0], "train") and loaded.evals == events(runs[0], "eval")
 
 
 def browser_missing(reason: str) -> None:

@@ -2,8 +2,14 @@
 
 A cache entry is the folder ``cache_root/<key>`` holding ``train.bin``/``val.bin`` (raw
 uint16 or uint32 tokens), ``train_docs.npy``/``val_docs.npy`` (rows of start offset, length
-including the end-of-text token, domain id) and ``meta.json``.  It is written under a temporary
-name and renamed when complete, so an interrupted build never leaves an entry that loads.
+including the end-of-text token, domain id), ``meta.json`` and ``manifest.json``.  It is written under a
+temporary name, fsynced and renamed when complete, so an interrupted build never leaves an entry that loads.
+
+The manifest records each file's size, SHA-256 and modification time.  Every open checks the sizes (a stat);
+a file whose modification time changed since the build (overwritten, or copied without its times) is also
+hashed.  An untouched entry is not re-hashed: the token files are memory-mapped and may be many GB, and
+reading them whole at every start would cost more than the run reads of them.  A damaged entry is rebuilt
+from the data when the data is at hand (``build_corpus``) and refused in one line otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,13 +28,16 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from flopwise.atomic import fsync, json_text
 from flopwise.data.sources import Document
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.filelock import held
+from flopwise.manifest import MANIFEST_FILE, Checksums, files_record, problem
 
 SPLITS = ("train", "val")
-FILES = ("meta.json", *(f"{split}{suffix}" for split in SPLITS for suffix in (".bin", "_docs.npy")))
+DATA_FILES = ("meta.json", *(f"{split}{suffix}" for split in SPLITS for suffix in (".bin", "_docs.npy")))
+FILES = (*DATA_FILES, MANIFEST_FILE)
 TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 24 * 3600  # an older temporary folder belongs to a build that died
 BATCH_DOCS = 1000
@@ -65,9 +75,14 @@ class TokenCorpus:
 
     @classmethod
     def load(cls, path: str | Path, *, cache_hit: bool = True) -> TokenCorpus:
+        """Open a verified entry; a damaged one is refused in one line naming it."""
         path = Path(path)
-        if not is_complete(path):
+        if not path.is_dir():
             raise FlopwiseError(f"'{path}' is not a complete token cache: delete it and run again to rebuild")
+        damage = cache_problem(path)
+        if damage is not None:
+            raise FlopwiseError(f"token cache '{path}' is not intact ({damage}): delete it and run again to rebuild it "
+                                "from the data")
         return cls(path, cache_hit)
 
     def train_domain_ranges(self) -> list[tuple[int, int]]:
@@ -91,6 +106,11 @@ def is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in FILES)
 
 
+def cache_problem(path: Path) -> str | None:
+    """Why the entry at ``path`` is not as built (see the module docstring for what is checked), or None."""
+    return problem(path, Checksums.CHANGED)
+
+
 def _open_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
     """A read-only memmap (numpy cannot map an empty file, so an empty split is an empty array)."""
     if path.stat().st_size == 0:
@@ -101,7 +121,8 @@ def _open_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
 def build_corpus(documents: Iterable[Document], tokenizer: Tokenizer, cache_root: Path, *, key: str,
                  val_fraction: float = 0.005, val_documents: Iterable[Document] | None = None,
                  seed: int = 0, min_units: int = 100) -> TokenCorpus:
-    """Load ``cache_root/key`` if it exists, else split, tokenize and write it.
+    """Load ``cache_root/key`` if it exists and verifies, else split, tokenize and write it (a damaged entry is
+    named in one line on stderr and rebuilt).
 
     ``key`` must hash everything that determines the result (texts, domains, tokenizer,
     settings); ``content_key`` computes it.  Held-out units are ``val_documents`` if given,
@@ -109,10 +130,11 @@ def build_corpus(documents: Iterable[Document], tokenizer: Tokenizer, cache_root
     """
     cache_root = Path(cache_root)
     target = cache_root / key
-    if is_complete(target):
-        return TokenCorpus.load(target)
-    if target.exists():  # not written by this module (renames are atomic): rebuild it
-        shutil.rmtree(target)
+    if target.exists():
+        damage = cache_problem(target)
+        if damage is None:
+            return TokenCorpus(target, cache_hit=True)  # verified just now: not twice
+        _warn(f"token cache '{target}' is not intact ({damage}): rebuilding it from the data")
     documents = list(documents)
     if not any(document.text for document in documents):
         raise FlopwiseError("the data sources hold no text to train on: pass files or folders with text in them")
@@ -123,9 +145,10 @@ def build_corpus(documents: Iterable[Document], tokenizer: Tokenizer, cache_root
     cache_root.mkdir(parents=True, exist_ok=True)
     # one builder per entry; the others wait, then load it (lock files beside the cache, never in it)
     with held(cache_root.with_name(f"{cache_root.name}.locks") / f"{key}.lock"):
-        if is_complete(target):
-            return TokenCorpus.load(target)
+        if target.exists() and cache_problem(target) is None:  # another process built it meanwhile
+            return TokenCorpus(target, cache_hit=True)
         _remove_stale_tmp(cache_root)
+        _remove_entry(target, cache_root)
         tmp = cache_root / f"{TMP_PREFIX}{key}-{uuid.uuid4().hex}"
         try:
             tmp.mkdir()
@@ -136,13 +159,33 @@ def build_corpus(documents: Iterable[Document], tokenizer: Tokenizer, cache_root
     return TokenCorpus.load(target, cache_hit=False)
 
 
+def _warn(line: str) -> None:
+    print(f"flopwise: warning: {line}", file=sys.stderr)
+
+
+def _remove_entry(target: Path, cache_root: Path) -> None:
+    """Remove a damaged or partial entry (under its build lock): renamed aside first, so that no reader ever
+    opens it half deleted; a reader that has it open keeps its files until it closes them."""
+    if not target.exists():
+        return
+    aside = cache_root / f"{TMP_PREFIX}{target.name}-removed-{uuid.uuid4().hex}"
+    os.replace(target, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _publish(tmp: Path, target: Path) -> None:
-    """Rename into place; if another process published the same key first, keep theirs."""
+    """Flush the entry's files to disk, then rename it into place (so a crash cannot leave an entry whose
+    manifest is on disk but whose tokens are not); if another process published the same key first, keep
+    theirs."""
+    for name in FILES:
+        fsync(tmp / name)
+    fsync(tmp)
     try:
         os.replace(tmp, target)
     except OSError:
         if not is_complete(target):
             raise
+    fsync(target.parent)
 
 
 def _remove_stale_tmp(cache_root: Path) -> None:
@@ -250,6 +293,8 @@ def _write_corpus(folder: Path, splits: dict[str, list[Document]], tokenizer: To
         "bytes": {split: w.bytes for split, w in writers.items()},
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    (folder / MANIFEST_FILE).write_text(json_text(files_record(folder, list(DATA_FILES), with_mtime=True)),
+                                        encoding="utf-8")
 
 
 def _batches(units: list[Document]) -> Iterator[list[Document]]:

@@ -15,7 +15,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.methods.dense import build_model, plain_model
 from flopwise.methods.stack import MethodStack
 from flopwise.model.gpt import GPT
-from flopwise.model.hf import WEIGHTS, load_weights_into
+from flopwise.model.hf import WEIGHTS, DamagedWeights, load_weights_into
 from flopwise.rundir import planned_model_config
 from flopwise.train.checkpoint import list_checkpoints, newest_intact, reading_checkpoints
 
@@ -29,7 +29,13 @@ def load_final_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tokenize
         raise FlopwiseError(f"run '{run_dir}' has no final model yet: finish it with flopwise train --resume "
                             f"{run_dir}, or use --checkpoint for its newest checkpoint")
     model = GPT(planned_model_config(run_dir))
-    load_weights_into(model, final, as_stored=True)  # evaluated and exported as it trained
+    try:
+        load_weights_into(model, final, as_stored=True)  # evaluated and exported as it trained
+    except DamagedWeights as err:
+        command = load_run_config(run_dir).posttrain.stage
+        raise FlopwiseError(f"'{err.path}' is damaged ({err.cause}): use --checkpoint for the run's newest checkpoint, "
+                            f"or delete {final} and run flopwise {'train' if command == 'pretrain' else command} "
+                            f"--resume {run_dir} to train its last steps again and write it") from None
     return model.to(device).eval(), Tokenizer.load(final / "tokenizer.json")
 
 

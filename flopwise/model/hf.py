@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from flopwise.data.tokenizer import Tokenizer
@@ -201,6 +201,15 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+class DamagedWeights(FlopwiseError):
+    """A weights file that safetensors cannot read; its reader, who knows where the file came from, may say
+    how to get it whole again (the message's own advice suits a downloaded folder)."""
+
+    def __init__(self, path: Path, cause: str) -> None:
+        super().__init__(f"'{path}' is damaged ({cause}): copy or download the model folder again")
+        self.path, self.cause = path, cause
+
+
 def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a single or sharded safetensors checkpoint (never a pickle-based .bin)."""
     index = folder / WEIGHTS_INDEX
@@ -213,8 +222,11 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
                             "pickled .bin files; convert with transformers' save_pretrained(safe_serialization=True)")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(str(folder / file), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+        try:
+            with safe_open(str(folder / file), framework="pt") as handle:
+                tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+        except SafetensorError as err:  # its header does not cover the file: truncated, or not safetensors at all
+            raise DamagedWeights(folder / file, str(err).removeprefix("Error while deserializing header: ")) from None
     return tensors
 
 

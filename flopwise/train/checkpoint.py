@@ -3,8 +3,9 @@
 A checkpoint is a folder ``checkpoints/step_XXXXXXXX/`` written under a temporary name and
 renamed into place only when complete, so a crash or ``kill -9`` mid-write never leaves a
 folder that loads wrong.  Its ``manifest.json`` holds the size and SHA-256 of every other file:
-a checkpoint whose bytes changed on disk afterwards (a flipped bit, a truncated copy) is found
-before it is loaded, and resume falls back to the newest intact one.  A new checkpoint's files
+a checkpoint whose bytes changed on disk afterwards (a flipped bit, a truncated copy) or that has
+no manifest (so nothing vouches for it) is found before it is loaded, and resume falls back to the
+newest intact one.  A new checkpoint's files
 are hashed as written and checked on disk against the manifest's sizes after the rename, before
 older ones are pruned.  Loading reads only safetensors and JSON: nothing is unpickled.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -27,10 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from flopwise.atomic import fsync, json_text
 from flopwise.errors import FlopwiseError
+from flopwise.manifest import MANIFEST_FILE, Checksums, files_record, problem
 from flopwise.runtime import Ranks, full_state, load_full_state
 
 STATE_FILE = "state.json"
-MANIFEST_FILE = "manifest.json"
 _PREFIX = "step_"
 _TMP_PREFIX = ".tmp-"
 _PRUNE_LOCK = ".prune.lock"  # readers hold it shared while loading; pruning holds it exclusively
@@ -75,7 +75,7 @@ def _write_checkpoint(directory: Path, final: Path, model_state: dict[str, torch
         tensors, meta = _flatten_optimizer(optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / STATE_FILE).write_text(json_text(dict(state, optimizer=meta, torch_rng=torch.get_rng_state().tolist())))
-        (tmp / MANIFEST_FILE).write_text(json_text({"files": {file.name: _digest(file) for file in tmp.iterdir()}}))
+        (tmp / MANIFEST_FILE).write_text(json_text(files_record(tmp, sorted(file.name for file in tmp.iterdir()))))
         for file in tmp.iterdir():
             fsync(file)
         with _locked(directory, exclusive=True):  # a reader never sees the older copy half-deleted
@@ -92,35 +92,12 @@ def _write_checkpoint(directory: Path, final: Path, model_state: dict[str, torch
                             "failing; the older checkpoints are kept")
 
 
-def _digest(path: Path) -> dict[str, Any]:
-    sha = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(block)
-    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
-
-
 def verify_checkpoint(path: Path, checksums: bool = True) -> str | None:
-    """Why the checkpoint folder at ``path`` is not intact (a file missing, truncated or, with ``checksums``,
-    changed since it was written), or None.  Checkpoints written before manifests existed are taken as they are."""
-    manifest = path / MANIFEST_FILE
-    if not manifest.is_file():
-        return None if (path / STATE_FILE).is_file() else f"no {STATE_FILE}"
-    try:
-        files = {name: (int(entry["bytes"]), str(entry["sha256"]))
-                 for name, entry in json.loads(manifest.read_text())["files"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-        return f"{MANIFEST_FILE} is unreadable"
-    for name, (size, sha256) in sorted(files.items()):
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        found = file.stat().st_size
-        if found != size:
-            return f"{name} is truncated ({found:,} of {size:,} bytes)"
-        if checksums and _digest(file)["sha256"] != sha256:
-            return f"{name} does not match its checksum"
-    return None
+    """Why the checkpoint folder at ``path`` is not intact (no manifest, a file missing, truncated or, with
+    ``checksums``, changed since it was written), or None.  A checkpoint without a manifest is not taken on
+    trust: every checkpoint flopwise writes has one, so a missing one means the folder was damaged or
+    assembled by hand."""
+    return problem(path, Checksums.ALL if checksums else Checksums.NONE)
 
 
 def list_checkpoints(directory: Path) -> list[CheckpointInfo]:
