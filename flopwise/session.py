@@ -75,6 +75,7 @@ class Summary:
     stop_reason: str | None = None
     domain_epochs: dict[str, float] | None = None  # times each domain's training tokens were seen
     decay: DecayEnd | None = None  # where a stall cut into the decay, and how it ended
+    notes: tuple[str, ...] = ()  # what else the run must tell its user
 
 
 @dataclass(frozen=True)
@@ -285,20 +286,26 @@ class Session:
             self.score_start(evaluation, state, settings.eval_every)
             with self.display:
                 outcome: Outcome = trainer.run(state)
-            if outcome.decay is not None and self.ranks.is_main:
-                self.record_decay(outcome.decay, outcome.state.meter, event_log)
+            if self.ranks.is_main:
+                self.record_notes(outcome, event_log)
             final_eval = self.finish(trainer, evaluation, outcome) if outcome.finished else None
         return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
-                       outcome.stop_reason, self.sampler.domain_epochs(), outcome.decay)
+                       outcome.stop_reason, self.sampler.domain_epochs(), outcome.decay, tuple(outcome.notes))
 
-    def record_decay(self, decay: DecayEnd, meter: Meter, log: Any) -> None:
-        """A decay that a stall cut into is kept where the run is read later: a ``decay`` event in
-        metrics.jsonl and plan.json's ``decay`` (the summary says it too)."""
-        log.append({"event": "decay", "step": int(meter.steps), "p": meter.progress(self.config.budget.build()),
-                    "tokens": meter.tokens, "flops": meter.flops, **decay.to_dict(), "note": decay.describe()})
-        plan = json.loads((self.run_dir / PLAN_FILE).read_text())
-        write_json_atomic(self.run_dir / PLAN_FILE, {**plan, "decay": decay.to_dict()})
+    def record_notes(self, outcome: Outcome, log: Any) -> None:
+        """What the loop found the user must hear is kept where the run is read later: a ``note`` event in
+        metrics.jsonl each, and for a decay that a stall cut into, a ``decay`` event and plan.json's ``decay``
+        (the summary says them too)."""
+        meter = outcome.state.meter
+        at = {"step": int(meter.steps), "p": meter.progress(self.config.budget.build()), "tokens": meter.tokens,
+              "flops": meter.flops}
+        for note in outcome.notes:
+            log.append({"event": "note", **at, "note": note})
+        if outcome.decay is not None:
+            log.append({"event": "decay", **at, **outcome.decay.to_dict(), "note": outcome.decay.describe()})
+            plan = json.loads((self.run_dir / PLAN_FILE).read_text())
+            write_json_atomic(self.run_dir / PLAN_FILE, {**plan, "decay": outcome.decay.to_dict()})
 
     def callbacks(self, settings: LoopSettings, log: Any, after_eval: AfterEval | None
                   ) -> tuple[Evaluation, list[LoopCallback]]:

@@ -210,6 +210,8 @@ def print_summary(console: Console, summary: Summary, table: bool = True) -> Non
                   f"{summary.checkpoint_seconds:.1f}s checkpoints; final lr {summary.last_lr:.2e})", highlight=False)
     if summary.decay is not None:
         console.print(f"decay: {summary.decay.describe()}", highlight=False)
+    for note in summary.notes:
+        console.print(f"note: {note}", highlight=False)
     if summary.domain_epochs:
         console.print("data seen: " + ", ".join(f"{name} {epochs:.2f} epochs" for name, epochs
                                                 in summary.domain_epochs.items()), highlight=False)
