@@ -34,6 +34,7 @@ from flopwise.sweep.folder import (
     SWEEP_FILE,
     TRIALS,
 )
+from flopwise.sweep.journal import journal_storage
 from flopwise.sweep.optuna_dep import require_optuna
 from flopwise.sweep.pbt import Population
 from flopwise.sweep.sampling import seed_sampler
@@ -115,9 +116,7 @@ def study_storage(folder: Path, storage: str | None) -> Any:
     given (on a shared disk, for several machines), or by default the journal file in the sweep folder."""
     if storage and "://" in storage:
         return storage
-    optuna = require_optuna()
-    path = Path(storage) if storage else folder / JOURNAL_FILE
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return journal_storage(Path(storage) if storage else folder / JOURNAL_FILE)
 
 
 def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, storage: str | None = None,
@@ -171,7 +170,17 @@ def read_settings(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FlopwiseError(f"'{folder}' is not a sweep folder (no {SWEEP_FILE}): give the --out of an earlier "
                             "flopwise sweep")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        plan_of(settings)
+        TotalBudget.from_dict(settings["budget"])
+        if "storage" not in settings:  # --resume and report read it
+            raise KeyError("storage")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # not UTF-8 or JSON, a key missing or mistyped
+        raise FlopwiseError(f"'{path}' is damaged ({type(err).__name__}: {' '.join(str(err).split())}): it is "
+                            "written whole, so something else changed it; restore it from a backup, or start the "
+                            "sweep again with another --out") from None
+    return settings
 
 
 def plan_of(settings: dict[str, Any]) -> SweepPlan:
