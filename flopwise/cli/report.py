@@ -141,8 +141,8 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from flopwise.report.tasks import TASKS_PLOT
     from flopwise.sweep.folder import is_sweep
 
+    sweeps = [load_sweep(path) for path in args.runs if is_sweep(path)]  # a damaged sweep state is named first
     runs = load_runs(expand_sweeps(args.runs))
-    sweeps = [load_sweep(path) for path in args.runs if is_sweep(path)]
     check_output("--out", args.out, folder=True)
     html_path = write_runs_report(runs, args.out, sweeps)
     print_table(console, rich_table(runs))

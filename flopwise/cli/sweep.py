@@ -51,8 +51,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--pbt-interval", type=float, default=0.25, metavar="P",
                    help="pbt: the budget progress between exploit-and-explore steps (default 0.25)")
     p.add_argument("--storage", metavar="URL",
-                   help="an Optuna storage URL to share the study between processes or machines (default: a "
-                        "journal file in the sweep folder)")
+                   help="an Optuna storage to share the study and its total --budget between machines: an RDB "
+                        "URL, or the path of a journal file on a shared disk (default: a journal file in the sweep "
+                        "folder)")
+    p.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
+                   help="with an RDB --storage: each running trial's heartbeat interval; a trial silent for twice "
+                        "that (its machine died) is taken over by another machine (default 60)")
     p.add_argument("--rung-signal", default="loss", choices=("loss", "forecast"),
                    help="what a trial reports at each evaluation mark for pruning: its held-out loss (default) "
                         "or the forecast of its final loss")
@@ -94,7 +98,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
             resume_sweep(folder, say=say, ranks=ranks)
         else:
             run_sweep(folder, config_from_args(args), args.space, plan, args.storage, say=say, workers=args.workers,
-                      ranks=ranks)
+                      ranks=ranks, heartbeat=args.heartbeat)
     finally:
         shutdown(ranks)
     print_sweep(console, load_sweep(folder))

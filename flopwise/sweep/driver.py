@@ -12,6 +12,8 @@ import contextlib
 import json
 import multiprocessing
 import os
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +36,24 @@ from flopwise.sweep.folder import (
     SWEEP_FILE,
     TRIALS,
 )
+from flopwise.sweep.journal import journal_storage
 from flopwise.sweep.optuna_dep import require_optuna
 from flopwise.sweep.pbt import Population
 from flopwise.sweep.sampling import seed_sampler
+from flopwise.sweep.shared import (
+    DEFAULT_HEARTBEAT,
+    RUN_DIR,
+    SPENT,
+    agree_on_total,
+    anything_pending,
+    beating,
+    fail_stale,
+    funds,
+    heartbeat_seconds,
+    queued,
+    rdb_storage,
+    take_over,
+)
 from flopwise.sweep.space import SearchSpace, read_space
 from flopwise.sweep.total import TotalBudget
 from flopwise.sweep.trial import (
@@ -93,36 +110,39 @@ def check_plan(plan: SweepPlan) -> None:
         raise FlopwiseError(f"--rung-signal {plan.signal} is unknown: choose one of {', '.join(SIGNALS)}")
 
 
-def open_study(folder: Path, plan: SweepPlan, base: RunConfig, storage: str | None = None) -> Any:
+def open_study(folder: Path, plan: SweepPlan, base: RunConfig, storage: str | None = None,
+               heartbeat: int = DEFAULT_HEARTBEAT) -> Any:
     """The sweep's study (created, or loaded to go on), with ASHA (successive halving) or Hyperband pruning on
     budget progress, none for ``random`` and ``pbt``; its sampler is set before each trial is drawn
     (``sampling.seed_sampler``).  The
     first rung is the first evaluation mark (``train.eval_every``): a run also evaluates after its first step,
     still in warmup, and a loss there ranks initialisations, not trials."""
     optuna = require_optuna()
-    backend = study_storage(folder, storage)
+    backend = study_storage(folder, storage, heartbeat)
     first_rung = max(1, progress_step(base.train.eval_every))
     pruners = {"asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung),
                "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=first_rung,
                                                                    max_resource=progress_step(1.0)),
                "random": optuna.pruners.NopPruner, "pbt": optuna.pruners.NopPruner}
-    return optuna.create_study(study_name=STUDY_NAME, storage=backend, pruner=pruners[plan.strategy](),
-                               direction="minimize", load_if_exists=True)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=backend, pruner=pruners[plan.strategy](),
+                                direction="minimize", load_if_exists=True)
+    if storage:  # machines that share the study share its total
+        agree_on_total(study, plan.amounts()[0], plan.total.describe())
+    return study
 
 
-def study_storage(folder: Path, storage: str | None) -> Any:
-    """Where the sweep's study lives: an RDB URL as given (``postgresql://...``), a journal file at the path
-    given (on a shared disk, for several machines), or by default the journal file in the sweep folder."""
+def study_storage(folder: Path, storage: str | None, heartbeat: int | None = None) -> Any:
+    """Where the sweep's study lives: an RDB URL as given (``postgresql://...``; with Optuna's heartbeat every
+    ``heartbeat`` seconds, so that a dead machine's trial is taken over), a journal file at the path given (on a
+    shared disk, for several machines), or by default the journal file in the sweep folder."""
     if storage and "://" in storage:
-        return storage
-    optuna = require_optuna()
-    path = Path(storage) if storage else folder / JOURNAL_FILE
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        return rdb_storage(storage, heartbeat) if heartbeat else storage
+    return journal_storage(Path(storage) if storage else folder / JOURNAL_FILE)
 
 
 def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, storage: str | None = None,
               display: ProgressDisplay | None = None, say: Callable[[str], None] = lambda line: None,
-              workers: int = 1, ranks: Ranks | None = None) -> Any:
+              workers: int = 1, ranks: Ranks | None = None, heartbeat: int = DEFAULT_HEARTBEAT) -> Any:
     """A new sweep in ``folder``: trials until the total budget cannot fund another whole one; returns the study.
     The folder keeps what ``resume_sweep`` needs: the base config, the space and the plan.  ``say`` gets one
     line per trial as it ends.  ``workers`` > 1 runs that many processes, the cores split between them.  Under
@@ -130,6 +150,9 @@ def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, 
     ranks = ranks or Ranks()
     check_plan(plan)
     check_launch(plan, workers, ranks)
+    if heartbeat < 1:
+        raise FlopwiseError(f"--heartbeat {heartbeat}: give the seconds between a running trial's heartbeats, 1 or "
+                            "more (default 60)")
     read_space(space_file)  # a bad space is refused before anything is written
     resolve(base, settle_memory=False)  # as are methods that cannot run together (each trial resolves its own)
     if plan.signal == "forecast" and base.train.forecast_every <= 0:
@@ -138,10 +161,12 @@ def run_sweep(folder: Path, base: RunConfig, space_file: Path, plan: SweepPlan, 
     if (folder / SWEEP_FILE).exists():
         raise FlopwiseError(f"'{folder}' already holds a sweep: continue it with flopwise sweep --resume {folder}, "
                             "or choose another --out")
+    if storage:  # a shared study's total is checked (or recorded, by the first machine) before anything is written
+        open_study(folder, plan, base, storage, heartbeat)
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / BASE_FILE, config_to_toml(base))
     write_atomic(folder / SPACE_FILE, space_file.read_text(encoding="utf-8"))
-    _start_file(folder, plan, storage, workers)
+    _start_file(folder, plan, storage, workers, heartbeat)
     return _run_workers(folder, workers, display, say, ranks)
 
 
@@ -154,7 +179,7 @@ def resume_sweep(folder: Path, display: ProgressDisplay | None = None,
     ranks = ranks or Ranks()
     settings, plan, base, space = _read_sweep(folder)
     check_launch(plan, settings.get("workers", 1), ranks)
-    study = open_study(folder, plan, base, settings["storage"])
+    study = open_study(folder, plan, base, settings["storage"], settings.get("heartbeat", DEFAULT_HEARTBEAT))
     if plan.strategy == "pbt":
         return _run_population(folder, base, space, plan, study, display, say)
     reserved = TotalBudget.from_dict(settings["budget"]).reserved
@@ -171,7 +196,17 @@ def read_settings(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FlopwiseError(f"'{folder}' is not a sweep folder (no {SWEEP_FILE}): give the --out of an earlier "
                             "flopwise sweep")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        plan_of(settings)
+        TotalBudget.from_dict(settings["budget"])
+        if "storage" not in settings:  # --resume and report read it
+            raise KeyError("storage")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # not UTF-8 or JSON, a key missing or mistyped
+        raise FlopwiseError(f"'{path}' is damaged ({type(err).__name__}: {' '.join(str(err).split())}): it is "
+                            "written whole, so something else changed it; restore it from a backup, or start the "
+                            "sweep again with another --out") from None
+    return settings
 
 
 def plan_of(settings: dict[str, Any]) -> SweepPlan:
@@ -190,11 +225,13 @@ def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, sa
                  ranks: Ranks) -> Any:
     """The trials, in this process or in ``workers`` processes; returns the study as they left it."""
     settings, plan, base, space = _read_sweep(folder)
-    storage = settings["storage"]
+    storage, heartbeat = settings["storage"], settings.get("heartbeat", DEFAULT_HEARTBEAT)
     if plan.strategy == "pbt":
-        return _run_population(folder, base, space, plan, open_study(folder, plan, base, storage), display, say)
+        return _run_population(folder, base, space, plan, open_study(folder, plan, base, storage, heartbeat),
+                               display, say)
     if workers == 1:
-        return _run_trials(folder, base, space, plan, open_study(folder, plan, base, storage), display, say, ranks)
+        return _run_trials(folder, base, space, plan, open_study(folder, plan, base, storage, heartbeat), display,
+                           say, ranks)
     threads = max(1, usable_cores() // workers)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads or locks inherited
     processes = [context.Process(target=_worker, args=(folder, index, threads)) for index in range(workers)]
@@ -206,7 +243,7 @@ def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, sa
     if failed:
         raise FlopwiseError(f"sweep worker(s) {', '.join(map(str, failed))} of '{folder}' stopped with an error "
                             f"(see above): continue with flopwise sweep --resume {folder}")
-    return open_study(folder, plan, base, storage)
+    return open_study(folder, plan, base, storage, heartbeat)
 
 
 def check_launch(plan: SweepPlan, workers: int, ranks: Ranks) -> None:
@@ -236,7 +273,7 @@ def _worker(folder: Path, index: int, threads: int) -> None:
 
     torch.set_num_threads(threads)
     settings, plan, base, space = _read_sweep(folder)
-    study = open_study(folder, plan, base, settings["storage"])
+    study = open_study(folder, plan, base, settings["storage"], settings.get("heartbeat", DEFAULT_HEARTBEAT))
     _run_trials(folder, base, space, plan, study, None, lambda line: print(f"worker {index}: {line}", flush=True))
 
 
@@ -244,31 +281,75 @@ def _run_trials(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPl
                 display: ProgressDisplay | None, say: Callable[[str], None], ranks: Ranks | None = None) -> Any:
     """Ask for a trial and reserve its budget (one step, under the accounting's lock, so that parallel workers
     never both take the last share), run it, and repeat while a whole trial fits."""
-    trial_amount = plan.amounts()[1]
+    total, trial_amount = plan.amounts()
     shared = read_settings(folder)["storage"] is not None
     while True:
+        if shared and not _shared_turn(study, total, trial_amount):
+            end_trials(ranks or Ranks())
+            return study
         with accounting(folder) as budget:
             if not budget.can_start(trial_amount):
                 end_trials(ranks or Ranks())
                 return study
             seed_sampler(study, plan.seed, plan.strategy, shared)
-            trial = study.ask()
+            with warnings.catch_warnings():  # Optuna's heartbeat expects study.optimize: the sweep beats itself
+                warnings.filterwarnings("ignore", "Heartbeat of storage")
+                trial = study.ask()
             budget.start(trial.number, trial_amount)
+        if shared and not funds(study, total, trial_amount, trial.number):
+            _unfunded(folder, study, trial)
+            continue
         _finish(folder, base, space, plan, study, trial, display, say, ranks)
+
+
+def _shared_turn(study: Any, total: float, amount: float) -> bool:
+    """Whether this machine asks for another trial of a shared study: when the shared total funds one, or a dead
+    machine's trial is queued to be taken over.  Where neither, it waits while trials run elsewhere and the
+    storage keeps their heartbeats: they may give budget back, or die and be queued here."""
+    while True:
+        fail_stale(study)
+        if funds(study, total, amount) or queued(study):
+            return True
+        interval = heartbeat_seconds(study)
+        if interval is None or not anything_pending(study):
+            return False
+        time.sleep(min(interval, 5))
+
+
+def _unfunded(folder: Path, study: Any, trial: Any) -> None:
+    """A trial that another machine's trial, numbered below it, left no budget for: ended unrun."""
+    optuna = require_optuna()
+    trial.set_user_attr(SPENT, 0.0)
+    trial.set_user_attr("error", "not run: another machine's trial took the last of the shared total first")
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    with accounting(folder) as budget:
+        budget.end(trial.number, 0.0)
 
 
 def _finish(folder: Path, base: RunConfig, space: SearchSpace, plan: SweepPlan, study: Any, trial: Any,
             display: ProgressDisplay | None, say: Callable[[str], None], ranks: Ranks | None = None) -> None:
     """Run (or resume) ``trial`` to its end, tell the study how it ended, and account what it spent."""
     optuna = require_optuna()
+    run_dir = trial_folder(folder / TRIALS, trial.number)
+    resumed = take_over(study.get_trials(deepcopy=False)[trial.number], run_dir)
+    if resumed:
+        say(f"trial {trial.number} takes over a trial whose machine died: resumes {resumed}")
     try:
-        study.tell(trial, run_trial(trial, base, space, plan.trial, folder / TRIALS, display, plan.signal, ranks))
-    except optuna.TrialPruned:
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    except FlopwiseError as err:  # a bad combination of values: recorded, and the sweep goes on
-        trial.set_user_attr("error", str(err))
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    spent = spent_by(trial_folder(folder / TRIALS, trial.number), plan.unit)
+        with beating(study, trial):
+            trial.set_user_attr(RUN_DIR, str(run_dir.resolve()))
+            try:
+                ended = {"values": run_trial(trial, base, space, plan.trial, folder / TRIALS, display, plan.signal,
+                                             ranks)}
+            except optuna.TrialPruned:
+                ended = {"state": optuna.trial.TrialState.PRUNED}
+            except FlopwiseError as err:  # a bad combination of values: recorded, and the sweep goes on
+                trial.set_user_attr("error", str(err))
+                ended = {"state": optuna.trial.TrialState.FAIL}
+            trial.set_user_attr(SPENT, spent_by(run_dir, plan.unit))  # the shared total's record
+            study.tell(trial, **ended)
+    except optuna.exceptions.UpdateFinishedTrialError:  # its heartbeat was missed: another machine took it over
+        say(f"trial {trial.number} was taken over by another machine (its heartbeat stopped for too long)")
+    spent = spent_by(run_dir, plan.unit)
     with accounting(folder) as budget:
         budget.end(trial.number, spent)
         left = budget.left
@@ -320,13 +401,14 @@ def accounting(folder: Path) -> Iterator[TotalBudget]:
         write_json_atomic(path, {**saved, "budget": budget.to_dict()})
 
 
-def _start_file(folder: Path, plan: SweepPlan, storage: str | None, workers: int) -> None:
+def _start_file(folder: Path, plan: SweepPlan, storage: str | None, workers: int, heartbeat: int) -> None:
     """``sweep.json`` of a new sweep: the plan, where the study lives, the workers, and the accounting."""
     write_json_atomic(folder / SWEEP_FILE, {"total": plan.total.to_dict(), "trial": plan.trial.to_dict(),
                                             "strategy": plan.strategy, "seed": plan.seed, "signal": plan.signal,
                                             "interval": plan.interval,
                                             "storage": storage,
-                                            "workers": workers, "budget": TotalBudget(plan.amounts()[0]).to_dict()})
+                                            "workers": workers, "heartbeat": heartbeat,
+                                            "budget": TotalBudget(plan.amounts()[0]).to_dict()})
 
 
 def _write_best(folder: Path, study: Any, base: RunConfig, plan: SweepPlan) -> None:
