@@ -16,8 +16,8 @@ from flopwise.rundir import LOCK_FILE, read_metrics, writing
 from tests.helpers import TINY, run_error, train
 
 ROOT = Path(__file__).parents[1]
-# what a refusal must not have imported or run: torch, numpy, the data pipeline, the session that builds the model
-HEAVY = ("torch", "numpy", "scipy", "flopwise.data.pipeline", "flopwise.session")
+# what a refusal must not have imported or run: torch, numpy, the config's pydantic, the data, the session
+HEAVY = ("torch", "numpy", "scipy", "pydantic", "flopwise.data.pipeline", "flopwise.session")
 # `python -m flopwise`, then what of HEAVY it imported, on stdout
 PROBE = f"""
 import sys

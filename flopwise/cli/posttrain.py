@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from flopwise.budget import Budget
 from flopwise.cli.flags import DEFAULT_RECIPE, config_flags_given, config_from_args
 from flopwise.cli.train import add_out_flags, default_out, print_stopped, print_summary
 from flopwise.errors import FlopwiseError
@@ -115,7 +114,7 @@ def cmd_dpo(args: argparse.Namespace, console: Console) -> int:
 def _post_train(args: argparse.Namespace, console: Console, stage: str) -> int:
     _reject_with_resume(args)
     out = args.resume or args.out or default_out()
-    with writing(out, new=not args.resume, overwrite=args.overwrite):  # before torch: a held folder is refused at once
+    with writing(out, new=not args.resume, overwrite=args.overwrite):  # first: a held folder is refused at once
         from flopwise.cli.train import device_type
         from flopwise.runtime import init_ranks, shutdown
 
@@ -147,6 +146,7 @@ def _reject_with_resume(args: argparse.Namespace) -> None:
 def _run_stage(args: argparse.Namespace, console: Console, stage: str, out: Path) -> Summary:
     """A new run of ``stage`` from the flags into ``out``, or the resumed one, in the folder this process holds."""
     from flopwise.api import resume_held, run_held
+    from flopwise.budget import Budget
     from flopwise.train.display import ProgressDisplay
 
     display = ProgressDisplay(console)

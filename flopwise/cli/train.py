@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from flopwise.budget import Budget
 from flopwise.cli.eval import eval_table
 from flopwise.cli.flags import add_data_method_flags, add_setup_flags, config_flags_given, config_from_args
 from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
 from flopwise.rundir import writing
 
-if TYPE_CHECKING:  # these import torch or the config's models: a run imports them once it holds its folder
+if TYPE_CHECKING:  # these import torch or pydantic: a run imports them once it holds its folder
     from flopwise.config import RunConfig
     from flopwise.plan.planner import Plan
     from flopwise.runtime import Ranks
@@ -90,12 +89,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     _reject_with_resume(args)
     out = args.resume or args.out or default_out()
-    stop_after = Budget.parse(args.stop_after) if args.stop_after else None
-    with writing(out, new=not args.resume, overwrite=args.overwrite):  # before torch: a held folder is refused at once
+    with writing(out, new=not args.resume, overwrite=args.overwrite):  # first: a held folder is refused at once
         from flopwise.api import resume_held, run_held
+        from flopwise.budget import Budget
         from flopwise.runtime import init_ranks, shutdown
         from flopwise.train.display import ProgressDisplay
 
+        stop_after = Budget.parse(args.stop_after) if args.stop_after else None
         ranks = init_ranks(device_type(args))
         if not ranks.is_main:
             console = Console(quiet=True)
