@@ -41,13 +41,15 @@ def in_use_line(folder: Path, holder: str) -> str:
 @pytest.mark.parametrize("command", [
     ["train", "--data", "{text}", "--budget", "3steps", *TINY, "--out", "{held}"],
     ["train", "--resume", "{held}"],
+    ["train", "--data", "{text}", "--budget", "3steps", *TINY, "--out", "{held}", "--overwrite"],
     ["sft", "--init-from", "{text}", "--budget", "3steps", "--out", "{held}"],
     ["dpo", "--init-from", "{text}", "--budget", "3steps", "--out", "{held}"],
     ["sft", "--resume", "{held}"],
-], ids=["train", "train-resume", "sft", "dpo", "sft-resume"])
+], ids=["train", "train-resume", "train-overwrite", "sft", "dpo", "sft-resume"])
 def test_a_held_folder_is_refused_before_anything_heavy_is_imported(command, tmp_path, text_folder):
     """Refused before torch, numpy and the data are touched: so within about a second of the command, on any
-    machine (no clock in this test), and with the cache as cold as it was."""
+    machine (no clock in this test), with the cache as cold as it was and the folder as it was (--overwrite
+    deletes nothing under a run that is writing it)."""
     held, cache = tmp_path / "held", tmp_path / "cache"
     held.mkdir()
     (held / "config.toml").write_text("")  # a run, as far as --resume can tell before it reads anything
@@ -59,7 +61,7 @@ def test_a_held_folder_is_refused_before_anything_heavy_is_imported(command, tmp
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [in_use_line(held, holder)]
     assert done.stdout.split() == ["imported:"]
-    assert not cache.exists()
+    assert not cache.exists() and (held / "config.toml").is_file()
 
 
 def finished_corpora(cache: Path) -> list[Path]:
@@ -79,7 +81,7 @@ def test_the_first_of_two_runs_wins_and_the_second_is_refused_before_the_first_h
         started = time.monotonic()
         first = subprocess.Popen(args, env=flopwise_env(cache), stdout=subprocess.DEVNULL, stderr=first_err)
         holder = ""
-        while not holder.startswith(f"process {first.pid} on "):
+        while not (holder.startswith(f"process {first.pid} on ") and holder.endswith(")")):  # the whole line
             assert first.poll() is None and time.monotonic() - started < 120, (tmp_path / "first.err").read_text()
             time.sleep(0.01)
             holder = (out / LOCK_FILE).read_text() if (out / LOCK_FILE).is_file() else ""
