@@ -17,16 +17,26 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flopwise.errors import FlopwiseError
-from flopwise.model.config import ModelConfig
+
+if TYPE_CHECKING:  # imported where a shape is read: the CLI takes the lock here before numpy is imported
+    from flopwise.model.config import ModelConfig
 
 CONFIG_FILE = "config.toml"
 PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.jsonl"
+TOKENIZER_FILE = "tokenizer.json"
 LOCK_FILE = ".lock"  # held by the one process that writes the run; it names that process
+# what a new run writes before config.toml (and write_atomic's temporary files): all that a run killed before it
+# became one leaves, which the next new run in the folder replaces
+UNSTARTED_ENTRIES = (LOCK_FILE, TOKENIZER_FILE, PLAN_FILE, ".*.tmp")
+# what flopwise writes into a run folder (the run, --log, `flopwise eval`): what --overwrite deletes first
+RUN_ENTRIES = (CONFIG_FILE, PLAN_FILE, METRICS_FILE, TOKENIZER_FILE, "checkpoints", "final", "tensorboard", "wandb",
+               "wandb.json", "eval*.json", "tasks*.json", ".*.tmp")
 
 
 def is_run_dir(path: Path) -> bool:
@@ -41,6 +51,8 @@ def require_run_dir(run_dir: Path) -> None:
 
 def planned_model_config(run_dir: Path) -> ModelConfig:
     """The model shape a run was planned with (``plan.json``), which resume and loading reuse."""
+    from flopwise.model.config import ModelConfig
+
     plan = run_dir / PLAN_FILE
     if not plan.is_file():
         raise FlopwiseError(f"run folder '{run_dir}' has no {PLAN_FILE}: it was never started, so start a new run")
@@ -78,28 +90,62 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def writing(run_dir: Path, new: bool) -> Iterator[None]:
+def writing(run_dir: Path, new: bool, overwrite: bool = False) -> Iterator[None]:
     """Hold ``run_dir`` as its one writer (an exclusive lock), for a ``new`` run or a resumed one.
 
     A second writer is refused in one line naming the holder.  Under torchrun only global rank 0 holds
-    it.  A new run that ends without its run files (a bad config, an interrupt before config.toml) removes,
-    while it still holds the lock, the folder it created and the parents it created that are left empty."""
+    it.  A new run is refused a folder that holds a run, or files that it would replace, prune or append to
+    (``overwrite``: the run files there are deleted instead).  A new run that ends without its run files (a bad
+    config, an interrupt before config.toml) removes, while it still holds the lock, the folder it created and
+    the parents it created that are left empty."""
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
     if not new:
         require_run_dir(run_dir)
     check_output("--out", run_dir, folder=True)
+    if new and not overwrite:
+        _refuse_other_files(run_dir)  # before the lock file is made: a folder that is no run's is left as it was
     created = _first_missing(run_dir) if new else None
     run_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(run_dir) as handle:
         try:
+            if new:
+                _make_room(run_dir, overwrite)
             yield
         finally:
             if created is not None and not is_run_dir(run_dir):
                 _remove_created(run_dir, created)
             elif handle is not None:
                 handle.truncate(0)
+
+
+def _refuse_other_files(run_dir: Path) -> None:
+    """Refuse a folder that holds no run but files a new run would replace, prune or append to (what a run killed
+    before it became one left is replaced: it is that run's)."""
+    if not run_dir.is_dir() or is_run_dir(run_dir):
+        return
+    found = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in run_dir.iterdir()
+                   if not any(fnmatch(entry.name, pattern) for pattern in UNSTARTED_ENTRIES))
+    if found:
+        named = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise FlopwiseError(f"'{run_dir}' is not empty ({named}) and holds no run (no {CONFIG_FILE}): choose "
+                            "another --out, or add --overwrite to start the run there (the run files in it are "
+                            "deleted first)")
+
+
+def _make_room(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds a run, or with ``overwrite`` delete the run files there.  Under the lock: a run
+    that is writing the folder is refused as in use, and nothing is deleted under it."""
+    if overwrite:
+        for entry in sorted({path for pattern in RUN_ENTRIES for path in run_dir.glob(pattern)}):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    elif is_run_dir(run_dir):
+        raise FlopwiseError(f"'{run_dir}' already holds a run: resume it with --resume {run_dir}, "
+                            "replace it with --overwrite, or choose another --out")
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.hf import save_hf_folder
 from flopwise.optim.build import build_optimizer
 from flopwise.resolve import ResolvedRun, resolve
-from flopwise.rundir import CONFIG_FILE, METRICS_FILE, PLAN_FILE, is_run_dir, read_metrics
+from flopwise.rundir import CONFIG_FILE, METRICS_FILE, PLAN_FILE, read_metrics
 from flopwise.runtime import (
     Ranks,
     choose_device,
@@ -381,11 +381,8 @@ class Session:
 
 def start_new(config: RunConfig, run_dir: Path, display: ProgressDisplay | None = None, *,
               extendable: bool = False) -> Session:
-    """Resolve and build a new run of ``config`` in ``run_dir`` (refused where a run already is); ``extendable``:
-    it will be extended to larger budgets (a pilot)."""
-    if is_run_dir(run_dir):
-        raise FlopwiseError(f"'{run_dir}' already holds a run: resume it with --resume {run_dir}, "
-                            "or choose another --out")
+    """Resolve and build a new run of ``config`` in ``run_dir`` (``rundir.writing`` refuses a folder that holds a run);
+    ``extendable``: it will be extended to larger budgets (a pilot)."""
     config.budget.build()  # fail on a missing budget before reading any data
     processes = Processes.open(config.train)
     resolved = resolve(config, processes.world(config.train.parallel), extendable=extendable)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import os
 import re
 import sys
@@ -17,41 +18,35 @@ from collections.abc import Callable
 from rich.console import Console
 
 from flopwise import __version__
-from flopwise.cli import (
-    bench,
-    chat,
-    data,
-    eval,
-    export,
-    fit,
-    memory,
-    plan,
-    posttrain,
-    report,
-    sample,
-    scan,
-    sweep,
-    train,
-)
 from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
 
-# in the order `flopwise --help` lists them
-COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None],
-                          Callable[[argparse.Namespace, Console], int]]] = {
-    "train": (train.register, train.cmd_train),
-    "sft": (posttrain.register_sft, posttrain.cmd_sft), "dpo": (posttrain.register_dpo, posttrain.cmd_dpo),
-    "eval": (eval.register, eval.cmd_eval),
-    "sample": (sample.register, sample.cmd_sample), "chat": (chat.register, chat.cmd_chat),
-    "export": (export.register, export.cmd_export),
-    "report": (report.register, report.cmd_report), "bench": (bench.register, bench.cmd_bench),
-    "memory": (memory.register, memory.cmd_memory), "plan": (plan.register, plan.cmd_plan),
-    "fit": (fit.register, fit.cmd_fit), "scan": (scan.register, scan.cmd_scan),
-    "sweep": (sweep.register, sweep.cmd_sweep),
-    "data": (data.register, data.cmd_data),
+# command -> (its module here, the function that registers its flags, the one that runs it), in the order
+# `flopwise --help` lists them.  A command imports its own module only, when it runs: `flopwise train` takes its
+# run folder's lock before anything heavy (scipy, the config's models, torch) is imported.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("train", "register", "cmd_train"),
+    "sft": ("posttrain", "register_sft", "cmd_sft"), "dpo": ("posttrain", "register_dpo", "cmd_dpo"),
+    "eval": ("eval", "register", "cmd_eval"),
+    "sample": ("sample", "register", "cmd_sample"), "chat": ("chat", "register", "cmd_chat"),
+    "export": ("export", "register", "cmd_export"),
+    "report": ("report", "register", "cmd_report"), "bench": ("bench", "register", "cmd_bench"),
+    "memory": ("memory", "register", "cmd_memory"), "plan": ("plan", "register", "cmd_plan"),
+    "fit": ("fit", "register", "cmd_fit"), "scan": ("scan", "register", "cmd_scan"),
+    "sweep": ("sweep", "register", "cmd_sweep"),
+    "data": ("data", "register", "cmd_data"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_functions(command: str) -> tuple[Callable[[argparse._SubParsersAction], None],
+                                             Callable[[argparse.Namespace, Console], int]]:
+    """``command``'s register and run functions, importing its module."""
+    module, register, handler = COMMANDS[command]
+    loaded = importlib.import_module(f"flopwise.cli.{module}")
+    return getattr(loaded, register), getattr(loaded, handler)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``command`` alone: all that parsing its arguments needs."""
     parser = argparse.ArgumentParser(
         prog="flopwise", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train the best language model a fixed budget allows: state the budget "
@@ -59,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "budget with its learning rate fully annealed.")
     parser.add_argument("--version", action="version", version=f"flopwise {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register, _ in COMMANDS.values():
+    for name in [command] if command else COMMANDS:
+        register, _ = command_functions(name)
         register(commands)
     return parser
 
@@ -106,10 +102,11 @@ def join_negative_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
+    argv = join_negative_values(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     console = Console(soft_wrap=True)
     try:
-        _, handler = COMMANDS[args.command]
+        _, handler = command_functions(args.command)
         return handler(args, console)
     except FlopwiseError as err:
         print(f"flopwise: error: {err}", file=sys.stderr)

@@ -13,7 +13,6 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flopwise.budget import Budget
 from flopwise.errors import FlopwiseError
 from flopwise.recipes import recipe_values
 
@@ -126,6 +125,7 @@ def _flag_value(args: argparse.Namespace, flag: str) -> Any:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Recipe, then the config file, then the convenience flags, then ``--set`` overrides; the methods the
     flags name join those of the recipe and the file."""
+    from flopwise.budget import Budget  # pydantic: imported once a run holds its folder (flopwise/cli/train.py)
     from flopwise.config import load_config
 
     values: dict[str, Any] = {}

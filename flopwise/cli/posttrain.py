@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from flopwise.budget import Budget
 from flopwise.cli.flags import DEFAULT_RECIPE, config_flags_given, config_from_args
-from flopwise.cli.train import print_stopped, print_summary
+from flopwise.cli.train import add_out_flags, default_out, print_stopped, print_summary
 from flopwise.errors import FlopwiseError
-from flopwise.rundir import check_output
+from flopwise.rundir import writing
 
 if TYPE_CHECKING:
     from flopwise.config import RunConfig
@@ -86,7 +83,7 @@ def _add_flags(p: argparse.ArgumentParser, data: str) -> None:
     p.add_argument("--data", action="append", metavar="FILE", dest="chat_data",
                    help=f"{data}; repeatable (default: the built-in data)")
     p.add_argument("--budget", help="the budget, e.g. 2m or 1e14flops or 500k (tokens) or 40steps")
-    p.add_argument("--out", type=Path, help="run folder (default: runs/<date-time>)")
+    add_out_flags(p)
     p.add_argument("--config", type=Path, help="TOML or YAML config file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config key, e.g. optim.lr=1e-3 or posttrain.heldout=0.1; repeatable")
@@ -115,38 +112,47 @@ def cmd_dpo(args: argparse.Namespace, console: Console) -> int:
 
 
 def _post_train(args: argparse.Namespace, console: Console, stage: str) -> int:
-    from flopwise.cli.train import device_type
-    from flopwise.runtime import init_ranks, shutdown
+    _reject_with_resume(args)
+    out = args.resume or args.out or default_out()
+    with writing(out, new=not args.resume, overwrite=args.overwrite):  # first: a held folder is refused at once
+        from flopwise.cli.train import device_type
+        from flopwise.runtime import init_ranks, shutdown
 
-    ranks = init_ranks(device_type(args))
-    if not ranks.is_main:
-        console = Console(quiet=True)
-    try:
-        summary = _run_stage(args, console, stage, ranks.broadcast_text)
-    finally:
-        shutdown(ranks)
+        ranks = init_ranks(device_type(args))
+        if not ranks.is_main:
+            console = Console(quiet=True)
+        try:
+            summary = _run_stage(args, console, stage, args.out or Path(ranks.broadcast_text(str(out))))
+        finally:
+            shutdown(ranks)
     if not summary.finished:
         return print_stopped(console, summary, stage, args.stop_after is not None)
     print_posttrain_summary(console, summary)
     return 0
 
 
-def _run_stage(args: argparse.Namespace, console: Console, stage: str, agree: Callable[[str], str]) -> Summary:
-    """A new run of ``stage`` from the flags, or the resumed one; ``agree`` gives every rank rank 0's text."""
-    from flopwise.api import resume, run
+def _reject_with_resume(args: argparse.Namespace) -> None:
+    """A resumed run keeps its config: refuse every flag that would change it, and --out and --overwrite."""
+    if not args.resume:
+        return
+    given = config_flags_given(args) + [flag for flag, value in (
+        ("--out", args.out), ("--overwrite", args.overwrite), ("--data", args.chat_data),
+        ("--no-pack", getattr(args, "no_pack", False)), ("--beta", getattr(args, "beta", None))) if value]
+    if given:
+        raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "
+                            "(only --stop-after applies)")
+
+
+def _run_stage(args: argparse.Namespace, console: Console, stage: str, out: Path) -> Summary:
+    """A new run of ``stage`` from the flags into ``out``, or the resumed one, in the folder this process holds."""
+    from flopwise.api import resume_held, run_held
+    from flopwise.budget import Budget
     from flopwise.train.display import ProgressDisplay
 
     display = ProgressDisplay(console)
     stop_after = Budget.parse(args.stop_after) if args.stop_after else None
     if args.resume:
-        given = config_flags_given(args) + [flag for flag, value in (
-            ("--out", args.out), ("--data", args.chat_data), ("--no-pack", getattr(args, "no_pack", False)),
-            ("--beta", getattr(args, "beta", None))) if value]
-        if given:
-            raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "
-                                "(only --stop-after applies)")
-        return resume(args.resume, stop_after=stop_after, display=display)
-    check_output("--out", args.out, folder=True)
+        return resume_held(args.resume, stop_after=stop_after, display=display)
     config = config_from_args(args)
     values = {"posttrain.stage": stage, **({"posttrain.data": [str(p) for p in args.chat_data]}
                                            if args.chat_data else {})}
@@ -158,8 +164,7 @@ def _run_stage(args: argparse.Namespace, console: Console, stage: str, agree: Ca
     if not args.init_from and not config.model.init_from:
         raise FlopwiseError(f"{stage} needs a starting model: --init-from RUN (a finished run folder) or a "
                             "Hugging Face folder or hub id")
-    out = args.out or Path(agree(str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))))
-    return run(config, out, stop_after=stop_after, display=display)
+    return run_held(config, out, stop_after=stop_after, display=display)
 
 
 def stage_defaults(config: RunConfig, stage: str) -> dict[str, float]:

@@ -10,14 +10,13 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from flopwise.budget import Budget
 from flopwise.cli.eval import eval_table
 from flopwise.cli.flags import add_data_method_flags, add_setup_flags, config_flags_given, config_from_args
-from flopwise.config import RunConfig
 from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
-from flopwise.rundir import check_output
+from flopwise.rundir import writing
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # these import torch or pydantic: a run imports them once it holds its folder
+    from flopwise.config import RunConfig
     from flopwise.plan.planner import Plan
     from flopwise.runtime import Ranks
     from flopwise.session import Summary
@@ -50,8 +49,10 @@ examples:
   flopwise train --budget 10m --teacher runs/small  # SALT: distill from a small finished run early in the budget
 
 every run forecasts its final held-out loss from its curve so far (logged at each 0.1 of the budget).
-one process writes a run folder at a time; checkpoints are verified before they are loaded, and a corrupt
-one is skipped for the newest intact one (docs/run-folder.md says what a run folder guarantees).
+one process writes a run folder at a time (a second one is refused at once); a new run starts only in an
+empty --out (or one a run was killed in before it began): --overwrite deletes the run files there first.
+checkpoints are verified before they are loaded, and a corrupt one is skipped for the newest intact one
+(docs/run-folder.md says what a run folder guarantees).
 """
 
 
@@ -61,7 +62,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                             description="Pretrain a decoder-only LM from raw text under a budget.")
     add_setup_flags(p, "the budget, e.g. 3m or 2e15flops or 5M,10m (see below)")
     add_data_method_flags(p)
-    p.add_argument("--out", type=Path, help="run folder (default: runs/<date-time>)")
+    add_out_flags(p)
     p.add_argument("--model", metavar="SIZE", help="named size: tiny, small (default), base, medium, large")
     p.add_argument("--init-from", metavar="HF_MODEL",
                    help="continue pretraining a Llama-family Hugging Face model (a folder, or a hub id found in "
@@ -86,33 +87,35 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.api import resume, run
-    from flopwise.runtime import init_ranks, shutdown
-    from flopwise.train.display import ProgressDisplay
+    _reject_with_resume(args)
+    out = args.resume or args.out or default_out()
+    with writing(out, new=not args.resume, overwrite=args.overwrite):  # first: a held folder is refused at once
+        from flopwise.api import resume_held, run_held
+        from flopwise.budget import Budget
+        from flopwise.runtime import init_ranks, shutdown
+        from flopwise.train.display import ProgressDisplay
 
-    ranks = init_ranks(device_type(args))
-    if not ranks.is_main:
-        console = Console(quiet=True)
-    display = ProgressDisplay(console)
-    stop_after = Budget.parse(args.stop_after) if args.stop_after else None
-    try:
-        if args.resume:
-            _reject_with_resume(args)
-            summary = resume(args.resume, args.budget, stop_after=stop_after, display=display)
-        else:
-            check_output("--out", args.out, folder=True)
-            config = config_from_args(args)
-            plan = None
-            if args.auto:
-                plan = _auto_plan(config, ranks, console)
-                config = plan.apply(config)
-            elif not ranks.distributed:
-                _say_what_the_law_would_choose(config, console)
-            out = args.out or Path(ranks.broadcast_text(str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))))
-            summary = run(config, out, stop_after=stop_after, display=display,
-                          auto_plan=plan.to_dict() if plan else None)
-    finally:
-        shutdown(ranks)
+        stop_after = Budget.parse(args.stop_after) if args.stop_after else None
+        ranks = init_ranks(device_type(args))
+        if not ranks.is_main:
+            console = Console(quiet=True)
+        display = ProgressDisplay(console)
+        try:
+            if args.resume:
+                summary = resume_held(args.resume, args.budget, stop_after=stop_after, display=display)
+            else:
+                config = config_from_args(args)
+                plan = None
+                if args.auto:
+                    plan = _auto_plan(config, ranks, console)
+                    config = plan.apply(config)
+                elif not ranks.distributed:
+                    _say_what_the_law_would_choose(config, console)
+                out = args.out or Path(ranks.broadcast_text(str(out)))  # rank 0's date and time
+                summary = run_held(config, out, stop_after=stop_after, display=display,
+                                   auto_plan=plan.to_dict() if plan else None)
+        finally:
+            shutdown(ranks)
     if not summary.finished:
         return print_stopped(console, summary, "train", stop_after is not None)
     print_summary(console, summary)
@@ -122,6 +125,20 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         console.print(f"planned: {predicted:.4f}; achieved: {achieved:.4f} ({(predicted - achieved) / achieved:+.2%})",
                       highlight=False)
     return 0
+
+
+def add_out_flags(p: argparse.ArgumentParser) -> None:
+    """--out and --overwrite, as every command that starts a run takes them."""
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<date-time>); it must hold no run and no "
+                                            "other files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the run in --out even where it holds a run or other files: the run files there "
+                        "(config.toml, checkpoints/, final/, metrics.jsonl...) are deleted first; other files stay")
+
+
+def default_out() -> Path:
+    """runs/<date-time>: under torchrun, rank 0's is every rank's (it alone holds the folder)."""
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
 FAMILY_FIELDS = {"d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden"}  # what a plan sets
@@ -185,8 +202,11 @@ def device_type(args: argparse.Namespace) -> str:
 
 
 def _reject_with_resume(args: argparse.Namespace) -> None:
-    """A resumed run keeps its config: refuse every flag that would change it, and --out and --auto."""
-    given = config_flags_given(args) + [flag for flag, value in (("--out", args.out), ("--auto", args.auto)) if value]
+    """A resumed run keeps its config: refuse every flag that would change it, and --out, --overwrite and --auto."""
+    if not args.resume:
+        return
+    given = config_flags_given(args) + [flag for flag, value in (
+        ("--out", args.out), ("--overwrite", args.overwrite), ("--auto", args.auto)) if value]
     if given:
         raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "
                             "(only --budget and --stop-after apply)")
