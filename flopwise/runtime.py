@@ -111,8 +111,9 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, cache_dir: Pat
 
 def _best_matmul_rate(n: int, device: torch.device, dtype: torch.dtype, repeats: int = 8) -> float:
     """FLOP/s of the fastest of several n x n matmuls (the best run is the least disturbed one)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(0)  # the run's own random stream stays untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     a @ b  # warm-up: first touch of memory, thread start
     best = float("inf")
     for _ in range(repeats):
