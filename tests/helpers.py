@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -172,3 +174,13 @@ def load_bench(name: str) -> Any:
     spec.loader.exec_module(module)
     return module
 
+
+def kill_at_first_checkpoint(process: Any, checkpoints: Path, what: str) -> None:
+    """SIGKILL ``process`` (a subprocess.Popen) as soon as ``checkpoints`` holds a checkpoint: a machine or a
+    process dying mid-run, after something to resume from exists."""
+    deadline = time.monotonic() + 240
+    while not (checkpoints.is_dir() and any(checkpoints.iterdir())) and process.poll() is None:
+        assert time.monotonic() < deadline, f"{what} never wrote a checkpoint"
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()

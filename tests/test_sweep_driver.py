@@ -14,7 +14,7 @@ from flopwise.rundir import read_metrics
 from flopwise.sweep.driver import SweepPlan, check_plan, run_sweep
 from flopwise.sweep.trial import spent_by
 from tests.helpers import TINY_VALUES as TINY
-from tests.helpers import sweep_setup
+from tests.helpers import kill_at_first_checkpoint, sweep_setup
 
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.slow
@@ -190,11 +190,8 @@ def test_a_trials_spending_counts_its_last_evaluation_past_its_last_logged_step(
 
 
 def test_kill_9_mid_trial_then_resume_ends_as_the_uninterrupted_sweep(setup, tmp_path, text_folder):
-    import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from flopwise.sweep.driver import resume_sweep
 
@@ -209,12 +206,7 @@ def test_kill_9_mid_trial_then_resume_ends_as_the_uninterrupted_sweep(setup, tmp
                                 "--seed", "2", "--data", str(text_folder), *overrides],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = folder / "trials" / "0001" / "checkpoints"
-    deadline = time.monotonic() + 240
-    while not (checkpoints.is_dir() and any(checkpoints.iterdir())) and process.poll() is None:
-        assert time.monotonic() < deadline, "trial 1 never wrote a checkpoint"
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_at_first_checkpoint(process, checkpoints, "trial 1")
     assert not (folder / "trials" / "0001" / "final").exists()  # killed mid-trial
     study = resume_sweep(folder)
     assert ended(study) == ended(uninterrupted)

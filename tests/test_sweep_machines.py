@@ -5,12 +5,9 @@ checkpoint where its folder is readable, restarting where it is not, and counted
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from flopwise import api
 from flopwise.budget import Budget
 from flopwise.sweep.driver import SweepPlan, run_sweep
 from flopwise.sweep.trial import trial_config
-from tests.helpers import TINY_VALUES, sweep_setup
+from tests.helpers import TINY_VALUES, kill_at_first_checkpoint, sweep_setup
 
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.slow
@@ -80,12 +77,7 @@ def test_a_dead_machines_trial_is_taken_over_after_its_heartbeat_stops(tmp_path,
                                              "--heartbeat", "1"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = dead / "trials" / "0000" / "checkpoints"
-    deadline = time.monotonic() + 240
-    while not (checkpoints.is_dir() and any(checkpoints.iterdir())) and process.poll() is None:
-        assert time.monotonic() < deadline, "trial 0 never wrote a checkpoint"
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)  # the machine dies mid-trial
-    process.wait()
+    kill_at_first_checkpoint(process, checkpoints, "trial 0")  # the machine dies mid-trial
     assert not (dead / "trials" / "0000" / "final").exists()
     if not shared_disk:  # the other machine cannot read the dead one's folder
         shutil.rmtree(dead)
