@@ -67,6 +67,7 @@ def test_the_decay_end_says_when_it_was_cut_short_and_how_to_finish_it(cut_at, f
         assert f"reached {SCHEDULE(0.95):.3g} of the peak learning rate" in text
 
 
+@pytest.mark.slow
 def test_a_stall_early_in_the_run_moves_the_schedule_only_by_the_budget_it_spent(tmp_path, text_folder, monkeypatch):
     # step 12 ends at p = 0.3 after a 1.2 s stall, where 0.1 s was predicted: p jumps from 0.275 to 0.6
     events, plan = stalled_run(tmp_path, text_folder, monkeypatch, stalled_step=12, stall=1.2)
@@ -85,6 +86,7 @@ def test_a_stall_early_in_the_run_moves_the_schedule_only_by_the_budget_it_spent
     assert "decay" not in plan and not plan["decay_events"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stall", [0.8, 0.55], ids=["past-the-budget", "one-step-short-of-it"])
 def test_a_stall_that_spends_the_decay_finishes_it_within_the_bound_and_says_so(tmp_path, text_folder, monkeypatch,
                                                                                 capsys, stall):
