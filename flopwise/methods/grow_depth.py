@@ -14,11 +14,12 @@ AdamW moments and step count (8-bit codes, GaLore projections and bf16 compensat
 continues the update its weights were following instead of restarting Adam's bias correction from
 zero for half the model.
 
-With ``function_preserving`` the copies' output projections (attention's o_proj and the MLP's down_proj) start
+With ``function_preserving`` (the default) the copies' output projections (attention's o_proj and the MLP's down_proj) start
 at zero with fresh optimizer state, so each copy starts as the identity on the residual stream and the loss is
 continuous at the growth (the zero-init idea of Net2Net and of the modded-nanoGPT speedrun's blocks); the copies'
 other weights then learn as soon as their output projections leave zero.  G_stack's plain copy instead changes
-the function at the growth and needs steps after it to recover: bench/progressive.py measures both.
+the function at the growth and needs steps after it to recover; it ended worse at normal speed and, by more,
+with the steps after the growth cut to a few (bench/growth.py, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class GrowDepthConfig(MethodConfig):
 
     factor: int = 2
     at: float = 0.75  # measured: bench/RESULTS.md#progressive-training
-    function_preserving: bool = False  # measured: bench/RESULTS.md#growth-that-keeps-the-function
+    function_preserving: bool = True  # measured: bench/RESULTS.md#growth-that-keeps-the-function
 
     _factor = in_range("factor", low=2)
     _at = in_range("at", low=0, high=1, above=True, below=True)
