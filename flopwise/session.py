@@ -286,26 +286,20 @@ class Session:
             self.score_start(evaluation, state, settings.eval_every)
             with self.display:
                 outcome: Outcome = trainer.run(state)
-            if self.ranks.is_main:
-                self.record_notes(outcome, event_log)
+            if outcome.decay is not None and self.ranks.is_main:
+                self.record_decay(outcome.decay, outcome.state.meter, event_log)
             final_eval = self.finish(trainer, evaluation, outcome) if outcome.finished else None
         return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
-                       outcome.stop_reason, self.sampler.domain_epochs(), outcome.decay, tuple(outcome.notes))
+                       outcome.stop_reason, self.sampler.domain_epochs(), outcome.decay, tuple(evaluation.notes))
 
-    def record_notes(self, outcome: Outcome, log: Any) -> None:
-        """What the loop found the user must hear is kept where the run is read later: a ``note`` event in
-        metrics.jsonl each, and for a decay that a stall cut into, a ``decay`` event and plan.json's ``decay``
-        (the summary says them too)."""
-        meter = outcome.state.meter
-        at = {"step": int(meter.steps), "p": meter.progress(self.config.budget.build()), "tokens": meter.tokens,
-              "flops": meter.flops}
-        for note in outcome.notes:
-            log.append({"event": "note", **at, "note": note})
-        if outcome.decay is not None:
-            log.append({"event": "decay", **at, **outcome.decay.to_dict(), "note": outcome.decay.describe()})
-            plan = json.loads((self.run_dir / PLAN_FILE).read_text())
-            write_json_atomic(self.run_dir / PLAN_FILE, {**plan, "decay": outcome.decay.to_dict()})
+    def record_decay(self, decay: DecayEnd, meter: Meter, log: Any) -> None:
+        """A decay that a stall cut into is kept where the run is read later: a ``decay`` event in
+        metrics.jsonl and plan.json's ``decay`` (the summary says it too)."""
+        log.append({"event": "decay", "step": int(meter.steps), "p": meter.progress(self.config.budget.build()),
+                    "tokens": meter.tokens, "flops": meter.flops, **decay.to_dict(), "note": decay.describe()})
+        plan = json.loads((self.run_dir / PLAN_FILE).read_text())
+        write_json_atomic(self.run_dir / PLAN_FILE, {**plan, "decay": decay.to_dict()})
 
     def callbacks(self, settings: LoopSettings, log: Any, after_eval: AfterEval | None
                   ) -> tuple[Evaluation, list[LoopCallback]]:
@@ -315,6 +309,10 @@ class Session:
         forecast = self.forecast_callback(log) if ev.forecasts else None
         evaluation = Evaluation(ev.during, ev.fields, settings.eval_every, self.sampler, self.display, log, ev.tasks,
                                 after_eval, forecast.final_loss if forecast is not None else None)
+        metrics = self.run_dir / METRICS_FILE
+        if self.resume_step is not None and metrics.is_file():  # the evaluation before the last change, if logged
+            evaluation.before_change = next((e["val_loss"] for e in read_metrics(metrics)
+                                             if e["event"] == "eval" and e.get("before_change")), None)
         return evaluation, [Progress(self.display, settings.budget), *([Metrics(log)] if log is not None else []),
                             evaluation, *([forecast] if forecast is not None else [])]
 

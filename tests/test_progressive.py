@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import statistics
 
 import pytest
 import torch
@@ -25,7 +24,6 @@ from flopwise.model.flops import flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.optim.build import build_optimizer
 from flopwise.rundir import read_metrics
-from flopwise.train.trainer import LossesAroundChange
 from tests.helpers import TINY, losses, train, train_events
 
 ALL = ["--method", "grow_depth", "--method", "seq_schedule", "--method", "batch_schedule"]
@@ -263,30 +261,19 @@ def test_a_progressive_run_cannot_be_extended_and_says_why(tmp_path, text_folder
     assert "trained with grow_depth, whose schedules follow the share of its original budget" in capsys.readouterr().err
 
 
-def test_losses_around_a_change_say_when_the_run_ended_above_its_loss_before_it():
-    losses = LossesAroundChange()
-    for loss in (5.0, 4.0, 3.0, 2.0, 2.2, 2.0):  # before: the mean of the last five, 2.64
-        losses.add(loss)
-    losses.change(0.9)
-    for loss in (3.5, 2.7):
-        losses.add(loss)
-    assert "training loss 3.1000 (its last 2 steps), above the 2.6400" in losses.regret()
-    assert "shape changed at p = 0.90" in losses.regret()
-    losses.add(2.0)
-    losses.add(1.0)
-    assert losses.regret() is None  # (3.5 + 2.7 + 2.0 + 1.0) / 4 = 2.3, below 2.64
-
-
 @pytest.mark.slow
-def test_a_run_that_grows_late_says_whether_it_ended_above_its_loss_before_the_growth(tmp_path, text_folder):
+@pytest.mark.parametrize("preserving", ["true", "false"])
+def test_a_run_that_grows_late_says_whether_it_ended_above_its_loss_before_the_growth(tmp_path, text_folder,
+                                                                                      preserving):
     run = tmp_path / "late"
     assert train(*TINY, "--data", str(text_folder), "--budget", "24steps", "--method", "grow_depth",
-                 "--set", "methods.grow_depth.at=0.9", "--out", str(run)) == 0
-    events = train_events(run)
-    grown = next(i for i, e in enumerate(events) if e["depth"] == 2)
-    before = statistics.fmean(e["loss"] for e in events[grown - 5:grown])
-    after = statistics.fmean(e["loss"] for e in events[grown:][-5:])
-    notes = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "note"]
-    assert len(notes) == (after > before)
+                 "--set", "methods.grow_depth.at=0.9", "--set", "train.eval_every=0",
+                 "--set", f"methods.grow_depth.function_preserving={preserving}", "--out", str(run)) == 0
+    events = read_metrics(run / "metrics.jsonl")
+    before, final = [e for e in events if e["event"] == "eval"]  # only these two: evaluations are off
+    grown = next(e["step"] for e in events if e["event"] == "train" and e["depth"] == 2)
+    assert before["before_change"] and before["step"] == grown - 1  # the model as it was at its growth point
+    notes = [e for e in events if e["event"] == "note"]
+    assert len(notes) == (final["val_loss"] > before["val_loss"])
     if notes:
-        assert f"above the {before:.4f}" in notes[0]["note"]
+        assert f"above the {before['val_loss']:.4f} it had before its last change of shape" in notes[0]["note"]

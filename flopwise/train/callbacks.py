@@ -55,8 +55,11 @@ class Evaluation(LoopCallback):
         self.evaluate, self.fields, self.every, self.sampler = evaluate, fields, every, sampler
         self.display, self.log, self.tasks = display, log, tasks
         self.after_eval, self.forecast = after_eval, forecast
+        self.before_change: float | None = None  # the held-out loss before the run's last change of shape
+        self.notes: list[str] = []  # what the evaluations found the user must hear
 
     def at_progress(self, loop: Trainer, state: LoopState, p_before: float, p: float) -> str | None:
+        self.evaluate_before_last_change(loop, state, p_before, p)
         if self.every <= 0 or not reached(p, state.next_eval):
             return None
         result = self.evaluate()
@@ -71,14 +74,39 @@ class Evaluation(LoopCallback):
         self.log_tasks(state, p)
         return reason
 
-    def log_eval(self, state: LoopState, p: float, result: dict[str, Any]) -> dict[str, Any]:
-        """Show and log one evaluation; returns its event fields."""
+    def evaluate_before_last_change(self, loop: Trainer, state: LoopState, p_before: float, p: float) -> None:
+        """Evaluate the model as it is before the run's last change of shape (progressive training's growth, at
+        its last breakpoint, which the next step's shape follows once the budget has spent it), so that the end
+        can be held to it: a slowdown that leaves too few steps after a growth must not leave the run worse
+        than it was without saying so."""
+        last = max(loop.settings.breakpoints, default=None)
+        if last is None or self.before_change is not None or not (p_before < last and reached(p, last)):
+            return
+        result = self.evaluate()
+        loop.model.train()
+        self.log_eval(state, p, result, before_change=True)
+
+    def log_eval(self, state: LoopState, p: float, result: dict[str, Any], before_change: bool = False
+                 ) -> dict[str, Any]:
+        """Show and log one evaluation; returns its event fields.  ``before_change``: the evaluation before the
+        run's last change of shape, which the final one is held to (a ``note`` event where it ends above)."""
         fields, line = self.fields(result)
         self.display.message(f"eval  step {int(state.meter.steps)}  p={p:.3f}  {line}")
+        at = {"step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens, "flops": state.meter.flops,
+              "seconds": state.meter.seconds}
         if self.log is not None:
-            self.log.append({"event": "eval", "step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens,
-                             "flops": state.meter.flops, "seconds": state.meter.seconds, **fields,
-                             "epochs": self.sampler.domain_epochs()})
+            self.log.append({"event": "eval", **at, **fields, "epochs": self.sampler.domain_epochs(),
+                             **({"before_change": True} if before_change else {})})
+        if before_change:
+            self.before_change = result["loss"]
+        elif p >= 1.0 and self.before_change is not None and result["loss"] > self.before_change:
+            note = (f"the run ended at held-out loss {result['loss']:.4f}, above the {self.before_change:.4f} it had "
+                    "before its last change of shape (a growth): too few steps followed it to recover, as a "
+                    "slowdown leaves them; a larger budget gives them more")
+            self.notes.append(note)
+            self.display.message(f"note: {note}")
+            if self.log is not None:
+                self.log.append({"event": "note", **at, "note": note})
         return fields
 
     def log_tasks(self, state: LoopState, p: float) -> float:

@@ -159,35 +159,6 @@ class DecayEnd:
                 "before the decay: flopwise train --resume RUN --budget LARGER")
 
 
-class LossesAroundChange:
-    """The training loss over the last steps before the run's last change of shape (progressive training's
-    growth, sequence length or batch) and over the last steps since: a run that ends above where it stood
-    before the change had too few steps after it to recover (a slowdown spends them), and says so."""
-
-    WINDOW = 5
-
-    def __init__(self) -> None:
-        self.recent: deque[float] = deque(maxlen=self.WINDOW)
-        self.before: tuple[float, float] | None = None  # (progress at the change, mean loss before it)
-
-    def add(self, loss: float) -> None:
-        self.recent.append(loss)
-
-    def change(self, p: float) -> None:
-        if self.recent:
-            self.before = (p, statistics.fmean(self.recent))
-        self.recent.clear()
-
-    def regret(self) -> str | None:
-        """What the user must hear where the run ended above its loss before the change; None otherwise."""
-        if self.before is None or not self.recent or statistics.fmean(self.recent) <= self.before[1]:
-            return None
-        p, before = self.before
-        return (f"the run ended at training loss {statistics.fmean(self.recent):.4f} (its last {len(self.recent)} "
-                f"steps), above the {before:.4f} of its last {self.WINDOW} steps before its shape changed at "
-                f"p = {p:.2f}: too few steps followed the change to recover; a larger budget gives them more")
-
-
 @dataclass
 class LoopState:
     """Everything besides tensors that the next step depends on; saved in each checkpoint."""
@@ -245,7 +216,6 @@ class Outcome:
     last_lr: float = 0.0
     stop_reason: str | None = None
     decay: DecayEnd | None = None  # where a stall cut into the decay
-    notes: list[str] = field(default_factory=list)  # what the run must tell its user (summary, metrics.jsonl)
 
 
 class Objective(Protocol):
@@ -371,14 +341,12 @@ class Trainer:
             previous_flops: float | None = None
             tail: DecayTail | None = None
             tail_taken = 0
-            losses = LossesAroundChange()
             while True:
                 start = time.perf_counter()
                 p_before = state.meter.progress(s.budget)
                 tokens, flops = s.costs_at(p_before)
                 if previous_flops is not None and flops != previous_flops:
                     timer.rescale(flops / previous_flops)
-                    losses.change(p_before)
                 previous_flops = flops
                 self.methods.begin_step(p_before, self.module, self.optimizer)
                 if tail is None:
@@ -403,7 +371,6 @@ class Trainer:
                                         "checkpoint holds that step; the earlier checkpoints are kept. Lower "
                                         "optim.lr or raise schedule.warmup, or check the data")
                 self.methods.after_step(step + 1, self.module, self.optimizer)
-                losses.add(loss)
                 synchronize(self.device)
                 # all ranks take the slowest rank's time and stop together on an interrupt
                 seconds, interrupted = self.ranks.max(time.perf_counter() - start + bookkeeping,
@@ -432,7 +399,6 @@ class Trainer:
                     outcome.finished = state.finished = True
                     if outcome.decay is not None:
                         self.display.message(outcome.decay.describe())
-                    outcome.notes += [note for note in [losses.regret()] if note is not None]
                     break
                 if tail is not None:  # at the budget's end: no evaluation or checkpoint until the decay is done
                     continue
