@@ -103,8 +103,7 @@ class Evaluation(LoopCallback):
             note = (f"the run ended at held-out loss {result['loss']:.4f}, above the {self.before_change:.4f} it had "
                     "before its last change of shape (a growth): too few steps followed it to recover, as a "
                     "slowdown leaves them; a larger budget gives them more")
-            self.notes.append(note)
-            self.display.message(f"note: {note}")
+            self.notes.append(note)  # the summary says it
             if self.log is not None:
                 self.log.append({"event": "note", **at, "note": note})
         return fields

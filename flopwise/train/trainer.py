@@ -396,9 +396,7 @@ class Trainer:
                     callback.on_step(self, state, record)
                 bookkeeping = time.perf_counter() - logging_start
                 if finished:
-                    outcome.finished = state.finished = True
-                    if outcome.decay is not None:
-                        self.display.message(outcome.decay.describe())
+                    outcome.finished = state.finished = True  # a cut decay is said by the summary
                     break
                 if tail is not None:  # at the budget's end: no evaluation or checkpoint until the decay is done
                     continue
