@@ -13,7 +13,7 @@ import pytest
 
 from flopwise.optim.schedules import Schedule
 from flopwise.rundir import read_metrics
-from flopwise.train.trainer import DecayEnd, DecayTail, StepTimer
+from flopwise.train.trainer import DecayEnd, DecayTail, StepTimer, eta_seconds
 from tests.helpers import TINY, FakeClock, train, train_events
 
 STEP = 0.1  # seconds of every step but the stalled one
@@ -52,6 +52,12 @@ def test_a_tail_finishes_the_schedule_within_one_step_or_two_percent_of_the_budg
     small_steps = DecayTail.after(p=1.0, p_lr=0.9, step_share=0.005)  # 2% of the budget: four steps
     assert small_steps.steps == 4 and small_steps.limit == pytest.approx(1.02)
     assert [small_steps.p_lr_of(k) for k in (1, 2, 3, 4)] == pytest.approx([0.925, 0.95, 0.975, 1.0])
+
+
+def test_the_eta_is_never_negative():
+    assert eta_seconds(wall=30.0, p=0.5, p_at_start=0.2) == pytest.approx(50.0)
+    assert eta_seconds(wall=60.0, p=1.04, p_at_start=0.2) == 0.0  # in the decay's tail, past the budget
+    assert eta_seconds(wall=1.0, p=0.2, p_at_start=0.2) is None
 
 
 @pytest.mark.parametrize("cut_at, finished, cut_short", [(0.98, True, False), (0.85, True, True), (0.9, False, True)])

@@ -55,6 +55,12 @@ def forecast_points(events: Iterable[dict[str, Any]], log_every: int,
                               and is_logged_step(e["step"], log_every))
 
 
+def eta_seconds(wall: float, p: float, p_at_start: float) -> float | None:
+    """Wall-clock seconds until p = 1 at the pace since this process started at ``p_at_start``: none left past
+    the budget (a decay's tail), unknown before any progress."""
+    return wall * max(1.0 - p, 0.0) / (p - p_at_start) if p > p_at_start else None
+
+
 def reached(p: float, mark: float) -> bool:
     """p has reached a mark, ignoring float rounding (12/20 must reach 6 * 0.1)."""
     return p + 1e-9 >= mark
@@ -467,7 +473,7 @@ class Trainer:
         tokens_per_s = tokens / seconds
         mfu = flops / seconds / s.peak_flops if s.peak_flops else None
         wall = time.perf_counter() - wall_start
-        eta = wall * max(1 - p, 0.0) / (p - p_at_start) if p > p_at_start else None  # none left past p = 1
+        eta = eta_seconds(wall, p, p_at_start)
         step = int(state.meter.steps)
         regular = is_logged_step(step, s.log_every)
         event = None
