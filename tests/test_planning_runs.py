@@ -113,9 +113,10 @@ def test_a_pilot_that_ended_without_its_pinned_checkpoint_is_trained_again_at_th
     scan = Scan(config, tmp_path / "scan", ScanDesign([size], unit_seconds=1.0), 600, console)
     runs = tmp_path / "scan" / "runs"
     assert scan._pilot(size, 1.0, None)
-    assert clock.steps == 20 and not has_extension_point(runs / "d64")  # the stall ended it before its decay
+    # the stall spent the budget before the decay: one step of tail ends the schedule, with no checkpoint before it
+    assert clock.steps == 21 and not has_extension_point(runs / "d64")
     assert scan._pilot(size, 2.0, 1.0)
-    assert clock.steps - 20 == pytest.approx(2.0 / 0.032, abs=1)  # all 2 s of steps: trained from the start
+    assert clock.steps - 21 == pytest.approx(2.0 / 0.032, abs=1)  # all 2 s of steps: trained from the start
     assert [p["name"] for p in scan.records] == ["d64-1s", "d64-2s"] and not scan.skipped
     assert scan.records[1]["tokens"] == pytest.approx(2.0 / 0.032 * TOKENS_PER_STEP, abs=TOKENS_PER_STEP)
     assert has_extension_point(runs / "d64") and (runs / "d64-1s" / "final").is_dir()  # the shorter one kept

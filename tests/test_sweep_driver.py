@@ -141,16 +141,17 @@ def test_two_workers_share_the_total_and_draw_different_values(setup, tmp_path):
                                                                           "reserved": {}, "overrun": 0.0}
 
 
-def test_two_machines_share_one_study_through_a_journal_on_a_shared_disk(setup, tmp_path):
+def test_two_machines_share_one_study_and_its_total_through_a_journal_on_a_shared_disk(setup, tmp_path):
     base, space = setup
     shared = tmp_path / "shared" / "study.log"
     shared.parent.mkdir()
     plan = SweepPlan(Budget.parse("12steps"), Budget.parse("6steps"), "random", 0)
     run_sweep(tmp_path / "machine_a", base, space, plan, storage=str(shared))
     study = run_sweep(tmp_path / "machine_b", base, space, plan, storage=str(shared))
-    assert [t.number for t in study.trials] == [0, 1, 2, 3]  # one study, numbered across both folders
-    assert sorted(p.name for p in (tmp_path / "machine_b" / "trials").iterdir()) == ["0002", "0003"]
-    assert len({t.params["optim.lr"] for t in study.trials}) == 4
+    assert [t.number for t in study.trials] == [0, 1]  # one study and one total: the first machine spent it
+    assert sorted(p.name for p in (tmp_path / "machine_a" / "trials").iterdir()) == ["0000", "0001"]
+    assert not any((tmp_path / "machine_b").glob("trials/*"))
+    assert len({t.params["optim.lr"] for t in study.trials}) == 2
     assert not (tmp_path / "machine_a" / "journal.log").exists()
 
 
