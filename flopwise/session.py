@@ -306,24 +306,22 @@ class Session:
         """The stage's evaluation (with its tasks, the listener and the forecast it reads), and every callback in
         the order they act: the display, the metrics log, the evaluation, the forecast."""
         ev: StageEvaluation = self.evaluation
-        forecast = self.forecast_callback(log) if ev.forecasts else None
-        evaluation = Evaluation(ev.during, ev.fields, settings.eval_every, self.sampler, self.display, log, ev.tasks,
-                                after_eval, forecast.final_loss if forecast is not None else None)
         metrics = self.run_dir / METRICS_FILE
-        if self.resume_step is not None and metrics.is_file():  # the evaluation before the last change, if logged
-            evaluation.before_change = next((e["val_loss"] for e in read_metrics(metrics)
-                                             if e["event"] == "eval" and e.get("before_change")), None)
+        logged = read_metrics(metrics) if self.resume_step is not None and metrics.is_file() else []
+        forecast = self.forecast_callback(log, logged) if ev.forecasts else None
+        before_change = next((e["val_loss"] for e in logged if e["event"] == "eval" and e.get("before_change")), None)
+        evaluation = Evaluation(ev.during, ev.fields, settings.eval_every, self.sampler, self.display, log, ev.tasks,
+                                after_eval, forecast.final_loss if forecast is not None else None, before_change)
         return evaluation, [Progress(self.display, settings.budget), *([Metrics(log)] if log is not None else []),
                             evaluation, *([forecast] if forecast is not None else [])]
 
-    def forecast_callback(self, log: Any) -> Forecast | None:
-        """The final-loss forecast, fed on resume with the logged steps the checkpoint includes."""
+    def forecast_callback(self, log: Any, logged: list[dict[str, Any]]) -> Forecast | None:
+        """The final-loss forecast, fed on resume with the logged steps the checkpoint includes (``logged``: the
+        events of metrics.jsonl, truncated to the checkpoint)."""
         t = self.config.train
         if t.forecast_every <= 0:
             return None
-        metrics = self.run_dir / METRICS_FILE
-        events = read_metrics(metrics) if metrics.is_file() else []
-        points = forecast_points(events, t.log_every)
+        points = forecast_points(logged, t.log_every)
         law = law_for(self.config, device_name(self.device))
         prior = law.prior_for(count_parameters(self.model_cfg)["non_embedding"])
         forecaster = LossForecaster(self.config.schedule.build(), law.kappa, t.forecast_every, t.target_loss, points,

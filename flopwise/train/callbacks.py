@@ -51,11 +51,12 @@ class Evaluation(LoopCallback):
     def __init__(self, evaluate: Callable[[], dict[str, Any]], fields: EvalFields, every: float, sampler: Sampler,
                  display: ProgressDisplay, log: EventLog | None,
                  tasks: Callable[[], dict[str, Any]] | None = None, after_eval: AfterEval | None = None,
-                 forecast: Callable[[float, float], float | None] | None = None) -> None:
+                 forecast: Callable[[float, float], float | None] | None = None,
+                 before_change: float | None = None) -> None:
         self.evaluate, self.fields, self.every, self.sampler = evaluate, fields, every, sampler
         self.display, self.log, self.tasks = display, log, tasks
         self.after_eval, self.forecast = after_eval, forecast
-        self.before_change: float | None = None  # the held-out loss before the run's last change of shape
+        self.before_change = before_change  # the held-out loss before the run's last change of shape (resumed)
         self.notes: list[str] = []  # what the evaluations found the user must hear
 
     def at_progress(self, loop: Trainer, state: LoopState, p_before: float, p: float) -> str | None:

@@ -357,7 +357,7 @@ class Trainer:
                 self.methods.begin_step(p_before, self.module, self.optimizer)
                 if tail is None:
                     left = self.steps_left(state, timer)
-                    share = self.step_share(state, timer)
+                    share = self.step_share(state, timer) if left == 1 else 0.0
                     if left == 1 and 1.0 - state.p_lr > self.TAIL_GAP * share:  # a stall took the decay's steps
                         tail = DecayTail.after(p_before, state.p_lr, share)
                 if tail is None:
@@ -433,16 +433,21 @@ class Trainer:
         self.display.message("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def steps_left(self, state: LoopState, timer: StepTimer) -> int | None:
-        """Steps the budget still allows, the next one included; a later shape's step time is predicted from
-        this one's in proportion to their FLOPs."""
+    def step_costs(self, state: LoopState, timer: StepTimer) -> Callable[[float], StepCost]:
+        """What a step taken at progress p costs: its tokens and FLOPs, and its seconds, a later shape's
+        predicted from this one's step time in proportion to their FLOPs (unknown until a step is timed)."""
         s = self.settings
         flops_now = s.costs_at(state.meter.progress(s.budget))[1]
 
         def cost_at(p: float) -> StepCost:
             tokens, flops = s.costs_at(p)
-            return StepCost(tokens, flops, None if timer.estimate is None else timer.estimate * flops / flops_now)
-        return scheduled_steps_left(state.meter, s.budget, cost_at, s.breakpoints)
+            return StepCost(tokens, flops, None if timer.estimate is None else timer.estimate * (flops / flops_now))
+        return cost_at
+
+    def steps_left(self, state: LoopState, timer: StepTimer) -> int | None:
+        """Steps the budget still allows, the next one included."""
+        s = self.settings
+        return scheduled_steps_left(state.meter, s.budget, self.step_costs(state, timer), s.breakpoints)
 
     def progress_after_next_step(self, state: LoopState, timer: StepTimer) -> float:
         """The progress the budget will have spent after one more step, as predicted: exact for token, FLOP and
@@ -450,9 +455,8 @@ class Trainer:
         been timed)."""
         s = self.settings
         meter = state.meter
-        tokens, flops = s.costs_at(meter.progress(s.budget))
-        cost = {"tokens": tokens, "flops": flops, "steps": 1.0, "seconds": timer.estimate}
-        return max((getattr(meter, name) + (cost[name] or 0.0)) / limit
+        cost = self.step_costs(state, timer)(meter.progress(s.budget))
+        return max((getattr(meter, name) + (getattr(cost, name) or 0.0)) / limit
                    for name, limit in s.budget.set_limits().items())
 
     def step_share(self, state: LoopState, timer: StepTimer) -> float:
