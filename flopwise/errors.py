@@ -1,4 +1,6 @@
-"""The one exception type users see: a clear one-line message, exit code 2."""
+"""The one exception type users see (a clear one-line message, exit code 2), and the one-line warning."""
+
+import sys
 
 
 class FlopwiseError(Exception):
@@ -11,3 +13,9 @@ class FlopwiseError(Exception):
 
 
 EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C: the run stopped, checkpointed where it could
+
+
+def warn(line: str) -> None:
+    """Tell the user, in one line on stderr, of something the run went on past (a damaged cache rebuilt, a
+    broken log line skipped)."""
+    print(f"flopwise: warning: {line}", file=sys.stderr)

@@ -14,14 +14,13 @@ import json
 import os
 import shutil
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flopwise.errors import FlopwiseError
+from flopwise.errors import FlopwiseError, warn
 
 if TYPE_CHECKING:  # imported where a shape is read: the CLI takes the lock here before numpy is imported
     from flopwise.model.config import ModelConfig
@@ -84,8 +83,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             damaged.append(number)
     if damaged:
         shown = ", ".join(map(str, damaged[:3])) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
-        print(f"flopwise: warning: '{path}' line{'s' if len(damaged) > 1 else ''} {shown}: not a JSON event in UTF-8 "
-              "(the file is damaged): skipped", file=sys.stderr)
+        warn(f"'{path}' line{'s' if len(damaged) > 1 else ''} {shown}: not a JSON event in UTF-8 (the file is "
+             "damaged): skipped")
     return events
 
 
@@ -169,8 +168,8 @@ def _exclusive(run_dir: Path) -> Iterator[Any]:
         except OSError as err:
             if err.errno not in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
-            print(f"flopwise: warning: '{run_dir}' is on a filesystem or platform without file locks: nothing stops "
-                  "a second process from writing this run", file=sys.stderr)
+            warn(f"'{run_dir}' is on a filesystem or platform without file locks: nothing stops a second process "
+                 "from writing this run")
             yield None
             return
         handle.seek(0)

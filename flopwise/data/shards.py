@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import numpy as np
 from flopwise.atomic import fsync, json_text
 from flopwise.data.sources import Document
 from flopwise.data.tokenizer import Tokenizer
-from flopwise.errors import FlopwiseError
+from flopwise.errors import FlopwiseError, warn
 from flopwise.filelock import held
 from flopwise.manifest import MANIFEST_FILE, Checksums, files_record, problem
 
@@ -134,7 +133,7 @@ def build_corpus(documents: Iterable[Document], tokenizer: Tokenizer, cache_root
         damage = cache_problem(target)
         if damage is None:
             return TokenCorpus(target, cache_hit=True)  # verified just now: not twice
-        _warn(f"token cache '{target}' is not intact ({damage}): rebuilding it from the data")
+        warn(f"token cache '{target}' is not intact ({damage}): rebuilding it from the data")
     documents = list(documents)
     if not any(document.text for document in documents):
         raise FlopwiseError("the data sources hold no text to train on: pass files or folders with text in them")
@@ -157,10 +156,6 @@ def build_corpus(documents: Iterable[Document], tokenizer: Tokenizer, cache_root
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return TokenCorpus.load(target, cache_hit=False)
-
-
-def _warn(line: str) -> None:
-    print(f"flopwise: warning: {line}", file=sys.stderr)
 
 
 def _remove_entry(target: Path, cache_root: Path) -> None:

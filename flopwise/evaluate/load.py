@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ from safetensors.torch import load_model
 
 from flopwise.config import load_run_config
 from flopwise.data.tokenizer import Tokenizer
-from flopwise.errors import FlopwiseError
+from flopwise.errors import FlopwiseError, warn
 from flopwise.methods.dense import build_model, plain_model
 from flopwise.methods.stack import MethodStack
 from flopwise.model.gpt import GPT
@@ -46,13 +45,9 @@ def load_checkpoint_model(run_dir: Path, device: torch.device) -> tuple[GPT, Tok
     model = build_model(planned_model_config(run_dir), methods.configure)  # as trained: factorized, adapted
     directory = run_dir / "checkpoints"
     with reading_checkpoints(directory):  # a live run does not prune it away meanwhile
-        checkpoint = newest_intact(run_dir, list_checkpoints(directory), _warn)
+        checkpoint = newest_intact(run_dir, list_checkpoints(directory), warn)
         load_model(model, str(checkpoint.path / "model.safetensors"), strict=True)
     return plain_model(model).to(device).eval(), Tokenizer.load(run_dir / "tokenizer.json")
-
-
-def _warn(line: str) -> None:
-    print(f"flopwise: warning: {line}", file=sys.stderr)
 
 
 def load_run_model(run_dir: Path, device: torch.device, checkpoint: bool = False) -> tuple[GPT, Tokenizer]:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flopwise.errors import FlopwiseError
+from flopwise.errors import FlopwiseError, warn
 from flopwise.sweep.optuna_dep import require_optuna
 
 RECORD_START = b'{"op_code":'  # how Optuna writes every record: compact JSON, ASCII, the op code first
@@ -116,8 +115,7 @@ def drop_cut_record(path: Path) -> int:
             raise damaged(path, _line_count(path))
         handle.truncate(end)
         os.fsync(handle.fileno())
-    print(f"flopwise: warning: '{path}' ended inside a record (a crash mid-write): dropped its {len(tail)} "
-          "cut-off bytes", file=sys.stderr)
+    warn(f"'{path}' ended inside a record (a crash mid-write): dropped its {len(tail)} cut-off bytes")
     return len(tail)
 
 
