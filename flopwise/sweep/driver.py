@@ -131,6 +131,12 @@ def open_study(folder: Path, plan: SweepPlan, base: RunConfig, storage: str | No
     return study
 
 
+def study_of(folder: Path, settings: dict[str, Any], plan: SweepPlan, base: RunConfig) -> Any:
+    """The study of the sweep in ``folder``, on the storage its sweep.json names (``settings``), with its
+    heartbeat."""
+    return open_study(folder, plan, base, settings["storage"], settings.get("heartbeat", DEFAULT_HEARTBEAT))
+
+
 def study_storage(folder: Path, storage: str | None, heartbeat: int | None = None) -> Any:
     """Where the sweep's study lives: an RDB URL as given (``postgresql://...``; with Optuna's heartbeat every
     ``heartbeat`` seconds, so that a dead machine's trial is taken over), a journal file at the path given (on a
@@ -179,7 +185,7 @@ def resume_sweep(folder: Path, display: ProgressDisplay | None = None,
     ranks = ranks or Ranks()
     settings, plan, base, space = _read_sweep(folder)
     check_launch(plan, settings.get("workers", 1), ranks)
-    study = open_study(folder, plan, base, settings["storage"], settings.get("heartbeat", DEFAULT_HEARTBEAT))
+    study = study_of(folder, settings, plan, base)
     if plan.strategy == "pbt":
         return _run_population(folder, base, space, plan, study, display, say)
     reserved = TotalBudget.from_dict(settings["budget"]).reserved
@@ -225,13 +231,10 @@ def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, sa
                  ranks: Ranks) -> Any:
     """The trials, in this process or in ``workers`` processes; returns the study as they left it."""
     settings, plan, base, space = _read_sweep(folder)
-    storage, heartbeat = settings["storage"], settings.get("heartbeat", DEFAULT_HEARTBEAT)
     if plan.strategy == "pbt":
-        return _run_population(folder, base, space, plan, open_study(folder, plan, base, storage, heartbeat),
-                               display, say)
+        return _run_population(folder, base, space, plan, study_of(folder, settings, plan, base), display, say)
     if workers == 1:
-        return _run_trials(folder, base, space, plan, open_study(folder, plan, base, storage, heartbeat), display,
-                           say, ranks)
+        return _run_trials(folder, base, space, plan, study_of(folder, settings, plan, base), display, say, ranks)
     threads = max(1, usable_cores() // workers)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads or locks inherited
     processes = [context.Process(target=_worker, args=(folder, index, threads)) for index in range(workers)]
@@ -243,7 +246,7 @@ def _run_workers(folder: Path, workers: int, display: ProgressDisplay | None, sa
     if failed:
         raise FlopwiseError(f"sweep worker(s) {', '.join(map(str, failed))} of '{folder}' stopped with an error "
                             f"(see above): continue with flopwise sweep --resume {folder}")
-    return open_study(folder, plan, base, storage, heartbeat)
+    return study_of(folder, settings, plan, base)
 
 
 def check_launch(plan: SweepPlan, workers: int, ranks: Ranks) -> None:
@@ -273,7 +276,7 @@ def _worker(folder: Path, index: int, threads: int) -> None:
 
     torch.set_num_threads(threads)
     settings, plan, base, space = _read_sweep(folder)
-    study = open_study(folder, plan, base, settings["storage"], settings.get("heartbeat", DEFAULT_HEARTBEAT))
+    study = study_of(folder, settings, plan, base)
     _run_trials(folder, base, space, plan, study, None, lambda line: print(f"worker {index}: {line}", flush=True))
 
 
