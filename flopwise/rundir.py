@@ -63,6 +63,11 @@ def planned_model_config(run_dir: Path) -> ModelConfig:
                             "with, so restore it from a copy of the run folder, or start a new run") from None
 
 
+def first_few(items: list[Any], shown: int = 3) -> str:
+    """'a, b, c and 4 more': the first ``shown`` of ``items``, then how many were not named, for one line."""
+    return ", ".join(map(str, items[:shown])) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All complete events of a ``metrics.jsonl``.  A last line cut short (no newline after it: a crash mid-write,
     or a live run's next event) is left out without a word, as expected; any other line that is not a JSON
@@ -82,9 +87,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         elif number < len(lines):  # followed by a newline: written whole, damaged since
             damaged.append(number)
     if damaged:
-        shown = ", ".join(map(str, damaged[:3])) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
-        warn(f"'{path}' line{'s' if len(damaged) > 1 else ''} {shown}: not a JSON event in UTF-8 (the file is "
-             "damaged): skipped")
+        warn(f"'{path}' line{'s' if len(damaged) > 1 else ''} {first_few(damaged)}: not a JSON event in UTF-8 "
+             "(the file is damaged): skipped")
     return events
 
 
@@ -127,10 +131,9 @@ def _refuse_other_files(run_dir: Path) -> None:
     found = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in run_dir.iterdir()
                    if not any(fnmatch(entry.name, pattern) for pattern in UNSTARTED_ENTRIES))
     if found:
-        named = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise FlopwiseError(f"'{run_dir}' is not empty ({named}) and holds no run (no {CONFIG_FILE}): choose "
-                            "another --out, or add --overwrite to start the run there (the run files in it are "
-                            "deleted first)")
+        raise FlopwiseError(f"'{run_dir}' is not empty ({first_few(found)}) and holds no run (no {CONFIG_FILE}): "
+                            "choose another --out, or add --overwrite to start the run there (the run files in it "
+                            "are deleted first)")
 
 
 def _make_room(run_dir: Path, overwrite: bool) -> None:
