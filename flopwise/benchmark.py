@@ -25,7 +25,7 @@ from rich.console import Console
 from flopwise.config import load_config
 from flopwise.recipes import recipe_values
 
-DIVISORS = (2, 3, 4, 5, 6, 8, 10)
+DIVISORS = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20)
 # Fewer, longer evaluations: the final one decides, and evaluation time is not training time.
 RUN_SETTINGS = {"train.eval_every": 0.0, "train.checkpoint_every": 0.0, "train.eval_tokens": 32768,
                  "train.log_every": 50}
@@ -96,22 +96,26 @@ class TimeToQuality:
     baseline_overrides: list[str] = field(default_factory=list)
     candidate_overrides: list[str] = field(default_factory=list)
     divisors: tuple[int, ...] = DIVISORS
+    start: int = 3
 
     def run(self, report: Callable[[str], None] = print) -> list[SeedResult]:
         results = []
+        start = self.start
         with tempfile.TemporaryDirectory(prefix="flopwise-bench-") as tmp:
             for seed in self.seeds:
                 base = train_once(self.baseline, self.seconds, seed, self.sources, self.baseline_overrides, Path(tmp))
                 report(f"seed {seed}: {self.baseline} {self.seconds:g}s -> {base.val_loss:.4f} (target)")
                 result = SeedResult(seed, base.val_loss, base)
-                self._search(result, Path(tmp), report)
+                self._search(result, Path(tmp), report, start)
                 results.append(result)
+                start = result.best_divisor if result.best_divisor > 1 else start
         return results
 
-    def _search(self, result: SeedResult, work: Path, report: Callable[[str], None]) -> None:
-        """From T/3 down while the target is reached, or up to T/2 when it is not."""
+    def _search(self, result: SeedResult, work: Path, report: Callable[[str], None], start: int | None = None) -> None:
+        """From T/start (T/3 unless given) down while the target is reached, or up towards T/2 when it is not."""
         order = sorted(self.divisors)
-        index = order.index(3) if 3 in order else 0
+        start = self.start if start is None else start
+        index = order.index(start) if start in order else 0
         step = None
         while 0 <= index < len(order):
             divisor = order[index]
@@ -173,7 +177,8 @@ def ablations(which: str) -> dict[str, list[str]]:
 def ablate(bench: TimeToQuality, targets: list[SeedResult], report: Callable[[str], None] = print,
            which: str = "all") -> list[dict[str, Any]]:
     """The candidate search again with one piece changed, against each seed's target; ``which``: the recipe's
-    pieces, progressive training's, or all.  Variants alternate within a seed, as baseline and candidate do."""
+    pieces, progressive training's, or all.  Variants alternate within a seed, as baseline and candidate do, and
+    each search starts at the budget where the candidate's own answer for that seed was."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="flopwise-ablate-") as tmp:
         for target in targets:
@@ -181,7 +186,7 @@ def ablate(bench: TimeToQuality, targets: list[SeedResult], report: Callable[[st
                 variant = SeedResult(target.seed, target.target, target.baseline)
                 changed = TimeToQuality(**{**asdict(bench), "candidate_overrides": bench.candidate_overrides + overrides})
                 report(f"ablation: {name}, seed {target.seed}")
-                changed._search(variant, Path(tmp), report)
+                changed._search(variant, Path(tmp), report, target.best_divisor if target.best_divisor > 1 else None)
                 rows.append({"variant": name, "seed": target.seed, "overrides": overrides,
                              "speedup": float(variant.best_divisor),
                              "interpolated_speedup": variant.interpolated_speedup,

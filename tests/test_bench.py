@@ -64,6 +64,16 @@ def test_search_goes_up_when_t_over_3_misses(monkeypatch):
     assert summary["median_speedup"] == 1.0 and summary["speedups"] == [1.0, 1.0]
 
 
+def test_a_later_seed_starts_at_the_previous_seeds_answer(monkeypatch):
+    calls: list[float] = []
+    losses = {120.0: 4.0, 40.0: 3.8, 30.0: 3.85, 24.0: 3.9, 20.0: 3.95, 15.0: 4.1}
+    monkeypatch.setattr(benchmark, "train_once", fake_trainer(losses, calls))
+    results = TimeToQuality(seconds=120, seeds=(0, 1)).run(report=lambda line: None)
+    assert calls == [120.0, 40.0, 30.0, 24.0, 20.0, 15.0,  # seed 0: T/3 down to T/8, which misses
+                     120.0, 20.0, 15.0]  # seed 1 starts at seed 0's answer, T/6
+    assert [r.best_divisor for r in results] == [6, 6]
+
+
 def test_speedup_of_seeds_is_the_median():
     def seed(divisor_reached: int) -> SeedResult:
         base = RunResult("baseline", 0, 60.0, 4.0, 0, 0, 0)
