@@ -1,8 +1,8 @@
-"""The remote-code export: a model that no transformers class computes (here GPT-2's pieces: learned positions,
-LayerNorm, GELU, biases; or ReLU² on RoPE) is saved with flopwise's own modeling code, which transformers loads
-with trust_remote_code=True where flopwise is not installed, with flopwise's logits, greedy generations and
-loss, and on which lm-eval's ``hf`` model scores as flopwise does; flopwise reads the folder back; a stock model's
-folder stays a stock one."""
+"""The remote-code export: a model that no transformers class computes (GPT-2's pieces: learned positions,
+LayerNorm, GELU, biases; ReLU² on RoPE; the speedrun options) is saved with flopwise's own modeling code, which
+transformers loads with trust_remote_code=True where flopwise is not installed, with flopwise's logits, greedy
+generations and loss, and on which lm-eval's ``hf`` model scores as flopwise does; flopwise reads the folder
+back; a stock model's folder stays a stock one."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,14 @@ from flopwise.model.remote import source_files
 from tests.helpers import TINY, load_hf_model
 
 GPT2_PIECES = {"positions": "learned", "norm": "layer", "mlp": "gelu", "bias": True}
+SPEEDRUN = {"qk_norm": True, "value_embeds": True, "x0_lambdas": True, "unet_skips": True, "smear": True,
+            "logit_softcap": 15.0, "bigram_hash": 64}
 SHAPES = {"gpt2": dict(GPT2_PIECES, tie_embeddings=False),
-          "relu2-rope": {"mlp": "relu2", "qk_norm": True, "n_kv_heads": 2, "head_size": 16}}
+          "relu2-rope": {"mlp": "relu2", "qk_norm": True, "n_kv_heads": 2, "head_size": 16}, "speedrun": SPEEDRUN}
+HAS_SPEEDRUN_OPTIONS = set(SPEEDRUN) <= {field.name for field in fields(ModelConfig)}
+SHAPE_NAMES = [pytest.param(name, marks=pytest.mark.skipif(
+    name == "speedrun" and not HAS_SPEEDRUN_OPTIONS, reason="the speedrun options are not in ModelConfig yet"))
+    for name in SHAPES]
 TEXT = "def greet(name):\n    return f'Hello, {name}!'  # The quick brown fox."
 
 # Run in a fresh interpreter where importing flopwise fails (it is installed here, so it is blocked), with
@@ -60,6 +67,9 @@ if job["mode"] == "model":
             out = model.generate(prompt, max_new_tokens=job["new"], min_new_tokens=job["new"], do_sample=False,
                                  use_cache=use_cache, pad_token_id=0)
             result[f"greedy_cache_{use_cache}"] = out[0].tolist()
+            out = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=3,
+                                 use_cache=use_cache, pad_token_id=0)  # beam search reorders the cache's rows
+            result[f"beams_cache_{use_cache}"] = out[0].tolist()
         # one row padded on the left, one on the right, beside the unpadded ids
         short = job["ids"][:job["prompt"]]
         pad = len(job["ids"]) - len(short)
@@ -98,13 +108,13 @@ def without_flopwise(tmp_path: Path, **job) -> dict:
 
 
 def perturbed_model(shape: dict) -> GPT:
-    """A random model with norm gains and biases moved off 1 and 0, so that a mix-up of them shows."""
+    """A random model with every weight moved off its initial value (norm gains off 1, biases, the options' gates
+    and tables off 0), so that a mix-up of any of them shows."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=257, d_model=64, n_layers=2, n_heads=4, seq_len=64, **shape))
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                param.add_(torch.randn_like(param) * 0.2)
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
     return model.eval()
 
 
@@ -132,7 +142,7 @@ def test_the_exported_modules_import_only_torch_transformers_the_standard_librar
             assert set(tops) <= allowed, f"{path.name}:{node.lineno} imports {tops}"
 
 
-@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("name", SHAPE_NAMES)
 def test_a_model_without_a_stock_architecture_is_exported_with_the_code_that_trained_it(tmp_path, name):
     model = perturbed_model(SHAPES[name])
     kind = save_hf_folder(model, byte_tokenizer(), tmp_path / "hf")
@@ -197,7 +207,7 @@ def test_a_damaged_remote_code_config_is_refused_in_one_line(tmp_path, change, m
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("name", SHAPE_NAMES)
 def test_transformers_computes_the_remote_code_export_as_flopwise_does_without_flopwise(tmp_path, name):
     model = perturbed_model(SHAPES[name])
     save_hf_folder(model, byte_tokenizer(), tmp_path / "hf")
@@ -214,6 +224,7 @@ def test_transformers_computes_the_remote_code_export_as_flopwise_does_without_f
     assert theirs["loss"] == pytest.approx(loss, abs=1e-5)
     greedy = model.generate(x[:, :prompt], new, temperature=0)[0].tolist()  # flopwise sample at temperature 0
     assert theirs["greedy_cache_True"] == greedy == theirs["greedy_cache_False"]
+    assert theirs["beams_cache_True"] == theirs["beams_cache_False"]
     for side in ("left_padded", "right_padded"):  # padding is a sequence of its own
         assert (torch.tensor(theirs[side]) - short).abs().max().item() < 1e-5
     assert theirs["padded_with_cache"] == ("FlopwiseForCausalLM: a padded batch (attention_mask with zeros) cannot "

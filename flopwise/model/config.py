@@ -105,6 +105,11 @@ class ModelConfig:
         """RoPE, RMSNorm, SwiGLU and no biases: the layout Hugging Face Llama/Qwen3 compute exactly."""
         return self.positions == "rope" and self.norm == "rms" and self.mlp == "swiglu" and not self.bias
 
+    @property
+    def stock_architecture(self) -> bool:
+        """What a stock Llama/Qwen3 computes: LLaMA-style, with no option that changes the function."""
+        return self.llama_style
+
     def validate(self) -> None:
         """Raise FlopwiseError with a one-line fix for the first inconsistent field."""
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "seq_len",

@@ -54,8 +54,8 @@ class ExportKind:
 
 
 def export_kind(cfg: ModelConfig) -> ExportKind:
-    """Llama (Qwen3 with QK-norm) for a LLaMA-style model; remote code for any other."""
-    if not cfg.llama_style:
+    """Llama (Qwen3 with QK-norm) for a stock architecture; remote code for any other model."""
+    if not cfg.stock_architecture:
         return ExportKind(ARCHITECTURE, remote_code=True)
     return ExportKind(ARCHITECTURES["qwen3" if cfg.qk_norm else "llama"][0], remote_code=False)
 

@@ -57,6 +57,15 @@ class FlopwiseForCausalLM(PreTrainedModel, GenerationMixin):
         """The head; None when it is the embedding (tied), which the decoder reuses by itself."""
         return self.model.lm_head
 
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """transformers' inputs, with the cache's last token taken from ``input_ids``: the token before the new ones,
+        right for every row even after beam search reorders the rows (and the cache's keys and values with them)."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        cache, new = inputs.get(_CACHE_FIELD), inputs["input_ids"].shape[1]
+        if cache is not None and new < input_ids.shape[1]:
+            cache.flopwise_last_token = input_ids[:, -new - 1:-new]
+        return inputs
+
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: DynamicCache | None = None, past_key_values: DynamicCache | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
@@ -76,7 +85,9 @@ class FlopwiseForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 class _LayerView:
-    """One layer of a transformers cache, as the decoder's attention reads and extends its own LayerCache."""
+    """One layer of a transformers cache, as the decoder reads and extends its own LayerCache: its length, its
+    keys and values, and (kept on the cache itself) the last token it holds, which the first new token looks
+    back to (smear, the bigram hash)."""
 
     def __init__(self, cache: DynamicCache, index: int) -> None:
         self.cache, self.index = cache, index
@@ -84,6 +95,14 @@ class _LayerView:
     @property
     def length(self) -> int:
         return self.cache.get_seq_length(self.index)
+
+    @property
+    def last_token(self) -> torch.Tensor | None:
+        return getattr(self.cache, "flopwise_last_token", None)
+
+    @last_token.setter
+    def last_token(self, token: torch.Tensor) -> None:
+        self.cache.flopwise_last_token = token
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.update(k, v, self.index)
