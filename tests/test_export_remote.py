@@ -15,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 import torch
@@ -22,12 +23,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from flopwise.cli import main
+from flopwise.config import load_config
 from flopwise.data.tokenizer import byte_tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import model_config_from_hf, read_hf_config, save_hf_folder
 from flopwise.model.remote import source_files
+from flopwise.model.section import ModelSection
+from flopwise.recipes import recipe_values
 from tests.helpers import TINY, load_hf_model
 
 GPT2_PIECES = {"positions": "learned", "norm": "layer", "mlp": "gelu", "bias": True}
@@ -201,6 +205,36 @@ def test_a_damaged_remote_code_config_is_refused_in_one_line(tmp_path, change, m
         model_config_from_hf(config, tmp_path / "hf", 64)
     assert str(error.value).startswith(f"{tmp_path / 'hf' / 'config.json'}: ") and message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def other_values(default: Any, annotation: Any) -> list[Any]:
+    """Values of a model key besides its default, to probe what it changes: the other boolean, the other choices,
+    a larger number."""
+    if isinstance(default, bool):
+        return [not default]
+    if get_origin(annotation) is Literal:
+        return [value for value in get_args(annotation) if value != default]
+    if isinstance(default, (int, float)):
+        return [default + 2]
+    return []
+
+
+def test_the_stock_recipe_turns_off_every_model_key_that_would_need_remote_code():
+    """Probed key by key, so that a new model option is covered (or this fails, naming it)."""
+    needs_remote_code = set()
+    for name, field in ModelSection.model_fields.items():
+        for value in other_values(field.default, field.annotation):
+            try:
+                shape = ModelSection(**{name: value}).build(257)
+            except (ValueError, FlopwiseError):  # a value the key refuses on its own
+                continue
+            if not shape.stock_architecture:
+                needs_remote_code.add(f"model.{name}")
+    assert {"model.positions", "model.norm", "model.mlp", "model.bias"} <= needs_remote_code
+    stock = recipe_values("stock")
+    assert needs_remote_code <= set(stock)
+    assert load_config(base=stock).model.build(257).stock_architecture
+    assert {k: v for k, v in stock.items() if k not in needs_remote_code} == recipe_values("default")
 
 
 # ---------------------------------------------------------------- in transformers, without flopwise
