@@ -241,9 +241,12 @@ def test_the_stock_recipe_turns_off_every_model_key_that_would_need_remote_code(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SHAPE_NAMES)
-def test_transformers_computes_the_remote_code_export_as_flopwise_does_without_flopwise(tmp_path, name):
+@pytest.mark.parametrize("name,weights", [*[pytest.param(p.values[0], torch.float32, marks=p.marks, id=p.values[0])
+                                            for p in SHAPE_NAMES],
+                                          pytest.param("gpt2", torch.bfloat16, id="gpt2-bf16-weights")])
+def test_transformers_computes_the_remote_code_export_as_flopwise_does_without_flopwise(tmp_path, name, weights):
     model = perturbed_model(SHAPES[name])
+    model.store_matrices_in(weights)  # bf16: as a run with bf16 weights keeps and exports them
     save_hf_folder(model, byte_tokenizer(), tmp_path / "hf")
     ids = byte_tokenizer().encode_batch([TEXT])[0][:48]
     prompt, new = 8, 40  # to the end of the 48-token context

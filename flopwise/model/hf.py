@@ -178,9 +178,8 @@ def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, chat_template
 
     Written under a temporary name and renamed, so an interrupted export leaves no half folder."""
     kind = export_kind(model.config)
-    dtype = weights_dtype(model)
-    config = (remote_config(model.config, tokenizer.eos_id, dtype) if kind.remote_code
-              else hf_config(model.config, tokenizer, dtype))
+    config = (remote_config(model.config, tokenizer.eos_id) if kind.remote_code
+              else hf_config(model.config, tokenizer, weights_dtype(model)))
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

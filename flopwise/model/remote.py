@@ -47,14 +47,17 @@ def copy_sources(folder: Path) -> None:
         shutil.copyfile(path, folder / path.name)
 
 
-def remote_config(cfg: ModelConfig, eos_id: int, dtype: str) -> dict[str, Any]:
+def remote_config(cfg: ModelConfig, eos_id: int) -> dict[str, Any]:
     """``config.json``: the shape under ``flopwise`` (what the model is built from), the Auto classes' map,
-    and the names transformers' tools read (lm-eval's context length, generate's end token)."""
+    and the names transformers' tools read (lm-eval's context length, generate's end token).  The dtype
+    transformers loads in is fp32 even for bf16-stored matrices: the decoder computes in fp32 whatever its
+    weights' dtype (as flopwise evaluated it), and transformers would cast the fp32 norms and biases too."""
     return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "auto_map": AUTO_MAP,
             "flopwise": cfg.to_dict(), "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
             "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
             "max_position_embeddings": cfg.context, "tie_word_embeddings": cfg.tie_embeddings,
-            "bos_token_id": eos_id, "eos_token_id": eos_id, "use_cache": True, "torch_dtype": dtype, "dtype": dtype}
+            "bos_token_id": eos_id, "eos_token_id": eos_id, "use_cache": True, "torch_dtype": "float32",
+            "dtype": "float32"}
 
 
 def model_config_from_remote(config: dict[str, Any], source: Path, seq_len: int) -> ModelConfig:
