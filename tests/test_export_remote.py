@@ -161,7 +161,7 @@ def test_a_model_without_a_stock_architecture_is_exported_with_the_code_that_tra
     assert config["max_position_embeddings"] == 64
     assert (folder / "README.md").read_text() == (
         "flopwise model, remote code (FlopwiseForCausalLM): load with "
-        "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)\n")
+        "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True), and AutoTokenizer's likewise\n")
     weights = load_file(str(folder / "model.safetensors"))
     assert weights.keys() == {f"model.{k}" for k in model.state_dict()}
     # and flopwise reads it back (--init-from, a teacher): the same shape at its context, the same weights
@@ -284,7 +284,7 @@ def remote_run(tmp_path_factory, text_folder) -> tuple[Path, str]:
 def test_a_run_says_that_its_model_needs_remote_code(remote_run, tmp_path, capsys):
     run, printed = remote_run
     line = ("remote code (FlopwiseForCausalLM): load with AutoModelForCausalLM.from_pretrained(folder, "
-            "trust_remote_code=True)")
+            "trust_remote_code=True), and AutoTokenizer's likewise")
     assert f"final/: {line}" in printed
     assert json.loads((run / "plan.json").read_text())["export"] == {"architecture": "FlopwiseForCausalLM",
                                                                      "remote_code": True}

@@ -46,7 +46,7 @@ class ExportKind:
         """One line for the user: how the folder loads."""
         if self.remote_code:
             return (f"remote code ({self.architecture}): load with AutoModelForCausalLM.from_pretrained(folder, "
-                    "trust_remote_code=True)")
+                    "trust_remote_code=True), and AutoTokenizer's likewise")
         return f"stock {self.architecture}: AutoModelForCausalLM.from_pretrained(folder) loads it without remote code"
 
     def to_dict(self) -> dict[str, Any]:
