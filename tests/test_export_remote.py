@@ -72,8 +72,9 @@ if job["mode"] == "model":
                                  use_cache=use_cache, pad_token_id=0)
             result[f"greedy_cache_{use_cache}"] = out[0].tolist()
             out = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=3,
-                                 use_cache=use_cache, pad_token_id=0)  # beam search reorders the cache's rows
-            result[f"beams_cache_{use_cache}"] = out[0].tolist()
+                                 num_return_sequences=3, use_cache=use_cache, pad_token_id=0,
+                                 return_dict_in_generate=True, output_scores=True)  # it reorders the cache's rows
+            result[f"beams_cache_{use_cache}"] = [out.sequences.tolist(), out.sequences_scores.tolist()]
         # one row padded on the left, one on the right, beside the unpadded ids
         short = job["ids"][:job["prompt"]]
         pad = len(job["ids"]) - len(short)
@@ -261,7 +262,8 @@ def test_transformers_computes_the_remote_code_export_as_flopwise_does_without_f
     assert theirs["loss"] == pytest.approx(loss, abs=1e-5)
     greedy = model.generate(x[:, :prompt], new, temperature=0)[0].tolist()  # flopwise sample at temperature 0
     assert theirs["greedy_cache_True"] == greedy == theirs["greedy_cache_False"]
-    assert theirs["beams_cache_True"] == theirs["beams_cache_False"]
+    (cached, cached_scores), (recomputed, recomputed_scores) = theirs["beams_cache_True"], theirs["beams_cache_False"]
+    assert cached == recomputed and cached_scores == pytest.approx(recomputed_scores, abs=1e-5)
     for side in ("left_padded", "right_padded"):  # padding is a sequence of its own
         assert (torch.tensor(theirs[side]) - short).abs().max().item() < 1e-5
     assert theirs["padded_with_cache"] == ("FlopwiseForCausalLM: a padded batch (attention_mask with zeros) cannot "
