@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from flopwise.budget import BudgetSection, parse_bytes
 from flopwise.data.config import DataSection
 from flopwise.errors import FlopwiseError
-from flopwise.model.config import ModelSection
+from flopwise.model.section import ModelSection
 from flopwise.optim.config import OptimSection, ScheduleSection
 from flopwise.rundir import CONFIG_FILE, require_run_dir
 from flopwise.section import Section, in_range, one_or_many

@@ -3,7 +3,9 @@
 ``default`` is flopwise's own recipe (the config defaults).  ``baseline`` is the classic
 GPT-2 small-run setup as nanoGPT's character-level Shakespeare config uses it, run through the
 same data, tokenizer, batch and evaluation, so ``flopwise bench`` can measure what the default
-buys against a well-known reference.
+buys against a well-known reference.  ``stock`` is the default recipe with a model that a stock
+transformers class computes (Llama, or Qwen3 with QK-norm), for users whose tools load no
+remote code: every model key that would need flopwise's own modeling code is turned off.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "methods.progressive": False,
     },
 }
+# RoPE, RMSNorm, SwiGLU, no biases: the layout Llama and Qwen3 compute (ModelConfig.stock_architecture)
+STOCK_MODEL = {"model.positions": "rope", "model.norm": "rms", "model.mlp": "swiglu", "model.bias": False}
+RECIPES["stock"] = {**RECIPES["default"], **STOCK_MODEL}
 
 
 def recipe_values(name: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The base of every config section and the field checks they share.
 
-Each component owns its section (the model's in flopwise/model/config.py, the data's in
+Each component owns its section (the model's in flopwise/model/section.py, the data's in
 flopwise/data/config.py, each method's beside the method); flopwise/config.py composes them into
 the run config.  Sections are frozen: the resolved config is never changed after validation.
 """

@@ -36,7 +36,7 @@ from flopwise.methods.stack import MethodStack
 from flopwise.model.chatml import chat_files
 from flopwise.model.config import ModelConfig
 from flopwise.model.flops import count_parameters, flops_per_token
-from flopwise.model.hf import save_hf_folder
+from flopwise.model.hf import export_kind, save_hf_folder
 from flopwise.optim.build import build_optimizer
 from flopwise.resolve import ResolvedRun, resolve
 from flopwise.rundir import CONFIG_FILE, METRICS_FILE, PLAN_FILE, read_metrics
@@ -76,6 +76,7 @@ class Summary:
     domain_epochs: dict[str, float] | None = None  # times each domain's training tokens were seen
     decay: DecayEnd | None = None  # where a stall cut into the decay, and how it ended
     notes: tuple[str, ...] = ()  # what else the run must tell its user
+    export: str | None = None  # how final/ loads in transformers: a stock architecture, or remote code
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,8 @@ class Session:
                 "device": device_name(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "matmul_peak_flops": self.peak_flops, "world_size": self.ranks.world_size,
                 "parallel": self.config.train.parallel if self.ranks.distributed else None,
-                "memory": self.memory_plan(), **self.data_record, "auto_plan": auto_plan}
+                "memory": self.memory_plan(), **self.data_record, "auto_plan": auto_plan,
+                "export": export_kind(self.model_cfg).to_dict()}
 
     def memory_plan(self) -> dict[str, Any]:
         """The memory methods and the estimated bytes of a step with them (flopwise/memory/estimate.py)."""
@@ -291,7 +293,8 @@ class Session:
             final_eval = self.finish(trainer, evaluation, outcome) if outcome.finished else None
         return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
-                       outcome.stop_reason, self.sampler.domain_epochs(), outcome.decay, tuple(evaluation.notes))
+                       outcome.stop_reason, self.sampler.domain_epochs(), outcome.decay, tuple(evaluation.notes),
+                       export_kind(self.model_cfg).describe())
 
     def record_decay(self, decay: DecayEnd, meter: Meter, log: Any) -> None:
         """A decay that a stall cut into is kept where the run is read later: a ``decay`` event in
@@ -361,8 +364,8 @@ class Session:
         return "train" if self.resolved.stage == "pretrain" else self.resolved.stage
 
     def save_final(self) -> None:
-        """``final/``: the model as a Hugging Face folder (loads with AutoModelForCausalLM; for models that
-        transformers has no architecture for, weights and tokenizer only), written atomically.
+        """``final/``: the model as a Hugging Face folder (loads with AutoModelForCausalLM; with flopwise's
+        modeling code for a model that transformers has no architecture for), written atomically.
         Under torchrun the weights are gathered into a plain copy first (a collective: every rank calls this)."""
         state = full_model_state(self.model) if self.ranks.distributed else None  # only rank 0 gets it
         if self.ranks.is_main:
@@ -371,7 +374,7 @@ class Session:
                 model = build_model(self.model_cfg, self.methods.configure)
                 model.load_state_dict(state, strict=True)
             save_hf_folder(plain_model(model), self.tokenizer, self.run_dir / "final",
-                           weights_only=not self.model_cfg.llama_style, **chat_files(self.resolved.stage))
+                           **chat_files(self.resolved.stage))
         self.ranks.barrier()
 
 

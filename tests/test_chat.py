@@ -126,7 +126,7 @@ def write_run(run: Path, tokenizer: Tokenizer) -> Path:
     model = chat_model(add_chat_tokens(tokenizer))
     run.mkdir()
     (run / "plan.json").write_text(json.dumps({"model": model.config.to_dict()}))
-    save_hf_folder(model, tokenizer, run / "final", weights_only=True)
+    save_hf_folder(model, tokenizer, run / "final")
     return run
 
 

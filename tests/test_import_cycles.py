@@ -25,9 +25,9 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(path): path for path in ROOT.rglob("*.py")}
 
 
-def imported_modules(tree: ast.AST) -> set[str]:
-    """The flopwise modules ``tree`` imports anywhere (``from a.b import c`` imports module ``a.b.c`` where there
-    is one, else ``a.b``)."""
+def imported_modules(tree: ast.AST, package: str = "flopwise") -> set[str]:
+    """The flopwise modules ``tree`` (a module of ``package``) imports anywhere (``from a.b import c`` imports
+    module ``a.b.c`` where there is one, else ``a.b``; ``from .c import d`` is ``package.c.d``)."""
     found: set[str] = set()
 
     def resolved(name: str) -> str | None:
@@ -40,15 +40,22 @@ def imported_modules(tree: ast.AST) -> set[str]:
         names = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            anchor = package.split(".")  # a relative import: one dot is the package, each more dot one level up
+            base = node.module if node.level == 0 else ".".join(anchor[:len(anchor) + 1 - node.level] + [node.module])
+            names = [f"{base}.{alias.name}" for alias in node.names]
         found |= {module for name in names if name.startswith("flopwise.") and (module := resolved(name))}
     return found
 
 
 def module_graph() -> dict[str, set[str]]:
-    return {name: imported_modules(ast.parse(path.read_text(encoding="utf-8"))) - {name}
+    return {name: imported_modules(ast.parse(path.read_text(encoding="utf-8")), package_name(name, path)) - {name}
             for name, path in MODULES.items()}
+
+
+def package_name(module: str, path: Path) -> str:
+    """The package a module's relative imports start from: the module itself for a package's ``__init__.py``."""
+    return module if path.name == "__init__.py" else module.rpartition(".")[0]
 
 
 def package_of(module: str) -> str:
@@ -101,6 +108,11 @@ def test_imports_in_functions_and_under_type_checking_are_edges():
     tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import flopwise.config\n"
                      "def f():\n    from flopwise.train import trainer\n")
     assert imported_modules(tree) == {"flopwise.config", "flopwise.train.trainer"}
+
+
+def test_relative_imports_are_edges():
+    tree = ast.parse("from .config import ModelConfig\nfrom ..errors import FlopwiseError\n")
+    assert imported_modules(tree, "flopwise.model") == {"flopwise.model.config", "flopwise.errors"}
 
 
 def test_no_import_cycle_between_packages():

@@ -14,8 +14,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("export", help="save a run's model as a Hugging Face transformers folder",
                             description="Write a run's model as a folder that transformers loads with "
                                         "AutoModelForCausalLM and AutoTokenizer: LlamaForCausalLM (or "
-                                        "Qwen3ForCausalLM with QK-norm), safetensors, tokenizer and generation "
-                                        "config. (A finished run's final/ folder already is one.)",
+                                        "Qwen3ForCausalLM with QK-norm) for a LLaMA-style model; any other model "
+                                        "(e.g. the baseline recipe's GPT-2 pieces) with flopwise's own modeling "
+                                        "code beside its weights, loaded with trust_remote_code=True. Safetensors, "
+                                        "tokenizer and generation config; README.md says which kind. (A finished "
+                                        "run's final/ folder already is one.)",
                             epilog="example:\n  flopwise export runs/a --to hf/my-model\n  python -c \"from "
                                    "transformers import AutoModelForCausalLM as M; M.from_pretrained('hf/my-model')\"",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,7 +30,6 @@ def register(commands: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from flopwise.evaluate.export import export_run
 
-    folder = export_run(args.run, args.to, args.checkpoint)
-    console.print(f"written: {folder} (load with transformers' AutoModelForCausalLM.from_pretrained and "
-                  "AutoTokenizer.from_pretrained)", highlight=False)
+    kind = export_run(args.run, args.to, args.checkpoint)
+    console.print(f"written: {args.to}: {kind.describe()}", highlight=False)
     return 0

@@ -54,8 +54,9 @@ def add_setup_flags(p: argparse.ArgumentParser, budget_help: str) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config key, e.g. model.d_model=256; repeatable, applied last")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, metavar="NAME",
-                   help="'default' (flopwise's recipe) or 'baseline' (nanoGPT's GPT-2 setup, for comparison); "
-                        "config file and --set apply on top")
+                   help="'default' (flopwise's recipe), 'stock' (the default with a model that stock transformers "
+                        "loads, no remote code) or 'baseline' (nanoGPT's GPT-2 setup, for comparison); config file "
+                        "and --set apply on top")
     p.add_argument("--tokenizer", help="'bpe' (default, trained on your data), 'byte', or a tokenizer.json path")
     p.add_argument("--seed", type=int, help="fixes data order, initialization and everything random")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")

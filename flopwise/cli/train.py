@@ -232,6 +232,8 @@ def print_summary(console: Console, summary: Summary, table: bool = True) -> Non
         console.print(f"decay: {summary.decay.describe()}", highlight=False)
     for note in summary.notes:
         console.print(f"note: {note}", highlight=False)
+    if summary.export:
+        console.print(f"final/: {summary.export}", highlight=False)
     if summary.domain_epochs:
         console.print("data seen: " + ", ".join(f"{name} {epochs:.2f} epochs" for name, epochs
                                                 in summary.domain_epochs.items()), highlight=False)

@@ -115,8 +115,9 @@ class Teacher:
 
 
 def _teacher_shape(folder: Path, source: str, seq_len: int | None, field: str) -> tuple[Path, ModelConfig]:
-    """The folder holding the weights and the model shape: a run's final/ (its config.json, or for a model
-    transformers has no architecture for, the run's plan.json), or the Hugging Face folder itself."""
+    """The folder holding the weights and the model shape: a run's final/ (its config.json, a stock class's or
+    flopwise's remote code's; for a run that saved weights only, as runs did before the remote-code export, the
+    run's plan.json), or the Hugging Face folder itself."""
     weights = folder / "final" if is_run_dir(folder) else folder
     if is_run_dir(folder) and not weights.is_dir():
         raise FlopwiseError(f"{field}='{source}' is a run folder without final/: finish (or resume) that run "

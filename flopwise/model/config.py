@@ -1,16 +1,18 @@
-"""Shape of the decoder: named sizes, the config section and a validated config (no torch import, so the CLI
-starts fast)."""
+"""Shape of the decoder: named sizes and a validated config.
+
+Only the standard library: the CLI starts without torch, and an exported model folder carries this file
+(with gpt.py) as its modeling code, where neither flopwise nor pydantic need be installed
+(flopwise/model/remote.py).  The config section users set lives in flopwise/model/section.py."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
 
-from pydantic import field_validator
-
-from flopwise.errors import FlopwiseError
-from flopwise.section import Section, in_range
+try:  # flopwise's one-line user error; the copy of this file in an exported model folder runs without flopwise
+    from flopwise.errors import FlopwiseError
+except ImportError:
+    FlopwiseError = ValueError
 
 NAMED_SIZES: dict[str, dict] = {
     "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 2, "seq_len": 128},
@@ -103,6 +105,11 @@ class ModelConfig:
         """RoPE, RMSNorm, SwiGLU and no biases: the layout Hugging Face Llama/Qwen3 compute exactly."""
         return self.positions == "rope" and self.norm == "rms" and self.mlp == "swiglu" and not self.bias
 
+    @property
+    def stock_architecture(self) -> bool:
+        """What a stock Llama/Qwen3 computes: LLaMA-style, with no option that changes the function."""
+        return self.llama_style
+
     def validate(self) -> None:
         """Raise FlopwiseError with a one-line fix for the first inconsistent field."""
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "seq_len",
@@ -146,46 +153,3 @@ class ModelConfig:
         if "vocab_size" not in d:
             raise FlopwiseError("model config lacks vocab_size: add it (the tokenizer's vocabulary size)")
         return cls(**d)
-
-
-class ModelSection(Section):
-    """Shape of the decoder; a named size gives defaults that explicit fields override.
-
-    ``init_from`` (a Hugging Face model folder or hub id) takes the shape and weights from that
-    model instead; only ``seq_len`` (the training context) is then chosen here."""
-
-    size: str = "small"
-    init_from: str | None = None
-    d_model: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    seq_len: int | None = None
-    mlp_hidden: int | None = None
-    qk_norm: bool = True
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    mlp: Literal[MLPS] = "swiglu"  # type: ignore[valid-type]
-    norm: Literal[NORMS] = "rms"  # type: ignore[valid-type]
-    positions: Literal[POSITIONS] = "rope"  # type: ignore[valid-type]
-    bias: bool = False
-    zero_init_out: bool = True
-
-    _sizes = in_range("d_model", "n_layers", "n_heads", "n_kv_heads", "seq_len", "mlp_hidden", low=1)  # or None
-    _theta = in_range("rope_theta", low=0, above=True)
-
-    @field_validator("size")
-    @classmethod
-    def _known_size(cls, value: str) -> str:
-        if value not in NAMED_SIZES:
-            raise ValueError(f"unknown size '{value}': choose one of {', '.join(NAMED_SIZES)}")
-        return value
-
-    def build(self, vocab_size: int) -> ModelConfig:
-        shape = dict(NAMED_SIZES[self.size])
-        for key, value in self.model_dump(exclude={"size", "init_from"}).items():
-            if value is not None:
-                shape[key] = value
-        cfg = ModelConfig(vocab_size=vocab_size, **shape)
-        cfg.validate()
-        return cfg

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from flopwise.model.config import ModelConfig
+from .config import ModelConfig  # relative: an exported model folder carries gpt.py and config.py without flopwise
 
 # `enable_gqa` arrived in torch 2.5; older versions get the kv heads repeated by hand.
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"

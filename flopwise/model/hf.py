@@ -1,10 +1,11 @@
 """Hugging Face format, both ways: a flopwise model as a `transformers` folder, and a Llama-family
-folder as a flopwise model.
+folder (or flopwise's own export) as a flopwise model.
 
-The decoder is LLaMA's (RMSNorm, RoPE in rotate-half layout, SwiGLU, GQA), so a model without
-QK-norm is exactly ``LlamaForCausalLM`` and one with QK-norm exactly ``Qwen3ForCausalLM``; the
-weights only gain a ``model.`` prefix.  Everything here reads and writes plain JSON and
-safetensors, so exporting needs no ``transformers`` install and loading never unpickles.
+A LLaMA-style decoder (RMSNorm, RoPE in rotate-half layout, SwiGLU, GQA, no biases) is exactly
+``LlamaForCausalLM`` without QK-norm and exactly ``Qwen3ForCausalLM`` with it: a stock architecture,
+whose weights only gain a ``model.`` prefix.  Any other model is saved with its own modeling code
+(flopwise/model/remote.py).  Everything here reads and writes plain JSON and safetensors, so exporting
+needs no ``transformers`` install and loading never unpickles.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
+from flopwise.model.remote import ARCHITECTURE, MODEL_TYPE, copy_sources, model_config_from_remote, remote_config
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -32,17 +35,34 @@ ARCHITECTURES = {"llama": ("LlamaForCausalLM", False), "mistral": ("MistralForCa
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.txt"]
 
 
-def require_llama_style(cfg: ModelConfig) -> None:
-    if not cfg.llama_style:
-        raise FlopwiseError(f"this model (positions={cfg.positions}, norm={cfg.norm}, mlp={cfg.mlp}, bias={cfg.bias}) "
-                            "has no exact transformers architecture: flopwise exports LLaMA-style models "
-                            "(RoPE, RMSNorm, SwiGLU, no biases)")
+@dataclass(frozen=True)
+class ExportKind:
+    """What a model's Hugging Face folder is: a stock transformers architecture, or flopwise's remote code."""
+
+    architecture: str
+    remote_code: bool
+
+    def describe(self) -> str:
+        """One line for the user: how the folder loads."""
+        if self.remote_code:
+            return (f"remote code ({self.architecture}): load with AutoModelForCausalLM.from_pretrained(folder, "
+                    "trust_remote_code=True), and AutoTokenizer's likewise")
+        return f"stock {self.architecture}: AutoModelForCausalLM.from_pretrained(folder) loads it without remote code"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "remote_code": self.remote_code}
+
+
+def export_kind(cfg: ModelConfig) -> ExportKind:
+    """Llama (Qwen3 with QK-norm) for a stock architecture; remote code for any other model."""
+    if not cfg.stock_architecture:
+        return ExportKind(ARCHITECTURE, remote_code=True)
+    return ExportKind(ARCHITECTURES["qwen3" if cfg.qk_norm else "llama"][0], remote_code=False)
 
 
 def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str = "float32") -> dict[str, Any]:
-    """``config.json`` for ``cfg``: Llama without QK-norm, Qwen3 with it; ``dtype``: its weights'
+    """``config.json`` for a stock ``cfg``: Llama without QK-norm, Qwen3 with it; ``dtype``: its weights'
     (``bfloat16`` for a run with bf16 weights), which transformers loads them in by default."""
-    require_llama_style(cfg)
     model_type = "qwen3" if cfg.qk_norm else "llama"
     config: dict[str, Any] = {
         "architectures": [ARCHITECTURES[model_type][0]], "model_type": model_type,
@@ -64,12 +84,14 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str = "float32") ->
 
 
 def model_config_from_hf(config: dict[str, Any], source: Path, seq_len: int) -> ModelConfig:
-    """The flopwise shape of a Llama-family ``config.json``; anything flopwise cannot compute
-    exactly (biases, scaled RoPE, sliding windows, other activations) is refused by name."""
+    """The flopwise shape of a Llama-family ``config.json`` (or of flopwise's own remote-code export); anything
+    flopwise cannot compute exactly (biases, scaled RoPE, sliding windows, other activations) is refused by name."""
     model_type = config.get("model_type")
+    if model_type == MODEL_TYPE:
+        return model_config_from_remote(config, source, seq_len)
     if model_type not in ARCHITECTURES:
         raise FlopwiseError(f"{source / 'config.json'}: model_type '{model_type}' is not supported: flopwise "
-                            f"imports {', '.join(ARCHITECTURES)} (Llama-family) models")
+                            f"imports {', '.join(ARCHITECTURES)} (Llama-family) models and its own exports")
     unsupported = {
         "attention_bias": bool(config.get("attention_bias")), "mlp_bias": bool(config.get("mlp_bias")),
         "hidden_act": config.get("hidden_act", "silu") != "silu",
@@ -109,11 +131,12 @@ def _config_value(config: dict[str, Any], key: str) -> Any:
     return _rope_type(config) if key == "rope_scaling" else config.get(key)
 
 
-def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """flopwise weights under Hugging Face names; a tied head is stored once, as the embedding.  Each
-    keeps the dtype it trained in: fp32, or bf16 for the matrices of a run with bf16 weights (whose
-    fp32 norm gains stay fp32, so the file holds exactly the model that was evaluated)."""
-    return {name if name.startswith("lm_head.") else f"model.{name}": _stored(tensor)
+def hf_state_dict(model: GPT, remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """flopwise weights under Hugging Face names (the head beside ``model.``, as Llama holds it; every weight under
+    ``model.`` with ``remote_code``, as modeling_flopwise.py holds the decoder); a tied head is stored once, as the
+    embedding.  Each keeps the dtype it trained in: fp32, or bf16 for the matrices of a run with bf16 weights
+    (whose fp32 norm gains stay fp32, so the file holds exactly the model that was evaluated)."""
+    return {name if name.startswith("lm_head.") and not remote_code else f"model.{name}": _stored(tensor)
             for name, tensor in model.state_dict().items()}
 
 
@@ -145,31 +168,35 @@ def flopwise_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, sour
     return state
 
 
-def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, weights_only: bool = False,
-                   chat_template: str | None = None, end_of_turn: str | None = None) -> None:
-    """Write a folder that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load offline.
-    ``weights_only``: just the weights (under the same names) and tokenizer, for a model that
-    transformers has no architecture for (a run's final/ folder then still holds its result).
+def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, chat_template: str | None = None,
+                   end_of_turn: str | None = None) -> ExportKind:
+    """Write a folder that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load offline: a stock
+    architecture's, or one with flopwise's modeling code (``trust_remote_code=True``); its README.md says which.
     ``chat_template``: a Jinja template stored in ``tokenizer_config.json``, where ``apply_chat_template``
     (and llama.cpp's converter) read it; ``end_of_turn``: the token a chat reply ends with, listed among
     the end tokens of ``generation_config.json`` so that ``generate`` stops there.
 
     Written under a temporary name and renamed, so an interrupted export leaves no half folder."""
-    config = None if weights_only else hf_config(model.config, tokenizer, weights_dtype(model))
+    kind = export_kind(model.config)
+    config = (remote_config(model.config, tokenizer.eos_id) if kind.remote_code
+              else hf_config(model.config, tokenizer, weights_dtype(model)))
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_file(hf_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(hf_state_dict(model, kind.remote_code), str(tmp / WEIGHTS), metadata={"format": "pt"})
         tokenizer.save(tmp / "tokenizer.json")
-        if config is not None:
-            _write_transformers_files(tmp, config, model.config, tokenizer, chat_template, end_of_turn)
+        _write_transformers_files(tmp, config, model.config, tokenizer, chat_template, end_of_turn)
+        if kind.remote_code:
+            copy_sources(tmp)
+        (tmp / "README.md").write_text(f"flopwise model, {kind.describe()}\n", encoding="utf-8")
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     except BaseException:  # a full disk, an interrupt: no half folder is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return kind
 
 
 def _write_transformers_files(tmp: Path, config: dict[str, Any], cfg: ModelConfig, tokenizer: Tokenizer,
