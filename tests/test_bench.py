@@ -128,3 +128,8 @@ def test_progressive_ablation_searches_each_variant_against_each_seeds_target(mo
     assert speedups["grow_depth alone"] == 4.0 and speedups["all progressive methods"] == 4.0
     assert speedups["batch_schedule alone"] == 3.0 and speedups["no progressive method"] == 3.0
     assert ((1, ('methods.use=["seq_schedule"]',), 40.0)) in seen
+
+
+def test_bench_refuses_a_start_the_search_does_not_try(capsys):
+    assert main(["bench", "--start", "7", "--seeds", "0"]) == 2
+    assert "--start 7 is not a budget the search tries: choose one of 2, 3, 4" in capsys.readouterr().err

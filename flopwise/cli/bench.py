@@ -23,6 +23,7 @@ examples:
   flopwise bench --quick                              # smoke test, under 2 minutes
   flopwise bench                                      # T = 3 minutes, seeds 0 1 2, built-in corpus
   flopwise bench --corpus /usr/lib/node_modules --include '*.js' --out bench/results/speed_js.json
+  flopwise bench --start 6                            # a recipe expected near 6x: skip T/3 to T/5
   flopwise bench --seeds 0 --ablate                   # also change each piece of the recipe in turn
   flopwise bench --ablate progressive                 # growth, sequence and batch schedules alone and together
 """
@@ -42,15 +43,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--ablate", nargs="?", const="all", choices=("all", "recipe", "progressive"),
                    help="also run ablations against each seed's target: each piece of the recipe changed, "
                         "progressive training's pieces alone and together, or all (the default)")
+    p.add_argument("--start", type=int, default=3, metavar="D",
+                   help="the first seed's search starts at T/D (default 3); later seeds start at the previous answer")
     p.add_argument("--quick", action="store_true", help="T = 30 s, one seed, tiny model: a smoke test")
     p.add_argument("--out", type=Path, default=Path("bench/results/speed.json"), help="JSON results file")
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    from flopwise.benchmark import TimeToQuality, ablate, summarize
+    from flopwise.benchmark import DIVISORS, TimeToQuality, ablate, summarize
 
     if not (math.isfinite(args.seconds) and args.seconds > 0):
         raise FlopwiseError(f"--seconds {args.seconds:g} must be a positive number of seconds, e.g. 180")
+    if args.start not in DIVISORS:
+        raise FlopwiseError(f"--start {args.start} is not a budget the search tries: choose one of "
+                            f"{', '.join(map(str, DIVISORS))}")
     check_output("--out", args.out, folder=False)  # before the first of many minutes of training
     overrides = list(args.overrides)
     if args.include:
@@ -59,7 +65,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     if args.quick:
         seconds, seeds = 30.0, seeds[:1]
         overrides = ["model.size=tiny", *overrides]
-    bench = TimeToQuality(seconds=seconds, seeds=seeds, sources=args.corpus or ["stdlib"],
+    bench = TimeToQuality(seconds=seconds, seeds=seeds, start=args.start, sources=args.corpus or ["stdlib"],
                           baseline_overrides=overrides, candidate_overrides=overrides)
     report = lambda line: console.print(line, highlight=False)  # noqa: E731
     results = bench.run(report)
