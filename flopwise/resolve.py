@@ -82,7 +82,7 @@ def resolve(config: RunConfig, world: World | None = None, *, new: bool = True, 
     view = RunView(model, config.optim, config.train.precision, bool(config.model.init_from), stage.name)
     sections = config.methods
     use = list(config.methods.use)
-    use += [m.name for m in METHODS if m.name not in use and m.implied(getattr(sections, m.name), config.data)]
+    use += [m.name for m in METHODS if m.name not in use and m.implied(getattr(sections, m.name), config.data, view)]
     for name in in_registry_order(use):
         check_method(name, use, sections, view, world)
     fixed = unextendable(use)
