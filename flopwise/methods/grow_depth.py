@@ -122,7 +122,7 @@ def stack_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, depth: int,
                  function_preserving: bool = False) -> None:
     """Copy the ``model.depth`` trained blocks, weights, buffers and optimizer state, into blocks
     depth..``depth``-1 in order (block i into i + m, i + 2m, ...), by name (a parameter only the copy has keeps
-    its value), and run all ``depth`` from now on; ``function_preserving``: the copies' output projections start
+    its value and starts with no optimizer state), and run all ``depth`` from now on; ``function_preserving``: the copies' output projections start
     at zero and their option parameters at ``NEUTRAL``, with no optimizer state."""
     trained = model.depth
     for target in range(trained, depth):
@@ -133,7 +133,8 @@ def stack_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, depth: int,
                 optimizer.state.pop(to_param, None)
                 continue
             from_param = sources.get(name)
-            if from_param is None:
+            if from_param is None:  # unused until now: it starts fresh (a resumed run's optimizer gave it a state)
+                optimizer.state.pop(to_param, None)
                 continue
             to_param.copy_(from_param)
             if from_param in optimizer.state:
