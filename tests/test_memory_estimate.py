@@ -99,6 +99,11 @@ CASES = {
     "options-bf16-8bit-ckpt": ({**SMALL, **OPTIONS}, ["8bit", "checkpointing"], "muon", 2, 300, "bf16", ()),
     "options-layerwise-big-bigram": ({**SMALL, **OPTIONS, "bigram_hash": 5000}, ["layerwise"], "adamw", 2, 3000,
                                      "fp32", ()),
+    "options-galore": ({**SMALL, **OPTIONS}, ["galore"], "adamw", 2, 300, "fp32", ("methods.galore.update_gap=1",)),
+    "options-qat-bf16-weights": ({**SMALL, **OPTIONS}, ["qat", "bf16_weights"], "muon", 2, 300, "bf16",
+                                 ("methods.qat.group=16",)),
+    "options-lora": ({**SMALL, **OPTIONS}, ["lora"], "adamw", 2, 300, "bf16", ()),
+    "options-sltrain": ({**SMALL, **OPTIONS, "n_layers": 3}, ["sltrain"], "adamw", 2, 300, "fp32", ()),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
