@@ -402,7 +402,7 @@ class GPT(nn.Module):
         logits = linear(self.norm(x), self.head_weight)
         cap = self.config.logit_softcap
         if cap:  # in fp32 (nanochat); modded-nanogpt's 2024-11-06 record, 30, lowered to 15 on 2025-01-04
-            logits = cap * torch.tanh(logits.float() / cap)
+            logits = (logits.float() / cap).tanh_() * cap  # in place: one logit-sized temporary fewer
         return logits
 
     def _previous_tokens(self, idx: torch.Tensor, caches: list[LayerCache] | None,
