@@ -344,7 +344,7 @@ def _block_option_activations(cfg: ModelConfig, run: _Compute, trains: bool, inp
     total = 0
     if cfg.x0_lambdas and trains and layer > 0:
         total += n * cfg.d_model * FP32
-    if cfg.skip_source(layer) is not None and trains and cfg.skip_source(layer) == layer - 1:
+    if cfg.skip_source(layer) == layer - 1 and trains:
         total += n * cfg.d_model * FP32
     if layer in cfg.value_embed_layers():
         gate_input_grad = input_grad or trains
@@ -371,7 +371,7 @@ def _embedding_option_activations(cfg: ModelConfig, run: _Compute, traits: Memor
         return total
     if cfg.smear:
         channels = min(SMEAR_CHANNELS, d)
-        gate_input = n * channels * run.c + run.head_weight_copy * channels if run.autocast else n * d * FP32
+        gate_input = (n * channels * run.c + run.head_weight_copy * channels) if run.autocast else n * d * FP32
         total += gate_input + n * run.c + n * FP32 + n * INT64 + n * d * FP32 + n
     if cfg.bigram_hash:
         total += n * INT64

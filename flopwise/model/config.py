@@ -21,14 +21,14 @@ NAMED_SIZES: dict[str, dict] = {
 }
 
 MLPS = ("swiglu", "gelu", "relu2")
+NORMS = ("rms", "layer")
+POSITIONS = ("rope", "learned")
 # The speedrun options (docs/model.md): each off by default, each a change to the decoder that Hugging Face's
 # stock Llama/Qwen3 does not compute (multi-token prediction changes only the training loss).
 ARCHITECTURE_OPTIONS = ("value_embeds", "x0_lambdas", "unet_skips", "smear", "logit_softcap", "bigram_hash")
 OPTIONS = (*ARCHITECTURE_OPTIONS, "mtp_tokens", "mtp_weight")
 VALUE_GATE_CHANNELS = 12  # the value-embedding gate reads this many channels of its input (nanochat's ve_gate)
 SMEAR_CHANNELS = 24  # the smear gate reads this many channels of the token embedding (nanochat's smear_gate)
-NORMS = ("rms", "layer")
-POSITIONS = ("rope", "learned")
 
 
 def _divisors(n: int, limit: int = 32) -> str:
@@ -168,12 +168,13 @@ class ModelConfig:
         self._validate_options()
 
     def _validate_options(self) -> None:
+        """The speedrun options' checks (a saved plan.json or checkpoint is read without the section's)."""
         for name in ("value_embeds", "x0_lambdas", "unet_skips", "smear"):
             if not isinstance(getattr(self, name), bool):
                 raise FlopwiseError(f"model.{name}={getattr(self, name)!r} must be true or false")
-        for name, low in (("bigram_hash", 0), ("mtp_tokens", 0)):
+        for name in ("bigram_hash", "mtp_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise FlopwiseError(f"model.{name}={value!r} must be a whole number >= 0 (0 turns it off)")
         if not isinstance(self.logit_softcap, (int, float)) or isinstance(self.logit_softcap, bool) \
                 or not 0 <= self.logit_softcap < math.inf:
