@@ -8,6 +8,8 @@ cannot show, and writes it all to one JSON file.
    eager steps.
 3. Bit-exact resume: a 30-step run against one stopped at step 12 and resumed.
 4. The default recipe's time-to-quality against the baseline recipe at a short budget (flopwise/benchmark.py).
+5. The speedrun model options (docs/model.md), every one on: throughput, MFU and the memory estimate of the
+   middle size, and bit-exact resume (multi-token prediction included).
 
     python bench/gpu_check.py --out bench/results/gpu_check.json
     python bench/gpu_check.py --small          # CPU: the same checks on tiny shapes, fp32, no compile (tests)
@@ -47,6 +49,10 @@ DEADLINE_SECONDS = 8 * 60
 # (name, d_model, n_layers, n_heads, batch): the largest is 117M parameters with the default 8192 vocabulary
 GPU_SIZES = (("d256x6", 256, 6, 4, 32), ("d512x8", 512, 8, 8, 32), ("d1024x8", 1024, 8, 16, 16))
 SMALL_SIZES = (("d32x2", 32, 2, 2, 2), ("d64x2", 64, 2, 2, 2), ("d64x4", 64, 4, 2, 2))
+# Every speedrun option on: the bigram table with the record's 5 x vocabulary rows, the softcap nanochat's 15
+OPTIONS = {"value_embeds": True, "x0_lambdas": True, "unet_skips": True, "smear": True, "logit_softcap": 15.0,
+           "bigram_hash": 5 * 8192}
+OPTION_SETS = [f"model.{key}={str(value).lower()}" for key, value in {**OPTIONS, "mtp_tokens": 2}.items()]
 
 
 class Clock:
@@ -161,6 +167,19 @@ def main() -> None:
                 + (f", {r['mfu_datasheet']:.1%} of the datasheet" if r["mfu_datasheet"] else "")
                 + (f"; memory estimate/measured {r['memory_ratio']:.2f}" if "memory_ratio" in r else ""))
     result["throughput"] = rows
+    result["options"] = {"throughput": []}
+    name, d_model, n_layers, n_heads, batch = sizes[1]
+    cfg = ModelConfig(vocab_size=8192, d_model=d_model, n_layers=n_layers, n_heads=n_heads, seq_len=seq_len, **OPTIONS)
+    for compiled in ((False,) if args.small else (False, True)):
+        if clock.left() < 120:
+            result["skipped"].append(f"options throughput {name} compiled={compiled}: out of time")
+            continue
+        row = throughput(f"{name}+options", cfg, batch, compiled, device, dtype, 3 if args.small else 20, peak,
+                         datasheet)
+        result["options"]["throughput"].append(row)
+        say(f"{name} with every option compile={compiled}: {row['tokens_per_s']:,.0f} tokens/s, MFU "
+            f"{row['mfu_measured_peak']:.1%}" + (f"; memory estimate/measured {row['memory_ratio']:.2f}"
+                                                 if "memory_ratio" in row else ""))
     small = ["model.size=tiny", "model.seq_len=32", "optim.batch_size=2", "train.eval_tokens=1024"] if args.small else []
     if clock.left() > 90:
         with tempfile.TemporaryDirectory() as tmp:
@@ -168,6 +187,12 @@ def main() -> None:
         say(f"resume: identical={result['resume']['identical']} over {result['resume']['steps']} steps")
     else:
         result["skipped"].append("resume: out of time")
+    if clock.left() > 90:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["options"]["resume"] = resume_check(Path(tmp), [*small, *OPTION_SETS])
+        say(f"resume with every option: identical={result['options']['resume']['identical']}")
+    else:
+        result["skipped"].append("options resume: out of time")
     ttq_seconds = args.ttq_seconds or (3.0 if args.small else 60.0)
     if clock.left() > ttq_seconds * 2.5 + 30:
         bench = TimeToQuality(seconds=ttq_seconds, seeds=(0,), baseline_overrides=small, candidate_overrides=small,

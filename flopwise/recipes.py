@@ -30,7 +30,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 # RoPE, RMSNorm, SwiGLU, no biases: the layout Llama and Qwen3 compute (ModelConfig.stock_architecture)
-STOCK_MODEL = {"model.positions": "rope", "model.norm": "rms", "model.mlp": "swiglu", "model.bias": False}
+STOCK_MODEL = {"model.positions": "rope", "model.norm": "rms", "model.mlp": "swiglu", "model.bias": False,
+               "model.value_embeds": False, "model.x0_lambdas": False, "model.unet_skips": False,
+               "model.smear": False, "model.logit_softcap": 0.0, "model.bigram_hash": 0}
 RECIPES["stock"] = {**RECIPES["default"], **STOCK_MODEL}
 
 

@@ -4,10 +4,11 @@
 1. the stage (``posttrain.stage``) and its own refusals (flopwise/stages/);
 2. the model shape: the config's, an imported model's (``--init-from``), a post-training start's, or a
    resumed run's as plan.json records it;
-3. the methods: those the user named, those the data implies (``--data NAME=PATH:W`` implies ``mixture``), the
-   default recipe's progressive ones for a new run where they apply, and those ``memory.limit`` chooses (for a
-   BPE tokenizer still to be trained on the data, against its vocabulary's bound ``data.vocab_size``); each
-   method's conflicts and ``check`` run once, against the resolved shape (``RunView``) and the processes;
+3. the methods: those the user named, those the data or the model implies (``--data NAME=PATH:W`` implies
+   ``mixture``, ``model.mtp_tokens`` implies ``mtp``), the default recipe's progressive ones for a new run where
+   they apply, and those ``memory.limit`` chooses (for a BPE tokenizer still to be trained on the data, against its
+   vocabulary's bound ``data.vocab_size``); each method's conflicts and ``check`` run once, against the resolved
+   shape (``RunView``) and the processes;
 4. the compute dtype, and the notes the user is shown.
 
 Every entry point calls it: ``train``, ``sft``, ``dpo`` (through flopwise/api.py), ``plan``, ``scan``, ``memory``,
@@ -82,7 +83,7 @@ def resolve(config: RunConfig, world: World | None = None, *, new: bool = True, 
     view = RunView(model, config.optim, config.train.precision, bool(config.model.init_from), stage.name)
     sections = config.methods
     use = list(config.methods.use)
-    use += [m.name for m in METHODS if m.name not in use and m.implied(getattr(sections, m.name), config.data)]
+    use += [m.name for m in METHODS if m.name not in use and m.implied(getattr(sections, m.name), config.data, view)]
     for name in in_registry_order(use):
         check_method(name, use, sections, view, world)
     fixed = unextendable(use)

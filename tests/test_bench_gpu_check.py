@@ -42,5 +42,9 @@ def test_the_small_check_measures_every_part(tmp_path):
         assert row["tokens_per_s"] > 0 and 0 < row["mfu_measured_peak"] < 1
         assert row["tokens_per_s"] == pytest.approx(row["batch"] * row["seq_len"] / row["step_seconds"])
     assert result["resume"]["identical"] and result["resume"]["steps"] == 30
+    options = result["options"]
+    assert [row["size"] for row in options["throughput"]] == ["d64x2+options"]
+    assert options["throughput"][0]["parameters"] > result["throughput"][1]["parameters"]
+    assert options["resume"]["identical"] and options["resume"]["steps"] == 30
     ttq = result["time_to_quality"]
     assert ttq["seeds"][0]["baseline"]["seconds_budget"] == 2 and ttq["seeds"][0]["candidates"]

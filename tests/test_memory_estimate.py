@@ -25,6 +25,9 @@ from flopwise.plan.measure import measure_step, rss_step_peak
 from tests.helpers import config_with
 
 SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "seq_len": 32}
+# Every speedrun option of the model (docs/model.md) on
+OPTIONS = {"value_embeds": True, "x0_lambdas": True, "unet_skips": True, "smear": True, "logit_softcap": 15.0,
+           "bigram_hash": 97}
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +92,18 @@ CASES = {
     "qat": (SMALL, ["qat"], "muon", 2, 300, "fp32", ("methods.qat.group=16",)),
     "qat-bf16-weights-8bit": (SMALL, ["qat", "bf16_weights", "8bit"], "adamw", 2, 300, "bf16",
                               ("methods.qat.group=16",)),
+    # the speedrun options: their tables, gates and scalars, and what their ops keep for backward
+    "options": ({**SMALL, **OPTIONS}, [], "adamw", 2, 300, "fp32", ()),
+    "options-muon-odd-depth-untied": ({**SMALL, **OPTIONS, "n_layers": 3, "tie_embeddings": False}, [], "muon", 2,
+                                      2000, "fp32", ()),
+    "options-bf16-8bit-ckpt": ({**SMALL, **OPTIONS}, ["8bit", "checkpointing"], "muon", 2, 300, "bf16", ()),
+    "options-layerwise-big-bigram": ({**SMALL, **OPTIONS, "bigram_hash": 5000}, ["layerwise"], "adamw", 2, 3000,
+                                     "fp32", ()),
+    "options-galore": ({**SMALL, **OPTIONS}, ["galore"], "adamw", 2, 300, "fp32", ("methods.galore.update_gap=1",)),
+    "options-qat-bf16-weights": ({**SMALL, **OPTIONS}, ["qat", "bf16_weights"], "muon", 2, 300, "bf16",
+                                 ("methods.qat.group=16",)),
+    "options-lora": ({**SMALL, **OPTIONS}, ["lora"], "adamw", 2, 300, "bf16", ()),
+    "options-sltrain": ({**SMALL, **OPTIONS, "n_layers": 3}, ["sltrain"], "adamw", 2, 300, "fp32", ()),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -141,6 +156,12 @@ def saved_for_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     (SMALL, ["qat"], False),
     (SMALL, ["qat"], True),
     ({**SMALL, "tie_embeddings": False}, ["bf16_weights"], False),
+    ({**SMALL, **OPTIONS}, [], False),
+    ({**SMALL, **OPTIONS, "n_layers": 3, "n_kv_heads": 2, "qk_norm": False}, [], True),
+    ({**SMALL, **OPTIONS, "n_layers": 3}, ["checkpointing"], False),
+    ({**SMALL, **OPTIONS, "n_layers": 3}, ["lora"], True),
+    ({**SMALL, **OPTIONS}, ["bf16_weights"], True),
+    ({**SMALL, **OPTIONS}, ["bf16_weights"], False),
 ])
 def test_activation_count_is_what_autograd_saves(shape, methods, autocast):
     """Op by op, deduplicated by storage, as saved_tensors_hooks sees it (only the loss's 4-byte

@@ -31,10 +31,12 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from flopwise.memory.traits import MemoryTraits
-from flopwise.model.config import ModelConfig
+from flopwise.model.config import SMEAR_CHANNELS, VALUE_GATE_CHANNELS, ModelConfig
 from flopwise.optim.routing import is_hidden_matrix, muon_stacks
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# The options' parameters that act on the embedding, whose gradients backward makes last, with the embedding's
+EMBEDDING_OPTIONS = ("bigram_embed.weight", "smear_gate", "smear_lambda")
 FP32, INT64, INT32 = 4, 8, 4
 
 # Working memory of one parameter's update beyond its gradient and states, in fp32 bytes per
@@ -143,11 +145,17 @@ def tensor_specs(cfg: ModelConfig, traits: MemoryTraits) -> tuple[list[ParamSpec
     params = [ParamSpec("embed_tokens.weight", (cfg.vocab_size, cfg.d_model), outer)]
     if cfg.positions == "learned":
         params.append(ParamSpec("embed_positions.weight", (cfg.seq_len, cfg.d_model), outer))
+    if cfg.bigram_hash:
+        params.append(ParamSpec("bigram_embed.weight", (cfg.bigram_hash, cfg.d_model), outer))
+    if cfg.smear:
+        params += [ParamSpec("smear_gate", (1, min(SMEAR_CHANNELS, cfg.d_model)), outer),
+                   ParamSpec("smear_lambda", (1,), outer)]
     buffers = []
     if cfg.positions == "rope":
         buffers += [ParamSpec("rope.cos", (cfg.context, cfg.head_dim), False),
                     ParamSpec("rope.sin", (cfg.context, cfg.head_dim), False)]
     active = trained_blocks(cfg, traits)
+    value_embeds = cfg.value_embed_layers()
     for layer in range(cfg.n_layers):
         prefix, trains = f"layers.{layer}", layer < active
         params += _norm(cfg, f"{prefix}.input_layernorm", cfg.d_model, trains)
@@ -159,6 +167,15 @@ def tensor_specs(cfg: ModelConfig, traits: MemoryTraits) -> tuple[list[ParamSpec
             linear_params, linear_buffers = _linear(cfg, f"{prefix}.{name}", out, inp, traits, trains)
             params += linear_params
             buffers += linear_buffers
+        if layer in value_embeds:
+            params += [ParamSpec(f"{prefix}.self_attn.value_embed", (cfg.vocab_size, cfg.kv_heads * cfg.head_dim),
+                                 trains),
+                       ParamSpec(f"{prefix}.self_attn.value_gate",
+                                 (cfg.kv_heads, min(VALUE_GATE_CHANNELS, cfg.d_model)), trains)]
+        if cfg.x0_lambdas:
+            params.append(ParamSpec(f"{prefix}.lambdas", (2,), trains))
+        if cfg.skip_source(layer) is not None:
+            params.append(ParamSpec(f"{prefix}.skip_weight", (1,), trains))
     params += _norm(cfg, "norm", cfg.d_model, outer)
     if not cfg.tie_embeddings:
         params.append(ParamSpec("lm_head.weight", (cfg.vocab_size, cfg.d_model), outer))
@@ -280,12 +297,12 @@ def _norm_saved(cfg: ModelConfig, run: _Compute, width: int, groups: int, trains
 
 
 def _block_activations(cfg: ModelConfig, run: _Compute, traits: MemoryTraits, trains: bool,
-                       input_grad: bool = True) -> int:
+                       input_grad: bool = True, layer: int = 0) -> int:
     """Bytes one block saves for backward: norms, projections, QK-norm, attention (q, k, v, output,
-    log-sum-exp), MLP; plus, under autocast, each Linear's weight cast.  ``trains``: the block's
-    own weights train; ``input_grad``: its input needs a gradient (not the first block under LoRA).
-    o_proj's input costs nothing: it is a view of the attention output, which SDPA lays out as
-    [batch, time, heads, head_dim]."""
+    log-sum-exp), MLP; plus, under autocast, each Linear's weight cast; plus what the options add to block
+    ``layer`` (``_block_option_activations``).  ``trains``: the block's own weights train; ``input_grad``:
+    its input needs a gradient (not the first block under LoRA).  o_proj's input costs nothing: it is a
+    view of the attention output, which SDPA lays out as [batch, time, heads, head_dim]."""
     c, n = run.c, run.tokens
     d, hidden, attn, kv = cfg.d_model, cfg.hidden, cfg.attn_dim, cfg.kv_heads * cfg.head_dim
     adapted, factorized = traits.adapter_rank > 0, traits.factorized is not None
@@ -310,6 +327,54 @@ def _block_activations(cfg: ModelConfig, run: _Compute, traits: MemoryTraits, tr
         total += n * traits.adapter_rank * c * len(cfg.block_linears)  # x A^T, kept for B's gradient
     if not factorized:
         total += run.block_weight_copy * _cast_weights(cfg, traits.adapter_rank, input_grad)
+    return total + _block_option_activations(cfg, run, trains, input_grad, layer)
+
+
+def _block_option_activations(cfg: ModelConfig, run: _Compute, trains: bool, input_grad: bool, layer: int) -> int:
+    """Bytes the options add to block ``layer``'s saved tensors, as flopwise/model/gpt.py computes them:
+
+    - x0_lambdas: lambdas[0] * x keeps x, the block's input before the mix (block 0's is x0 itself, counted
+      once before the blocks);
+    - unet_skips: skip_weight * skip keeps the mirror layer's output, already kept as the next layer's input
+      except at an even depth's middle, where that next layer is this one;
+    - a value embedding: the gate's sigmoid, 3 * sigmoid and the table's rows (in the compute dtype), and under
+      autocast the gate's input and weight casts.  The gate's input is otherwise q/k/v's.
+    Frozen options' parameters keep only what the gradient of the stream needs."""
+    n, c = run.tokens, run.c
+    total = 0
+    if cfg.x0_lambdas and trains and layer > 0:
+        total += n * cfg.d_model * FP32
+    if cfg.skip_source(layer) == layer - 1 and trains:
+        total += n * cfg.d_model * FP32
+    if layer in cfg.value_embed_layers():
+        gate_input_grad = input_grad or trains
+        kv_heads, channels = cfg.kv_heads, min(VALUE_GATE_CHANNELS, cfg.d_model)
+        if trains and run.autocast:
+            total += n * channels * c  # the gate's input, cast
+        if gate_input_grad:
+            total += run.head_weight_copy * kv_heads * channels + n * c * (kv_heads + cfg.kv_heads * cfg.head_dim)
+        if trains:
+            total += n * kv_heads * c  # 3 * sigmoid, for the table's gradient
+    return total
+
+
+def _embedding_option_activations(cfg: ModelConfig, run: _Compute, traits: MemoryTraits) -> int:
+    """Bytes the options save before the blocks (kept to the end of backward), where the embedding trains:
+
+    - smear: the gate's input (the token embedding, or under autocast its cast channels and the gate's weight
+      cast), the sigmoid, the gate (fp32), the previous tokens' ids, their masked embeddings and the mask;
+    - the bigram hash: the rows' ids;
+    - x0_lambdas: x0, which every block reads."""
+    n, d = run.tokens, cfg.d_model
+    total = n * d * FP32 if cfg.x0_lambdas and trained_blocks(cfg, traits) else 0
+    if traits.adapter_rank:  # the embedding and the options' own parameters are frozen
+        return total
+    if cfg.smear:
+        channels = min(SMEAR_CHANNELS, d)
+        gate_input = (n * channels * run.c + run.head_weight_copy * channels) if run.autocast else n * d * FP32
+        total += gate_input + n * run.c + n * FP32 + n * INT64 + n * d * FP32 + n
+    if cfg.bigram_hash:
+        total += n * INT64
     return total
 
 
@@ -325,13 +390,15 @@ def _cast_weights(cfg: ModelConfig, adapter_rank: int, qkv_input_grad: bool) -> 
 
 
 def _outer_activations(cfg: ModelConfig, run: _Compute, traits: MemoryTraits) -> tuple[int, int]:
-    """(bytes the final norm and the head save, freed early in backward; bytes saved before the
-    blocks, kept to the end: learned positions' index)."""
+    """(bytes the final norm and the head save, freed early in backward: with logit_softcap also the tanh's
+    fp32 output; bytes saved before the blocks, kept to the end: learned positions' index and the options')."""
     d = cfg.d_model
     outer = not traits.adapter_rank
     head = _norm_saved(cfg, run, d, 1, outer, FP32) + run.saved_input(d, 1 if outer else 0)
     head += run.head_weight_copy * cfg.vocab_size * d
-    return head, cfg.seq_len * INT64 if cfg.positions == "learned" else 0
+    head += run.tokens * cfg.vocab_size * FP32 if cfg.logit_softcap else 0
+    before = cfg.seq_len * INT64 if cfg.positions == "learned" else 0
+    return head, before + _embedding_option_activations(cfg, run, traits)
 
 
 @dataclass(frozen=True)
@@ -342,22 +409,25 @@ class _Activations:
     blocks: int
     block: int
     head: int
-    positions: int
+    before: int
 
     @property
     def total(self) -> int:
-        return self.blocks + self.head + self.positions
+        return self.blocks + self.head + self.before
 
 
 def _activations(cfg: ModelConfig, run: _Compute, traits: MemoryTraits, checkpointed: bool) -> _Activations:
     active = trained_blocks(cfg, traits)
     first_input_grad = not traits.adapter_rank
-    blocks = [_block_activations(cfg, run, traits, layer < active, layer > 0 or first_input_grad)
+    blocks = [_block_activations(cfg, run, traits, layer < active, layer > 0 or first_input_grad, layer)
               for layer in range(cfg.n_layers)]
-    head, positions = _outer_activations(cfg, run, traits)
-    # non-reentrant checkpointing keeps each block's input (the fp32 residual stream) and nothing else
+    head, before = _outer_activations(cfg, run, traits)
+    # non-reentrant checkpointing keeps each block's inputs (the fp32 residual stream, and x0 and the U-net
+    # skips, which are earlier blocks' inputs too) and nothing else
     kept = cfg.n_layers * run.tokens * cfg.d_model * FP32 if checkpointed else sum(blocks)
-    return _Activations(kept, max(blocks), head, positions)
+    if checkpointed and cfg.x0_lambdas:  # x0 is block 0's input: kept once
+        before -= run.tokens * cfg.d_model * FP32 if trained_blocks(cfg, traits) else 0
+    return _Activations(kept, max(blocks), head, before)
 
 
 def _mlp_backward_extra(cfg: ModelConfig, run: _Compute, traits: MemoryTraits, trains: bool) -> int:
@@ -483,13 +553,14 @@ class _Step:
         earlier = all_grads if self.grad_accum > 1 else 0  # accumulated by earlier micro-batches
         # made before the blocks' backward: the head's and final norm's; made last: the embeddings'
         # (a tied embedding's first part comes with the head's)
-        late = {"embed_positions.weight"} | (set() if cfg.tie_embeddings else {"embed_tokens.weight"})
+        late = {"embed_positions.weight", *EMBEDDING_OPTIONS} | (set() if cfg.tie_embeddings
+                                                                    else {"embed_tokens.weight"})
         head_grads = sum(v for k, v in self.grads.items() if not k.startswith("layers.") and k not in late)
         late_grads = sum(self.grads.get(k, 0) for k in late)
         block_grads = (all_grads - head_grads - late_grads) // cfg.n_layers
         mlp = self._mlp_crest()
         recompute = acts.block - stream if self.traits.recompute_blocks else 0  # its input is kept anyway
-        in_blocks = base + acts.blocks + acts.positions + stream
+        in_blocks = base + acts.blocks + acts.before + stream
         if self.updates_in_backward:  # updates inside backward: the head's first, the blocks', the embedding's last
             return {
                 "loss": base + acts.total + self.logits,
@@ -501,7 +572,7 @@ class _Step:
         return {
             "loss": base + earlier + acts.total + self.logits,
             "last block": in_blocks + max(earlier, head_grads) + mlp + recompute,
-            "first block": base + max(earlier, all_grads - late_grads - block_grads) + acts.block + acts.positions
+            "first block": base + max(earlier, all_grads - late_grads - block_grads) + acts.block + acts.before
             + stream + mlp,
             "embedding backward": base + all_grads + max(stream, 2 * self.tied_head_grad),
             "optimizer": base + all_grads + max(self.temps.values(), default=0),

@@ -21,8 +21,8 @@ Hooks, in the order a run meets them:
 - ``check`` (class): refuse, in one line, settings that cannot work with the run being resolved (its model
   shape, optimizer and precision: ``RunView``) and the process world, before any data is read.  The resolve
   stage calls it once per method.
-- ``implied`` (class): whether the data section already asks for the method (``--data NAME=PATH:W``
-  asks for ``mixture``), so the resolve stage adds it to ``methods.use``.
+- ``implied`` (class): whether the data section or the run already asks for the method (``--data NAME=PATH:W``
+  asks for ``mixture``, ``model.mtp_tokens`` for ``mtp``), so the resolve stage adds it to ``methods.use``.
 - ``memory`` (class): its part of the peak-memory estimate, as ``MemoryTraits``.
 - ``int4_group`` (class): the int4 group its model is meant for (``flopwise eval --quantize int4`` rounds to it).
 - ``legacy_state`` (class): its checkpoint state where an older checkpoint kept it.
@@ -180,8 +180,8 @@ class Method:
         (``flopwise memory`` and ``plan`` may estimate any set), the processes of a run about to train."""
 
     @classmethod
-    def implied(cls, config: MethodConfig, data: DataSection) -> bool:
-        """Whether the data section asks for this method."""
+    def implied(cls, config: MethodConfig, data: DataSection, run: RunView) -> bool:
+        """Whether the data section, or the run being resolved (its model shape and stage), asks for this method."""
         return False
 
     @classmethod

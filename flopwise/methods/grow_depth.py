@@ -20,6 +20,12 @@ continuous at the growth (the zero-init idea of Net2Net and of the modded-nanoGP
 other weights then learn as soon as their output projections leave zero.  G_stack's plain copy instead changes
 the function at the growth and needs steps after it to recover; it ended worse at normal speed and, by more,
 with the steps after the growth cut to a few (bench/growth.py, bench/RESULTS.md).
+
+The speedrun options' per-block parameters (flopwise/model/gpt.py) are copied by name.  A value embedding (and
+its gate) is copied where the source block has one; a copy that has one where its source has none keeps its
+initial table, as does a U-net skip weight (only blocks past the middle have one, and they are all copies).
+With ``function_preserving`` a copy's x0 lambdas restart at (1, 0) and its skip weight at 0, with fresh
+optimizer state, so the copy still starts as the identity: its input is the residual stream alone.
 """
 
 from __future__ import annotations
@@ -100,6 +106,9 @@ class GrowDepth(Method):
 
 
 OUTPUT_PROJECTIONS = {"o_proj", "down_proj"}  # a block's projections onto the residual stream
+# A block's option parameters at the values that make it read the residual stream alone (flopwise/model/gpt.py
+# Block): lambdas (x, x0) = (1, 0), no U-net skip.
+NEUTRAL = {"lambdas": (1.0, 0.0), "skip_weight": (0.0,)}
 
 
 def is_output_projection(name: str) -> bool:
@@ -112,15 +121,19 @@ def is_output_projection(name: str) -> bool:
 def stack_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, depth: int,
                  function_preserving: bool = False) -> None:
     """Copy the ``model.depth`` trained blocks, weights, buffers and optimizer state, into blocks
-    depth..``depth``-1 in order (block i into i + m, i + 2m, ...), and run all ``depth`` from now on;
-    ``function_preserving``: the copies' output projections start at zero, with no optimizer state."""
+    depth..``depth``-1 in order (block i into i + m, i + 2m, ...), by name (a parameter only the copy has keeps
+    its value and starts with no optimizer state), and run all ``depth`` from now on; ``function_preserving``: the copies' output projections start
+    at zero and their option parameters at ``NEUTRAL``, with no optimizer state."""
     trained = model.depth
     for target in range(trained, depth):
-        source = model.layers[target % trained]
-        for (name, from_param), (_, to_param) in zip(source.named_parameters(),
-                                                      model.layers[target].named_parameters()):
-            if function_preserving and is_output_projection(name):
-                to_param.zero_()
+        sources = dict(model.layers[target % trained].named_parameters())
+        for name, to_param in model.layers[target].named_parameters():
+            if function_preserving and (is_output_projection(name) or name in NEUTRAL):
+                to_param.copy_(torch.tensor(NEUTRAL.get(name, 0.0)))
+                optimizer.state.pop(to_param, None)
+                continue
+            from_param = sources.get(name)
+            if from_param is None:  # unused until now: it starts fresh (a resumed run's optimizer gave it a state)
                 optimizer.state.pop(to_param, None)
                 continue
             to_param.copy_(from_param)
@@ -128,6 +141,7 @@ def stack_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, depth: int,
                 optimizer.state[to_param] = {key: value.clone() if isinstance(value, torch.Tensor)
                                              else copy.deepcopy(value)
                                              for key, value in optimizer.state[from_param].items()}
-        for (_, from_buffer), (_, to_buffer) in zip(source.named_buffers(), model.layers[target].named_buffers()):
-            to_buffer.copy_(from_buffer)
+        buffers = dict(model.layers[target % trained].named_buffers())
+        for name, to_buffer in model.layers[target].named_buffers():
+            to_buffer.copy_(buffers[name])
     model.depth = depth

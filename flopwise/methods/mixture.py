@@ -12,7 +12,7 @@ from flopwise.data.config import DataSection
 from flopwise.data.sampler import PackedSampler
 from flopwise.data.sources import parse_source
 from flopwise.errors import FlopwiseError
-from flopwise.methods.base import PRETRAIN, Method, MethodConfig, RunResources, SamplerOptions
+from flopwise.methods.base import PRETRAIN, Method, MethodConfig, RunResources, RunView, SamplerOptions
 
 
 class MixtureConfig(MethodConfig):
@@ -81,7 +81,7 @@ class StaticMixture(Method):
         self.sampler: PackedSampler | None = None
 
     @classmethod
-    def implied(cls, config: MixtureConfig, data: DataSection) -> bool:
+    def implied(cls, config: MixtureConfig, data: DataSection, run: RunView) -> bool:
         """Weights in ``--data NAME=PATH:WEIGHT`` or in this section ask for the mixture."""
         return bool(config.weights) or any(parse_source(source).weight is not None for source in data.sources)
 

@@ -2,8 +2,8 @@
 module (under flopwise/methods/) and class.
 
 The order matters where hooks compose: a static mixture sets the weights an online mixture starts
-from, SALT's distillation term is mixed in before sample reweighting multiplies the loss, and the
-z-loss is added last, unweighted.
+from, multi-token prediction's extra targets join the cross-entropy before SALT's distillation term is
+mixed in and before sample reweighting multiplies the loss, and the z-loss is added last, unweighted.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ REGISTERED = (
     "mixture.StaticMixture",
     "online_mixture.OnlineMixture",
     "curriculum.Curriculum",
+    "mtp.MultiTokenPrediction",
     "salt.Salt",
     "reweight.SampleReweighting",
     "z_loss.ZLoss",

@@ -25,6 +25,12 @@ NAMED_SIZES: dict[str, dict] = {
 MLPS = ("swiglu", "gelu", "relu2")
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "learned")
+# The speedrun options (docs/model.md): each off by default, each a change to the decoder that Hugging Face's
+# stock Llama/Qwen3 does not compute (multi-token prediction changes only the training loss).
+ARCHITECTURE_OPTIONS = ("value_embeds", "x0_lambdas", "unet_skips", "smear", "logit_softcap", "bigram_hash")
+OPTIONS = (*ARCHITECTURE_OPTIONS, "mtp_tokens", "mtp_weight")
+VALUE_GATE_CHANNELS = 12  # the value-embedding gate reads this many channels of its input (nanochat's ve_gate)
+SMEAR_CHANNELS = 24  # the smear gate reads this many channels of the token embedding (nanochat's smear_gate)
 
 
 def _divisors(n: int, limit: int = 32) -> str:
@@ -54,6 +60,14 @@ class ModelConfig:
     positions: str = "rope"
     bias: bool = False
     zero_init_out: bool = False
+    value_embeds: bool = False
+    x0_lambdas: bool = False
+    unet_skips: bool = False
+    smear: bool = False
+    logit_softcap: float = 0.0
+    mtp_tokens: int = 0
+    mtp_weight: float = 0.5
+    bigram_hash: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -107,8 +121,23 @@ class ModelConfig:
 
     @property
     def stock_architecture(self) -> bool:
-        """What a stock Llama/Qwen3 computes: LLaMA-style, with no option that changes the function."""
-        return self.llama_style
+        """LLaMA-style with no speedrun option that changes the function: what a stock Llama/Qwen3 computes.
+        Multi-token prediction does not count: it changes the training loss, not the model."""
+        return self.llama_style and not any(getattr(self, name) for name in ARCHITECTURE_OPTIONS)
+
+    def value_embed_layers(self) -> list[int]:
+        """The layers with a value embedding: every other one, ending with the last (nanochat's ``has_ve``:
+        layer_idx % 2 == (n_layer - 1) % 2); none unless value_embeds."""
+        if not self.value_embeds:
+            return []
+        return [i for i in range(self.n_layers) if i % 2 == (self.n_layers - 1) % 2]
+
+    def skip_source(self, layer: int) -> int | None:
+        """The encoder layer whose output a U-net skip adds to ``layer``'s input: its mirror n_layers-1-layer,
+        for the layers past the middle; None without unet_skips, in the first half and at an odd depth's
+        middle layer."""
+        mirror = self.n_layers - 1 - layer
+        return mirror if self.unet_skips and mirror < layer else None
 
     def validate(self) -> None:
         """Raise FlopwiseError with a one-line fix for the first inconsistent field."""
@@ -138,6 +167,32 @@ class ModelConfig:
         if self.n_heads % self.kv_heads:
             raise FlopwiseError(f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}: "
                                 f"choose n_kv_heads among {_divisors(self.n_heads)}")
+        self._validate_options()
+
+    def _validate_options(self) -> None:
+        """The speedrun options' checks (a saved plan.json or checkpoint is read without the section's)."""
+        for name in ("value_embeds", "x0_lambdas", "unet_skips", "smear"):
+            if not isinstance(getattr(self, name), bool):
+                raise FlopwiseError(f"model.{name}={getattr(self, name)!r} must be true or false")
+        for name in ("bigram_hash", "mtp_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise FlopwiseError(f"model.{name}={value!r} must be a whole number >= 0 (0 turns it off)")
+        if not isinstance(self.logit_softcap, (int, float)) or isinstance(self.logit_softcap, bool) \
+                or not 0 <= self.logit_softcap < math.inf:
+            raise FlopwiseError(f"model.logit_softcap={self.logit_softcap!r} must be a finite number >= 0 "
+                                "(0 turns it off; the speedruns use 15)")
+        if not isinstance(self.mtp_weight, (int, float)) or isinstance(self.mtp_weight, bool) \
+                or not 0 < self.mtp_weight < math.inf:
+            raise FlopwiseError(f"model.mtp_weight={self.mtp_weight!r} must be a finite number > 0 "
+                                "(modded-nanogpt's 0.5)")
+        if self.bigram_hash == 1:
+            raise FlopwiseError("model.bigram_hash=1 leaves no row to hash bigrams into (one row is kept for a "
+                                "sequence's first token): use 0 to turn it off, or >= 2 rows (the record used "
+                                "5 x the vocabulary)")
+        if self.mtp_tokens >= self.seq_len:
+            raise FlopwiseError(f"model.mtp_tokens={self.mtp_tokens} must be below model.seq_len={self.seq_len}: "
+                                "a window has no targets that far ahead")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
-from flopwise.model.config import ModelConfig
+from flopwise.model.config import SMEAR_CHANNELS, VALUE_GATE_CHANNELS, ModelConfig
 
 
 def _layer_matmul_params(cfg: ModelConfig) -> int:
     """Weights of one block used in matmuls: q, k, v, o projections and the MLP's two or three matrices."""
     return sum(out * inp for _, out, inp in cfg.block_linears)
+
+
+def _option_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of the options' own matmuls, all layers: each value-embedding gate (kv_heads x 12) and the smear
+    gate (1 x 24).  Multi-token prediction adds none: it scores the same logits against later targets."""
+    value_gates = len(cfg.value_embed_layers()) * cfg.kv_heads * min(VALUE_GATE_CHANNELS, cfg.d_model)
+    return value_gates + (min(SMEAR_CHANNELS, cfg.d_model) if cfg.smear else 0)
+
+
+def _option_embedding_params(cfg: ModelConfig) -> int:
+    """The options' lookup tables: a vocab x kv_dim value embedding per value-embedding layer, and the bigram
+    table (bigram_hash x d_model)."""
+    value_embeds = len(cfg.value_embed_layers()) * cfg.vocab_size * cfg.kv_heads * cfg.head_dim
+    return value_embeds + cfg.bigram_hash * cfg.d_model
+
+
+def _option_scalars(cfg: ModelConfig) -> int:
+    """The options' scalars: two lambdas per block, a skip weight per U-net skip, smear's lambda."""
+    lambdas = 2 * cfg.n_layers if cfg.x0_lambdas else 0
+    skips = sum(cfg.skip_source(layer) is not None for layer in range(cfg.n_layers))
+    return lambdas + skips + (1 if cfg.smear else 0)
 
 
 def _layer_other_params(cfg: ModelConfig) -> int:
@@ -19,13 +40,16 @@ def _layer_other_params(cfg: ModelConfig) -> int:
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters by kind: embedding (vocab*d, plus seq_len*d for learned positions), non_embedding
-    (blocks, their norms and biases, and the final norm), head (0 when tied to the embedding, else
-    vocab*d) and total (unique parameters, as GPT.num_parameters)."""
+    """Parameters by kind: embedding (vocab*d, plus seq_len*d for learned positions, and the options' lookup
+    tables: value embeddings and the bigram table), non_embedding (blocks, their norms and biases, the final
+    norm, and the options' gates and scalars), head (0 when tied to the embedding, else vocab*d) and total
+    (unique parameters, as GPT.num_parameters)."""
     d = cfg.d_model
     final_norm = d * (2 if cfg.norm == "layer" and cfg.bias else 1)
-    non_embedding = cfg.n_layers * (_layer_matmul_params(cfg) + _layer_other_params(cfg)) + final_norm
-    embedding = cfg.vocab_size * d + (cfg.seq_len * d if cfg.positions == "learned" else 0)
+    non_embedding = (cfg.n_layers * (_layer_matmul_params(cfg) + _layer_other_params(cfg)) + final_norm
+                     + _option_matmul_params(cfg) + _option_scalars(cfg))
+    embedding = (cfg.vocab_size * d + (cfg.seq_len * d if cfg.positions == "learned" else 0)
+                 + _option_embedding_params(cfg))
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     return {"embedding": embedding, "non_embedding": non_embedding, "head": head,
             "total": embedding + non_embedding + head}
@@ -37,13 +61,16 @@ def flops_per_token(cfg: ModelConfig) -> float:
         6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len
 
     N_matmul counts every weight used in a matmul: the blocks' q/k/v/o and MLP matrices plus the vocab*d
-    output head (counted whether or not it is tied, since the head matmul runs either way). Norm gains and
-    the embedding lookup are excluded (no matmul). Each matmul weight costs 2 FLOPs per token forward and
-    4 backward, hence 6. The second term is attention's QK^T and AV products: 2 * 2 * seq_len * n_heads *
-    head_dim forward per layer (n_heads * head_dim = d_model unless head_size is set), times 3 for the
-    backward; it ignores causal masking, as PaLM's MFU accounting does.
+    output head (counted whether or not it is tied, since the head matmul runs either way), and the options'
+    gates (each value-embedding gate, the smear gate). Norm gains, the embedding lookups (token, positions,
+    value embeddings, bigram table) and the options' elementwise work (lambdas, U-net skips, gating products,
+    the softcap's tanh, multi-token prediction's extra targets on the same logits) are excluded (no matmul),
+    as the softmax is. Each matmul weight costs 2 FLOPs per token forward and 4 backward, hence 6. The second
+    term is attention's QK^T and AV products: 2 * 2 * seq_len * n_heads * head_dim forward per layer (n_heads *
+    head_dim = d_model unless head_size is set), times 3 for the backward; it ignores causal masking, as PaLM's
+    MFU accounting does.
     """
-    n_matmul = cfg.n_layers * _layer_matmul_params(cfg) + cfg.vocab_size * cfg.d_model
+    n_matmul = cfg.n_layers * _layer_matmul_params(cfg) + cfg.vocab_size * cfg.d_model + _option_matmul_params(cfg)
     return float(6 * n_matmul + 12 * cfg.n_layers * cfg.attn_dim * cfg.seq_len)
 
 

@@ -3,6 +3,12 @@
 Module and weight names follow Hugging Face `LlamaForCausalLM` (embed_tokens, layers.N.self_attn.q_proj,
 mlp.gate_proj, input_layernorm, norm, lm_head, ...) and RoPE uses its rotate-half layout, so an export is a
 rename (add the "model." prefix) and gives the same logits. QK-norm modules are named q_norm/k_norm as in Qwen3.
+
+The speedrun options (ModelConfig's value_embeds, x0_lambdas, unet_skips, smear, logit_softcap, bigram_hash;
+docs/model.md) add parameters that stock Llama lacks.  Their gates, tables and scalars are plain Parameters
+named without ".weight" (``value_embed``, ``value_gate``, ``lambdas``, ``skip_weight``, ``smear_gate``...): no
+method that swaps a block's Linears (LoRA, SLTrain, QAT, fp8) touches them, and the optimizer gives them to
+AdamW, never to Muon.  This module depends on torch and ModelConfig only, so an export can carry it as it is.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig  # relative: an exported model folder carries gpt.py and config.py without flopwise
+# relative: an exported model folder carries gpt.py and config.py without flopwise
+from .config import SMEAR_CHANNELS, VALUE_GATE_CHANNELS, ModelConfig
 
 # `enable_gqa` arrived in torch 2.5; older versions get the kv heads repeated by hand.
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"
@@ -113,9 +120,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention on SDPA (flash kernels on GPU), optional QK-norm before RoPE."""
+    """Causal grouped-query attention on SDPA (flash kernels on GPU), optional QK-norm before RoPE, and on the
+    layers ``ModelConfig.value_embed_layers`` names a gated value embedding (below)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.q_proj = Linear(cfg.d_model, cfg.attn_dim, bias=cfg.bias)
@@ -124,13 +132,20 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.attn_dim, cfg.d_model, bias=cfg.bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        has_value_embed = layer in cfg.value_embed_layers()
+        kv_dim = cfg.kv_heads * cfg.head_dim
+        self.value_embed = nn.Parameter(torch.empty(cfg.vocab_size, kv_dim)) if has_value_embed else None
+        channels = min(VALUE_GATE_CHANNELS, cfg.d_model)
+        self.value_gate = nn.Parameter(torch.empty(cfg.kv_heads, channels)) if has_value_embed else None
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: LayerCache | None = None,
-                packing: Packing | None = None) -> torch.Tensor:
+                packing: Packing | None = None, idx: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if self.value_embed is not None:
+            v = v + self.gated_value_embedding(x, idx, v.dtype)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -145,6 +160,17 @@ class Attention(nn.Module):
         y = _attend(q, k, v, causal=t > 1, groups=self.n_heads // self.n_kv_heads, offset=start,
                     mask=packing.mask if packing is not None else None)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def gated_value_embedding(self, x: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """What the value embedding adds to v [B, T, kv_heads, head_dim] (in v's ``dtype``): a per-token table
+        row (ResFormer's value residual, Zhou et al. 2024, as a token embedding: modded-nanogpt's 2024-12-04
+        ValueEmbed record) times a gate per kv head, 3 * sigmoid(x[..., :12] W^T) in (0, 3), read from the
+        block's normalized input (nanochat, nanochat/gpt.py ``ve_gate``).  It depends on the token and the
+        position's own input alone, so cached values stay right."""
+        b, t, _ = x.shape
+        gate = 3 * torch.sigmoid(linear(x[..., :self.value_gate.shape[1]], self.value_gate))
+        rows = F.embedding(idx, self.value_embed).to(dtype).view(b, t, self.n_kv_heads, self.head_dim)
+        return gate.unsqueeze(-1) * rows
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, groups: int,
@@ -166,11 +192,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, gro
 
 @dataclass(frozen=True)
 class Packing:
-    """Several sequences packed in each row of a window: each token's position within its own sequence, and
-    the attention mask [B, 1, T, T] that lets a token see only the earlier tokens of its sequence."""
+    """Several sequences packed in each row of a window: each token's position within its own sequence, the
+    attention mask [B, 1, T, T] that lets a token see only the earlier tokens of its sequence, and where each
+    sequence starts [B, T] (smear and the bigram hash look back one token, never across a start)."""
 
     positions: torch.Tensor
     mask: torch.Tensor
+    starts: torch.Tensor
 
     @classmethod
     def of(cls, segments: torch.Tensor) -> Packing:
@@ -182,7 +210,7 @@ class Packing:
         first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
         same = segments[:, :, None] == segments[:, None, :]
         causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
-        return cls(positions=index - first, mask=(same & causal).unsqueeze(1))
+        return cls(positions=index - first, mask=(same & causal).unsqueeze(1), starts=starts)
 
 
 class LayerCache:
@@ -191,6 +219,9 @@ class LayerCache:
     def __init__(self, shape: tuple[int, int, int, int], device: torch.device) -> None:
         self.shape, self.device = shape, device
         self.length = 0
+        # The token at the last cached position [B, 1]: the one the next token's smear and bigram hash look back
+        # to.  GPT.logits keeps it in the first layer's cache.
+        self.last_token: torch.Tensor | None = None
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append [B, kv_heads, T, head_dim] keys/values; return all of them so far.  The cache takes
@@ -210,6 +241,7 @@ class LayerCache:
         copy.keys = self.keys[:1].repeat(batch, 1, 1, 1)
         copy.values = self.values[:1].repeat(batch, 1, 1, 1)
         copy.length = self.length
+        copy.last_token = None if self.last_token is None else self.last_token[:1].repeat(batch, 1)
         return copy
 
 
@@ -232,24 +264,39 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Before that, with unet_skips a layer past the middle adds ``skip_weight`` times its mirror layer's output
+    (modded-nanogpt's 2024-11-10 UNetDoubleLr record: learned weights starting at 1), and with x0_lambdas the
+    input becomes lambdas[0] * x + lambdas[1] * x0, x0 being the embedding (nanochat's resid_lambdas and
+    x0_lambdas; modded-nanogpt's 2024-11-06 ShortcutsTweaks record's per-block lambdas, from (1, 0): the
+    identity)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = make_norm(cfg, cfg.d_model)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
+        self.lambdas = nn.Parameter(torch.empty(2)) if cfg.x0_lambdas else None
+        self.skip_weight = nn.Parameter(torch.empty(1)) if cfg.skip_source(layer) is not None else None
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: LayerCache | None = None,
-                packing: Packing | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, packing)
+                packing: Packing | None = None, x0: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+                idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``x0``: the embedding (x0_lambdas); ``skip``: the mirror layer's output (unet_skips); ``idx``: the
+        tokens (value embeddings)."""
+        if self.skip_weight is not None:
+            x = x + self.skip_weight * skip
+        if self.lambdas is not None:
+            x = self.lambdas[0] * x + self.lambdas[1] * x0
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, packing, idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class GPT(nn.Module):
     """The decoder: token (and, GPT-2 style, learned position) embedding, n_layers blocks, final norm,
-    (tied) output head."""
+    (tied) output head; and the speedrun options the config turns on (docs/model.md)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -257,7 +304,10 @@ class GPT(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed_positions = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.positions == "learned" else None
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.bigram_embed = nn.Embedding(cfg.bigram_hash, cfg.d_model) if cfg.bigram_hash else None
+        self.smear_gate = nn.Parameter(torch.empty(1, min(SMEAR_CHANNELS, cfg.d_model))) if cfg.smear else None
+        self.smear_lambda = nn.Parameter(torch.empty(1)) if cfg.smear else None
+        self.layers = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm = make_norm(cfg, cfg.d_model)
         # A tied head reuses embed_tokens.weight rather than registering it twice, so every state dict
         # (checkpoints, FSDP shards, the HF export) holds each weight exactly once.
@@ -274,7 +324,8 @@ class GPT(nn.Module):
     def _init_weights(self) -> None:
         """N(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2*n_layers) (GPT-2) so the
         residual stream's variance does not grow with depth, or zero with zero_init_out (each block then
-        starts as the identity, as in the modded-nanoGPT speedrun). Biases zero, norm gains one."""
+        starts as the identity, as in the modded-nanoGPT speedrun). Biases zero, norm gains one.  The
+        options' parameters follow, as their sources start them (``_init_options``)."""
         cfg = self.config
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for name, module in self.named_modules():
@@ -286,6 +337,34 @@ class GPT(nn.Module):
                     nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else cfg.init_std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+        self._init_options()
+
+    @torch.no_grad()
+    def _init_options(self) -> None:
+        """The speedrun options' parameters as their sources start them (drawn after every other weight, so a
+        model without options draws exactly what it did before they existed):
+
+        - value embedding tables N(0, init_std), as v_proj's weights (nanochat inits them as its c_v), and their
+          gates U(0, 0.02) (nanochat): each gate starts near 3 * sigmoid(0) = 1.5;
+        - lambdas (1, 0), so each block starts reading x alone (modded-nanogpt 2024-11-06);
+        - U-net skip weights 1 (modded-nanogpt 2024-11-10);
+        - smear_lambda 0, so smear starts off, and its gate U(0, 0.02) (nanochat);
+        - the bigram table 0 (modded-nanogpt 2026-01-19 BigramHashEmbedding), so it starts off."""
+        cfg = self.config
+        for block in self.layers:
+            attention = block.self_attn
+            if attention.value_embed is not None:
+                nn.init.normal_(attention.value_embed, mean=0.0, std=cfg.init_std)
+                nn.init.uniform_(attention.value_gate, 0.0, 0.02)
+            if block.lambdas is not None:
+                block.lambdas.copy_(torch.tensor([1.0, 0.0]))
+            if block.skip_weight is not None:
+                nn.init.ones_(block.skip_weight)
+        if self.smear_gate is not None:
+            nn.init.zeros_(self.smear_lambda)
+            nn.init.uniform_(self.smear_gate, 0.0, 0.02)
+        if self.bigram_embed is not None:
+            nn.init.zeros_(self.bigram_embed.weight)
 
     def logits(self, idx: torch.Tensor, caches: list[LayerCache] | None = None,
                segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -298,16 +377,54 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {end} exceeds the model's context of {self.config.context}")
         packing = Packing.of(segments) if segments is not None else None
         x = self.embed_tokens(idx).float()  # the residual stream is fp32, whatever the weights' dtype
+        if self.smear_gate is not None or self.bigram_embed is not None:
+            previous, first = self._previous_tokens(idx, caches, packing)
+            if self.smear_gate is not None:
+                x = self._smear(x, previous, first)
+            if self.bigram_embed is not None:
+                x = x + self.bigram_embed(bigram_hash(idx, previous, first, self.config.bigram_hash))
+        if caches:
+            caches[0].last_token = idx[:, -1:]
         if self.embed_positions is not None:
             positions = packing.positions if packing is not None else torch.arange(start, end, device=idx.device)
             x = x + self.embed_positions(positions)
+        x0 = x if self.config.x0_lambdas else None
+        outputs: dict[int, torch.Tensor] = {}  # the encoder layers' outputs the U-net skips read
         recompute = self.checkpoint_blocks and self.training and not caches and torch.is_grad_enabled()
         for i, layer in zip(range(self.depth), self.layers):
+            source = self.config.skip_source(i)
+            skip = outputs.pop(source) if source is not None else None
             if recompute:
-                x = checkpoint(layer, x, self.rope, None, packing, use_reentrant=False)
+                x = checkpoint(layer, x, self.rope, None, packing, x0, skip, idx, use_reentrant=False)
             else:
-                x = layer(x, self.rope, caches[i] if caches else None, packing)
-        return linear(self.norm(x), self.head_weight)
+                x = layer(x, self.rope, caches[i] if caches else None, packing, x0, skip, idx)
+            if self.config.unet_skips and i < self.config.n_layers // 2:
+                outputs[i] = x
+        logits = linear(self.norm(x), self.head_weight)
+        cap = self.config.logit_softcap
+        if cap:  # in fp32 (nanochat); modded-nanogpt's 2024-11-06 record, 30, lowered to 15 on 2025-01-04
+            logits = (logits.float() / cap).tanh_() * cap  # in place: one logit-sized temporary fewer
+        return logits
+
+    def _previous_tokens(self, idx: torch.Tensor, caches: list[LayerCache] | None,
+                         packing: Packing | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the token before each position [B, T], whether the position starts a sequence [B, T]).  A window
+        starts one, as does each packed sequence; after a cache, the first token's previous one is the last
+        cached token.  At a start the previous token is a placeholder (the token itself) that nothing reads."""
+        last = caches[0].last_token if caches and caches[0].length else None
+        previous = torch.cat((idx[:, :1] if last is None else last, idx[:, :-1]), dim=1)
+        first = packing.starts.clone() if packing is not None else torch.zeros_like(idx, dtype=torch.bool)
+        if last is None:
+            first[:, 0] = True
+        return previous, first
+
+    def _smear(self, x: torch.Tensor, previous: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """Each token's embedding plus a gated share of the previous token's (nanochat's smear, nanochat/gpt.py;
+        modded-nanogpt's 2025-09-18 Smear record): x_t + smear_lambda * sigmoid(x_t[:24] . w) * x_(t-1), nothing
+        at a sequence's first token.  One token of look-back from the first step, which induction heads need."""
+        gate = self.smear_lambda * torch.sigmoid(linear(x[..., :self.smear_gate.shape[1]], self.smear_gate))
+        before = self.embed_tokens(previous).float().masked_fill(first.unsqueeze(-1), 0.0)
+        return x + gate * before
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -376,6 +493,20 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         """Unique parameters (a tied head is counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+# The bigram hash's multipliers (modded-nanogpt's 2026-01-19 BigramHashEmbedding record, ``get_bigram_hash``):
+# large odd integers that spread (previous, current) pairs over the table.
+BIGRAM_MULTIPLIERS = (36313, 27191)
+
+
+def bigram_hash(idx: torch.Tensor, previous: torch.Tensor, first: torch.Tensor, rows: int) -> torch.Tensor:
+    """The bigram table's row for each position [B, T]: (36313 * token XOR 27191 * previous token) mod (rows - 1),
+    and the last row, rows - 1, at a sequence's first token, which has no previous token (the record's rule for
+    position 0, here also for every packed sequence's start)."""
+    current, before = BIGRAM_MULTIPLIERS
+    mixed = torch.bitwise_xor(current * idx, before * previous) % (rows - 1)
+    return mixed.masked_fill(first, rows - 1)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,

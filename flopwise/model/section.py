@@ -32,9 +32,21 @@ class ModelSection(Section):
     positions: Literal[POSITIONS] = "rope"  # type: ignore[valid-type]
     bias: bool = False
     zero_init_out: bool = True
+    # the speedrun options (docs/model.md), all off
+    value_embeds: bool = False
+    x0_lambdas: bool = False
+    unet_skips: bool = False
+    smear: bool = False
+    logit_softcap: float = 0.0
+    mtp_tokens: int = 0
+    mtp_weight: float = 0.5
+    bigram_hash: int = 0
 
     _sizes = in_range("d_model", "n_layers", "n_heads", "n_kv_heads", "seq_len", "mlp_hidden", low=1)  # or None
     _theta = in_range("rope_theta", low=0, above=True)
+    _counts = in_range("bigram_hash", "mtp_tokens", low=0)
+    _softcap = in_range("logit_softcap", low=0)
+    _mtp_weight = in_range("mtp_weight", low=0, above=True)
 
     @field_validator("size")
     @classmethod

@@ -9,7 +9,9 @@ from typing import Sequence
 def is_hidden_matrix(name: str, ndim: int) -> bool:
     """A 2-D weight of a transformer block (attention or MLP), which Muon or GaLore updates: not an
     embedding, head, gain or bias, nor a factor of a low-rank or sparse module (``q_proj.B``,
-    ``q_proj.lora_A``), which AdamW trains."""
+    ``q_proj.lora_A``), nor a speedrun option's table, gate or scalar (``self_attn.value_embed``,
+    ``self_attn.value_gate``, ``lambdas``: named without ".weight" for this), which AdamW trains (modded-nanogpt
+    gives its embeddings, gates and scalars to Adam too)."""
     return ndim == 2 and name.startswith("layers.") and name.endswith(".weight")
 
 

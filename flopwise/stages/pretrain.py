@@ -22,15 +22,15 @@ from flopwise.evaluate.tasks.resolve import check_run_tasks, resolve_tasks
 from flopwise.evaluate.tasks.scoring import TaskModel
 from flopwise.methods.base import RunResources, World
 from flopwise.methods.stack import MethodStack
-from flopwise.model.config import NAMED_SIZES, ModelConfig
+from flopwise.model.config import NAMED_SIZES, OPTIONS, ModelConfig
 from flopwise.model.flops import flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source
 from flopwise.stages.base import Prepared, Shape, Stage, StageEvaluation, StageLoop
 
-# Model fields that an --init-from model's config.json decides.
+# Model fields that an --init-from model's config.json decides (a stock model has none of the speedrun options).
 IMPORTED_SHAPE = {"size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "qk_norm", "tie_embeddings",
-                  "rope_theta"}
+                  "rope_theta", *OPTIONS}
 BYTE_VOCAB = 256 + 1  # the bytes and end-of-text
 
 
