@@ -7,15 +7,17 @@ Arms, each a full run of the default recipe (progressive methods included) on th
 - doc_start: ``data.windows=doc_start``, windows that begin at a document (flopwise/data/sampler.py);
 - doc_mask: ``data.doc_mask=true``, attention within each document of a window;
 - doc_start+mask: both;
-- ema / uniform: ``methods.weight_average`` over the decay (an EMA with a half-life of 0.05 of the budget, or the
-  plain mean), on the stream's training, which they do not change.
+- ema / ema_short / uniform: ``methods.weight_average`` over the decay (an EMA with a half-life of 0.05 or 0.01
+  of the budget, or the plain mean), on the stream's training, which they do not change (so their differences
+  from stream are paired, free of the data order's noise).
 
 Each final model is scored twice on the same held-out windows: as every run is (causal across the documents of a
 window, the number in metrics.jsonl, checked here against a re-evaluation) and with attention kept within each
 document (the evaluation a doc_mask model trained for).  Then the per-step cost, timed in this one process with
 the arms alternating on the same batches (so the machine's load hits both): a step with the document mask against
-the causal step, and a weight-average update against a step.  Finished runs are kept, so a rerun only adds what is
-missing.  Prints the tables and writes bench/results/docwin_averaging.json.
+the causal step (one thread, the process's own CPU time), a weight-average update against a step, and the
+share of batches that hold a document boundary (only those take the mask).  Finished runs are kept, so a rerun
+only adds what is missing.  Prints the tables and writes bench/results/docwin_averaging.json.
 
     python bench/docwin_averaging.py --steps 100 --model tiny --seeds 0 1
 """
@@ -32,7 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -58,6 +59,7 @@ ARMS: dict[str, list[str]] = {
     "doc_start+mask": ["--set", "data.windows=doc_start", "--set", "data.doc_mask=true"],
     "ema": ["--method", "weight_average"],
     "uniform": ["--method", "weight_average", "--set", "methods.weight_average.kind=uniform"],
+    "ema_short": ["--method", "weight_average", "--set", "methods.weight_average.half_life=0.01"],
 }
 
 
@@ -105,50 +107,62 @@ def heldout_both_ways(run: Path) -> tuple[float, float]:
     return sums["causal"] / tokens, sums["masked"] / tokens
 
 
-def step_costs(model_size: str, reps: int) -> dict[str, Any]:
-    """Seconds of a training step of the default recipe's full shape, causal and with the document mask, the
-    arms alternating on the same batches; and of a weight-average update against a step."""
-    config = load_config(None, ["data.doc_mask=true"], {"model.size": model_size})
+def step_costs(model: str, reps: int) -> dict[str, Any]:
+    """CPU seconds of a training step of the default recipe's full shape, on one thread (the process's own time,
+    which other processes' load moves less than the wall clock): causal, and with the document mask (what any
+    batch holding a document boundary costs), the arms alternating on the same batches; a weight-average
+    update against a step; and the share of batches that hold a boundary (the others skip the mask), with
+    stream and with doc_start windows.  ``model``: a size, or SIZE:SEQ_LEN."""
+    size, _, seq_len = model.partition(":")
+    config = load_config(None, [], {"model.size": size, **({"model.seq_len": int(seq_len)} if seq_len else {})})
     prepared = prepare_data(config.data, config.train.seed)
+    eos = prepared.tokenizer.eos_id
     torch.manual_seed(0)
     cfg = config.model.build(prepared.tokenizer.vocab_size)
     model = GPT(cfg)
     optimizer = build_optimizer(model, config.optim, torch.device("cpu"))
     stack = MethodStack(config.methods)
-    sampler = PackedSampler(prepared.corpus.train_tokens, cfg.seq_len, config.optim.batch_size, seed=0,
-                            segment_token=prepared.tokenizer.eos_id)
+    corpus = prepared.corpus
+    sampler = PackedSampler(corpus.train_tokens, cfg.seq_len, config.optim.batch_size, seed=0)
     average = WeightAverage(WeightAverage.Config(start=0.0))
     average.configure(model)
     average.reshape(StepShape(config.optim.batch_size, cfg.seq_len, cfg.n_layers), model, optimizer)
 
     def step(batch: Any) -> float:
-        start = time.perf_counter()
+        start = time.process_time()
         loss, _ = stack.loss(model, batch, torch.device("cpu"), torch.float32)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return time.process_time() - start
 
     def update() -> float:
-        start = time.perf_counter()
+        start = time.process_time()
         average.after_step(0, model, optimizer)
-        return time.perf_counter() - start
+        return time.process_time() - start
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     seconds: dict[str, list[float]] = {"causal": [], "masked": [], "average": []}
-    boundaries = []
     for rep in range(reps + 2):  # two warm-up rounds
         batch = sampler.next_batch()
-        boundaries.append(int((batch.segments[:, -1] - batch.segments[:, 0]).sum()))
         average.on_progress(rep, 0.5 + rep / (2 * (reps + 2)))
-        timed = {"masked": step(batch), "causal": step(batch._replace(segments=None)), "average": update()}
+        timed = {"masked": step(batch._replace(segments=document_segments(batch.inputs, eos))),
+                 "causal": step(batch), "average": update()}
         if rep >= 2:
             for arm, value in timed.items():
                 seconds[arm].append(value)
+    torch.set_num_threads(threads)
     ratios = [m / c for m, c in zip(seconds["masked"], seconds["causal"])]
     shares = [a / c for a, c in zip(seconds["average"], seconds["causal"])]
-    return {"model": model_size, "shape": cfg.to_dict(), "batch": config.optim.batch_size, "reps": reps,
+    with_boundary = {}
+    for layout, starts in (("stream", None), ("doc_start", corpus.train_docs[:, 0])):
+        masked = PackedSampler(corpus.train_tokens, cfg.seq_len, config.optim.batch_size, seed=0, doc_starts=starts,
+                               segment_token=eos)
+        with_boundary[layout] = statistics.mean(masked.next_batch().segments is not None for _ in range(500))
+    return {"model": size, "shape": cfg.to_dict(), "batch": config.optim.batch_size, "reps": reps,
             "seconds": seconds, "mask_over_causal": statistics.median(ratios), "mask_ratios": ratios,
-            "average_over_step": statistics.median(shares), "document_boundaries_per_batch": boundaries}
+            "average_over_step": statistics.median(shares), "batches_with_a_boundary": with_boundary}
 
 
 def main() -> None:
@@ -159,7 +173,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--data", default="stdlib", help="the training data (--data of flopwise train)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--timing-models", nargs="*", default=["tiny", "small"])
+    parser.add_argument("--timing-models", nargs="*", default=["tiny", "small", "small:1024"],
+                        help="shapes to time: a model size, or SIZE:SEQ_LEN")
     parser.add_argument("--timing-reps", type=int, default=6)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "docwin_averaging.json")
     args = parser.parse_args()
@@ -207,13 +222,16 @@ def report(results: dict[str, Any], console: Console) -> None:
         table.add_row(arm, str(len(keys)), f"{row['val_loss']:.4f}", _changes(change),
                       f"{row['val_loss_doc_masked']:.4f}", _changes(masked_change), f"{row['train_loss']:.4f}")
     console.print(table)
-    timing = Table(title="per-step cost, arms alternating in one process (median ratio of the repetitions)")
-    for column in ("model", "T", "batch", "mask / causal", "ratios", "EMA update / step", "boundaries per batch"):
+    timing = Table(title="per-step CPU time on one thread, arms alternating in one process (median ratio of the "
+                         "repetitions); the share of batches that hold a document boundary and so take the mask")
+    for column in ("model", "T", "batch", "mask / causal", "ratios", "EMA update / step",
+                   "batches masked (stream)", "(doc_start)"):
         timing.add_column(column, justify="right")
     for t in results["timing"]:
+        masked = t["batches_with_a_boundary"]
         timing.add_row(t["model"], str(t["shape"]["seq_len"]), str(t["batch"]), f"{t['mask_over_causal']:.2f}x",
                        " ".join(f"{r:.2f}" for r in t["mask_ratios"]), f"{100 * t['average_over_step']:.1f}%",
-                       f"{np.mean(t['document_boundaries_per_batch']):.1f}")
+                       f"{masked['stream']:.0%}", f"{masked['doc_start']:.0%}")
     console.print(timing)
     results["summary"] = summary
 

@@ -30,6 +30,11 @@ def corpus(lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(parts).astype(np.int64), starts
 
 
+def same(a: Batch, b: Batch) -> bool:
+    """The same inputs, targets, domains and segments (or none in both)."""
+    return all(x is y if x is None or y is None else torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_windows_begin_at_documents_continue_long_ones_and_skip_those_a_window_holds():
     # documents [0,3) [3,15) [15,17) [17,19) [19,24) [24,44); each is read from the EOS before it: 0, 2, 14, 16,
     # 18, 23.  Windows of 4 (+1): 0 holds doc 0 and cuts doc 1, which starts again at 2 and goes on at 6 and 10
@@ -74,9 +79,8 @@ def test_the_sampler_gives_each_window_with_the_eos_before_its_document_and_resu
     state = json.loads(json.dumps(first.state_dict()))
     resumed = sampler(seed=0)
     resumed.load_state_dict(state)
-    for want in expected[11:]:
-        got = resumed.next_batch()
-        assert all(torch.equal(a, b) for a, b in zip(got, want))  # inputs, targets, domains and segments
+    assert all(same(resumed.next_batch(), want) for want in expected[11:])
+    assert any(batch.segments is not None for batch in expected[11:])
     stream = PackedSampler(tokens, 8, 3, seed=4)
     with pytest.raises(FlopwiseError, match="data.windows='doc_start' windows but this run has 'stream'"):
         stream.load_state_dict(state)
@@ -113,7 +117,8 @@ def test_the_loss_with_segments_is_each_document_alone():
 
 def test_the_sequence_schedule_cuts_segments_with_their_windows():
     tokens, starts = corpus([3, 12, 2, 2, 5, 20, 7, 30])
-    batch = PackedSampler(tokens, 16, 2, seed=0, doc_starts=starts, segment_token=EOS).next_batch()
+    sampler = PackedSampler(tokens, 16, 2, seed=0, doc_starts=starts, segment_token=EOS)
+    batch = next(batch for batch in iter(sampler.next_batch, None) if batch.segments is not None)
     cut = split_windows(batch, 4)
     assert torch.equal(cut.segments.reshape(2, 16), batch.segments)
     assert torch.equal(Packing.of(cut.segments).positions, Packing.of(document_segments(cut.inputs, EOS)).positions)
@@ -127,7 +132,24 @@ def test_two_ranks_split_what_one_rank_with_double_batch_sees():
     for _ in range(10):
         whole, a, b = single.next_batch(), ranks[0].next_batch(), ranks[1].next_batch()
         assert torch.equal(torch.cat([a.inputs, b.inputs]), whole.inputs)
-        assert torch.equal(torch.cat([a.segments, b.segments]), whole.segments)
+        for part in (a, b):  # each rank's segments are its windows' (None where they hold no boundary)
+            assert part.segments is None or torch.equal(part.segments, document_segments(part.inputs, EOS))
+
+
+def test_a_batch_without_a_document_boundary_carries_no_mask_and_loses_nothing_by_it():
+    tokens, starts = corpus([40, 3, 50])  # windows of 8: only those around the EOS at 39 and 42 hold a boundary
+    sampler = PackedSampler(tokens, 8, 1, seed=0, doc_starts=starts, segment_token=EOS)
+    batches = [sampler.next_batch() for _ in range(sampler.windows)]
+    for batch in batches:
+        boundary = bool((batch.inputs[0, 1:] == EOS).any())
+        assert (batch.segments is not None) == boundary
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=100, d_model=32, n_layers=1, n_heads=2, seq_len=8))
+    plain = next(batch for batch in batches if batch.segments is None)
+    masked = plain._replace(segments=document_segments(plain.inputs, EOS))  # one segment per row: the causal mask
+    stack, cpu = stack_of(), torch.device("cpu")
+    torch.testing.assert_close(stack.loss(model, plain, cpu, torch.float32)[0],
+                               stack.loss(model, masked, cpu, torch.float32)[0])
 
 
 def test_a_mixture_draws_document_windows_from_each_domain_and_counts_them_there():

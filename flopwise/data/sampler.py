@@ -25,10 +25,11 @@ twice (the anchors crop those documents instead: Ding et al. 2024, "Fewer Trunca
 Modeling", measure what cropping costs).  The windows are a fixed list computed from the corpus's document
 index, visited in the same seeded order as the stream's.
 
-With ``segment_token`` (``data.doc_mask``) each batch also carries ``segments``: a new id at each end-of-text
-token, so attention stays within a document (GPT.logits' block-causal mask; Zhao et al. 2024, "Analysing
-The Impact of Sequence Composition on Language Model Pre-Training", intra-document causal masking).  The
-end-of-text token begins the next document's segment, as a beginning-of-sequence token would.
+With ``segment_token`` (``data.doc_mask``) each batch that holds a document boundary also carries
+``segments``: a new id at each end-of-text token, so attention stays within a document (GPT.logits'
+block-causal mask; Zhao et al. 2024, "Analysing The Impact of Sequence Composition on Language Model
+Pre-Training", intra-document causal masking).  The end-of-text token begins the next document's segment,
+as a beginning-of-sequence token would.
 
 All state is a few ints and floats per stream, saved in each checkpoint, so resume never replays or
 skips a window, on any number of ranks that share them.
@@ -51,6 +52,7 @@ class Batch(NamedTuple):
     targets: torch.Tensor  # [batch, seq_len] int64, the inputs shifted by one
     domains: torch.Tensor  # [batch] int64: the domain of each window (of its first token, or document)
     segments: torch.Tensor | None = None  # [batch, seq_len] int64 document ids (data.doc_mask); None: causal
+    # across each window (without data.doc_mask, or where no window of the batch holds a document boundary)
 
     def rows(self, index: torch.Tensor) -> Batch:
         """The windows at ``index``, with their segments."""
@@ -195,8 +197,16 @@ class PackedSampler:
                                               dtype=np.int64))
         inputs = windows[:, :-1]
         domains = torch.from_numpy(self.window_domains(offsets))
-        return Batch(inputs, windows[:, 1:], domains, None if self.segment_token is None else
-                     document_segments(inputs, self.segment_token))
+        return Batch(inputs, windows[:, 1:], domains, self._segments(inputs))
+
+    def _segments(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The document ids of ``inputs`` where attention keeps within documents; None where no window of the
+        batch holds a document boundary, since the mask is then the causal one, which attention computes
+        without a mask and faster (most batches of a corpus of documents longer than a window)."""
+        if self.segment_token is None:
+            return None
+        segments = document_segments(inputs, self.segment_token)
+        return segments if bool((segments[:, -1] != segments[:, 0]).any()) else None
 
     def untake(self, counts: Sequence[float]) -> None:
         """Windows read but not trained on, per domain (SALT's rejected candidates, all ranks): not counted
