@@ -44,8 +44,6 @@ import torch
 
 from flopwise.errors import FlopwiseError
 
-WINDOWS = ("stream", "doc_start")  # data.windows: where training windows begin
-
 
 class Batch(NamedTuple):
     inputs: torch.Tensor  # [batch, seq_len] int64
@@ -145,7 +143,7 @@ class PackedSampler:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self.layout = WINDOWS[0] if doc_starts is None else WINDOWS[1]
+        self.layout = "stream" if doc_starts is None else "doc_start"  # data.windows
         self.segment_token = segment_token
         self.ranges = list(domain_ranges) if domain_ranges else [(0, len(tokens))]
         self.names = list(domain_names) if domain_names else [f"domain{i}" for i in range(len(self.ranges))]
@@ -254,7 +252,7 @@ class PackedSampler:
         if "streams" not in state:
             raise FlopwiseError("the checkpoint was saved by an older flopwise whose data order this one cannot "
                                 "continue: start a new run, or resume with that version")
-        saved_layout = state.get("layout", WINDOWS[0])  # older checkpoints: the stream's windows
+        saved_layout = state.get("layout", "stream")  # older checkpoints: the stream's windows
         if saved_layout != self.layout:
             raise FlopwiseError(f"the checkpoint's data order has data.windows='{saved_layout}' windows but this run "
                                 f"has '{self.layout}': resume with the run's own config.toml")
