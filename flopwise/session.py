@@ -54,7 +54,7 @@ from flopwise.scaling.law_file import law_for
 from flopwise.stages import stage_class
 from flopwise.stages.base import StageContext, StageEvaluation
 from flopwise.train.callbacks import AfterEval, Evaluation, Forecast, LoopCallback, Metrics, Progress
-from flopwise.train.checkpoint import CheckpointInfo, load_checkpoint
+from flopwise.train.checkpoint import CheckpointInfo, load_checkpoint, load_method_tensors
 from flopwise.train.display import ProgressDisplay
 from flopwise.train.forecast import LossForecaster
 from flopwise.train.loggers import open_run_logger, require_backends
@@ -220,6 +220,7 @@ class Session:
                 group["peak_lr"] = peak_lr
         self.sampler.load_state_dict(state["sampler"])
         self.methods.load_checkpoint(state)
+        self.methods.load_tensor_state(load_method_tensors(checkpoint))
         if self.ranks.is_main:
             MetricsLog(self.run_dir / METRICS_FILE).truncate_after(checkpoint.step)
         self.resume_step = checkpoint.step
@@ -345,6 +346,7 @@ class Session:
         once).  Interrupted here, the trained steps are kept: --resume then only evaluates and saves."""
         try:
             start = time.perf_counter()
+            self.methods.finish(self.model)  # the final weights (a weight average's) are what is scored and saved
             final_eval = self.evaluation.final()
             outcome.eval_seconds += time.perf_counter() - start
             self.save_final()

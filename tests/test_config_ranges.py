@@ -65,6 +65,7 @@ RANGES = [
     ("methods.grow_depth.factor", "1", "2"), ("methods.grow_depth.at", "0", "0.01"), ("methods.grow_depth.at", "1", "0.99"),
     ("methods.seq_schedule.start", "0", "1"), ("methods.seq_schedule.until", "0", "1"),
     ("methods.batch_schedule.start", "1.5", "1"), ("methods.batch_schedule.until", "0", "0.01"),
+    ("methods.weight_average.start", "1", "0"), ("methods.weight_average.half_life", "0", "1e-6"),
 ]
 # Method sections whose only keys are choices (refused with the choices named: tests/test_fp8.py,
 # tests/test_bf16_weights.py), so they have no range.

@@ -339,7 +339,8 @@ def batches(sampler: PackedSampler, count: int) -> list[torch.Tensor]:
 
 
 def test_sampler_batches_are_shifted_windows_and_seeded():
-    x, y, domains = PackedSampler(TOKENS, 10, 4, seed=0).next_batch()
+    x, y, domains, segments = PackedSampler(TOKENS, 10, 4, seed=0).next_batch()
+    assert segments is None  # attention across the whole window unless data.doc_mask
     assert domains.tolist() == [0, 0, 0, 0]  # one domain
     assert x.shape == y.shape == (4, 10) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1]) and torch.all(x[:, 0] % 10 == 0)

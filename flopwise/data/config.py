@@ -3,6 +3,8 @@ ingest hygiene (deduplication and quality filters) applied on the way."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import field_validator
 
 from flopwise.data.hygiene import HygieneSettings
@@ -11,7 +13,9 @@ from flopwise.section import in_range, one_or_many
 
 class DataSection(HygieneSettings):
     """Where the text comes from and how it becomes tokens; the ingest filters and deduplication are
-    its ``HygieneSettings`` fields."""
+    its ``HygieneSettings`` fields.  ``windows``: where pretraining's windows begin, at a fixed stride of the
+    token stream or at a document ("doc_start"); ``doc_mask``: attention stays within each document of a
+    window (flopwise/data/sampler.py).  Both leave the held-out evaluation as it is."""
 
     sources: list[str] = ["stdlib"]
     include: list[str] = []
@@ -22,6 +26,8 @@ class DataSection(HygieneSettings):
     vocab_size: int = 4096
     tokenizer_sample_mb: float = 4.0
     cache_dir: str | None = None
+    windows: Literal["stream", "doc_start"] = "stream"
+    doc_mask: bool = False
 
     _lists = field_validator("sources", "include", "val_sources", mode="before")(one_or_many)
     _fraction = in_range("val_fraction", low=0, high=0.5, above=True, below=True)

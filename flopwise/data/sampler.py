@@ -14,6 +14,23 @@ save.  The weights may change during the run (online domain reweighting).
 A curriculum gives each window a difficulty; the stream then draws from the easiest fraction
 ``pacing(p)`` of its windows at budget progress p (Hacohen & Weinshall 2019), seeded per draw.
 
+Document-aware windows (``data.windows = "doc_start"``) begin at a document instead of at a fixed stride:
+at the end-of-text token before it, which serves as the beginning-of-sequence token that the speedrun anchors
+begin each row with (modded-nanoGPT's ``align_to_bos`` loader; nanochat's BOS-aligned loader).  A document
+longer than a window goes on in the next windows, every seq_len tokens, so it is trained on whole; the last
+of them (or a short document's only one) is filled up with the documents after it, and the next window
+begins at the document that filling cut, which is read again from its start.  Documents that a filling
+holds whole get no window of their own.  So an epoch predicts every token, the heads of the cut documents
+twice (the anchors crop those documents instead: Ding et al. 2024, "Fewer Truncations Improve Language
+Modeling", measure what cropping costs).  The windows are a fixed list computed from the corpus's document
+index, visited in the same seeded order as the stream's.
+
+With ``segment_token`` (``data.doc_mask``) each batch that holds a document boundary also carries
+``segments``: a new id at each end-of-text token, so attention stays within a document (GPT.logits'
+block-causal mask; Zhao et al. 2024, "Analysing The Impact of Sequence Composition on Language Model
+Pre-Training", intra-document causal masking).  The end-of-text token begins the next document's segment,
+as a beginning-of-sequence token would.
+
 All state is a few ints and floats per stream, saved in each checkpoint, so resume never replays or
 skips a window, on any number of ranks that share them.
 """
@@ -31,28 +48,39 @@ from flopwise.errors import FlopwiseError
 class Batch(NamedTuple):
     inputs: torch.Tensor  # [batch, seq_len] int64
     targets: torch.Tensor  # [batch, seq_len] int64, the inputs shifted by one
-    domains: torch.Tensor  # [batch] int64: the domain of each window's first token
+    domains: torch.Tensor  # [batch] int64: the domain of each window (of its first token, or document)
+    segments: torch.Tensor | None = None  # [batch, seq_len] int64 document ids (data.doc_mask); None: causal
+    # across each window (without data.doc_mask, or where no window of the batch holds a document boundary)
+
+    def rows(self, index: torch.Tensor) -> Batch:
+        """The windows at ``index``, with their segments."""
+        return Batch(self.inputs[index], self.targets[index], self.domains[index],
+                     None if self.segments is None else self.segments[index])
 
 
 class WindowStream:
     """The windows of tokens [start, end): shuffled per epoch, or drawn from the easiest ``pacing(p)``
-    share when ``difficulty`` (one score per window, lower is easier) is given."""
+    share when ``difficulty`` (one score per window, lower is easier) is given.  The windows lie at a fixed
+    stride from ``start``, or at the offsets ``starts`` (document-aware windows)."""
 
     def __init__(self, start: int, end: int, seq_len: int, seed_key: tuple[int, ...],
-                 difficulty: np.ndarray | None = None) -> None:
+                 difficulty: Callable[[np.ndarray], np.ndarray] | None = None,
+                 starts: np.ndarray | None = None) -> None:
         self.start = start
         self.seq_len = seq_len
-        self.windows = max(0, (end - start - 1) // seq_len)
+        self.starts = starts
+        self.windows = max(0, (end - start - 1) // seq_len) if starts is None else len(starts)
         self.seed_key = seed_key
         self.epoch = 0
         self.position = 0
         self.draws = 0  # curriculum draws so far (each seeds its own generator)
-        self.easiest_first = None if difficulty is None else np.argsort(difficulty[:self.windows], kind="stable")
+        self.easiest_first = None if difficulty is None else np.argsort(
+            difficulty(self.offsets(np.arange(self.windows, dtype=np.int64))), kind="stable")
         self._permutation_epoch = -1
         self._permutation = np.empty(0, dtype=np.int64)
 
     def offsets(self, indices: np.ndarray) -> np.ndarray:
-        return self.start + indices * self.seq_len
+        return self.start + indices * self.seq_len if self.starts is None else self.starts[indices]
 
     def take(self, count: int, available: float = 1.0) -> np.ndarray:
         """The next ``count`` window start offsets; ``available``: the curriculum's share of windows."""
@@ -96,13 +124,17 @@ class PackedSampler:
 
     ``domain_ranges``: each domain's [start, end) in ``tokens`` (contiguous, in domain-id order);
     ``difficulty``: a function from a stream's window offsets to scores, for a curriculum;
-    ``pacing``: the share of easiest windows available at progress p (set ``progress`` each step)."""
+    ``pacing``: the share of easiest windows available at progress p (set ``progress`` each step);
+    ``doc_starts``: the offsets where documents begin (the corpus's document index), for windows that begin
+    at a document (see the module docstring); ``segment_token``: the end-of-text token, for batches whose
+    ``segments`` keep attention within each document."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, domain_ranges: Sequence[tuple[int, int]] | None = None,
                  weights: Sequence[float] | None = None, domain_names: Sequence[str] | None = None,
                  difficulty: Callable[[np.ndarray], np.ndarray] | None = None,
-                 pacing: Callable[[float], float] | None = None) -> None:
+                 pacing: Callable[[float], float] | None = None, doc_starts: np.ndarray | None = None,
+                 segment_token: int | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.tokens = tokens
@@ -111,6 +143,8 @@ class PackedSampler:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
+        self.layout = "stream" if doc_starts is None else "doc_start"  # data.windows
+        self.segment_token = segment_token
         self.ranges = list(domain_ranges) if domain_ranges else [(0, len(tokens))]
         self.names = list(domain_names) if domain_names else [f"domain{i}" for i in range(len(self.ranges))]
         self._range_ends = np.array([end for _, end in self.ranges], dtype=np.int64)
@@ -118,8 +152,8 @@ class PackedSampler:
         self.progress = 0.0
         self.mixed = weights is not None
         spans = self.ranges if self.mixed else [(0, len(tokens))]
-        self.streams = [WindowStream(start, end, seq_len, self._seed_key(index),
-                                     _scores(difficulty, start, end, seq_len))
+        self.streams = [WindowStream(start, end, seq_len, self._seed_key(index), difficulty,
+                                     None if doc_starts is None else document_windows(doc_starts, start, end, seq_len))
                         for index, (start, end) in enumerate(spans)]
         self.windows = sum(stream.windows for stream in self.streams)
         if self.windows < 1:
@@ -159,8 +193,18 @@ class PackedSampler:
         offsets = self._next_offsets(count * self.world_size)[self.rank * count:(self.rank + 1) * count]
         windows = torch.from_numpy(np.asarray(self.tokens[offsets[:, None] + np.arange(self.seq_len + 1)],
                                               dtype=np.int64))
-        domains = torch.from_numpy(self.domains_of(offsets))
-        return Batch(windows[:, :-1], windows[:, 1:], domains)
+        inputs = windows[:, :-1]
+        domains = torch.from_numpy(self.window_domains(offsets))
+        return Batch(inputs, windows[:, 1:], domains, self._segments(inputs))
+
+    def _segments(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The document ids of ``inputs`` where attention keeps within documents; None where no window of the
+        batch holds a document boundary, since the mask is then the causal one, which attention computes
+        without a mask and faster (most batches of a corpus of documents longer than a window)."""
+        if self.segment_token is None:
+            return None
+        segments = document_segments(inputs, self.segment_token)
+        return segments if bool((segments[:, -1] != segments[:, 0]).any()) else None
 
     def untake(self, counts: Sequence[float]) -> None:
         """Windows read but not trained on, per domain (SALT's rejected candidates, all ranks): not counted
@@ -169,6 +213,11 @@ class PackedSampler:
 
     def domains_of(self, offsets: np.ndarray) -> np.ndarray:
         return np.searchsorted(self._range_ends, offsets, side="right").astype(np.int64)
+
+    def window_domains(self, offsets: np.ndarray) -> np.ndarray:
+        """The domain of each window: its first token's, or, for a window that begins at the end-of-text token
+        before a document, that document's."""
+        return self.domains_of(offsets if self.layout == "stream" else offsets + 1)
 
     def _next_offsets(self, count: int) -> np.ndarray:
         available = self.pacing(self.progress) if self.pacing else 1.0
@@ -181,7 +230,7 @@ class PackedSampler:
                 slots = np.flatnonzero(choice == domain)
                 if len(slots):
                     offsets[slots] = stream.take(len(slots), available)
-        counts = np.bincount(self.domains_of(offsets), minlength=len(self.taken))
+        counts = np.bincount(self.window_domains(offsets), minlength=len(self.taken))
         self.taken = [int(t + c) for t, c in zip(self.taken, counts)]
         return offsets
 
@@ -194,14 +243,19 @@ class PackedSampler:
         return domain
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "windows": self.windows, "streams": [s.state_dict() for s in self.streams],
-                "taken": list(self.taken), "credit": list(self.credit), "weights": list(self.weights)}
+        return {"seed": self.seed, "windows": self.windows, "layout": self.layout,
+                "streams": [s.state_dict() for s in self.streams], "taken": list(self.taken),
+                "credit": list(self.credit), "weights": list(self.weights)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` left off; refuses a state saved over a different set of windows."""
         if "streams" not in state:
             raise FlopwiseError("the checkpoint was saved by an older flopwise whose data order this one cannot "
                                 "continue: start a new run, or resume with that version")
+        saved_layout = state.get("layout", "stream")  # older checkpoints: the stream's windows
+        if saved_layout != self.layout:
+            raise FlopwiseError(f"the checkpoint's data order has data.windows='{saved_layout}' windows but this run "
+                                f"has '{self.layout}': resume with the run's own config.toml")
         if int(state["windows"]) != self.windows or len(state["streams"]) != len(self.streams):
             raise FlopwiseError(f"the checkpoint's data order covers {state['windows']} windows in "
                                 f"{len(state['streams'])} stream(s) but this corpus has {self.windows} in "
@@ -216,12 +270,39 @@ class PackedSampler:
             self.weights = [float(w) for w in state["weights"]]
 
 
-def _scores(difficulty: Callable[[np.ndarray], np.ndarray] | None, start: int, end: int,
-            seq_len: int) -> np.ndarray | None:
-    if difficulty is None:
-        return None
-    count = max(0, (end - start - 1) // seq_len)
-    return difficulty(start + np.arange(count, dtype=np.int64) * seq_len)
+def document_windows(doc_starts: np.ndarray, start: int, end: int, seq_len: int) -> np.ndarray:
+    """Start offsets, ascending, of the windows of seq_len + 1 tokens in [start, end) that begin at a document.
+
+    Each document is read with the end-of-text token before it (none before the very first token): a window
+    starts there, and the windows after it continue the document every ``seq_len`` tokens until it has been
+    predicted to its own end-of-text token.  The next window begins at the document in which the last one
+    ended; the documents that window held whole get none.  A window ends by ``end``; the first may begin at the
+    end-of-text token just before ``start`` (the last token of the domain before, in a mixture's stream)."""
+    firsts = np.asarray(doc_starts, dtype=np.int64)
+    firsts = firsts[(firsts >= start) & (firsts < end)]
+    if len(firsts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    heads = np.maximum(firsts - 1, 0)  # where each document's windows begin: the end-of-text token before it
+    predicted_to = np.append(heads[1:], end - 1)  # the last target of each: its own end-of-text token
+    pieces = np.maximum(1, -(-(predicted_to - heads) // seq_len))  # windows to predict it whole
+    after = heads + pieces * seq_len  # where its last window's targets end
+    # the next document to begin a window: the one its last window cut (the last one after all)
+    following = np.maximum(np.searchsorted(heads, after, side="right") - 1, np.arange(1, len(heads) + 1)).tolist()
+    chain, document = [], 0
+    while document < len(heads):
+        chain.append(document)
+        document = following[document]
+    chain = np.array(chain, dtype=np.int64)
+    counts = pieces[chain]
+    first_piece = np.repeat(np.cumsum(counts) - counts, counts)
+    offsets = np.repeat(heads[chain], counts) + (np.arange(int(counts.sum())) - first_piece) * seq_len
+    return offsets[offsets + seq_len + 1 <= end]
+
+
+def document_segments(inputs: torch.Tensor, token: int) -> torch.Tensor:
+    """Document ids [B, T] of inputs [B, T]: a new one at each end-of-text ``token``, which begins the next
+    document as a beginning-of-sequence token would."""
+    return torch.cumsum(inputs == token, dim=1)
 
 
 def natural_weights(ranges: Sequence[tuple[int, int]], seq_len: int) -> list[float]:

@@ -72,9 +72,9 @@ class ParamSpec:
 
 @dataclass
 class MemoryEstimate:
-    """Bytes of one training step.  ``optimizer_states`` holds moments (8-bit codes and their
-    absmax scales with ``8bit``) and step counters; GaLore's projection matrices are apart in
-    ``projections``.  ``gradients`` is the most alive at once (all of them, except with
+    """Bytes of one training step.  ``weights`` includes a weight average's fp32 copy.  ``optimizer_states``
+    holds moments (8-bit codes and their absmax scales with ``8bit``) and step counters; GaLore's projection
+    matrices are apart in ``projections``.  ``gradients`` is the most alive at once (all of them, except with
     ``layerwise``).  ``activations`` is what one micro-batch saves for backward as configured;
     ``activations_full``/``activations_checkpointed`` without/with activation checkpointing.
     ``buffers``: RoPE tables, SLTrain's indices, the token batch.  ``logits``: the logits and
@@ -467,6 +467,7 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, traits: MemoryTrai
     stored = {p.name: matrix if len(p.shape) >= 2 else pb for p in params}  # bytes per element, grads alike
 
     weights = sum(p.numel * stored[p.name] for p in params)
+    weights += sum(p.numel * FP32 for p in trainable) if traits.averaged_weights else 0  # the fp32 average beside them
     buffers = sum(b.numel * (INT32 if b.name.endswith(".index") else FP32) for b in buffer_specs)
     buffers += 2 * run.tokens * INT64  # the token batch: inputs and targets
     bits8, rank = traits.state_bits == 8, traits.low_rank_gradients or 0

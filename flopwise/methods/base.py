@@ -41,7 +41,11 @@ Hooks, in the order a run meets them:
 - ``before_step`` / ``lr_factor`` / ``after_step``: act around each optimizer step.
 - ``take_extra_flops``: FLOPs spent beyond the model's own step since the last call (a teacher).
 - ``log_fields``: extra fields of each logged training event.
-- ``state_dict`` / ``load_state_dict``: what exact resume needs beyond the step count and the seed.
+- ``state_dict`` / ``load_state_dict``: what exact resume needs beyond the step count and the seed;
+  ``tensor_state`` / ``load_tensor_state``: its tensors (a weight average), kept in the checkpoint's
+  ``methods.safetensors``.
+- ``finish``: make the model the run's final one, before the final evaluation and ``final/`` (a weight
+  average replaces the trained weights).
 
 Everything a method does is a function of the step count, budget progress p, its config and the run's
 seed, plus its saved state, so a resumed run repeats the uninterrupted one exactly.
@@ -62,6 +66,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
 from flopwise.model.config import ModelConfig
 from flopwise.optim.config import OptimSection
+from flopwise.optim.schedules import Schedule
 from flopwise.optim.spec import OptimizerSpec
 from flopwise.section import Section
 
@@ -116,7 +121,8 @@ class RunResources:
     the window length, the tokenizer (as JSON) and the model's vocabulary, the device, precision and processes,
     a way to tell the user, and ``shared``, where methods keep what several of them load once (a teacher that
     SALT and the curriculum both use: flopwise/methods/teacher.py).  ``data`` is None in post-training,
-    whose stages take only the methods that do not read the corpus (``Method.stages``)."""
+    whose stages take only the methods that do not read the corpus (``Method.stages``); ``schedule``: the
+    learning-rate schedule, for a method that follows its phases (None where the stage gives none)."""
 
     data: PreparedData | None
     sources: list[str]
@@ -128,6 +134,7 @@ class RunResources:
     ranks: Ranks
     message: Callable[[str], None]
     shared: dict[str, Any] = field(default_factory=dict)
+    schedule: Schedule | None = None
 
 
 @dataclass(frozen=True)
@@ -290,6 +297,17 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` saved."""
+
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        """Tensors an exact resume needs, by name (saved as safetensors, never pickled)."""
+        return {}
+
+    def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``tensor_state`` saved (on the CPU; the method moves them where it keeps them)."""
+
+    def finish(self, model: nn.Module) -> None:
+        """Make ``model`` the run's final model once its last step is done, before the final evaluation and
+        ``final/`` are written (a resume of a run interrupted there calls it again)."""
 
 
 def default_rank(rank: int | None, d_model: int) -> int:

@@ -33,6 +33,7 @@ REGISTERED = (
     "batch_schedule.BatchSchedule",
     "fp8.Float8Matmuls",
     "qat.QuantizationAwareTraining",
+    "weight_average.WeightAverage",
 )
 
 

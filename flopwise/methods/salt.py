@@ -156,7 +156,7 @@ class Salt(Method):
         rejected = torch.ones(len(candidates.domains), dtype=torch.bool)
         rejected[chosen] = False
         self._rejected.append(candidates.domains[rejected])
-        return Batch(candidates.inputs[chosen], candidates.targets[chosen], candidates.domains[chosen])
+        return candidates.rows(chosen)
 
     def _teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """The teacher's logits, in the run's precision, with their FLOPs counted for the meter."""

@@ -171,11 +171,13 @@ class MethodStack:
         method that changes the loss, the model's own mean loss (no per-token losses or logits kept: they
         would stay alive through backward); else the per-sequence losses as each such method changes them."""
         x, y = batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True)
+        # attention within each document, where the batch says where they are (data.doc_mask)
+        segments = None if batch.segments is None else batch.segments.to(device, non_blocking=True)
         with autocast(device, dtype):
             if not self._losses:
-                loss = model(x, y)[1]
+                loss = model(x, y, segments=segments)[1]
                 return loss, loss.detach()
-            logits, token_losses = model(x, y, reduction="none")
+            logits, token_losses = model(x, y, reduction="none", segments=segments)
             sequence = token_losses.float().mean(dim=1)
             outputs = StepOutputs(batch, x, logits, sequence)
             total = sequence
@@ -211,6 +213,21 @@ class MethodStack:
             if method.name in state:
                 method.load_state_dict(state[method.name])
 
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        """Every method's tensors, named ``<method>/<name>``."""
+        return {f"{m.name}/{name}": tensor for m in self.methods for name, tensor in m.tensor_state().items()}
+
+    def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Each method's part of ``tensors`` (empty where the checkpoint holds none of it)."""
+        for method in self.methods:
+            prefix = f"{method.name}/"
+            method.load_tensor_state({name.removeprefix(prefix): t for name, t in tensors.items()
+                                      if name.startswith(prefix)})
+
+    def finish(self, model: nn.Module) -> None:
+        for method in self.methods:
+            method.finish(model)
+
     def load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The methods' state from a checkpoint's extra state: its ``methods`` part, or where an older
         checkpoint kept a method's state (``Method.legacy_state``)."""
@@ -228,4 +245,5 @@ def split_windows(batch: Batch, seq_len: int) -> Batch:
         return batch
     pieces = length // seq_len
     return Batch(batch.inputs.reshape(-1, seq_len), batch.targets.reshape(-1, seq_len),
-                 batch.domains.repeat_interleave(pieces))
+                 batch.domains.repeat_interleave(pieces),
+                 None if batch.segments is None else batch.segments.reshape(-1, seq_len))

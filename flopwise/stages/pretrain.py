@@ -118,13 +118,21 @@ class PretrainStage(Stage):
         ctx, c = self.context, self.context.config
         tokenizer, seq_len, batch = self.data.tokenizer, model.config.seq_len, c.optim.batch_size
         methods.setup(RunResources(self.data, c.data.sources, seq_len, tokenizer.to_json(), model.config.vocab_size,
-                                   ctx.device, ctx.dtype, ctx.ranks, ctx.display.message))
+                                   ctx.device, ctx.dtype, ctx.ranks, ctx.display.message,
+                                   schedule=c.schedule.build()))
         corpus, options = self.data.corpus, methods.sampler_options()
         ranks = ctx.ranks
         sampler = PackedSampler(corpus.train_tokens, seq_len, ctx.rank_batch, seed=c.train.seed,
                                 rank=ranks.rank, world_size=ranks.world_size,
                                 domain_ranges=corpus.train_domain_ranges(), weights=options.weights,
-                                domain_names=corpus.domains, difficulty=options.difficulty, pacing=options.pacing)
+                                domain_names=corpus.domains, difficulty=options.difficulty, pacing=options.pacing,
+                                doc_starts=corpus.train_docs[:, 0] if c.data.windows == "doc_start" else None,
+                                segment_token=tokenizer.eos_id if c.data.doc_mask else None)
+        if sampler.layout != "stream":
+            read = sampler.windows * seq_len / max(1, len(corpus.train_tokens))
+            ctx.display.message(f"windows: {sampler.windows:,} that begin at a document or continue a long one; an "
+                                f"epoch reads {read:.1%} of the training tokens (the heads of the documents cut at "
+                                "a window's end twice)")
         methods.attach(sampler)
         evaluator = Evaluator(corpus, tokenizer.token_bytes(), seq_len, batch, ctx.device, ctx.dtype)
         task_model = TaskModel(model, tokenizer, ctx.device, ctx.dtype, batch)

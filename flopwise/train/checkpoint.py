@@ -31,6 +31,7 @@ from flopwise.manifest import MANIFEST_FILE, Checksums, files_record, problem
 from flopwise.runtime import Ranks, full_state, load_full_state
 
 STATE_FILE = "state.json"
+METHODS_FILE = "methods.safetensors"  # the methods' tensors (a weight average), where they have any
 _PREFIX = "step_"
 _TMP_PREFIX = ".tmp-"
 _PRUNE_LOCK = ".prune.lock"  # readers hold it shared while loading; pruning holds it exclusively
@@ -50,21 +51,24 @@ class CheckpointInfo:
 
 
 def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int, ranks: Ranks = Ranks()) -> Path:
-    """Write model, optimizer and JSON state for ``step``; then prune to the newest ``keep``.
+                    state: dict[str, Any], keep: int, ranks: Ranks = Ranks(),
+                    method_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model, optimizer, the methods' tensors (``method_tensors``, rank 0's) and JSON state for ``step``;
+    then prune to the newest ``keep``.
 
     Every rank must call this (gathering FSDP shards is a collective); only rank 0 writes."""
     model_state, optimizer_state = full_state(model, optimizer)
     final = directory / f"{_PREFIX}{step:08d}"
     if ranks.is_main:
-        _write_checkpoint(directory, final, model_state, optimizer_state, dict(state, step=step))
+        _write_checkpoint(directory, final, model_state, optimizer_state, dict(state, step=step), method_tensors or {})
         _prune(directory, keep, step)
     ranks.barrier()
     return final
 
 
 def _write_checkpoint(directory: Path, final: Path, model_state: dict[str, torch.Tensor],
-                      optimizer_state: dict[str, Any], state: dict[str, Any]) -> None:
+                      optimizer_state: dict[str, Any], state: dict[str, Any],
+                      method_tensors: dict[str, torch.Tensor]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for leftover in directory.glob(_TMP_PREFIX + "*"):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -74,6 +78,9 @@ def _write_checkpoint(directory: Path, final: Path, model_state: dict[str, torch
         save_file({name: t.contiguous() for name, t in model_state.items()}, str(tmp / "model.safetensors"))
         tensors, meta = _flatten_optimizer(optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
+        if method_tensors:
+            save_file({name: t.detach().cpu().contiguous() for name, t in method_tensors.items()},
+                      str(tmp / METHODS_FILE))
         (tmp / STATE_FILE).write_text(json_text(dict(state, optimizer=meta, torch_rng=torch.get_rng_state().tolist())))
         (tmp / MANIFEST_FILE).write_text(json_text(files_record(tmp, sorted(file.name for file in tmp.iterdir()))))
         for file in tmp.iterdir():
@@ -170,6 +177,12 @@ def load_checkpoint(info: CheckpointInfo, model: torch.nn.Module, optimizer: tor
     load_full_state(model, optimizer, model_state, optimizer_state)
     torch.set_rng_state(torch.tensor(info.state["torch_rng"], dtype=torch.uint8))
     return info.state
+
+
+def load_method_tensors(info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    """The methods' tensors of a checkpoint, on the CPU (none where its methods kept none)."""
+    path = info.path / METHODS_FILE
+    return load_file(str(path)) if path.is_file() else {}
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -509,4 +509,4 @@ class Trainer:
                         {"loop": state.to_dict(), "sampler": self.sampler.state_dict(), "pinned": pinned,
                          "methods": self.methods.state_dict(),
                          "budget": s.budget.to_dict(), "world_size": self.ranks.world_size},
-                        s.keep_checkpoints, self.ranks)
+                        s.keep_checkpoints, self.ranks, self.methods.tensor_state())
