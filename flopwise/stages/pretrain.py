@@ -99,7 +99,7 @@ class PretrainStage(Stage):
         line = (f"data: {corpus.meta['tokens']['train']:,} train / {corpus.meta['tokens']['val']:,} held-out tokens "
                 f"({cached}, {time.perf_counter() - started:.1f}s), vocab {tokenizer.vocab_size}"
                 + self.data.stats.describe() + self.data.hygiene.describe())
-        record = {"corpus": corpus.meta, "read": vars(self.data.stats), "data": self.data.summary()}
+        record = {"corpus": corpus.meta, "read": self.data.stats.to_dict(), "data": self.data.summary()}
         return Prepared(tokenizer, model, tokens, flops_per_token(model) * tokens, line, record)
 
     def heldout_text(self) -> HeldoutText:
