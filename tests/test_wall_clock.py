@@ -1,8 +1,10 @@
-"""The wall clock outside training: what a plain run imports before its first step, and the run's own account
-of where its wall clock went (its last line, and the ``wall`` event of metrics.jsonl)."""
+"""The wall clock outside training: what a plain run imports before its first step, what checkpoints cost a short
+seconds budget, the exit, and the run's own account of where its wall clock went (its last line, and the ``wall``
+event of metrics.jsonl)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -12,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from flopwise.cli import main
 from flopwise.rundir import read_metrics
-from tests.helpers import TINY, train
+from flopwise.train import trainer
+from tests.helpers import TINY, FakeClock, train
 
 # What a plain `flopwise train` does not use before its first step: distributed checkpointing (a checkpoint
 # imports it), scipy (a forecast's or a law's fit does), and the integrations.
@@ -62,3 +66,47 @@ def test_a_run_says_where_its_wall_clock_went_in_its_last_line_and_its_metrics(t
     # (the process's start is known to 10 ms)
     assert wall["other"] == pytest.approx(wall["total"] - sum(wall[name] for name in parts))
     assert wall["other"] > -0.02
+
+
+def checkpointed_steps(monkeypatch, clock: FakeClock, took: float) -> list[tuple[int, bool]]:
+    """(step, pinned) of each checkpoint written, each taking ``took`` seconds of ``clock``."""
+    written: list[tuple[int, bool]] = []
+    real_save = trainer.save_checkpoint
+
+    def save(directory, step, module, optimizer, state, *args, **kwargs):
+        written.append((step, state["pinned"]))
+        clock.advance(took)
+        return real_save(directory, step, module, optimizer, state, *args, **kwargs)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    return written
+
+
+def test_a_seconds_budget_checkpoints_only_where_the_work_saved_outweighs_the_checkpoint(tmp_path, text_folder,
+                                                                                         monkeypatch):
+    """On a fake clock: 1 s steps, 0.09 s checkpoints, a mark every 0.1 of a 20 s budget (every 2 steps).  A
+    periodic checkpoint waits for 0.09 / CHECKPOINT_SHARE = 4.5 s of training since the last one; the pinned one
+    (before the decay at 0.8) is written regardless."""
+    assert trainer.Trainer.CHECKPOINT_SHARE == 0.02
+    clock = FakeClock(lambda model: 1.0).install(monkeypatch)
+    written = checkpointed_steps(monkeypatch, clock, took=0.09)
+    def run(out: str, budget: str) -> int:
+        return train("--data", str(text_folder), "--out", str(tmp_path / out), "--budget", budget, *TINY,
+                     "--set", "train.eval_every=0", "--set", "train.forecast_every=0")
+    assert run("seconds", "20s") == 0
+    assert written == [(1, False), (6, False), (11, False), (16, True)]
+    written.clear()  # the same steps counted in tokens: every mark, on any machine
+    assert run("tokens", f"{20 * 4 * 64}tokens") == 0
+    assert written == [(1, False), *((step, step == 16) for step in range(2, 20, 2))]
+
+
+def test_the_command_freezes_what_lives_to_its_end_out_of_the_garbage_collector(monkeypatch, tmp_path):
+    """Python's teardown would otherwise walk torch's objects in its last collections (seconds, after the run
+    has ended); a caller that passes its own arguments (a test, a script) keeps its collector as it was."""
+    monkeypatch.setattr(sys, "argv", ["flopwise", "memory", "--model", "tiny"])
+    assert gc.get_freeze_count() == 0
+    try:
+        assert main() == 0
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert main(["memory", "--model", "tiny"]) == 0 and gc.get_freeze_count() == 0
