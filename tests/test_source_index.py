@@ -4,6 +4,7 @@ without opening them, and a changed file never gives the tokens of its old conte
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -210,3 +211,21 @@ def test_a_run_on_the_builtin_corpus_opens_no_standard_library_file_the_second_t
     with files_opened_under(root) as opened:
         second = prepare_data(data, seed=0)
     assert opened == [] and same(first, second)
+
+
+def test_an_index_that_cannot_be_written_is_named_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """A read-only shared cache holds the token cache entry but takes no index: the run uses the entry."""
+    folder = texts(tmp_path / "texts")
+    data = settings(folder, tmp_path / "cache")
+
+    def read_only(path, data):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(source_index, "write_json_atomic", read_only)
+    capsys.readouterr()
+    first = prepare_data(data, seed=0)
+    index = tmp_path / "cache" / source_index.INDEX_FOLDER / f"{source_index.index_key(data, 0, None)}.json"
+    assert capsys.readouterr().err == (f"flopwise: warning: source index '{index}' could not be written (read-only "
+                                       "file system): the next run reads the data sources again\n")
+    with files_opened_under(folder) as opened:
+        again = prepare_data(data, seed=0)
+    assert len(opened) == 6 and same(first, again)

@@ -34,6 +34,8 @@ from flopwise.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from flopwise.errors import FlopwiseError
 from flopwise.filelock import held
 
+CORPUS_FOLDER = "corpus"  # the token cache's entries, under the cache root
+
 
 @dataclass
 class PreparedData:
@@ -80,7 +82,7 @@ def prepare_data(data: DataSection, seed: int, tokenizer: Tokenizer | None = Non
     key = index_key(data, seed, tokenizer)
     recalled = recall(root, key, data, tokenizer)
     if recalled is not None:
-        entry = root / "corpus" / recalled.entry.corpus
+        entry = root / CORPUS_FOLDER / recalled.entry.corpus
         if entry.is_dir() and cache_problem(entry) is None:  # else read, and rebuild it below (with a warning)
             return PreparedData(recalled.tokenizer, TokenCorpus(entry, cache_hit=True), recalled.stats,
                                 recalled.hygiene)
@@ -93,7 +95,7 @@ def prepare_data(data: DataSection, seed: int, tokenizer: Tokenizer | None = Non
     if tokenizer is None:
         tokenizer, tokenizer_file = get_tokenizer(data, documents, seed, root)
     corpus_key = content_key(_corpus_parts(documents, val_documents, tokenizer, data, seed))
-    corpus = build_corpus(documents, tokenizer, root / "corpus", key=corpus_key, val_fraction=data.val_fraction,
+    corpus = build_corpus(documents, tokenizer, root / CORPUS_FOLDER, key=corpus_key, val_fraction=data.val_fraction,
                           val_documents=val_documents, seed=seed)
     remember(root, key, data, recorded_ns, stats, hygiene, tokenizer, tokenizer_file, corpus_key)
     return PreparedData(tokenizer=tokenizer, corpus=corpus, stats=stats, hygiene=hygiene)

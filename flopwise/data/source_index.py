@@ -211,5 +211,11 @@ def _tokenizer(root: Path, entry: Entry, data: DataSection, given: Tokenizer | N
 
 
 def _write(path: Path, entry: Entry) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, entry.to_dict())
+    """Write (or replace) an index file whole.  One that cannot be written (a read-only shared cache, a full
+    disk) costs the next run a full read, not this run: it is named in one warning."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, entry.to_dict())
+    except OSError as error:
+        warn(f"source index '{path}' could not be written ({(error.strerror or str(error)).lower()}): the next run "
+             "reads the data sources again")
