@@ -31,7 +31,10 @@ ROOT = HERE.parent
 TORCH_ONLY = "import time; t = time.perf_counter(); import torch; print(time.perf_counter() - t)"
 TORCH_AND_OPTIMIZER = ("import time; t = time.perf_counter(); import torch; "
                        "torch.optim.AdamW([torch.zeros(1, requires_grad=True)]); print(time.perf_counter() - t)")
-PARTS = ("imports", "data", "build", "startup", "training", "evaluation", "checkpoints", "final_model", "other")
+PARTS = ("imports", "data", "build", "startup", "training", "evaluation", "final_evaluation", "checkpoints",
+         "final_model", "other")
+ROWS = ("imports", "data", "build", "startup", "training", "in_run_evaluation", "final_evaluation", "checkpoints",
+        "final_model", "other", "exit", "command_wall", "beyond_budget")
 
 
 def python_seconds(code: str, env: dict[str, str]) -> float:
@@ -56,7 +59,8 @@ def train_once(budget: int, out: Path, env: dict[str, str], extra: list[str]) ->
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     [wall] = [event for event in events if event["event"] == "wall"]
     data_line = next(line for line in lines if line.startswith("data:"))
-    return {**{name: wall[name] for name in PARTS}, "run_total": wall["total"], "command_wall": ended - started,
+    return {**{name: wall[name] for name in PARTS}, "in_run_evaluation": wall["evaluation"] - wall["final_evaluation"],
+            "run_total": wall["total"], "command_wall": ended - started,
             "exit": ended - last_line_at, "beyond_budget": ended - started - budget,
             "cached": "(cached," in data_line, "steps": wall["step"],
             "final_loss": next(e["val_loss"] for e in reversed(events) if e["event"] == "eval")}
@@ -83,15 +87,15 @@ def main() -> None:
             rows.append({"budget": budget, "attempt": attempt, **result})
             print(f"{budget}s #{attempt}: {result['command_wall']:.1f}s wall, {result['beyond_budget']:.1f}s beyond "
                   "the budget", flush=True)
-    table = Table(title=f"wall clock outside training (import torch {torch_seconds['import_torch']:.2f}s; with its "
+    table = Table(title=f"seconds outside training (import torch {torch_seconds['import_torch']:.2f}s; with its "
                         f"first optimizer {torch_seconds['import_torch_and_first_optimizer']:.2f}s)")
-    columns = ("imports", "data", "build", "startup", "training", "evaluation", "checkpoints", "final_model", "other",
-               "exit", "command_wall", "beyond_budget")
-    for name in ("run", "cached", *columns):
-        table.add_column(name, justify="right")
+    table.add_column("")
     for row in rows:
-        table.add_row(f"{row['budget']}s #{row['attempt']}", "yes" if row["cached"] else "no",
-                      *(f"{row[name]:.2f}" for name in columns))
+        table.add_column(f"{row['budget']}s #{row['attempt']}" + ("" if row["cached"] else " (tokenized)"),
+                         justify="right")
+    for name in ROWS:
+        table.add_row(name, *(f"{row[name]:.2f}" for row in rows))
+    table.add_row("in-run eval / training", *(f"{row['in_run_evaluation'] / row['training']:.1%}" for row in rows))
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "torch": torch_seconds, "runs": rows,

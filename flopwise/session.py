@@ -298,11 +298,13 @@ class Session:
                 outcome: Outcome = trainer.run(state)
             if outcome.decay is not None and self.ranks.is_main:
                 self.record_decay(outcome.decay, outcome.state.meter, event_log)
+            during = outcome.eval_seconds
             final_eval, saved = self.finish(trainer, evaluation, outcome) if outcome.finished else (None, 0.0)
             meter = outcome.state.meter
             wall = WallClock(self.imports_seconds, self.data_seconds, self.build_seconds, startup,
-                             meter.seconds - trained_before, outcome.eval_seconds + scored, outcome.checkpoint_seconds,
-                             saved, process_seconds() - self.origin)
+                             meter.seconds - trained_before, outcome.eval_seconds + scored,
+                             outcome.eval_seconds - during, outcome.checkpoint_seconds, saved,
+                             process_seconds() - self.origin)
             if self.ranks.is_main:
                 event_log.append({"event": "wall", "step": int(meter.steps), **wall.to_dict()})
         return Summary(self.run_dir, outcome.finished, meter, final_eval, outcome.eval_seconds,

@@ -40,7 +40,8 @@ class WallClock:
     """Seconds of one run in one process, from its ``run_origin``.  ``imports``: to its session (Python, the
     imports, the arguments and config); ``startup``: to the first step, which also holds ``data`` (reading or
     opening the token cache) and ``build`` (model, optimizer, the device's measured peak); the rest follow it.
-    ``training`` is the seconds the budget counted in this process."""
+    ``training`` is the seconds the budget counted in this process; ``final_evaluation`` the part of
+    ``evaluation`` that the final one took (the rest: the evaluations during the run)."""
 
     imports: float
     data: float
@@ -48,6 +49,7 @@ class WallClock:
     startup: float
     training: float
     evaluation: float
+    final_evaluation: float
     checkpoints: float
     final_model: float
     total: float
@@ -61,8 +63,8 @@ class WallClock:
         """'wall clock 17.3s: start-up 3.1s (imports 1.9s, data 0.1s, model 0.8s), training 12.0s, ...'."""
         return (f"wall clock {self.total:.1f}s: start-up {self.startup:.1f}s (imports {self.imports:.1f}s, data "
                 f"{self.data:.1f}s, model {self.build:.1f}s), training {self.training:.1f}s, evaluation "
-                f"{self.evaluation:.1f}s, checkpoints {self.checkpoints:.1f}s, final model {self.final_model:.1f}s, "
-                f"other {self.other:.1f}s")
+                f"{self.evaluation:.1f}s (final {self.final_evaluation:.1f}s), checkpoints {self.checkpoints:.1f}s, "
+                f"final model {self.final_model:.1f}s, other {self.other:.1f}s")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "other": self.other}

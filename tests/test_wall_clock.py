@@ -56,11 +56,12 @@ def test_a_run_says_where_its_wall_clock_went_in_its_last_line_and_its_metrics(t
     assert wall["step"] == 6 and wall["training"] == pytest.approx(trained["seconds"])
     assert last == (f"wall clock {wall['total']:.1f}s: start-up {wall['startup']:.1f}s (imports "
                     f"{wall['imports']:.1f}s, data {wall['data']:.1f}s, model {wall['build']:.1f}s), training "
-                    f"{wall['training']:.1f}s, "
-                    f"evaluation {wall['evaluation']:.1f}s, checkpoints {wall['checkpoints']:.1f}s, final model "
+                    f"{wall['training']:.1f}s, evaluation {wall['evaluation']:.1f}s (final "
+                    f"{wall['final_evaluation']:.1f}s), checkpoints {wall['checkpoints']:.1f}s, final model "
                     f"{wall['final_model']:.1f}s, other {wall['other']:.1f}s")
     parts = ("startup", "training", "evaluation", "checkpoints", "final_model")
-    assert all(wall[name] > 0 for name in (*parts, "data", "build")) and wall["imports"] >= 0
+    assert all(wall[name] > 0 for name in (*parts, "data", "build", "final_evaluation")) and wall["imports"] >= 0
+    assert wall["final_evaluation"] < wall["evaluation"]  # the evaluations during the run took the rest
     assert wall["imports"] + wall["data"] + wall["build"] <= wall["startup"]
     # the parts are disjoint spans of the run: they add up to its total, the rest being the loop's own few ms
     # (the process's start is known to 10 ms)
