@@ -29,13 +29,6 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from flopwise.atomic import write_json_atomic
 from flopwise.errors import FlopwiseError
@@ -141,9 +134,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass(frozen=True)
@@ -266,13 +256,18 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Unsharded model and optimizer state dicts on the CPU, keyed by parameter name (a collective
-    under FSDP: every rank must call it)."""
-    return get_state_dict(model, optimizer, options=_FULL)
+    under FSDP: every rank must call it).  torch.distributed.checkpoint is imported here and in the two below,
+    at the first checkpoint, not at start-up, where it cost up to a second before the first step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded model state dict on the CPU (a collective under FSDP)."""
-    return get_model_state_dict(model, options=_FULL)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
@@ -281,6 +276,8 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
 
     Every weight must be in the checkpoint; optimizer state need not be, since parameters that were
     frozen when it was saved (LISA's inactive blocks) have none and start fresh, as they would have."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=True))
     set_optimizer_state_dict(model, optimizer, optimizer_state,
                              options=StateDictOptions(full_state_dict=True, strict=False))

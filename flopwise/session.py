@@ -60,6 +60,7 @@ from flopwise.train.forecast import LossForecaster
 from flopwise.train.loggers import open_run_logger, require_backends
 from flopwise.train.metrics import MetricsLog
 from flopwise.train.trainer import DecayEnd, LoopSettings, LoopState, Outcome, Trainer, forecast_points, next_mark
+from flopwise.wallclock import WallClock, process_seconds, run_origin
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Summary:
     decay: DecayEnd | None = None  # where a stall cut into the decay, and how it ended
     notes: tuple[str, ...] = ()  # what else the run must tell its user
     export: str | None = None  # how final/ loads in transformers: a stock architecture, or remote code
+    wall: WallClock | None = None  # where this process's wall clock went (None on ranks other than the main)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ class Session:
 
     def __init__(self, resolved: ResolvedRun, run_dir: Path, processes: Processes,
                  display: ProgressDisplay | None = None) -> None:
+        self.origin = run_origin()
+        self.imports_seconds = process_seconds() - self.origin  # the start-up until this run's session begins
+        self.data_seconds = self.build_seconds = 0.0
         self.resolved, self.config, self.run_dir = resolved, resolved.config, run_dir
         self.device, self.ranks = processes.device, processes.ranks
         self.display = (display or ProgressDisplay()) if self.ranks.is_main else ProgressDisplay.quiet()
@@ -134,7 +139,9 @@ class Session:
     def prepare(self, tokenizer: Tokenizer | None = None, planned: ModelConfig | None = None) -> None:
         """The stage's data, the model shape with its tokenizer, and the per-step costs the budget is counted
         in.  A resumed run passes its saved tokenizer and shape."""
+        started = time.perf_counter()
         prepared = self.stage.prepare(tokenizer, planned)
+        self.data_seconds += time.perf_counter() - started
         self.tokenizer, self.model_cfg = prepared.tokenizer, prepared.model
         self.tokens_per_step, self.flops_per_step = prepared.tokens_per_step, prepared.flops_per_step
         self.data_record = prepared.record
@@ -144,6 +151,7 @@ class Session:
     def build(self, initial_weights: bool = False) -> None:
         """Methods, model (from the stage's starting weights when asked), its data-parallel wrapper, optimizer,
         and the stage's sampler, objective and evaluation."""
+        started = time.perf_counter()
         torch.manual_seed(self.config.train.seed)
         self.methods = MethodStack(self.config.methods, self.config.train.seed)
         self.methods.full = StepShape(self.config.optim.batch_size, self.model_cfg.seq_len, self.model_cfg.n_layers)
@@ -161,6 +169,7 @@ class Session:
         with self.ranks.main_first():  # measured once, cached for the other ranks
             self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
         self.check_budget_is_spendable()
+        self.build_seconds += time.perf_counter() - started
 
     def per_step(self) -> dict[str, float]:
         """What one optimizer step spends of each budget limit counted in steps' units."""
@@ -286,16 +295,25 @@ class Session:
             trainer = Trainer(self.compiled, self.optimizer, self.sampler, settings, self.run_dir, self.device,
                               self.dtype, self.methods, self.display, module=self.model, ranks=self.ranks,
                               objective=self.objective, callbacks=callbacks)
-            self.score_start(evaluation, state, settings.eval_every)
+            startup, trained_before = process_seconds() - self.origin, state.meter.seconds
+            scored = self.score_start(evaluation, state, settings.eval_every)
             with self.display:
                 outcome: Outcome = trainer.run(state)
             if outcome.decay is not None and self.ranks.is_main:
                 self.record_decay(outcome.decay, outcome.state.meter, event_log)
-            final_eval = self.finish(trainer, evaluation, outcome) if outcome.finished else None
-        return Summary(self.run_dir, outcome.finished, outcome.state.meter, final_eval, outcome.eval_seconds,
+            during = outcome.eval_seconds
+            final_eval, saved = self.finish(trainer, evaluation, outcome) if outcome.finished else (None, 0.0)
+            meter = outcome.state.meter
+            wall = WallClock(self.imports_seconds, self.data_seconds, self.build_seconds, startup,
+                             meter.seconds - trained_before, outcome.eval_seconds + scored,
+                             outcome.eval_seconds - during, outcome.checkpoint_seconds, saved,
+                             process_seconds() - self.origin)
+            if self.ranks.is_main:
+                event_log.append({"event": "wall", "step": int(meter.steps), **wall.to_dict()})
+        return Summary(self.run_dir, outcome.finished, meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
                        outcome.stop_reason, self.sampler.domain_epochs(), outcome.decay, tuple(evaluation.notes),
-                       export_kind(self.model_cfg).describe())
+                       export_kind(self.model_cfg).describe(), wall if self.ranks.is_main else None)
 
     def record_decay(self, decay: DecayEnd, meter: Meter, log: Any) -> None:
         """A decay that a stall cut into is kept where the run is read later: a ``decay`` event in
@@ -332,27 +350,33 @@ class Session:
                                     prior)
         return Forecast(forecaster, self.display, log)
 
-    def score_start(self, evaluation: Evaluation, state: LoopState, eval_every: float) -> None:
+    def score_start(self, evaluation: Evaluation, state: LoopState, eval_every: float) -> float:
         """Where the stage asks for it, a new run scores its starting model first (step 0): the baseline of
-        what the budget buys."""
-        if self.evaluation.scores_start and self.resume_step is None and state.meter.steps == 0:
-            started = time.perf_counter()
-            evaluation.log_eval(state, 0.0, self.evaluation.final())
-            state.next_eval = next_mark(0.0, eval_every)  # not again at step 1
-            self.display.message(f"(starting model scored in {time.perf_counter() - started:.1f}s)")
+        what the budget buys.  Returns the seconds it took."""
+        if not (self.evaluation.scores_start and self.resume_step is None and state.meter.steps == 0):
+            return 0.0
+        started = time.perf_counter()
+        evaluation.log_eval(state, 0.0, self.evaluation.final())
+        state.next_eval = next_mark(0.0, eval_every)  # not again at step 1
+        seconds = time.perf_counter() - started
+        self.display.message(f"(starting model scored in {seconds:.1f}s)")
+        return seconds
 
-    def finish(self, trainer: Trainer, evaluation: Evaluation, outcome: Outcome) -> dict[str, Any]:
+    def finish(self, trainer: Trainer, evaluation: Evaluation, outcome: Outcome) -> tuple[dict[str, Any], float]:
         """The final evaluation, the final model, then their log events (after the save: a resume logs them
-        once).  Interrupted here, the trained steps are kept: --resume then only evaluates and saves."""
+        once); returns the evaluation and the seconds the save took.  Interrupted here, the trained steps are
+        kept: --resume then only evaluates and saves."""
         try:
             start = time.perf_counter()
             self.methods.finish(self.model)  # the final weights (a weight average's) are what is scored and saved
             final_eval = self.evaluation.final()
-            outcome.eval_seconds += time.perf_counter() - start
+            saving = time.perf_counter()
+            outcome.eval_seconds += saving - start
             self.save_final()
+            saved = time.perf_counter() - saving
             evaluation.log_eval(outcome.state, 1.0, final_eval)
             outcome.eval_seconds += evaluation.log_tasks(outcome.state, 1.0)
-            return final_eval
+            return final_eval, saved
         except KeyboardInterrupt:
             if not self.ranks.distributed:  # ranks interrupted at different collectives cannot save together
                 trainer.checkpoint(outcome.state)

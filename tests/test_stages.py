@@ -96,7 +96,8 @@ class CopyStage(Stage):
             model.eval()
             with torch.no_grad():
                 return {"loss": copy_loss(model, heldout, ctx.device, ctx.dtype).item()}
-        evaluation = StageEvaluation(during=evaluate, final=evaluate, scores_start=True, forecasts=False,
+        evaluation = StageEvaluation(during=lambda tokens: evaluate(), final=evaluate, scores_start=True,
+                                     forecasts=False,
                                      fields=lambda r: ({"val_loss": r["loss"]}, f"copy loss {r['loss']:.4f}"))
         return StageLoop(sampler, CopyObjective(sampler), evaluation)
 

@@ -117,13 +117,16 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         finally:
             shutdown(ranks)
     if not summary.finished:
-        return print_stopped(console, summary, "train", stop_after is not None)
+        code = print_stopped(console, summary, "train", stop_after is not None)
+        print_wall(console, summary)
+        return code
     print_summary(console, summary)
     auto = json.loads((summary.run_dir / "plan.json").read_text()).get("auto_plan")
     if auto and summary.final_eval and auto["chosen"].get("predicted_loss") is not None:
         predicted, achieved = auto["chosen"]["predicted_loss"], summary.final_eval["loss"]
         console.print(f"planned: {predicted:.4f}; achieved: {achieved:.4f} ({(predicted - achieved) / achieved:+.2%})",
                       highlight=False)
+    print_wall(console, summary)
     return 0
 
 
@@ -219,6 +222,12 @@ def print_stopped(console: Console, summary: Summary, command: str, stop_after_g
     console.print(f"stopped at step {int(summary.meter.steps)}{reason}, with a checkpoint; continue with: "
                   f"flopwise {command} --resume {summary.run_dir}", highlight=False)
     return EXIT_INTERRUPTED if not stop_after_given and not summary.stop_reason else 0
+
+
+def print_wall(console: Console, summary: Summary) -> None:
+    """The last line: where this process's wall clock went (flopwise/wallclock.py), beside the budget it spent."""
+    if summary.wall is not None:
+        console.print(summary.wall.describe(), highlight=False)
 
 
 def print_summary(console: Console, summary: Summary, table: bool = True) -> None:

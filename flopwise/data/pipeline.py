@@ -1,12 +1,15 @@
 """From the data section of a config to a tokenizer and a tokenized, cached corpus.
 
 Tokenizer and shards are cached under a hash of everything that determines them (the texts,
-their domains, the tokenizer, the split settings), so a second run re-tokenizes nothing.
+their domains, the tokenizer, the split settings), so a second run re-tokenizes nothing; and the source index
+(flopwise/data/source_index.py) finds that cache entry from the files' stamps, so a second run on unchanged
+files does not read them either.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +19,22 @@ import numpy as np
 from flopwise.atomic import write_atomic
 from flopwise.data.config import DataSection
 from flopwise.data.hygiene import HygieneReport, clean_documents
-from flopwise.data.shards import LAYOUT, MIN_HELDOUT_CHARS, MIN_HELDOUT_SHARE, TokenCorpus, build_corpus, content_key
+from flopwise.data.shards import (
+    LAYOUT,
+    MIN_HELDOUT_CHARS,
+    MIN_HELDOUT_SHARE,
+    TokenCorpus,
+    build_corpus,
+    cache_problem,
+    content_key,
+)
+from flopwise.data.source_index import index_key, recall, remember
 from flopwise.data.sources import Document, ReadStats, parse_source, read_documents
 from flopwise.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from flopwise.errors import FlopwiseError
 from flopwise.filelock import held
+
+CORPUS_FOLDER = "corpus"  # the token cache's entries, under the cache root
 
 
 @dataclass
@@ -34,7 +48,7 @@ class PreparedData:
         """What went in and what was kept: read counts (with the files that could not be read), filters
         and duplicates, tokens per domain."""
         meta = self.corpus.meta
-        return {"read": vars(self.stats), "hygiene": self.hygiene.to_dict(), "domains": meta["domains"],
+        return {"read": self.stats.to_dict(), "hygiene": self.hygiene.to_dict(), "domains": meta["domains"],
                 "tokens": meta["tokens"], "domain_tokens": meta["domain_tokens"], "documents": meta["documents"]}
 
 
@@ -60,43 +74,56 @@ def read_all(specs: list[str], data: DataSection, stats: ReadStats, held_out: bo
 
 
 def prepare_data(data: DataSection, seed: int, tokenizer: Tokenizer | None = None) -> PreparedData:
-    """Read the sources, get a tokenizer (given, trained and cached, or bytes) and the corpus."""
+    """Read the sources, get a tokenizer (given, trained and cached, or bytes) and the corpus; where the source
+    index knows the files unchanged, open the cached corpus without reading them."""
     if not data.sources:
         raise FlopwiseError("data.sources is empty: pass --data PATH (a file or folder of text) or use 'stdlib'")
+    root = cache_root(data)
+    key = index_key(data, seed, tokenizer)
+    recalled = recall(root, key, data, tokenizer)
+    if recalled is not None:
+        entry = root / CORPUS_FOLDER / recalled.entry.corpus
+        if entry.is_dir() and cache_problem(entry) is None:  # else read, and rebuild it below (with a warning)
+            return PreparedData(recalled.tokenizer, TokenCorpus(entry, cache_hit=True), recalled.stats,
+                                recalled.hygiene)
+    recorded_ns = time.time_ns()  # before the first file's stamp is taken
     stats = ReadStats()
     documents, hygiene = clean_documents(read_all(data.sources, data, stats), data)
     # one ReadStats for both, so what could not be read in a held-out source is reported too
     val_documents = read_all(data.val_sources, data, stats, held_out=True) if data.val_sources else None
-    root = cache_root(data)
+    tokenizer_file = None
     if tokenizer is None:
-        tokenizer = get_tokenizer(data, documents, seed, root)
-    key = content_key(_corpus_parts(documents, val_documents, tokenizer, data, seed))
-    corpus = build_corpus(documents, tokenizer, root / "corpus", key=key, val_fraction=data.val_fraction,
+        tokenizer, tokenizer_file = get_tokenizer(data, documents, seed, root)
+    corpus_key = content_key(_corpus_parts(documents, val_documents, tokenizer, data, seed))
+    corpus = build_corpus(documents, tokenizer, root / CORPUS_FOLDER, key=corpus_key, val_fraction=data.val_fraction,
                           val_documents=val_documents, seed=seed)
+    remember(root, key, data, recorded_ns, stats, hygiene, tokenizer, tokenizer_file, corpus_key)
     return PreparedData(tokenizer=tokenizer, corpus=corpus, stats=stats, hygiene=hygiene)
 
 
-def get_tokenizer(data: DataSection, documents: list[Document], seed: int, root: Path) -> Tokenizer:
-    """'byte', 'bpe' (trained on a sample of the data, cached), or a tokenizer.json / HF folder."""
+def get_tokenizer(data: DataSection, documents: list[Document], seed: int, root: Path) -> tuple[Tokenizer, str | None]:
+    """'byte', 'bpe' (trained on a sample of the data, cached), or a tokenizer.json / HF folder; with the cached
+    BPE tokenizer's file under ``root`` (None for the others)."""
     if data.tokenizer == "byte":
-        return byte_tokenizer()
+        return byte_tokenizer(), None
     if data.tokenizer != "bpe":
         path = Path(data.tokenizer).expanduser()
         if not path.exists():
             raise FlopwiseError(f"data.tokenizer='{data.tokenizer}' is not 'bpe', 'byte' or an existing "
                                 "tokenizer.json / tokenizer folder")
-        return Tokenizer.load(path)
+        return Tokenizer.load(path), None
     sample = tokenizer_sample(documents, int(data.tokenizer_sample_mb * 1e6), seed)
     key = content_key(["bpe", str(data.vocab_size), *sample])
-    cached = root / "tokenizers" / f"{key}.json"
+    name = f"tokenizers/{key}.json"
+    cached = root / name
     if cached.is_file():
-        return Tokenizer.load(cached)
+        return Tokenizer.load(cached), name
     with held(cached.with_name(f".{key}.lock")):  # one process trains it; the others wait, then load it
         if cached.is_file():
-            return Tokenizer.load(cached)
+            return Tokenizer.load(cached), name
         tokenizer = train_bpe(sample, data.vocab_size)
         write_atomic(cached, tokenizer.to_json())
-    return tokenizer
+    return tokenizer, name
 
 
 def tokenizer_sample(documents: list[Document], max_chars: int, seed: int) -> list[str]:

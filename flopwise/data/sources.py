@@ -4,13 +4,17 @@ Every reader yields ``Document`` objects lazily and counts what it read in a ``R
 so the user can see how much text was used, how many undecodable bytes were replaced and which
 files could not be read (those are left out and named, never skipped silently).
 Order is deterministic (folders are walked in sorted order) so a content hash of the
-documents identifies the corpus.
+documents identifies the corpus.  Each file read is also noted in ``ReadStats.seen`` with its stat and the
+SHA-256 of the bytes read, which lets a later run find its cached corpus without reading the files again
+(flopwise/data/source_index.py); ``source_files`` lists the files a source reads, in the order it reads them.
 """
 
 from __future__ import annotations
 
 import ast
 import fnmatch
+import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -18,11 +22,13 @@ import re
 import stat
 import sysconfig
 import tokenize
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from flopwise.errors import FlopwiseError
+from flopwise.manifest import sha256
 
 REPLACEMENT = "\ufffd"
 REPLACEMENT_UTF8 = REPLACEMENT.encode("utf-8")
@@ -79,6 +85,34 @@ def uses_builtin_corpus(specs: list[str]) -> bool:
     return any(parse_source(spec).path == "stdlib" for spec in specs)
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """What a stat says of a file: its size, its modification and change times (ns) and its inode.  The change
+    time moves with every write and every metadata change and cannot be set back by a program, so equal stamps
+    are taken to mean the same bytes, as git's index and ccache's ``file_stat_matches`` take them."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, path: Path) -> Stamp:
+        info = path.stat()
+        return cls(info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
+
+
+@dataclass(frozen=True)
+class SeenFile:
+    """A file a reader opened: its stamp taken before reading (None: it could not be stat'ed) and the SHA-256
+    of the bytes read (None: it could not be read)."""
+
+    path: str
+    stamp: Stamp | None
+    sha256: str | None
+
+
 @dataclass
 class ReadStats:
     """What the readers consumed, shown to the user so a wrong source or encoding is noticed.
@@ -96,6 +130,45 @@ class ReadStats:
     skipped_binary: int = 0
     unreadable: int = 0
     unreadable_named: list[str] = field(default_factory=list)
+    seen: list[SeenFile] = field(default_factory=list)  # every file opened, in order (not in to_dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counts and the files named, as plan.json keeps them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "seen"}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReadStats:
+        return cls(**data)
+
+    def read_bytes(self, path: Path) -> bytes:
+        """``path``'s bytes, noted in ``seen`` (an OSError propagates, noted too)."""
+        raw = b""
+
+        def digest() -> str:
+            nonlocal raw
+            raw = path.read_bytes()
+            return hashlib.sha256(raw).hexdigest()
+        self._note(path, digest)
+        return raw
+
+    def hash_file(self, path: Path) -> None:
+        """Note a file that another library reads (Parquet, the imported help topics), hashed before it does."""
+        self._note(path, lambda: sha256(path))
+
+    def _note(self, path: Path, digest: Callable[[], str]) -> None:
+        """The stamp is taken before the bytes are read: a write after it moves the stamp, so the hash recorded
+        is never of bytes newer than the stamp says."""
+        try:
+            stamp = Stamp.of(path)
+        except OSError:
+            self.seen.append(SeenFile(str(path), None, None))
+            raise
+        try:
+            value = digest()
+        except OSError:
+            self.seen.append(SeenFile(str(path), stamp, None))
+            raise
+        self.seen.append(SeenFile(str(path), stamp, value))
 
     def left_out(self, entries: list[str]) -> None:
         """Count entries that could not be read; only the first few are named, to keep plan.json small."""
@@ -164,12 +237,11 @@ def _source_documents(spec: str, include: list[str] | None, jsonl_field: str, do
                                 "a .jsonl/.parquet file, or 'stdlib'") from None
         raise _unreadable_source(spec, path, error) from None
     if stat.S_ISDIR(mode):
-        for file in _walk_files(path, SKIPPED_DIRS, skip_hidden=True, unreadable=unreadable):
-            if include is None or any(fnmatch.fnmatch(file.name, pattern) for pattern in include):
-                try:
-                    yield from _file_documents(file, jsonl_field, domain or "text", stats)
-                except OSError as error:
-                    unreadable.append(_entry(file, error))
+        for file in _folder_files(path, include, unreadable):
+            try:
+                yield from _file_documents(file, jsonl_field, domain or "text", stats)
+            except OSError as error:
+                unreadable.append(_entry(file, error))
     elif stat.S_ISREG(mode):
         try:
             yield from _file_documents(path, jsonl_field, domain or "text", stats)
@@ -204,7 +276,7 @@ def _file_documents(path: Path, field: str, domain: str, stats: ReadStats) -> It
     elif suffix == ".parquet":
         yield from _parquet_documents(path, field, domain, stats)
     else:
-        raw = path.read_bytes()  # an OSError here leaves the file out (in a folder) or names it (a source)
+        raw = stats.read_bytes(path)  # an OSError here leaves the file out (in a folder) or names it (a source)
         if b"\0" in raw[:BINARY_PROBE_BYTES]:
             stats.skipped_binary += 1
             return
@@ -232,7 +304,7 @@ def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
 
 
 def _jsonl_documents(path: Path, field: str, domain: str, stats: ReadStats) -> Iterator[Document]:
-    text = decode_counting(path.read_bytes(), stats)
+    text = decode_counting(stats.read_bytes(path), stats)
     stats.files += 1
     for number, line in jsonl_lines(text):
         value, replaced = _SURROGATE.subn(REPLACEMENT, _jsonl_text(line, field, f"{path}:{number}"))
@@ -259,6 +331,7 @@ def _parquet_documents(path: Path, field: str, domain: str, stats: ReadStats) ->
         import pyarrow.parquet as pq
     except ImportError:
         raise FlopwiseError(f"reading '{path}' needs pyarrow: pip install pyarrow") from None
+    stats.hash_file(path)
     with path.open("rb") as handle:  # opened here so an unreadable file raises OSError as for the other formats
         try:
             yield from _parquet_rows(pq.ParquetFile(handle), path, field, domain, stats)
@@ -294,6 +367,22 @@ def _parquet_values(column, stats: ReadStats) -> list:
     if as_bytes is None:
         return column.to_pylist()
     return [None if raw is None else decode_counting(raw, stats) for raw in column.view(as_bytes).to_pylist()]
+
+
+def source_files(spec: str, include: list[str] | None, unreadable: list[str]) -> list[Path]:
+    """The files the source at ``spec`` (a path or 'stdlib') opens, in the order its reader opens them, found
+    without opening any; folders that cannot be listed go to ``unreadable`` as its reader's do."""
+    if spec == "stdlib":
+        return [topics_file(), *stdlib_files(unreadable)]
+    path = Path(spec).expanduser()
+    return list(_folder_files(path, include, unreadable)) if path.is_dir() else [path]
+
+
+def _folder_files(folder: Path, include: list[str] | None, unreadable: list[str]) -> Iterator[Path]:
+    """A folder's files that ``include`` lets through (all where it is None), hidden ones left out."""
+    for file in _walk_files(folder, SKIPPED_DIRS, skip_hidden=True, unreadable=unreadable):
+        if include is None or any(fnmatch.fnmatch(file.name, pattern) for pattern in include):
+            yield file
 
 
 def _walk_files(root: Path, skipped_dirs: frozenset[str], skip_hidden: bool,
@@ -340,16 +429,15 @@ def stdlib_documents(stats: ReadStats) -> Iterator[Document]:
     """
     import pydoc_data.topics
 
+    stats.hash_file(topics_file())
     topics = pydoc_data.topics.topics
     for key in sorted(topics):
         yield Document(topics[key], "prose", f"pydoc_data.topics:{key}")
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     unreadable: list[str] = []
-    for path in _walk_files(root, STDLIB_SKIPPED_DIRS, skip_hidden=False, unreadable=unreadable):
-        if path.suffix != ".py":
-            continue
+    for path in stdlib_files(unreadable):
         try:
-            raw = path.read_bytes()
+            raw = stats.read_bytes(path)
         except OSError as error:
             unreadable.append(_entry(path, error))
             continue
@@ -360,6 +448,21 @@ def stdlib_documents(stats: ReadStats) -> Iterator[Document]:
         if docstring and len(docstring) >= MIN_DOCSTRING_CHARS:
             yield Document(docstring, "prose", f"{path}:docstring")
     stats.left_out(unreadable)
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def topics_file() -> Path:
+    """The file of the ``pydoc_data.topics`` module (the help topics), found without importing it."""
+    return Path(importlib.util.find_spec("pydoc_data.topics").origin)
+
+
+def stdlib_files(unreadable: list[str]) -> Iterator[Path]:
+    """The standard library's ``.py`` files in sorted order (the built-in corpus's code)."""
+    return (path for path in _walk_files(stdlib_root(), STDLIB_SKIPPED_DIRS, skip_hidden=False, unreadable=unreadable)
+            if path.suffix == ".py")
 
 
 def _declared_encoding(raw: bytes) -> str:

@@ -19,9 +19,14 @@ from flopwise.runtime import autocast
 
 LN2 = math.log(2)
 # The end-of-run evaluation reads up to this many times train.eval_tokens per domain, for a precise final
-# number; evaluations during the run read every FINAL_EVAL_SCALE-th of the same windows, so that the logged
-# curve estimates the same quantity (the first windows alone are other files and another domain mix).
+# number; evaluations during the run read every k-th of the same windows (``in_run_stride``), so that the
+# logged curve estimates the same quantity (the first windows alone are other files and another domain mix).
 FINAL_EVAL_SCALE = 4
+# An evaluation during the run reads at most this share of the tokens trained so far (and at least one window
+# per domain).  A forward pass costs a third of a training token, and the evaluations at 0, 1/4, 1/2 and 3/4 of
+# the budget (with train.eval_every 0.25) and before a growth read about twice the run's tokens times this
+# share between them: about 3% of its training, where a fixed sample cost a short run more than its training.
+IN_RUN_SHARE = 0.05
 
 
 def heldout_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None) -> np.ndarray:
@@ -72,6 +77,18 @@ class Evaluator:
                 totals[key] += sums[key]
         model.train(was_training)
         return {**summarize(totals), "domains": domains}
+
+    def in_run_stride(self, max_tokens_per_domain: int, tokens_trained: float) -> int:
+        """The stride of an evaluation during the run after ``tokens_trained``: the smallest power of two from
+        FINAL_EVAL_SCALE up whose windows hold at most IN_RUN_SHARE of them, or the one that leaves each domain
+        its first window alone.  Powers of two nest: a later, larger sample holds an earlier one's windows."""
+        counts = [len(heldout_windows(self.corpus.val_tokens_by_domain(domain), self.seq_len, max_tokens_per_domain))
+                  for domain in self.corpus.domains]
+        stride = FINAL_EVAL_SCALE
+        while (sum(-(-count // stride) for count in counts) * self.seq_len > IN_RUN_SHARE * tokens_trained
+               and max(counts, default=0) > stride):
+            stride *= 2
+        return stride
 
     def _domain_sums(self, model: torch.nn.Module, windows: np.ndarray) -> dict[str, float]:
         sums = {"nats": 0.0, "tokens": 0, "bytes": 0, "unigram_nats": 0.0}

@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.optimize import minimize
 
 from flopwise.errors import FlopwiseError
 
@@ -254,6 +253,8 @@ def _minimize(starts: np.ndarray, runs: _Runs, delta: float, fixed: dict[int, fl
 
     The exponents are kept in [0, MAX_EXPONENT]: a loss that rises with N or D is noise, not a law,
     and with few sizes an exponent can otherwise run off to trade against E."""
+    from scipy.optimize import minimize  # here: scipy takes 0.3-0.5 s to import, and a run only reads a law
+
     free = [i for i in range(len(FIELDS)) if i not in fixed]
     bounds = [(None, None) if FIELDS[i] in LOG_FIELDS else (0.0, MAX_EXPONENT) for i in free]
     centred, shift = _centred(runs, fixed)

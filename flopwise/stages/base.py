@@ -79,12 +79,13 @@ class Prepared:
 
 @dataclass
 class StageEvaluation:
-    """How a stage measures its model: ``during`` the run at each evaluation mark, and a ``final`` evaluation;
+    """How a stage measures its model: ``during`` the run at each evaluation mark (given the tokens trained so far,
+    which may size its sample), and a ``final`` evaluation;
     ``fields`` turns a result into its eval event's fields and a display line.  ``scores_start``: the starting
     model is scored at step 0 (what the budget bought over it); ``tasks``: the run's tasks, scored beside each
     evaluation (None: none); ``forecasts``: the loss forecast (a law of pretraining) applies."""
 
-    during: Callable[[], dict[str, Any]]
+    during: Callable[[float], dict[str, Any]]
     final: Callable[[], dict[str, Any]]
     fields: EvalFields
     scores_start: bool = False

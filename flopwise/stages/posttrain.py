@@ -103,7 +103,7 @@ class PostTrainStage(Stage):
     def evaluation(evaluator: Callable[[GPT], dict[str, Any]], model: GPT, fields: EvalFields) -> StageEvaluation:
         """All the held-out records each time, during the run and at its end (they are few: the same figure as the
         final one), with the starting model scored first; no loss forecast (its law describes pretraining)."""
-        return StageEvaluation(during=lambda: evaluator(model), final=lambda: evaluator(model), fields=fields,
+        return StageEvaluation(during=lambda tokens: evaluator(model), final=lambda: evaluator(model), fields=fields,
                                scores_start=True, forecasts=False)
 
 

@@ -38,8 +38,8 @@ def heldout_fields(result: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The eval event's fields and display line for the held-out loss (flopwise/evaluate/heldout.py); every
     evaluation's fields hold ``val_loss``, the number the curve, the report and the forecast read."""
     fields = {"val_loss": result["loss"], "val_bpb": result["bpb"], "unigram_loss": result["unigram_loss"],
-              "domains": {name: d["loss"] for name, d in result["domains"].items()}}
-    return fields, f"val_loss {result['loss']:.4f}  bpb {result['bpb']:.4f}"
+              "val_tokens": result["tokens"], "domains": {name: d["loss"] for name, d in result["domains"].items()}}
+    return fields, f"val_loss {result['loss']:.4f}  bpb {result['bpb']:.4f}  ({result['tokens']:,} tokens)"
 
 
 class PretrainStage(Stage):
@@ -99,7 +99,7 @@ class PretrainStage(Stage):
         line = (f"data: {corpus.meta['tokens']['train']:,} train / {corpus.meta['tokens']['val']:,} held-out tokens "
                 f"({cached}, {time.perf_counter() - started:.1f}s), vocab {tokenizer.vocab_size}"
                 + self.data.stats.describe() + self.data.hygiene.describe())
-        record = {"corpus": corpus.meta, "read": vars(self.data.stats), "data": self.data.summary()}
+        record = {"corpus": corpus.meta, "read": self.data.stats.to_dict(), "data": self.data.summary()}
         return Prepared(tokenizer, model, tokens, flops_per_token(model) * tokens, line, record)
 
     def heldout_text(self) -> HeldoutText:
@@ -138,8 +138,9 @@ class PretrainStage(Stage):
         task_model = TaskModel(model, tokenizer, ctx.device, ctx.dtype, batch)
         scale = c.train.eval_tokens * FINAL_EVAL_SCALE
         tasks = (lambda: evaluate_tasks(self.tasks, task_model, c.train.seed)) if self.tasks and ranks.is_main else None
-        # every FINAL_EVAL_SCALE-th window of the final evaluation's during the run, so that the logged curve
-        # estimates what the final evaluation measures more precisely
-        evaluation = StageEvaluation(during=lambda: evaluator(model, scale, stride=FINAL_EVAL_SCALE),
-                                     final=lambda: evaluator(model, scale), fields=heldout_fields, tasks=tasks)
+        # during the run every k-th window of the final evaluation's, fewer while few tokens are trained, so that
+        # the logged curve estimates what the final evaluation measures more precisely at a few % of the training
+        evaluation = StageEvaluation(
+            during=lambda tokens: evaluator(model, scale, stride=evaluator.in_run_stride(scale, tokens)),
+            final=lambda: evaluator(model, scale), fields=heldout_fields, tasks=tasks)
         return StageLoop(sampler, None, evaluation)

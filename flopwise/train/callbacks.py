@@ -4,6 +4,7 @@ and the loss forecast.  A session composes the ones its stage needs; the loop kn
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Protocol
 
@@ -46,9 +47,10 @@ class Evaluation(LoopCallback):
     """The stage's held-out evaluation every ``every`` of the budget, logged as an ``eval`` event, then the
     run's tasks (``tasks``: their results, scored by the main process) as a ``tasks`` event.  ``after_eval``
     (a sweep's pruner) reads each eval event's fields, with the forecast final loss where ``forecast`` gives
-    one, and may stop the run.  The session also logs the start's and the final evaluation through it."""
+    one, and may stop the run.  The session also logs the start's and the final evaluation through it.
+    ``evaluate`` is given the tokens trained so far (the stage may size its sample by them; inf: no limit)."""
 
-    def __init__(self, evaluate: Callable[[], dict[str, Any]], fields: EvalFields, every: float, sampler: Sampler,
+    def __init__(self, evaluate: Callable[[float], dict[str, Any]], fields: EvalFields, every: float, sampler: Sampler,
                  display: ProgressDisplay, log: EventLog | None,
                  tasks: Callable[[], dict[str, Any]] | None = None, after_eval: AfterEval | None = None,
                  forecast: Callable[[float, float], float | None] | None = None,
@@ -63,7 +65,7 @@ class Evaluation(LoopCallback):
         self.evaluate_before_last_change(loop, state, p_before, p)
         if self.every <= 0 or not reached(p, state.next_eval):
             return None
-        result = self.evaluate()
+        result = self.evaluate(state.meter.tokens)
         loop.model.train()
         state.next_eval = next_mark(p, self.every)
         fields = self.log_eval(state, p, result)
@@ -83,7 +85,7 @@ class Evaluation(LoopCallback):
         last = max(loop.settings.breakpoints, default=None)
         if last is None or self.before_change is not None or not (p_before < last and reached(p, last)):
             return
-        result = self.evaluate()
+        result = self.evaluate(math.inf)  # the largest sample during a run: the final result is held to it
         loop.model.train()
         self.log_eval(state, p, result, before_change=True)
 

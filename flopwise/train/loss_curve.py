@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, Protocol, Sequence
 
 import numpy as np
-from scipy.optimize import least_squares
 
 from flopwise.errors import FlopwiseError
 from flopwise.optim.schedules import Schedule
@@ -157,6 +156,8 @@ def fit_curve(points: Sequence[CurvePoint]) -> CurveFit:
     outweigh the later ones that matter for the extrapolation, and soft_l1 with a scale taken from
     the step-to-step noise shrugs off loss spikes.  Tokens are scaled by the last point's so that
     the amplitude B = A * D_last^-gamma stays near the loss's own size while fitting."""
+    from scipy.optimize import least_squares  # here: scipy takes 0.3-0.5 s to import, short runs never fit
+
     if len(points) < 4:
         raise FlopwiseError(f"{len(points)} stable-phase points cannot fit a 3-parameter loss curve: log more steps")
     scale, log_x, log_loss = _scaled(points)

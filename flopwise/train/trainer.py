@@ -303,6 +303,7 @@ class Trainer:
     of them."""
 
     TAIL_GAP = 2.5  # steps of schedule left at the budget's last step that only a stall leaves: finish with a tail
+    CHECKPOINT_SHARE = 0.02  # a seconds budget's periodic checkpoints cost at most this share of its training
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler,
                  settings: LoopSettings, run_dir: Path, device: torch.device, dtype: torch.dtype,
@@ -323,6 +324,7 @@ class Trainer:
         self.objective = objective
         self.callbacks = tuple(callbacks)
         self._interrupted = False
+        self._last_checkpoint: tuple[float, float] | None = None  # (training seconds then, seconds it took)
 
     def train_step(self, step: int, p: float) -> float:
         """One step at progress ``p``, which the sampler's pacing and the methods read."""
@@ -489,19 +491,32 @@ class Trainer:
         return StepRecord(p, loss, tokens_per_s, mfu, eta, event, regular)
 
     def _maybe_checkpoint(self, state: LoopState, p: float, timer: StepTimer, force: bool) -> float:
-        """Checkpoint every ``checkpoint_every`` of the budget, on interruption, and (pinned)
-        just before the schedule starts to decay, which is where a finished run can be extended from."""
+        """Checkpoint every ``checkpoint_every`` of the budget (under a seconds budget, where it pays:
+        ``checkpoint_pays``), on interruption, and (pinned) just before the schedule starts to decay, which is
+        where a finished run can be extended from."""
         s = self.settings
         next_p_lr = self.next_p_lr(state, timer, self.steps_left(state, timer))
         pinned = state.p_lr <= s.schedule.decay_start < next_p_lr
-        periodic = s.checkpoint_every > 0 and reached(p, state.next_checkpoint)
+        periodic = s.checkpoint_every > 0 and reached(p, state.next_checkpoint) and self.checkpoint_pays(state)
         if not (force or pinned or periodic):
             return 0.0
         start = time.perf_counter()
         if periodic:
             state.next_checkpoint = next_mark(p, s.checkpoint_every)
         self.checkpoint(state, pinned)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self._last_checkpoint = (state.meter.seconds, seconds)
+        return seconds
+
+    def checkpoint_pays(self, state: LoopState) -> bool:
+        """Whether a periodic checkpoint is due by its cost: under a seconds budget, once the training since the
+        last checkpoint is 1 / CHECKPOINT_SHARE times what that one took (a 12 s budget's ten marks would
+        otherwise cost up to a tenth of it, to save seconds of work); always under the other limits, whose
+        checkpoints stay where the budget's shares put them on any machine."""
+        if "seconds" not in self.settings.budget.set_limits() or self._last_checkpoint is None:
+            return True
+        at, took = self._last_checkpoint
+        return state.meter.seconds - at >= took / self.CHECKPOINT_SHARE
 
     def checkpoint(self, state: LoopState, pinned: bool = False) -> None:
         s = self.settings
