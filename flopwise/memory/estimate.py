@@ -188,14 +188,14 @@ def tensor_specs(cfg: ModelConfig, traits: MemoryTraits) -> tuple[list[ParamSpec
 
 def update_rule(spec: ParamSpec, optimizer: str, traits: MemoryTraits) -> str:
     """Which update ``build_optimizer`` gives this parameter: torch's AdamW when no method changes the
-    optimizer, else flopwise's ``adamw``, ``muon`` or ``low_rank`` (Adam on projected gradients, GaLore's; it and
-    Muon for hidden matrices only)."""
+    optimizer, else flopwise's ``adamw``, ``muon``, ``normuon`` or ``low_rank`` (Adam on projected gradients,
+    GaLore's; it and (Nor)Muon for hidden matrices only)."""
     if optimizer == "adamw" and not traits.flopwise_optimizer:
         return "torch_adamw"
     if spec.hidden and traits.low_rank_gradients:
         return "low_rank"
-    if spec.hidden and optimizer == "muon":
-        return "muon"
+    if spec.hidden and optimizer in ("muon", "normuon"):
+        return optimizer
     return "adamw"
 
 
@@ -223,16 +223,22 @@ def muon_stack_sizes(specs: list[ParamSpec]) -> dict[str, int]:
 
 def optimizer_bytes(spec: ParamSpec, rule: str, param_bytes: int, bits8: bool, block: int, rank: int
                     ) -> tuple[int, int, int]:
-    """(state bytes, GaLore projection bytes, update working bytes) for one trainable parameter."""
+    """(state bytes, GaLore projection bytes, update working bytes) for one trainable parameter.  Cautious
+    weight decay's one temporary (the size of the parameter) is left out: this estimate does not see
+    ``optim.cautious_weight_decay``, and it adds to AdamW's and GaLore's working memory only of matrices that
+    decay (not embeddings)."""
     n = spec.numel
     if rule == "torch_adamw":
         return FP32 + 2 * n * param_bytes, 0, TORCH_ADAMW_TEMP * n
-    if rule == "muon":
+    if rule in ("muon", "normuon"):
         shorter = min(spec.shape)
         temp = 20 * n + 4 * shorter**2  # Newton-Schulz: update, iterate, three products; the Gram matrix
         if bits8:
             temp = max(4 * n + _quantize_work(n), temp + 4 * n)  # the decoded momentum, or quantizing it back
-        return _moment_bytes(n, param_bytes, bits8, block), 0, temp
+        # NorMuon's second moment, one per neuron of the longer side, never quantized; its work (the update, its
+        # square, the normalized copy) and cautious decay's one temporary fit in Newton-Schulz's
+        neurons = param_bytes * max(spec.shape) if rule == "normuon" else 0
+        return _moment_bytes(n, param_bytes, bits8, block) + neurons, 0, temp
     if rule == "low_rank":
         low, projection = _low_rank_shapes(spec, rank)
         temp = 4 * n + 8 * low  # the update mapped back to full size, the low-rank step's quotients
@@ -473,7 +479,8 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, traits: MemoryTrai
     bits8, rank = traits.state_bits == 8, traits.low_rank_gradients or 0
     rules = {p.name: update_rule(p, optimizer, traits) for p in trainable}
     costs = {p.name: optimizer_bytes(p, rules[p.name], pb, bits8, traits.state_block, rank) for p in trainable}
-    stacked = muon_stack_sizes([p for p in trainable if rules[p.name] == "muon" and stored[p.name] == FP32])
+    stacked = muon_stack_sizes([p for p in trainable if rules[p.name] in ("muon", "normuon")
+                                and stored[p.name] == FP32])
     step = _Step(cfg, run, traits, grads={p.name: p.numel * stored[p.name] for p in trainable},
                  temps={p.name: stacked.get(p.name, 1) * costs[p.name][2] * pb // FP32
                         + _rounding_work(p, stored[p.name], pb) for p in trainable}, grad_accum=grad_accum)

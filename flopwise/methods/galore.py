@@ -21,7 +21,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
 from flopwise.methods.base import Method, MethodConfig, OptimizerSpec, RunView, World, default_rank
 from flopwise.model.config import ModelConfig
-from flopwise.optim.optimizer import UpdateRule, adam_moments, register_update_rule
+from flopwise.optim.optimizer import UpdateRule, adam_moments, decay_weights, register_update_rule
 from flopwise.section import in_range
 
 RULE = "galore"  # the optimizer groups' ``update``
@@ -62,7 +62,7 @@ def galore_update(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any]
     basis = state["projection"]
     exp_avg, denominator, correction = adam_moments(project(grad, basis), state, group)
     update = project_back(exp_avg / denominator, basis, param.shape)
-    param.mul_(1 - group["lr"] * group["weight_decay"])
+    decay_weights(param, update, group)
     param.add_(update, alpha=-group["lr"] * group["scale"] / correction)
 
 

@@ -1,7 +1,7 @@
 """The optimizer a config asks for, with parameter groups that each carry their own peak LR.
 
 Every group holds ``peak_lr``; the training loop sets ``lr = peak_lr * schedule(p)`` on all of
-them, so AdamW, Muon and GaLore groups follow one schedule from different peaks.  Methods change
+them, so AdamW, Muon (NorMuon) and GaLore groups follow one schedule from different peaks.  Methods change
 what is built through an ``OptimizerSpec`` (flopwise/methods/base.py: state precision, the blocks'
 matrices' update rule, per-layer updates); plain AdamW that no method changes stays
 torch.optim.AdamW (fused on CUDA), everything else is one FlopwiseOptimizer (flopwise/optim/optimizer.py).
@@ -23,18 +23,17 @@ from flopwise.optim.spec import OptimizerSpec
 def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device,
                     shape: Callable[[OptimizerSpec, nn.Module], None] | None = None) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay on matrices only, not embeddings, gains or biases, as in GPT-2/LLaMA
-    practice), or Muon (or the rule a method sets) for the blocks' matrices with that AdamW for everything
-    else.  ``shape``: the methods' ``shape_optimizer`` hook."""
+    practice), or Muon or NorMuon (or the rule a method sets) for the blocks' matrices with that AdamW for
+    everything else.  ``shape``: the methods' ``shape_optimizer`` hook."""
     spec = OptimizerSpec(optim)
     if shape is not None:
         shape(spec, model)
     params = list(model.named_parameters())
-    if optim.name == "adamw" and not spec.changed:
+    if optim.name == "adamw" and not spec.changed and not optim.cautious_weight_decay:
         return torch.optim.AdamW(_adamw_groups(params, optim), lr=optim.lr, betas=(optim.beta1, optim.beta2),
                                  eps=optim.eps, fused=device.type == "cuda" or None)
     groups = []
-    matrix_update = spec.matrix_update or ({"update": "muon", "lr": optim.muon_lr, "weight_decay": 0.0}
-                                           if optim.name == "muon" else None)
+    matrix_update = spec.matrix_update or (_muon_group(optim) if optim.name != "adamw" else None)
     if matrix_update is not None:
         hidden = [p for n, p in params if is_hidden_matrix(n, p.ndim)]
         params = [(n, p) for n, p in params if not is_hidden_matrix(n, p.ndim)]
@@ -42,10 +41,17 @@ def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device,
             groups.append({"params": hidden, **matrix_update, "peak_lr": matrix_update["lr"]})
     groups += _adamw_groups(params, optim)
     optimizer = FlopwiseOptimizer(groups, momentum=optim.muon_momentum, betas=(optim.beta1, optim.beta2),
-                                  eps=optim.eps, **spec.options)
+                                  eps=optim.eps, cautious_weight_decay=optim.cautious_weight_decay, **spec.options)
     for wrap in spec.wrappers:
         wrap(optimizer)
     return optimizer
+
+
+def _muon_group(optim: OptimSection) -> dict:
+    """The settings of the blocks' matrices' group under Muon or NorMuon."""
+    group = {"update": optim.name, "lr": optim.muon_lr, "weight_decay": optim.muon_weight_decay,
+             "ns_coefficients": optim.ns_coefficients}
+    return {**group, "normuon_beta2": optim.normuon_beta2} if optim.name == "normuon" else group
 
 
 def _decays(name: str, param: torch.Tensor) -> bool:

@@ -11,10 +11,11 @@ from flopwise.section import Section, in_range
 
 
 class OptimSection(Section):
-    """AdamW with decoupled weight decay on matrices only; or Muon for the blocks' matrices and that
-    AdamW (at ``lr``) for embeddings, head, gains and biases."""
+    """AdamW with decoupled weight decay on matrices only; or Muon (or NorMuon) for the blocks' matrices and
+    that AdamW (at ``lr``) for embeddings, head, gains and biases.  The ``muon_*`` keys and ``ns_coefficients``
+    serve NorMuon too; ``cautious_weight_decay`` applies to both decays (docs/optimizer.md)."""
 
-    name: Literal["adamw", "muon"] = "muon"
+    name: Literal["adamw", "muon", "normuon"] = "muon"
     lr: float = 1e-2
     beta1: float = 0.9
     beta2: float = 0.95
@@ -25,10 +26,14 @@ class OptimSection(Section):
     grad_accum: int = 1
     muon_lr: float = 0.05
     muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    normuon_beta2: float = 0.95
+    ns_coefficients: Literal["newton_schulz", "polar_express"] = "newton_schulz"  # flopwise/optim/muon.py's ITERATIONS
+    cautious_weight_decay: bool = False
 
     _rates = in_range("lr", "muon_lr", "eps", low=0, above=True)
-    _betas = in_range("beta1", "beta2", "muon_momentum", low=0, high=1, below=True)
-    _decay = in_range("weight_decay", low=0)
+    _betas = in_range("beta1", "beta2", "muon_momentum", "normuon_beta2", low=0, high=1, below=True)
+    _decay = in_range("weight_decay", "muon_weight_decay", low=0)
     _clip = in_range("grad_clip", low=0)  # 0: no clipping
     _counts = in_range("batch_size", "grad_accum", low=1)
 

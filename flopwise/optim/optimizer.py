@@ -1,16 +1,21 @@
 """flopwise's optimizer: one object whose parameter groups each choose an update rule.
 
 - ``muon``: Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers") for the blocks'
-  2-D weights: momentum, then the update orthogonalized by Newton-Schulz (flopwise/optim/muon.py).
+  2-D weights: momentum, then the update orthogonalized by Newton-Schulz or Polar Express
+  (flopwise/optim/muon.py).
+- ``normuon``: NorMuon (Li et al. 2025): Muon with each neuron's orthogonalized update divided by the
+  root of an EMA of its mean square (flopwise/optim/muon.py's ``normalize_neurons``).
 - ``adamw``: AdamW (Loshchilov & Hutter 2019, decoupled weight decay), as torch.optim.AdamW.
 - rules that methods register (``register_update_rule``): GaLore's Adam on projected gradients
   (flopwise/methods/galore.py).
 
 One object rather than several, so the LR schedule, checkpoints and PyTorch's state-dict tools
-see a single optimizer.  ``state_bits=8`` stores every moment buffer blockwise in 8 bits
-(flopwise/optim/quantize.py; Dettmers et al. 2022).  Parameters stored in bf16 are updated through an
-fp32 copy and rounded back as ``rounding`` says (flopwise/optim/rounding.py).  ``update_param`` updates
-one parameter; it serves ``step`` and updates made during backward by a method's gradient hooks.
+see a single optimizer.  ``cautious_weight_decay`` decays a weight only where the update moves it
+towards zero too (Chen et al. 2025), in every rule (``decay_weights``).  ``state_bits=8`` stores every
+moment buffer blockwise in 8 bits (flopwise/optim/quantize.py; Dettmers et al. 2022).  Parameters
+stored in bf16 are updated through an fp32 copy and rounded back as ``rounding`` says
+(flopwise/optim/rounding.py).  ``update_param`` updates one parameter; it serves ``step`` and updates
+made during backward by a method's gradient hooks.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.distributed.tensor import DTensor
 
-from flopwise.optim.muon import _orthogonalized, orthogonalize_all
+from flopwise.optim.muon import (
+    ITERATIONS,
+    neuron_second_moment_shape,
+    newton_schulz,
+    normalize_neurons,
+    on_full_matrix,
+    orthogonalize_all,
+)
 from flopwise.optim.quantize import read_moment, write_moment
 from flopwise.optim.rounding import ROUNDINGS, update_rounded
 from flopwise.optim.routing import muon_stacks
@@ -43,6 +55,7 @@ class UpdateRule:
 
 
 RULES: dict[str, UpdateRule] = {}
+MUON_UPDATES = ("muon", "normuon")  # the rules whose matrices ``step`` orthogonalizes in batched stacks
 
 
 def register_update_rule(name: str, rule: UpdateRule) -> None:
@@ -51,27 +64,30 @@ def register_update_rule(name: str, rule: UpdateRule) -> None:
 
 
 class FlopwiseOptimizer(torch.optim.Optimizer):
-    """Groups carry ``update`` (adamw, muon, or a registered rule), ``lr``, ``weight_decay``, ``state_bits``
-    (32 or 8), ``state_block`` and ``rounding`` (of bf16-stored parameters), plus their rule's keys:
-    muon: momentum, nesterov, ns_steps; adamw: betas, eps; a registered rule's own (``rule_defaults`` gives
-    their defaults).
+    """Groups carry ``update`` (adamw, muon, normuon, or a registered rule), ``lr``, ``weight_decay``,
+    ``cautious_weight_decay``, ``state_bits`` (32 or 8), ``state_block`` and ``rounding`` (of bf16-stored
+    parameters), plus their rule's keys: muon and normuon: momentum, nesterov, ns_steps, ns_coefficients (a
+    name in flopwise/optim/muon.py's ITERATIONS); normuon also normuon_beta2; adamw: betas, eps; a registered
+    rule's own (``rule_defaults`` gives their defaults).
 
     Muon scales the orthogonalized update of a rows x cols matrix by sqrt(max(1, rows / cols)), as
     in the speedrun, so tall matrices get updates of the same per-entry size.  Parameters without
     a gradient (frozen ones) are skipped.
 
     State keys per parameter (no dots, so checkpoints can name tensors ``<param>.<key>``): ``step``
-    and ``exp_avg``/``exp_avg_sq`` (adamw), ``momentum_buffer`` (muon), a registered rule's own; with 8-bit
+    and ``exp_avg``/``exp_avg_sq`` (adamw), ``momentum_buffer`` (muon; normuon adds ``neuron_second_moment``,
+    one value per row or column, never quantized), a registered rule's own; with 8-bit
     states each moment ``m`` is ``m_q`` and ``m_absmax``; bf16 parameters add ``compensation`` (kahan) or
     ``rounding_updates`` (stochastic).  ``seed`` seeds stochastic rounding.
     """
 
     def __init__(self, groups: Iterable[dict[str, Any]], momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 state_bits: int = 32, state_block: int = 256, rounding: str = "nearest", seed: int = 0,
-                 **rule_defaults: Any) -> None:
+                 ns_steps: int = 5, ns_coefficients: str = "newton_schulz", betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, cautious_weight_decay: bool = False, state_bits: int = 32, state_block: int = 256,
+                 rounding: str = "nearest", seed: int = 0, **rule_defaults: Any) -> None:
         defaults = {"lr": 0.02, "weight_decay": 0.0, "update": "adamw", "momentum": momentum, "nesterov": nesterov,
-                    "ns_steps": ns_steps, "betas": betas, "eps": eps, "state_bits": state_bits,
+                    "ns_steps": ns_steps, "ns_coefficients": ns_coefficients, "betas": betas, "eps": eps,
+                    "cautious_weight_decay": cautious_weight_decay, "state_bits": state_bits,
                     "state_block": state_block, "rounding": rounding, **rule_defaults}
         groups = [dict(group) for group in groups]
         for group in groups:  # a registered rule's own settings: the group's, else these keywords', else its defaults
@@ -91,13 +107,14 @@ class FlopwiseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:  # with per-layer updates, backward has used and freed every gradient
-            batched = _muon_batch(group) if group["update"] == "muon" else []
+            batched = _muon_batch(group) if group["update"] in MUON_UPDATES else []
             done = {id(p) for p in batched}
             for indices in muon_stacks([p.shape for p in batched]):  # a stack at a time: its working memory is small
                 params = [batched[i] for i in indices]
                 directions = [_muon_direction(p.grad, self.state[p], group) for p in params]
-                for param, update in zip(params, orthogonalize_all(directions, group["ns_steps"])):
-                    _muon_apply(param, update, group)
+                updates = orthogonalize_all(directions, group["ns_steps"], group["ns_coefficients"])
+                for param, update in zip(params, updates):
+                    _muon_apply(param, _normalized(update, self.state[param], group), group)
             for param in group["params"]:
                 if id(param) not in done:
                     self.update_param(param, group)
@@ -116,8 +133,14 @@ class FlopwiseOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but every state tensor keeps the dtype it was saved with: torch casts
-        floating-point states to the parameter's dtype, which would turn 8-bit codes into floats."""
+        floating-point states to the parameter's dtype, which would turn 8-bit codes into floats; and a group
+        setting that the saved groups lack (a checkpoint written before the setting existed) keeps the value
+        this optimizer was built with, where torch's would drop it."""
+        built = [dict(group) for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, settings in zip(self.param_groups, built):
+            for key, value in settings.items():
+                group.setdefault(key, value)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, param in zip(saved_ids, params):
@@ -157,16 +180,55 @@ def _muon_direction(grad: torch.Tensor, state: dict[str, Any], group: dict[str, 
     return grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
 
 
+def _normalized(update: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+    """NorMuon's per-neuron normalization of the whole orthogonalized ``update`` (normuon groups); Muon's
+    update as it is."""
+    if group["update"] != "normuon":
+        return update
+    if "neuron_second_moment" not in state:
+        shape = neuron_second_moment_shape(*update.shape)
+        state["neuron_second_moment"] = torch.zeros(shape, dtype=update.dtype, device=update.device)
+    return normalize_neurons(update, state["neuron_second_moment"], group["normuon_beta2"])
+
+
 def _muon_apply(param: torch.Tensor, update: torch.Tensor, group: dict[str, Any]) -> None:
     """Decay, then step along the orthogonalized ``update``, scaled for the matrix's aspect ratio."""
     rows, cols = param.shape
-    if group["weight_decay"]:
-        param.mul_(1 - group["lr"] * group["weight_decay"])
+    decay_weights(param, update, group)
     param.add_(update, alpha=-group["lr"] * math.sqrt(max(1.0, rows / cols)))
 
 
 def _muon(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    _muon_apply(param, _orthogonalized(_muon_direction(grad, state, group), group["ns_steps"]), group)
+    def orthogonalized(direction: torch.Tensor) -> torch.Tensor:
+        update = newton_schulz(direction, group["ns_steps"], coefficients=group["ns_coefficients"])
+        return _normalized(update, state, group)
+
+    _muon_apply(param, on_full_matrix(_muon_direction(grad, state, group), orthogonalized), group)
+
+
+def _check_muon_group(group: dict[str, Any]) -> None:
+    iteration = ITERATIONS.get(group["ns_coefficients"])
+    if iteration is None:
+        raise ValueError(f"ns_coefficients='{group['ns_coefficients']}' is unknown: "
+                         f"choose one of {', '.join(ITERATIONS)}")
+    iteration.coefficients(group["ns_steps"])  # refuses more steps than the iteration has coefficients for
+    if group["update"] == "normuon" and not 0 <= group["normuon_beta2"] < 1:
+        raise ValueError(f"normuon_beta2={group['normuon_beta2']} must lie in [0, 1)")
+
+
+def decay_weights(param: torch.Tensor, update: torch.Tensor, group: dict[str, Any]) -> None:
+    """Decoupled weight decay, ``param *= 1 - lr * weight_decay``, before the step ``param -= lr * update``
+    (any positive multiple of it: only its sign is read).  With ``cautious_weight_decay``, only where the
+    update has the weight's sign (or is 0), so the decay never pulls a weight against the update (Chen et al.
+    2025, "Cautious Weight Decay", arXiv:2510.12402; as modded-nanoGPT and nanochat apply it)."""
+    if not group["weight_decay"]:
+        return
+    factor = group["lr"] * group["weight_decay"]
+    if group["cautious_weight_decay"]:
+        agreeing = (update * param).ge_(0).mul_(param)  # the weight where the signs agree, else 0: one temporary
+        param.sub_(agreeing, alpha=factor)
+    else:
+        param.mul_(1 - factor)
 
 
 def adam_moments(grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
@@ -191,9 +253,11 @@ def adam_moments(grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any
 
 def _adamw(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
     exp_avg, denominator, correction = adam_moments(grad, state, group)
-    param.mul_(1 - group["lr"] * group["weight_decay"])
+    decay_weights(param, exp_avg, group)  # the update exp_avg / denominator has exp_avg's signs
     param.addcdiv_(exp_avg, denominator, value=-group["lr"] / correction)
 
 
 register_update_rule("adamw", UpdateRule(_adamw))
-register_update_rule("muon", UpdateRule(_muon, matrices_only=True))
+register_update_rule("muon", UpdateRule(_muon, matrices_only=True, check_group=_check_muon_group))
+register_update_rule("normuon", UpdateRule(_muon, matrices_only=True, check_group=_check_muon_group,
+                                           defaults={"normuon_beta2": 0.95}))

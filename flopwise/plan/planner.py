@@ -250,7 +250,7 @@ def _assumptions(config: RunConfig, law: PlanningLaw, best: Candidate, budget: B
              f"budget: {budget.describe()}; the first limit to bind decides the tokens"
              + (f"; sizes from {_describe_range(limits)}, within {SIZE_EXTRAPOLATION:g}x of the law's runs"
                 if limits else ""),
-             f"recipe: {o.name} (lr {o.lr:g}" + (f", muon_lr {o.muon_lr:g}" if o.name == "muon" else "")
+             f"recipe: {o.name} (lr {o.lr:g}" + (f", muon_lr {o.muon_lr:g}" if o.name != "adamw" else "")
              + f"), batch {o.batch_size} x {o.grad_accum} accumulation, {s.name} schedule (warmup {s.warmup:g}, "
                f"decay {s.decay:g}) as configured"
              + ("; the prior's allocation is for Chinchilla's recipe" if law.is_prior else
