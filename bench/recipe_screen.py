@@ -36,6 +36,13 @@ VARIANTS: dict[str, list[str]] = {
     "model four + weight_average": [*MODEL, 'methods.use=["weight_average"]'],
     "model four + polar_express": [*MODEL, "optim.ns_coefficients=polar_express"],
     "model four + normuon": [*MODEL, "optim.name=normuon"],
+    "normuon + polar_express": ["optim.name=normuon", "optim.ns_coefficients=polar_express"],
+    "normuon + ve + unet": ["optim.name=normuon", "model.value_embeds=true", "model.unet_skips=true"],
+    "normuon + pe + ve + unet": ["optim.name=normuon", "optim.ns_coefficients=polar_express",
+                                 "model.value_embeds=true", "model.unet_skips=true"],
+    "normuon + pe + ve + unet + bigram": ["optim.name=normuon", "optim.ns_coefficients=polar_express",
+                                          "model.value_embeds=true", "model.unet_skips=true",
+                                          "model.bigram_hash=20480"],
 }
 
 

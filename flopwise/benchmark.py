@@ -156,6 +156,39 @@ RECIPE_ABLATIONS: dict[str, list[str]] = {
 }
 
 
+# Issue 37's pieces (the speedrun anchors' model options, document windows, weight averaging, Muon variants):
+# the overrides that turn each on, and those that turn it off.
+SPEED_PIECES: dict[str, tuple[list[str], list[str]]] = {
+    "NorMuon": (["optim.name=normuon"], ["optim.name=muon"]),
+    "Polar Express coefficients": (["optim.ns_coefficients=polar_express"], ["optim.ns_coefficients=newton_schulz"]),
+    "cautious weight decay (Muon's 0.05)": (["optim.muon_weight_decay=0.05", "optim.cautious_weight_decay=true"],
+                                            ["optim.muon_weight_decay=0", "optim.cautious_weight_decay=false"]),
+    "value embeddings": (["model.value_embeds=true"], ["model.value_embeds=false"]),
+    "U-net skips": (["model.unet_skips=true"], ["model.unet_skips=false"]),
+    "x0 lambdas": (["model.x0_lambdas=true"], ["model.x0_lambdas=false"]),
+    "smear": (["model.smear=true"], ["model.smear=false"]),
+    "logit softcap 15": (["model.logit_softcap=15"], ["model.logit_softcap=0"]),
+    "bigram hash (5x vocab)": (["model.bigram_hash=20480"], ["model.bigram_hash=0"]),
+    "multi-token prediction (2)": (["model.mtp_tokens=2"], ["model.mtp_tokens=0"]),
+    "windows at document starts": (["data.windows=doc_start"], ["data.windows=stream"]),
+    "attention within documents": (["data.doc_mask=true"], ["data.doc_mask=false"]),
+}
+
+
+def in_default_recipe(overrides: list[str]) -> bool:
+    """Whether ``overrides`` leave the default recipe as it is (the piece they turn on is already in it)."""
+    return load_config(None, overrides).model_dump() == load_config(None, []).model_dump()
+
+
+def speed_ablations() -> dict[str, list[str]]:
+    """Each of issue 37's pieces alone (on the recipe with every piece off) and, for those in the default
+    recipe, removed from it; then the recipe with none of them."""
+    everything_off = [value for _, off in SPEED_PIECES.values() for value in off]
+    alone = {f"{name} alone": everything_off + on for name, (on, _) in SPEED_PIECES.items()}
+    removed = {f"no {name}": off for name, (on, off) in SPEED_PIECES.items() if in_default_recipe(on)}
+    return {**alone, **removed, "none of the speed pieces": everything_off}
+
+
 def progressive_ablations() -> dict[str, list[str]]:
     """Progressive training: each progressive method alone, all together (methods.use replaces the recipe's list),
     and none, from the registry's methods that declare themselves progressive."""
@@ -169,9 +202,11 @@ def progressive_ablations() -> dict[str, list[str]]:
 
 
 def ablations(which: str) -> dict[str, list[str]]:
-    """The variants of ``which``: the recipe's pieces, progressive training's, or all."""
+    """The variants of ``which``: the recipe's pieces, issue 37's speed pieces, progressive training's, or all."""
+    if which == "speed":
+        return speed_ablations()
     return {"recipe": RECIPE_ABLATIONS, "progressive": progressive_ablations(),
-            "all": {**RECIPE_ABLATIONS, **progressive_ablations()}}[which]
+            "all": {**RECIPE_ABLATIONS, **speed_ablations(), **progressive_ablations()}}[which]
 
 
 def ablate(bench: TimeToQuality, targets: list[SeedResult], report: Callable[[str], None] = print,

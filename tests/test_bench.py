@@ -133,3 +133,14 @@ def test_progressive_ablation_searches_each_variant_against_each_seeds_target(mo
 def test_bench_refuses_a_start_the_search_does_not_try(capsys):
     assert main(["bench", "--start", "7", "--seeds", "0"]) == 2
     assert "--start 7 is not a budget the search tries: choose one of 2, 3, 4" in capsys.readouterr().err
+
+
+def test_speed_ablation_lists_each_piece_alone_and_removed_from_the_default():
+    variants = benchmark.ablations("speed")
+    everything_off = [value for _, off in benchmark.SPEED_PIECES.values() for value in off]
+    for name, (on, off) in benchmark.SPEED_PIECES.items():
+        assert variants[f"{name} alone"] == everything_off + on
+        load_config(None, variants[f"{name} alone"])  # every override is a valid key and value
+        assert (f"no {name}" in variants) == benchmark.in_default_recipe(on)
+    assert variants["none of the speed pieces"] == everything_off
+    assert benchmark.in_default_recipe(["model.size=small"]) and not benchmark.in_default_recipe(["model.size=tiny"])

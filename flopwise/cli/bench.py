@@ -25,6 +25,7 @@ examples:
   flopwise bench --corpus /usr/lib/node_modules --include '*.js' --out bench/results/speed_js.json
   flopwise bench --start 6                            # a recipe expected near 6x: skip T/3 to T/5
   flopwise bench --seeds 0 --ablate                   # also change each piece of the recipe in turn
+  flopwise bench --seeds 0 --ablate speed             # each speed piece alone, and removed from the recipe
   flopwise bench --ablate progressive                 # growth, sequence and batch schedules alone and together
 """
 
@@ -40,8 +41,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--include", action="append", metavar="GLOB", help="only files matching, e.g. '*.md'")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config change for both recipes (e.g. model.size=tiny); repeatable")
-    p.add_argument("--ablate", nargs="?", const="all", choices=("all", "recipe", "progressive"),
+    p.add_argument("--ablate", nargs="?", const="all", choices=("all", "recipe", "speed", "progressive"),
                    help="also run ablations against each seed's target: each piece of the recipe changed, "
+                        "the speed pieces (value embeddings, NorMuon, ...) each alone and removed, "
                         "progressive training's pieces alone and together, or all (the default)")
     p.add_argument("--start", type=int, default=3, metavar="D",
                    help="the first seed's search starts at T/D (default 3); later seeds start at the previous answer")
