@@ -139,10 +139,16 @@ def test_final_holds_the_mean_of_the_weights_of_the_decay(tmp_path, text_folder)
 
 @pytest.mark.slow
 def test_a_run_with_every_new_option_resumes_bit_for_bit(tmp_path, text_folder):
-    """Document windows and masks, the sequence-length schedule and depth growth during the average (at 0.9 of
-    24 steps): interrupted inside the average, before the growth, the resumed run repeats the uninterrupted
-    one, its final weights and final evaluation too."""
-    args = [*TINY, "--data", str(text_folder), "--budget", "24steps", "--set", "train.eval_every=0.5",
+    """Every option of the speed recipe (issue 37: the model options, multi-token prediction, NorMuon with Polar
+    Express and cautious decay, document windows and masks, weight averaging) with the sequence-length schedule and
+    depth growth during the average (at 0.9 of 24 steps): interrupted inside the average, before the growth, the
+    resumed run repeats the uninterrupted one, its final weights and final evaluation too."""
+    options = ["model.value_embeds=true", "model.x0_lambdas=true", "model.unet_skips=true", "model.smear=true",
+               "model.logit_softcap=15", "model.bigram_hash=64", "model.mtp_tokens=2", "optim.name=normuon",
+               "optim.ns_coefficients=polar_express", "optim.muon_weight_decay=0.05",
+               "optim.cautious_weight_decay=true"]
+    args = [*TINY, *[flag for value in options for flag in ("--set", value)],
+            "--data", str(text_folder), "--budget", "24steps", "--set", "train.eval_every=0.5",
             "--set", "data.windows=doc_start", "--set", "data.doc_mask=true", "--method", "weight_average",
             "--method", "seq_schedule", "--set", "methods.seq_schedule.start=0.25",
             "--set", "methods.seq_schedule.until=0.5", "--method", "grow_depth", "--set", "methods.grow_depth.at=0.9"]
