@@ -15,7 +15,8 @@ class OptimSection(Section):
     that AdamW (at ``lr``) for embeddings, head, gains and biases.  The ``muon_*`` keys and ``ns_coefficients``
     serve NorMuon too; ``cautious_weight_decay`` applies to both decays (docs/optimizer.md)."""
 
-    name: Literal["adamw", "muon", "normuon"] = "muon"
+    # NorMuon with Polar Express's coefficients: the default since issue 37 (bench/RESULTS.md#the-speed-recipe)
+    name: Literal["adamw", "muon", "normuon"] = "normuon"
     lr: float = 1e-2
     beta1: float = 0.9
     beta2: float = 0.95
@@ -28,7 +29,7 @@ class OptimSection(Section):
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
     normuon_beta2: float = 0.95
-    ns_coefficients: Literal["newton_schulz", "polar_express"] = "newton_schulz"  # flopwise/optim/muon.py's ITERATIONS
+    ns_coefficients: Literal["newton_schulz", "polar_express"] = "polar_express"  # flopwise/optim/muon.py's ITERATIONS
     cautious_weight_decay: bool = False
 
     _rates = in_range("lr", "muon_lr", "eps", low=0, above=True)
