@@ -331,7 +331,7 @@ class Session:
         metrics = self.run_dir / METRICS_FILE
         logged = read_metrics(metrics) if self.resume_step is not None and metrics.is_file() else []
         forecast = self.forecast_callback(log, logged) if ev.forecasts else None
-        before_change = next((e["val_loss"] for e in logged if e["event"] == "eval" and e.get("before_change")), None)
+        before_change = next((e for e in logged if e["event"] == "eval" and e.get("before_change")), None)
         evaluation = Evaluation(ev.during, ev.fields, settings.eval_every, self.sampler, self.display, log, ev.tasks,
                                 after_eval, forecast.final_loss if forecast is not None else None, before_change)
         return evaluation, [Progress(self.display, settings.budget), *([Metrics(log)] if log is not None else []),

@@ -5,6 +5,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from flopwise.evaluate.heldout import IN_RUN_SHARE, Evaluator, heldout_windows
@@ -57,8 +58,12 @@ def test_an_evaluation_during_the_run_reads_at_most_its_share_of_the_tokens_trai
     assert evaluator.in_run_stride(320, (tokens[4] - 1) / IN_RUN_SHARE) == 8
     assert evaluator.in_run_stride(320, (tokens[16] - 1) / IN_RUN_SHARE) == 32
     assert evaluator.in_run_stride(320, 0) == 64  # each domain's first window, however few tokens were trained
+    final = evaluator(model, 320)
     for stride, expected in tokens.items():
-        assert evaluator(model, 320, stride=stride)["tokens"] == expected
+        sampled = evaluator(model, 320, stride=stride)
+        assert sampled["tokens"] == expected and sampled["stride"] == stride
+        # the whole evaluation gives its loss on each sample too: the same windows, for a paired comparison
+        assert final["by_stride"][stride] == pytest.approx(sampled["loss"], abs=1e-6)
     code = heldout_windows(val["code"], 8, 320)
     assert np.isclose(evaluator(model, 320, stride=16)["domains"]["code"]["loss"],
                       mean_loss(model, code[[0, 16, 32]]), atol=1e-5)  # of the final's windows, and of stride 8's

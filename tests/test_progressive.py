@@ -274,6 +274,8 @@ def test_a_run_that_grows_late_says_whether_it_ended_above_its_loss_before_the_g
     grown = next(e["step"] for e in events if e["event"] == "train" and e["depth"] == 2)
     assert before["before_change"] and before["step"] == grown - 1  # the model as it was at its growth point
     notes = [e for e in events if e["event"] == "note"]
-    assert len(notes) == (final["val_loss"] > before["val_loss"])
+    # held to it on the same held-out windows: the final model's loss on the sample the one before the growth read
+    assert final["val_tokens"] >= before["val_tokens"] and "before_change_sample_loss" in final
+    assert len(notes) == (final["before_change_sample_loss"] > before["val_loss"])
     if notes:
         assert f"above the {before['val_loss']:.4f} it had before its last change of shape" in notes[0]["note"]

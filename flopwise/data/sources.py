@@ -87,7 +87,7 @@ def uses_builtin_corpus(specs: list[str]) -> bool:
 
 @dataclass(frozen=True)
 class Stamp:
-    """What a stat says of a file: its size, its modification and change times (ns) and its inode.  The change
+    """What a stat says of a file: its size, its modification and change times (ns), its inode and device.  The change
     time moves with every write and every metadata change and cannot be set back by a program, so equal stamps
     are taken to mean the same bytes, as git's index and ccache's ``file_stat_matches`` take them."""
 
@@ -121,6 +121,8 @@ class ReadStats:
     UTF-8 sequences (and unpaired surrogate escapes in JSON) decoded as U+FFFD; ``skipped_binary``
     the files skipped for NUL bytes; ``unreadable`` the files and folders the OS would not read
     (left out), the first ``MAX_NAMED`` of them named in ``unreadable_named`` as 'path (cause)'.
+    ``seen``: every file the readers opened, with its stamp and the hash of the bytes read (the source index
+    records them; plan.json does not).
     """
 
     files: int = 0
@@ -130,7 +132,7 @@ class ReadStats:
     skipped_binary: int = 0
     unreadable: int = 0
     unreadable_named: list[str] = field(default_factory=list)
-    seen: list[SeenFile] = field(default_factory=list)  # every file opened, in order (not in to_dict)
+    seen: list[SeenFile] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The counts and the files named, as plan.json keeps them."""

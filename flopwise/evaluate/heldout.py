@@ -9,7 +9,7 @@ model that does not beat it has learned nothing beyond token counts.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -61,22 +61,26 @@ class Evaluator:
                  stride: int = 1) -> dict[str, Any]:
         """Loss (nats/token), perplexity and bits per byte for each domain and in total, on the first
         ``max_tokens_per_domain`` held-out tokens of each domain; with ``stride`` k, on every k-th of those
-        windows, a sample that keeps each domain's share of them, so it estimates the same overall loss."""
+        windows, a sample that keeps each domain's share of them, so it estimates the same overall loss.
+        The whole evaluation (``stride`` 1) also gives ``by_stride``: its loss on each such sample, to compare
+        with what the model scored on that sample earlier (the same windows: no sampling noise between them)."""
         was_training = model.training
         model.eval()
-        totals = {"nats": 0.0, "tokens": 0, "bytes": 0, "unigram_nats": 0.0}
-        domains: dict[str, dict[str, float]] = {}
+        per_window: dict[str, dict[str, np.ndarray]] = {}
         for domain in self.corpus.domains:
             windows = heldout_windows(self.corpus.val_tokens_by_domain(domain), self.seq_len, max_tokens_per_domain)
             windows = windows[::stride]
-            if len(windows) == 0:
-                continue
-            sums = self._domain_sums(model, windows)
-            domains[domain] = summarize(sums)
-            for key in totals:
-                totals[key] += sums[key]
+            if len(windows):
+                per_window[domain] = self._window_sums(model, windows)
         model.train(was_training)
-        return {**summarize(totals), "domains": domains}
+        result = {**_summary(per_window.values()), "stride": stride,
+                  "domains": {domain: _summary([sums]) for domain, sums in per_window.items()}}
+        if stride == 1:
+            longest = max((len(sums["tokens"]) for sums in per_window.values()), default=0)
+            strides = [2 ** power for power in range(1, max(longest - 1, 1).bit_length() + 1)]
+            result["by_stride"] = {k: _summary([{key: values[::k] for key, values in sums.items()}
+                                                for sums in per_window.values()])["loss"] for k in strides}
+        return result
 
     def in_run_stride(self, max_tokens_per_domain: int, tokens_trained: float) -> int:
         """The stride of an evaluation during the run after ``tokens_trained``: the smallest power of two from
@@ -90,19 +94,30 @@ class Evaluator:
             stride *= 2
         return stride
 
-    def _domain_sums(self, model: torch.nn.Module, windows: np.ndarray) -> dict[str, float]:
-        sums = {"nats": 0.0, "tokens": 0, "bytes": 0, "unigram_nats": 0.0}
+    def _window_sums(self, model: torch.nn.Module, windows: np.ndarray) -> dict[str, np.ndarray]:
+        """Per window: its nats, tokens, UTF-8 bytes and unigram nats."""
+        sums: dict[str, list[float]] = {"nats": [], "tokens": [], "bytes": [], "unigram_nats": []}
         for start in range(0, len(windows), self.batch_size):
             chunk = torch.from_numpy(windows[start:start + self.batch_size])
             x, y = chunk[:, :-1], chunk[:, 1:]
             with autocast(self.device, self.dtype):
                 losses = model.per_token_loss(x.to(self.device), y.to(self.device))
             targets = y.numpy()
-            sums["nats"] += losses.float().sum().item()
-            sums["tokens"] += targets.size
-            sums["bytes"] += int(self.token_bytes[targets].sum())
-            sums["unigram_nats"] -= float(self.unigram[targets].sum())
-        return sums
+            sums["nats"] += losses.float().sum(dim=1).tolist()
+            sums["tokens"] += [targets.shape[1]] * len(targets)
+            sums["bytes"] += self.token_bytes[targets].sum(axis=1).tolist()
+            sums["unigram_nats"] += (-self.unigram[targets].sum(axis=1)).tolist()
+        return {key: np.asarray(values, dtype=np.float64) for key, values in sums.items()}
+
+
+def _summary(window_sums: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    """``summarize`` of the totals of some domains' per-window sums."""
+    totals = {"nats": 0.0, "tokens": 0, "bytes": 0, "unigram_nats": 0.0}
+    for sums in window_sums:
+        for key in totals:
+            totals[key] += sums[key].sum()
+    return summarize({"nats": float(totals["nats"]), "tokens": int(totals["tokens"]), "bytes": int(totals["bytes"]),
+                      "unigram_nats": float(totals["unigram_nats"])})
 
 
 def summarize(sums: dict[str, float]) -> dict[str, float]:

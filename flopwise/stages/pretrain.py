@@ -38,7 +38,8 @@ def heldout_fields(result: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The eval event's fields and display line for the held-out loss (flopwise/evaluate/heldout.py); every
     evaluation's fields hold ``val_loss``, the number the curve, the report and the forecast read."""
     fields = {"val_loss": result["loss"], "val_bpb": result["bpb"], "unigram_loss": result["unigram_loss"],
-              "val_tokens": result["tokens"], "domains": {name: d["loss"] for name, d in result["domains"].items()}}
+              "val_tokens": result["tokens"], "val_stride": result["stride"],
+              "domains": {name: d["loss"] for name, d in result["domains"].items()}}
     return fields, f"val_loss {result['loss']:.4f}  bpb {result['bpb']:.4f}  ({result['tokens']:,} tokens)"
 
 

@@ -4,7 +4,6 @@ and the loss forecast.  A session composes the ones its stage needs; the loop kn
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Protocol
 
@@ -48,17 +47,17 @@ class Evaluation(LoopCallback):
     run's tasks (``tasks``: their results, scored by the main process) as a ``tasks`` event.  ``after_eval``
     (a sweep's pruner) reads each eval event's fields, with the forecast final loss where ``forecast`` gives
     one, and may stop the run.  The session also logs the start's and the final evaluation through it.
-    ``evaluate`` is given the tokens trained so far (the stage may size its sample by them; inf: no limit)."""
+    ``evaluate`` is given the tokens trained so far (the stage may size its sample by them)."""
 
     def __init__(self, evaluate: Callable[[float], dict[str, Any]], fields: EvalFields, every: float, sampler: Sampler,
                  display: ProgressDisplay, log: EventLog | None,
                  tasks: Callable[[], dict[str, Any]] | None = None, after_eval: AfterEval | None = None,
                  forecast: Callable[[float, float], float | None] | None = None,
-                 before_change: float | None = None) -> None:
+                 before_change: dict[str, Any] | None = None) -> None:
         self.evaluate, self.fields, self.every, self.sampler = evaluate, fields, every, sampler
         self.display, self.log, self.tasks = display, log, tasks
         self.after_eval, self.forecast = after_eval, forecast
-        self.before_change = before_change  # the held-out loss before the run's last change of shape (resumed)
+        self.before_change = before_change  # the eval event before the run's last change of shape (resumed)
         self.notes: list[str] = []  # what the evaluations found the user must hear
 
     def at_progress(self, loop: Trainer, state: LoopState, p_before: float, p: float) -> str | None:
@@ -85,27 +84,34 @@ class Evaluation(LoopCallback):
         last = max(loop.settings.breakpoints, default=None)
         if last is None or self.before_change is not None or not (p_before < last and reached(p, last)):
             return
-        result = self.evaluate(math.inf)  # the largest sample during a run: the final result is held to it
+        result = self.evaluate(state.meter.tokens)
         loop.model.train()
         self.log_eval(state, p, result, before_change=True)
 
     def log_eval(self, state: LoopState, p: float, result: dict[str, Any], before_change: bool = False
                  ) -> dict[str, Any]:
         """Show and log one evaluation; returns its event fields.  ``before_change``: the evaluation before the
-        run's last change of shape, which the final one is held to (a ``note`` event where it ends above)."""
+        run's last change of shape, which the final one is held to on the same held-out sample (the final
+        result's ``by_stride``, where the stage gives one), with a ``note`` event where it ends above."""
         fields, line = self.fields(result)
         self.display.message(f"eval  step {int(state.meter.steps)}  p={p:.3f}  {line}")
         at = {"step": int(state.meter.steps), "p": p, "tokens": state.meter.tokens, "flops": state.meter.flops,
               "seconds": state.meter.seconds}
+        on_sample = None
+        if p >= 1.0 and not before_change and self.before_change is not None:
+            on_sample = result.get("by_stride", {}).get(self.before_change.get("val_stride"), result["loss"])
+        event = {"event": "eval", **at, **fields, "epochs": self.sampler.domain_epochs(),
+                 **({"before_change": True} if before_change else {}),
+                 **({"before_change_sample_loss": on_sample} if on_sample is not None else {})}
         if self.log is not None:
-            self.log.append({"event": "eval", **at, **fields, "epochs": self.sampler.domain_epochs(),
-                             **({"before_change": True} if before_change else {})})
+            self.log.append(event)
         if before_change:
-            self.before_change = result["loss"]
-        elif p >= 1.0 and self.before_change is not None and result["loss"] > self.before_change:
-            note = (f"the run ended at held-out loss {result['loss']:.4f}, above the {self.before_change:.4f} it had "
-                    "before its last change of shape (a growth): too few steps followed it to recover, as a "
-                    "slowdown leaves them; a larger budget gives them more")
+            self.before_change = event
+        elif on_sample is not None and on_sample > self.before_change["val_loss"]:
+            note = (f"the run ended at held-out loss {on_sample:.4f} on the sample it was measured on before its "
+                    f"last change of shape, above the {self.before_change['val_loss']:.4f} it had before its last "
+                    "change of shape (a growth): too few steps followed it to recover, as a slowdown leaves them; "
+                    "a larger budget gives them more")
             self.notes.append(note)  # the summary says it
             if self.log is not None:
                 self.log.append({"event": "note", **at, "note": note})
