@@ -50,7 +50,7 @@ def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device,
 def _muon_group(optim: OptimSection) -> dict:
     """The settings of the blocks' matrices' group under Muon or NorMuon."""
     group = {"update": optim.name, "lr": optim.muon_lr, "weight_decay": optim.muon_weight_decay,
-             "ns_coefficients": optim.ns_coefficients}
+             "ns_coefficients": optim.ns_coefficients, "ns_precision": optim.ns_precision}
     return {**group, "normuon_beta2": optim.normuon_beta2} if optim.name == "normuon" else group
 
 

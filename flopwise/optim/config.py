@@ -12,8 +12,8 @@ from flopwise.section import Section, in_range
 
 class OptimSection(Section):
     """AdamW with decoupled weight decay on matrices only; or Muon (or NorMuon) for the blocks' matrices and
-    that AdamW (at ``lr``) for embeddings, head, gains and biases.  The ``muon_*`` keys and ``ns_coefficients``
-    serve NorMuon too; ``cautious_weight_decay`` applies to both decays (docs/optimizer.md)."""
+    that AdamW (at ``lr``) for embeddings, head, gains and biases.  The ``muon_*`` and ``ns_*`` keys serve NorMuon
+    too; ``cautious_weight_decay`` applies to both decays (docs/optimizer.md)."""
 
     # NorMuon with Polar Express's coefficients: the default since issue 37 (bench/RESULTS.md#the-speed-recipe)
     name: Literal["adamw", "muon", "normuon"] = "normuon"
@@ -30,6 +30,7 @@ class OptimSection(Section):
     muon_weight_decay: float = 0.0
     normuon_beta2: float = 0.95
     ns_coefficients: Literal["newton_schulz", "polar_express"] = "polar_express"  # flopwise/optim/muon.py's ITERATIONS
+    ns_precision: Literal["fp32", "bf16"] = "fp32"  # ... and its PRECISIONS
     cautious_weight_decay: bool = False
 
     _rates = in_range("lr", "muon_lr", "eps", low=0, above=True)

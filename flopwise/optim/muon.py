@@ -54,13 +54,19 @@ ITERATIONS = {
 }
 
 
+# The dtypes the iteration may run in.  bf16 is what the speedrun, nanochat and torch.optim.Muon iterate in: its
+# matmuls are about twice fp32's speed on GPUs and on CPUs with AVX512-BF16 or AMX (bench/optimizer.py), and
+# far slower on CPUs without them; the iteration needs no more than bf16's precision (Jordan et al. 2024).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def newton_schulz(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7,
-                  coefficients: str = "newton_schulz") -> torch.Tensor:
+                  coefficients: str = "newton_schulz", precision: str = "fp32") -> torch.Tensor:
     """Approximately U V^T for matrix = U S V^T (its orthogonal polar factor), by ``steps`` steps of the
-    iteration ``coefficients`` names (ITERATIONS); a [..., rows, cols] stack is orthogonalized matrix by
-    matrix in one batched iteration."""
+    iteration ``coefficients`` names (ITERATIONS), computed in ``precision`` (PRECISIONS); a [..., rows, cols]
+    stack is orthogonalized matrix by matrix in one batched iteration."""
     iteration = ITERATIONS[coefficients]
-    x = matrix.float()
+    x = matrix.to(PRECISIONS[precision])
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * iteration.safety + eps)  # spectral norm <= Frobenius norm
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
@@ -71,14 +77,15 @@ def newton_schulz(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     return (x.mT if transposed else x).to(matrix.dtype)
 
 
-def orthogonalize_all(updates: list[torch.Tensor], steps: int, coefficients: str = "newton_schulz"
-                      ) -> list[torch.Tensor]:
+def orthogonalize_all(updates: list[torch.Tensor], steps: int, coefficients: str = "newton_schulz",
+                      precision: str = "fp32") -> list[torch.Tensor]:
     """newton_schulz of each update (local fp32 tensors on one device), those of one shape up to transposition
     in one batched iteration (flopwise/optim/routing.py's ``muon_stacks``)."""
     result: list[torch.Tensor | None] = [None] * len(updates)
     for indices in muon_stacks([update.shape for update in updates]):
         wide = [updates[i] if updates[i].shape[0] <= updates[i].shape[1] else updates[i].T for i in indices]
-        for index, done in zip(indices, newton_schulz(torch.stack(wide), steps, coefficients=coefficients)):
+        done_stack = newton_schulz(torch.stack(wide), steps, coefficients=coefficients, precision=precision)
+        for index, done in zip(indices, done_stack):
             result[index] = done if updates[index].shape[0] <= updates[index].shape[1] else done.T
     return result  # type: ignore[return-value]
 

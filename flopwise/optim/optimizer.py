@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from flopwise.optim.muon import (
     ITERATIONS,
+    PRECISIONS,
     neuron_second_moment_shape,
     newton_schulz,
     normalize_neurons,
@@ -67,8 +68,8 @@ class FlopwiseOptimizer(torch.optim.Optimizer):
     """Groups carry ``update`` (adamw, muon, normuon, or a registered rule), ``lr``, ``weight_decay``,
     ``cautious_weight_decay``, ``state_bits`` (32 or 8), ``state_block`` and ``rounding`` (of bf16-stored
     parameters), plus their rule's keys: muon and normuon: momentum, nesterov, ns_steps, ns_coefficients (a
-    name in flopwise/optim/muon.py's ITERATIONS); normuon also normuon_beta2; adamw: betas, eps; a registered
-    rule's own (``rule_defaults`` gives their defaults).
+    name in flopwise/optim/muon.py's ITERATIONS), ns_precision (fp32 or bf16); normuon also normuon_beta2;
+    adamw: betas, eps; a registered rule's own (``rule_defaults`` gives their defaults).
 
     Muon scales the orthogonalized update of a rows x cols matrix by sqrt(max(1, rows / cols)), as
     in the speedrun, so tall matrices get updates of the same per-entry size.  Parameters without
@@ -82,11 +83,13 @@ class FlopwiseOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, groups: Iterable[dict[str, Any]], momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, ns_coefficients: str = "newton_schulz", betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, cautious_weight_decay: bool = False, state_bits: int = 32, state_block: int = 256,
-                 rounding: str = "nearest", seed: int = 0, **rule_defaults: Any) -> None:
+                 ns_steps: int = 5, ns_coefficients: str = "newton_schulz", ns_precision: str = "fp32",
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, cautious_weight_decay: bool = False,
+                 state_bits: int = 32, state_block: int = 256, rounding: str = "nearest", seed: int = 0,
+                 **rule_defaults: Any) -> None:
         defaults = {"lr": 0.02, "weight_decay": 0.0, "update": "adamw", "momentum": momentum, "nesterov": nesterov,
-                    "ns_steps": ns_steps, "ns_coefficients": ns_coefficients, "betas": betas, "eps": eps,
+                    "ns_steps": ns_steps, "ns_coefficients": ns_coefficients, "ns_precision": ns_precision,
+                    "betas": betas, "eps": eps,
                     "cautious_weight_decay": cautious_weight_decay, "state_bits": state_bits,
                     "state_block": state_block, "rounding": rounding, **rule_defaults}
         groups = [dict(group) for group in groups]
@@ -112,7 +115,8 @@ class FlopwiseOptimizer(torch.optim.Optimizer):
             for indices in muon_stacks([p.shape for p in batched]):  # a stack at a time: its working memory is small
                 params = [batched[i] for i in indices]
                 directions = [_muon_direction(p.grad, self.state[p], group) for p in params]
-                updates = orthogonalize_all(directions, group["ns_steps"], group["ns_coefficients"])
+                updates = orthogonalize_all(directions, group["ns_steps"], group["ns_coefficients"],
+                                            group["ns_precision"])
                 for param, update in zip(params, updates):
                     _muon_apply(param, _normalized(update, self.state[param], group), group)
             for param in group["params"]:
@@ -200,7 +204,8 @@ def _muon_apply(param: torch.Tensor, update: torch.Tensor, group: dict[str, Any]
 
 def _muon(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
     def orthogonalized(direction: torch.Tensor) -> torch.Tensor:
-        update = newton_schulz(direction, group["ns_steps"], coefficients=group["ns_coefficients"])
+        update = newton_schulz(direction, group["ns_steps"], coefficients=group["ns_coefficients"],
+                               precision=group["ns_precision"])
         return _normalized(update, state, group)
 
     _muon_apply(param, on_full_matrix(_muon_direction(grad, state, group), orthogonalized), group)
@@ -212,6 +217,8 @@ def _check_muon_group(group: dict[str, Any]) -> None:
         raise ValueError(f"ns_coefficients='{group['ns_coefficients']}' is unknown: "
                          f"choose one of {', '.join(ITERATIONS)}")
     iteration.coefficients(group["ns_steps"])  # refuses more steps than the iteration has coefficients for
+    if group["ns_precision"] not in PRECISIONS:
+        raise ValueError(f"ns_precision='{group['ns_precision']}' is unknown: choose one of {', '.join(PRECISIONS)}")
     if group["update"] == "normuon" and not 0 <= group["normuon_beta2"] < 1:
         raise ValueError(f"normuon_beta2={group['normuon_beta2']} must lie in [0, 1)")
 
