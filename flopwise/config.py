@@ -178,7 +178,22 @@ def load_run_config(run_dir: Path) -> RunConfig:
     sample and export."""
     require_run_dir(run_dir)
     path = run_dir / CONFIG_FILE
-    return validate_config(upgrade_legacy_keys(read_config_file(path)), str(path))
+    return validate_config(keep_defaults_it_ran_with(upgrade_legacy_keys(read_config_file(path))), str(path))
+
+
+# Keys whose default changed after runs were written without them: such a run keeps the value it trained with,
+# so that its resume continues exactly (Polar Express's coefficients became the default in issue 37).
+DEFAULTS_BEFORE_THE_KEY = {"optim.ns_coefficients": "newton_schulz"}
+
+
+def keep_defaults_it_ran_with(data: dict) -> dict:
+    """``data`` (a run's saved config) with each key of DEFAULTS_BEFORE_THE_KEY that its section lacks set to the
+    value every run had before the key existed."""
+    for dotted, value in DEFAULTS_BEFORE_THE_KEY.items():
+        section, key = dotted.split(".")
+        if isinstance(data.get(section), dict) and key not in data[section]:
+            data[section] = {**data[section], key: value}
+    return data
 
 
 def _merge(data: dict, entries: dict) -> None:

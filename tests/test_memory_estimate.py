@@ -276,7 +276,7 @@ def test_memory_command_prints_the_table_and_the_choice():
     for row in ("8bit, checkpointing", "galore, 8bit, checkpointing, layerwise", "lisa (configured)"):
         assert row in text
     assert "vocab 257" in text and "fits 2.00 GiB" in text
-    assert "planner: memory cap 2.00 GiB: no methods (full muon) needs" in text
+    assert "planner: memory cap 2.00 GiB: no methods (full normuon) needs" in text
 
 
 def build_for_rss():

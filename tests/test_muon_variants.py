@@ -272,7 +272,8 @@ def test_a_checkpoint_written_before_the_options_existed_loads_with_the_built_se
         del group["ns_coefficients"], group["ns_precision"], group["cautious_weight_decay"]
     resumed = build_optimizer(model, OptimSection(), CPU)
     resumed.load_state_dict(saved)
-    assert [g["ns_coefficients"] for g in resumed.param_groups] == ["newton_schulz"] * len(resumed.param_groups)
+    built = [g["ns_coefficients"] for g in build_optimizer(model, OptimSection(), CPU).param_groups]
+    assert [g["ns_coefficients"] for g in resumed.param_groups] == built
     _train(model, resumed, [tokens], first_step=1)
 
 
@@ -345,3 +346,15 @@ def test_normuon_and_cautious_decay_under_fsdp_follow_the_single_process_run_and
     assert [e["step"] for e in ours] == [e["step"] for e in theirs]
     for a, b in zip(ours, theirs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
+
+
+def test_a_run_saved_before_polar_express_existed_resumes_with_newton_schulz(tmp_path):
+    from flopwise.config import load_config, load_run_config
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for run, optim in ((old, 'name = "muon"'), (new, 'name = "normuon"\nns_coefficients = "polar_express"')):
+        run.mkdir()
+        (run / "config.toml").write_text(f"[optim]\n{optim}\n")
+    assert load_run_config(old).optim.ns_coefficients == "newton_schulz"  # what it trained with
+    assert load_run_config(new).optim.ns_coefficients == "polar_express"
+    assert load_config(None, []).optim.ns_coefficients == "polar_express"  # a new run's default
