@@ -332,7 +332,8 @@ def test_normuon_and_cautious_decay_under_fsdp_follow_the_single_process_run_and
     follow one process's curve, and their checkpoint resumes on one.  Polar Express runs the same code as
     Newton-Schulz here, but its first step's large coefficients (8.2, -22.5, 15.9) amplify rounding more: the
     two curves' rounding differences grew to 7e-5 by step 10 with it, past this test's 1e-5."""
-    sets = ["optim.name=normuon", "optim.cautious_weight_decay=true", "optim.muon_weight_decay=0.2"]
+    sets = ["optim.name=normuon", "optim.ns_coefficients=newton_schulz", "optim.cautious_weight_decay=true",
+            "optim.muon_weight_decay=0.2"]
     args = ["--data", str(text_folder), "--budget", "12steps", *TINY,
             *[flag for value in sets for flag in ("--set", value)]]
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
