@@ -40,3 +40,15 @@ def isolated_cache(tmp_path_factory) -> Path:
     os.environ["FLOPWISE_CACHE"] = str(cache)
     return cache
 
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops run fastest on one thread, above all when other processes share the cores
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module of tiny models)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,19 +24,13 @@ from flopwise.optim.build import build_optimizer
 from flopwise.plan.measure import measure_step, rss_step_peak
 from tests.helpers import config_with
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "seq_len": 32}
 # Every speedrun option of the model (docs/model.md) on
 OPTIONS = {"value_embeds": True, "x0_lambdas": True, "unet_skips": True, "smear": True, "logit_softcap": 15.0,
            "bigram_hash": 97}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops run fastest on one thread, above all when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(shape: dict, methods: list[str], optim: str = "adamw", vocab: int = 300, extra: tuple[str, ...] = ()):

@@ -26,20 +26,14 @@ from flopwise.optim.build import build_optimizer
 from flopwise.stages.pretrain import PretrainStage
 from tests.helpers import TINY, config_with, losses, resolved_with, run_error, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 50
 SHAPE = {"vocab_size": VOCAB, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "seq_len": 24}
 ARCHITECTURE = {"value_embeds": True, "x0_lambdas": True, "unet_skips": True, "smear": True, "logit_softcap": 15.0,
                 "bigram_hash": 97}
 ALL_SETS = [f"model.{key}={str(value).lower()}" for key, value in {**ARCHITECTURE, "mtp_tokens": 2}.items()]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops run fastest on one thread, above all when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def model_with(seed: int = 0, **options) -> GPT:
