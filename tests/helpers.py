@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import json
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +186,66 @@ def kill_at_first_checkpoint(process: Any, checkpoints: Path, what: str) -> None
         time.sleep(0.005)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+
+
+@contextlib.contextmanager
+def serving(engine: Any, settings: Any) -> Iterator[str]:
+    """``flopwise serve``'s app for ``engine`` on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    from flopwise.serve.app import build_app
+
+    config = uvicorn.Config(build_app(engine, settings), host="127.0.0.1", port=0, log_level="warning")
+    sock = config.bind_socket()
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+# Chromium as the machine's notes start it: no sandbox (root), and none of its background calls to Google's hosts,
+# which a closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def browser_missing(reason: str) -> None:
+    """Skip where no browser is installed; fail where CI promises one (FLOPWISE_REQUIRE_BROWSER=1)."""
+    import pytest
+
+    if os.environ.get("FLOPWISE_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (FLOPWISE_REQUIRE_BROWSER=1)")
+    pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def headless_chromium() -> Iterator[Any]:
+    """A Playwright browser on the machine's Chromium (/usr/bin/chromium, or $FLOPWISE_CHROMIUM)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        browser_missing("playwright is not installed: pip install -e '.[test]'")
+    chromium = Path(os.environ.get("FLOPWISE_CHROMIUM", "/usr/bin/chromium"))
+    if not chromium.is_file():
+        browser_missing(f"no Chromium at {chromium}: apt-get install -y chromium (or set FLOPWISE_CHROMIUM)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def watch_page_problems(page: Any, problems: list[str]) -> None:
+    """Collect the page's console errors, uncaught errors and failed requests into ``problems``."""
+    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
+    page.on("requestfailed", lambda request: problems.append(f"request failed: {request.url[:80]}"))

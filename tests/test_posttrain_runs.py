@@ -19,7 +19,7 @@ from flopwise.posttrain.conversations import Message
 from flopwise.posttrain.template import IM_END, IM_START, render
 from flopwise.rundir import planned_model_config, read_metrics
 from flopwise.stages import stage_class
-from tests.helpers import TINY, losses, run_error
+from tests.helpers import TINY, losses, run_error, serving
 
 pytestmark = pytest.mark.slow  # real runs: a pretrain, then sft and dpo from it
 
@@ -254,3 +254,22 @@ def test_transformers_template_and_greedy_generate_match_flopwise_chat(sft_run, 
     printed = capsys.readouterr().out
     assert printed == hf_tokenizer.decode(reply) + "\n"
     assert IM_START not in printed
+
+
+def test_the_openai_client_streams_what_flopwise_chat_replies(sft_run, capsys):
+    openai = pytest.importorskip("openai", reason="the serve test needs the openai client: pip install -e '.[test]'")
+    from flopwise.evaluate.load import load_run_model
+    from flopwise.serve.app import ServeSettings
+    from flopwise.serve.engine import Engine
+
+    assert main(["chat", str(sft_run), "--temperature", "0", "--prompt", "reverse river3", "--max-tokens", "20"]) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer = load_run_model(sft_run, torch.device("cpu"))
+    with serving(Engine(model, tokenizer, 2, 8), ServeSettings("sft", chat=True)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "reverse river3"}],
+                                                temperature=0, max_tokens=20, stream=True)
+        chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) + "\n" == printed and len(pieces) > 1  # streamed piece by piece
+    assert chunks[-1].usage.completion_tokens == len(tokenizer.encode_batch(["".join(pieces)])[0])

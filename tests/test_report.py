@@ -23,7 +23,7 @@ from flopwise.report.plots import build_figures
 from flopwise.report.runs import load_runs
 from flopwise.report.table import final_table
 from flopwise.rundir import read_metrics
-from tests.helpers import TINY
+from tests.helpers import TINY, headless_chromium, watch_page_problems
 
 # plot name -> (events, x field, y field, x scale): written out here, not taken from flopwise.report.series
 EXPECTED_PLOTS = {
@@ -35,10 +35,6 @@ EXPECTED_PLOTS = {
 }
 SMOOTHED_PLOTS = ("loss_vs_flops", "loss_vs_seconds", "loss_vs_tokens")  # + the training loss, smoothed
 SMOOTHED_LABEL = "training loss (smoothed)"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-
-
 def events(run: Path, kind: str) -> list[dict]:
     """metrics.jsonl read here with plain json, independently of flopwise."""
     lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
@@ -260,35 +256,14 @@ def test_report_reads_a_metrics_file_with_a_damaged_line(runs, tmp_path, capsys)
     assert loaded.trains == events(runs[0], "train") and loaded.evals == events(runs[0], "eval")
 
 
-def browser_missing(reason: str) -> None:
-    """Skip where no browser is installed; fail where CI promises one (FLOPWISE_REQUIRE_BROWSER=1)."""
-    if os.environ.get("FLOPWISE_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason} (FLOPWISE_REQUIRE_BROWSER=1)")
-    pytest.skip(reason)
-
-
 def test_report_page_loads_in_headless_chromium_without_errors(report):
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        browser_missing("playwright is not installed: pip install -e '.[test]'")
-    chromium = Path(os.environ.get("FLOPWISE_CHROMIUM", "/usr/bin/chromium"))
-    if not chromium.is_file():
-        browser_missing(f"no Chromium at {chromium}: apt-get install -y chromium (or set FLOPWISE_CHROMIUM)")
     problems: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            page = browser.new_page()
-            page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
-                    if msg.type == "error" else None)
-            page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
-            page.on("requestfailed", lambda request: problems.append(f"request failed: {request.url[:80]}"))
-            page.goto(report.resolve().as_uri(), wait_until="load")
-            images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
-            rows = page.locator("table.runs tbody tr").all_inner_texts()
-        finally:
-            browser.close()
+    with headless_chromium() as browser:
+        page = browser.new_page()
+        watch_page_problems(page, problems)
+        page.goto(report.resolve().as_uri(), wait_until="load")
+        images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
+        rows = page.locator("table.runs tbody tr").all_inner_texts()
     assert problems == []
     assert len(images) == len(EXPECTED_PLOTS) and all(done and width > 0 for done, width in images)
     assert len(rows) == 2 and rows[0].split()[0] == "a" and rows[1].split()[0] == "b"

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("posttrain", "register_sft", "cmd_sft"), "dpo": ("posttrain", "register_dpo", "cmd_dpo"),
     "eval": ("eval", "register", "cmd_eval"),
     "sample": ("sample", "register", "cmd_sample"), "chat": ("chat", "register", "cmd_chat"),
+    "serve": ("serve", "register", "cmd_serve"),
     "export": ("export", "register", "cmd_export"),
     "report": ("report", "register", "cmd_report"), "bench": ("bench", "register", "cmd_bench"),
     "memory": ("memory", "register", "cmd_memory"), "plan": ("plan", "register", "cmd_plan"),

@@ -9,7 +9,7 @@ or after ``max_tokens`` tokens; its text, without the end token, joins the histo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.model.gpt import GPT
 from flopwise.posttrain.conversations import Message
-from flopwise.posttrain.template import IM_END, IM_START, add_chat_tokens, render
+from flopwise.posttrain.template import IM_END, IM_START, MessageLike, add_chat_tokens, render
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,11 @@ def require_chat_tokens(tokenizer: Tokenizer, run_dir: Path) -> None:
                             f"(its tokenizer lacks {IM_START})")
 
 
+def reply_end_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """The ids that end a reply: ``<|im_end|>`` (the end of a turn) and the end-of-text token."""
+    return frozenset({tokenizer.encode_batch([IM_END])[0][0], tokenizer.eos_id})
+
+
 class ChatSession:
     """A multi-turn conversation with one model: the history, and ``reply`` to add a user message and
     stream the answer.  One seeded generator serves the whole session, so a conversation is reproducible."""
@@ -57,7 +62,7 @@ class ChatSession:
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.history: list[Message] = [Message("system", system)] if system else []
-        self.stop_ids = {tokenizer.encode_batch([IM_END])[0][0], tokenizer.eos_id}
+        self.stop_ids = reply_end_ids(tokenizer)
         device = model.embed_tokens.weight.device
         self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
         self.notice: str | None = None  # what the last prompt left out to fit the context, if anything
@@ -77,22 +82,11 @@ class ChatSession:
             self.history.append(Reply("assistant", self.tokenizer.decode(tokens), interrupted=not finished))
 
     def prompt_ids(self) -> list[int]:
-        """The history rendered with the generation prompt, left-truncated to fit the context while leaving
-        room for a reply (up to ``max_tokens``, at most half the context): the oldest exchanges (a user
-        message and its reply) go first, the system message and the last user message stay; when those
-        alone are too long, the earliest tokens are cut.  ``notice`` says what was left out."""
-        context = self.model.config.context
-        limit = context - min(self.sampling.max_tokens, context // 2)
-        system = [m for m in self.history[:1] if m.role == "system"]
-        turns = self.history[len(system):]
-        dropped = 0
-        ids, _ = render(self.tokenizer, system + turns, add_generation_prompt=True)
-        while len(ids) > limit and len(turns) > 1:
-            turns, dropped = turns[2:], dropped + 2
-            ids, _ = render(self.tokenizer, system + turns, add_generation_prompt=True)
-        cut = max(len(ids) - limit, 0)
-        self.notice = _notice(context, limit, dropped, cut)
-        return ids[cut:]
+        """The history rendered with the generation prompt, fitted to the context (``fit_prompt``); ``notice``
+        says what was left out."""
+        ids, self.notice = fit_prompt(self.tokenizer, self.history, self.model.config.context,
+                                      self.sampling.max_tokens)
+        return ids
 
     def _pieces(self, ids: list[int], tokens: list[int]) -> Iterator[str]:
         """Sample after ``ids`` until an end token or ``max_tokens``, appending each token to ``tokens`` and
@@ -111,6 +105,25 @@ class ChatSession:
         text = self.tokenizer.decode(tokens)
         if text != shown:
             yield text[len(shown):]
+
+
+def fit_prompt(tokenizer: Tokenizer, history: Sequence[MessageLike], context: int, max_tokens: int
+               ) -> tuple[list[int], str | None]:
+    """``history`` rendered with the generation prompt, left-truncated to fit ``context`` while leaving room for
+    a reply (up to ``max_tokens``, at most half the context): the oldest exchanges (a user message and its
+    reply) go first, the system message and the last user message stay; when those alone are too long, the
+    earliest tokens are cut.  With the ids, one line on what was left out (None when nothing was).  ``flopwise
+    chat`` and ``flopwise serve`` both prompt with it, so the same messages give the same reply."""
+    limit = context - min(max_tokens, context // 2)
+    system = [m for m in history[:1] if m.role == "system"]
+    turns = list(history[len(system):])
+    dropped = 0
+    ids, _ = render(tokenizer, system + turns, add_generation_prompt=True)
+    while len(ids) > limit and len(turns) > 1:
+        turns, dropped = turns[2:], dropped + 2
+        ids, _ = render(tokenizer, system + turns, add_generation_prompt=True)
+    cut = max(len(ids) - limit, 0)
+    return ids[cut:], _notice(context, limit, dropped, cut)
 
 
 def _notice(context: int, limit: int, dropped: int, cut: int) -> str | None:
