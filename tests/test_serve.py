@@ -263,6 +263,7 @@ def test_the_page_is_self_contained(server):
     assert "http://" not in page and "https://" not in page  # nothing loaded from the internet
 
 
+@pytest.mark.slow  # a browser / a server process of its own
 def test_the_page_streams_a_reply_and_stops_one_in_chromium(model, tokenizer, slow_decoding):
     expected = chat_reference_for(model, tokenizer, "Hello there", 20, seed=1)
     problems: list[str] = []

@@ -93,6 +93,7 @@ def start_server(run: Path, key_file: Path, *args: str) -> tuple[subprocess.Pope
     return process, match.group(1), seen
 
 
+@pytest.mark.slow  # a browser / a server process of its own
 def test_a_keyed_int4_server_answers_streams_and_stops_cleanly_on_sigterm(run, tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
