@@ -249,3 +249,31 @@ def watch_page_problems(page: Any, problems: list[str]) -> None:
     page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
     page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
     page.on("requestfailed", lambda request: problems.append(f"request failed: {request.url[:80]}"))
+
+
+def tiny_chat_model(seq_len: int = 128) -> GPT:
+    """An untrained tiny model (seed 0) whose embedding covers the byte tokenizer with the chat tokens, as sft
+    leaves it."""
+    import torch
+
+    from flopwise.data.tokenizer import byte_tokenizer
+    from flopwise.model.config import ModelConfig
+    from flopwise.posttrain.template import add_chat_tokens, resize_for_tokenizer
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=seq_len,
+                            qk_norm=True))
+    resize_for_tokenizer(model, add_chat_tokens(byte_tokenizer()).vocab_size)
+    return model.eval()
+
+
+def write_model_run(run: Path, model: GPT, tokenizer: Any) -> Path:
+    """A run folder as `flopwise chat` and `serve` read it: config.toml (every default), plan.json (the model's
+    shape) and final/ (weights and ``tokenizer``)."""
+    from flopwise.model.hf import save_hf_folder
+
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text("")
+    (run / "plan.json").write_text(json.dumps({"model": model.config.to_dict()}))
+    save_hf_folder(model, tokenizer, run / "final")
+    return run

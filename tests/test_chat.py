@@ -5,7 +5,6 @@ command answers one `--prompt` on stdout and refuses a run that was never fine-t
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,24 +13,13 @@ import torch
 
 from flopwise.cli import main
 from flopwise.data.tokenizer import Tokenizer, byte_tokenizer
-from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
-from flopwise.model.hf import save_hf_folder
 from flopwise.posttrain.chat import ChatSession, Reply, Sampling, stream_reply
 from flopwise.posttrain.conversations import Message
-from flopwise.posttrain.template import IM_END, add_chat_tokens, render, resize_for_tokenizer
-from tests.helpers import one_error_line
+from flopwise.posttrain.template import IM_END, add_chat_tokens, render
+from tests.helpers import one_error_line, tiny_chat_model, write_model_run
 
 GREEDY = Sampling(temperature=0, top_p=None, max_tokens=12)
-
-
-def chat_model(tokenizer: Tokenizer) -> GPT:
-    """An untrained tiny model whose embedding covers ``tokenizer`` (with the chat tokens, as sft leaves it)."""
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=128,
-                            qk_norm=True))
-    resize_for_tokenizer(model, tokenizer.vocab_size)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +29,7 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> GPT:
-    return chat_model(tokenizer)
+    return tiny_chat_model()
 
 
 def greedy_ids(model: GPT, tokenizer: Tokenizer, messages: list[Message], max_tokens: int) -> list[int]:
@@ -122,19 +110,14 @@ def test_a_long_conversation_drops_its_oldest_exchanges(model, tokenizer):
 
 
 def write_run(run: Path, tokenizer: Tokenizer) -> Path:
-    """A run folder as `flopwise chat` reads it: plan.json (the model's shape) and final/ (weights, tokenizer)."""
-    model = chat_model(add_chat_tokens(tokenizer))
-    run.mkdir()
-    (run / "plan.json").write_text(json.dumps({"model": model.config.to_dict()}))
-    save_hf_folder(model, tokenizer, run / "final")
-    return run
+    return write_model_run(run, tiny_chat_model(), tokenizer)
 
 
 def test_prompt_prints_the_reply_only(tmp_path, tokenizer, capsys):
     run = write_run(tmp_path / "run", tokenizer)
     args = ["chat", str(run), "--prompt", "Hello there", "--temperature", "0", "--max-tokens", "12"]
     assert main(args) == 0
-    expected = greedy_reply(chat_model(tokenizer), tokenizer, [Message("user", "Hello there")], 12)
+    expected = greedy_reply(tiny_chat_model(), tokenizer, [Message("user", "Hello there")], 12)
     assert capsys.readouterr().out == expected + "\n"
 
 
@@ -143,7 +126,7 @@ def test_interactive_loop_answers_until_exit(tmp_path, tokenizer, capsys, monkey
     lines = iter(["Hello there", "", "/exit"])
     monkeypatch.setattr("builtins.input", lambda *prompt: next(lines))
     assert main(["chat", str(run), "--temperature", "0", "--max-tokens", "12"]) == 0
-    expected = greedy_reply(chat_model(tokenizer), tokenizer, [Message("user", "Hello there")], 12)
+    expected = greedy_reply(tiny_chat_model(), tokenizer, [Message("user", "Hello there")], 12)
     assert f"assistant> {expected}\n" in capsys.readouterr().out
 
 
@@ -181,7 +164,7 @@ def test_a_message_that_is_not_utf8_is_not_sent_and_the_chat_goes_on(tmp_path, t
     assert err.strip().splitlines() == [
         "flopwise: note: your message is not UTF-8 text (byte 0xe9 at position 4): give it in UTF-8, e.g. convert "
         "it with iconv -t UTF-8; it was not sent"]
-    expected = greedy_reply(chat_model(tokenizer), tokenizer, [Message("user", "Hello there")], 12)
+    expected = greedy_reply(tiny_chat_model(), tokenizer, [Message("user", "Hello there")], 12)
     assert f"assistant> {expected}\n" in out
 
 

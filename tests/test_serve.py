@@ -10,35 +10,23 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
 from flopwise.data.tokenizer import Tokenizer, byte_tokenizer
-from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
-from flopwise.model.hf import save_hf_folder
 from flopwise.posttrain.chat import ChatSession, Sampling
-from flopwise.posttrain.template import add_chat_tokens, resize_for_tokenizer
+from flopwise.posttrain.template import add_chat_tokens
 from flopwise.serve.app import ServeSettings
 from flopwise.serve.engine import Decoding, Engine, _held_back
-from tests.helpers import headless_chromium, serving, watch_page_problems
+from tests.helpers import headless_chromium, serving, tiny_chat_model, watch_page_problems
 
 openai = pytest.importorskip("openai", reason="the serve tests need the openai client: pip install -e '.[test]'")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
-
-
-def tiny_model(tokenizer: Tokenizer, seq_len: int = 128) -> GPT:
-    """An untrained tiny model whose embedding covers ``tokenizer`` (with the chat tokens, as sft leaves it)."""
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=seq_len,
-                            qk_norm=True))
-    resize_for_tokenizer(model, tokenizer.vocab_size)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +36,7 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> GPT:
-    return tiny_model(tokenizer)
+    return tiny_chat_model()
 
 
 @pytest.fixture
@@ -307,12 +295,3 @@ def chat_reference_for(model: GPT, tokenizer: Tokenizer, text: str, max_tokens: 
     """What `flopwise chat --temperature 1 --top-p 1 --seed SEED` replies to ``text``."""
     session = ChatSession(model, tokenizer, Sampling(temperature=1, top_p=None, max_tokens=max_tokens, seed=seed))
     return "".join(session.reply(text))
-
-
-def write_chat_run(run: Path, tokenizer: Tokenizer) -> Path:
-    """A run folder as `flopwise serve` reads it: plan.json (the model's shape) and final/ (weights, tokenizer)."""
-    model = tiny_model(tokenizer)
-    run.mkdir()
-    (run / "plan.json").write_text(json.dumps({"model": model.config.to_dict()}))
-    save_hf_folder(model, tokenizer, run / "final")
-    return run

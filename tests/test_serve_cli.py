@@ -19,35 +19,18 @@ import torch
 
 from flopwise.data.tokenizer import byte_tokenizer
 from flopwise.evaluate.quantized import round_to_int4
-from flopwise.model.config import ModelConfig
-from flopwise.model.gpt import GPT
-from flopwise.model.hf import save_hf_folder
-from flopwise.posttrain.template import add_chat_tokens, resize_for_tokenizer
-from tests.helpers import run_error
+from flopwise.posttrain.template import add_chat_tokens
+from tests.helpers import run_error, tiny_chat_model, write_model_run
 
 pytest.importorskip("uvicorn", reason="the serve tests need the serve extra: pip install -e '.[test]'")
 
 KEY = "sk-flopwise-test-7f3a9c"
 
 
-def chat_model() -> GPT:
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=256,
-                            qk_norm=True))
-    resize_for_tokenizer(model, add_chat_tokens(byte_tokenizer()).vocab_size)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """A run folder as `flopwise serve` reads it: its config, plan.json (the model's shape) and final/."""
-    run = tmp_path_factory.mktemp("serve") / "tiny"
-    run.mkdir()
-    model = chat_model()
-    (run / "config.toml").write_text("")
-    (run / "plan.json").write_text(json.dumps({"model": model.config.to_dict()}))
-    save_hf_folder(model, add_chat_tokens(byte_tokenizer()), run / "final")
-    return run
+    return write_model_run(tmp_path_factory.mktemp("serve") / "tiny", tiny_chat_model(256),
+                           add_chat_tokens(byte_tokenizer()))
 
 
 def test_a_host_beyond_loopback_without_a_key_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch):
@@ -106,7 +89,7 @@ def test_a_keyed_int4_server_answers_streams_and_stops_cleanly_on_sigterm(run, t
         auth = {"Authorization": f"Bearer {KEY}"}
         greedy = httpx.post(f"{url}/v1/completions", headers=auth, timeout=30,
                             json={"model": "tiny", "prompt": "The river", "max_tokens": 12, "temperature": 0}).json()
-        rounded = chat_model()
+        rounded = tiny_chat_model(256)
         round_to_int4(rounded, 32)
         ids = byte_tokenizer().encode_batch(["The river"])[0]
         expected = rounded.generate(torch.tensor([ids]), 12, temperature=0)[0, len(ids):].tolist()
