@@ -69,10 +69,14 @@ def start_server(run: Path, key_file: Path, *args: str) -> tuple[subprocess.Pope
                                 str(key_file), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=env)
     seen = ""
-    while not (match := re.search(r"^serving .* at (http://127\.0\.0\.1:\d+)/", seen, re.MULTILINE)):
-        line = process.stdout.readline()
-        assert line, f"the server ended before serving: {seen}"
-        seen += line
+    try:
+        while not (match := re.search(r"^serving .* at (http://127\.0\.0\.1:\d+)/", seen, re.MULTILINE)):
+            line = process.stdout.readline()
+            assert line, f"the server ended before serving: {seen}"
+            seen += line
+    except BaseException:
+        process.kill()  # never leave a server behind
+        raise
     return process, match.group(1), seen
 
 
