@@ -65,9 +65,9 @@ class TrainSection(Section):
 
 
 class PostTrainSection(Section):
-    """``stage``: pretrain (a `flopwise train` run), sft or dpo (the stages of flopwise/stages/, checked when the
+    """``stage``: pretrain (a `flopwise train` run), sft, dpo or rl (the stages of flopwise/stages/, checked when the
     run is resolved).  ``data``: JSONL files (conversations for sft,
-    preference pairs for dpo); empty: the built-in data from the standard library.  ``pack``: several
+    preference pairs for dpo, tasks for rl); empty: the built-in data from the standard library.  ``pack``: several
     conversations per window, each attending only to itself (sft).  ``beta``: DPO's strength of the pull
     towards the reference.  ``heldout``: the share of each file's records held out (the built-in data is
     held out by package); ``heldout_max``: at most this many held-out records are scored."""
@@ -83,6 +83,35 @@ class PostTrainSection(Section):
     _beta = in_range("beta", low=0, above=True)
     _share = in_range("heldout", low=0, high=1, above=True, below=True)
     _count = in_range("heldout_max", low=1)
+
+
+class RLSection(Section):
+    """``flopwise rl`` (GRPO, flopwise/rl/): ``group`` completions sampled per prompt (at least 2: an advantage is
+    relative to its group), each up to ``max_response`` tokens at ``temperature``; advantages are the reward minus
+    the group's mean, divided by its std when ``scale``; ``updates`` optimizer steps per batch of rollouts (above
+    1 the ratio to the policy that sampled them is clipped at 1 +- ``clip``); ``kl_beta`` > 0 pulls towards the
+    starting model (its forwards are metered); ``allocation``: ``refill`` replaces the prompts whose group got one
+    reward for all (no signal) by fresh ones, up to ``refill_rounds`` times, ``uniform`` keeps every prompt drawn;
+    ``reward``: ``module:function`` (or ``file.py:function``) scoring (prompt, completion, record) instead of the
+    task's verifier: the user's own code, run only when named."""
+
+    group: int = 8
+    max_response: int = 24
+    temperature: float = 1.0
+    scale: bool = True
+    updates: int = 1
+    clip: float = 0.2
+    kl_beta: float = 0.0
+    allocation: Literal["refill", "uniform"] = "refill"
+    refill_rounds: int = 2
+    reward: str = ""
+
+    _group = in_range("group", low=2, rule="be a whole number >= 2 (an advantage is relative to its group)")
+    _counts = in_range("max_response", "updates", low=1)
+    _rounds = in_range("refill_rounds", low=0)
+    _temperature = in_range("temperature", low=0, above=True)
+    _clip = in_range("clip", low=0, high=1, above=True, below=True)
+    _kl = in_range("kl_beta", low=0)
 
 
 class MemorySection(Section):
@@ -123,6 +152,7 @@ class RunConfig(Section):
     train: TrainSection = TrainSection()
     memory: MemorySection = MemorySection()
     posttrain: PostTrainSection = PostTrainSection()
+    rl: RLSection = RLSection()
     methods: Any = Field(default_factory=lambda: methods_section()())  # a methods_section() instance
 
     @field_validator("methods", mode="before")

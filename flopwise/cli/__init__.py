@@ -27,6 +27,7 @@ from flopwise.errors import EXIT_INTERRUPTED, FlopwiseError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("train", "register", "cmd_train"),
     "sft": ("posttrain", "register_sft", "cmd_sft"), "dpo": ("posttrain", "register_dpo", "cmd_dpo"),
+    "rl": ("posttrain", "register_rl", "cmd_rl"),
     "eval": ("eval", "register", "cmd_eval"),
     "sample": ("sample", "register", "cmd_sample"), "chat": ("chat", "register", "cmd_chat"),
     "serve": ("serve", "register", "cmd_serve"),

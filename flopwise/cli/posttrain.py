@@ -1,4 +1,5 @@
-"""``flopwise sft`` and ``flopwise dpo``: post-train a finished run or a Hugging Face model under a budget."""
+"""``flopwise sft``, ``flopwise dpo`` and ``flopwise rl``: post-train a finished run or a Hugging Face model under a
+budget."""
 
 from __future__ import annotations
 
@@ -54,6 +55,29 @@ examples:
   flopwise chat runs/dpo
 """
 
+RL_EPILOG = """\
+tasks (--data, repeatable): one per line,
+  {"prompt": "..." | [messages], "answer": "42", "verifier": "exact"|"numeric"|"regex", "tolerance": 0.01}
+  exact: the reply's first line equals the answer; numeric: its first number is within tolerance; regex: the
+  answer is a pattern the reply contains.  Without --data: built-in tasks made offline from the standard
+  library (short arithmetic, which module defines a name, what a small Python expression evaluates to).
+--reward MODULE:FUNCTION (or FILE.py:FUNCTION) scores instead: f(prompt, completion, record) -> float.  It is
+  YOUR code and runs inside the training process: it is imported only when you name it.
+
+each step samples rl.group completions (8) of optim.batch_size prompts (8) with the policy, up to
+rl.max_response tokens (24); the advantage of a completion is its reward minus its group's mean, divided by the
+group's std (rl.scale).  Prompts whose group got one reward for all are replaced by fresh ones (rl.allocation=
+refill).  The rollouts' FLOPs and seconds are counted in the budget.  Reported: held-out pass@1 and mean reward,
+greedy and sampled, from the starting model to the end.  More: --set rl.updates=2 (reuse each batch, clipped
+ratio), rl.kl_beta=0.05 (KL to the starting model), docs/post-training.md.
+
+examples:
+  flopwise rl --init-from runs/sft --budget 3m --out runs/rl
+  flopwise rl --init-from runs/sft --data tasks.jsonl --budget 10m --out runs/mine
+  flopwise rl --init-from runs/sft --reward myrewards:score --data tasks.jsonl --budget 5m --out runs/custom
+  flopwise chat runs/rl
+"""
+
 
 def register_sft(commands: argparse._SubParsersAction) -> None:
     sft = commands.add_parser("sft", help="supervised fine-tuning on conversations, under a budget",
@@ -75,6 +99,20 @@ def register_dpo(commands: argparse._SubParsersAction) -> None:
                                           "model, under a budget.")
     _add_flags(dpo, "JSONL preference pairs")
     dpo.add_argument("--beta", type=float, help="DPO's beta: how strongly to stay near the reference (default 0.1)")
+
+
+def register_rl(commands: argparse._SubParsersAction) -> None:
+    rl = commands.add_parser("rl", help="reinforcement learning with verifiable rewards (GRPO), under a budget",
+                             epilog=RL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             description="Train a fine-tuned run (or a Hugging Face model) on tasks with checkable "
+                                         "answers with GRPO (Shao et al. 2024): sample a group of replies per "
+                                         "prompt, reward each, and reinforce those better than their group's "
+                                         "mean, under a budget that counts the sampling too.")
+    _add_flags(rl, "JSONL tasks")
+    rl.add_argument("--group", type=int, help="completions sampled per prompt (default 8; at least 2)")
+    rl.add_argument("--max-response", type=int, help="longest completion in tokens (default 24)")
+    rl.add_argument("--reward", metavar="MODULE:FUNCTION",
+                    help="your reward function instead of the tasks' verifiers: it runs your code (see below)")
 
 
 def _add_flags(p: argparse.ArgumentParser, data: str) -> None:
@@ -111,6 +149,15 @@ def cmd_dpo(args: argparse.Namespace, console: Console) -> int:
     return _post_train(args, console, "dpo")
 
 
+def cmd_rl(args: argparse.Namespace, console: Console) -> int:
+    return _post_train(args, console, "rl")
+
+
+# a stage's own flag -> the config key it sets
+STAGE_FLAGS = {"--beta": "posttrain.beta", "--group": "rl.group", "--max-response": "rl.max_response",
+               "--reward": "rl.reward"}
+
+
 def _post_train(args: argparse.Namespace, console: Console, stage: str) -> int:
     _reject_with_resume(args)
     out = args.resume or args.out or default_out()
@@ -137,7 +184,8 @@ def _reject_with_resume(args: argparse.Namespace) -> None:
         return
     given = config_flags_given(args) + [flag for flag, value in (
         ("--out", args.out), ("--overwrite", args.overwrite), ("--data", args.chat_data),
-        ("--no-pack", getattr(args, "no_pack", False)), ("--beta", getattr(args, "beta", None))) if value]
+        ("--no-pack", getattr(args, "no_pack", False))) if value]
+    given += [flag for flag in STAGE_FLAGS if _stage_flag(args, flag) is not None]
     if given:
         raise FlopwiseError(f"{', '.join(given)} cannot change when resuming: a resumed run keeps its config "
                             "(only --stop-after applies)")
@@ -158,13 +206,18 @@ def _run_stage(args: argparse.Namespace, console: Console, stage: str, out: Path
                                            if args.chat_data else {})}
     if getattr(args, "no_pack", False):
         values["posttrain.pack"] = False
-    if getattr(args, "beta", None) is not None:
-        values["posttrain.beta"] = args.beta
+    values.update({key: _stage_flag(args, flag) for flag, key in STAGE_FLAGS.items()
+                   if _stage_flag(args, flag) is not None})
     config = config.replace(**values, **stage_defaults(config, stage))
     if not args.init_from and not config.model.init_from:
         raise FlopwiseError(f"{stage} needs a starting model: --init-from RUN (a finished run folder) or a "
                             "Hugging Face folder or hub id")
     return run_held(config, out, stop_after=stop_after, display=display)
+
+
+def _stage_flag(args: argparse.Namespace, flag: str) -> Any:
+    """A stage flag's value; None when not given or when this command has no such flag."""
+    return getattr(args, flag.removeprefix("--").replace("-", "_"), None)
 
 
 def stage_defaults(config: RunConfig, stage: str) -> dict[str, float]:
@@ -189,6 +242,10 @@ def print_posttrain_summary(console: Console, summary: Summary) -> None:
 
 def describe_start_and_end(start: dict[str, Any], end: dict[str, Any]) -> str:
     """One line comparing the starting model's eval event (step 0) with the final one, on the same records."""
+    if "pass_greedy" in end:
+        return (f"held-out pass@1: {start['pass_greedy']:.3f} (start) -> {end['pass_greedy']:.3f} greedy, "
+                f"{start['pass_sampled']:.3f} -> {end['pass_sampled']:.3f} sampled ({end['prompts']} prompts); "
+                f"mean reward {start['reward_greedy']:.3f} -> {end['reward_greedy']:.3f}")
     if "preference_accuracy" not in end:
         return (f"held-out assistant-token loss: {start['val_loss']:.4f} (start) -> {end['val_loss']:.4f} "
                 f"({end['heldout_tokens']:,} tokens)")

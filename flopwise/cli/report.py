@@ -136,7 +136,7 @@ def expand_sweeps(paths: list[Path]) -> list[Path]:
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """Read the runs, write the report, print the table and the paths written."""
     from flopwise.report import JSON_FILE, load_runs, write_runs_report
-    from flopwise.report.series import PLOTS
+    from flopwise.report.series import plots_for
     from flopwise.report.sweep import HISTORY_PLOT, IMPORTANCE_PLOT, load_sweep
     from flopwise.report.tasks import TASKS_PLOT
     from flopwise.sweep.folder import is_sweep
@@ -156,6 +156,6 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     sweep_plots = [f"{plot}_{sweep.name}.png" for sweep in sweeps for plot in (HISTORY_PLOT, IMPORTANCE_PLOT)
                    if (args.out / f"{plot}_{sweep.name}.png").is_file()]
     task_plots = [TASKS_PLOT + ".png"] if signal is not None else []
-    for name in [spec.name + ".png" for spec in PLOTS] + task_plots + sweep_plots:
+    for name in [spec.name + ".png" for spec in plots_for(runs)] + task_plots + sweep_plots:
         console.print(f"         {args.out / name}", highlight=False)
     return 0

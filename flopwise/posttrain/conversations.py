@@ -77,7 +77,7 @@ SHAREGPT = _Turns("from", "value", {"system": "system", "human": "user", "user":
 
 
 @dataclass(frozen=True)
-class _Line:
+class RecordLine:
     """Where a record sits, so that every error names the file, the line and the field."""
 
     kind: str  # "conversations" or "preferences"
@@ -89,7 +89,7 @@ class _Line:
         return FlopwiseError(f"{where} field '{field}' {problem}" if field else f"{where} {problem}")
 
 
-_Parser = Callable[[dict, _Line], list[Message]]  # one format's record -> its messages
+_Parser = Callable[[dict, RecordLine], list[Message]]  # one format's record -> its messages
 
 
 # ---------------------------------------------------------------- public readers
@@ -101,7 +101,7 @@ def read_conversations(path: Path) -> list[Conversation]:
     conversations: list[Conversation] = []
     detected: tuple[str, str, _Parser] | None = None
     first = 0
-    for line, record in _records(path, "conversations"):
+    for line, record in json_records(path, "conversations"):
         if detected is None:
             detected, first = _detect(record, line), line.number
         key, name, parse = detected
@@ -123,7 +123,7 @@ def read_preferences(path: Path) -> list[PreferencePair]:
     with a ``prompt`` as well, the lists continue it.
     """
     path = Path(path)
-    pairs = [_pair(record, line) for line, record in _records(path, "preferences")]
+    pairs = [_pair(record, line) for line, record in json_records(path, "preferences")]
     if not pairs:
         raise FlopwiseError(f"preferences file '{path}' has no preference pairs: write one JSON object per line "
                             "with 'prompt', 'chosen' and 'rejected'")
@@ -136,11 +136,11 @@ def read_preferences(path: Path) -> list[PreferencePair]:
 # ---------------------------------------------------------------- lines and records
 
 
-def _records(path: Path, kind: str) -> Iterator[tuple[_Line, dict]]:
+def json_records(path: Path, kind: str) -> Iterator[tuple[RecordLine, dict]]:
     """Each non-blank line's JSON object; the file is streamed, so a large export needs little memory."""
     with _open(path, kind) as file:
         for number, raw in enumerate(file, 1):
-            line = _Line(kind, path, number)
+            line = RecordLine(kind, path, number)
             text = _decoded(raw, line)
             if text.strip():
                 yield line, _parsed(text, line)
@@ -154,7 +154,7 @@ def _open(path: Path, kind: str) -> BinaryIO:
         raise FlopwiseError(f"{kind} file '{path}' could not be read: {cause}: check the path") from None
 
 
-def _decoded(raw: bytes, line: _Line) -> str:
+def _decoded(raw: bytes, line: RecordLine) -> str:
     """UTF-8 text of one line; a byte-order mark before the first record is dropped, as editors write one."""
     try:
         return raw.decode("utf-8-sig" if line.number == 1 else "utf-8")
@@ -163,29 +163,29 @@ def _decoded(raw: bytes, line: _Line) -> str:
                          "save the file as UTF-8") from None
 
 
-def _parsed(text: str, line: _Line) -> dict:
+def _parsed(text: str, line: RecordLine) -> dict:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as error:
         raise line.error(f"is not valid JSON ({error.msg} at column {error.colno}): "
                          "write one JSON object per line") from None
     if not isinstance(record, dict):
-        raise line.error(f"is a JSON {_json_type(record)}, not an object: write one JSON object per line")
+        raise line.error(f"is a JSON {json_type(record)}, not an object: write one JSON object per line")
     return record
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def _shown(value: str) -> str:
+def quoted(value: str) -> str:
     """A user's value quoted on one line (repr escapes newlines), cut so a long one does not flood the line."""
     return repr(value[:_SHOWN_CHARS] + ("..." if len(value) > _SHOWN_CHARS else ""))
 
 
 def _keys(record: dict) -> str:
-    keys = [_shown(str(key)) for key in list(record)[:_SHOWN_KEYS]]
+    keys = [quoted(str(key)) for key in list(record)[:_SHOWN_KEYS]]
     more = len(record) - len(keys)
     return ", ".join(keys) + (f" and {more} more" if more > 0 else "")
 
@@ -193,46 +193,47 @@ def _keys(record: dict) -> str:
 # ---------------------------------------------------------------- fields
 
 
-def _text(record: dict, key: str, line: _Line, field: str | None = None) -> str:
+def _text(record: dict, key: str, line: RecordLine, field: str | None = None) -> str:
     """A required string field; ``field`` names it in errors when it sits inside a list."""
     field = field or key
     if key not in record:
         raise line.error("is missing", field)
     value = record[key]
     if not isinstance(value, str):
-        raise line.error(f"is a JSON {_json_type(value)}: give the text as a string", field)
+        raise line.error(f"is a JSON {json_type(value)}: give the text as a string", field)
     return value
 
 
-def _optional_text(record: dict, key: str, line: _Line) -> str:
+def _optional_text(record: dict, key: str, line: RecordLine) -> str:
     return "" if record.get(key) is None else _text(record, key, line)
 
 
-def _messages(items: object, field: str, line: _Line, turns: _Turns, system_first: bool = True) -> list[Message]:
+def parse_messages(items: object, field: str, line: RecordLine, turns: _Turns, system_first: bool = True
+                   ) -> list[Message]:
     """A list of turns; a system message is allowed only at the start (``system_first``), as chat templates
     place it there."""
     if not isinstance(items, list) or not items:
-        shown = "an empty list" if isinstance(items, list) else f"a JSON {_json_type(items)}"
+        shown = "an empty list" if isinstance(items, list) else f"a JSON {json_type(items)}"
         raise line.error(f"is {shown}: give a list of messages with '{turns.role_key}' and '{turns.content_key}'",
                          field)
     return [_message(item, f"{field}[{index}]", line, turns, system_first and index == 0)
             for index, item in enumerate(items)]
 
 
-def _message(item: object, field: str, line: _Line, turns: _Turns, system_allowed: bool) -> Message:
+def _message(item: object, field: str, line: RecordLine, turns: _Turns, system_allowed: bool) -> Message:
     if not isinstance(item, dict):
-        raise line.error(f"is a JSON {_json_type(item)}: give an object with '{turns.role_key}' and "
+        raise line.error(f"is a JSON {json_type(item)}: give an object with '{turns.role_key}' and "
                          f"'{turns.content_key}'", field)
     speaker = _text(item, turns.role_key, line, f"{field}.{turns.role_key}")
     role = turns.roles.get(speaker)
     if role is None:
-        raise line.error(f"is {_shown(speaker)}: use {turns.accepted}", f"{field}.{turns.role_key}")
+        raise line.error(f"is {quoted(speaker)}: use {turns.accepted}", f"{field}.{turns.role_key}")
     if role == "system" and not system_allowed:
-        raise line.error(f"is {_shown(speaker)}: a system message may only come first", f"{field}.{turns.role_key}")
+        raise line.error(f"is {quoted(speaker)}: a system message may only come first", f"{field}.{turns.role_key}")
     return Message(role, _text(item, turns.content_key, line, f"{field}.{turns.content_key}"))
 
 
-def _with_reply(messages: list[Message], field: str, line: _Line) -> list[Message]:
+def _with_reply(messages: list[Message], field: str, line: RecordLine) -> list[Message]:
     """The messages, checked to hold an assistant turn with text: without one there is nothing to learn."""
     if not any(message.role == "assistant" and message.content.strip() for message in messages):
         raise line.error("has no assistant turn with text: each conversation needs at least one assistant reply",
@@ -240,7 +241,7 @@ def _with_reply(messages: list[Message], field: str, line: _Line) -> list[Messag
     return messages
 
 
-def _system(record: dict, line: _Line) -> list[Message]:
+def _system(record: dict, line: RecordLine) -> list[Message]:
     """The record-level system prompt of ShareGPT and Alpaca records, as a leading message when given."""
     system = _optional_text(record, "system", line)
     return [Message("system", system)] if system.strip() else []
@@ -249,19 +250,19 @@ def _system(record: dict, line: _Line) -> list[Message]:
 # ---------------------------------------------------------------- the three conversation formats
 
 
-def _openai(record: dict, line: _Line) -> list[Message]:
-    return _with_reply(_messages(record["messages"], "messages", line, OPENAI), "messages", line)
+def _openai(record: dict, line: RecordLine) -> list[Message]:
+    return _with_reply(parse_messages(record["messages"], "messages", line, OPENAI), "messages", line)
 
 
-def _sharegpt(record: dict, line: _Line) -> list[Message]:
+def _sharegpt(record: dict, line: RecordLine) -> list[Message]:
     system = _system(record, line)
-    turns = _messages(record["conversations"], "conversations", line, SHAREGPT)
+    turns = parse_messages(record["conversations"], "conversations", line, SHAREGPT)
     if system and turns[0].role == "system":
         raise line.error("and 'conversations[0]' both give a system prompt: keep one", "system")
     return _with_reply(system + turns, "conversations", line)
 
 
-def _alpaca(record: dict, line: _Line) -> list[Message]:
+def _alpaca(record: dict, line: RecordLine) -> list[Message]:
     instruction = _text(record, "instruction", line)
     if not instruction.strip():
         raise line.error("is empty: each record needs an instruction", "instruction")
@@ -280,7 +281,7 @@ _FORMATS: tuple[tuple[str, str, _Parser], ...] = (
 )
 
 
-def _detect(record: dict, line: _Line) -> tuple[str, str, _Parser]:
+def _detect(record: dict, line: RecordLine) -> tuple[str, str, _Parser]:
     """The format whose key the record has, checked in a fixed order so the choice never depends on key order."""
     for key, name, parse in _FORMATS:
         if key in record:
@@ -292,7 +293,7 @@ def _detect(record: dict, line: _Line) -> tuple[str, str, _Parser]:
 # ---------------------------------------------------------------- preference pairs
 
 
-def _pair(record: dict, line: _Line) -> PreferencePair:
+def _pair(record: dict, line: RecordLine) -> PreferencePair:
     if "chosen" not in record or "rejected" not in record:
         found = f"has keys {_keys(record)}" if record else "is an empty object"
         raise line.error(f"{found}: a preference pair needs 'chosen' and 'rejected' replies, and a 'prompt' "
@@ -309,28 +310,28 @@ def _pair(record: dict, line: _Line) -> PreferencePair:
     return PreferencePair(tuple(chosen[:-1]), chosen[-1].content, rejected[-1].content, str(line.path))
 
 
-def _prompt(record: dict, line: _Line) -> list[Message]:
+def _prompt(record: dict, line: RecordLine) -> list[Message]:
     """The turns before the replies: none (whole conversations follow), one user turn, or a list of messages."""
     prompt = record.get("prompt")
     if prompt is None:
         return []
     if isinstance(prompt, list):
-        return _messages(prompt, "prompt", line, OPENAI)
+        return parse_messages(prompt, "prompt", line, OPENAI)
     if isinstance(prompt, str) and prompt.strip():
         return [Message("user", prompt)]
-    shown = "empty" if isinstance(prompt, str) else f"a JSON {_json_type(prompt)}"
+    shown = "empty" if isinstance(prompt, str) else f"a JSON {json_type(prompt)}"
     raise line.error(f"is {shown}: give the prompt as a string or a list of messages", "prompt")
 
 
-def _reply(record: dict, key: str, line: _Line, system_first: bool) -> list[Message]:
+def _reply(record: dict, key: str, line: RecordLine, system_first: bool) -> list[Message]:
     """``chosen`` or ``rejected`` as messages ending in the assistant reply that is compared."""
     value = record[key]
     if isinstance(value, str):
         messages = [Message("assistant", value)]
     elif isinstance(value, list):
-        messages = _messages(value, key, line, OPENAI, system_first)
+        messages = parse_messages(value, key, line, OPENAI, system_first)
     else:
-        raise line.error(f"is a JSON {_json_type(value)}: give the reply as a string or a list of messages", key)
+        raise line.error(f"is a JSON {json_type(value)}: give the reply as a string or a list of messages", key)
     if messages[-1].role != "assistant":
         raise line.error(f"ends with a {messages[-1].role} turn: it must end with the assistant reply", key)
     if not messages[-1].content.strip():

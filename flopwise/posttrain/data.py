@@ -24,7 +24,7 @@ from flopwise.posttrain.preference import RenderedPair, prepare_pairs, render_pa
 from flopwise.posttrain.sampler import PrepareStats, Rendered, prepare
 from flopwise.posttrain.template import render
 
-Record = TypeVar("Record", Conversation, PreferencePair)
+Record = TypeVar("Record")  # a conversation, a preference pair or an RL task: each has its .source
 BUILTIN_TOPICS = "built-in:pydoc_data.topics"  # the prefix of the help topics' sources
 
 
@@ -66,7 +66,7 @@ def source_name(source: str) -> str:
 
 def sft_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, seed: int) -> Split:
     """The conversations of ``section.data`` (or the built-in instructions), rendered and cut to ``seq_len``."""
-    train, heldout = _records(section, seed, read_conversations, builtin_instructions)
+    train, heldout = read_split(section, seed, read_conversations, builtin_instructions)
     sources = _sources(train + heldout)
 
     def rendered(conversations: list[Conversation]) -> tuple[list[Rendered], PrepareStats]:
@@ -80,7 +80,7 @@ def sft_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, see
 
 def dpo_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, seed: int) -> Split:
     """The preference pairs of ``section.data`` (or the built-in ones), rendered and cut to ``seq_len``."""
-    train, heldout = _records(section, seed, read_preferences, builtin_preferences)
+    train, heldout = read_split(section, seed, read_preferences, builtin_preferences)
     sources = _sources(train + heldout)
     # a pair with the same reply on both sides has no gradient (its margin is 0 whatever the weights): it would only
     # dilute the batches and count as a miss in the held-out accuracy
@@ -115,7 +115,7 @@ def _sources(records: Sequence[Conversation | PreferencePair]) -> list[str]:
     return list(dict.fromkeys(source_name(record.source) for record in records))
 
 
-def _records(section: PostTrainSection, seed: int, read: Callable[[Path], list[Record]],
+def read_split(section: PostTrainSection, seed: int, read: Callable[[Path], list[Record]],
              builtin: Callable[[int], tuple[list[Record], list[Record]]]) -> tuple[list[Record], list[Record]]:
     """(training, held-out) records of the files, each split by its own seeded share, or the built-in split."""
     if not section.data:

@@ -13,7 +13,7 @@ from html import escape
 
 from flopwise import __version__
 from flopwise.report.runs import Run
-from flopwise.report.series import PLOTS, SMOOTHING, PlotSpec
+from flopwise.report.series import SMOOTHING, PlotSpec, plots_for
 from flopwise.report.sweep import HISTORY_PLOT, IMPORTANCE_PLOT, Sweep, best_line, trials_table
 from flopwise.report.table import Table, final_table
 from flopwise.report.tasks import (
@@ -142,14 +142,14 @@ def sweeps_html(sweeps: Sequence[Sweep], images: dict[str, bytes], notes: list[s
 
 def render_html(runs: list[Run], images: dict[str, bytes], sweeps: Sequence[Sweep] = (),
                 notes: list[str] | None = None) -> str:
-    """The whole page; ``images`` maps each plot name (see ``series.PLOTS``, ``tasks.TASKS_PLOT``, the sweeps'
+    """The whole page; ``images`` maps each plot name (see ``series.plots_for``, ``tasks.TASKS_PLOT``, the sweeps'
     plots) to its PNG; ``notes``: plots that could not be drawn, and why."""
     folders = "".join(f"<li><b>{escape(run.name)}</b>: <code>{escape(str(run.path))}</code>"
                       f"{escape(f' ({run.final.device})' if run.final.device else '')}</li>" for run in runs)
     figures = "".join(
         f'<figure id="{spec.name}"><img src="{data_uri(images[spec.name])}" alt="{escape(spec.title)}">'
         f"<figcaption>{escape(caption(spec))}</figcaption></figure>"
-        for spec in PLOTS if spec.name in images)
+        for spec in plots_for(runs) if spec.name in images)
     tasks = tasks_html(runs, images)
     return f"""<!doctype html>
 <html lang="en">

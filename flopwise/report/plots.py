@@ -18,7 +18,7 @@ from matplotlib.ticker import EngFormatter, Formatter
 
 from flopwise.atomic import write_atomic
 from flopwise.report.runs import Run
-from flopwise.report.series import PLOTS, PlotSpec, plot_lines, smoothed_lines
+from flopwise.report.series import PlotSpec, plot_lines, plots_for, smoothed_lines
 from flopwise.report.tasks import TASKS_PLOT, TaskLine, task_lines
 
 FIGSIZE = (7.5, 4.6)  # inches; at DPI 110 about 825 x 506 pixels, readable in a browser column
@@ -130,9 +130,9 @@ def build_task_figure(runs: list[Run], lines: dict[str, list[TaskLine]]) -> Figu
 
 
 def build_figures(runs: list[Run]) -> dict[str, Figure]:
-    """All report figures by name (loss vs FLOPs/seconds/tokens, learning rate and throughput vs p) and, when a
-    run scored tasks during training, the task panels."""
-    figures = {spec.name: build_figure(runs, spec) for spec in PLOTS}
+    """All report figures by name (loss vs FLOPs/seconds/tokens, learning rate and throughput vs p; pass@1 and reward
+    for RL runs) and, when a run scored tasks during training, the task panels."""
+    figures = {spec.name: build_figure(runs, spec) for spec in plots_for(runs)}
     lines = task_lines(runs)
     if lines:
         figures[TASKS_PLOT] = build_task_figure(runs, lines)

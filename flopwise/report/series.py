@@ -48,6 +48,20 @@ PLOTS: tuple[PlotSpec, ...] = (
              "budget progress p", "tokens / second"),
 )
 
+# drawn where a run was trained with `flopwise rl` (its evaluations score pass@1, not a loss)
+RL_PLOTS: tuple[PlotSpec, ...] = (
+    PlotSpec("pass_vs_seconds", "Held-out pass@1 (greedy) vs training time", "eval", "seconds", "pass_greedy",
+             "training seconds", "pass@1"),
+    PlotSpec("reward_vs_seconds", "Held-out mean reward (sampled) vs training time", "eval", "seconds",
+             "reward_sampled", "training seconds", "mean reward"),
+)
+
+
+def plots_for(runs: list[Run]) -> tuple[PlotSpec, ...]:
+    """The plots of these runs: every run's, and RL's where one of them was trained with rewards."""
+    rl = any("pass_greedy" in event for run in runs for event in run.evals)
+    return PLOTS + RL_PLOTS if rl else PLOTS
+
 
 @dataclass(frozen=True)
 class Line:
@@ -118,7 +132,7 @@ def smoothed_lines(runs: list[Run], spec: PlotSpec) -> list[Line]:
 def plots_json(runs: list[Run]) -> dict[str, Any]:
     """The series behind every plot, per run, for report.json (with the smoothed training loss where drawn)."""
     plots = {}
-    for spec in PLOTS:
+    for spec in plots_for(runs):
         plot = {"title": spec.title, "png": f"{spec.name}.png", "events": spec.events, "x": spec.x,
                 "y": spec.y, "x_label": spec.x_label, "y_label": spec.y_label,
                 "x_scale": "log" if spec.log_x else "linear",

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from flopwise.errors import FlopwiseError
-from flopwise.posttrain.conversations import _shown
+from flopwise.posttrain.conversations import quoted
 from flopwise.rl.tasks import VERIFIERS, Task
 
 RewardFunction = Callable[[str, str, Mapping[str, Any]], float]  # (prompt text, completion, record) -> reward
@@ -133,7 +133,7 @@ class Rewarder:
         silently wrong reward would train toward it."""
         if self.function is None:
             return 1.0 if verify(task, completion) else 0.0
-        where = f"(on a completion of the prompt {_shown(prompt_text)})"
+        where = f"(on a completion of the prompt {quoted(prompt_text)})"
         try:
             value = self.function(prompt_text, completion, task.record)
         except Exception as error:
@@ -141,7 +141,7 @@ class Rewarder:
                                 "last checkpoint is kept") from error
         if not isinstance(value, (numbers.Real, np.bool_)):
             raise FlopwiseError(f"--reward {self.name} returned a {type(value).__name__} "
-                                f"({_shown(repr(value))}), not a number {where}: return a finite float")
+                                f"({quoted(repr(value))}), not a number {where}: return a finite float")
         reward = float(value)
         if not math.isfinite(reward):
             raise FlopwiseError(f"--reward {self.name} returned {reward} {where}: return a finite float")

@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from flopwise.errors import FlopwiseError
-from flopwise.posttrain.conversations import OPENAI, Message, _json_type, _Line, _messages, _records, _shown
+from flopwise.posttrain.conversations import (
+    OPENAI,
+    Message,
+    RecordLine,
+    json_records,
+    json_type,
+    parse_messages,
+    quoted,
+)
 
 VERIFIERS = ("exact", "numeric", "regex")
 BUILTIN_KINDS = ("arithmetic", "modules", "expressions")
@@ -183,51 +191,51 @@ def read_tasks(path: Path) -> list[Task]:
     turn), ``answer`` (a string or a number), ``verifier`` (default "exact") and, for the numeric verifier,
     ``tolerance``.  Other fields are kept in ``record`` for a reward function."""
     path = Path(path)
-    tasks = [_task(record, line) for line, record in _records(path, "tasks")]
+    tasks = [_task(record, line) for line, record in json_records(path, "tasks")]
     if not tasks:
         raise FlopwiseError(f"tasks file '{path}' has no tasks: write one JSON object per line with a 'prompt' and "
                             "its 'answer'")
     return tasks
 
 
-def _task(record: dict, line: _Line) -> Task:
+def _task(record: dict, line: RecordLine) -> Task:
     messages = _prompt(record, line)
     verifier = record.get("verifier", "exact")
     if verifier not in VERIFIERS:
-        shown = _shown(verifier) if isinstance(verifier, str) else f"a JSON {_json_type(verifier)}"
+        shown = quoted(verifier) if isinstance(verifier, str) else f"a JSON {json_type(verifier)}"
         raise line.error(f"is {shown}: use one of {', '.join(VERIFIERS)}", "verifier")
     return Task(messages, _answer(record, line, verifier), verifier, str(line.path), record,
                 _tolerance(record, line, verifier))
 
 
-def _prompt(record: dict, line: _Line) -> tuple[Message, ...]:
+def _prompt(record: dict, line: RecordLine) -> tuple[Message, ...]:
     if "prompt" not in record:
         raise line.error("is missing: give each record the prompt, as a string or a list of messages", "prompt")
     prompt = record["prompt"]
     if isinstance(prompt, list):
-        messages = _messages(prompt, "prompt", line, OPENAI)
+        messages = parse_messages(prompt, "prompt", line, OPENAI)
         if messages[-1].role != "user":
             raise line.error(f"ends with a {messages[-1].role} turn: a task's prompt must end with the user turn "
                              "the model answers", "prompt")
         return tuple(messages)
     if isinstance(prompt, str) and prompt.strip():
         return (Message("user", prompt),)
-    shown = "empty" if isinstance(prompt, str) else f"a JSON {_json_type(prompt)}"
+    shown = "empty" if isinstance(prompt, str) else f"a JSON {json_type(prompt)}"
     raise line.error(f"is {shown}: give the prompt as a string or a list of messages", "prompt")
 
 
-def _answer(record: dict, line: _Line, verifier: str) -> str:
+def _answer(record: dict, line: RecordLine, verifier: str) -> str:
     """The answer as text: a JSON number as Python writes it (42, 3.5), checked to suit the verifier."""
     if "answer" not in record:
         raise line.error("is missing: give each record the reference answer the verifier checks", "answer")
     value = record["answer"]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise line.error(f"is a JSON {_json_type(value)}: give the answer as a string or a number", "answer")
+        raise line.error(f"is a JSON {json_type(value)}: give the answer as a string or a number", "answer")
     answer = str(value)
     if not answer.strip():
         raise line.error("is empty: give each record the reference answer the verifier checks", "answer")
     if verifier == "numeric" and not _finite_number(answer):
-        raise line.error(f"is {_shown(answer)}, not a finite number: the numeric verifier compares numbers; "
+        raise line.error(f"is {quoted(answer)}, not a finite number: the numeric verifier compares numbers; "
                          "give it as 42 or 3.5, or use the exact verifier", "answer")
     if verifier == "regex":
         try:
@@ -245,7 +253,7 @@ def _finite_number(text: str) -> bool:
         return False
 
 
-def _tolerance(record: dict, line: _Line, verifier: str) -> float:
+def _tolerance(record: dict, line: RecordLine, verifier: str) -> float:
     if "tolerance" not in record:
         return DEFAULT_TOLERANCE
     value = record["tolerance"]
@@ -253,7 +261,7 @@ def _tolerance(record: dict, line: _Line, verifier: str) -> float:
         raise line.error(f"is given for the {verifier} verifier: only the numeric verifier has a tolerance; remove "
                          "it or set \"verifier\": \"numeric\"", "tolerance")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise line.error(f"is a JSON {_json_type(value)}: give a number >= 0", "tolerance")
+        raise line.error(f"is a JSON {json_type(value)}: give a number >= 0", "tolerance")
     if not math.isfinite(value) or value < 0:
         raise line.error(f"is {value}: give a finite number >= 0", "tolerance")
     return float(value)

@@ -16,6 +16,7 @@ REGISTERED = {
     "pretrain": "flopwise.stages.pretrain.PretrainStage",
     "sft": "flopwise.stages.posttrain.SFTStage",
     "dpo": "flopwise.stages.posttrain.DPOStage",
+    "rl": "flopwise.stages.rl.RLStage",
 }
 
 

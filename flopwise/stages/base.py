@@ -96,11 +96,14 @@ class StageEvaluation:
 @dataclass
 class StageLoop:
     """What a stage gives the loop: the sampler it draws from (its order is checkpointed), the objective that
-    scores a batch (None: the methods' own, on the sampler's packed windows) and the evaluation."""
+    scores a batch (None: the methods' own, on the sampler's packed windows) and the evaluation.  ``step_costs``:
+    the predicted (tokens, FLOPs) of a step taken at progress p, where a stage's steps cost what they come to
+    (RL's rollouts: their objective meters what they spent); None: every step costs what ``prepare`` said."""
 
     sampler: Sampler
     objective: Objective | None
     evaluation: StageEvaluation
+    step_costs: Callable[[float], tuple[float, float]] | None = None
 
 
 class Stage:

@@ -21,7 +21,8 @@ from flopwise.train.metrics import MetricsLog
 
 WANDB_ID_FILE = "wandb.json"
 # what a DPO evaluation adds to the eval event (dpo_fields in flopwise/stages/posttrain.py)
-EVAL_EXTRAS = ("reward_accuracy", "reward_margin", "preference_accuracy")
+EVAL_EXTRAS = ("reward_accuracy", "reward_margin", "preference_accuracy",  # dpo
+               "pass_greedy", "pass_sampled", "reward_greedy", "reward_sampled", "rollout_seconds")  # rl
 # backend -> (module imported for it, package to pip install)
 _PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 
@@ -32,7 +33,7 @@ def scalars(event: dict[str, Any]) -> dict[str, float]:
         values = {"train/loss": event["loss"], "train/lr": event["lr"], "train/throughput": event["throughput"],
                   "train/mfu": event.get("mfu"), "train/memory": event.get("memory")}
     elif event.get("event") == "eval":
-        values = {"eval/loss": event["val_loss"], "eval/bpb": event.get("val_bpb")}
+        values = {"eval/loss": event.get("val_loss"), "eval/bpb": event.get("val_bpb")}
         values.update({f"eval/loss/{name}": loss for name, loss in event.get("domains", {}).items()})
         values.update({f"eval/{key}": event[key] for key in EVAL_EXTRAS if key in event})
     elif event.get("event") == "tasks":

@@ -233,6 +233,9 @@ class Objective(Protocol):
     def loss(self, model: torch.nn.Module, batch: Any, device: torch.device, dtype: torch.dtype
              ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def take_extra_flops(self) -> float:
+        """FLOPs spent beyond the step's predicted cost since the last call, all ranks (RL's rollouts)."""
+
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, methods: MethodStack,
                grad_accum: int, grad_clip: float, device: torch.device, dtype: torch.dtype,
@@ -384,7 +387,10 @@ class Trainer:
                 seconds, interrupted = self.ranks.max(time.perf_counter() - start + bookkeeping,
                                                       float(self._interrupted))
                 self._interrupted = bool(interrupted)
-                state.meter.add_step(seconds, tokens, flops + self.methods.take_extra_flops())
+                extra = self.methods.take_extra_flops()
+                if self.objective is not None:
+                    extra += self.objective.take_extra_flops()
+                state.meter.add_step(seconds, tokens, flops + extra)
                 timer.update(seconds)
                 state.step_seconds = timer.estimate
                 outcome.last_lr = lr

@@ -1,0 +1,88 @@
+"""The held-out measure of an RL run: pass@1 and the mean reward on held-out prompts, greedy (temperature 0) and
+sampled (one completion each at ``rl.temperature``, seeded the same at every evaluation, so two evaluations differ
+only by the weights).  Prompts of one length are generated together through one KV cache, up to
+``rl.max_response`` tokens, as the rollouts are."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from flopwise.data.tokenizer import Tokenizer
+from flopwise.model.gpt import GPT, sample_next
+from flopwise.rl.objective import Prompt, completion_text
+from flopwise.rl.rewards import Rewarder
+
+EVAL_SEED = 1234  # the sampled completions' seed: the same draws at every evaluation
+ROWS = 64  # prompts generated together at most
+
+
+@torch.no_grad()
+def sample_prompts(model: GPT, prompts: Sequence[Sequence[int]], max_tokens: int, temperature: float,
+                   generator: torch.Generator | None, end_ids: frozenset[int]) -> list[list[int]]:
+    """One completion of each prompt (all of one length), batched through one KV cache: the ids up to and including
+    the end token that closed it, or ``max_tokens`` ids."""
+    device = model.embed_tokens.weight.device
+    caches = model.new_cache(len(prompts))
+    logits = model.logits(torch.tensor([list(p) for p in prompts], device=device), caches)[:, -1]
+    completions: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in range(max_tokens):
+        tokens = sample_next(logits, temperature, None, None, generator)
+        for row, token in enumerate(tokens[:, 0].tolist()):
+            if not done[row]:
+                completions[row].append(token)
+                done[row] = token in end_ids
+        if all(done) or step + 1 == max_tokens:
+            return completions
+        logits = model.logits(tokens, caches)[:, -1]
+    return completions
+
+
+class RLEvaluator:
+    """Scores a model on ``prompts``: pass@1 (a reward above 0) and mean reward, greedy and sampled, overall and
+    per source."""
+
+    def __init__(self, prompts: Sequence[Prompt], sources: list[str], tokenizer: Tokenizer, rewarder: Rewarder,
+                 end_ids: frozenset[int], max_tokens: int, temperature: float, device: torch.device) -> None:
+        self.prompts, self.sources, self.tokenizer, self.rewarder = list(prompts), sources, tokenizer, rewarder
+        self.end_ids, self.max_tokens, self.temperature, self.device = end_ids, max_tokens, temperature, device
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for index, prompt in enumerate(self.prompts):
+            by_length[len(prompt.ids)].append(index)
+        self.batches = [indices[i:i + ROWS] for indices in by_length.values() for i in range(0, len(indices), ROWS)]
+
+    def __call__(self, model: GPT) -> dict[str, Any]:
+        was_training = model.training
+        model.eval()
+        try:
+            greedy = self._rewards(model, 0.0, None)
+            generator = torch.Generator(device=self.device).manual_seed(EVAL_SEED)
+            sampled = self._rewards(model, self.temperature, generator)
+        finally:
+            model.train(was_training)
+        result: dict[str, Any] = {"prompts": len(self.prompts), **_summary(greedy, "greedy"),
+                                  **_summary(sampled, "sampled")}
+        per_source: dict[str, list[float]] = defaultdict(list)
+        for prompt, reward in zip(self.prompts, greedy):
+            per_source[self.sources[prompt.source]].append(reward)
+        result["sources"] = {name: _summary(rewards, "greedy")["pass_greedy"] for name, rewards in per_source.items()}
+        return result
+
+    def _rewards(self, model: GPT, temperature: float, generator: torch.Generator | None) -> list[float]:
+        rewards = [0.0] * len(self.prompts)
+        for indices in self.batches:
+            completions = sample_prompts(model, [self.prompts[i].ids for i in indices], self.max_tokens, temperature,
+                                         generator, self.end_ids)
+            for index, ids in zip(indices, completions):
+                prompt = self.prompts[index]
+                rewards[index] = self.rewarder(prompt.task, prompt.text,
+                                               completion_text(self.tokenizer, ids, self.end_ids))
+        return rewards
+
+
+def _summary(rewards: Sequence[float], kind: str) -> dict[str, float]:
+    return {f"pass_{kind}": sum(r > 0 for r in rewards) / len(rewards), f"reward_{kind}": sum(rewards) / len(rewards)}
