@@ -1,0 +1,1 @@
+"""Reinforcement learning with verifiable rewards (``flopwise rl``): tasks, rewards, rollouts and the GRPO loss."""
