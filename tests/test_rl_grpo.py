@@ -13,7 +13,8 @@ from torch import nn
 from flopwise.model.config import ModelConfig
 from flopwise.model.flops import forward_flops_per_token
 from flopwise.model.gpt import GPT
-from flopwise.rl.grpo import group_advantages, grpo_loss, sequence_log_probs
+from flopwise.posttrain.losses import token_log_probs
+from flopwise.rl.grpo import group_advantages, grpo_loss
 from flopwise.rl.rollout import generation_flops, sample_group
 
 PROMPT = [1, 2, 3]
@@ -161,11 +162,11 @@ def test_group_advantages_refuse_a_flat_tensor():
         group_advantages(torch.zeros(4), scale=True)
 
 
-def test_sequence_log_probs_are_fp32_log_softmax_of_the_targets():
+def test_token_log_probs_are_fp32_log_softmax_of_the_targets():
     torch.manual_seed(1)
     logits = torch.randn(2, 5, 11).to(torch.bfloat16)
     targets = torch.randint(0, 11, (2, 5))
-    logp = sequence_log_probs(logits, targets)
+    logp = token_log_probs(logits, targets)
     assert logp.dtype == torch.float32 and logp.shape == (2, 5)
     wide = logits.double()
     expected = wide.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - wide.logsumexp(dim=-1)

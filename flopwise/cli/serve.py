@@ -51,7 +51,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--cors", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API; off by default")
     p.add_argument("--max-concurrent", type=int, default=32, metavar="N",
-                   help="requests decoded at once, taking turns token by token; each holds a KV cache of the whole context (default 32)")
+                   help="requests decoded at once, taking turns token by token; each holds a KV cache of the whole "
+                        "context (default 32)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests waiting for a turn; more get 429 (default 64)")
     p.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",

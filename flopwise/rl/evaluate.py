@@ -12,39 +12,18 @@ from typing import Any
 import torch
 
 from flopwise.data.tokenizer import Tokenizer
-from flopwise.model.gpt import GPT, sample_next
+from flopwise.model.gpt import GPT
 from flopwise.rl.objective import Prompt, completion_text
 from flopwise.rl.rewards import Rewarder
+from flopwise.rl.rollout import sample_prompts
 
 EVAL_SEED = 1234  # the sampled completions' seed: the same draws at every evaluation
 ROWS = 64  # prompts generated together at most
 
 
-@torch.no_grad()
-def sample_prompts(model: GPT, prompts: Sequence[Sequence[int]], max_tokens: int, temperature: float,
-                   generator: torch.Generator | None, end_ids: frozenset[int]) -> list[list[int]]:
-    """One completion of each prompt (all of one length), batched through one KV cache: the ids up to and including
-    the end token that closed it, or ``max_tokens`` ids."""
-    device = model.embed_tokens.weight.device
-    caches = model.new_cache(len(prompts))
-    logits = model.logits(torch.tensor([list(p) for p in prompts], device=device), caches)[:, -1]
-    completions: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for step in range(max_tokens):
-        tokens = sample_next(logits, temperature, None, None, generator)
-        for row, token in enumerate(tokens[:, 0].tolist()):
-            if not done[row]:
-                completions[row].append(token)
-                done[row] = token in end_ids
-        if all(done) or step + 1 == max_tokens:
-            return completions
-        logits = model.logits(tokens, caches)[:, -1]
-    return completions
-
-
 class RLEvaluator:
     """Scores a model on ``prompts``: pass@1 (a reward above 0) and mean reward, greedy and sampled, overall and
-    per source."""
+    per source, and each prompt's greedy reward (for a paired comparison of two models)."""
 
     def __init__(self, prompts: Sequence[Prompt], sources: list[str], tokenizer: Tokenizer, rewarder: Rewarder,
                  end_ids: frozenset[int], max_tokens: int, temperature: float, device: torch.device) -> None:
@@ -65,7 +44,7 @@ class RLEvaluator:
         finally:
             model.train(was_training)
         result: dict[str, Any] = {"prompts": len(self.prompts), **_summary(greedy, "greedy"),
-                                  **_summary(sampled, "sampled")}
+                                  **_summary(sampled, "sampled"), "greedy_rewards": greedy}
         per_source: dict[str, list[float]] = defaultdict(list)
         for prompt, reward in zip(self.prompts, greedy):
             per_source[self.sources[prompt.source]].append(reward)

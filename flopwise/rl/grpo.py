@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from flopwise.posttrain.losses import token_log_probs
-
 # Added to a group's std before dividing (DeepSeekMath's implementations' epsilon): a group whose rewards barely
 # differ gets large but finite advantages.
 STD_EPSILON = 1e-4
@@ -36,13 +34,6 @@ def group_advantages(rewards: torch.Tensor, scale: bool) -> torch.Tensor:
         centered = centered / (rewards.std(dim=1, unbiased=False, keepdim=True) + STD_EPSILON)
     all_equal = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
     return centered.masked_fill(all_equal, 0.0)
-
-
-def sequence_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) [N, T] float32 of logits [N, T, V] (log_softmax in fp32, whatever the logits' dtype: the
-    ratio exp(logp - old_logp) of two bf16 log-probabilities would be off by percents).  The same as SFT's and
-    DPO's ``token_log_probs``, so the policy, its rollout copy and the reference are scored alike."""
-    return token_log_probs(logits, targets)
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

@@ -8,13 +8,14 @@ dropped.  The count of those steps is what the budget pays for: ``generation_flo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from flopwise.model.config import ModelConfig
 from flopwise.model.flops import forward_flops_per_token
-from flopwise.model.gpt import GPT, sample_next
+from flopwise.model.gpt import GPT, LayerCache, sample_next
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,35 @@ def sample_group(model: GPT, prompt: list[int], group: int, max_tokens: int, tem
     caches = model.new_cache(1)
     logits = model.logits(torch.tensor([prompt], device=device), caches)[:, -1].expand(group, -1)
     caches = [cache.repeat(group) for cache in caches]
+    completions, finished, decode_steps = _decode(model, logits, caches, max_tokens, temperature, top_p, generator,
+                                                  end_ids)
+    return Group(prompt=list(prompt), completions=completions, finished=finished, decode_steps=decode_steps)
+
+
+@torch.no_grad()
+def sample_prompts(model: GPT, prompts: Sequence[Sequence[int]], max_tokens: int, temperature: float,
+                   generator: torch.Generator | None, end_ids: frozenset[int]) -> list[list[int]]:
+    """One completion of each of ``prompts`` (all of one length: one batch, no padding), as ``sample_group``'s rows
+    are: through one KV cache, each up to and including its end token or ``max_tokens`` long (evaluation)."""
+    device = model.embed_tokens.weight.device
+    caches = model.new_cache(len(prompts))
+    logits = model.logits(torch.tensor([list(p) for p in prompts], device=device), caches)[:, -1]
+    return _decode(model, logits, caches, max_tokens, temperature, None, generator, end_ids)[0]
+
+
+def _decode(model: GPT, logits: torch.Tensor, caches: list[LayerCache], max_tokens: int, temperature: float,
+            top_p: float | None, generator: torch.Generator | None, end_ids: frozenset[int]
+            ) -> tuple[list[list[int]], list[bool], int]:
+    """Sample after ``logits`` [rows, vocab] until every row has ended or ``max_tokens``: the rows' ids (up to the
+    end token, inclusive), whether each ended, and the decode steps taken (one forward of all rows each)."""
+    rows, device = logits.shape[0], logits.device
     ends = torch.tensor(sorted(end_ids), dtype=torch.long, device=device)
-    sampled = torch.empty(group, max_tokens, dtype=torch.long, device=device)
-    lengths = torch.full((group,), max_tokens, dtype=torch.long, device=device)  # up to the end token, inclusive
-    finished = torch.zeros(group, dtype=torch.bool, device=device)
+    sampled = torch.empty(rows, max_tokens, dtype=torch.long, device=device)
+    lengths = torch.full((rows,), max_tokens, dtype=torch.long, device=device)  # up to the end token, inclusive
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
     decode_steps = 0
     for position in range(max_tokens):
-        token = sample_next(logits, temperature, None, top_p, generator)  # [G, 1]
+        token = sample_next(logits, temperature, None, top_p, generator)  # [rows, 1]
         sampled[:, position] = token[:, 0]
         ended_now = torch.isin(token[:, 0], ends) & ~finished
         lengths = torch.where(ended_now, position + 1, lengths)
@@ -64,9 +87,8 @@ def sample_group(model: GPT, prompt: list[int], group: int, max_tokens: int, tem
             break
         logits = model.logits(token, caches)[:, -1]
         decode_steps += 1
-    rows, lengths_list = sampled.tolist(), lengths.tolist()
-    return Group(prompt=list(prompt), completions=[row[:n] for row, n in zip(rows, lengths_list)],
-                 finished=finished.tolist(), decode_steps=decode_steps)
+    completions = [row[:n] for row, n in zip(sampled.tolist(), lengths.tolist())]
+    return completions, finished.tolist(), decode_steps
 
 
 def generation_flops(config: ModelConfig, prompt_tokens: int, group: int, decode_steps: int) -> float:
