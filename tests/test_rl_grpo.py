@@ -205,16 +205,17 @@ def test_greedy_rows_are_the_greedy_continuation_cut_after_the_first_end_token()
 def test_sampled_rows_are_gpt_streams_rows_cut_at_their_own_end_tokens():
     model = tiny_model()
     ends = frozenset({4, 9})
-    group = sample_group(model, PROMPT, group=6, max_tokens=10, temperature=1.0, top_p=0.9,
+    group = sample_group(model, PROMPT, group=6, max_tokens=12, temperature=1.0, top_p=0.9,
                          generator=torch.Generator().manual_seed(3), end_ids=ends)
     # The same draws from the same seed, batch 6 from the start and never stopping early
-    streamed = torch.cat(list(model.stream(torch.tensor([PROMPT] * 6), 10, temperature=1.0, top_p=0.9,
+    streamed = torch.cat(list(model.stream(torch.tensor([PROMPT] * 6), 12, temperature=1.0, top_p=0.9,
                                            generator=torch.Generator().manual_seed(3))), dim=1).tolist()
     for row, completion, finished in zip(streamed, group.completions, group.finished):
         cut = next((i + 1 for i, token in enumerate(row) if token in ends), len(row))
         assert completion == row[:cut]
         assert finished == (row[cut - 1] in ends)
     assert 0 < sum(group.finished) < 6  # some rows ended, some ran to max_tokens
+    assert any(sum(token in ends for token in row) > 1 for row in streamed)  # a row's later end token is ignored
     assert group.decode_steps == max(len(c) for c in group.completions) - 1
 
 
