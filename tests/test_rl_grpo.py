@@ -145,6 +145,7 @@ def test_group_advantages_are_zero_mean_per_group_and_scaled_to_unit_mean_square
     assert torch.allclose(scaled, plain / (std + 1e-4))
     assert torch.allclose(scaled.square().mean(dim=1), torch.ones(3), atol=1e-3)
     assert scaled[2].tolist() == pytest.approx([-0.5 / 0.5001, 0.5 / 0.5001] * 2)
+    assert group_advantages(torch.tensor([[1, 0, 0, 0]]), scale=False).tolist() == [[0.75, -0.25, -0.25, -0.25]]
 
 
 def test_a_group_of_equal_rewards_gets_exact_zeros():
@@ -238,6 +239,9 @@ def test_a_prompt_and_max_tokens_beyond_the_context_are_refused():
     assert [len(c) for c in fits.completions] == [6, 6]
     with pytest.raises(ValueError, match="a prompt of 10 tokens \\+ max_tokens=7 exceeds the model's context of 16"):
         sample_group(model, prompt, group=2, max_tokens=7, temperature=0.0, top_p=None,
+                     generator=torch.Generator(), end_ids=frozenset())
+    with pytest.raises(ValueError, match="group >= 1"):
+        sample_group(model, prompt, group=0, max_tokens=6, temperature=0.0, top_p=None,
                      generator=torch.Generator(), end_ids=frozenset())
 
 
