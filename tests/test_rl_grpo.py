@@ -146,6 +146,7 @@ def test_group_advantages_are_zero_mean_per_group_and_scaled_to_unit_mean_square
     assert torch.allclose(scaled, plain / (std + 1e-4))
     assert torch.allclose(scaled.square().mean(dim=1), torch.ones(3), atol=1e-3)
     assert scaled[2].tolist() == pytest.approx([-0.5 / 0.5001, 0.5 / 0.5001] * 2)
+    assert group_advantages(torch.tensor([[1, 0, 0, 0]]), scale=False).tolist() == [[0.75, -0.25, -0.25, -0.25]]
 
 
 def test_a_group_of_equal_rewards_gets_exact_zeros():
@@ -206,16 +207,17 @@ def test_greedy_rows_are_the_greedy_continuation_cut_after_the_first_end_token()
 def test_sampled_rows_are_gpt_streams_rows_cut_at_their_own_end_tokens():
     model = tiny_model()
     ends = frozenset({4, 9})
-    group = sample_group(model, PROMPT, group=6, max_tokens=10, temperature=1.0, top_p=0.9,
+    group = sample_group(model, PROMPT, group=6, max_tokens=12, temperature=1.0, top_p=0.9,
                          generator=torch.Generator().manual_seed(3), end_ids=ends)
     # The same draws from the same seed, batch 6 from the start and never stopping early
-    streamed = torch.cat(list(model.stream(torch.tensor([PROMPT] * 6), 10, temperature=1.0, top_p=0.9,
+    streamed = torch.cat(list(model.stream(torch.tensor([PROMPT] * 6), 12, temperature=1.0, top_p=0.9,
                                            generator=torch.Generator().manual_seed(3))), dim=1).tolist()
     for row, completion, finished in zip(streamed, group.completions, group.finished):
         cut = next((i + 1 for i, token in enumerate(row) if token in ends), len(row))
         assert completion == row[:cut]
         assert finished == (row[cut - 1] in ends)
     assert 0 < sum(group.finished) < 6  # some rows ended, some ran to max_tokens
+    assert any(sum(token in ends for token in row) > 1 for row in streamed)  # a row's later end token is ignored
     assert group.decode_steps == max(len(c) for c in group.completions) - 1
 
 
@@ -238,6 +240,9 @@ def test_a_prompt_and_max_tokens_beyond_the_context_are_refused():
     assert [len(c) for c in fits.completions] == [6, 6]
     with pytest.raises(ValueError, match="a prompt of 10 tokens \\+ max_tokens=7 exceeds the model's context of 16"):
         sample_group(model, prompt, group=2, max_tokens=7, temperature=0.0, top_p=None,
+                     generator=torch.Generator(), end_ids=frozenset())
+    with pytest.raises(ValueError, match="group >= 1"):
+        sample_group(model, prompt, group=0, max_tokens=6, temperature=0.0, top_p=None,
                      generator=torch.Generator(), end_ids=frozenset())
 
 

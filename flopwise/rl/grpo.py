@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-# Added to a group's std before dividing (DeepSeekMath's implementations' epsilon): a group whose rewards barely
-# differ gets large but finite advantages.
+# Added to a group's std before dividing (Hugging Face TRL's, trl/trainer/grpo_trainer.py): a group whose rewards
+# barely differ gets large but finite advantages.
 STD_EPSILON = 1e-4
 
 
@@ -22,10 +22,10 @@ def group_advantages(rewards: torch.Tensor, scale: bool) -> torch.Tensor:
     """Advantages [P, G] of rewards [P, G] (P prompts, G completions each): each reward minus its group's mean,
     and with ``scale`` divided by the group's std + 1e-4.
 
-    The std is the population one (divide by G): the scaled advantages of a group then have unit mean square
-    whatever G is, and a group of one has std 0 rather than an undefined sample std.  A group whose rewards are
-    all equal teaches nothing, so it gets exact zeros (its mean's rounding would otherwise leave ~1e-8
-    residues, which the scaling blows up to ~1e-4)."""
+    The std is the population one (divide by G; TRL takes the sample one): the scaled advantages of a group then
+    have unit mean square whatever G is, and a group of one has std 0 rather than an undefined sample std.  A
+    group whose rewards are all equal teaches nothing, so it gets exact zeros (its mean's rounding would
+    otherwise leave ~1e-8 residues, which the scaling blows up to ~1e-4)."""
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be [prompts, group], got shape {tuple(rewards.shape)}")
     rewards = rewards if rewards.is_floating_point() else rewards.float()
@@ -61,16 +61,16 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     ratio = log_ratio.exp()
     bounded = ratio.clamp(1.0 - clip, 1.0 + clip)
     per_token = -torch.minimum(ratio * advantage, bounded * advantage)
-    kl = torch.zeros_like(per_token)
+    count = max(int(mask.sum()), 1)  # no masked token: every stat is 0
+    mean_kl = 0.0
     if ref_logp is not None:
         log_ref_ratio = torch.where(mask, ref_logp - logp, 0.0)
         kl = log_ref_ratio.exp() - log_ref_ratio - 1.0
+        mean_kl = float(kl.detach()[mask].sum()) / count  # reported also when not penalised (kl_beta 0)
         if kl_beta > 0:
             per_token = per_token + kl_beta * kl
     loss = torch.where(mask, per_token, 0.0).sum() / tokens
     clipped = ((advantage > 0) & (ratio > 1.0 + clip)) | ((advantage < 0) & (ratio < 1.0 - clip))
-    count = max(int(mask.sum()), 1)
-    stats = {"clip_fraction": float((clipped & mask).sum()) / count,
-             "kl": float(kl.detach()[mask].sum()) / count,
+    stats = {"clip_fraction": float((clipped & mask).sum()) / count, "kl": mean_kl,
              "ratio": float(ratio.detach()[mask].sum()) / count}
     return loss, stats
