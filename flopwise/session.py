@@ -166,7 +166,7 @@ class Session:
         self.compiled = torch.compile(self.wrapped) if train.compile else self.wrapped
         loop = self.stage.build(self.model, self.methods)
         self.sampler, self.objective, self.evaluation = loop.sampler, loop.objective, loop.evaluation
-        self.stage_costs = loop.step_costs
+        self.expected_extra_flops = loop.expected_extra_flops
         with self.ranks.main_first():  # measured once, cached for the other ranks
             self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
         self.check_budget_is_spendable()
@@ -258,7 +258,7 @@ class Session:
             grad_clip=c.optim.grad_clip, tokens_per_step=self.tokens_per_step, flops_per_step=self.flops_per_step,
             peak_flops=self.peak_flops, eval_every=c.train.eval_every, checkpoint_every=c.train.checkpoint_every,
             keep_checkpoints=c.train.keep_checkpoints, log_every=c.train.log_every, stop_after=stop_after,
-            **({"step_costs": self.stage_costs} if self.stage_costs is not None else self.progressive_costs()))
+            expected_extra_flops=self.expected_extra_flops, **self.progressive_costs())
 
     def progressive_costs(self) -> dict[str, Any]:
         """The loop's per-step costs where progressive methods change the step's shape as p grows (nothing

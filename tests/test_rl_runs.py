@@ -27,9 +27,11 @@ SMALL = ["--set", f"optim.batch_size={BATCH}", "--group", str(GROUP), "--max-res
 
 
 def tasks() -> list[dict]:
-    """Short prompts (a byte tokenizer spells them out) whose answers a verifier checks."""
+    """Short prompts (a byte tokenizer spells them out) whose answers a verifier checks; the regex ones an untrained
+    model passes about a third of the time, so groups differ and the loss has a gradient."""
     records = [{"prompt": f"Say {w}{i}.", "answer": f"{w}{i}"} for i in range(3) for w in WORDS]
     records += [{"prompt": f"{a}+{b}=", "answer": a + b, "verifier": "numeric"} for a in range(4) for b in range(3)]
+    records += [{"prompt": f"Write {w}.", "answer": "[a-m]", "verifier": "regex"} for w in WORDS + ("x", "y")]
     return records
 
 
@@ -64,18 +66,18 @@ def rl_run(base, data, tmp_path_factory) -> Path:
 
 def test_the_meter_counts_each_steps_rollouts(rl_run):
     """Each step's FLOPs are the update's (plan.json) plus its rollouts', which lie between every group ending at
-    its first token and every group running to rl.max_response, counted from the shape here."""
+    its first token and every group (refills included) running to rl.max_response, counted from the shape here."""
     plan = json.loads((rl_run / "plan.json").read_text())
-    cfg = planned_model_config(rl_run)
-    forward = forward_flops_per_token(cfg)
-    prompts = [len(p) for p in (f"Say {w}{i}." for i in range(3) for w in WORDS)]  # bytes, before the template
+    forward = forward_flops_per_token(planned_model_config(rl_run))
+    prompts = [len(str(r["prompt"])) for r in tasks()]  # bytes of the content, before the template's
     trains = events(rl_run, "train")
     spent = [b["flops"] - a["flops"] for a, b in zip([{"flops": 0.0}] + trains, trains)]
     assert len(spent) == 6
+    groups_at_most = BATCH * (1 + 2)  # rl.refill_rounds=2 may sample a fresh group for each prompt twice
     for step in spent:
         rollouts = step - plan["flops_per_step"]
         fewest = BATCH * forward * min(prompts)  # at least each prompt's own forward
-        most = BATCH * forward * (max(prompts) + 40 + GROUP * (RESPONSE - 1))  # 40: the template's tokens, at most
+        most = groups_at_most * forward * (max(prompts) + 40 + GROUP * (RESPONSE - 1))  # 40: the template, at most
         assert fewest < rollouts < most
 
 
@@ -86,18 +88,20 @@ def test_evaluations_score_pass_at_1_from_the_starting_model(rl_run, capsys):
         assert 0 <= event["pass_greedy"] <= 1 and 0 <= event["pass_sampled"] <= 1
         assert event["prompts"] == round(0.25 * len(tasks())) and event["rollout_seconds"] >= 0
     assert evals[-1]["rollout_seconds"] > 0
-
+    assert any(evaluation["reward_sampled"] > 0 for evaluation in evals)
+    assert any(loss != 0.0 for _, loss in losses(rl_run))  # some groups had a signal
 
 def test_a_flop_budget_ends_at_its_last_step_fully_annealed(base, data, rl_run, tmp_path):
+    """The run stops at the step whose spend reaches the budget, as predicted from the rollouts' mean cost so far:
+    not before, and with less than half a step's FLOPs left where the last step's rollouts ran shorter."""
     trains = events(rl_run, "train")
     per_step = trains[-1]["flops"] / len(trains)
-    budget = 4.5 * per_step
+    budget = 5 * per_step
     out = tmp_path / "flops"
     assert rl(base, data, out, "--set", f"budget.flops={budget!r}") == 0
     ours = events(out, "train")
-    assert ours[-2]["flops"] < budget  # it did not stop early ...
-    assert budget - ours[-1]["flops"] < 0.5 * per_step or ours[-1]["flops"] >= budget  # ... nor leave a step
-    assert ours[-1]["lr"] == 0.0
+    assert ours[-2]["flops"] < budget < ours[-1]["flops"] + 0.5 * per_step
+    assert ours[-1]["lr"] == 0.0 and ours[-1]["p"] == pytest.approx(ours[-1]["flops"] / budget)
 
 
 @pytest.mark.parametrize("extra", [[], ["--set", "rl.updates=2", "--set", "rl.kl_beta=0.1"]],
@@ -141,13 +145,13 @@ def reward_module(tmp_path: Path, body: str) -> str:
 
 
 @pytest.mark.parametrize(("case", "message"), [
-    ("empty", "has no records"),
+    ("empty", "has no tasks"),
     ("no-answer", "field 'answer' is missing"),
     ("verifier", "use one of exact, numeric, regex"),
     ("group", "rl.group=1: must be a whole number >= 2"),
     ("module", "--reward no_such_module:score"),
-    ("function", "has no 'nothing'"),
-    ("not-a-run", "is not a run folder"),
+    ("function", "has no attribute 'nothing'"),
+    ("not-a-run", "is neither a flopwise run folder"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, base, data, tmp_path, capsys, monkeypatch, message):
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -182,6 +186,6 @@ def test_a_reward_function_that_fails_stops_in_one_line_and_keeps_the_last_check
     err = run_error(capsys, ["rl", "--init-from", str(base), "--data", str(data), "--out", str(out),
                              "--budget", "8steps", "--reward", "my_rewards:score", *SMALL,
                              "--set", "train.checkpoint_every=0.1"])
-    assert "--reward my_rewards:score" in err and said in err.lower()
+    assert "--reward my_rewards:score" in err and said.lower() in err.lower()
     assert any((out / "checkpoints").iterdir())  # the steps before it are kept
     assert not (out / "final").exists()

@@ -243,9 +243,12 @@ def print_posttrain_summary(console: Console, summary: Summary) -> None:
 def describe_start_and_end(start: dict[str, Any], end: dict[str, Any]) -> str:
     """One line comparing the starting model's eval event (step 0) with the final one, on the same records."""
     if "pass_greedy" in end:
+        sampling = end["rollout_seconds"] / end["seconds"] if end["seconds"] else 0.0
         return (f"held-out pass@1: {start['pass_greedy']:.3f} (start) -> {end['pass_greedy']:.3f} greedy, "
                 f"{start['pass_sampled']:.3f} -> {end['pass_sampled']:.3f} sampled ({end['prompts']} prompts); "
-                f"mean reward {start['reward_greedy']:.3f} -> {end['reward_greedy']:.3f}")
+                f"mean reward {start['reward_greedy']:.3f} -> {end['reward_greedy']:.3f}\n"
+                f"training {end['seconds']:.1f}s: rollouts {end['rollout_seconds']:.1f}s ({sampling:.0%}), "
+                f"updates {end['seconds'] - end['rollout_seconds']:.1f}s")
     if "preference_accuracy" not in end:
         return (f"held-out assistant-token loss: {start['val_loss']:.4f} (start) -> {end['val_loss']:.4f} "
                 f"({end['heldout_tokens']:,} tokens)")

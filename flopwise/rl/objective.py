@@ -71,15 +71,6 @@ class RLBatch(NamedTuple):
     ref_logp: torch.Tensor | None  # [R, W] the reference's (rl.kl_beta > 0), else None
 
 
-@dataclass
-class StepStats:
-    """What the last batch of rollouts was: for the summary and the step's log."""
-
-    reward: float = 0.0  # mean reward of the completions trained on
-    uninformative: float = 0.0  # share of the groups trained on with one reward for all
-    response_tokens: float = 0.0  # mean completion length
-
-
 class PromptSampler:
     """The order of prompts and what resume needs: the order's position, the batches made, the mean rollout FLOPs
     of a step so far (the loop's prediction of a step's cost reads it) and, with ``rl.updates`` > 1, the batch
@@ -94,6 +85,7 @@ class PromptSampler:
         self.progress = 0.0  # set by the Trainer each step; the order does not pace by it
         self.batches = 0
         self.rollout_flops = 0.0  # all ranks, all batches so far
+        self.rollout_seconds = 0.0  # spent sampling and scoring them, this rank
         self.pending: dict[str, Any] | None = None  # a batch to train on again, with its uses left
 
     def domain_epochs(self) -> dict[str, float]:
@@ -112,7 +104,7 @@ class PromptSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.order.state_dict(), "prompts": len(self.prompts), "batches": self.batches,
-                "rollout_flops": self.rollout_flops, "pending": self.pending}
+                "rollout_flops": self.rollout_flops, "rollout_seconds": self.rollout_seconds, "pending": self.pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from flopwise.errors import FlopwiseError
@@ -122,6 +114,7 @@ class PromptSampler:
                                 f"{len(self.prompts)}: resume with the same tasks and model.seq_len")
         self.order.load_state_dict(state)
         self.batches, self.rollout_flops = int(state["batches"]), float(state["rollout_flops"])
+        self.rollout_seconds = float(state["rollout_seconds"])
         self.pending = state["pending"]
 
 
@@ -135,8 +128,6 @@ class RLObjective:
         self.end_ids, self.pad_id = end_ids, tokenizer.eos_id  # padding is masked out of the loss
         self.settings, self.width = settings, width
         self.device, self.dtype, self.reference, self.ranks = device, dtype, reference, ranks
-        self.stats = StepStats()
-        self.rollout_seconds = 0.0
         self._flops = 0.0
 
     # -- the loop's Objective ------------------------------------------------------------------------------
@@ -159,7 +150,7 @@ class RLObjective:
         self._flops += spent
         if self.settings.updates > 1:
             s.pending = {"batch": _batch_state(batch), "uses_left": self.settings.updates - 1}
-        self.rollout_seconds += time.perf_counter() - started
+        s.rollout_seconds += time.perf_counter() - started
         return batch
 
     def loss(self, model: torch.nn.Module, batch: RLBatch, device: torch.device, dtype: torch.dtype
@@ -192,20 +183,19 @@ class RLObjective:
         flops = 0.0
         self.policy.eval()
         try:
-            for slot in mine:
-                groups[slot], spent = self._group(chosen[slot], slot, 0)
-                flops += spent
-            rounds = rl.refill_rounds if rl.allocation == "refill" else 0
-            for round_ in range(1, rounds + 1):
-                flat = [slot for slot in mine if _uninformative(groups[slot][1])]
-                if not flat:
-                    break
-                fresh = s.take(len(flat))
-                for slot, index in zip(flat, fresh):
-                    candidate, spent = self._group(index, slot, round_)
+            with autocast(self.device, self.dtype):
+                for slot in mine:
+                    groups[slot], spent = self._group(chosen[slot], slot, 0)
                     flops += spent
-                    if not _uninformative(candidate[1]):
-                        groups[slot] = candidate
+                for round_ in range(1, (rl.refill_rounds if rl.allocation == "refill" else 0) + 1):
+                    flat = [slot for slot in mine if _uninformative(groups[slot][1])]
+                    if not flat:
+                        break
+                    for slot, index in zip(flat, s.take(len(flat))):
+                        candidate, spent = self._group(index, slot, round_)
+                        flops += spent
+                        if not _uninformative(candidate[1]):
+                            groups[slot] = candidate
         finally:
             self.policy.train()
         ordered = [groups[slot] for slot in mine]
@@ -245,10 +235,6 @@ class RLObjective:
         if self.reference is not None:
             batch = batch._replace(ref_logp=self._log_probs(self.reference, batch))
             scoring += forward
-        flat = [r for group in rewards for r in group]
-        self.stats = StepStats(reward=float(np.mean(flat)),
-                               uninformative=float(np.mean([_uninformative(group) for group in rewards])),
-                               response_tokens=float(np.mean([len(c) for g in groups for c in g.completions])))
         return batch, scoring
 
     @torch.no_grad()

@@ -96,14 +96,15 @@ class StageEvaluation:
 @dataclass
 class StageLoop:
     """What a stage gives the loop: the sampler it draws from (its order is checkpointed), the objective that
-    scores a batch (None: the methods' own, on the sampler's packed windows) and the evaluation.  ``step_costs``:
-    the predicted (tokens, FLOPs) of a step taken at progress p, where a stage's steps cost what they come to
-    (RL's rollouts: their objective meters what they spent); None: every step costs what ``prepare`` said."""
+    scores a batch (None: the methods' own, on the sampler's packed windows) and the evaluation.
+    ``expected_extra_flops``: what a step is expected to spend beyond the FLOPs ``prepare`` said, where its objective
+    meters more as it runs (RL's rollouts, whose length is known only once sampled): the loop plans the budget's
+    remaining steps with it; the meter counts what was spent."""
 
     sampler: Sampler
     objective: Objective | None
     evaluation: StageEvaluation
-    step_costs: Callable[[float], tuple[float, float]] | None = None
+    expected_extra_flops: Callable[[], float] | None = None
 
 
 class Stage:

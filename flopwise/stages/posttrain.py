@@ -76,7 +76,7 @@ class PostTrainStage(Stage):
         self.split: Split = self.split_records(c, model.seq_len)
         rows = c.optim.batch_size * c.optim.grad_accum  # conversations, or pairs, per step (all ranks)
         tokens, flops = self.step_costs(model, rows)
-        line = self.split.describe(self.kind, model.seq_len) + f" ({time.perf_counter() - started:.1f}s)"
+        line = self.describe_split(model.seq_len) + f" ({time.perf_counter() - started:.1f}s)"
         record = {"posttrain": {"start": c.model.init_from, **self.split.to_dict()}}
         return Prepared(self.tokenizer, model, tokens, flops, line, record)
 
@@ -92,6 +92,10 @@ class PostTrainStage(Stage):
     def step_costs(self, model: ModelConfig, rows: int) -> tuple[int, float]:
         """(tokens, FLOPs) of one optimizer step over ``rows`` records."""
         raise NotImplementedError
+
+    def describe_split(self, seq_len: int) -> str:
+        """One line for the run's start: what the records are and what the window did to them."""
+        return self.split.describe(self.kind, seq_len)
 
     def setup_methods(self, methods: MethodStack, seq_len: int) -> None:
         """The methods' setup: post-training's stages take only methods that do not read the corpus."""

@@ -81,6 +81,13 @@ class RLStage(PostTrainStage):
                                     "shorter prompts")
         return Split(kept, held, sources, PrepareStats(len(kept), 0, dropped), PrepareStats(len(held), 0, held_dropped))
 
+    def describe_split(self, seq_len: int) -> str:
+        split, rl = self.split, self.context.config.rl
+        dropped = split.train_stats.dropped + split.heldout_stats.dropped
+        return (f"data: {len(split.train):,} training and {len(split.heldout):,} held-out tasks from "
+                f"{len(split.sources)} source(s); {dropped} left out (no room for rl.max_response={rl.max_response} "
+                f"tokens after the prompt in the {seq_len}-token window)")
+
     def width(self) -> int:
         """The one width of every training row: the longest training prompt and a whole response."""
         return max(len(prompt.ids) for prompt in self.split.train) + self.context.config.rl.max_response - 1
@@ -107,16 +114,16 @@ class RLStage(PostTrainStage):
                                 c.rl.max_response, c.rl.temperature, ctx.device)
 
         def scored(model: GPT) -> dict[str, Any]:
-            return {**evaluator(model), "rollout_seconds": objective.rollout_seconds}
+            return {**evaluator(model), "rollout_seconds": sampler.rollout_seconds}
 
-        tokens, update = self.step_costs(model.config, c.optim.batch_size)
         first_guess = self.rollout_flops_at_the_cap(model.config)
 
-        def costs(p: float) -> tuple[float, float]:
-            """A step's predicted cost: the update, and the rollouts' mean so far (at the cap before any)."""
-            return tokens, update + (sampler.mean_rollout_flops() or first_guess)
+        def expected_rollout_flops() -> float:
+            """The rollouts' mean FLOPs per step so far (at the cap before any)."""
+            return sampler.mean_rollout_flops() or first_guess
 
-        return StageLoop(sampler, objective, self.evaluation(scored, model, rl_fields), step_costs=costs)
+        return StageLoop(sampler, objective, self.evaluation(scored, model, rl_fields),
+                         expected_extra_flops=expected_rollout_flops)
 
     def rollout_flops_at_the_cap(self, model: ModelConfig) -> float:
         """The rollouts' FLOPs of a step whose completions all run to ``rl.max_response``, with their scoring

@@ -207,6 +207,9 @@ class LoopSettings:
     # None: every step costs tokens_per_step and flops_per_step
     step_costs: Callable[[float], tuple[float, float]] | None = None
     breakpoints: tuple[float, ...] = ()
+    # FLOPs a step is expected to spend beyond step_costs' (RL's rollouts, metered as they are spent): the plan of
+    # the remaining steps counts them; None: none
+    expected_extra_flops: Callable[[], float] | None = None
 
     def costs_at(self, p: float) -> tuple[float, float]:
         """(tokens, FLOPs) of a step taken at budget progress ``p``."""
@@ -442,13 +445,16 @@ class Trainer:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def step_costs(self, state: LoopState, timer: StepTimer) -> Callable[[float], StepCost]:
-        """What a step taken at progress p costs: its tokens and FLOPs, and its seconds, a later shape's
-        predicted from this one's step time in proportion to their FLOPs (unknown until a step is timed)."""
+        """What a step taken at progress p costs: its tokens and FLOPs (with those expected beyond them), and its
+        seconds, a later shape's predicted from this one's step time in proportion to their FLOPs (unknown until a
+        step is timed)."""
         s = self.settings
-        flops_now = s.costs_at(state.meter.progress(s.budget))[1]
+        extra = s.expected_extra_flops() if s.expected_extra_flops is not None else 0.0
+        flops_now = s.costs_at(state.meter.progress(s.budget))[1] + extra
 
         def cost_at(p: float) -> StepCost:
             tokens, flops = s.costs_at(p)
+            flops += extra
             return StepCost(tokens, flops, None if timer.estimate is None else timer.estimate * (flops / flops_now))
         return cost_at
 
