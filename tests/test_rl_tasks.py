@@ -282,3 +282,16 @@ def test_rewarder_scores_by_verifier_or_function():
     rewarder = Rewarder(score)
     assert [rewarder(four, "p", c) for c in ("bool", "numpy", "int")] == [1.0, 0.25, 2.0]
     assert seen[0] == ("p", "bool", {}) and rewarder.name.endswith("score") and math.isfinite(rewarder(four, "", "int"))
+
+
+def test_eval_tasks_verifiable_is_the_held_out_rl_tasks_checked_by_their_verifiers():
+    from flopwise.evaluate.tasks.resolve import resolve_tasks
+    from flopwise.posttrain.template import render_text
+
+    [task] = resolve_tasks(["verifiable"], heldout=lambda: None, seed=0, limit=None)
+    _, heldout = builtin_tasks(0)
+    assert task.name == "verifiable" and task.kind == "generate" and len(task.examples) == len(heldout)
+    for example, rl_task in zip(task.examples, heldout, strict=True):
+        assert example.context == render_text(rl_task.messages, add_generation_prompt=True)[0]
+        assert example.verify(rl_task.answer) and not example.verify("no such answer")
+        assert example.verify(f"{rl_task.answer}\n") == verify(rl_task, f"{rl_task.answer}\n")

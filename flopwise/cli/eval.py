@@ -34,8 +34,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--tasks", nargs="+", metavar="NAME|FILE", default=None,
                    help="evaluate on tasks instead of held-out loss: a built-in task (next_line, rare_word, "
-                        "doc_to_name, code_to_doc), 'builtin' for all that apply to the run's data, a JSONL task "
-                        "file, an lm-eval task YAML, or a folder of them")
+                        "doc_to_name, code_to_doc), 'builtin' for all that apply to the run's data, 'verifiable' "
+                        "(flopwise rl's held-out tasks, greedy, for a chat model), a JSONL task file, an lm-eval "
+                        "task YAML, or a folder of them")
     p.add_argument("--limit", type=int, default=None,
                    help="examples per task (default: all of a file's; 500 of each built-in task)")
     p.add_argument("--seed", type=int, default=None,

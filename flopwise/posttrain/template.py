@@ -108,7 +108,7 @@ def render(tokenizer: Tokenizer, messages: Sequence[MessageLike], add_generation
     missing = _missing(tokenizer)
     if missing:
         raise ValueError(f"the tokenizer lacks the chat tokens {', '.join(missing)}: call add_chat_tokens first")
-    text, spans = _render_text(messages, add_generation_prompt)
+    text, spans = render_text(messages, add_generation_prompt)
     encoding = _rust(tokenizer).encode(text, add_special_tokens=False)
     inside = bytearray(len(text))
     for start, end in spans:
@@ -116,7 +116,7 @@ def render(tokenizer: Tokenizer, messages: Sequence[MessageLike], add_generation
     return encoding.ids, [any(inside[start:end]) for start, end in encoding.offsets]
 
 
-def _render_text(messages: Sequence[MessageLike], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+def render_text(messages: Sequence[MessageLike], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its targets (assistant content + ``<|im_end|>``)."""
     parts: list[str] = []
     spans: list[tuple[int, int]] = []

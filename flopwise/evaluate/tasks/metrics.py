@@ -35,8 +35,9 @@ def choice_correct(examples: Sequence[Example], loglikelihoods: Sequence[Sequenc
 
 
 def exact_match(examples: Sequence[Example], outputs: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per example, whether the generation equals the target once both are stripped of outer whitespace."""
-    return {"exact_match": np.array([float(out.strip() == e.target.strip())
+    """Per example, whether the generation equals the target once both are stripped of outer whitespace, or passes
+    the example's own check where it has one."""
+    return {"exact_match": np.array([float(e.verify(out) if e.verify is not None else out.strip() == e.target.strip())
                                      for e, out in zip(examples, outputs, strict=True)])}
 
 

@@ -11,6 +11,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.evaluate.tasks.builtin import BUILTIN_TASKS, HeldoutText, build_builtin, builtin_names
 from flopwise.evaluate.tasks.lm_eval_yaml import read_lm_eval_folder, read_lm_eval_task
 from flopwise.evaluate.tasks.spec import Task, read_task_file
+from flopwise.evaluate.tasks.verifiable import VERIFIABLE, build_verifiable
 
 if TYPE_CHECKING:
     from flopwise.config import RunConfig
@@ -23,7 +24,7 @@ DEFAULT_BUILTIN_EXAMPLES = 500  # per built-in task for `flopwise eval --tasks` 
 def check_task_names(specs: Sequence[str], where: str) -> None:
     """Refuse, in one line and before anything is loaded, a name that is neither a built-in task nor a task file."""
     for spec in specs:
-        if spec in BUILTIN_TASKS or spec == ALL_BUILTIN:
+        if spec in BUILTIN_TASKS or spec in (ALL_BUILTIN, VERIFIABLE):
             continue
         path = Path(spec)
         if path.suffix in TASK_FILE_SUFFIXES or path.is_dir():
@@ -31,7 +32,7 @@ def check_task_names(specs: Sequence[str], where: str) -> None:
                 raise FlopwiseError(f"{where}: task file '{spec}' does not exist: check the path")
             continue
         raise FlopwiseError(f"{where}: unknown task '{spec}': use a built-in task ({', '.join(BUILTIN_TASKS)}), "
-                            f"'{ALL_BUILTIN}' for all that apply to the run's data, a .jsonl task file, an lm-eval "
+                            f"'{ALL_BUILTIN}' for all that apply to the run's data, '{VERIFIABLE}' (the RL tasks), a .jsonl task file, an lm-eval "
                             "task .yaml, or a folder of them")
 
 
@@ -59,6 +60,8 @@ def resolve_tasks(specs: Sequence[str], heldout: Callable[[], HeldoutText], seed
             names = builtin_names(text) if spec == ALL_BUILTIN else [spec]
             count = limit if limit is not None else DEFAULT_BUILTIN_EXAMPLES
             tasks += [build_builtin(name, text, seed, count) for name in names]
+        elif spec == VERIFIABLE:
+            tasks.append(build_verifiable(seed, limit))
         else:
             tasks += [task.head(limit) for task in _read(Path(spec))]
     names = [task.name for task in tasks]

@@ -17,6 +17,7 @@ generation.  The task's name is the file's stem; every line of a file must be of
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +34,8 @@ DEFAULT_MAX_NEW_TOKENS = 32  # a generation task's answer is short; its until st
 class Example:
     """One item: a context and either the choices with the right one's index, or the target text to generate.
     ``delimiter`` goes between the context and each choice, scored with it but not counted in the choice's
-    length (lm-eval's ``target_delimiter``; a JSONL task writes it into its choices instead)."""
+    length (lm-eval's ``target_delimiter``; a JSONL task writes it into its choices instead).  ``verify``: a
+    generation's own check (an RL task's verifier), where exact match is not the task's rule."""
 
     context: str
     choices: tuple[str, ...] = ()
@@ -41,6 +43,7 @@ class Example:
     target: str = ""
     until: tuple[str, ...] = DEFAULT_UNTIL
     delimiter: str = ""
+    verify: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True)
