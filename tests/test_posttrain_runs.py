@@ -19,7 +19,7 @@ from flopwise.posttrain.conversations import Message
 from flopwise.posttrain.template import IM_END, IM_START, render
 from flopwise.rundir import planned_model_config, read_metrics
 from flopwise.stages import stage_class
-from tests.helpers import TINY, losses, run_error, serving
+from tests.helpers import losses, run_error, serving
 
 pytestmark = pytest.mark.slow  # real runs: a pretrain, then sft and dpo from it
 
@@ -48,13 +48,6 @@ def pairs(count: int = 48) -> list[dict]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("base") / "run"
-    assert main(["train", "--budget", "12steps", "--out", str(run), *TINY, "--set", "model.seq_len=96"]) == 0
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from flopwise.cli import main
 from flopwise.model.flops import forward_flops_per_token
 from flopwise.rundir import planned_model_config, read_metrics
-from tests.helpers import TINY, losses, run_error
+from tests.helpers import losses, run_error
 
 pytestmark = pytest.mark.slow  # real runs: a pretrain, then rl from it
 
@@ -33,13 +33,6 @@ def tasks() -> list[dict]:
     records += [{"prompt": f"{a}+{b}=", "answer": a + b, "verifier": "numeric"} for a in range(4) for b in range(3)]
     records += [{"prompt": f"Write {w}.", "answer": "[a-m]", "verifier": "regex"} for w in WORDS + ("x", "y")]
     return records
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("base") / "run"
-    assert main(["train", "--budget", "12steps", "--out", str(run), *TINY, "--set", "model.seq_len=96"]) == 0
-    return run
 
 
 @pytest.fixture(scope="module")
