@@ -6,12 +6,13 @@ Runs, through the CLI, each kept so that a rerun skips it (under $FLOPWISE_BENCH
   sft         flopwise sft --init-from base --budget {sft}
   rl          flopwise rl --init-from sft --budget {rl}                   (the defaults)
   rl-<arm>    the same with one choice changed (--arms: uniform, kl, ...)
-Each RL run is scored here on the same held-out prompts as the SFT model, greedy, prompt by prompt, so the gain
-has a paired bootstrap 95% interval (10,000 resamples of the prompts).  Prints a table and writes
+Each RL run is scored here on the same held-out prompts as the SFT model, prompt by prompt (greedy: passed or
+not; sampled: the share of 4 completions at rl.temperature that passed), so each gain has a paired bootstrap
+95% interval (10,000 resamples of the prompts).  Prints a table and writes
 bench/results/rl_seed<S>.json.
 
-    python bench/rl.py --seed 0 --arms uniform kl    # the measured choices on one seed
-    python bench/rl.py --seed 1                      # the gain alone
+    python bench/rl.py --seed 0 --arms refill kl     # the measured choices
+    python bench/rl.py --seed 1 --arms refill
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from flopwise.config import load_run_config
 from flopwise.evaluate.load import load_final_model
 from flopwise.posttrain.chat import reply_end_ids
 from flopwise.posttrain.data import read_split
-from flopwise.rl.evaluate import RLEvaluator
+from flopwise.rl.evaluate import SAMPLES, RLEvaluator
 from flopwise.rl.objective import render_prompts
 from flopwise.rl.rewards import Rewarder
 from flopwise.rl.tasks import builtin_tasks, read_tasks
@@ -41,7 +42,7 @@ from flopwise.rundir import read_metrics
 
 HERE = Path(__file__).parent
 WORK = Path(os.environ.get("FLOPWISE_BENCH_WORK", "/tmp/flopwise-rl"))
-ARMS = {"uniform": ["--set", "rl.allocation=uniform"], "kl": ["--set", "rl.kl_beta=0.05"],
+ARMS = {"refill": ["--set", "rl.allocation=refill"], "kl": ["--set", "rl.kl_beta=0.05"],
         "updates2": ["--set", "rl.updates=2"], "noscale": ["--set", "rl.scale=false"]}
 RESAMPLES = 10_000
 
@@ -55,9 +56,9 @@ def ensure(out: Path, *args: str) -> Path:
     return out
 
 
-def greedy_rewards(run: Path, reference: Path) -> list[float]:
-    """The run's final model's greedy reward on each held-out prompt of ``reference`` (an RL run: its tasks and
-    settings)."""
+def scores(run: Path, reference: Path) -> dict[str, list[float]]:
+    """The run's final model on each held-out prompt of ``reference`` (an RL run: its tasks and settings): passed
+    greedy (1/0), and the share of its sampled completions that passed."""
     config = load_run_config(reference)
     model, tokenizer = load_final_model(run, torch.device("cpu"))
     train, heldout = read_split(config.posttrain, config.train.seed, read_tasks, builtin_tasks)
@@ -65,12 +66,13 @@ def greedy_rewards(run: Path, reference: Path) -> list[float]:
     prompts, _ = render_prompts(tokenizer, heldout, sources, model.config.context, config.rl.max_response)
     evaluator = RLEvaluator(prompts, sources, tokenizer, Rewarder(), reply_end_ids(tokenizer), config.rl.max_response,
                             config.rl.temperature, torch.device("cpu"))
-    return evaluator(model)["greedy_rewards"]
+    result = evaluator(model)
+    return {"greedy": [float(r > 0) for r in result["greedy_rewards"]], "sampled": result["sampled_passes"]}
 
 
 def paired_interval(after: list[float], before: list[float], seed: int) -> tuple[float, float, float]:
     """The mean gain in pass@1 and its paired bootstrap 95% interval over prompts."""
-    passed = (np.array(after) > 0).astype(float) - (np.array(before) > 0).astype(float)
+    passed = np.array(after) - np.array(before)
     rng = np.random.default_rng(seed)
     means = passed[rng.integers(0, len(passed), size=(RESAMPLES, len(passed)))].mean(axis=1)
     return float(passed.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
@@ -100,25 +102,28 @@ def main() -> None:
     for arm in args.arms:
         runs[f"rl-{arm}"] = ensure(work / f"rl-{arm}", "rl", "--init-from", str(sft), "--budget", args.rl, *seed,
                                    *ARMS[arm])
-    before = greedy_rewards(sft, runs["rl"])
-    rows: dict[str, Any] = {"sft": {"pass_greedy": float(np.mean(np.array(before) > 0))}}
+    before = scores(sft, runs["rl"])
+    rows: dict[str, Any] = {"sft": {f"pass_{kind}": float(np.mean(before[kind])) for kind in before}}
     for name, run in runs.items():
-        after = greedy_rewards(run, runs["rl"])
-        gain, low, high = paired_interval(after, before, args.seed)
-        rows[name] = {**rl_summary(run), "pass_greedy": float(np.mean(np.array(after) > 0)), "gain": gain,
-                      "gain_low": low, "gain_high": high}
-    table = Table(title=f"rl after sft, seed {args.seed}: held-out pass@1 (greedy), {len(before)} prompts")
-    for column in ("model", "pass@1", "gain over sft [95% CI]", "sampled pass@1 (start -> end)", "steps",
+        after = scores(run, runs["rl"])
+        rows[name] = rl_summary(run)
+        for kind in after:
+            gain, low, high = paired_interval(after[kind], before[kind], args.seed)
+            rows[name].update({f"pass_{kind}": float(np.mean(after[kind])), f"gain_{kind}": gain,
+                               f"gain_{kind}_low": low, f"gain_{kind}_high": high})
+    table = Table(title=f"rl after sft, seed {args.seed}: held-out pass@1, {len(before['greedy'])} prompts "
+                        f"(sampled: {SAMPLES} completions each)")
+    for column in ("model", "greedy pass@1", "gain [95% CI]", "sampled pass@1", "gain [95% CI]", "steps",
                    "rollout share of training"):
         table.add_column(column, justify="left" if column == "model" else "right")
-    table.add_row("sft", f"{rows['sft']['pass_greedy']:.3f}", "", "", "", "")
     for name, row in rows.items():
-        if name == "sft":
-            continue
-        table.add_row(name, f"{row['pass_greedy']:.3f}", f"{row['gain']:+.3f} [{row['gain_low']:+.3f}, "
-                      f"{row['gain_high']:+.3f}]", f"{row['start']['pass_sampled']:.3f} -> "
-                      f"{row['end']['pass_sampled']:.3f}", str(row["steps"]),
-                      f"{row['rollout_seconds'] / row['seconds']:.0%}")
+        cells = []
+        for kind in ("greedy", "sampled"):
+            cells.append(f"{row[f'pass_{kind}']:.3f}")
+            cells.append("" if name == "sft" else f"{row[f'gain_{kind}']:+.3f} [{row[f'gain_{kind}_low']:+.3f}, "
+                                                    f"{row[f'gain_{kind}_high']:+.3f}]")
+        extra = ["", ""] if name == "sft" else [str(row["steps"]), f"{row['rollout_seconds'] / row['seconds']:.0%}"]
+        table.add_row(name, *cells, *extra)
     Console().print(table)
     out = HERE / "results" / f"rl_seed{args.seed}.json"
     out.write_text(json.dumps({"seed": args.seed, "budgets": {"pretrain": args.pretrain, "sft": args.sft,

@@ -1,7 +1,8 @@
 """The held-out measure of an RL run: pass@1 and the mean reward on held-out prompts, greedy (temperature 0) and
-sampled (one completion each at ``rl.temperature``, seeded the same at every evaluation, so two evaluations differ
-only by the weights).  Prompts of one length are generated together through one KV cache, up to
-``rl.max_response`` tokens, as the rollouts are."""
+sampled (``SAMPLES`` completions each at ``rl.temperature``, averaged: pass@1 estimated from several samples,
+as Chen et al. 2021 estimate pass@k, with a quarter of one sample's variance; seeded the same at every
+evaluation, so two evaluations differ only by the weights).  Prompts of one length are generated together
+through one KV cache, up to ``rl.max_response`` tokens, as the rollouts are."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from flopwise.rl.rewards import Rewarder
 from flopwise.rl.rollout import sample_prompts
 
 EVAL_SEED = 1234  # the sampled completions' seed: the same draws at every evaluation
+SAMPLES = 4  # sampled completions per held-out prompt
 ROWS = 64  # prompts generated together at most
 
 
@@ -40,11 +42,15 @@ class RLEvaluator:
         try:
             greedy = self._rewards(model, 0.0, None)
             generator = torch.Generator(device=self.device).manual_seed(EVAL_SEED)
-            sampled = self._rewards(model, self.temperature, generator)
+            draws = [self._rewards(model, self.temperature, generator) for _ in range(SAMPLES)]
+            sampled = [sum(rewards) / SAMPLES for rewards in zip(*draws)]
+            passed = [sum(r > 0 for r in rewards) / SAMPLES for rewards in zip(*draws)]
         finally:
             model.train(was_training)
         result: dict[str, Any] = {"prompts": len(self.prompts), **_summary(greedy, "greedy"),
-                                  **_summary(sampled, "sampled"), "greedy_rewards": greedy}
+                                  "pass_sampled": sum(passed) / len(passed),
+                                  "reward_sampled": sum(sampled) / len(sampled), "greedy_rewards": greedy,
+                                  "sampled_passes": passed}
         per_source: dict[str, list[float]] = defaultdict(list)
         for prompt, reward in zip(self.prompts, greedy):
             per_source[self.sources[prompt.source]].append(reward)
