@@ -11,8 +11,8 @@ not; sampled: the share of 4 completions at rl.temperature that passed), so each
 95% interval (10,000 resamples of the prompts).  Prints a table and writes
 bench/results/rl_seed<S>.json.
 
-    python bench/rl.py --seed 0 --arms refill kl     # the measured choices
-    python bench/rl.py --seed 1 --arms refill
+    python bench/rl.py --seed 0 --arms uniform kl    # the gain, and the measured choices
+    python bench/rl.py --seed 1 --arms uniform
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from flopwise.rundir import read_metrics
 
 HERE = Path(__file__).parent
 WORK = Path(os.environ.get("FLOPWISE_BENCH_WORK", "/tmp/flopwise-rl"))
-ARMS = {"refill": ["--set", "rl.allocation=refill"], "kl": ["--set", "rl.kl_beta=0.05"],
+ARMS = {"uniform": ["--set", "rl.allocation=uniform"], "refill": ["--set", "rl.allocation=refill"],
+        "kl": ["--set", "rl.kl_beta=0.05"],
         "updates2": ["--set", "rl.updates=2"], "noscale": ["--set", "rl.scale=false"]}
 RESAMPLES = 10_000
 

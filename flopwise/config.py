@@ -90,9 +90,9 @@ class RLSection(Section):
     relative to its group), each up to ``max_response`` tokens at ``temperature``; advantages are the reward minus
     the group's mean, divided by its std when ``scale``; ``updates`` optimizer steps per batch of rollouts (above
     1 the ratio to the policy that sampled them is clipped at 1 +- ``clip``); ``kl_beta`` > 0 pulls towards the
-    starting model (its forwards are metered); ``allocation``: ``uniform`` trains on every prompt as drawn, ``refill``
-    replaces the prompts whose group got one reward for all (no signal) by fresh ones, up to ``refill_rounds``
-    times (measured slower to gain at equal budget: bench/RESULTS.md#rl);
+    starting model (its forwards are metered); ``allocation``: ``refill`` replaces the prompts whose group got one
+    reward for all (no signal) by fresh ones, up to ``refill_rounds`` times (gained more than ``uniform``, which
+    trains on every prompt as drawn, at equal budget on 3 seeds: bench/RESULTS.md#rl);
     ``reward``: ``module:function`` (or ``file.py:function``) scoring (prompt, completion, record) instead of the
     task's verifier: the user's own code, run only when named."""
 
@@ -103,7 +103,7 @@ class RLSection(Section):
     updates: int = 1
     clip: float = 0.2
     kl_beta: float = 0.0
-    allocation: Literal["uniform", "refill"] = "uniform"
+    allocation: Literal["refill", "uniform"] = "refill"
     refill_rounds: int = 2
     reward: str = ""
 

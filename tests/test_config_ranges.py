@@ -44,6 +44,9 @@ RANGES = [
     # posttrain
     ("posttrain.beta", "0", "1e-6"), ("posttrain.heldout", "0", "1e-6"), ("posttrain.heldout", "1", "0.99"),
     ("posttrain.heldout_max", "0", "1"),
+    # rl
+    ("rl.group", "1", "2"), ("rl.max_response", "0", "1"), ("rl.updates", "0", "1"), ("rl.refill_rounds", "-1", "0"),
+    ("rl.temperature", "0", "1e-6"), ("rl.clip", "0", "1e-6"), ("rl.clip", "1", "0.99"), ("rl.kl_beta", "-1", "0"),
     # methods.<name>
     ("methods.8bit.block", "0", "1"),
     ("methods.galore.rank", "0", "1"), ("methods.galore.update_gap", "0", "1"), ("methods.galore.scale", "0", "1e-6"),

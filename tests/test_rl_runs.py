@@ -182,3 +182,16 @@ def test_a_reward_function_that_fails_stops_in_one_line_and_keeps_the_last_check
     assert "--reward my_rewards:score" in err and said.lower() in err.lower()
     assert any((out / "checkpoints").iterdir())  # the steps before it are kept
     assert not (out / "final").exists()
+
+
+def test_tensorboard_wandb_and_the_report_show_pass_at_1(rl_run, tmp_path, capsys):
+    from flopwise.train.loggers import scalars
+
+    logged = scalars(events(rl_run, "eval")[-1])
+    assert {"eval/pass_greedy", "eval/pass_sampled", "eval/reward_greedy", "eval/rollout_seconds"} <= set(logged)
+    assert "eval/loss" not in logged  # an RL evaluation has no held-out loss
+    out = tmp_path / "report"
+    assert main(["report", str(rl_run), "--out", str(out)]) == 0
+    plots = json.loads((out / "report.json").read_text())["plots"]
+    assert plots["pass_vs_seconds"]["lines"][0]["y"] == [e["pass_greedy"] for e in events(rl_run, "eval")]
+    assert (out / "pass_vs_seconds.png").stat().st_size > 0 and (out / "reward_vs_seconds.png").is_file()

@@ -1,11 +1,8 @@
 """Post-training data as a run trains on it: read (files or built-in), split into training and held-out
 records, rendered with the chat template and cut to the window, with counts for the run summary.
 
-SFT's built-in data is the questions about the standard library (flopwise/posttrain/builtin_data.py) and the
-built-in RL tasks answered (flopwise/rl/tasks.py), each on its own split: the training tasks teach the answers'
-form ("Answer with the number only."), so that `flopwise rl` after `flopwise sft` starts from a model that
-solves some of the held-out tasks, which RL needs (a group with no correct answer teaches nothing).  With the
-same seed, SFT never trains on RL's held-out tasks.
+SFT's built-in data is given by the stage (``builtin``): the SFT stage adds the RL tasks, answered, to the
+standard-library questions (``flopwise.rl.tasks.builtin_sft_data``).
 
 A file's held-out records are a seeded share of it (``posttrain.heldout``), so each source is scored; the
 built-in data is held out by package and help topic instead (flopwise/posttrain/builtin_data.py).  At most
@@ -25,11 +22,10 @@ from flopwise.config import PostTrainSection
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
 from flopwise.posttrain.builtin_data import builtin_instructions, builtin_preferences
-from flopwise.posttrain.conversations import Conversation, Message, PreferencePair, read_conversations, read_preferences
+from flopwise.posttrain.conversations import Conversation, PreferencePair, read_conversations, read_preferences
 from flopwise.posttrain.preference import RenderedPair, prepare_pairs, render_pair
 from flopwise.posttrain.sampler import PrepareStats, Rendered, prepare
 from flopwise.posttrain.template import render
-from flopwise.rl.tasks import Task, builtin_tasks
 
 Record = TypeVar("Record")  # a conversation, a preference pair or an RL task: each has its .source
 BUILTIN_TOPICS = "built-in:pydoc_data.topics"  # the prefix of the help topics' sources
@@ -74,9 +70,10 @@ def source_name(source: str) -> str:
     return "built-in:docstrings" if source.startswith("built-in:") else source
 
 
-def sft_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, seed: int) -> Split:
-    """The conversations of ``section.data`` (or the built-in instructions), rendered and cut to ``seq_len``."""
-    train, heldout = read_split(section, seed, read_conversations, builtin_sft_data)
+def sft_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, seed: int,
+              builtin: Callable[[int], tuple[list[Conversation], list[Conversation]]] = builtin_instructions) -> Split:
+    """The conversations of ``section.data`` (or the ``builtin`` ones), rendered and cut to ``seq_len``."""
+    train, heldout = read_split(section, seed, read_conversations, builtin)
     sources = _sources(train + heldout)
 
     def rendered(conversations: list[Conversation]) -> tuple[list[Rendered], PrepareStats]:
@@ -86,19 +83,6 @@ def sft_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, see
     (train_rows, train_stats), (heldout_rows, heldout_stats) = rendered(train), rendered(heldout)
     _require_fitting(train_rows, heldout_rows, "conversation", "an assistant token", seq_len)
     return Split(train_rows, heldout_rows, sources, train_stats, heldout_stats)
-
-
-def builtin_sft_data(seed: int) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, held-out): the standard-library questions and the built-in RL tasks with their answers."""
-    instructions, held_instructions = builtin_instructions(seed)
-    tasks, held_tasks = builtin_tasks(seed)
-    return instructions + answered(tasks), held_instructions + answered(held_tasks)
-
-
-def answered(tasks: Sequence[Task]) -> list[Conversation]:
-    """Each task's prompt followed by its reference answer, as a conversation."""
-    return [Conversation((*task.messages, Message("assistant", task.answer)), f"{BUILTIN_TASKS}:{task.source}")
-            for task in tasks if task.verifier != "regex"]  # a pattern is not an answer to imitate
 
 
 def dpo_split(section: PostTrainSection, tokenizer: Tokenizer, seq_len: int, seed: int) -> Split:

@@ -28,14 +28,16 @@ import inspect
 import math
 import random
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flopwise.errors import FlopwiseError
+from flopwise.posttrain.builtin_data import builtin_instructions
 from flopwise.posttrain.conversations import (
     OPENAI,
+    Conversation,
     Message,
     RecordLine,
     json_records,
@@ -43,6 +45,7 @@ from flopwise.posttrain.conversations import (
     parse_messages,
     quoted,
 )
+from flopwise.posttrain.data import BUILTIN_TASKS
 
 VERIFIERS = ("exact", "numeric", "regex")
 BUILTIN_KINDS = ("arithmetic", "modules", "expressions")
@@ -265,3 +268,20 @@ def _tolerance(record: dict, line: RecordLine, verifier: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise line.error(f"is {value}: give a finite number >= 0", "tolerance")
     return float(value)
+
+
+def builtin_sft_data(seed: int) -> tuple[list[Conversation], list[Conversation]]:
+    """SFT's built-in data, (train, held-out): the standard-library questions (flopwise/posttrain/builtin_data.py)
+    and the built-in tasks with their answers, each on its own split.  The training tasks teach the answers' form
+    ("Answer with the number only."), so that `flopwise rl` after `flopwise sft` starts from a model that solves
+    some held-out tasks, which RL needs (a group with no right answer teaches nothing).  With the same seed, SFT
+    never trains on RL's held-out tasks."""
+    instructions, held_instructions = builtin_instructions(seed)
+    tasks, held_tasks = builtin_tasks(seed)
+    return instructions + answered(tasks), held_instructions + answered(held_tasks)
+
+
+def answered(tasks: Sequence[Task]) -> list[Conversation]:
+    """Each task's prompt followed by its reference answer, as a conversation."""
+    return [Conversation((*task.messages, Message("assistant", task.answer)), f"{BUILTIN_TASKS}:{task.source}")
+            for task in tasks if task.verifier != "regex"]  # a pattern is not an answer to imitate

@@ -23,6 +23,7 @@ from flopwise.posttrain.objective import SFTObjective
 from flopwise.posttrain.preference import DPOObjective, PairSampler, PreferenceEvaluator, dpo_flops_per_step
 from flopwise.posttrain.sampler import ConversationSampler
 from flopwise.posttrain.start import Start, load_start, start_shape
+from flopwise.rl.tasks import builtin_sft_data
 from flopwise.stages.base import Prepared, Shape, Stage, StageEvaluation, StageLoop
 from flopwise.train.callbacks import EvalFields
 
@@ -123,7 +124,7 @@ class SFTStage(PostTrainStage):
     defaults = {"optim.lr": 3e-4, "optim.muon_lr": 1.5e-3}
 
     def split_records(self, config: RunConfig, seq_len: int) -> Split:
-        return sft_split(config.posttrain, self.tokenizer, seq_len, config.train.seed)
+        return sft_split(config.posttrain, self.tokenizer, seq_len, config.train.seed, builtin_sft_data)
 
     def step_costs(self, model: ModelConfig, rows: int) -> tuple[int, float]:
         tokens = rows * model.seq_len
