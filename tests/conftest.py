@@ -55,11 +55,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def base(tmp_path_factory) -> Path:
-    """A tiny pretrained run (12 steps, byte tokenizer, 96-token window): the start of the post-training tests."""
+def base(tmp_path_factory, text_folder) -> Path:
+    """A tiny pretrained run (12 steps, byte tokenizer, 96-token window, on ``text_folder``: quick to prepare): the
+    start of the post-training tests."""
     from flopwise.cli import main
     from tests.helpers import TINY
 
     run = tmp_path_factory.mktemp("base") / "run"
-    assert main(["train", "--budget", "12steps", "--out", str(run), *TINY, "--set", "model.seq_len=96"]) == 0
+    assert main(["train", "--data", str(text_folder), "--budget", "12steps", "--out", str(run), *TINY,
+                 "--set", "model.seq_len=96"]) == 0
     return run

@@ -24,9 +24,6 @@ class SFTObjective:
     def next_batch(self) -> SFTBatch:
         return self.sampler.next_batch()
 
-    def take_extra_flops(self) -> float:
-        return 0.0  # every step costs what the stage predicted
-
     def loss(self, model: torch.nn.Module, batch: SFTBatch, device: torch.device, dtype: torch.dtype
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss to backpropagate, the same detached): the mean over the batch's assistant tokens."""

@@ -160,9 +160,6 @@ class DPOObjective:
     def next_batch(self) -> PairBatch:
         return self.sampler.next_batch()
 
-    def take_extra_flops(self) -> float:
-        return 0.0  # every step costs what the stage predicted
-
     def loss(self, model: torch.nn.Module, batch: PairBatch, device: torch.device, dtype: torch.dtype
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the DPO loss to backpropagate, the same detached), the mean over the batch's pairs."""

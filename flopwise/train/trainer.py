@@ -229,15 +229,15 @@ class Outcome:
 
 class Objective(Protocol):
     """What a step trains on and for: pretraining's is the MethodStack (the methods choose and score packed
-    windows of the corpus); post-training brings its own (flopwise/posttrain/objective.py)."""
+    windows of the corpus); post-training brings its own (flopwise/posttrain/objective.py).  An objective that
+    spends FLOPs beyond the step's own as it runs (RL's rollouts, flopwise/rl/objective.py) also has
+    ``take_extra_flops() -> float``: those FLOPs (all ranks) since its last call, which the meter adds."""
 
     def next_batch(self) -> Any: ...
 
     def loss(self, model: torch.nn.Module, batch: Any, device: torch.device, dtype: torch.dtype
              ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def take_extra_flops(self) -> float:
-        """FLOPs spent beyond the step's predicted cost since the last call, all ranks (RL's rollouts)."""
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, methods: MethodStack,
@@ -391,7 +391,7 @@ class Trainer:
                                                       float(self._interrupted))
                 self._interrupted = bool(interrupted)
                 extra = self.methods.take_extra_flops()
-                if self.objective is not None:
+                if hasattr(self.objective, "take_extra_flops"):  # the optional part of the Objective protocol
                     extra += self.objective.take_extra_flops()
                 state.meter.add_step(seconds, tokens, flops + extra)
                 timer.update(seconds)
