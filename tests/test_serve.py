@@ -24,7 +24,7 @@ from flopwise.serve.engine import Decoding, Engine, _held_back
 from tests.helpers import headless_chromium, serving, tiny_chat_model, watch_page_problems
 
 openai = pytest.importorskip("openai", reason="the serve tests need the openai client: pip install -e '.[test]'")
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # servers on loopback ports
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
 
@@ -253,7 +253,6 @@ def test_the_page_is_self_contained(server):
     assert "http://" not in page and "https://" not in page  # nothing loaded from the internet
 
 
-@pytest.mark.slow  # a browser / a server process of its own
 def test_the_page_streams_a_reply_and_stops_one_in_chromium(model, tokenizer, slow_decoding):
     expected = chat_reference_for(model, tokenizer, "Hello there", 20, seed=1)
     problems: list[str] = []
