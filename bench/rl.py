@@ -33,11 +33,10 @@ from rich.table import Table
 from flopwise.config import load_run_config
 from flopwise.evaluate.load import load_final_model
 from flopwise.posttrain.chat import reply_end_ids
-from flopwise.posttrain.data import read_split
 from flopwise.rl.evaluate import SAMPLES, RLEvaluator
 from flopwise.rl.objective import render_prompts
 from flopwise.rl.rewards import Rewarder
-from flopwise.rl.tasks import builtin_tasks, read_tasks
+from flopwise.rl.tasks import task_split
 from flopwise.rundir import read_metrics
 
 HERE = Path(__file__).parent
@@ -62,8 +61,7 @@ def scores(run: Path, reference: Path) -> dict[str, list[float]]:
     greedy (1/0), and the share of its sampled completions that passed."""
     config = load_run_config(reference)
     model, tokenizer = load_final_model(run, torch.device("cpu"))
-    train, heldout = read_split(config.posttrain, config.train.seed, read_tasks, builtin_tasks)
-    sources = list(dict.fromkeys(task.source for task in train + heldout))
+    _, heldout, sources = task_split(config.posttrain, config.train.seed)
     prompts, _ = render_prompts(tokenizer, heldout, sources, model.config.context, config.rl.max_response)
     evaluator = RLEvaluator(prompts, sources, tokenizer, Rewarder(), reply_end_ids(tokenizer), config.rl.max_response,
                             config.rl.temperature, torch.device("cpu"))

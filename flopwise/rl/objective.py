@@ -27,6 +27,7 @@ import torch
 
 from flopwise.config import RLSection
 from flopwise.data.tokenizer import Tokenizer
+from flopwise.errors import FlopwiseError
 from flopwise.model.flops import forward_flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.posttrain.losses import token_log_probs
@@ -107,8 +108,6 @@ class PromptSampler:
                 "rollout_flops": self.rollout_flops, "rollout_seconds": self.rollout_seconds, "pending": self.pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from flopwise.errors import FlopwiseError
-
         if int(state["prompts"]) != len(self.prompts):
             raise FlopwiseError(f"the checkpoint's prompt order covers {state['prompts']} prompts but this run has "
                                 f"{len(self.prompts)}: resume with the same tasks and model.seq_len")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flopwise.config import PostTrainSection
 from flopwise.errors import FlopwiseError
 from flopwise.posttrain.builtin_data import builtin_instructions
 from flopwise.posttrain.conversations import (
@@ -45,7 +46,7 @@ from flopwise.posttrain.conversations import (
     parse_messages,
     quoted,
 )
-from flopwise.posttrain.data import BUILTIN_TASKS
+from flopwise.posttrain.data import BUILTIN_TASKS, read_split
 
 VERIFIERS = ("exact", "numeric", "regex")
 BUILTIN_KINDS = ("arithmetic", "modules", "expressions")
@@ -285,3 +286,9 @@ def answered(tasks: Sequence[Task]) -> list[Conversation]:
     """Each task's prompt followed by its reference answer, as a conversation."""
     return [Conversation((*task.messages, Message("assistant", task.answer)), f"{BUILTIN_TASKS}:{task.source}")
             for task in tasks if task.verifier != "regex"]  # a pattern is not an answer to imitate
+
+
+def task_split(section: PostTrainSection, seed: int) -> tuple[list[Task], list[Task], list[str]]:
+    """(training, held-out) tasks of ``section.data`` (or the built-in ones), and their sources in order."""
+    train, heldout = read_split(section, seed, read_tasks, builtin_tasks)
+    return train, heldout, list(dict.fromkeys(task.source for task in train + heldout))

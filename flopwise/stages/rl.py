@@ -17,13 +17,13 @@ from flopwise.model.config import ModelConfig
 from flopwise.model.flops import flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.posttrain.chat import reply_end_ids
-from flopwise.posttrain.data import Split, read_split
+from flopwise.posttrain.data import Split
 from flopwise.posttrain.sampler import PrepareStats
 from flopwise.rl.evaluate import RLEvaluator
 from flopwise.rl.objective import PromptSampler, RLObjective, render_prompts
 from flopwise.rl.rewards import Rewarder, load_reward_function
 from flopwise.rl.rollout import generation_flops
-from flopwise.rl.tasks import builtin_tasks, read_tasks
+from flopwise.rl.tasks import task_split
 from flopwise.stages.base import StageLoop
 from flopwise.stages.posttrain import PostTrainStage
 
@@ -69,8 +69,7 @@ class RLStage(PostTrainStage):
     def split_records(self, config: RunConfig, seq_len: int) -> Split:
         """The tasks (files, or the built-in ones), rendered as prompts; those whose prompt leaves no room for
         ``rl.max_response`` tokens in the context are dropped, and counted."""
-        train, heldout = read_split(config.posttrain, config.train.seed, read_tasks, builtin_tasks)
-        sources = list(dict.fromkeys(task.source for task in train + heldout))
+        train, heldout, sources = task_split(config.posttrain, config.train.seed)
         rl = config.rl
         (kept, dropped), (held, held_dropped) = (
             render_prompts(self.tokenizer, part, sources, seq_len, rl.max_response) for part in (train, heldout))
