@@ -49,6 +49,15 @@ def test_a_strided_evaluation_reads_every_kth_final_window_and_keeps_the_domain_
     assert evaluator(model, 320, stride=1) == final
 
 
+def test_window_losses_are_the_windows_the_evaluation_reads_each_scored_alone():
+    model, val, evaluator = toy_evaluation()
+    nats, tokens = evaluator.window_losses(model, 320)
+    windows = np.concatenate([heldout_windows(val["code"], 8, 320), heldout_windows(val["prose"], 8, 320)])
+    assert len(nats) == len(tokens) == 50 and set(tokens) == {8}
+    assert np.allclose(nats / tokens, [mean_loss(model, w[None]) for w in windows], atol=1e-5)
+    assert np.isclose(nats.sum() / tokens.sum(), evaluator(model, 320)["loss"], atol=1e-9)
+
+
 def test_an_evaluation_during_the_run_reads_at_most_its_share_of_the_tokens_trained():
     model, val, evaluator = toy_evaluation()
     # at 320 tokens per domain: 40 code and 10 prose windows of 8; stride k reads ceil(40/k) + ceil(10/k) of them

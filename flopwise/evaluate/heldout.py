@@ -82,6 +82,19 @@ class Evaluator:
                                                 for sums in per_window.values()])["loss"] for k in strides}
         return result
 
+    @torch.no_grad()
+    def window_losses(self, model: torch.nn.Module, max_tokens_per_domain: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """(nats, tokens) of each window that ``__call__`` reads, domain after domain: for paired comparisons of
+        two models on the same windows (bench/compress.py bootstraps over them)."""
+        was_training = model.training
+        model.eval()
+        sums = [self._window_sums(model, windows) for domain in self.corpus.domains
+                if len(windows := heldout_windows(self.corpus.val_tokens_by_domain(domain), self.seq_len,
+                                                  max_tokens_per_domain))]
+        model.train(was_training)
+        return np.concatenate([s["nats"] for s in sums]), np.concatenate([s["tokens"] for s in sums])
+
     def in_run_stride(self, max_tokens_per_domain: int, tokens_trained: float) -> int:
         """The stride of an evaluation during the run after ``tokens_trained``: the smallest power of two from
         FINAL_EVAL_SCALE up whose windows hold at most IN_RUN_SHARE of them, or the one that leaves each domain
