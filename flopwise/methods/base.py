@@ -32,8 +32,8 @@ Hooks, in the order a run meets them:
 - ``sampler_options``: mixture weights and window difficulties for the sampler.
 - ``attach``: receive the sampler the run draws from.
 - ``step_shape`` / ``shape_breakpoints``: what a step trains at budget progress p (global windows per
-  micro-batch, window length, blocks run, share of block weights pruned): progressive training's schedules, read by the budget's step
-  counting as well as by the step itself.
+  micro-batch, window length, blocks run, share of block weights pruned): progressive training's and
+  pruning's schedules, read by the budget's step counting as well as by the step itself.
 - ``reshape``: make the model and optimizer train at the step's shape (stack the blocks at a growth point,
   prune to the step's sparsity).
 - ``on_progress``: act at budget progress p before each step's forward (start fake quantization).
