@@ -77,7 +77,7 @@ class MemoryEstimate:
     matrices are apart in ``projections``.  ``gradients`` is the most alive at once (all of them, except with
     ``layerwise``).  ``activations`` is what one micro-batch saves for backward as configured;
     ``activations_full``/``activations_checkpointed`` without/with activation checkpointing.
-    ``buffers``: RoPE tables, SLTrain's indices, the token batch.  ``logits``: the logits and
+    ``buffers``: RoPE tables, SLTrain's indices, pruning masks, the token batch.  ``logits``: the logits and
     cross-entropy's tensors at the start of backward.  ``peak``: the largest of ``moments``."""
 
     methods: tuple[str, ...]

@@ -35,7 +35,7 @@ import math
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 from torch import nn
 
 from flopwise.errors import FlopwiseError
@@ -63,6 +63,12 @@ class PruneConfig(MethodConfig):
     _sparsity = in_range("sparsity", low=0, high=1, below=True)
     _progress = in_range("start", "end", low=0, high=1)
     _updates = in_range("updates", low=1)
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _sexagesimal(cls, value: Any) -> Any:
+        """YAML 1.1 (``--set``, .yaml files) reads an unquoted 2:4 as the base-60 number 2 * 60 + 4."""
+        return "2:4" if value == 2 * 60 + 4 else value
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneConfig:
