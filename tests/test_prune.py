@@ -12,12 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flopwise.config import load_config
 from flopwise.memory.estimate import estimate_memory
 from flopwise.methods.base import StepShape
 from flopwise.methods.prune import Prune, PruneConfig, average_density, magnitude_mask, ramp_points, scheduled_sparsity
 from flopwise.methods.stack import memory_traits
 from flopwise.model.config import ModelConfig
-from flopwise.model.flops import flops_per_token
+from flopwise.model.flops import count_parameters, flops_per_token
+from flopwise.plan.planner import plan_run
+from flopwise.scaling.law import CHINCHILLA_REFIT
+from flopwise.scaling.law_file import PlanningLaw
+from flopwise.scaling.shapes import family_shape
 from tests.helpers import TINY, config_with, losses, run_error, train, train_events
 
 
@@ -185,3 +190,17 @@ def test_a_run_interrupted_after_pruning_steps_resumes_bit_for_bit(tmp_path, tex
     assert [e["sparsity"] for e in train_events(part)] == [e["sparsity"] for e in train_events(full)]
     finals = [load_file(str(run / "final" / "model.safetensors")) for run in (full, part)]
     assert all(torch.equal(finals[0][name], finals[1][name]) for name in finals[0])
+
+
+def test_the_planner_counts_a_pruned_runs_average_parameters_and_flops():
+    """Jin et al. 2025: a sparse run sits on the dense law at its average parameter count over the run."""
+    pruned_config = load_config(values={"budget.flops": 1e18, "methods.use": ["prune"]})
+    pruned = plan_run(pruned_config, 8192, PlanningLaw(CHINCHILLA_REFIT), "d")
+    density = average_density(PruneConfig())
+    assert len(pruned.candidates) > 2
+    for candidate in pruned.candidates:
+        cfg = family_shape(pruned_config.model, candidate.d_model, 8192)
+        blocks = cfg.n_layers * sum(out * inp for _, out, inp in cfg.block_linears)
+        assert candidate.non_embedding == round(count_parameters(cfg)["non_embedding"] - (1 - density) * blocks)
+        assert candidate.tokens == pytest.approx(1e18 / (flops_per_token(cfg) - 6 * (1 - density) * blocks))
+        assert candidate.law_loss == pytest.approx(CHINCHILLA_REFIT.loss(candidate.non_embedding, candidate.tokens))

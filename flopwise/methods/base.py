@@ -24,6 +24,8 @@ Hooks, in the order a run meets them:
 - ``implied`` (class): whether the data section or the run already asks for the method (``--data NAME=PATH:W``
   asks for ``mixture``, ``model.mtp_tokens`` for ``mtp``), so the resolve stage adds it to ``methods.use``.
 - ``memory`` (class): its part of the peak-memory estimate, as ``MemoryTraits``.
+- ``average_block_density`` (class): the share of the block Linears' weights that are nonzero, averaged over
+  the run (pruning), which the planner counts the model's parameters and FLOPs at.
 - ``int4_group`` (class): the int4 group its model is meant for (``flopwise eval --quantize int4`` rounds to it).
 - ``legacy_state`` (class): its checkpoint state where an older checkpoint kept it.
 - ``configure``: change the model before the optimizer is built (factorize, wrap, freeze).
@@ -197,6 +199,11 @@ class Method:
     @classmethod
     def memory(cls, config: MethodConfig, traits: MemoryTraits, model: ModelConfig) -> None:
         """Record in ``traits`` what this method changes in a training step's memory."""
+
+    @classmethod
+    def average_block_density(cls, config: MethodConfig) -> float:
+        """The share of the block Linears' weights that are nonzero, averaged over budget progress p in [0, 1]."""
+        return 1.0
 
     @classmethod
     def int4_group(cls, config: MethodConfig) -> int | None:

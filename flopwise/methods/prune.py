@@ -155,6 +155,10 @@ class Prune(Method):
                                 f"({shown}): choose multiples of 4, or kind 'unstructured'")
 
     @classmethod
+    def average_block_density(cls, config: PruneConfig) -> float:
+        return average_density(config)
+
+    @classmethod
     def memory(cls, config: PruneConfig, traits: MemoryTraits, model: ModelConfig) -> None:
         traits.pruning_masks = True
 
