@@ -134,6 +134,7 @@ class Prune(Method):
     name: ClassVar[str] = "prune"
     Config = PruneConfig
     stages = PRETRAIN
+    survives_extension = False  # its ramp follows the original budget's share: a longer run would unprune
     conflicts = {"lora": "LoRA freezes the block weights that pruning would zero; prune in pretraining",
                  "sltrain": "SLTrain replaces the block Linears' dense weights, which pruning masks"}
 
