@@ -204,3 +204,17 @@ def test_the_planner_counts_a_pruned_runs_average_parameters_and_flops():
         assert candidate.non_embedding == round(count_parameters(cfg)["non_embedding"] - (1 - density) * blocks)
         assert candidate.tokens == pytest.approx(1e18 / (flops_per_token(cfg) - 6 * (1 - density) * blocks))
         assert candidate.law_loss == pytest.approx(CHINCHILLA_REFIT.loss(candidate.non_embedding, candidate.tokens))
+
+
+def test_a_growth_in_depth_remakes_the_masks_from_the_copied_weights():
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4, bias=False)])
+    method = Prune(PruneConfig(start=0.5, end=0.5))
+    method.configure(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    method.reshape(StepShape(1, 8, 1, block_sparsity=0.5), model, optimizer)
+    with torch.no_grad():
+        model.layers[1].weight.copy_(model.layers[0].weight)  # what grow_depth's stacking does
+    method.reshape(StepShape(1, 8, 2, block_sparsity=0.5), model, optimizer)
+    assert torch.equal(method.masks["layers.1"], method.masks["layers.0"])
+    assert method.state_dict() == {"sparsity": 0.5, "depth": 2}

@@ -17,15 +17,15 @@ NVIDIA's sparse tensor cores expect), the z smallest, z = the schedule's share r
 1 of 4 once the cubic passes 0.25, 2 of 4 at the ramp's end, so every intermediate mask already lies inside
 the final 2:4 pattern and the average parameter count still follows the cubic to within a quarter.
 
-The masks (bool, one per weight) are computed at the step where the schedule's share changes (``reshape``,
-before that step's forward) and the pruned weights are set to zero then and after every optimizer step, so
-the forward always sees the masked weight, as in Zhu & Gupta's masked layers.  The optimizer's moments of a
-pruned weight are left alone: the weight is zeroed again after each update and, being zero, ranks smallest at
-the next mask update, so it never regrows and its moments never act.  A step's FLOPs count the pruned
-matrices at their density (StepShape.block_sparsity, flopwise/model/flops.py), as the sparse scaling papers
-count; a dense kernel on hardware without sparse support still multiplies the zeros, which a seconds budget
-measures as it is.  The masks and the share they were made at are saved in the checkpoint, so a resumed run
-repeats the uninterrupted one exactly.
+The masks (bool, one per weight) are computed at the step where the schedule's share changes (``reshape``, before
+that step's forward, and again where a growth in depth copied trained blocks into new ones) and the pruned
+weights are set to zero then and after every optimizer step, so the forward always sees the masked weight, as in
+Zhu & Gupta's masked layers. The optimizer's moments of a pruned weight are left alone: the weight is zeroed
+again after each update and, being zero, ranks smallest at the next mask update, so it never regrows and its
+moments never act. A step's FLOPs count the pruned matrices at their density (StepShape.block_sparsity,
+flopwise/model/flops.py), as the sparse scaling papers count; a dense kernel on hardware without sparse support
+still multiplies the zeros, which a seconds budget measures as it is. The masks and the share they were made at
+are saved in the checkpoint, so a resumed run repeats the uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -143,6 +143,7 @@ class Prune(Method):
         self.weights: dict[str, nn.Parameter] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.sparsity = 0.0  # the share the masks were made at
+        self.depth = 0  # the blocks that ran when they were made
 
     @classmethod
     def check(cls, config: PruneConfig, run: RunView, world: World | None) -> None:
@@ -173,8 +174,9 @@ class Prune(Method):
         return ramp_points(self.config)
 
     def reshape(self, shape: StepShape, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if shape.block_sparsity != self.sparsity:
-            self.sparsity = shape.block_sparsity
+        # a growth in depth (grow_depth) copies trained blocks over ones whose masks were made untrained
+        if shape.block_sparsity != self.sparsity or (self.masks and shape.n_layers != self.depth):
+            self.sparsity, self.depth = shape.block_sparsity, shape.n_layers
             self.masks = {name: magnitude_mask(weight, self.sparsity, self.config.kind)
                           for name, weight in self.weights.items()}
             self.apply_masks()
@@ -192,10 +194,10 @@ class Prune(Method):
         return {"sparsity": self.sparsity}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sparsity": self.sparsity}
+        return {"sparsity": self.sparsity, "depth": self.depth}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sparsity = state["sparsity"]
+        self.sparsity, self.depth = state["sparsity"], state["depth"]
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
         return {name: mask.cpu() for name, mask in self.masks.items()}
