@@ -218,3 +218,22 @@ def test_a_growth_in_depth_remakes_the_masks_from_the_copied_weights():
     method.reshape(StepShape(1, 8, 2, block_sparsity=0.5), model, optimizer)
     assert torch.equal(method.masks["layers.1"], method.masks["layers.0"])
     assert method.state_dict() == {"sparsity": 0.5, "depth": 2}
+
+
+@pytest.mark.slow
+def test_with_the_default_progressive_recipe_a_run_resumes_bit_for_bit_and_ends_at_the_target(tmp_path, text_folder):
+    """The default recipe's grow_depth, seq_schedule and batch_schedule beside pruning: interrupted after the
+    growth and the last mask update (p = 0.75 of 24 steps), the resumed run repeats the uninterrupted one."""
+    args = ["--data", str(text_folder), "--budget", "24steps", *TINY, "--set", "methods.progressive=true",
+            "--set", "model.n_layers=4", "--method", "prune", "--set", "train.eval_every=0"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train(*args, "--out", str(full)) == 0
+    assert train(*args, "--stop-after", "20steps", "--out", str(part)) == 0
+    assert train("--resume", str(part)) == 0
+    assert losses(part) == losses(full)
+    events = train_events(full)
+    assert (events[0]["depth"], events[-1]["depth"]) == (2, 4) and events[-1]["sparsity"] == 0.5
+    finals = [load_file(str(run / "final" / "model.safetensors")) for run in (full, part)]
+    assert all(torch.equal(finals[0][name], finals[1][name]) for name in finals[0])
+    for name, weight in pruned_matrices(full).items():
+        assert int((weight == 0).sum()) == weight.numel() // 2, name
