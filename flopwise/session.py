@@ -272,7 +272,7 @@ class Session:
         def shape_costs(shape: StepShape) -> tuple[float, float]:
             tokens = shape.batch_size * grad_accum * self.model_cfg.seq_len  # shorter windows cut the same tokens
             cfg = dataclasses.replace(self.model_cfg, n_layers=shape.n_layers, seq_len=shape.seq_len)
-            return tokens, flops_per_token(cfg) * tokens
+            return tokens, flops_per_token(cfg, shape.block_sparsity) * tokens
         return {"step_costs": lambda p: shape_costs(self.methods.shape_at(p)), "breakpoints": breakpoints}
 
     def describe(self) -> str:

@@ -65,6 +65,8 @@ RANGES = [
     ("methods.salt.select_top_k", "0", "1"),
     ("methods.z_loss.weight", "-1", "1e-12"),
     ("methods.qat.start", "1", "0"), ("methods.qat.group", "0", "1"),
+    ("methods.prune.sparsity", "-0.1", "0"), ("methods.prune.sparsity", "1", "0.99"),
+    ("methods.prune.start", "-0.1", "0"), ("methods.prune.end", "1.5", "1"), ("methods.prune.updates", "0", "1"),
     ("methods.grow_depth.factor", "1", "2"), ("methods.grow_depth.at", "0", "0.01"), ("methods.grow_depth.at", "1", "0.99"),
     ("methods.seq_schedule.start", "0", "1"), ("methods.seq_schedule.until", "0", "1"),
     ("methods.batch_schedule.start", "1.5", "1"), ("methods.batch_schedule.until", "0", "0.01"),

@@ -38,4 +38,5 @@ class MemoryTraits:
     # (flopwise/optim/rounding.py)
     fp8_block_matmuls: bool = False  # block Linears are torchao's Float8Linear: no weight cast kept for backward
     fake_quantized_blocks: bool = False  # block Linears keep a fake-quantized copy of their weight for backward
+    pruning_masks: bool = False  # a bool mask (1 byte) is kept beside every block matmul weight (pruning)
     averaged_weights: bool = False  # an fp32 average of every trained weight is kept beside it (weight averaging)

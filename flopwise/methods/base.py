@@ -24,6 +24,8 @@ Hooks, in the order a run meets them:
 - ``implied`` (class): whether the data section or the run already asks for the method (``--data NAME=PATH:W``
   asks for ``mixture``, ``model.mtp_tokens`` for ``mtp``), so the resolve stage adds it to ``methods.use``.
 - ``memory`` (class): its part of the peak-memory estimate, as ``MemoryTraits``.
+- ``average_block_density`` (class): the share of the block Linears' weights that are nonzero, averaged over
+  the run (pruning), which the planner counts the model's parameters and FLOPs at.
 - ``int4_group`` (class): the int4 group its model is meant for (``flopwise eval --quantize int4`` rounds to it).
 - ``legacy_state`` (class): its checkpoint state where an older checkpoint kept it.
 - ``configure``: change the model before the optimizer is built (factorize, wrap, freeze).
@@ -32,9 +34,10 @@ Hooks, in the order a run meets them:
 - ``sampler_options``: mixture weights and window difficulties for the sampler.
 - ``attach``: receive the sampler the run draws from.
 - ``step_shape`` / ``shape_breakpoints``: what a step trains at budget progress p (global windows per
-  micro-batch, window length, blocks run): progressive training's schedules, read by the budget's step
-  counting as well as by the step itself.
-- ``reshape``: make the model and optimizer train at the step's shape (stack the blocks at a growth point).
+  micro-batch, window length, blocks run, share of block weights pruned): progressive training's and
+  pruning's schedules, read by the budget's step counting as well as by the step itself.
+- ``reshape``: make the model and optimizer train at the step's shape (stack the blocks at a growth point,
+  prune to the step's sparsity).
 - ``on_progress``: act at budget progress p before each step's forward (start fake quantization).
 - ``next_batch``: choose a micro-batch (SALT's selection); the first method that returns one wins.
 - ``loss``: change the per-sequence loss of a micro-batch, in ``methods.use``'s registry order.
@@ -141,11 +144,13 @@ class RunResources:
 class StepShape:
     """What one optimizer step trains at: ``batch_size`` windows of model.seq_len tokens per micro-batch over
     all ranks, each trained as consecutive windows of ``seq_len`` tokens, through the first ``n_layers``
-    blocks.  The run's own shape unless progressive methods change it as budget progress p grows."""
+    blocks, with ``block_sparsity``, the share of the blocks' matmul weights pruned to zero (counted out of its
+    FLOPs).  The run's own shape unless progressive methods change it as budget progress p grows."""
 
     batch_size: int
     seq_len: int
     n_layers: int
+    block_sparsity: float = 0.0
 
 
 @dataclass
@@ -194,6 +199,11 @@ class Method:
     @classmethod
     def memory(cls, config: MethodConfig, traits: MemoryTraits, model: ModelConfig) -> None:
         """Record in ``traits`` what this method changes in a training step's memory."""
+
+    @classmethod
+    def average_block_density(cls, config: MethodConfig) -> float:
+        """The share of the block Linears' weights that are nonzero, averaged over budget progress p in [0, 1]."""
+        return 1.0
 
     @classmethod
     def int4_group(cls, config: MethodConfig) -> int | None:

@@ -32,6 +32,7 @@ REGISTERED = (
     "seq_schedule.SeqSchedule",
     "batch_schedule.BatchSchedule",
     "fp8.Float8Matmuls",
+    "prune.Prune",
     "qat.QuantizationAwareTraining",
     "weight_average.WeightAverage",
 )

@@ -71,6 +71,13 @@ def matmul_dtype(use: Sequence[str]) -> str | None:
     return next((BY_NAME[name].matmul_dtype for name in use if BY_NAME[name].matmul_dtype), None)
 
 
+def average_block_density(sections: Any) -> float:
+    """The block Linears' nonzero share averaged over the run, as the methods of ``sections.use`` (a config's
+    ``methods``) make it: 1 unless one prunes."""
+    return math.prod(method.average_block_density(getattr(sections, method.name)) for method in METHODS
+                     if method.name in sections.use)
+
+
 def int4_group(sections: Any) -> int:
     """The int4 group a run's model is meant for (a method's, such as QAT's), else the default one;
     ``sections``: the run config's ``methods``."""

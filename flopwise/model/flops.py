@@ -10,6 +10,11 @@ def _layer_matmul_params(cfg: ModelConfig) -> int:
     return sum(out * inp for _, out, inp in cfg.block_linears)
 
 
+def block_matmul_parameters(cfg: ModelConfig) -> int:
+    """Weights of all blocks' Linears: what pruning (flopwise/methods/prune.py) may zero."""
+    return cfg.n_layers * _layer_matmul_params(cfg)
+
+
 def _option_matmul_params(cfg: ModelConfig) -> int:
     """Weights of the options' own matmuls, all layers: each value-embedding gate (kv_heads x 12) and the smear
     gate (1 x 24).  Multi-token prediction adds none: it scores the same logits against later targets."""
@@ -55,7 +60,7 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
             "total": embedding + non_embedding + head}
 
 
-def flops_per_token(cfg: ModelConfig) -> float:
+def flops_per_token(cfg: ModelConfig, block_sparsity: float = 0.0) -> float:
     """Training FLOPs (forward + backward) per token at full context, PaLM/nanoGPT convention:
 
         6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len
@@ -69,8 +74,13 @@ def flops_per_token(cfg: ModelConfig) -> float:
     term is attention's QK^T and AV products: 2 * 2 * seq_len * n_heads * head_dim forward per layer (n_heads *
     head_dim = d_model unless head_size is set), times 3 for the backward; it ignores causal masking, as PaLM's
     MFU accounting does.
+
+    ``block_sparsity``: the share of the blocks' matmul weights pruned to zero (flopwise/methods/prune.py);
+    they count at their density, 6 FLOPs per nonzero weight, as the sparse-training papers count (Jin et al.
+    2025, arXiv:2501.12486), although a dense kernel multiplies the zeros too.
     """
-    n_matmul = cfg.n_layers * _layer_matmul_params(cfg) + cfg.vocab_size * cfg.d_model + _option_matmul_params(cfg)
+    blocks = block_matmul_parameters(cfg) * (1.0 - block_sparsity)
+    n_matmul = blocks + cfg.vocab_size * cfg.d_model + _option_matmul_params(cfg)
     return float(6 * n_matmul + 12 * cfg.n_layers * cfg.attn_dim * cfg.seq_len)
 
 

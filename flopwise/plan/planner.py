@@ -25,7 +25,7 @@ from flopwise.budget import Budget, format_amount, format_bytes
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
-from flopwise.model.flops import flops_per_token
+from flopwise.model.flops import block_matmul_parameters, flops_per_token
 from flopwise.scaling.law import interval
 from flopwise.scaling.law_file import SIZE_EXTRAPOLATION, PlanningLaw
 from flopwise.scaling.shapes import WIDTHS, family_fields, family_shape, non_embedding_parameters
@@ -95,11 +95,13 @@ class Speed:
     matmul_peak: float | None = None  # measured here: only to report the probe's MFU
 
 
-def budget_tokens(budget: Budget, cfg: ModelConfig, tokens_per_step: int, step_seconds: float | None) -> float:
+def budget_tokens(budget: Budget, cfg: ModelConfig, tokens_per_step: int, step_seconds: float | None,
+                  block_density: float = 1.0) -> float:
     """Tokens a run of shape ``cfg`` sees before its first limit binds (``step_seconds`` is read only
-    under a seconds limit)."""
+    under a seconds limit); ``block_density``: its block weights' average nonzero share (pruning), at which a
+    FLOP budget counts them."""
     per_limit = {"seconds": lambda s: s / step_seconds * tokens_per_step,
-                 "flops": lambda f: f / flops_per_token(cfg),
+                 "flops": lambda f: f / flops_per_token(cfg, 1.0 - block_density),
                  "tokens": lambda t: t,
                  "steps": lambda n: n * tokens_per_step}
     return min(per_limit[name](amount) for name, amount in budget.set_limits().items())
@@ -174,9 +176,12 @@ def _optimum(law: PlanningLaw, budget: Budget, chosen: Candidate, vocab_size: in
              config: RunConfig) -> tuple[float, float] | None:
     """The law's continuous compute-optimal (N, D) at the plan's FLOPs, with the chosen shape's FLOPs per
     token and parameter; None without a FLOP limit or where the law has no optimum."""
+    from flopwise.methods.stack import average_block_density  # imports torch
+
     if budget.flops is None:
         return None
-    per_param = flops_per_token(family_shape(config.model, chosen.d_model, vocab_size)) / chosen.non_embedding
+    sparsity = 1.0 - average_block_density(config.methods)
+    per_param = flops_per_token(family_shape(config.model, chosen.d_model, vocab_size), sparsity) / chosen.non_embedding
     try:
         return law.law.compute_optimal(budget.flops, per_param)
     except FlopwiseError:
@@ -204,6 +209,7 @@ def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, l
                tokens_per_step: int) -> Candidate:
     """One family member's cost and loss; FlopwiseError when no memory-saving methods fit the cap."""
     from flopwise.methods.choose import estimate_for, memory_methods_of, settle_memory_methods  # imports torch
+    from flopwise.methods.stack import average_block_density
 
     cfg = family_shape(config.model, width, vocab_size)
     run_config = config
@@ -220,8 +226,10 @@ def _candidate(config: RunConfig, width: int, vocab_size: int, budget: Budget, l
         peak = estimate_for(cfg, o.batch_size, memory_methods_of(run_config.methods.use), run_config.methods,
                             run_config.optim.name, dtype, grad_accum=o.grad_accum).peak
     seconds = _step_seconds(speed, cfg, run_config, law, tokens_per_step) if budget.seconds is not None else None
-    tokens = budget_tokens(budget, cfg, tokens_per_step, seconds)
-    n = non_embedding_parameters(cfg)
+    # a pruned run's law counts its average parameter count over the run (Jin et al. 2025, arXiv:2501.12486)
+    density = average_block_density(run_config.methods)
+    tokens = budget_tokens(budget, cfg, tokens_per_step, seconds, density)
+    n = round(non_embedding_parameters(cfg) - (1.0 - density) * block_matmul_parameters(cfg))
     loss = float(law.law.loss(n, tokens))
     baseline = law.unigram_loss()
     stated = None if law.is_prior or (baseline is not None and loss >= baseline) else loss
