@@ -28,9 +28,10 @@ from flopwise.methods.width import (
     slice_into,
 )
 from flopwise.model.config import ModelConfig
+from flopwise.model.flops import count_parameters
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import save_hf_folder
-from tests.helpers import TINY, load_hf_model, losses, run_error, train, train_events
+from tests.helpers import TINY, load_hf_model, losses, resolved_with, run_error, train, train_events
 
 VOCAB = 257
 
@@ -143,12 +144,13 @@ def big_folder(tmp_path_factory) -> Path:
 
 def prune_args(big: Path, text_folder: Path, out: Path, *extra: str) -> list[str]:
     """A tiny run's flags (TINY's, less the shape and tokenizer, which the imported model gives) pruning ``big``."""
-    sets = ["model.seq_len=64", "optim.batch_size=4", "train.eval_tokens=2048", "train.log_every=1",
+    sets = ["model.seq_len=64", "optim.batch_size=4", "train.eval_tokens=512", "train.log_every=1",
             "methods.progressive=false", "methods.prune_width.calibration=8"]
     return ["--init-from", str(big), "--method", "prune_width", "--data", str(text_folder), "--out", str(out),
             *[flag for value in sets for flag in ("--set", value)], *extra]
 
 
+@pytest.mark.slow
 def test_a_pruned_run_trains_the_small_model_meters_the_calibration_and_exports_it(big_folder, text_folder, tmp_path):
     transformers = pytest.importorskip("transformers")
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -185,6 +187,7 @@ def test_a_pruned_run_starts_from_the_pruned_big_model(big_folder, text_folder, 
     assert q.shape[0] == big_q.shape[0] // 2 and all(tuple(r.tolist()) in rows for r in q)
 
 
+@pytest.mark.slow
 def test_resume_of_a_pruned_run_equals_the_uninterrupted_one(big_folder, text_folder, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     assert train(*prune_args(big_folder, text_folder, full, "--budget", "8steps")) == 0
@@ -199,7 +202,8 @@ def test_resume_of_a_pruned_run_equals_the_uninterrupted_one(big_folder, text_fo
 @pytest.mark.parametrize("setting,message", [
     ("methods.prune_width.heads=0", "config (defaults with --set): methods.prune_width.heads=0: must lie in (0, 1]"),
     ("methods.prune_width.mlp=1.5", "config (defaults with --set): methods.prune_width.mlp=1.5: must lie in (0, 1]"),
-    ("methods.prune_width.calibration=0", "config (defaults with --set): methods.prune_width.calibration=0: must be a whole number >= 1"),
+    ("methods.prune_width.calibration=0",
+     "config (defaults with --set): methods.prune_width.calibration=0: must be a whole number >= 1"),
     ("methods.prune_width.heads=0.2", "methods.prune_width.heads=0.2 keeps 0 of the 2 query heads of each KV group: "
                                       "raise it to at least 0.5"),
     ("methods.prune_width.mlp=0.001", "methods.prune_width.mlp=0.001 keeps 0 of the 128 MLP channels: raise it to "
@@ -217,6 +221,16 @@ def test_pruning_without_an_imported_model_is_refused(text_folder, tmp_path, cap
                              "--out", str(tmp_path / "run"), *TINY])
     assert err == ("flopwise: error: methods.use 'prune_width': width pruning shrinks a trained model: give "
                    "--init-from RUN/final or a HF folder")
+
+
+def test_the_resolved_run_is_the_small_model(big_folder):
+    """plan.json, the FLOP count and the memory estimate read the resolved shape: the pruned one."""
+    resolved = resolved_with(["prune_width"], **{"model.init_from": str(big_folder), "model.seq_len": 64})
+    imported = load_hf_model(big_folder, seq_len=64).config
+    assert resolved.model == pruned_shape(WidthPruningConfig(), imported)
+    assert count_parameters(resolved.model)["total"] < count_parameters(imported)["total"]
+    plain = resolved_with([], **{"model.init_from": str(big_folder), "model.seq_len": 64})
+    assert plain.model == imported  # no method, no change
 
 
 def test_an_unfillable_shape_change_is_refused():

@@ -137,32 +137,29 @@ def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 @torch.no_grad()
 def importance(model: GPT, windows: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(head scores, channel scores) of every layer of ``model`` over the calibration ``windows`` [N, T] of token ids,
-    run ``batch_size`` windows at a time: each batch's mean, weighted by its windows."""
-    cfg = model.config
-    heads = [torch.zeros(cfg.n_heads) for _ in model.layers]
-    channels = [torch.zeros(cfg.hidden) for _ in model.layers]
-    weight = [0.0]
-
-    def record(scores: list[torch.Tensor], layer: int, score: torch.Tensor) -> None:
-        scores[layer] += score.cpu() * weight[0]
-
+    run ``batch_size`` windows at a time: the batches' scores averaged, each weighted by its windows."""
+    n_heads = model.config.n_heads
+    heads: list[list[torch.Tensor]] = [[] for _ in model.layers]  # per layer, one score vector per batch
+    channels: list[list[torch.Tensor]] = [[] for _ in model.layers]
     hooks = []
     for i, block in enumerate(model.layers):
         hooks.append(block.self_attn.o_proj.register_forward_pre_hook(
-            lambda _, args, i=i: record(heads, i, head_scores(args[0], cfg.n_heads))))
+            lambda _, args, i=i: heads[i].append(head_scores(args[0], n_heads).cpu())))
         hooks.append(block.mlp.down_proj.register_forward_pre_hook(
-            lambda _, args, i=i: record(channels, i, channel_scores(args[0]))))
+            lambda _, args, i=i: channels[i].append(channel_scores(args[0]).cpu())))
     device = model.embed_tokens.weight.device
+    sizes = []
     try:
         model.eval()
         for start in range(0, len(windows), batch_size):
             chunk = windows[start:start + batch_size]
-            weight[0] = len(chunk) / len(windows)
+            sizes.append(len(chunk))
             model(chunk.to(device))
     finally:
         for hook in hooks:
             hook.remove()
-    return heads, channels
+    shares = torch.tensor(sizes, dtype=torch.float32) / len(windows)
+    return [shares @ torch.stack(scores) for scores in heads], [shares @ torch.stack(scores) for scores in channels]
 
 
 @torch.no_grad()
