@@ -101,6 +101,9 @@ def test_kept_width_and_the_pruned_shape():
     gqa = ModelConfig(vocab_size=VOCAB, d_model=96, n_heads=6, n_kv_heads=2)
     assert kept_width(WidthPruningConfig(heads=2 / 3, mlp=1.0), gqa) == KeptWidth(4, 2, gqa.hidden)
     assert pruned_shape(WidthPruningConfig(heads=1.0, mlp=0.5), gqa).head_size is None  # all heads: width as it was
+    qwen = ModelConfig(vocab_size=VOCAB, d_model=64, n_heads=4, head_size=32)  # heads wider than d_model / n_heads
+    assert pruned_shape(WidthPruningConfig(heads=1.0, mlp=0.5), qwen).head_size == 32
+    assert pruned_shape(WidthPruningConfig(heads=0.5, mlp=0.5), qwen).head_size is None  # 2 x 32 spans d_model again
     defaults = WidthPruningConfig()  # Minitron-4B from Nemotron-4 15B: 32 of 48 heads (8 KV groups), MLP 9216/24576
     nemotron = ModelConfig(vocab_size=VOCAB, d_model=6144, n_heads=48, n_kv_heads=8, mlp_hidden=24576)
     assert kept_width(defaults, nemotron) == KeptWidth(32, 8, 9216)

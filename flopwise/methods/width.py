@@ -91,11 +91,12 @@ def kept_width(config: WidthPruningConfig, model: ModelConfig) -> KeptWidth:
 
 
 def pruned_shape(config: WidthPruningConfig, model: ModelConfig) -> ModelConfig:
-    """``model`` with each layer's kept heads and channels; the head width stays."""
+    """``model`` with each layer's kept heads and channels; the head width stays (``head_size`` set where the heads no
+    longer span d_model, unset where they do, as an import of its export reads it)."""
     kept = kept_width(config, model)
     return dataclasses.replace(model, n_heads=kept.heads,
                                n_kv_heads=None if model.n_kv_heads is None else kept.kv_heads,
-                               head_size=None if kept.heads == model.n_heads else model.head_dim,
+                               head_size=None if kept.heads * model.head_dim == model.d_model else model.head_dim,
                                mlp_hidden=kept.channels)
 
 

@@ -128,9 +128,9 @@ class PretrainStage(Stage):
                                   ctx.ranks.world_size)
         with autocast(ctx.device, ctx.dtype):
             methods.fill_from(source.to(ctx.device), model, calibration)
-        ctx.display.message(f"initialized from {folder}, {count_parameters(imported)['total']:,} parameters filled "
-                            f"into {count_parameters(model.config)['total']:,} ({len(calibration.windows)} "
-                            "calibration windows)")
+        ctx.display.message(f"initialized from {folder}: its {count_parameters(imported)['total']:,} parameters, "
+                            f"scored on {len(calibration.windows)} windows of the training data, fill the run's "
+                            f"{count_parameters(model.config)['total']:,}")
 
     def calibration_windows(self, count: int) -> torch.Tensor:
         """``count`` windows [count, seq_len] of the training tokens, the same on every process and at every
