@@ -45,7 +45,7 @@ from flopwise.model.flops import forward_flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.section import in_range
 
-NO_IMPORT = ("width pruning shrinks a trained model: give --init-from RUN/final or a HF folder")
+NO_IMPORT = "width pruning shrinks a trained model: give --init-from RUN/final or a HF folder"
 
 
 class WidthPruningConfig(MethodConfig):
