@@ -2,8 +2,8 @@
 
 ``resolve(config, world)`` settles, in this order:
 1. the stage (``posttrain.stage``) and its own refusals (flopwise/stages/);
-2. the model shape: the config's, an imported model's (``--init-from``), a post-training start's, or a
-   resumed run's as plan.json records it;
+2. the model shape: the config's, an imported model's (``--init-from``; as the methods change it: a width-pruned
+   one), a post-training start's, or a resumed run's as plan.json records it;
 3. the methods: those the user named, those the data or the model implies (``--data NAME=PATH:W`` implies
    ``mixture``, ``model.mtp_tokens`` implies ``mtp``), the default recipe's progressive ones for a new run where
    they apply, and those ``memory.limit`` chooses (for a BPE tokenizer still to be trained on the data, against its
@@ -27,7 +27,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.methods.base import RunView, World
 from flopwise.methods.choose import settle_memory_methods
 from flopwise.methods.registry import BY_NAME, METHODS
-from flopwise.methods.stack import check_method, in_registry_order
+from flopwise.methods.stack import check_method, in_registry_order, train_shape
 from flopwise.model.config import ModelConfig
 from flopwise.stages import stage_class
 
@@ -79,6 +79,8 @@ def resolve(config: RunConfig, world: World | None = None, *, new: bool = True, 
     if model is None:
         shape = stage.shape(config)
         model, vocab_known, values = shape.model, shape.vocab_known, dict(shape.settles)
+        if config.model.init_from:  # the methods may train another shape than the imported one (width pruning)
+            model = train_shape(config.methods.use, config.methods, model)
     dtype = compute_dtype(config, world)
     view = RunView(model, config.optim, config.train.precision, bool(config.model.init_from), stage.name)
     sections = config.methods

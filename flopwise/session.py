@@ -157,7 +157,8 @@ class Session:
         self.methods.full = StepShape(self.config.optim.batch_size, self.model_cfg.seq_len, self.model_cfg.n_layers)
         # LoRA wraps the imported weights; SLTrain factorizes fresh ones
         self.model = build_model(self.model_cfg, self.methods.configure,
-                                 self.stage.initial_weights if initial_weights else None)
+                                 functools.partial(self.stage.initial_weights, methods=self.methods)
+                                 if initial_weights else None)
         self.model.to(self.device)
         train = self.config.train
         self.wrapped = wrap_for_training(self.model, train.parallel, self.ranks, self.device)

@@ -57,8 +57,9 @@ def test_no_module_outside_methods_names_a_registered_method():
     assert allowed == set(NOT_A_METHOD)  # every exception is still needed
 
 
-# Hooks through which a method acts on pretraining's corpus, its loss or its step shapes, which other stages replace.
-DATA_HOOKS = ("setup", "sampler_options", "attach", "next_batch", "loss", "step_shape", "domain_weights")
+# Hooks through which a method acts on pretraining's corpus, its loss or its step shapes, which other stages replace
+# (``fill_from`` scores the imported model on windows of the corpus).
+DATA_HOOKS = ("setup", "sampler_options", "attach", "next_batch", "loss", "step_shape", "domain_weights", "fill_from")
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)

@@ -23,11 +23,15 @@ Hooks, in the order a run meets them:
   stage calls it once per method.
 - ``implied`` (class): whether the data section or the run already asks for the method (``--data NAME=PATH:W``
   asks for ``mixture``, ``model.mtp_tokens`` for ``mtp``), so the resolve stage adds it to ``methods.use``.
+- ``train_shape`` (class): the model shape the run trains, given the imported one (``--init-from``): width pruning's
+  narrower model, so that plan.json, the FLOPs, the memory estimate and the checkpoints all see it.
 - ``memory`` (class): its part of the peak-memory estimate, as ``MemoryTraits``.
 - ``average_block_density`` (class): the share of the block Linears' weights that are nonzero, averaged over
   the run (pruning), which the planner counts the model's parameters and FLOPs at.
 - ``int4_group`` (class): the int4 group its model is meant for (``flopwise eval --quantize int4`` rounds to it).
 - ``legacy_state`` (class): its checkpoint state where an older checkpoint kept it.
+- ``calibration_windows`` (class) / ``fill_from``: where ``train_shape`` changed the shape, fill the new run's model
+  from the imported one, given that many windows of the run's training data (scored by a forward pass).
 - ``configure``: change the model before the optimizer is built (factorize, wrap, freeze).
 - ``shape_optimizer``: change the optimizer the builder makes (update rules, state precision, hooks).
 - ``setup``: load what it needs once the data is ready (a teacher, a reference run's losses).
@@ -141,6 +145,16 @@ class RunResources:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """What ``fill_from`` scores an imported model on: ``windows`` [N, T] of the run's training tokens, run
+    ``batch_size`` at a time, by each of ``processes`` processes alike (so that all of them fill the same model)."""
+
+    windows: torch.Tensor
+    batch_size: int
+    processes: int = 1
+
+
+@dataclass(frozen=True)
 class StepShape:
     """What one optimizer step trains at: ``batch_size`` windows of model.seq_len tokens per micro-batch over
     all ranks, each trained as consecutive windows of ``seq_len`` tokens, through the first ``n_layers``
@@ -197,6 +211,17 @@ class Method:
         return False
 
     @classmethod
+    def train_shape(cls, config: MethodConfig, model: ModelConfig) -> ModelConfig:
+        """The shape a run trains given the imported model's ``model`` (``--init-from``); a method that returns
+        another one fills the run's model from the imported one in ``fill_from``."""
+        return model
+
+    @classmethod
+    def calibration_windows(cls, config: MethodConfig) -> int:
+        """How many windows of training data ``fill_from`` needs (0: none)."""
+        return 0
+
+    @classmethod
     def memory(cls, config: MethodConfig, traits: MemoryTraits, model: ModelConfig) -> None:
         """Record in ``traits`` what this method changes in a training step's memory."""
 
@@ -236,6 +261,11 @@ class Method:
                                 "already save its memory): use --parallel ddp, or drop it")
 
     # -- building the run -----------------------------------------------------------------------
+
+    def fill_from(self, imported: nn.Module, model: nn.Module, calibration: Calibration) -> bool:
+        """Fill ``model`` (the shape ``train_shape`` chose) from the ``imported`` model, scoring it on
+        ``calibration``; True where this method did (a method that changes no shape returns False)."""
+        return False
 
     def configure(self, model: nn.Module) -> None:
         """Change the model before the optimizer is built (factorize, wrap or freeze modules)."""

@@ -21,6 +21,7 @@ REGISTERED = (
     "sltrain.SLTrain",
     "lisa.LISA",
     "lora.LoRA",
+    "width.WidthPruning",
     "mixture.StaticMixture",
     "online_mixture.OnlineMixture",
     "curriculum.Curriculum",

@@ -14,6 +14,7 @@ from flopwise.data.sampler import Batch, PackedSampler
 from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
 from flopwise.methods.base import (
+    Calibration,
     Method,
     OptimizerSpec,
     RunResources,
@@ -51,6 +52,14 @@ def check_method(name: str, others: Sequence[str], sections: Any, run: RunView, 
         raise FlopwiseError(f"methods.use '{name}' applies to the {' and '.join(method.stages)} stage only, not to "
                             f"{run.stage}: drop it ({applies} apply to {run.stage})")
     method.check(getattr(sections, name), run, world)
+
+
+def train_shape(names: Sequence[str], sections: Any, model: ModelConfig) -> ModelConfig:
+    """The shape a run with the methods ``names`` trains, given the imported model's ``model`` (each method's
+    ``train_shape`` in registry order)."""
+    for name in in_registry_order(names):
+        model = BY_NAME[name].train_shape(getattr(sections, name), model)
+    return model
 
 
 def memory_traits(names: Sequence[str], sections: Any, model: ModelConfig) -> MemoryTraits:
@@ -104,6 +113,17 @@ class MethodStack:
     def keeps_gradients(self) -> bool:
         """Whether gradients survive until the optimizer step (so they can be clipped)."""
         return all(m.keeps_gradients for m in self.methods)
+
+    def calibration_windows(self) -> int:
+        """The windows of training data ``fill_from`` needs: the most any method asks for."""
+        return max((type(m).calibration_windows(m.config) for m in self.methods), default=0)
+
+    def fill_from(self, imported: nn.Module, model: nn.Module, calibration: Calibration) -> None:
+        """Fill ``model`` from the ``imported`` one of another shape: the method that changed the shape does it."""
+        if not any(method.fill_from(imported, model, calibration) for method in self.methods):
+            raise FlopwiseError(f"the run's model shape differs from the imported one and no method in methods.use "
+                                f"({', '.join(m.name for m in self.methods) or 'none'}) fills it: start a new run "
+                                "with the imported model's shape")
 
     def configure(self, model: nn.Module) -> None:
         for method in self.methods:

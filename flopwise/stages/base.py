@@ -130,8 +130,9 @@ class Stage:
         """Read the data.  A resumed run passes its saved tokenizer and the shape plan.json records."""
         raise NotImplementedError
 
-    def initial_weights(self, model: GPT) -> None:
-        """Load the weights a new run starts from (a resumed run loads its checkpoint instead)."""
+    def initial_weights(self, model: GPT, methods: MethodStack) -> None:
+        """Load the weights a new run starts from (a resumed run loads its checkpoint instead); ``methods`` fill a
+        model whose shape they changed from the imported one (``Method.fill_from``)."""
 
     def build(self, model: GPT, methods: MethodStack) -> StageLoop:
         """The methods' setup, the sampler and objective, and the evaluation of ``model`` (the plain model)."""

@@ -81,7 +81,7 @@ class PostTrainStage(Stage):
         record = {"posttrain": {"start": c.model.init_from, **self.split.to_dict()}}
         return Prepared(self.tokenizer, model, tokens, flops, line, record)
 
-    def initial_weights(self, model: GPT) -> None:
+    def initial_weights(self, model: GPT, methods: MethodStack) -> None:
         """The starting model's weights (grown for the chat tokens)."""
         model.load_state_dict(self.start.model.state_dict(), strict=True)
         self.context.display.message(f"starting from {self.context.config.model.init_from}"

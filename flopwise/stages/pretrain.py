@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from flopwise.config import RunConfig
 from flopwise.data.pipeline import PreparedData, prepare_data
 from flopwise.data.sampler import PackedSampler
@@ -20,12 +22,13 @@ from flopwise.evaluate.tasks.builtin import HeldoutText
 from flopwise.evaluate.tasks.engine import evaluate_tasks
 from flopwise.evaluate.tasks.resolve import check_run_tasks, resolve_tasks
 from flopwise.evaluate.tasks.scoring import TaskModel
-from flopwise.methods.base import RunResources, World
+from flopwise.methods.base import Calibration, RunResources, World
 from flopwise.methods.stack import MethodStack
 from flopwise.model.config import NAMED_SIZES, OPTIONS, ModelConfig
-from flopwise.model.flops import flops_per_token
+from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source
+from flopwise.runtime import autocast
 from flopwise.stages.base import Prepared, Shape, Stage, StageEvaluation, StageLoop
 
 # Model fields that an --init-from model's config.json decides (a stock model has none of the speedrun options).
@@ -108,11 +111,34 @@ class PretrainStage(Stage):
         return HeldoutText.from_corpus(self.data.corpus, self.data.tokenizer,
                                        uses_builtin_corpus(self.context.config.data.sources))
 
-    def initial_weights(self, model: GPT) -> None:
-        """The --init-from model's weights."""
-        folder = resolve_hf_source(self.context.config.model.init_from)
-        load_weights_into(model, folder)
-        self.context.display.message(f"initialized from {folder}")
+    def initial_weights(self, model: GPT, methods: MethodStack) -> None:
+        """The --init-from model's weights.  Where the methods train another shape than the imported one (width
+        pruning), the imported model is loaded beside the run's and the methods fill it, scoring the imported
+        one on windows of the training data; it is freed before the first step."""
+        ctx = self.context
+        folder = resolve_hf_source(ctx.config.model.init_from)
+        imported = model_config_from_hf(read_hf_config(folder), folder, model.config.seq_len)
+        if imported == model.config:
+            load_weights_into(model, folder)
+            ctx.display.message(f"initialized from {folder}")
+            return
+        source = GPT(imported)
+        load_weights_into(source, folder)
+        calibration = Calibration(self.calibration_windows(methods.calibration_windows()), ctx.rank_batch,
+                                  ctx.ranks.world_size)
+        with autocast(ctx.device, ctx.dtype):
+            methods.fill_from(source.to(ctx.device), model, calibration)
+        ctx.display.message(f"initialized from {folder}: its {count_parameters(imported)['total']:,} parameters, "
+                            f"scored on {len(calibration.windows)} windows of the training data, fill the run's "
+                            f"{count_parameters(model.config)['total']:,}")
+
+    def calibration_windows(self, count: int) -> torch.Tensor:
+        """``count`` windows [count, seq_len] of the training tokens, the same on every process and at every
+        restart (the run's seed; a sampler apart from the one the run trains from, whose order it leaves as is)."""
+        corpus, seq_len = self.data.corpus, self.context.model.seq_len
+        sampler = PackedSampler(corpus.train_tokens, seq_len, max(1, count), seed=self.context.config.train.seed,
+                                domain_ranges=corpus.train_domain_ranges(), domain_names=corpus.domains)
+        return sampler.next_batch().inputs
 
     def build(self, model: GPT, methods: MethodStack) -> StageLoop:
         """The methods' setup, the sampler they shape, the held-out evaluator and the task scorer."""
