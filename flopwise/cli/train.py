@@ -144,7 +144,7 @@ def default_out() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-FAMILY_FIELDS = {"d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden"}  # what a plan sets
+FAMILY_FIELDS = {"d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "mlp_hidden"}  # what a plan sets
 SHAPE_FIELDS = FAMILY_FIELDS | {"size", "init_from"}  # what else gives a run its own shape
 
 

@@ -22,6 +22,7 @@ class ModelSection(Section):
     n_layers: int | None = None
     n_heads: int | None = None
     n_kv_heads: int | None = None
+    head_size: int | None = None  # one head's width (unset: d_model / n_heads; Qwen3 sets it apart)
     seq_len: int | None = None
     mlp_hidden: int | None = None
     qk_norm: bool = True
@@ -42,7 +43,7 @@ class ModelSection(Section):
     mtp_weight: float = 0.5
     bigram_hash: int = 0
 
-    _sizes = in_range("d_model", "n_layers", "n_heads", "n_kv_heads", "seq_len", "mlp_hidden", low=1)  # or None
+    _sizes = in_range("d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "seq_len", "mlp_hidden", low=1)  # or None
     _theta = in_range("rope_theta", low=0, above=True)
     _counts = in_range("bigram_hash", "mtp_tokens", low=0)
     _softcap = in_range("logit_softcap", low=0)

@@ -43,7 +43,7 @@ def family_fields(d_model: int) -> dict[str, int | None]:
     """The model-section fields that make a config the family member of width ``d_model`` (KV heads
     and MLP width back to their defaults)."""
     return {"d_model": d_model, "n_layers": depth_for_width(d_model), "n_heads": heads_for_width(d_model),
-            "n_kv_heads": None, "mlp_hidden": None}
+            "n_kv_heads": None, "head_size": None, "mlp_hidden": None}
 
 
 def family_shape(model: ModelSection, d_model: int, vocab_size: int) -> ModelConfig:
