@@ -100,7 +100,11 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     else:
         title = f"held-out evaluation of the {args.quantize} model (round-to-nearest, groups of {result['group']})"
         path = args.run / f"eval-{args.quantize}.json"
-    console.print(eval_table(result, title))
+    console.print(eval_table(result, f"{title} (the model as trained)" if "artifact" in result else title))
+    if "artifact" in result:  # a size budget's run: what final/ stores is what it ships
+        stored = result["artifact"]
+        console.print(f"final/ as stored ({stored['precision']} weights): held-out loss {stored['loss']:.4f}, "
+                      f"bits/byte {stored['bpb']:.4f}", highlight=False)
     path.write_text(json.dumps(result, indent=1))
     console.print(f"written: {path}", highlight=False)
     return 0

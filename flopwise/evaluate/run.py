@@ -22,6 +22,7 @@ from flopwise.evaluate.tasks.scoring import TaskModel
 from flopwise.methods.stack import int4_group
 from flopwise.model.gpt import GPT
 from flopwise.runtime import choose_device, choose_dtype
+from flopwise.size import with_artifact
 
 
 def load_evaluated_model(run_dir: Path, run_config: RunConfig, device_name: str, checkpoint: bool,
@@ -44,15 +45,18 @@ def evaluate_run(run_dir: Path, device_name: str, max_tokens: int | None, checkp
     """Held-out evaluation of the run's model on the run's own held-out split.  ``quantize="int4"``: of that
     model with every block Linear's weight rounded to int4 (flopwise/model/int4.py) in groups of ``group``
     input columns, by default those the run trained for (``methods.qat.group`` when it used qat, else 32);
-    the result then records both."""
+    the result then records both.  A run whose final/ stores its weights in less than fp32 (artifact.precision,
+    a size budget's choice) is scored both as trained and as stored (``artifact``)."""
     run_config = load_run_config(run_dir)
     model, tokenizer, device, group = load_evaluated_model(run_dir, run_config, device_name, checkpoint, quantize,
                                                            group)
     corpus = prepare_data(run_config.data, run_config.train.seed, tokenizer).corpus
     evaluator = Evaluator(corpus, tokenizer.token_bytes(), model.config.seq_len, run_config.optim.batch_size,
                           device, choose_dtype(run_config.train.precision, device))
-    result = evaluator(model, max_tokens)
-    return result if quantize is None else {**result, "quantize": quantize, "group": group}
+    if quantize is not None:
+        return {**evaluator(model, max_tokens), "quantize": quantize, "group": group}
+    return with_artifact(lambda scored: evaluator(scored, max_tokens), model, run_config.artifact.precision,
+                         int4_group(run_config.methods))
 
 
 def evaluate_run_tasks(run_dir: Path, device_name: str, specs: list[str], limit: int | None, seed: int | None,
