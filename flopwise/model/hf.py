@@ -27,6 +27,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.remote import ARCHITECTURE, MODEL_TYPE, copy_sources, model_config_from_remote, remote_config
+from flopwise.model.stored import dequantize_stored
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -290,8 +291,11 @@ def load_weights_into(model: GPT, folder: Path, as_stored: bool = False) -> None
     ``as_stored``: the matrices keep the folder's bf16 where it stores them so (a run trained with bf16
     weights is evaluated as it trained); otherwise the model's own dtype, fp32 (an --init-from import)."""
     tensors = load_hf_weights(folder)
+    storage = read_hf_config(folder).get("flopwise_storage")
+    if storage:  # integer weights (a size budget's int8 or int4): the fp32 model they stand for
+        tensors = dequantize_stored(tensors, storage["precision"])
     embedding = tensors.get("model.embed_tokens.weight")
-    if as_stored and embedding is not None and embedding.dtype == torch.bfloat16:
+    if as_stored and not storage and embedding is not None and embedding.dtype == torch.bfloat16:
         model.store_matrices_in(torch.bfloat16)
     model.load_state_dict(flopwise_state_dict(tensors, model.config, folder), strict=True)
 

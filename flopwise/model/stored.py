@@ -84,3 +84,13 @@ def store_block_linears(decoder: nn.Module, precision: str, group: int) -> None:
     """Swap each of ``stored_linears`` for an empty ``StoredLinear`` that the stored weights then fill."""
     for _, parent, attr, linear in stored_linears(decoder):
         setattr(parent, attr, StoredLinear(linear.in_features, linear.out_features, precision, group))
+
+
+def dequantize_stored(tensors: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
+    """An int artifact's tensors with each stored weight (``X.weight`` beside ``X.weight_scale``) read back in
+    fp32 under its own name: the state dict of the plain model the folder computes."""
+    plain = dict(tensors)
+    for name in [key for key in tensors if key.endswith(".weight_scale")]:
+        weight = name.removesuffix("_scale")
+        plain[weight] = dequantize(plain[weight], plain.pop(name).float(), precision)
+    return plain
