@@ -33,6 +33,7 @@ from flopwise.methods.base import StepShape, World
 from flopwise.methods.choose import estimate_for, memory_methods_of
 from flopwise.methods.dense import build_model, plain_model
 from flopwise.methods.stack import MethodStack, int4_group
+from flopwise.model.artifact import folder_bytes
 from flopwise.model.chatml import chat_files
 from flopwise.model.config import ModelConfig
 from flopwise.model.flops import count_parameters, flops_per_token
@@ -51,7 +52,6 @@ from flopwise.runtime import (
     wrap_for_training,
 )
 from flopwise.scaling.law_file import law_for
-from flopwise.size import folder_bytes
 from flopwise.stages import stage_class
 from flopwise.stages.base import StageContext, StageEvaluation
 from flopwise.train.callbacks import AfterEval, Evaluation, Forecast, LoopCallback, Metrics, Progress

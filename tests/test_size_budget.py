@@ -20,6 +20,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.evaluate.heldout import FINAL_EVAL_SCALE, Evaluator
 from flopwise.evaluate.load import load_run_model
 from flopwise.evaluate.run import evaluate_run
+from flopwise.model.artifact import folder_bytes
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import save_hf_folder
@@ -27,7 +28,7 @@ from flopwise.model.int4 import fake_quantize
 from flopwise.model.stored import dequantize, quantize
 from flopwise.resolve import resolve
 from flopwise.rundir import read_metrics
-from flopwise.size import folder_bytes, plan_size, weights_bytes
+from flopwise.size import plan_size, weights_bytes
 from flopwise.train.display import ProgressDisplay
 from tests.helpers import TINY, TINY_VALUES, run_error, train
 
@@ -143,6 +144,7 @@ class LoadedAsFlopwise(torch.nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
+@pytest.mark.slow  # two real runs and a transformers load
 @pytest.mark.parametrize("cap, precision", [("300kB", "bf16"), ("200kB", "int4")])
 def test_a_size_capped_run_ships_a_folder_within_the_cap_that_loads_and_scores_as_eval(tmp_path, cap, precision):
     from transformers import AutoModelForCausalLM
@@ -183,7 +185,9 @@ def test_the_export_refuses_a_folder_above_the_cap(tmp_path):
     assert not (tmp_path / "f").exists() and not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # three real runs
 def test_a_resumed_run_keeps_the_stored_precision(tmp_path):
+    """Interrupted and resumed, a size-capped run trains as an uninterrupted one and ships the same bytes."""
     shape = resolve(load_config(values={**TINY_VALUES, "budget.steps": 8})).model
     config = load_config(values={**TINY_VALUES, "budget.steps": 8,
                                  "budget.size": plan_size(shape, 1e9, 32).candidates["bf16"]})

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
+from flopwise.model.artifact import folder_bytes, stored_tensors
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.remote import ARCHITECTURE, MODEL_TYPE, copy_sources, model_config_from_remote, remote_config
@@ -186,8 +187,6 @@ def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, chat_template
     hold (a size budget): a larger one is refused, not kept.
 
     Written under a temporary name and renamed, so an interrupted export leaves no half folder."""
-    from flopwise.size import folder_bytes, stored_tensors
-
     integer = precision in ("int8", "int4")
     if precision == "bf16":
         model = copy.deepcopy(model).to(torch.bfloat16)
