@@ -3,7 +3,8 @@
 A run may be limited by wall-clock training seconds, model FLOPs, tokens and steps in
 any combination; whichever limit binds first ends the run (`p` = the largest fraction
 spent).  Human units follow what people write: ``90s``, ``3m``, ``1.5h``, ``2e15flops``,
-``5M`` (tokens), ``40steps``.
+``5M`` (tokens), ``40steps``.  A byte amount (``4MB``, ``2MiB``) caps the size of the exported model
+(``size``, flopwise/size.py): it is no spend limit, so ``p`` never reads it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.section import Section, in_range
 
 LIMITS = ("seconds", "flops", "tokens", "steps")
+SIZE = "size"  # the cap on the exported model's bytes: set with the limits, but spent by none of them
 
 _SI = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
 _TIME_UNITS = {"s": 1.0, "sec": 1.0, "secs": 1.0, "seconds": 1.0, "m": 60.0, "min": 60.0,
@@ -28,19 +30,23 @@ _WORD_UNITS = {"flops": "flops", "flop": "flops", "steps": "steps", "step": "ste
                "tokens": "tokens", "token": "tokens", "tok": "tokens", "": "tokens"}
 # a sign is read, so that '-5s' is refused as a negative budget rather than as unreadable
 _PATTERN = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
-_EXAMPLES = "use e.g. 90s, 3m, 1.5h, 2e15flops, 5M (tokens), 40steps"
+_EXAMPLES = "use e.g. 90s, 3m, 1.5h, 2e15flops, 5M (tokens), 40steps, and a size cap such as 4MB or 2MiB"
 
 
 def parse_limit(text: str) -> tuple[str, float]:
     """Parse one budget term such as ``3m`` or ``2e15flops`` into (limit name, amount).
 
-    Lower-case ``m`` is minutes and upper-case ``M`` is mega (tokens), as people write them.
+    Lower-case ``m`` is minutes and upper-case ``M`` is mega (tokens), as people write them.  A byte unit
+    (``kB``, ``MB``, ``GB``: decimal, as Parameter Golf's 16 MB artifact; ``KiB``, ``MiB``, ``GiB``: binary;
+    ``bytes``) gives ``size``; ``B`` alone stays billions of tokens and ``5M`` mega tokens.
     """
     match = _PATTERN.match(text)
     if not match:
         raise FlopwiseError(f"budget '{text}' is not a number with a unit: {_EXAMPLES}")
     value, unit = float(match.group(1)), match.group(2)
-    if unit in _TIME_UNITS:
+    if unit.lower() in _SIZE_UNITS:
+        name, amount = SIZE, value * _SIZE_UNITS[unit.lower()]
+    elif unit in _TIME_UNITS:
         name, amount = "seconds", value * _TIME_UNITS[unit]
     else:
         prefix, word = _split_si_prefix(unit)
@@ -55,6 +61,8 @@ def parse_limit(text: str) -> tuple[str, float]:
 
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# a budget's size units: a bare 'b' is not one, since 'B' alone is billions of tokens
+_SIZE_UNITS = {**{unit: size for unit, size in _BYTE_UNITS.items() if unit != "b"}, "bytes": 1, "byte": 1}
 _BYTES = _PATTERN  # a number (signed: memory.limit refuses a negative one) and a unit
 
 
@@ -114,6 +122,7 @@ class Budget:
     flops: float | None = None
     tokens: float | None = None
     steps: float | None = None
+    size: float | None = None  # bytes of the exported model (final/), a cap rather than a spend limit
 
     @classmethod
     def parse(cls, text: str) -> Budget:
@@ -128,9 +137,13 @@ class Budget:
         return budget
 
     def validate(self) -> None:
+        if not self.is_set() and self.size is not None:
+            raise FlopwiseError(f"the budget {format_amount(SIZE, self.size)} caps the model's size but sets no "
+                                "limit to spend: add a time, FLOP, token or step limit, e.g. --budget 2m,"
+                                f"{format_amount(SIZE, self.size).replace(' ', '')}")
         if not self.is_set():
             raise FlopwiseError(f"the budget sets no limit: give --budget, {_EXAMPLES}")
-        for name in LIMITS:
+        for name in (*LIMITS, SIZE):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise FlopwiseError(f"budget.{name}={value} must be a positive number")
@@ -149,12 +162,15 @@ class Budget:
         return {f"budget.{name}": value for name, value in self.to_dict().items()}
 
     def describe(self) -> str:
-        return ", ".join(format_amount(name, value) for name, value in self.set_limits().items())
+        cap = [] if self.size is None else [f"size <= {format_amount(SIZE, self.size)}"]
+        return ", ".join([*(format_amount(name, value) for name, value in self.set_limits().items()), *cap])
 
     def as_flag(self) -> str:
-        """This budget as ``--budget`` reads it back exactly (``1e+17flops,40.0steps``), for commands to suggest."""
-        units = {"seconds": "s", "flops": "flops", "tokens": "tokens", "steps": "steps"}
-        return ",".join(f"{float(value)!r}{units[name]}" for name, value in self.set_limits().items())
+        """This budget as ``--budget`` reads it back exactly (``1e+17flops,40.0steps,4000000.0bytes``), for
+        commands to suggest."""
+        units = {"seconds": "s", "flops": "flops", "tokens": "tokens", "steps": "steps", SIZE: "bytes"}
+        terms = {**self.set_limits(), **({} if self.size is None else {SIZE: self.size})}
+        return ",".join(f"{float(value)!r}{units[name]}" for name, value in terms.items())
 
 
 @dataclass
@@ -247,7 +263,17 @@ def format_amount(name: str, value: float) -> str:
         return f"{value:.2e} FLOPs"
     if name == "steps":
         return f"{value:.0f} steps"
+    if name == SIZE:
+        return format_size(value)
     return f"{format_count(value)} tokens"
+
+
+def format_size(value: float) -> str:
+    """An artifact's bytes in the decimal units a size budget is written in: ``4.00 MB``, ``500.0 kB``."""
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}" if unit != "kB" else f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} bytes"
 
 
 def format_count(value: float) -> str:
@@ -265,8 +291,9 @@ class BudgetSection(Section):
     flops: float | None = None
     tokens: float | None = None
     steps: float | None = None
+    size: float | None = None
 
-    @field_validator(*LIMITS, mode="before")
+    @field_validator(*LIMITS, SIZE, mode="before")
     @classmethod
     def _units(cls, value: Any, info: Any) -> Any:
         if isinstance(value, str):
@@ -279,7 +306,7 @@ class BudgetSection(Section):
             return amount
         return value
 
-    _limits = in_range(*LIMITS, low=0, above=True)
+    _limits = in_range(*LIMITS, SIZE, low=0, above=True)
 
     def build(self) -> Budget:
         budget = Budget(**self.model_dump())

@@ -132,6 +132,14 @@ class MemorySection(Section):
     _limit = in_range("limit", low=0, above=True)
 
 
+class ArtifactSection(Section):
+    """What ``final/`` stores: its weights' ``precision`` (fp32; bf16; int8 with one scale per row; int4 in groups
+    of the run's int4 group, methods.qat.group) with the embeddings and norms in bf16 when int.  A size budget
+    (``--budget 2m,4MB``) chooses it (flopwise/size.py); set by hand it applies without one."""
+
+    precision: Literal["fp32", "bf16", "int8", "int4"] = "fp32"
+
+
 def methods_section() -> type[BaseModel]:
     """``[methods]``, assembled from the method registry (flopwise/methods/section.py) on first use: the
     methods import torch, which ``flopwise --help`` should not wait for."""
@@ -154,6 +162,7 @@ class RunConfig(Section):
     memory: MemorySection = MemorySection()
     posttrain: PostTrainSection = PostTrainSection()
     rl: RLSection = RLSection()
+    artifact: ArtifactSection = ArtifactSection()
     methods: Any = Field(default_factory=lambda: methods_section()())  # a methods_section() instance
 
     @field_validator("methods", mode="before")

@@ -29,6 +29,7 @@ from flopwise.methods.choose import settle_memory_methods
 from flopwise.methods.registry import BY_NAME, METHODS
 from flopwise.methods.stack import check_method, in_registry_order, train_shape
 from flopwise.model.config import ModelConfig
+from flopwise.size import SizePlan, int4_training, plan_size
 from flopwise.stages import stage_class
 
 
@@ -47,6 +48,7 @@ class ResolvedRun:
     world: World | None = None
     notes: tuple[str, ...] = ()
     vocab_known: bool = True
+    size: dict[str, Any] | None = None  # what the size budget chose (flopwise/size.py SizePlan), for plan.json
 
     @property
     def stage(self) -> str:
@@ -93,6 +95,11 @@ def resolve(config: RunConfig, world: World | None = None, *, new: bool = True, 
         raise FlopwiseError(f"methods.use '{fixed[0]}' follows the share of the original budget, so a run using it "
                             "cannot be extended to a larger one, and this run will be: drop it")
     notes: list[str] = []
+    size_plan = None
+    if new and config.budget.size is not None:
+        size_plan, use = _fit_size(config, model, use, view, world)
+        values["artifact.precision"] = size_plan.precision
+        notes.append(size_plan.note())
     if new and config.methods.progressive and not extendable:
         use, note = _add_progressive(use, sections, view, world)
         notes += [note] if note else []
@@ -111,7 +118,21 @@ def resolve(config: RunConfig, world: World | None = None, *, new: bool = True, 
     if optim_name != config.optim.name:
         values["optim.name"] = optim_name
     resolved = config.replace(**values) if values else config
-    return ResolvedRun(resolved, model, dtype, rank_batch, world, tuple(notes), vocab_known)
+    return ResolvedRun(resolved, model, dtype, rank_batch, world, tuple(notes), vocab_known,
+                       None if size_plan is None else size_plan.to_dict())
+
+
+def _fit_size(config: RunConfig, model: ModelConfig, use: list[str], view: RunView, world: World | None
+              ) -> tuple[SizePlan, list[str]]:
+    """The precision final/ is stored in under the size budget (flopwise/size.py), and ``use`` with the method
+    that trains for int4 added where int4 is chosen."""
+    trainer, group = int4_training(config.methods)
+    chosen = config.artifact.precision if "precision" in config.artifact.model_fields_set else None
+    plan = plan_size(model, config.budget.size, group, chosen)
+    if plan.precision == "int4" and trainer not in use:
+        check_method(trainer, [*use, trainer], config.methods, view, world)
+        return dataclasses.replace(plan, qat_added=True), [*use, trainer]
+    return plan, use
 
 
 def process_batch(batch_size: int, world: World | None) -> int:

@@ -32,7 +32,8 @@ from flopwise.errors import FlopwiseError
 from flopwise.methods.base import StepShape, World
 from flopwise.methods.choose import estimate_for, memory_methods_of
 from flopwise.methods.dense import build_model, plain_model
-from flopwise.methods.stack import MethodStack
+from flopwise.methods.stack import MethodStack, int4_group
+from flopwise.model.artifact import folder_bytes
 from flopwise.model.chatml import chat_files
 from flopwise.model.config import ModelConfig
 from flopwise.model.flops import count_parameters, flops_per_token
@@ -210,7 +211,7 @@ class Session:
                 "matmul_peak_flops": self.peak_flops, "world_size": self.ranks.world_size,
                 "parallel": self.config.train.parallel if self.ranks.distributed else None,
                 "memory": self.memory_plan(), **self.data_record, "auto_plan": auto_plan,
-                "export": export_kind(self.model_cfg).to_dict()}
+                "export": export_kind(self.model_cfg).to_dict(), "size": self.resolved.size}
 
     def memory_plan(self) -> dict[str, Any]:
         """The memory methods and the estimated bytes of a step with them (flopwise/memory/estimate.py)."""
@@ -315,7 +316,17 @@ class Session:
         return Summary(self.run_dir, outcome.finished, meter, final_eval, outcome.eval_seconds,
                        outcome.checkpoint_seconds, outcome.last_lr, count_parameters(self.model_cfg),
                        outcome.stop_reason, self.sampler.domain_epochs(), outcome.decay, tuple(evaluation.notes),
-                       export_kind(self.model_cfg).describe(), wall if self.ranks.is_main else None)
+                       self.export_note(), wall if self.ranks.is_main else None)
+
+    def export_note(self) -> str:
+        """How final/ loads, and, when it was written, its precision and bytes (what a size budget caps)."""
+        precision, final = self.config.artifact.precision, self.run_dir / "final"
+        note = export_kind(self.model_cfg, precision).describe()
+        if not final.is_dir():
+            return note
+        cap = self.config.budget.size
+        within = "" if cap is None else f" (size budget {cap:,.0f})"
+        return f"{note}; weights in {precision}, {folder_bytes(final):,} bytes{within}"
 
     def record_decay(self, decay: DecayEnd, meter: Meter, log: Any) -> None:
         """A decay that a stall cut into is kept where the run is read later: a ``decay`` event in
@@ -402,7 +413,8 @@ class Session:
                 model = build_model(self.model_cfg, self.methods.configure)
                 model.load_state_dict(state, strict=True)
             save_hf_folder(plain_model(model), self.tokenizer, self.run_dir / "final",
-                           **chat_files(self.resolved.stage))
+                           **chat_files(self.resolved.stage), precision=self.config.artifact.precision,
+                           group=int4_group(self.config.methods), cap=self.config.budget.size)
         self.ranks.barrier()
 
 

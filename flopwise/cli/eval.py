@@ -100,7 +100,14 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     else:
         title = f"held-out evaluation of the {args.quantize} model (round-to-nearest, groups of {result['group']})"
         path = args.run / f"eval-{args.quantize}.json"
-    console.print(eval_table(result, title))
+    stored = result.get("artifact")
+    console.print(eval_table(result, f"{title} of final/ as stored ({stored['precision']} weights)" if stored
+                             else title))
+    if stored and result["as_trained"]:  # a size budget's run: what it ships, then what it trained
+        trained = result["as_trained"]
+        console.print(f"the model as trained (fp32, before storing): held-out loss {trained['loss']:.4f}, bits/byte "
+                      f"{trained['bpb']:.4f} on {trained['tokens']:,} tokens (the run's final evaluation)",
+                      highlight=False)
     path.write_text(json.dumps(result, indent=1))
     console.print(f"written: {path}", highlight=False)
     return 0

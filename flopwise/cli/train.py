@@ -26,6 +26,8 @@ budgets (combine with commas; the first limit reached ends the run):
   90s, 3m, 1.5h        training seconds (evaluation and checkpoint time not counted)
   2e15flops, 3PFLOPs   model FLOPs (6N + attention per token, forward and backward)
   5M, 200k, 5e6tokens  tokens;   40steps   optimizer steps
+  4MB, 500kB, 2MiB     a cap on final/'s bytes, beside a limit (--budget 2m,4MB): it stores its weights in
+                       the highest precision that fits (fp32, bf16, int8, int4 with qat); docs/cli.md
 
 examples:
   flopwise train --budget 3m                        # built-in corpus (Python stdlib), small model
@@ -60,7 +62,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("train", help="pretrain a model under a budget", epilog=TRAIN_EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             description="Pretrain a decoder-only LM from raw text under a budget.")
-    add_setup_flags(p, "the budget, e.g. 3m or 2e15flops or 5M,10m (see below)")
+    add_setup_flags(p, "the budget, e.g. 3m or 2e15flops or 5M,10m, with a size cap 2m,4MB (see below)")
     add_data_method_flags(p)
     add_out_flags(p)
     p.add_argument("--model", metavar="SIZE", help="named size: tiny, small (default), base, medium, large")

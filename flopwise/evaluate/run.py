@@ -21,6 +21,7 @@ from flopwise.evaluate.tasks.resolve import check_task_names, resolve_tasks
 from flopwise.evaluate.tasks.scoring import TaskModel
 from flopwise.methods.stack import int4_group
 from flopwise.model.gpt import GPT
+from flopwise.rundir import METRICS_FILE, read_metrics
 from flopwise.runtime import choose_device, choose_dtype
 
 
@@ -44,7 +45,9 @@ def evaluate_run(run_dir: Path, device_name: str, max_tokens: int | None, checkp
     """Held-out evaluation of the run's model on the run's own held-out split.  ``quantize="int4"``: of that
     model with every block Linear's weight rounded to int4 (flopwise/model/int4.py) in groups of ``group``
     input columns, by default those the run trained for (``methods.qat.group`` when it used qat, else 32);
-    the result then records both."""
+    the result then records both.  A run whose final/ stores its weights in less than fp32 (artifact.precision,
+    a size budget's choice) is scored as final/ stores them (``artifact``: what it ships), with its model as
+    trained beside it (``as_trained``: the run's own final evaluation, on its final sample)."""
     run_config = load_run_config(run_dir)
     model, tokenizer, device, group = load_evaluated_model(run_dir, run_config, device_name, checkpoint, quantize,
                                                            group)
@@ -52,7 +55,23 @@ def evaluate_run(run_dir: Path, device_name: str, max_tokens: int | None, checkp
     evaluator = Evaluator(corpus, tokenizer.token_bytes(), model.config.seq_len, run_config.optim.batch_size,
                           device, choose_dtype(run_config.train.precision, device))
     result = evaluator(model, max_tokens)
-    return result if quantize is None else {**result, "quantize": quantize, "group": group}
+    if quantize is not None:
+        return {**result, "quantize": quantize, "group": group}
+    precision = run_config.artifact.precision
+    if checkpoint or precision == "fp32":
+        return result
+    stored = {"precision": precision, "loss": result["loss"], "bpb": result["bpb"]}
+    return {**result, "artifact": stored, "as_trained": trained_final_loss(run_dir)}
+
+
+def trained_final_loss(run_dir: Path) -> dict[str, Any] | None:
+    """The run's final evaluation of its model as trained (before final/ stored it in less than fp32), as
+    metrics.jsonl records it; None before the run has finished."""
+    finals = [event for event in read_metrics(run_dir / METRICS_FILE) if event["event"] == "eval"
+              and event.get("p") == 1.0 and "artifact_loss" in event]
+    if not finals:
+        return None
+    return {"loss": finals[-1]["val_loss"], "bpb": finals[-1]["val_bpb"], "tokens": finals[-1]["val_tokens"]}
 
 
 def evaluate_run_tasks(run_dir: Path, device_name: str, specs: list[str], limit: int | None, seed: int | None,

@@ -10,6 +10,7 @@ needs no ``transformers`` install and loading never unpickles.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -23,9 +24,11 @@ from safetensors.torch import save_file
 
 from flopwise.data.tokenizer import Tokenizer
 from flopwise.errors import FlopwiseError
+from flopwise.model.artifact import folder_bytes, stored_tensors
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.remote import ARCHITECTURE, MODEL_TYPE, copy_sources, model_config_from_remote, remote_config
+from flopwise.model.stored import dequantize_stored
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -53,9 +56,10 @@ class ExportKind:
         return {"architecture": self.architecture, "remote_code": self.remote_code}
 
 
-def export_kind(cfg: ModelConfig) -> ExportKind:
-    """Llama (Qwen3 with QK-norm) for a stock architecture; remote code for any other model."""
-    if not cfg.stock_architecture:
+def export_kind(cfg: ModelConfig, precision: str = "fp32") -> ExportKind:
+    """Llama (Qwen3 with QK-norm) for a stock architecture; remote code for any other model, and for weights
+    stored as integers (``precision`` int8 or int4), which flopwise's code dequantizes."""
+    if not cfg.stock_architecture or precision in ("int8", "int4"):
         return ExportKind(ARCHITECTURE, remote_code=True)
     return ExportKind(ARCHITECTURES["qwen3" if cfg.qk_norm else "llama"][0], remote_code=False)
 
@@ -169,27 +173,43 @@ def flopwise_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, sour
 
 
 def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, chat_template: str | None = None,
-                   end_of_turn: str | None = None) -> ExportKind:
+                   end_of_turn: str | None = None, precision: str = "fp32", group: int = 32,
+                   cap: float | None = None) -> ExportKind:
     """Write a folder that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load offline: a stock
     architecture's, or one with flopwise's modeling code (``trust_remote_code=True``); its README.md says which.
     ``chat_template``: a Jinja template stored in ``tokenizer_config.json``, where ``apply_chat_template``
     (and llama.cpp's converter) read it; ``end_of_turn``: the token a chat reply ends with, listed among
     the end tokens of ``generation_config.json`` so that ``generate`` stops there.
 
+    ``precision``: what the weights are stored in (artifact.precision, flopwise/size.py): fp32 or bf16 in a stock
+    or remote-code folder; int8 or int4 (int4 in groups of ``group`` input columns) always with flopwise's
+    remote code, which dequantizes them (flopwise/model/stored.py).  ``cap``: the most bytes the folder may
+    hold (a size budget): a larger one is refused, not kept.
+
     Written under a temporary name and renamed, so an interrupted export leaves no half folder."""
-    kind = export_kind(model.config)
+    integer = precision in ("int8", "int4")
+    if precision == "bf16":
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    kind = export_kind(model.config, precision)
     config = (remote_config(model.config, tokenizer.eos_id) if kind.remote_code
               else hf_config(model.config, tokenizer, weights_dtype(model)))
+    if integer:
+        config["flopwise_storage"] = {"precision": precision, "group": group}
+    tensors = stored_tensors(model, precision, group) if integer else hf_state_dict(model, kind.remote_code)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_file(hf_state_dict(model, kind.remote_code), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         tokenizer.save(tmp / "tokenizer.json")
         _write_transformers_files(tmp, config, model.config, tokenizer, chat_template, end_of_turn)
         if kind.remote_code:
             copy_sources(tmp)
-        (tmp / "README.md").write_text(f"flopwise model, {kind.describe()}\n", encoding="utf-8")
+        _write_readme(tmp, f"flopwise model, {kind.describe()}; weights stored in {precision}", folder_bytes(tmp))
+        size = folder_bytes(tmp)
+        if cap is not None and size > cap:
+            raise FlopwiseError(f"final/ in {precision} holds {size:,} bytes, above the size budget of {cap:,.0f} "
+                                "bytes: nothing was written; give a larger cap or a smaller model")
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -197,6 +217,14 @@ def save_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path, chat_template
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return kind
+
+
+def _write_readme(tmp: Path, line: str, other_bytes: int) -> None:
+    """README.md saying the folder's bytes, its own included (the count's digits settle within a few rounds)."""
+    text = ""
+    for _ in range(4):
+        text = f"{line}; the folder holds {other_bytes + len(text.encode()):,} bytes\n"
+    (tmp / "README.md").write_text(text, encoding="utf-8")
 
 
 def _write_transformers_files(tmp: Path, config: dict[str, Any], cfg: ModelConfig, tokenizer: Tokenizer,
@@ -262,8 +290,11 @@ def load_weights_into(model: GPT, folder: Path, as_stored: bool = False) -> None
     ``as_stored``: the matrices keep the folder's bf16 where it stores them so (a run trained with bf16
     weights is evaluated as it trained); otherwise the model's own dtype, fp32 (an --init-from import)."""
     tensors = load_hf_weights(folder)
+    storage = read_hf_config(folder).get("flopwise_storage")
+    if storage:  # integer weights (a size budget's int8 or int4): the fp32 model they stand for
+        tensors = dequantize_stored(tensors, storage["precision"])
     embedding = tensors.get("model.embed_tokens.weight")
-    if as_stored and embedding is not None and embedding.dtype == torch.bfloat16:
+    if as_stored and not storage and embedding is not None and embedding.dtype == torch.bfloat16:
         model.store_matrices_in(torch.bfloat16)
     model.load_state_dict(flopwise_state_dict(tensors, model.config, folder), strict=True)
 

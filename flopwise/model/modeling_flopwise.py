@@ -20,6 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import ModelConfig
 from .configuration_flopwise import FlopwiseConfig
 from .gpt import GPT, RotaryEmbedding
+from .stored import store_block_linears
 
 # transformers 5 calls the key/value cache `cache`; transformers 4 called it `past_key_values`.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -33,6 +34,9 @@ class FlopwiseForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: FlopwiseConfig) -> None:
         super().__init__(config)
         self.model = GPT(ModelConfig.from_dict(config.flopwise))
+        storage = getattr(config, "flopwise_storage", None)
+        if storage:  # block weights stored as integers and scales, dequantized when the model runs
+            store_block_linears(self.model, storage["precision"], storage["group"])
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:

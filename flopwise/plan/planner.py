@@ -131,6 +131,8 @@ def plan_run(config: RunConfig, vocab_size: int, law: PlanningLaw, device: str, 
     candidates: list[Candidate] = []
     best = -1  # index of the lowest loss so far
     for width in _within_law(widths, law, config, vocab_size):
+        if not _fits_size(config, family_shape(config.model, width, vocab_size), bool(candidates)):
+            break  # above the size budget even at int4, and so is every larger width
         try:
             candidate = _candidate(config, width, vocab_size, budget, law, speed, tokens_per_step)
         except FlopwiseError:  # over the memory cap, and so is every larger width
@@ -157,6 +159,22 @@ def plan_run(config: RunConfig, vocab_size: int, law: PlanningLaw, device: str, 
                 optimum=optimum, throughput_ratio=law.throughput_ratio, tokens_per_step=tokens_per_step,
                 device=speed.profile.name if speed.profile else device,
                 assumptions=notes + _assumptions(config, law, chosen, budget, device, vocab_size, speed, optimum))
+
+
+def _fits_size(config: RunConfig, shape: ModelConfig, others: bool) -> bool:
+    """Whether ``shape``'s final/ fits the size budget (budget.size) in some precision (flopwise/size.py; the run
+    then stores it in the highest that fits); the refusal itself when no smaller candidate did (``others``)."""
+    if config.budget.size is None:
+        return True
+    from flopwise.size import int4_training, plan_size
+
+    try:
+        plan_size(shape, config.budget.size, int4_training(config.methods)[1])
+    except FlopwiseError:
+        if not others:
+            raise
+        return False
+    return True
 
 
 def _on_profile(config: RunConfig, profile: DeviceProfile) -> RunConfig:

@@ -23,12 +23,13 @@ from flopwise.evaluate.tasks.engine import evaluate_tasks
 from flopwise.evaluate.tasks.resolve import check_run_tasks, resolve_tasks
 from flopwise.evaluate.tasks.scoring import TaskModel
 from flopwise.methods.base import Calibration, RunResources, World
-from flopwise.methods.stack import MethodStack
+from flopwise.methods.stack import MethodStack, int4_group
 from flopwise.model.config import NAMED_SIZES, OPTIONS, ModelConfig
 from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source
 from flopwise.runtime import autocast
+from flopwise.size import with_artifact
 from flopwise.stages.base import Prepared, Shape, Stage, StageEvaluation, StageLoop
 
 # Model fields that an --init-from model's config.json decides (a stock model has none of the speedrun options).
@@ -43,7 +44,13 @@ def heldout_fields(result: dict[str, Any]) -> tuple[dict[str, Any], str]:
     fields = {"val_loss": result["loss"], "val_bpb": result["bpb"], "unigram_loss": result["unigram_loss"],
               "val_tokens": result["tokens"], "val_stride": result["stride"],
               "domains": {name: d["loss"] for name, d in result["domains"].items()}}
-    return fields, f"val_loss {result['loss']:.4f}  bpb {result['bpb']:.4f}  ({result['tokens']:,} tokens)"
+    line = f"val_loss {result['loss']:.4f}  bpb {result['bpb']:.4f}  ({result['tokens']:,} tokens)"
+    if "artifact" in result:  # the model as final/ stores it (a size budget's precision)
+        stored = result["artifact"]
+        fields.update(artifact_precision=stored["precision"], artifact_loss=stored["loss"],
+                      artifact_bpb=stored["bpb"])
+        line += f"  final/ as stored ({stored['precision']}): val_loss {stored['loss']:.4f}"
+    return fields, line
 
 
 class PretrainStage(Stage):
@@ -169,5 +176,7 @@ class PretrainStage(Stage):
         # the logged curve estimates what the final evaluation measures more precisely at a few % of the training
         evaluation = StageEvaluation(
             during=lambda tokens: evaluator(model, scale, stride=evaluator.in_run_stride(scale, tokens)),
-            final=lambda: evaluator(model, scale), fields=heldout_fields, tasks=tasks)
+            final=lambda: with_artifact(lambda scored: evaluator(scored, scale), model, c.artifact.precision,
+                                        int4_group(c.methods)),
+            fields=heldout_fields, tasks=tasks)
         return StageLoop(sampler, None, evaluation)
