@@ -67,14 +67,16 @@ RANGES = [
     ("methods.qat.start", "1", "0"), ("methods.qat.group", "0", "1"),
     ("methods.prune.sparsity", "-0.1", "0"), ("methods.prune.sparsity", "1", "0.99"),
     ("methods.prune.start", "-0.1", "0"), ("methods.prune.end", "1.5", "1"), ("methods.prune.updates", "0", "1"),
+    ("methods.prune_width.heads", "0", "1"), ("methods.prune_width.mlp", "1.5", "1"),
+    ("methods.prune_width.calibration", "0", "1"),
     ("methods.grow_depth.factor", "1", "2"), ("methods.grow_depth.at", "0", "0.01"), ("methods.grow_depth.at", "1", "0.99"),
     ("methods.seq_schedule.start", "0", "1"), ("methods.seq_schedule.until", "0", "1"),
     ("methods.batch_schedule.start", "1.5", "1"), ("methods.batch_schedule.until", "0", "0.01"),
     ("methods.weight_average.start", "1", "0"), ("methods.weight_average.half_life", "0", "1e-6"),
 ]
-# Method sections whose only keys are choices (refused with the choices named: tests/test_fp8.py,
-# tests/test_bf16_weights.py), so they have no range.
-CHOICES_ONLY = {"methods.fp8", "methods.bf16_weights"}
+# Sections whose only keys are choices (refused with the choices named: tests/test_fp8.py,
+# tests/test_bf16_weights.py, tests/test_size_budget.py), so they have no range.
+CHOICES_ONLY = {"methods.fp8", "methods.bf16_weights", "artifact"}
 # Other keys an edge value needs to be valid as a whole (a d_model of 2 has room for one head only).
 EDGE_CONTEXT = {"model.d_model": ["model.n_heads=1"]}
 

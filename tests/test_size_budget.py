@@ -220,3 +220,10 @@ def test_the_auto_planner_keeps_only_shapes_that_fit_the_cap():
     with pytest.raises(FlopwiseError, match="smaller than the smallest model"):
         plan_run(load_config(values={"budget.flops": 1e17, "budget.size": 1000}), 8192,
                  PlanningLaw(CHINCHILLA_REFIT), "d")
+
+
+def test_an_unknown_stored_precision_is_refused_with_the_choices(tmp_path, capsys):
+    err = run_error(capsys, ["train", "--budget", "1steps", "--set", "artifact.precision=int3",
+                             "--out", str(tmp_path / "run")])
+    assert "artifact.precision='int3'" in err and "'bf16', 'int8' or 'int4'" in err
+    assert not (tmp_path / "run").exists()
