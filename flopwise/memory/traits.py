@@ -39,3 +39,5 @@ class MemoryTraits:
     fp8_block_matmuls: bool = False  # block Linears are torchao's Float8Linear: no weight cast kept for backward
     fake_quantized_blocks: bool = False  # block Linears keep a fake-quantized copy of their weight for backward
     averaged_weights: bool = False  # an fp32 average of every trained weight is kept beside it (weight averaging)
+    frozen_parameters: int = 0  # parameters of frozen fp32 models kept beside the student (a teacher)
+    kept_logits: int = 0  # extra fp32 tensors of the logits' size alive through backward (a distillation term's)
