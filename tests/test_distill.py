@@ -230,16 +230,39 @@ def test_a_flop_budget_counts_the_teachers_forwards(tmp_path, text_folder, teach
     assert losses(plain)[-1][0] == math.ceil(6 * (student_step + teacher_step) / student_step)  # 10
 
 
+SFT = ["sft", "--set", "optim.batch_size=4", "--set", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def sft_teacher(base, tmp_path_factory) -> Path:
+    """An SFT run of ``base``: the same tokenizer as any other SFT of it (base + the chat tokens)."""
+    teacher = tmp_path_factory.mktemp("distill-sft") / "teacher"
+    assert main([*SFT, "--init-from", str(base), "--budget", "6steps", "--out", str(teacher)]) == 0
+    return teacher
+
+
 @pytest.mark.slow
-def test_sft_distills_over_assistant_tokens_and_dpo_refuses_it(tmp_path, base, capsys):
-    teacher, plain, taught = tmp_path / "teacher", tmp_path / "plain", tmp_path / "taught"
-    common = ["sft", "--init-from", str(base), "--set", "optim.batch_size=4", "--set", "train.log_every=1"]
-    assert main([*common, "--budget", "6steps", "--out", str(teacher)]) == 0  # same tokenizer: base + chat tokens
-    assert main([*common, "--budget", "4steps", "--out", str(plain)]) == 0
-    assert main([*common, "--budget", "4steps", "--distill-from", str(teacher), "--out", str(taught)]) == 0
+def test_sft_distills_over_assistant_tokens_and_dpo_refuses_it(tmp_path, base, sft_teacher, capsys):
+    plain, taught = tmp_path / "plain", tmp_path / "taught"
+    common = [*SFT, "--init-from", str(base), "--budget", "4steps"]
+    assert main([*common, "--out", str(plain)]) == 0
+    assert main([*common, "--distill-from", str(sft_teacher), "--out", str(taught)]) == 0
     assert losses(taught)[0] == losses(plain)[0] and losses(taught)[1:] != losses(plain)[1:]
-    step = json.loads((teacher / "plan.json").read_text())["flops_per_step"]  # same shape: 3 x its forward
+    step = json.loads((sft_teacher / "plan.json").read_text())["flops_per_step"]  # same shape: 3 x its forward
     assert train_events(taught)[-1]["flops"] - train_events(plain)[-1]["flops"] == pytest.approx(4 * step / 3)
-    err = run_error(capsys, ["dpo", "--init-from", str(teacher), "--budget", "2steps", "--method", "distill",
-                             "--set", f"methods.distill.teacher={teacher}", "--out", str(tmp_path / "dpo")])
+    err = run_error(capsys, ["dpo", "--init-from", str(sft_teacher), "--budget", "2steps", "--method", "distill",
+                             "--set", f"methods.distill.teacher={sft_teacher}", "--out", str(tmp_path / "dpo")])
     assert "'distill' applies to the pretrain and sft stage only, not to dpo" in err
+
+
+@pytest.mark.slow
+def test_sft_with_a_teacher_resumes_bit_for_bit(tmp_path, base, sft_teacher):
+    common = [*SFT, "--init-from", str(base), "--budget", "6steps", "--distill-from", str(sft_teacher),
+              "--set", "methods.distill.weight=0.5", "--set", "methods.distill.weight_end=1.0"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main([*common, "--out", str(whole)]) == 0
+    assert main([*common, "--stop-after", "2steps", "--out", str(parts)]) == 0
+    assert main(["sft", "--resume", str(parts)]) == 0
+    assert losses(parts) == losses(whole)
+    a, b = load_file(str(whole / "final" / "model.safetensors")), load_file(str(parts / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
