@@ -19,7 +19,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -168,11 +168,19 @@ class Session:
         self.compiled = torch.compile(self.wrapped) if train.compile else self.wrapped
         loop = self.stage.build(self.model, self.methods)
         self.sampler, self.objective, self.evaluation = loop.sampler, loop.objective, loop.evaluation
-        self.expected_extra_flops = loop.expected_extra_flops
+        self.expected_extra_flops = self.extra_flops_expected(loop.expected_extra_flops)
         with self.ranks.main_first():  # measured once, cached for the other ranks
             self.peak_flops = measure_matmul_peak(self.device, self.dtype, cache_root(self.config.data))
         self.check_budget_is_spendable()
         self.build_seconds += time.perf_counter() - started
+
+    def extra_flops_expected(self, stage_extra: Callable[[], float] | None) -> Callable[[], float] | None:
+        """What a step is expected to spend beyond its model's FLOPs: the stage's objective's (RL's rollouts) and
+        the methods' (a teacher's forward), which the loop plans the budget's remaining steps with."""
+        self.method_extra_flops = self.methods.expected_extra_flops(self.tokens_per_step)
+        if not self.method_extra_flops:
+            return stage_extra
+        return lambda: self.method_extra_flops + (stage_extra() if stage_extra is not None else 0.0)
 
     def per_step(self) -> dict[str, float]:
         """What one optimizer step spends of each budget limit counted in steps' units."""
@@ -206,7 +214,8 @@ class Session:
         """plan.json: the shape, costs, budget, device and processes, the memory plan and the stage's data."""
         return {"model": self.model_cfg.to_dict(), "parameters": count_parameters(self.model_cfg),
                 "flops_per_token": flops_per_token(self.model_cfg), "tokens_per_step": self.tokens_per_step,
-                "flops_per_step": self.flops_per_step, "budget": self.config.budget.build().to_dict(),
+                "flops_per_step": self.flops_per_step, "method_flops_per_step": self.method_extra_flops,
+                "budget": self.config.budget.build().to_dict(),
                 "device": device_name(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "matmul_peak_flops": self.peak_flops, "world_size": self.ranks.world_size,
                 "parallel": self.config.train.parallel if self.ranks.distributed else None,

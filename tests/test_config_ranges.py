@@ -63,6 +63,8 @@ RANGES = [
     ("methods.salt.kd_weight", "1.5", "1"), ("methods.salt.kd_until", "-0.1", "0"),
     ("methods.salt.temperature", "0", "1e-3"), ("methods.salt.select_pool", "0.99", "1"),
     ("methods.salt.select_top_k", "0", "1"),
+    ("methods.distill.weight", "1.5", "1"), ("methods.distill.weight_end", "-0.1", "0"),
+    ("methods.distill.temperature", "0", "1e-3"),
     ("methods.z_loss.weight", "-1", "1e-12"),
     ("methods.qat.start", "1", "0"), ("methods.qat.group", "0", "1"),
     ("methods.prune.sparsity", "-0.1", "0"), ("methods.prune.sparsity", "1", "0.99"),

@@ -65,7 +65,9 @@ DATA_HOOKS = ("setup", "sampler_options", "attach", "next_batch", "loss", "step_
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
 def test_a_method_acting_on_pretraining_data_declares_that_it_is_for_pretraining(method):
     acts_on_data = any(getattr(method, hook) is not getattr(Method, hook) for hook in DATA_HOOKS)
-    assert (method.stages == PRETRAIN) == acts_on_data
+    # a method whose term also has SFT's per-token form (token_loss) applies to SFT as well
+    in_sft = method.token_loss is not Method.token_loss
+    assert (method.stages == (("pretrain", "sft") if in_sft else PRETRAIN)) == acts_on_data
     if method.progressive:  # progressive schedules follow the share of the budget they were planned for
         assert not method.survives_extension
 

@@ -32,10 +32,10 @@ CONFIG_FLAGS: dict[str, str] = {
     "--target-loss": "train.target_loss", "--dedup": "data.dedup",
     "--online-mixture": "methods.online_mixture.rule", "--reference": "methods.online_mixture.reference",
     "--reweight": "methods.reweight.strategy", "--curriculum": "methods.curriculum.order",
-    "--teacher": "methods.salt.teacher",
+    "--teacher": "methods.salt.teacher", "--distill-from": "methods.distill.teacher",
 }
 # flags that turn on the method whose setting (methods.<method>.<setting>) they set: it joins methods.use
-SWITCH_FLAGS = ("--online-mixture", "--reweight", "--curriculum", "--teacher")
+SWITCH_FLAGS = ("--online-mixture", "--reweight", "--curriculum", "--teacher", "--distill-from")
 
 
 def add_setup_flags(p: argparse.ArgumentParser, budget_help: str) -> None:
@@ -84,6 +84,15 @@ def add_data_method_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", metavar="RUN",
                    help="SALT: a small finished run (same tokenizer) that distills into the first part of the "
                         "budget (methods.salt.kd_weight, kd_until) and can pick batches (methods.salt.select_pool)")
+    add_distill_flag(p)
+
+
+def add_distill_flag(p: argparse.ArgumentParser) -> None:
+    """--distill-from, for `train` and `sft` (flopwise/methods/distill.py)."""
+    p.add_argument("--distill-from", metavar="RUN",
+                   help="distil a larger finished run (or Hugging Face folder, same tokenizer) into this model: its "
+                        "logits' KL joins the loss (methods.distill.weight, weight_end, temperature); its forward "
+                        "passes count in the budget")
 
 
 def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:

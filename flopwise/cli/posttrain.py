@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from flopwise.cli.flags import DEFAULT_RECIPE, config_flags_given, config_from_args
+from flopwise.cli.flags import DEFAULT_RECIPE, add_distill_flag, config_flags_given, config_from_args
 from flopwise.cli.train import add_out_flags, default_out, print_stopped, print_summary
 from flopwise.errors import FlopwiseError
 from flopwise.rundir import writing
@@ -35,6 +35,7 @@ examples:
   flopwise sft --init-from runs/base --budget 2m --out runs/sft
   flopwise sft --init-from runs/base --data chats.jsonl --data alpaca.jsonl --budget 10m --out runs/mine
   flopwise sft --init-from ./hf-llama-folder --method lisa --budget 20m --out runs/lisa
+  flopwise sft --init-from runs/small --distill-from runs/big-sft --budget 5m --out runs/small-sft
   flopwise sft --resume runs/sft                      # after an interruption
   flopwise chat runs/sft
 """
@@ -89,6 +90,7 @@ def register_sft(commands: argparse._SubParsersAction) -> None:
     _add_flags(sft, "JSONL conversations")
     sft.add_argument("--no-pack", action="store_true",
                      help="one conversation per window (padded) instead of several packed together")
+    add_distill_flag(sft)
 
 
 def register_dpo(commands: argparse._SubParsersAction) -> None:

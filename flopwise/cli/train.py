@@ -49,6 +49,7 @@ examples:
   flopwise train --data code=./src:0.3 --data prose=./docs:0.7 --budget 10m   # a two-domain mixture
   flopwise train --budget 10m --online-mixture loss --reweight   # adaptive domain weights, sample reweighting
   flopwise train --budget 10m --teacher runs/small  # SALT: distill from a small finished run early in the budget
+  flopwise train --budget 2e15flops --model 20m --distill-from runs/big   # KD from a larger run, its FLOPs counted
 
 every run forecasts its final held-out loss from its curve so far (logged at each 0.1 of the budget).
 one process writes a run folder at a time (a second one is refused at once); a new run starts only in an

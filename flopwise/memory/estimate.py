@@ -72,13 +72,14 @@ class ParamSpec:
 
 @dataclass
 class MemoryEstimate:
-    """Bytes of one training step.  ``weights`` includes a weight average's fp32 copy.  ``optimizer_states``
-    holds moments (8-bit codes and their absmax scales with ``8bit``) and step counters; GaLore's projection
-    matrices are apart in ``projections``.  ``gradients`` is the most alive at once (all of them, except with
-    ``layerwise``).  ``activations`` is what one micro-batch saves for backward as configured;
-    ``activations_full``/``activations_checkpointed`` without/with activation checkpointing.
-    ``buffers``: RoPE tables, SLTrain's indices, pruning masks, the token batch.  ``logits``: the logits and
-    cross-entropy's tensors at the start of backward.  ``peak``: the largest of ``moments``."""
+    """Bytes of one training step.  ``weights`` includes a weight average's fp32 copy and a frozen teacher's
+    weights.  ``optimizer_states`` holds moments (8-bit codes and their absmax scales with ``8bit``) and step
+    counters; GaLore's projection matrices are apart in ``projections``.  ``gradients`` is the most alive at once
+    (all of them, except with ``layerwise``).  ``activations`` is what one micro-batch saves for backward as
+    configured; ``activations_full``/``activations_checkpointed`` without/with activation checkpointing.
+    ``buffers``: RoPE tables, SLTrain's indices, pruning masks, the token batch, a distillation term's logit-sized tensors.
+    ``logits``: the logits and cross-entropy's tensors at the start of backward.  ``peak``: the largest of
+    ``moments``."""
 
     methods: tuple[str, ...]
     optimizer: str
@@ -474,10 +475,12 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, traits: MemoryTrai
 
     weights = sum(p.numel * stored[p.name] for p in params)
     weights += sum(p.numel * FP32 for p in trainable) if traits.averaged_weights else 0  # the fp32 average beside them
+    weights += traits.frozen_parameters * FP32  # a teacher's
     buffers = sum(b.numel * (INT32 if b.name.endswith(".index") else FP32) for b in buffer_specs)
     buffers += 2 * run.tokens * INT64  # the token batch: inputs and targets
     if traits.pruning_masks:  # one bool per block matmul weight
         buffers += cfg.n_layers * sum(out * inp for _, out, inp in cfg.block_linears)
+    buffers += traits.kept_logits * run.tokens * cfg.vocab_size * FP32  # a distillation term's logit-sized tensors
     bits8, rank = traits.state_bits == 8, traits.low_rank_gradients or 0
     rules = {p.name: update_rule(p, optimizer, traits) for p in trainable}
     costs = {p.name: optimizer_bytes(p, rules[p.name], pb, bits8, traits.state_block, rank) for p in trainable}

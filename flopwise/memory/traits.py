@@ -40,3 +40,5 @@ class MemoryTraits:
     fake_quantized_blocks: bool = False  # block Linears keep a fake-quantized copy of their weight for backward
     pruning_masks: bool = False  # a bool mask (1 byte) is kept beside every block matmul weight (pruning)
     averaged_weights: bool = False  # an fp32 average of every trained weight is kept beside it (weight averaging)
+    frozen_parameters: int = 0  # parameters of frozen fp32 models kept beside the student (a teacher)
+    kept_logits: int = 0  # extra fp32 tensors of the logits' size alive through backward (a distillation term's)

@@ -45,8 +45,12 @@ Hooks, in the order a run meets them:
 - ``on_progress``: act at budget progress p before each step's forward (start fake quantization).
 - ``next_batch``: choose a micro-batch (SALT's selection); the first method that returns one wins.
 - ``loss``: change the per-sequence loss of a micro-batch, in ``methods.use``'s registry order.
+- ``token_loss``: change the per-token loss of a post-training stage's micro-batch (SFT's), whose objective
+  averages it over its target mask (a teacher's term over the assistant's tokens only).
 - ``before_step`` / ``lr_factor`` / ``after_step``: act around each optimizer step.
 - ``take_extra_flops``: FLOPs spent beyond the model's own step since the last call (a teacher).
+- ``expected_extra_flops``: those FLOPs a step of so many tokens is expected to spend, for the budget's plan of
+  the steps left (a FLOP budget then ends annealed at its limit).
 - ``log_fields``: extra fields of each logged training event.
 - ``state_dict`` / ``load_state_dict``: what exact resume needs beyond the step count and the seed;
   ``tensor_state`` / ``load_tensor_state``: its tensors (a weight average), kept in the checkpoint's
@@ -176,6 +180,19 @@ class StepOutputs:
     inputs: torch.Tensor
     logits: torch.Tensor
     sequence: torch.Tensor
+
+
+@dataclass
+class TokenOutputs:
+    """One micro-batch's forward in a stage that scores chosen tokens only (SFT), for ``token_loss`` hooks: the
+    inputs and targets on the device [B, T], where packed sequences start (``segments``, None: unpacked), the
+    logits [B, T, V] and the ``mask`` [B, T] of the tokens its loss counts."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    segments: torch.Tensor | None
+    logits: torch.Tensor
+    mask: torch.Tensor
 
 
 class Method:
@@ -313,6 +330,11 @@ class Method:
         """The per-sequence loss ``total`` [batch] as this method changes it."""
         return total
 
+    def token_loss(self, losses: torch.Tensor, outputs: TokenOutputs, step: int, p: float) -> torch.Tensor:
+        """The per-token loss ``losses`` [B, T] (fp32) as this method changes it; the stage's objective averages it
+        over ``outputs.mask``."""
+        return losses
+
     def before_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Act before optimizer step ``step + 1`` (e.g. choose which layers train)."""
 
@@ -325,6 +347,11 @@ class Method:
 
     def take_extra_flops(self) -> float:
         """FLOPs spent beyond the model's step since the last call, all ranks together."""
+        return 0.0
+
+    def expected_extra_flops(self, tokens: float) -> float:
+        """FLOPs beyond the model's own that a step training ``tokens`` tokens (all ranks) is expected to spend,
+        once ``setup`` has run: the budget plans the steps left with them."""
         return 0.0
 
     def log_fields(self) -> dict[str, Any]:

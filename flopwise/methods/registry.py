@@ -3,7 +3,7 @@ module (under flopwise/methods/) and class.
 
 The order matters where hooks compose: a static mixture sets the weights an online mixture starts
 from, multi-token prediction's extra targets join the cross-entropy before SALT's distillation term is
-mixed in and before sample reweighting multiplies the loss, and the z-loss is added last, unweighted.
+mixed in (or distill's) and before sample reweighting multiplies the loss, and the z-loss is added last, unweighted.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ REGISTERED = (
     "curriculum.Curriculum",
     "mtp.MultiTokenPrediction",
     "salt.Salt",
+    "distill.Distill",
     "reweight.SampleReweighting",
     "z_loss.ZLoss",
     "grow_depth.GrowDepth",

@@ -37,13 +37,14 @@ import math
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flopwise.data.sampler import Batch, PackedSampler
 from flopwise.errors import FlopwiseError
+from flopwise.memory.traits import MemoryTraits
 from flopwise.methods.base import PRETRAIN, Method, MethodConfig, RunResources, RunView, StepOutputs, World
-from flopwise.methods.teacher import Teacher, shared_teacher
+from flopwise.methods.teacher import Teacher, distillation_loss, shared_teacher, teacher_memory
+from flopwise.model.config import ModelConfig
 from flopwise.runtime import autocast
 from flopwise.section import in_range
 
@@ -82,24 +83,6 @@ def selecting_at(p: float, settings: SaltConfig) -> bool:
     return settings.select_pool > 1 and p < settings.kd_until and settings.kd_weight > 0
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-                      ) -> torch.Tensor:
-    """Token-level KL(teacher || student) of the next-token distributions at ``temperature``, averaged
-    over the positions of each sequence: [B] from logits [B, T, V].
-
-    Computed in fp32; teacher logits of -inf (token ids the teacher lacks) have probability 0 and add
-    nothing.  Scaled by temperature**2 (Hinton et al. 2015) so its gradient keeps its size across
-    temperatures; at 1 it is the plain KL, which differs from the cross-entropy to the teacher's soft
-    labels only by the teacher's entropy (a constant for the student).  The teacher side is detached."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ in shape")
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    p = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    kl = (torch.special.xlogy(p, p) - p * log_q).sum(dim=-1)
-    return kl.mean(dim=-1) * temperature ** 2
-
-
 def select_windows(scores: torch.Tensor, keep: int, settings: SaltConfig) -> torch.Tensor:
     """Indices, ascending, of the ``keep`` candidates with the highest scores.
 
@@ -130,6 +113,12 @@ class Salt(Method):
         if config.teacher is None:
             raise FlopwiseError("methods.use 'salt' needs methods.salt.teacher: a small finished run folder or a "
                                 "Hugging Face model folder with this run's tokenizer (--teacher RUN)")
+
+    @classmethod
+    def memory(cls, config: SaltConfig, traits: MemoryTraits, model: ModelConfig) -> None:
+        """The teacher and its distillation term (the candidate pool's logits while selecting are not counted)."""
+        if config.teacher is not None:
+            teacher_memory(config.teacher, traits, FIELD)
 
     def setup(self, run: RunResources) -> None:
         self.teacher = shared_teacher(run, str(self.config.teacher), FIELD)

@@ -22,6 +22,7 @@ from flopwise.methods.base import (
     SamplerOptions,
     StepOutputs,
     StepShape,
+    TokenOutputs,
     World,
 )
 from flopwise.methods.registry import BY_NAME, METHODS
@@ -105,6 +106,7 @@ class MethodStack:
         self.methods: tuple[Method, ...] = tuple(BY_NAME[name](getattr(sections, name), seed)
                                                  for name in in_registry_order(use))
         self._losses = [m for m in self.methods if type(m).loss is not Method.loss]
+        self._token_losses = [m for m in self.methods if type(m).token_loss is not Method.token_loss]
         self.step, self.p = 0, 0.0
         self.full: StepShape | None = None  # the run's own shape (set by the session); None: batches as drawn
         self.shape: StepShape | None = None  # this step's
@@ -212,6 +214,18 @@ class MethodStack:
                 total = method.loss(total, outputs, self.step, self.p)
             return total.mean(), sequence.detach().mean()
 
+    @property
+    def changes_token_loss(self) -> bool:
+        """Whether a method changes a post-training stage's per-token loss (else the objective keeps its own)."""
+        return bool(self._token_losses)
+
+    def token_loss(self, losses: torch.Tensor, outputs: TokenOutputs) -> torch.Tensor:
+        """The per-token loss [B, T] of a post-training stage's micro-batch as each method changes it, at this
+        step's progress."""
+        for method in self._token_losses:
+            losses = method.token_loss(losses, outputs, self.step, self.p)
+        return losses
+
     def before_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         for method in self.methods:
             method.before_step(step, model, optimizer)
@@ -225,6 +239,10 @@ class MethodStack:
 
     def take_extra_flops(self) -> float:
         return sum(m.take_extra_flops() for m in self.methods)
+
+    def expected_extra_flops(self, tokens: float) -> float:
+        """FLOPs the methods expect a step of ``tokens`` tokens to spend beyond the model's own."""
+        return sum(m.expected_extra_flops(tokens) for m in self.methods)
 
     def log_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {}

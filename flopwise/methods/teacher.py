@@ -2,7 +2,8 @@
 curriculum's scorer), loaded read-only from a flopwise run's ``final/`` or a Hugging Face folder (safetensors
 only; never unpickled).  It must share the student's tokenizer exactly, since it is compared with the student
 over the same token ids.  A run loads each source once: methods that name the same one share it
-(``shared_teacher``)."""
+(``shared_teacher``).  The distillation term that SALT and ``distill`` mix into the loss is here too
+(``token_kl``), and so is what a teacher adds to the memory estimate (``teacher_memory``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from flopwise.errors import FlopwiseError
+from flopwise.memory.traits import MemoryTraits
 from flopwise.methods.base import RunResources
 from flopwise.model.config import ModelConfig
 from flopwise.model.flops import count_parameters, forward_flops_per_token
@@ -31,6 +33,48 @@ def shared_teacher(run: RunResources, source: str, field: str) -> Teacher:
         run.shared[key] = Teacher.load(source, run.vocab_size, run.device, run.tokenizer_json, seq_len=run.seq_len,
                                        field=field)
     return run.shared[key]
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Token-level KL(teacher || student) of the next-token distributions at ``temperature``: [B, T] from logits
+    [B, T, V] (the forward KL that Minitron distils with, Muralidharan et al. 2024).
+
+    Computed in fp32; teacher logits of -inf (token ids the teacher lacks) have probability 0 and add
+    nothing.  Scaled by temperature**2 (Hinton et al. 2015) so its gradient keeps its size across
+    temperatures; at 1 it is the plain KL, which differs from the cross-entropy to the teacher's soft
+    labels only by the teacher's entropy (a constant for the student).  The teacher side is detached."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    p = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    return (torch.special.xlogy(p, p) - p * log_q).sum(dim=-1) * temperature ** 2
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+                      ) -> torch.Tensor:
+    """``token_kl`` averaged over the positions of each sequence: [B] from logits [B, T, V]."""
+    return token_kl(student_logits, teacher_logits, temperature).mean(dim=-1)
+
+
+def teacher_folder(source: str, field: str) -> Path:
+    """The folder a teacher setting names, refused in one line where there is none (checked before any data is
+    read, and again when the teacher is loaded)."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise FlopwiseError(f"{field}='{source}' is not a folder: give a flopwise run folder (with final/) "
+                            "or a Hugging Face model folder (config.json + model.safetensors)")
+    return folder
+
+
+def teacher_memory(source: str, traits: MemoryTraits, field: str) -> None:
+    """Record in ``traits`` the frozen teacher at ``source`` (its fp32 weights; its shape read from its folder)
+    and the logit-sized fp32 tensors its distillation term keeps alive until backward: the teacher's logits, its
+    probabilities and the student's log-probabilities (``token_kl``)."""
+    folder = teacher_folder(source, field)
+    config = _teacher_shape(folder, source, None, field)[1]
+    traits.frozen_parameters += count_parameters(config)["total"]
+    traits.kept_logits += 3
 
 
 class Teacher:
@@ -53,10 +97,7 @@ class Teacher:
         whose model has ``vocab_size`` ids and whose tokenizer is ``student_tokenizer_json``.
         ``seq_len``: the student's window length (default: the teacher's own context); ``field``: the setting
         that named it, which its errors name."""
-        folder = Path(source).expanduser()
-        if not folder.is_dir():
-            raise FlopwiseError(f"{field}='{source}' is not a folder: give a flopwise run folder (with final/) "
-                                "or a Hugging Face model folder (config.json + model.safetensors)")
+        folder = teacher_folder(source, field)
         weights, cfg = _teacher_shape(folder, source, seq_len, field)
         _check_tokenizer(folder, weights, source, student_tokenizer_json, field)
         student_tokens = _vocab_of(student_tokenizer_json)
@@ -79,11 +120,12 @@ class Teacher:
         return cls(model, vocab_size, seq_len or cfg.seq_len, folder)
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits [B, T, vocab_size] of token ids x [B, T] (no grad, eval mode); ids the
-        teacher lacks (a student vocab padded past the tokenizer) get -inf."""
+        teacher lacks (a student vocab padded past the tokenizer) get -inf.  ``segments``: where packed
+        sequences start, as the student sees them (GPT.logits), so the teacher attends within them too."""
         self.model.eval()
-        out = self.model(x)[0]
+        out = self.model(x, segments=segments)[0]
         missing = self.vocab_size - out.shape[-1]
         return F.pad(out, (0, missing), value=-math.inf) if missing else out
 

@@ -20,14 +20,24 @@ def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of each position [B, T], from fp32 logits."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def masked_mean(losses: torch.Tensor, mask: torch.Tensor, tokens: float | None = None) -> torch.Tensor:
+    """Mean of per-position ``losses`` [B, T] over the positions where ``mask`` is true (the assistant's tokens).
+    ``tokens``: divide by this count instead of the mask's (all ranks' assistant tokens, so that every token
+    weighs the same whichever rank holds it)."""
+    weights = mask.float()
+    return (losses * weights).sum() / (weights.sum().clamp_min(1.0) if tokens is None else max(tokens, 1.0))
+
+
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                          tokens: float | None = None) -> torch.Tensor:
     """Mean cross-entropy over the positions where ``mask`` is true (the assistant's tokens), so a batch's
-    prompts, system messages and padding teach nothing.  ``tokens``: divide by this count instead of the mask's
-    (all ranks' assistant tokens, so that every token weighs the same whichever rank holds it)."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    weights = mask.flatten().float()
-    return (losses * weights).sum() / (weights.sum().clamp_min(1.0) if tokens is None else max(tokens, 1.0))
+    prompts, system messages and padding teach nothing (``tokens`` as in ``masked_mean``)."""
+    return masked_mean(token_cross_entropy(logits, targets), mask, tokens)
 
 
 def reply_log_probs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

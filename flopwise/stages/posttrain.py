@@ -138,7 +138,8 @@ class SFTStage(PostTrainStage):
                                       ctx.ranks.rank, ctx.ranks.world_size)
         evaluator = AssistantEvaluator(self.split.heldout, self.split.sources, batch, ctx.device, ctx.dtype, pad)
         self.start = None  # its weights are the model's now
-        return StageLoop(sampler, SFTObjective(sampler, ctx.ranks), self.evaluation(evaluator, model, sft_fields))
+        return StageLoop(sampler, SFTObjective(sampler, ctx.ranks, methods),
+                         self.evaluation(evaluator, model, sft_fields))
 
 
 class DPOStage(PostTrainStage):
