@@ -26,6 +26,7 @@ from flopwise.cli import main
 from flopwise.config import load_config
 from flopwise.data.tokenizer import byte_tokenizer
 from flopwise.errors import FlopwiseError
+from flopwise.model.artifact import folder_bytes
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import model_config_from_hf, read_hf_config, save_hf_folder
@@ -160,15 +161,20 @@ def test_a_model_without_a_stock_architecture_is_exported_with_the_code_that_tra
                                   "AutoModelForCausalLM": "modeling_flopwise.FlopwiseForCausalLM"}
     assert config["model_type"] == "flopwise" and config["flopwise"] == model.config.to_dict()
     assert config["max_position_embeddings"] == 64
-    assert (folder / "README.md").read_text() == (
-        "flopwise model, remote code (FlopwiseForCausalLM): load with "
-        "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True), and AutoTokenizer's likewise\n")
+    assert_readme(folder, "remote code (FlopwiseForCausalLM): load with "
+                  "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True), and AutoTokenizer's likewise")
     weights = load_file(str(folder / "model.safetensors"))
     assert weights.keys() == {f"model.{k}" for k in model.state_dict()}
     # and flopwise reads it back (--init-from, a teacher): the same shape at its context, the same weights
     reloaded = load_hf_model(folder, seq_len=64)
     assert reloaded.config == model.config
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def assert_readme(folder: Path, line: str) -> None:
+    """final/README.md says what the folder is, how to load it, and its bytes (README.md's own included)."""
+    assert (folder / "README.md").read_text() == (
+        f"flopwise model, {line}; weights stored in fp32; the folder holds {folder_bytes(folder):,} bytes\n")
 
 
 @pytest.mark.parametrize("shape,architecture", [({}, "LlamaForCausalLM"), ({"qk_norm": True}, "Qwen3ForCausalLM")])
@@ -178,9 +184,8 @@ def test_a_stock_model_is_exported_without_remote_code(tmp_path, shape, architec
     assert not list((tmp_path / "hf").glob("*.py"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == [architecture] and "auto_map" not in config
-    assert (tmp_path / "hf" / "README.md").read_text() == (
-        f"flopwise model, stock {architecture}: AutoModelForCausalLM.from_pretrained(folder) loads it without "
-        "remote code\n")
+    assert_readme(tmp_path / "hf", f"stock {architecture}: AutoModelForCausalLM.from_pretrained(folder) loads it "
+                  "without remote code")
 
 
 def test_rope_models_read_back_at_the_asked_context_and_learned_positions_at_their_own(tmp_path):
@@ -290,7 +295,7 @@ def test_a_run_says_that_its_model_needs_remote_code(remote_run, tmp_path, capsy
     assert f"final/: {line}" in printed
     assert json.loads((run / "plan.json").read_text())["export"] == {"architecture": "FlopwiseForCausalLM",
                                                                      "remote_code": True}
-    assert (run / "final" / "README.md").read_text() == f"flopwise model, {line}\n"
+    assert_readme(run / "final", line)
     assert main(["export", str(run), "--to", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out == f"written: {tmp_path / 'out'}: {line}\n"
     for name in os.listdir(run / "final"):  # `flopwise export` writes the run's final/ folder again

@@ -290,7 +290,8 @@ def load_weights_into(model: GPT, folder: Path, as_stored: bool = False) -> None
     ``as_stored``: the matrices keep the folder's bf16 where it stores them so (a run trained with bf16
     weights is evaluated as it trained); otherwise the model's own dtype, fp32 (an --init-from import)."""
     tensors = load_hf_weights(folder)
-    storage = read_hf_config(folder).get("flopwise_storage")
+    # a run folder's final/ of older runs holds weights only (its shape is in plan.json)
+    storage = read_hf_config(folder).get("flopwise_storage") if (folder / "config.json").is_file() else None
     if storage:  # integer weights (a size budget's int8 or int4): the fp32 model they stand for
         tensors = dequantize_stored(tensors, storage["precision"])
     embedding = tensors.get("model.embed_tokens.weight")
