@@ -1,19 +1,27 @@
 """Small models that ship: sparse against dense at equal final size, distilled against scratch at an equal budget
-that counts the teacher, and the Minitron path (prune a trained model, then distill) against scratch.
+that counts the teacher, Minitron's path (prune a trained model's width, then distill) against scratch, and a
+size budget's stored artifact against the dense fp32 models that fit.
 
-Every run is a plain run (``methods.progressive=false``, so that growth and schedules do not mix with the method
-measured) on the built-in corpus, with a load-independent budget (tokens or FLOPs), so that a busy machine changes
-only the time the bench takes.  Each comparison is per seed, as the difference of held-out losses on the same
-windows, with a paired bootstrap 95% interval over those windows; and over seeds, as the mean difference.
+Each comparison is per seed, as the difference of held-out losses on the same windows with a paired bootstrap 95%
+interval over those windows, and over seeds as the mean difference.
 
-    python bench/compress.py --parts sparse distill minitron --seeds 0 1 2
+    python bench/compress.py --parts sparse distill minitron size --seeds 0 1 2
 
-``sparse``: the default model (d_model 128, 4 blocks) pruned to 50% (unstructured, ramped 0.25 -> 0.75 and 0 -> 0.5;
-2:4, ramped 0.25 -> 0.75) against a dense model with the same count of nonzero block weights (2 blocks: exactly half),
-and the dense 4-block model, all for the same tokens.  ``distill``: a d_model 64 x 4 student distilled from a
-d_model 128 x 4 teacher trained for 4x the tokens, against the student from scratch, at one FLOP budget that
-counts the teacher's forward passes.  ``minitron``: the teacher width-pruned (half the heads and MLP channels, by
-activation importance) and distilled from itself, against that small shape from scratch, at one FLOP budget.
+- ``sparse``: the default model (d_model 128, 4 blocks) pruned to 50% (unstructured, ramped 0.25 -> 0.75 and
+  0 -> 0.5; 2:4, ramped 0.25 -> 0.75), against a dense model with the same count of nonzero block weights (2
+  blocks: exactly half) and the dense 4-block model, all for the same tokens.
+- ``distill``: a d_model 64 x 4 student distilled from a d_model 128 x 4 teacher trained for 4x the tokens,
+  against the student from scratch, at one FLOP budget that counts the teacher's forward passes.
+- ``minitron``: the teacher width-pruned (prune_width's defaults: 2/3 of the heads, 3/8 of the MLP channels, by
+  activation importance) and retrained with and without distilling from itself, against that small shape from
+  scratch, at one FLOP budget (the teacher's training not counted).
+- ``size``: ``flopwise train --budget 2m,4MB`` as a user runs it, against the dense fp32 shapes that fit 4 MB
+  (d_model 96 x 4 blocks, d_model 128 x 2), for the same seconds; and the stored model's loss in the run against
+  ``flopwise eval``'s on the same sample.
+
+The first three are plain runs (``methods.progressive=false``, so that growth and schedules do not mix with the
+method measured) with load-independent budgets (tokens or FLOPs): a busy machine changes only the time they take.
+The size part's seconds budgets are not: run it on a quiet machine.
 
 Prints the tables and writes JSON (bench/results/compress.json by default).
 """
@@ -35,8 +43,9 @@ from rich.table import Table
 
 from flopwise.config import load_run_config
 from flopwise.data.pipeline import prepare_data
-from flopwise.evaluate.heldout import Evaluator
+from flopwise.evaluate.heldout import FINAL_EVAL_SCALE, Evaluator
 from flopwise.evaluate.load import load_final_model
+from flopwise.model.artifact import folder_bytes
 from flopwise.rundir import read_metrics
 
 HERE = Path(__file__).parent
@@ -54,6 +63,13 @@ SPARSE_ARMS: dict[str, list[str]] = {
     "2:4, 0.25->0.75": ["methods.use=[\"prune\"]", "methods.prune.kind=\"2:4\""],
 }
 SPARSE_REFERENCE = "dense 2 blocks (equal nonzero)"
+MINITRON_ARMS = ["small shape from scratch", "pruned, retrained", "pruned, distilled (Minitron)"]
+SIZE_ARMS: dict[str, list[str]] = {
+    "default shape, precision chosen to fit": [],
+    "fp32, d_model 96 x 4 blocks": ["model.d_model=96", "artifact.precision=fp32"],
+    "fp32, d_model 128 x 2 blocks": ["model.n_layers=2", "artifact.precision=fp32"],
+}
+SIZE_REFERENCE = "default shape, precision chosen to fit"
 
 
 def train(out: Path, budget: str, seed: int, sets: list[str], *extra: str) -> Path:
@@ -146,13 +162,63 @@ def distill_part(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     compare(rows, runs, ["scratch", "distilled"], "scratch", args.seeds)
 
 
+def minitron_part(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """Minitron's path: the teacher width-pruned (prune_width's defaults) and retrained, with and without
+    distilling from itself, against its small shape from scratch, all at one FLOP budget (the teacher's forward
+    passes and the pruning's calibration counted; the teacher's own training is not)."""
+    big = teacher(args)
+    pruned = ["--init-from", str(big / "final"), "--method", "prune_width"]
+    probe = train(WORK / "minitron-probe", "10steps", 0, [], *pruned)
+    shape = json.loads((probe / "plan.json").read_text())["model"]
+    small = [f"model.{key}={shape[key]}" for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_size",
+                                                      "mlp_hidden") if shape.get(key) is not None]
+    budget = f"{flops_per_token(probe) * 2 * args.tokens:.6g}flops"
+    tokenizer = [f"data.tokenizer=\"{big / 'tokenizer.json'}\""]
+    runs = {}
+    for seed in args.seeds:
+        runs["small shape from scratch", seed] = train(WORK / f"minitron-scratch-{seed}", budget, seed,
+                                                       [*small, *tokenizer])
+        runs["pruned, retrained", seed] = train(WORK / f"minitron-plain-{seed}", budget, seed, [], *pruned)
+        runs["pruned, distilled (Minitron)", seed] = train(WORK / f"minitron-distill-{seed}", budget, seed, [],
+                                                           *pruned, "--distill-from", str(big))
+    compare(rows, runs, MINITRON_ARMS, MINITRON_ARMS[0], args.seeds)
+    rows.append({"shape": shape, "budget": budget, "teacher": summary(big)})
+
+
+def size_part(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """``flopwise train --budget 2m,4MB`` as a user runs it (the default recipe and shape, stored in the precision
+    that fits), against the dense fp32 models that fit 4 MB, for the same 2 minutes; arms alternate within a
+    seed, since a seconds budget depends on the machine's load.  Also checks the stored model against
+    ``flopwise eval`` on the same held-out sample."""
+    runs = {}
+    for seed in args.seeds:
+        for index, (arm, sets) in enumerate(SIZE_ARMS.items()):
+            out = WORK / f"size-{index}-{seed}"
+            if not (out / "final").is_dir():
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                flags = [flag for value in sets for flag in ("--set", value)]
+                subprocess.run([sys.executable, "-m", "flopwise", "train", "--budget", f"{args.size_budget}",
+                                "--seed", str(seed), "--out", str(out), *flags], check=True, capture_output=True)
+            runs[arm, seed] = out
+    compare(rows, runs, list(SIZE_ARMS), SIZE_REFERENCE, args.seeds)
+    for row in rows:
+        run = Path(row["run"])
+        final = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"][-1]
+        sample = FINAL_EVAL_SCALE * load_run_config(run).train.eval_tokens
+        subprocess.run([sys.executable, "-m", "flopwise", "eval", str(run), "--max-tokens", str(sample)], check=True,
+                       capture_output=True)
+        evaluated = json.loads((run / "eval.json").read_text())
+        row.update(final_bytes=folder_bytes(run / "final"), precision=final.get("artifact_precision", "fp32"),
+                   run_stored_loss=final.get("artifact_loss", final["val_loss"]), eval_loss=evaluated["loss"])
+
+
 def table(console: Console, title: str, rows: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> None:
     out = Table(title=title)
     for column in ("arm", "val_loss (mean)", "nonzero block weights", "tokens", "per seed: minus reference [95%]",
                    "mean minus reference"):
         out.add_column(column)
     for arm in arms:
-        mine = [r for r in rows if r["arm"] == arm]
+        mine = [r for r in rows if r.get("arm") == arm]
         if not mine:
             continue
         diffs = [r["minus_reference"] for r in mine if "minus_reference" in r]
@@ -163,26 +229,44 @@ def table(console: Console, title: str, rows: list[dict[str, Any]], arms: list[s
     console.print(out)
 
 
+def size_table(console: Console, rows: list[dict[str, Any]]) -> None:
+    out = Table(title="the stored artifacts")
+    for column in ("arm", "seed", "precision", "final/ bytes", "stored loss (run)", "flopwise eval", "difference"):
+        out.add_column(column)
+    for r in rows:
+        out.add_row(r["arm"], str(r["seed"]), r["precision"], f"{r['final_bytes']:,}", f"{r['run_stored_loss']:.5f}",
+                    f"{r['eval_loss']:.5f}", f"{r['eval_loss'] - r['run_stored_loss']:+.1e}")
+    console.print(out)
+
+
+PARTS = {
+    "sparse": (sparse_part, "sparse against dense, {tokens:,} tokens each", list(SPARSE_ARMS)),
+    "distill": (distill_part, "distilled against scratch, one FLOP budget with the teacher's counted",
+                ["scratch", "distilled"]),
+    "minitron": (minitron_part, "Minitron's path against the small shape from scratch, one FLOP budget",
+                 MINITRON_ARMS),
+    "size": (size_part, "--budget {size}: the stored artifact against dense fp32 models that fit", list(SIZE_ARMS)),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["sparse", "distill"], choices=["sparse", "distill"])
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tokens", type=int, default=600_000, help="the sparse arms' token budget")
+    parser.add_argument("--size-budget", default="2m,4MB", help="the size part's budget")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "compress.json")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     console, record = Console(), {"seeds": args.seeds, "tokens": args.tokens}
-    if "sparse" in args.parts:
+    for part in args.parts:
+        make, title, arms = PARTS[part]
         rows: list[dict[str, Any]] = []
-        sparse_part(args, rows)
-        record["sparse"] = rows
-        table(console, f"sparse against dense, {args.tokens:,} tokens each", rows, list(SPARSE_ARMS), args.seeds)
-    if "distill" in args.parts:
-        rows = []
-        distill_part(args, rows)
-        record["distill"] = rows
-        table(console, "distilled against scratch, one FLOP budget with the teacher's counted", rows,
-              ["scratch", "distilled"], args.seeds)
+        make(args, rows)
+        record[part] = rows
+        table(console, title.format(tokens=args.tokens, size=args.size_budget), rows, arms, args.seeds)
+        if part == "size":
+            size_table(console, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
     console.print(f"wrote {args.out}")
