@@ -8,7 +8,6 @@ import random
 import re
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
@@ -128,12 +127,10 @@ def test_rejected_replies_are_about_as_long_as_the_chosen_ones(split0):
     assert close > 0.8 and by_chance < 0.5
 
 
-def test_building_imports_no_module_with_side_effects_and_is_fast():
+def test_building_imports_no_module_with_side_effects():
     builtin_data._entries.cache_clear()
-    start = time.perf_counter()
     builtin_instructions(5)
     builtin_preferences(5)
-    assert time.perf_counter() - start < 10  # about a second on a small CPU; generous for slow CI machines
     assert not {"antigravity", "this", "tkinter", "idlelib", "turtle"} & set(sys.modules)
 
 
