@@ -90,7 +90,7 @@ def summary(run: Path) -> dict[str, Any]:
     final = [e for e in events if e["event"] == "eval"][-1]
     spent = [e for e in events if e["event"] == "train"][-1]
     model, _ = load_final_model(run, torch.device("cpu"))
-    blocks = [p for name, p in model.named_parameters() if ".blocks." in f".{name}" and p.dim() == 2]
+    blocks = [p for name, p in model.named_parameters() if name.startswith("layers.") and p.dim() == 2]
     return {"val_loss": final["val_loss"], "tokens": spent.get("tokens"), "flops": spent.get("flops"),
             "steps": spent.get("step"), "block_weights": sum(p.numel() for p in blocks),
             "nonzero_block_weights": int(sum(int((p != 0).sum()) for p in blocks))}
