@@ -17,7 +17,7 @@ from flopwise.errors import FlopwiseError
 from flopwise.model.config import ModelConfig
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import resolve_hf_source, save_hf_folder
-from tests.helpers import load_hf_model, train_bpe_run
+from tests.helpers import load_hf_model, run_error, train_bpe_run
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local; nothing may reach the network
@@ -128,6 +128,13 @@ def test_init_from_continues_pretraining_and_round_trips(tmp_path, text_folder):
     hf = transformers.AutoModelForCausalLM.from_pretrained(run / "final")
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.max_position_embeddings == 128
 
+    onward = tmp_path / "onward"  # a finished run's folder stands for its final/, as sft's --init-from reads it
+    assert main(["train", "--init-from", str(run), "--data", str(text_folder), "--budget", "1steps", "--out",
+                 str(onward), "--set", "model.seq_len=64", "--set", "optim.batch_size=2", "--set", "optim.lr=1e-12",
+                 "--set", "optim.muon_lr=1e-12", "--set", "train.eval_tokens=512"]) == 0
+    continued = load_file(str(onward / "final" / "model.safetensors"))
+    assert all(torch.allclose(continued[k], trained[k], atol=1e-9) for k in trained)
+
     learning = tmp_path / "learning"  # and with a real learning rate it learns from the imported start
     assert main(["train", "--init-from", str(source), "--data", str(text_folder), "--budget", "15steps", "--out",
                  str(learning), "--set", "model.seq_len=64", "--set", "optim.batch_size=4",
@@ -184,6 +191,14 @@ def test_init_from_refuses_pickles_and_shape_overrides(tmp_path, text_folder, ca
     assert main(["train", "--init-from", str(source), "--data", str(text_folder), "--budget", "2steps",
                  "--out", str(tmp_path / "r")]) == 2
     assert "never pickled .bin files" in capsys.readouterr().err
+
+
+def test_init_from_a_run_without_a_final_model_is_one_line(tmp_path, text_folder, capsys):
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.toml").write_text("", encoding="utf-8")
+    err = run_error(capsys, ["train", "--init-from", str(tmp_path / "unfinished"), "--data", str(text_folder),
+                             "--budget", "2steps", "--out", str(tmp_path / "run")])
+    assert "is a run without a final model: finish it first" in err
 
 
 def test_init_from_a_truncated_weights_file_is_one_line(tmp_path, text_folder, capsys):

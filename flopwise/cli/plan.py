@@ -63,7 +63,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="continued pretraining: suggest the share of DOMAIN (the rest replays the other --data "
                         "domains) from pilot runs, by the CMR law (Gu et al. 2024); needs --init-from and a "
                         "token budget, e.g. --budget 20M --init-from base/ --data new=./docs --data general=stdlib")
-    p.add_argument("--init-from", metavar="HF_MODEL", help="the model that continued pretraining starts from")
+    p.add_argument("--init-from", metavar="RUN_OR_HF_MODEL",
+                   help="the model (a finished run or a Hugging Face model) that continued pretraining starts from")
     p.add_argument("--pilot-tokens", type=float, metavar="N",
                    help="tokens of each --replay pilot (default: a tenth of the budget's)")
     p.add_argument("--pilots", type=Path, metavar="FOLDER", help="where --replay puts its pilot runs "

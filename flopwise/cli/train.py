@@ -67,9 +67,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_data_method_flags(p)
     add_out_flags(p)
     p.add_argument("--model", metavar="SIZE", help="named size: tiny, small (default), base, medium, large")
-    p.add_argument("--init-from", metavar="HF_MODEL",
-                   help="continue pretraining a Llama-family Hugging Face model (a folder, or a hub id found in "
-                        "the local hub cache); its tokenizer is used as is")
+    p.add_argument("--init-from", metavar="RUN_OR_HF_MODEL",
+                   help="continue pretraining a finished run (its final/) or a Llama-family Hugging Face model (a "
+                        "folder, or a hub id found in the local hub cache); its tokenizer is used as is; with "
+                        "--method prune_width, a smaller model cut from it")
     p.add_argument("--compile", action="store_true", help="use torch.compile (pays off on GPUs; ~1.1x on CPU)")
     p.add_argument("--parallel", choices=("ddp", "fsdp"),
                    help="under torchrun: ddp (default; replicated weights) or fsdp (FSDP2, sharded weights, "

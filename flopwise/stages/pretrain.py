@@ -28,6 +28,7 @@ from flopwise.model.config import NAMED_SIZES, OPTIONS, ModelConfig
 from flopwise.model.flops import count_parameters, flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config, resolve_hf_source
+from flopwise.rundir import is_run_dir
 from flopwise.runtime import autocast
 from flopwise.size import with_artifact
 from flopwise.stages.base import Prepared, Shape, Stage, StageEvaluation, StageLoop
@@ -51,6 +52,18 @@ def heldout_fields(result: dict[str, Any]) -> tuple[dict[str, Any], str]:
                       artifact_bpb=stored["bpb"])
         line += f"  final/ as stored ({stored['precision']}): val_loss {stored['loss']:.4f}"
     return fields, line
+
+
+def imported_folder(spec: str) -> Path:
+    """The model folder ``--init-from`` names: a finished flopwise run's final/ (a Hugging Face folder), a Hugging
+    Face model folder, or a hub id."""
+    path = Path(spec).expanduser()
+    if not is_run_dir(path):
+        return resolve_hf_source(spec)
+    if not (path / "final" / "config.json").is_file():
+        raise FlopwiseError(f"--init-from '{spec}' is a run without a final model: finish it first "
+                            f"(flopwise train --resume {spec}), or give a model folder")
+    return path / "final"
 
 
 class PretrainStage(Stage):
@@ -77,7 +90,7 @@ class PretrainStage(Stage):
         tokenizer file's own."""
         m = config.model
         if m.init_from:
-            folder = resolve_hf_source(m.init_from)
+            folder = imported_folder(m.init_from)
             seq_len = m.seq_len or NAMED_SIZES[m.size]["seq_len"]
             return Shape(model_config_from_hf(read_hf_config(folder), folder, seq_len),
                          settles={"data.tokenizer": str(folder)})  # in config.toml: a resume reads the same one
@@ -123,7 +136,7 @@ class PretrainStage(Stage):
         pruning), the imported model is loaded beside the run's and the methods fill it, scoring the imported
         one on windows of the training data; it is freed before the first step."""
         ctx = self.context
-        folder = resolve_hf_source(ctx.config.model.init_from)
+        folder = imported_folder(ctx.config.model.init_from)
         imported = model_config_from_hf(read_hf_config(folder), folder, model.config.seq_len)
         if imported == model.config:
             load_weights_into(model, folder)
