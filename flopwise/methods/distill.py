@@ -35,9 +35,8 @@ import torch
 from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
 from flopwise.methods.base import Method, MethodConfig, RunResources, RunView, StepOutputs, TokenOutputs, World
-from flopwise.methods.teacher import distillation_loss, shared_teacher, teacher_folder, teacher_memory, token_kl
+from flopwise.methods.teacher import MeteredTeacher, distillation_loss, teacher_folder, teacher_memory, token_kl
 from flopwise.model.config import ModelConfig
-from flopwise.runtime import autocast
 from flopwise.section import in_range
 
 FIELD = "methods.distill.teacher"
@@ -83,18 +82,10 @@ class Distill(Method):
             teacher_memory(config.teacher, traits, FIELD)
 
     def setup(self, run: RunResources) -> None:
-        self.teacher = shared_teacher(run, str(self.config.teacher), FIELD)
-        self.teacher_device = next(self.teacher.model.parameters()).device
-        self.dtype, self.ranks = run.dtype, run.ranks
-        self._flops = 0.0
+        self.teacher = MeteredTeacher(run, str(self.config.teacher), FIELD)
 
     def _teacher_logits(self, inputs: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-        """The teacher's logits, in the run's precision, with their FLOPs counted for the meter."""
-        with autocast(self.teacher_device, self.dtype):
-            logits = self.teacher.logits(inputs.to(self.teacher_device),
-                                         None if segments is None else segments.to(self.teacher_device))
-        self._flops += self.teacher.flops_per_token * inputs.numel() * self.ranks.world_size
-        return logits.to(inputs.device)
+        return self.teacher.logits(inputs, segments).to(inputs.device)
 
     def loss(self, total: torch.Tensor, outputs: StepOutputs, step: int, p: float) -> torch.Tensor:
         weight = weight_at(p, self.config)
@@ -114,8 +105,7 @@ class Distill(Method):
         """The teacher's forward over every token of the step (none once the weight is 0 throughout)."""
         if self.config.weight == 0 and not self.config.weight_end:
             return 0.0
-        return self.teacher.flops_per_token * tokens
+        return self.teacher.teacher.flops_per_token * tokens
 
     def take_extra_flops(self) -> float:
-        flops, self._flops = self._flops, 0.0
-        return flops
+        return self.teacher.take_flops()

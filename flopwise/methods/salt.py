@@ -43,9 +43,8 @@ from flopwise.data.sampler import Batch, PackedSampler
 from flopwise.errors import FlopwiseError
 from flopwise.memory.traits import MemoryTraits
 from flopwise.methods.base import PRETRAIN, Method, MethodConfig, RunResources, RunView, StepOutputs, World
-from flopwise.methods.teacher import Teacher, distillation_loss, shared_teacher, teacher_memory
+from flopwise.methods.teacher import MeteredTeacher, Teacher, distillation_loss, teacher_memory
 from flopwise.model.config import ModelConfig
-from flopwise.runtime import autocast
 from flopwise.section import in_range
 
 FIELD = "methods.salt.teacher"
@@ -121,12 +120,10 @@ class Salt(Method):
             teacher_memory(config.teacher, traits, FIELD)
 
     def setup(self, run: RunResources) -> None:
-        self.teacher = shared_teacher(run, str(self.config.teacher), FIELD)
-        self.teacher_device = next(self.teacher.model.parameters()).device
-        self.dtype, self.ranks = run.dtype, run.ranks
+        self.teacher = MeteredTeacher(run, str(self.config.teacher), FIELD)
+        self.ranks = run.ranks
         self._logits: torch.Tensor | None = None  # the chosen batch's teacher logits
         self._rejected: list[torch.Tensor] = []  # domains of this step's rejected candidates
-        self._flops = 0.0
 
     def attach(self, sampler: PackedSampler) -> None:
         self.sampler = sampler
@@ -136,8 +133,8 @@ class Salt(Method):
         if not selecting_at(p, self.config):
             return None
         candidates = sampler.next_batch(self.config.pool_size(sampler.batch_size))
-        logits = self._teacher_logits(candidates.inputs)
-        scores = Teacher.scores_from_logits(logits, candidates.targets.to(self.teacher_device),
+        logits = self.teacher.logits(candidates.inputs)
+        scores = Teacher.scores_from_logits(logits, candidates.targets.to(self.teacher.device),
                                             self.config.select_top_k)
         chosen = select_windows(scores, sampler.batch_size, self.config)
         self._logits = logits[chosen]
@@ -147,18 +144,11 @@ class Salt(Method):
         self._rejected.append(candidates.domains[rejected])
         return candidates.rows(chosen)
 
-    def _teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits, in the run's precision, with their FLOPs counted for the meter."""
-        with autocast(self.teacher_device, self.dtype):
-            logits = self.teacher.logits(inputs.to(self.teacher_device))
-        self._flops += self.teacher.flops_per_token * inputs.numel() * self.ranks.world_size
-        return logits
-
     def loss(self, total: torch.Tensor, outputs: StepOutputs, step: int, p: float) -> torch.Tensor:
         weight = kd_weight_at(p, self.config)
         if weight <= 0:
             return total
-        teacher = self._logits if self._logits is not None else self._teacher_logits(outputs.inputs)
+        teacher = self._logits if self._logits is not None else self.teacher.logits(outputs.inputs)
         return (1 - weight) * total + weight * distillation_loss(outputs.logits, teacher, self.config.temperature)
 
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -169,5 +159,4 @@ class Salt(Method):
             self._rejected = []
 
     def take_extra_flops(self) -> float:
-        flops, self._flops = self._flops, 0.0
-        return flops
+        return self.teacher.take_flops()

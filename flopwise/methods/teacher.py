@@ -23,6 +23,7 @@ from flopwise.model.flops import count_parameters, forward_flops_per_token
 from flopwise.model.gpt import GPT
 from flopwise.model.hf import load_weights_into, model_config_from_hf, read_hf_config
 from flopwise.rundir import is_run_dir, planned_model_config
+from flopwise.runtime import autocast
 
 
 def shared_teacher(run: RunResources, source: str, field: str) -> Teacher:
@@ -75,6 +76,29 @@ def teacher_memory(source: str, traits: MemoryTraits, field: str) -> None:
     config = _teacher_shape(folder, source, None, field)[1]
     traits.frozen_parameters += count_parameters(config)["total"]
     traits.kept_logits += 3
+
+
+class MeteredTeacher:
+    """The run's shared teacher as a method calls it (SALT, distill): its logits in the run's precision on its own
+    device, with their forward FLOPs (all ranks) counted until the meter takes them."""
+
+    def __init__(self, run: RunResources, source: str, field: str) -> None:
+        self.teacher = shared_teacher(run, source, field)
+        self.device = next(self.teacher.model.parameters()).device
+        self.dtype, self.ranks = run.dtype, run.ranks
+        self.flops = 0.0
+
+    def logits(self, inputs: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's logits of ``inputs`` (on the teacher's device), attending within ``segments`` if given."""
+        with autocast(self.device, self.dtype):
+            logits = self.teacher.logits(inputs.to(self.device), None if segments is None else segments.to(self.device))
+        self.flops += self.teacher.flops_per_token * inputs.numel() * self.ranks.world_size
+        return logits
+
+    def take_flops(self) -> float:
+        """The FLOPs counted since the last call."""
+        flops, self.flops = self.flops, 0.0
+        return flops
 
 
 class Teacher:
