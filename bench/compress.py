@@ -51,7 +51,7 @@ from flopwise.rundir import read_metrics
 HERE = Path(__file__).parent
 WORK = Path(os.environ.get("FLOPWISE_BENCH_WORK", "/tmp/flopwise-compress"))
 RESAMPLES = 10_000
-EVAL_TOKENS = 32_768  # per domain, at the end (the runs' own final evaluation reads 4x this)
+EVAL_TOKENS = 32_768  # train.eval_tokens: the runs' final evaluation reads FINAL_EVAL_SCALE (4) times this per domain
 PLAIN = ["methods.progressive=false", "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=50",
          f"train.eval_tokens={EVAL_TOKENS}"]
 STUDENT = ["model.d_model=64", "model.n_layers=4", "model.n_heads=2"]
@@ -103,7 +103,7 @@ def window_losses(run: Path) -> tuple[np.ndarray, np.ndarray]:
     corpus = prepare_data(config.data, config.train.seed, tokenizer).corpus
     evaluator = Evaluator(corpus, tokenizer.token_bytes(), model.config.seq_len, config.optim.batch_size,
                           torch.device("cpu"), torch.float32)
-    return evaluator.window_losses(model, EVAL_TOKENS)
+    return evaluator.window_losses(model, FINAL_EVAL_SCALE * EVAL_TOKENS)  # the run's own final sample
 
 
 def paired_interval(run: Path, reference: Path, seed: int) -> tuple[float, float, float]:
