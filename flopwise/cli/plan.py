@@ -16,7 +16,6 @@ from flopwise.cli.flags import add_setup_flags, config_from_args
 from flopwise.config import RunConfig
 from flopwise.errors import FlopwiseError
 from flopwise.plan.planner import Plan
-
 from flopwise.rundir import check_output
 from flopwise.scaling.law_file import PlanningLaw, law_for
 

@@ -77,7 +77,8 @@ class MemoryEstimate:
     counters; GaLore's projection matrices are apart in ``projections``.  ``gradients`` is the most alive at once
     (all of them, except with ``layerwise``).  ``activations`` is what one micro-batch saves for backward as
     configured; ``activations_full``/``activations_checkpointed`` without/with activation checkpointing.
-    ``buffers``: RoPE tables, SLTrain's indices, pruning masks, the token batch, a distillation term's logit-sized tensors.
+    ``buffers``: RoPE tables, SLTrain's indices, pruning masks, the token batch, a distillation term's logit-sized
+    tensors.
     ``logits``: the logits and cross-entropy's tensors at the start of backward.  ``peak``: the largest of
     ``moments``."""
 

@@ -43,7 +43,8 @@ class ModelSection(Section):
     mtp_weight: float = 0.5
     bigram_hash: int = 0
 
-    _sizes = in_range("d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "seq_len", "mlp_hidden", low=1)  # or None
+    _sizes = in_range("d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "seq_len", "mlp_hidden",
+                      low=1)  # or None
     _theta = in_range("rope_theta", low=0, above=True)
     _counts = in_range("bigram_hash", "mtp_tokens", low=0)
     _softcap = in_range("logit_softcap", low=0)

@@ -34,8 +34,8 @@ from flopwise.size import with_artifact
 from flopwise.stages.base import Prepared, Shape, Stage, StageEvaluation, StageLoop
 
 # Model fields that an --init-from model's config.json decides (a stock model has none of the speedrun options).
-IMPORTED_SHAPE = {"size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "mlp_hidden", "qk_norm", "tie_embeddings",
-                  "rope_theta", *OPTIONS}
+IMPORTED_SHAPE = {"size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "mlp_hidden", "qk_norm",
+                  "tie_embeddings", "rope_theta", *OPTIONS}
 BYTE_VOCAB = 256 + 1  # the bytes and end-of-text
 
 
