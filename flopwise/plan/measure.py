@@ -173,11 +173,24 @@ def rss_step_peak(build: Callable[[], tuple[torch.nn.Module, torch.optim.Optimiz
 
 
 def _rss_child(build: Callable, grad_clip: float, steps: int) -> int:
+    _warm_up(grad_clip)
     start = _current_rss()
     model, optimizer, x, y = build()
     for step in range(steps):
         training_step(model, optimizer, x, y, grad_clip, step=step)
     return _max_rss() - start
+
+
+def _warm_up(grad_clip: float) -> None:
+    """One step of a tiny model first: a process's first step imports what torch runs it with (an optimizer's
+    step pulls in torch._dynamo, some 300 modules), which is the interpreter's, not training's, footprint, and
+    moved the measured rise by hundreds of MB from one process to the next."""
+    from flopwise.model.config import ModelConfig
+    from flopwise.model.gpt import GPT
+
+    model = GPT(ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, seq_len=4))
+    x = torch.zeros(1, 4, dtype=torch.long)
+    training_step(model, torch.optim.AdamW(model.parameters()), x, x, grad_clip)
 
 
 def _current_rss() -> int:
